@@ -1,0 +1,1 @@
+"""confmig: live migration of confidential virtual machines."""

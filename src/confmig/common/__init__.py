@@ -1,0 +1,1 @@
+"""Leaf vocabulary shared by every layer: units, addresses, errors, bitmaps, clocks."""

@@ -1,0 +1,40 @@
+"""Starts each vCPU in a process of its own (`python -m confmig.hostd.vcpu_process`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+DEFAULT_ROM = "confmig.guest.image:rom"
+
+
+class VcpuSubprocess:
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+
+    def terminate(self) -> None:
+        if self._popen.poll() is None:
+            self._popen.terminate()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._popen.kill()
+            return self._popen.wait()
+
+
+class SubprocessLauncher:
+    """A :class:`confmig.kvm.ports.VcpuLauncher` that forks a Python process per vCPU."""
+
+    def __init__(self, rom: str = DEFAULT_ROM) -> None:
+        self.rom = rom
+
+    def spawn(self, vcpu_id: int, vcpu_fd: int, control_fd: int) -> VcpuSubprocess:
+        argv = [
+            sys.executable, "-m", "confmig.hostd.vcpu_process",
+            "--vcpu-id", str(vcpu_id), "--fd", str(vcpu_fd), "--control", str(control_fd),
+            "--rom", self.rom,
+        ]
+        return VcpuSubprocess(subprocess.Popen(argv, pass_fds=(vcpu_fd, control_fd)))

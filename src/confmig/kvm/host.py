@@ -1,0 +1,412 @@
+"""The host kernel's KVM service: ``/dev/kvm``, VM fds, memory slots, dirty logs.
+
+One :class:`KvmHost` per emulated host. Every VMM connection to its Unix socket
+is an open ``/dev/kvm``; ``KVM_CREATE_VM`` hands back a VM fd (a socket whose
+other end this service holds) and ``KVM_CREATE_VCPU`` a vCPU fd connected to
+the vCPU's own process. Because fds are sockets, they can be passed between
+processes and back to the host, which recognises them by inode: unforgeable
+handles, as real fds are.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from confmig.common import bitmap
+from confmig.common.errors import ProtocolError
+from confmig.common.units import MiB, PAGE_SHIFT, PAGE_SIZE
+from confmig.kvm import channel
+from confmig.kvm.memslots import (
+    KVM_MAX_VCPUS,
+    KVM_USER_MEM_SLOTS,
+    DirtyLog,
+    MappedSlot,
+    SlotLayout,
+    new_counters_fd,
+)
+from confmig.kvm.ports import VcpuLauncher, VcpuProcess
+from confmig.kvm.vcpu import (
+    CAP_EXIT_MAP_GPA_RANGE,
+    CTL_DELETE_SLOT,
+    CTL_SET_CAPS,
+    CTL_SET_SLOT,
+    KVM_HC_MAP_GPA_RANGE,
+    encode_slot,
+)
+from confmig.proto import ioctl
+
+log = logging.getLogger(__name__)
+
+SPA_ALIGN = 2 * MiB
+"""Emulated physical ranges are 2 MiB aligned, as huge-page-backed RAM would be."""
+
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+
+EXTENSIONS = {
+    ioctl.KVM_CAP_USER_MEMORY: 1,
+    ioctl.KVM_CAP_NR_VCPUS: os.cpu_count() or 1,
+    ioctl.KVM_CAP_MAX_VCPUS: KVM_MAX_VCPUS,
+    ioctl.KVM_CAP_IMMEDIATE_EXIT: 1,
+    ioctl.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: (
+        KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
+    ),
+    ioctl.KVM_CAP_EXIT_HYPERCALL: 1 << KVM_HC_MAP_GPA_RANGE,
+}
+
+
+def fd_identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+class PhysicalAddressSpace:
+    """Assigns every memfd an emulated system-physical range, stable for its life.
+
+    Keyed by the memfd's identity, not by VM: the same memory handed to another
+    VM (intra-host migration) keeps its physical addresses, as real pages do.
+    Each host starts at its own random base, so two hosts never agree.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        rnd = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        self._next = (1 << 40) + (rnd % (1 << 20)) * SPA_ALIGN
+        self._bases: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+
+    def base_of(self, fd: int) -> int:
+        key = fd_identity(fd)
+        with self._lock:
+            if key not in self._bases:
+                size = os.fstat(fd).st_size
+                self._bases[key] = self._next
+                self._next += (size + SPA_ALIGN - 1) // SPA_ALIGN * SPA_ALIGN + SPA_ALIGN
+            return self._bases[key]
+
+
+@dataclass
+class VcpuHandle:
+    vcpu_id: int
+    process: VcpuProcess
+    control: socket.socket
+
+
+@dataclass
+class Slot:
+    layout: SlotLayout
+    mapped: MappedSlot
+    dirty: DirtyLog | None = None
+
+
+@dataclass
+class Vm:
+    """One VM: its slots, vCPUs and enabled capabilities."""
+
+    vm_id: int
+    host: KvmHost
+    slots: dict[int, Slot] = field(default_factory=dict)
+    vcpus: dict[int, VcpuHandle] = field(default_factory=dict)
+    manual_protect: bool = False
+    initially_set: bool = False
+    vcpu_caps: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # --- dispatch -----------------------------------------------------------
+
+    def ioctl(self, req: ioctl.Request, fds: list[int]) -> tuple[int, bytes, list[int]]:
+        r = req.request
+        with self.lock:
+            if r == ioctl.KVM_SET_USER_MEMORY_REGION:
+                return self.set_user_memory_region(req.payload, fds), b"", []
+            if r == ioctl.KVM_CREATE_VCPU:
+                return self.create_vcpu(_arg(req.payload))
+            if r == ioctl.KVM_GET_DIRTY_LOG:
+                return self.get_dirty_log(req.payload)
+            if r == ioctl.KVM_CLEAR_DIRTY_LOG:
+                return self.clear_dirty_log(req.payload), b"", []
+            if r == ioctl.KVM_ENABLE_CAP:
+                return self.enable_cap(ioctl.EnableCap.decode(req.payload)), b"", []
+            if r == ioctl.KVM_CHECK_EXTENSION:
+                return EXTENSIONS.get(_arg(req.payload), 0), b"", []
+        return -errno.ENOTTY, b"", []
+
+    # --- memory slots --------------------------------------------------------
+
+    def set_user_memory_region(self, payload: bytes, fds: list[int]) -> int:
+        region = ioctl.UserspaceMemoryRegion.decode(payload)
+        # SECURITY: every field is VMM-controlled; check it as KVM does.
+        if region.slot >= KVM_USER_MEM_SLOTS:
+            return -errno.EINVAL
+        if region.flags & ~(ioctl.KVM_MEM_LOG_DIRTY_PAGES | ioctl.KVM_MEM_READONLY):
+            return -errno.EINVAL
+        if (region.guest_phys_addr | region.memory_size | region.offset) % PAGE_SIZE:
+            return -errno.EINVAL
+        old = self.slots.get(region.slot)
+        if region.memory_size == 0:
+            if old is None:
+                return -errno.EINVAL
+            self._delete_slot(region.slot)
+            return 0
+        if old is not None:
+            same = (old.layout.gpa, old.layout.size) == (region.guest_phys_addr, region.memory_size)
+            if not same:
+                return -errno.EINVAL  # KVM only lets an existing slot change its flags
+            self._set_dirty_logging(old, bool(region.flags & ioctl.KVM_MEM_LOG_DIRTY_PAGES))
+            return 0
+        if len(fds) != 1:
+            return -errno.EFAULT
+        end = region.guest_phys_addr + region.memory_size
+        for s in self.slots.values():
+            if s.layout.gpa < end and region.guest_phys_addr < s.layout.gpa + s.layout.size:
+                return -errno.EEXIST
+        ram_fd = fds[0]
+        try:
+            fsize = os.fstat(ram_fd).st_size
+        except OSError:
+            return -errno.EBADF
+        if region.offset + region.memory_size > fsize:
+            return -errno.EFAULT
+        layout = SlotLayout(
+            slot=region.slot, flags=region.flags, gpa=region.guest_phys_addr,
+            size=region.memory_size, offset=region.offset,
+            spa=self.host.physical.base_of(ram_fd) + region.offset,
+        )
+        npages = region.memory_size >> PAGE_SHIFT
+        counters_fd = new_counters_fd(npages)
+        slot = Slot(layout=layout, mapped=MappedSlot(layout, ram_fd, counters_fd))
+        fds.clear()  # now owned by the mapped slot
+        self.slots[layout.slot] = slot
+        self._set_dirty_logging(slot, bool(region.flags & ioctl.KVM_MEM_LOG_DIRTY_PAGES))
+        for v in self.vcpus.values():
+            self._send_slot(v, slot)
+        return 0
+
+    def _set_dirty_logging(self, slot: Slot, on: bool) -> None:
+        if on and slot.dirty is None:
+            slot.dirty = DirtyLog(slot.mapped)
+            if self.initially_set:
+                slot.dirty.seen[:] = slot.mapped.counters - 1  # every page starts dirty
+        elif not on:
+            slot.dirty = None
+
+    def _delete_slot(self, slot_id: int) -> None:
+        slot = self.slots.pop(slot_id)
+        for v in self.vcpus.values():
+            channel.send_request(v.control, ioctl.Request(CTL_DELETE_SLOT, 0, struct.pack("<I", slot_id)))
+        slot.mapped.close()
+
+    def _send_slot(self, v: VcpuHandle, slot: Slot) -> None:
+        channel.send_request(
+            v.control, ioctl.Request(CTL_SET_SLOT, 0, encode_slot(slot.layout), 2),
+            [slot.mapped.ram_fd, slot.mapped.counters_fd],
+        )
+
+    def get_dirty_log(self, payload: bytes) -> tuple[int, bytes, list[int]]:
+        slot_id, _pad = ioctl.DIRTY_LOG.unpack(payload)
+        slot = self.slots.get(slot_id)
+        if slot is None or slot.dirty is None:
+            return -errno.ENOENT, b"", []
+        dirty = slot.dirty.get(len(self.vcpus), manual_protect=self.manual_protect)
+        return 0, bitmap.pack(dirty).tobytes(), []
+
+    def clear_dirty_log(self, payload: bytes) -> int:
+        if not self.manual_protect:
+            return -errno.EINVAL
+        slot_id, num_pages, first_page = ioctl.CLEAR_DIRTY_LOG.unpack_from(payload)
+        slot = self.slots.get(slot_id)
+        if slot is None or slot.dirty is None:
+            return -errno.ENOENT
+        npages = slot.layout.npages
+        # SECURITY: range checks as KVM's kvm_clear_dirty_log_protect().
+        if first_page % 64 or first_page + num_pages > npages or num_pages == 0:
+            return -errno.EINVAL
+        if num_pages % 64 and first_page + num_pages != npages:
+            return -errno.EINVAL
+        bm = payload[ioctl.CLEAR_DIRTY_LOG.size :]
+        if len(bm) < (num_pages + 7) // 8:
+            return -errno.EFAULT
+        flags = bitmap.unpack(np.frombuffer(bm, dtype=np.uint8), num_pages)
+        slot.dirty.clear(first_page, flags)
+        return 0
+
+    # --- capabilities ------------------------------------------------------------
+
+    def enable_cap(self, cap: ioctl.EnableCap) -> int:
+        if cap.flags:
+            return -errno.EINVAL
+        if cap.cap == ioctl.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            supported = EXTENSIONS[ioctl.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2]
+            if cap.args[0] & ~supported:
+                return -errno.EINVAL
+            self.manual_protect = bool(cap.args[0] & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+            self.initially_set = bool(cap.args[0] & KVM_DIRTY_LOG_INITIALLY_SET)
+            return 0
+        if cap.cap == ioctl.KVM_CAP_EXIT_HYPERCALL:
+            if cap.args[0] & ~EXTENSIONS[ioctl.KVM_CAP_EXIT_HYPERCALL]:
+                return -errno.EINVAL
+            self.vcpu_caps = CAP_EXIT_MAP_GPA_RANGE if cap.args[0] else 0
+            for v in self.vcpus.values():
+                self._send_caps(v)
+            return 0
+        return -errno.EINVAL
+
+    def _send_caps(self, v: VcpuHandle) -> None:
+        channel.send_request(v.control, ioctl.Request(CTL_SET_CAPS, 0, struct.pack("<Q", self.vcpu_caps)))
+
+    # --- vCPUs --------------------------------------------------------------------
+
+    def create_vcpu(self, vcpu_id: int) -> tuple[int, bytes, list[int]]:
+        if vcpu_id >= KVM_MAX_VCPUS:
+            return -errno.EINVAL, b"", []
+        if vcpu_id in self.vcpus:
+            return -errno.EEXIST, b"", []
+        vmm_end, vcpu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        host_ctl, vcpu_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = self.host.launcher.spawn(vcpu_id, vcpu_end.fileno(), vcpu_ctl.fileno())
+        finally:
+            vcpu_end.close()
+            vcpu_ctl.close()
+        handle = VcpuHandle(vcpu_id=vcpu_id, process=process, control=host_ctl)
+        self.vcpus[vcpu_id] = handle
+        for slot in self.slots.values():
+            self._send_slot(handle, slot)
+        self._send_caps(handle)
+        fd = vmm_end.detach()
+        return 0, b"", [fd]
+
+    def destroy(self) -> None:
+        with self.lock:
+            for v in self.vcpus.values():
+                v.control.close()
+                v.process.terminate()
+            for v in self.vcpus.values():
+                v.process.wait(5)
+            self.vcpus.clear()
+            for slot in self.slots.values():
+                slot.mapped.close()
+            self.slots.clear()
+
+
+def _arg(payload: bytes) -> int:
+    if len(payload) != 8:
+        raise ProtocolError("ioctl argument must be a u64")
+    return int.from_bytes(payload, "little")
+
+
+class KvmHost:
+    """Serves ``/dev/kvm`` on a Unix socket; one thread per open fd."""
+
+    def __init__(self, launcher: VcpuLauncher, *, spa_seed: int | None = None) -> None:
+        self.launcher = launcher
+        self.physical = PhysicalAddressSpace(spa_seed)
+        self.vms: dict[int, Vm] = {}
+        self._next_vm = 1
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._closing = threading.Event()
+
+    def listen(self, path: str) -> None:
+        try:
+            probe = socket.socket(socket.AF_UNIX)
+            probe.connect(path)
+            probe.close()
+            raise OSError(errno.EADDRINUSE, f"a host is already serving {path}")
+        except (FileNotFoundError, ConnectionRefusedError):
+            if os.path.exists(path):
+                os.unlink(path)  # stale socket of a host that is gone
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        s.listen(64)
+        self._listener = s
+
+    def serve_forever(self) -> None:
+        assert self._listener is not None
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                break
+            threading.Thread(target=self._serve_system, args=(conn,), daemon=True).start()
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._listener is not None:
+            self._listener.close()
+        for vm in list(self.vms.values()):
+            vm.destroy()
+
+    # --- /dev/kvm --------------------------------------------------------------
+
+    def _serve_system(self, conn: socket.socket) -> None:
+        with conn:
+            self._serve(conn, self._system_ioctl)
+
+    def _system_ioctl(self, req: ioctl.Request, fds: list[int]) -> tuple[int, bytes, list[int]]:
+        r = req.request
+        if r == ioctl.KVM_GET_API_VERSION:
+            return ioctl.KVM_API_VERSION, b"", []
+        if r == ioctl.KVM_CHECK_EXTENSION:
+            return EXTENSIONS.get(_arg(req.payload), 0), b"", []
+        if r == ioctl.KVM_GET_VCPU_MMAP_SIZE:
+            return PAGE_SIZE, b"", []
+        if r == ioctl.KVM_CREATE_VM:
+            if _arg(req.payload) != 0:
+                return -errno.EINVAL, b"", []  # only the default VM type so far
+            return self._create_vm()
+        return -errno.ENOTTY, b"", []
+
+    def _create_vm(self) -> tuple[int, bytes, list[int]]:
+        with self._lock:
+            vm = Vm(vm_id=self._next_vm, host=self)
+            self._next_vm += 1
+            self.vms[vm.vm_id] = vm
+        vmm_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        threading.Thread(target=self._serve_vm, args=(vm, host_end), daemon=True).start()
+        return 0, b"", [vmm_end.detach()]
+
+    def _serve_vm(self, vm: Vm, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self._serve(conn, vm.ioctl)
+            finally:
+                with self._lock:
+                    self.vms.pop(vm.vm_id, None)
+                vm.destroy()
+                log.info("vm %d destroyed", vm.vm_id)
+
+    @staticmethod
+    def _serve(conn: socket.socket, handler: object) -> None:
+        from collections.abc import Callable
+
+        assert callable(handler)
+        dispatch: Callable[[ioctl.Request, list[int]], tuple[int, bytes, list[int]]] = handler
+        while True:
+            try:
+                req, fds = channel.recv_request(conn)
+            except (channel.ChannelClosed, ConnectionError):
+                return
+            except ProtocolError as exc:
+                log.warning("dropping a client: %s", exc)
+                return
+            try:
+                result, payload, out_fds = dispatch(req, fds)
+            except (ProtocolError, struct.error, ValueError) as exc:
+                log.warning("%s: bad request: %s", ioctl.name(req.request), exc)
+                result, payload, out_fds = -errno.EINVAL, b"", []
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            try:
+                channel.send_reply(conn, ioctl.Reply(req.request, req.seq, result, payload), out_fds)
+            finally:
+                for fd in out_fds:
+                    os.close(fd)

@@ -1,0 +1,323 @@
+"""The in-kernel half of a vCPU: ``KVM_RUN`` and the other vCPU ioctls.
+
+Runs in the vCPU's own process (started by the host, see :mod:`confmig.hostd`),
+so vCPUs of different VMs, and the host's own work, use different cores instead
+of queueing behind one interpreter lock. Two channels reach it: the vCPU fd the
+VMM holds (ioctls) and a control channel from the host (memory slots, caps).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+import select
+import socket
+import struct
+import sys
+import time
+
+import numpy as np
+
+from confmig.common.errors import ProtocolError
+from confmig.common.svm import SvmExitCode, VmExit
+from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
+from confmig.kvm import channel
+from confmig.kvm.memslots import MappedSlot, SlotLayout
+from confmig.kvm.ports import CoreFactory
+from confmig.proto import ioctl
+from confmig.proto.ioctl import (
+    ExitHlt,
+    ExitHypercall,
+    ExitInternalError,
+    ExitIntr,
+    ExitIo,
+    ExitMmio,
+    ExitMsr,
+    ExitShutdown,
+    VcpuExit,
+)
+
+KVM_HC_MAP_GPA_RANGE = 12
+KVM_ENOSYS = 1000
+"""The hypercall return for "not implemented" (``-KVM_ENOSYS`` in rax)."""
+U64_MASK = (1 << 64) - 1
+
+POLL_INTERVAL_NS = 1_000_000
+"""How often a running vCPU looks for kicks and interrupts: bounds kick latency."""
+
+# Host → vCPU process control messages (internal to the emulated kernel).
+CTL_SET_SLOT = 0xFF00_0101
+CTL_DELETE_SLOT = 0xFF00_0102
+CTL_SET_CAPS = 0xFF00_0103
+CAP_EXIT_MAP_GPA_RANGE = 1 << 0
+
+_SLOT = struct.Struct("<IIQQQQ")
+
+
+def encode_slot(layout: SlotLayout) -> bytes:
+    return _SLOT.pack(layout.slot, layout.flags, layout.gpa, layout.size, layout.offset, layout.spa)
+
+
+def decode_slot(data: bytes) -> SlotLayout:
+    slot, flags, gpa, size, offset, spa = _SLOT.unpack(data)
+    return SlotLayout(slot=slot, flags=flags, gpa=gpa, size=size, offset=offset, spa=spa)
+
+
+class SlotMemory:
+    """Guest-physical memory seen from one vCPU: lookups in the slots, and dirty
+    counting in this vCPU's row of each slot's counters (data first, then count)."""
+
+    def __init__(self, row: int) -> None:
+        self.row = row
+        self.slots: list[MappedSlot] = []
+        self._bases: list[int] = []
+
+    def set_slot(self, slot: MappedSlot) -> None:
+        self.delete_slot(slot.layout.slot)
+        self.slots.append(slot)
+        self.slots.sort(key=lambda s: s.layout.gpa)
+        self._bases = [s.layout.gpa for s in self.slots]
+
+    def delete_slot(self, slot_id: int) -> None:
+        for s in [s for s in self.slots if s.layout.slot == slot_id]:
+            self.slots.remove(s)
+            s.close()
+        self._bases = [s.layout.gpa for s in self.slots]
+
+    def _find(self, gpa: int, size: int) -> tuple[MappedSlot, int] | None:
+        i = bisect.bisect_right(self._bases, gpa) - 1
+        if i < 0:
+            return None
+        s = self.slots[i]
+        off = gpa - s.layout.gpa
+        if off + size > s.layout.size:
+            return None
+        return s, off
+
+    def _slot(self, gpa: int, size: int) -> tuple[MappedSlot, int]:
+        found = self._find(gpa, size)
+        if found is None:
+            raise ValueError(f"no memory slot backs {gpa:#x}+{size:#x}")
+        return found
+
+    def backed(self, gpa: int, size: int) -> bool:
+        return self._find(gpa, size) is not None
+
+    def spa(self, gpa: int) -> int:
+        s, off = self._slot(gpa, 1)
+        return s.layout.spa + off
+
+    def load(self, gpa: int, size: int) -> bytes:
+        s, off = self._slot(gpa, size)
+        return s.bytes[off : off + size].tobytes()
+
+    def store(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        s, off = self._slot(gpa, n)
+        s.bytes[off : off + n] = np.frombuffer(data, dtype=np.uint8)
+        s.counters[self.row, off >> PAGE_SHIFT : ((off + n - 1) >> PAGE_SHIFT) + 1] += 1
+
+    def load_pages(self, gpa: int, npages: int) -> np.ndarray:
+        s, off = self._slot(gpa, npages * PAGE_SIZE)
+        first = off >> PAGE_SHIFT
+        return s.pages[first : first + npages].copy()
+
+    def store_pages(self, gpa: int, data: np.ndarray) -> None:
+        n = data.shape[0]
+        s, off = self._slot(gpa, n * PAGE_SIZE)
+        first = off >> PAGE_SHIFT
+        s.pages[first : first + n] = data
+        s.counters[self.row, first : first + n] += 1
+
+
+class Vcpu:
+    """Serves one vCPU fd until the VMM closes it or the host says stop."""
+
+    def __init__(self, vcpu_id: int, sock: socket.socket, control: socket.socket,
+                 core_factory: CoreFactory) -> None:
+        self.vcpu_id = vcpu_id
+        self.sock = sock
+        self.control = control
+        self.memory = SlotMemory(vcpu_id)
+        self.core = core_factory(vcpu_id, self.memory)
+        self.caps = 0
+        self.kick_pending = False
+        self.pending: VcpuExit | None = None
+        """The last exit, until the next KVM_RUN delivers its completion."""
+
+    # --- the serve loop -------------------------------------------------------
+
+    def serve(self) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([self.control, self.sock], [], [])
+                if self.control in ready and not self._control_message():
+                    return
+                if self.sock in ready and not self._vcpu_message(running=False):
+                    return
+        except channel.ChannelClosed:
+            return
+
+    def _control_message(self) -> bool:
+        try:
+            req, fds = channel.recv_request(self.control)
+        except channel.ChannelClosed:
+            return False
+        if req.request == CTL_SET_SLOT:
+            layout = decode_slot(req.payload)
+            self.memory.set_slot(MappedSlot(layout, fds[0], fds[1]))
+        elif req.request == CTL_DELETE_SLOT:
+            self.memory.delete_slot(struct.unpack("<I", req.payload)[0])
+        elif req.request == CTL_SET_CAPS:
+            (self.caps,) = struct.unpack("<Q", req.payload)
+        return True
+
+    def _vcpu_message(self, *, running: bool) -> bool:
+        """Handle one request on the vCPU fd. While running, only the asynchronous
+        ones (kick, NMI, interrupt) are possible: the VMM's vCPU thread is blocked
+        in KVM_RUN, and KVM serialises every other vCPU ioctl behind it."""
+        req, _fds = channel.recv_request(self.sock)
+        if req.request in ioctl.ASYNC_VCPU_REQUESTS:
+            self._async(req)
+            return True
+        if running:
+            raise ProtocolError(f"{ioctl.name(req.request)} while KVM_RUN is in progress")
+        result, payload = self._ioctl(req)
+        channel.send_reply(self.sock, ioctl.Reply(req.request, req.seq, result, payload))
+        return True
+
+    def _async(self, req: ioctl.Request) -> None:
+        if req.request == ioctl.VCPU_SIG_IPI:
+            self.kick_pending = True
+        elif req.request == ioctl.KVM_NMI:
+            self.core.inject_nmi()
+        elif req.request == ioctl.KVM_INTERRUPT and len(req.payload) == 4:
+            self.core.inject_irq(struct.unpack("<I", req.payload)[0] & 0xFF)
+
+    def _ioctl(self, req: ioctl.Request) -> tuple[int, bytes]:
+        r = req.request
+        try:
+            if r == ioctl.KVM_RUN:
+                ex = self.run(ioctl.RunRequest.decode(req.payload))
+                return (-errno.EINTR if isinstance(ex, ExitIntr) else 0), ioctl.encode_exit(ex)
+            if r == ioctl.KVM_GET_REGS:
+                return 0, ioctl.REGS.pack(*self.core.get_regs_tuple())
+            if r == ioctl.KVM_SET_REGS:
+                self.core.set_regs_tuple(ioctl.REGS.unpack(req.payload))
+                return 0, b""
+            if r == ioctl.KVM_GET_MSRS:
+                out: dict[int, int] = {}
+                for index in ioctl.decode_msrs(req.payload):
+                    value = self.core.get_msr(index)
+                    if value is None:
+                        break  # KVM stops at the first MSR it cannot read
+                    out[index] = value
+                return len(out), ioctl.encode_msrs(out)
+            if r == ioctl.KVM_SET_MSRS:
+                done = 0
+                for index, value in ioctl.decode_msrs(req.payload).items():
+                    if not self.core.set_msr(index, value):
+                        break
+                    done += 1
+                return done, b""
+            if r == ioctl.KVM_GET_MP_STATE:
+                state = ioctl.KVM_MP_STATE_HALTED if self.core.halted else ioctl.KVM_MP_STATE_RUNNABLE
+                return 0, struct.pack("<I", state)
+            if r == ioctl.KVM_SET_MP_STATE:
+                (state,) = struct.unpack("<I", req.payload)
+                if state not in (ioctl.KVM_MP_STATE_RUNNABLE, ioctl.KVM_MP_STATE_HALTED):
+                    return -errno.EINVAL, b""
+                self.core.halted = state == ioctl.KVM_MP_STATE_HALTED
+                return 0, b""
+        except (struct.error, ProtocolError):
+            return -errno.EINVAL, b""
+        return -errno.ENOTTY, b""
+
+    # --- KVM_RUN ----------------------------------------------------------------
+
+    def run(self, req: ioctl.RunRequest) -> VcpuExit:
+        self._complete(req.completion)
+        if req.immediate_exit or self.kick_pending:
+            self.kick_pending = False
+            return ExitIntr()
+        core = self.core
+        next_poll = 0
+        while True:
+            now = time.monotonic_ns()
+            if now >= next_poll:
+                if self._poll_async():
+                    self.kick_pending = False
+                    return ExitIntr()
+                core.fire_timer_if_due()
+                next_poll = now + POLL_INTERVAL_NS
+            if core.halted:
+                due = core.timer_due_ns()
+                if due is None:
+                    core.halted = False  # userspace HLT: the VMM waits for an event
+                    return ExitHlt()
+                if not core.fire_timer_if_due():
+                    select.select([self.sock, self.control], [], [], max(0.0, (due - now) / 1e9))
+                    next_poll = 0
+                continue
+            try:
+                vmexit = core.step()
+            except Exception as exc:  # a bug in guest code: KVM's emulation failure
+                return ExitInternalError(f"{type(exc).__name__}: {exc}")
+            if vmexit is not None:
+                ex = self._handle(vmexit)
+                if ex is not None:
+                    self.pending = ex
+                    return ex
+
+    def _poll_async(self) -> bool:
+        """Drain pending control and async vCPU messages; True if kicked."""
+        while True:
+            ready, _, _ = select.select([self.control, self.sock], [], [], 0)
+            if not ready:
+                return self.kick_pending
+            if self.control in ready and not self._control_message():
+                raise channel.ChannelClosed
+            if self.sock in ready:
+                self._vcpu_message(running=True)
+
+    def _complete(self, completion: bytes) -> None:
+        """Apply the VMM's answer to the previous exit (``complete_userspace_io``)."""
+        ex, self.pending = self.pending, None
+        if isinstance(ex, ExitIo) and ex.direction == ioctl.KVM_EXIT_IO_IN:
+            self.core.complete(int.from_bytes(completion[: ex.size].ljust(ex.size, b"\0"), "little"))
+        elif isinstance(ex, ExitMmio) and not ex.is_write:
+            self.core.complete(int.from_bytes(completion[:8].ljust(8, b"\0"), "little"))
+        elif isinstance(ex, ExitHypercall):
+            self.core.complete(int.from_bytes(completion[:8].ljust(8, b"\0"), "little"))
+
+    def _handle(self, ex: VmExit) -> VcpuExit | None:
+        """Turn a #VMEXIT into a userspace exit, or handle it in the kernel (None)."""
+        match ex.code:
+            case SvmExitCode.IOIO:
+                if ex.write:
+                    count = max(1, len(ex.data) // max(ex.size, 1))
+                    return ExitIo(ioctl.KVM_EXIT_IO_OUT, ex.size, ex.port, count, ex.data)
+                return ExitIo(ioctl.KVM_EXIT_IO_IN, ex.size, ex.port, 1)
+            case SvmExitCode.NPF:
+                return ExitMmio(ex.gpa, ex.size, ex.write, ex.data)
+            case SvmExitCode.VMMCALL:
+                if ex.nr == KVM_HC_MAP_GPA_RANGE and self.caps & CAP_EXIT_MAP_GPA_RANGE:
+                    return ExitHypercall(ex.nr, ex.args)
+                self.core.complete(-KVM_ENOSYS & U64_MASK)
+                return None
+            case SvmExitCode.MSR:
+                return ExitMsr(True, ex.msr, ex.value)
+            case SvmExitCode.HLT:
+                return None  # in-kernel halt: the run loop waits for the timer or an interrupt
+            case SvmExitCode.SHUTDOWN:
+                print(f"vcpu{self.vcpu_id}: shutdown: {ex.reason}", file=sys.stderr, flush=True)
+                return ExitShutdown()
+        return ExitInternalError(f"unhandled #VMEXIT {ex.code!r}")
+
+
+def close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,1 @@
+"""The emulated CPU core: runs guest programs one step at a time."""

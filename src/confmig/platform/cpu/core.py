@@ -1,0 +1,266 @@
+"""The emulated CPU core: executes guest programs and produces #VMEXITs.
+
+One core per vCPU process. It implements :class:`~confmig.platform.cpu.abi.GuestCpu`
+for the guest programs it runs, and the small in-kernel parts that real KVM
+emulates without leaving the kernel (TSC, TSC-deadline timer, MSR storage,
+CPUID table, interrupt acknowledgement); everything else becomes a
+:class:`~confmig.common.svm.VmExit` for the host kernel.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from confmig.common.svm import SvmExitCode, VmExit
+from confmig.common.units import PAGE_SIZE
+from confmig.platform.cpu.abi import (
+    KVM_CPUID_FEATURES,
+    KVM_CPUID_SIGNATURE,
+    MSR_IA32_TSC,
+    MSR_IA32_TSC_DEADLINE,
+    MSR_KVM_MIGRATION_CONTROL,
+    GuestFault,
+    Pages,
+    Registers,
+    RomRegion,
+)
+
+NMI_VECTOR = 2
+LOCAL_TIMER_VECTOR = 0xEC
+"""Linux's LOCAL_TIMER_VECTOR: the TSC-deadline timer fires here."""
+
+CpuidTable = dict[tuple[int, int], tuple[int, int, int, int]]
+
+
+def default_cpuid() -> CpuidTable:
+    sig = b"KVMKVMKVM\0\0\0"
+    ebx, ecx, edx = (int.from_bytes(sig[i : i + 4], "little") for i in (0, 4, 8))
+    return {
+        (KVM_CPUID_SIGNATURE, 0): (KVM_CPUID_FEATURES, ebx, ecx, edx),
+        (KVM_CPUID_FEATURES, 0): (0, 0, 0, 0),
+    }
+
+
+class PhysicalMemory(Protocol):
+    """Guest-physical memory as the core reaches it (the host kernel's memory slots)."""
+
+    def backed(self, gpa: int, size: int) -> bool: ...
+
+    def load(self, gpa: int, size: int) -> bytes: ...
+
+    def store(self, gpa: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def load_pages(self, gpa: int, npages: int) -> Pages: ...
+
+    def store_pages(self, gpa: int, data: Pages) -> None: ...
+
+
+class CpuCore:
+    """A vCPU's execution engine. Not thread-safe: one vCPU process drives it."""
+
+    def __init__(
+        self,
+        vcpu_id: int,
+        memory: PhysicalMemory,
+        rom: Sequence[RomRegion],
+        *,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self._vcpu_id = vcpu_id
+        self.memory = memory
+        self._rom = sorted(rom, key=lambda r: r.base)
+        self._rom_bases = [r.base for r in self._rom]
+        self._current: RomRegion | None = None
+        self._clock_ns = clock_ns
+        self._regs = Registers()
+        self.tsc_offset = -clock_ns()
+        self.tsc_deadline = 0
+        self.msrs: dict[int, int] = {MSR_KVM_MIGRATION_CONTROL: 0}
+        self.msr_exits: frozenset[int] = frozenset()
+        """MSRs whose writes leave to the VMM (the MSR filter)."""
+        self.cpuid_table = default_cpuid()
+        self.halted = False
+        self.nmi_pending = False
+        self.irr: set[int] = set()
+        self._exit: VmExit | None = None
+
+    # --- what the host kernel calls --------------------------------------------
+
+    def step(self) -> VmExit | None:
+        """Run one guest step; return the exit it ended with, if any."""
+        try:
+            self._region(self._regs.rip).step(self)
+        except GuestFault as fault:
+            self._exit = VmExit(code=SvmExitCode.SHUTDOWN, reason=str(fault))
+        ex, self._exit = self._exit, None
+        return ex
+
+    def complete(self, value: int) -> None:
+        """Deliver the result of the last exit (``in``, MMIO read, hypercall) in rax."""
+        self._regs.rax = value
+
+    @property
+    def regs(self) -> Registers:
+        return self._regs
+
+    @regs.setter
+    def regs(self, regs: Registers) -> None:
+        self._regs = regs
+
+    def get_regs_tuple(self) -> tuple[int, ...]:
+        return self._regs.as_tuple()
+
+    def set_regs_tuple(self, values: tuple[int, ...]) -> None:
+        self._regs = Registers(values)
+
+    @property
+    def vcpu_id(self) -> int:
+        return self._vcpu_id
+
+    def get_msr(self, index: int) -> int | None:
+        if index == MSR_IA32_TSC:
+            return self.rdtsc()
+        if index == MSR_IA32_TSC_DEADLINE:
+            return self.tsc_deadline
+        return self.msrs.get(index)
+
+    def set_msr(self, index: int, value: int) -> bool:
+        if index == MSR_IA32_TSC:
+            self.tsc_offset = value - self._clock_ns()
+        elif index == MSR_IA32_TSC_DEADLINE:
+            self.tsc_deadline = value
+        elif index in self.msrs:
+            self.msrs[index] = value
+        else:
+            return False
+        return True
+
+    def timer_due_ns(self) -> int | None:
+        """Host-monotonic time at which the armed TSC deadline fires, if armed."""
+        return self.tsc_deadline - self.tsc_offset if self.tsc_deadline else None
+
+    def fire_timer_if_due(self) -> bool:
+        due = self.timer_due_ns()
+        if due is None or self._clock_ns() < due:
+            return False
+        self.tsc_deadline = 0  # TSC-deadline mode is one-shot
+        self.inject_irq(LOCAL_TIMER_VECTOR)
+        return True
+
+    def inject_nmi(self) -> None:
+        self.nmi_pending = True
+        self.halted = False
+
+    def inject_irq(self, vector: int) -> None:
+        self.irr.add(vector)
+        self.halted = False
+
+    # --- GuestCpu: memory ---------------------------------------------------------
+
+    def read(self, gpa: int, size: int) -> bytes:
+        self._check_ram(gpa, size)
+        return self.memory.load(gpa, size)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_ram(gpa, len(data))
+        self.memory.store(gpa, data)
+
+    def read_pages(self, gpa: int, npages: int) -> Pages:
+        self._check_ram(gpa, npages * PAGE_SIZE, aligned=True)
+        return self.memory.load_pages(gpa, npages)
+
+    def write_pages(self, gpa: int, data: Pages) -> None:
+        if data.ndim != 2 or data.shape[1] != PAGE_SIZE or data.dtype != np.uint8:
+            raise GuestFault(f"write_pages: expected (n, {PAGE_SIZE}) uint8, got {data.shape}")
+        self._check_ram(gpa, data.shape[0] * PAGE_SIZE, aligned=True)
+        self.memory.store_pages(gpa, data)
+
+    def _check_ram(self, gpa: int, size: int, *, aligned: bool = False) -> None:
+        if aligned and gpa % PAGE_SIZE:
+            raise GuestFault(f"unaligned page access at {gpa:#x}")
+        if size < 0 or not self.memory.backed(gpa, size):
+            raise GuestFault(f"#PF: no RAM at {gpa:#x}+{size:#x}")
+
+    # --- GuestCpu: non-exiting instructions -------------------------------------
+
+    def rdtsc(self) -> int:
+        return self._clock_ns() + self.tsc_offset
+
+    def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+        return self.cpuid_table.get((leaf, subleaf), self.cpuid_table.get((leaf, 0), (0, 0, 0, 0)))
+
+    def rdmsr(self, msr: int) -> int:
+        value = self.get_msr(msr)
+        if value is None:
+            raise GuestFault(f"#GP: rdmsr {msr:#x}")
+        return value
+
+    def pending_interrupt(self) -> int | None:
+        if self.nmi_pending:
+            self.nmi_pending = False
+            return NMI_VECTOR
+        if self.irr:
+            vector = max(self.irr)
+            self.irr.discard(vector)
+            return vector
+        return None
+
+    # --- GuestCpu: exiting instructions -------------------------------------------
+
+    def _leave(self, ex: VmExit) -> None:
+        if self._exit is not None:
+            raise GuestFault("two exiting instructions in one step")
+        self._exit = ex
+
+    def wrmsr(self, msr: int, value: int) -> None:
+        if msr in self.msr_exits:
+            self._leave(VmExit(code=SvmExitCode.MSR, write=True, msr=msr, value=value))
+        elif not self.set_msr(msr, value):
+            raise GuestFault(f"#GP: wrmsr {msr:#x}")
+
+    def out(self, port: int, value: int, size: int = 1) -> None:
+        if size not in (1, 2, 4):
+            raise GuestFault(f"out: bad operand size {size}")
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self._leave(VmExit(code=SvmExitCode.IOIO, port=port, size=size, write=True, data=data))
+
+    def outs(self, port: int, data: bytes) -> None:
+        self._leave(VmExit(code=SvmExitCode.IOIO, port=port, size=1, write=True, data=bytes(data)))
+
+    def inp(self, port: int, size: int = 1) -> None:
+        if size not in (1, 2, 4):
+            raise GuestFault(f"in: bad operand size {size}")
+        self._leave(VmExit(code=SvmExitCode.IOIO, port=port, size=size, write=False))
+
+    def mmio_write(self, gpa: int, data: bytes) -> None:
+        self._leave(VmExit(code=SvmExitCode.NPF, gpa=gpa, size=len(data), write=True, data=data))
+
+    def mmio_read(self, gpa: int, size: int) -> None:
+        self._leave(VmExit(code=SvmExitCode.NPF, gpa=gpa, size=size, write=False))
+
+    def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0, a3: int = 0) -> None:
+        self._leave(VmExit(code=SvmExitCode.VMMCALL, nr=nr, args=(a0, a1, a2, a3)))
+
+    def hlt(self) -> None:
+        self.halted = True
+        self._leave(VmExit(code=SvmExitCode.HLT))
+
+    def shutdown(self) -> None:
+        self._leave(VmExit(code=SvmExitCode.SHUTDOWN, reason="guest requested shutdown"))
+
+    # --- instruction fetch ------------------------------------------------------
+
+    def _region(self, rip: int) -> RomRegion:
+        cur = self._current
+        if cur is not None and cur.contains(rip):
+            return cur
+        i = bisect.bisect_right(self._rom_bases, rip) - 1
+        if i < 0 or not self._rom[i].contains(rip):
+            raise GuestFault(f"#PF: instruction fetch from {rip:#x} (no code there)")
+        self._current = self._rom[i]
+        return self._current
