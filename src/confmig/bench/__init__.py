@@ -1,0 +1,1 @@
+"""Scenarios that run real hosts and VMs as processes: the demo, benchmarks, tests."""

@@ -33,6 +33,34 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from confmig.common.x86 import (  # re-exported: the guest's view of the architecture
+    COM1_PORT,
+    FW_CFG_PORT_DATA,
+    FW_CFG_PORT_DMA_HI,
+    FW_CFG_PORT_DMA_LO,
+    FW_CFG_PORT_SEL,
+    INTERRUPT_VECTOR_KV,
+    ISA_DEBUG_EXIT_PORT,
+    KV_PORT_BASE,
+    KV_PORT_COUNT,
+    KVM_MIGRATION_READY,
+    LOCAL_TIMER_VECTOR,
+    MSR_IA32_TSC,
+    MSR_IA32_TSC_DEADLINE,
+    MSR_KVM_MIGRATION_CONTROL,
+    NMI_VECTOR,
+)
+
+__all__ = [
+    "COM1_PORT", "FW_CFG_PORT_DATA", "FW_CFG_PORT_DMA_HI", "FW_CFG_PORT_DMA_LO",
+    "FW_CFG_PORT_SEL", "INTERRUPT_VECTOR_KV", "ISA_DEBUG_EXIT_PORT", "KVM_MIGRATION_READY",
+    "KV_PORT_BASE", "KV_PORT_COUNT", "LOCAL_TIMER_VECTOR", "MSR_IA32_TSC",
+    "MSR_IA32_TSC_DEADLINE", "MSR_KVM_MIGRATION_CONTROL", "NMI_VECTOR",
+    "RESET_VECTOR", "TSC_HZ", "GuestCpu", "GuestFault", "GuestProgram", "Pages",
+    "Registers", "RomRegion", "KVM_HC_MAP_GPA_RANGE", "KVM_CPUID_SIGNATURE",
+    "KVM_CPUID_FEATURES", "KVM_FEATURE_HC_MAP_GPA_RANGE", "KVM_FEATURE_MIGRATION_CONTROL",
+]  # fmt: skip
+
 # --- architectural constants -------------------------------------------------
 
 TSC_HZ = 1_000_000_000
@@ -40,11 +68,6 @@ TSC_HZ = 1_000_000_000
 
 RESET_VECTOR = 0xFFFF_FFF0
 """Where every x86 vCPU starts executing (``CS:IP`` after reset)."""
-
-MSR_IA32_TSC = 0x10
-MSR_IA32_TSC_DEADLINE = 0x6E0
-MSR_KVM_MIGRATION_CONTROL = 0x4B56_4D08
-KVM_MIGRATION_READY = 1 << 0
 
 KVM_HC_MAP_GPA_RANGE = 12
 """Hypercall: ``(gpa, npages, attrs)``; tells the host a range changed encryption status."""
@@ -54,24 +77,6 @@ KVM_CPUID_SIGNATURE = 0x4000_0000
 KVM_CPUID_FEATURES = 0x4000_0001
 KVM_FEATURE_HC_MAP_GPA_RANGE = 16
 KVM_FEATURE_MIGRATION_CONTROL = 17
-
-# I/O ports of the devices the model machine has (QEMU's numbers).
-COM1_PORT = 0x3F8
-"""16550 UART data register; the guest writes console bytes here (``outs``)."""
-FW_CFG_PORT_SEL = 0x510
-FW_CFG_PORT_DATA = 0x511
-FW_CFG_PORT_DMA_HI = 0x514
-FW_CFG_PORT_DMA_LO = 0x518
-ISA_DEBUG_EXIT_PORT = 0x501
-"""QEMU's isa-debug-exit: a write ends the VM (SHUTDOWN)."""
-
-# A virtio-like key-value device; see confmig.guest.workloads.kv.
-KV_PORT_BASE = 0x600
-KV_PORT_COUNT = 0x10
-
-INTERRUPT_VECTOR_KV = 0x30
-"""Vector the VMM raises when the kv device has new requests."""
-
 
 class Registers:
     """The general-purpose register file, in ``struct kvm_regs`` order.

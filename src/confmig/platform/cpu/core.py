@@ -21,18 +21,17 @@ from confmig.common.units import PAGE_SIZE
 from confmig.platform.cpu.abi import (
     KVM_CPUID_FEATURES,
     KVM_CPUID_SIGNATURE,
+    LOCAL_TIMER_VECTOR,
     MSR_IA32_TSC,
     MSR_IA32_TSC_DEADLINE,
     MSR_KVM_MIGRATION_CONTROL,
+    NMI_VECTOR,
     GuestFault,
     Pages,
     Registers,
     RomRegion,
 )
 
-NMI_VECTOR = 2
-LOCAL_TIMER_VECTOR = 0xEC
-"""Linux's LOCAL_TIMER_VECTOR: the TSC-deadline timer fires here."""
 
 CpuidTable = dict[tuple[int, int], tuple[int, int, int, int]]
 

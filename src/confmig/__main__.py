@@ -1,0 +1,3 @@
+from confmig.cli.main import main
+
+main()

@@ -1,0 +1,217 @@
+"""``kv``: a key-value store in guest RAM, served to the kv device's clients.
+
+Options: ``slots=`` hash-table slots, a power of two (default 4096: 8 MiB).
+
+Memory: workload memory starts with the device queue (``KV_QUEUE_SIZE``
+bytes, read and written by the device: shared, once guests are confidential),
+then the hash table. The table is open addressing with linear probing over
+``KV_SLOT_SIZE``-byte slots: ``u8 state (0 empty, 1 used, 2 deleted), u8
+key_len, le16 value_len, le32 crc, le64 write id``, the key at +16 and the
+value at +80; the CRC-32 covers lengths, write id, key and value. The write id
+is the id of the request that last wrote the slot: a retried put or delete
+that already took effect is acknowledged without being applied again.
+
+The device protocol (port registers, queue and slot layout, op and status
+numbers) is the one ``confmig.vmm.devices.kv`` documents; the guest keeps its
+own copy of the numbers, as a driver does of a device specification.
+
+Start-up: clear the queue header and the table, check the device ID, give the
+device the queue GPA, switch the queue live and confirm (one port access per
+step). Then each step completes every published request, in place, raises
+``used`` and notifies the device; with nothing to do it sleeps until the
+device's interrupt or the tick. Requests are checked before use (the host is
+not trusted): a slot that does not parse gets MALFORMED, and an ``avail`` that
+runs ahead of the ring stops the workload.
+
+Self-check: every used slot's CRC and lengths, and the number of live keys.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from enum import IntEnum
+
+import numpy as np
+
+from confmig.common.units import PAGE_SIZE, format_size
+from confmig.guest import kernel
+from confmig.guest.firmware import bootinfo
+from confmig.guest.layout import WORKLOAD_STATE_GPA, workload_code, workload_memory
+from confmig.platform.cpu.abi import KV_PORT_BASE, TSC_HZ, GuestCpu, GuestFault
+
+CODE_BASE = workload_code(2)
+TICK_NS = TSC_HZ // 10
+"""Also the longest a request can wait if the device's interrupt were lost."""
+
+# The device specification (see confmig.vmm.devices.kv).
+KV_DEVICE_ID = int.from_bytes(b"CMKV", "little")
+KV_REG_ID_GPA_LO = 0x0
+KV_REG_GPA_HI = 0x4
+KV_REG_STATUS_CONTROL = 0x8
+KV_REG_NOTIFY = 0xC
+KV_CONTROL_ENABLE = 1
+KV_KEY_MAX = 64
+KV_VALUE_MAX = 1024
+KV_HEADER = struct.Struct("<BBHIQ")
+KV_SLOT_KEY = 16
+KV_SLOT_VALUE = KV_SLOT_KEY + KV_KEY_MAX
+KV_SLOT_SIZE = 2048
+KV_RING_SIZE = 64
+KV_QUEUE_AVAIL = 0x000
+KV_QUEUE_USED = 0x040
+KV_QUEUE_RING = PAGE_SIZE
+KV_QUEUE_SIZE = KV_QUEUE_RING + KV_RING_SIZE * KV_SLOT_SIZE
+OP_PUT, OP_GET, OP_DEL = 1, 2, 3
+ST_OK, ST_NOT_FOUND, ST_MALFORMED, ST_FULL = 0, 1, 2, 3
+
+SLOTS_DEFAULT = 4096
+SLOTS_MAX = 1 << 20
+"""2 GiB of table; the table must fit in RAM below 3 GiB."""
+ZERO_BATCH = 1024
+"""Pages cleared per step at start."""
+CHECK_SLOTS = 2048
+"""Slots verified per self-check step (4 MiB)."""
+
+EMPTY, USED, DELETED = 0, 1, 2
+_ENTRY = struct.Struct("<BBHIQ")
+"""Table slot header: state, key_len, value_len, crc, write id."""
+_U32 = 0xFFFF_FFFF
+
+
+class Phase(IntEnum):
+    ENTRY = 0x00
+    ZERO = 0x10
+    PROBE = 0x20
+    GPA_HI = 0x30
+    ENABLE = 0x40
+    CONFIRM = 0x50
+    STATUS = 0x60
+    RUN = 0x70
+    SELFCHECK = 0x80
+    CHECK = 0x90
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+def parse(options: Mapping[str, str]) -> bytes:
+    unknown = set(options) - {"slots"}
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for workload kv (known: slots)")
+    slots = int(options.get("slots", str(SLOTS_DEFAULT)))
+    if not 16 <= slots <= SLOTS_MAX or slots & (slots - 1):
+        raise ValueError(f"slots={slots} is not a power of two in 16..{SLOTS_MAX}")
+    return slots.to_bytes(8, "little")
+
+
+def describe(encoded: bytes) -> str:
+    slots = int.from_bytes(encoded, "little")
+    return f"slots={slots} ({format_size(slots * KV_SLOT_SIZE)} table)"
+
+
+# --- state -----------------------------------------------------------------------------------
+
+STATE_MAGIC = b"CMKVST01"
+_STATE = struct.Struct("<8s12Q")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KvState:
+    slots: int
+    queue: int
+    """GPA of the device queue; the table follows it."""
+    zeroed: int = 0
+    """Pages of queue and table cleared so far."""
+    served: int = 0
+    writes: int = 0
+    keys: int = 0
+    check: int = 0
+    live: int = 0
+    bad: int = 0
+    first_bad: int = 0
+    checked_pages: int = 0
+
+    @property
+    def table(self) -> int:
+        return self.queue + KV_QUEUE_SIZE
+
+    @property
+    def table_pages(self) -> int:
+        return self.slots * KV_SLOT_SIZE // PAGE_SIZE
+
+    @property
+    def zero_pages(self) -> int:
+        return KV_QUEUE_SIZE // PAGE_SIZE + self.table_pages
+
+
+def load_state(cpu: GuestCpu) -> KvState:
+    magic, *f = _STATE.unpack(cpu.read(WORKLOAD_STATE_GPA, _STATE.size))
+    if magic != STATE_MAGIC:
+        raise GuestFault("kv: state page lost its magic")
+    return KvState(
+        slots=f[0], queue=f[1], zeroed=f[2], served=f[3], writes=f[4], keys=f[5], check=f[6],
+        live=f[7], bad=f[8], first_bad=f[9], checked_pages=f[10],
+    )  # fmt: skip
+
+
+def _store_state(cpu: GuestCpu, st: KvState) -> None:
+    cpu.write(
+        WORKLOAD_STATE_GPA,
+        _STATE.pack(
+            STATE_MAGIC, st.slots, st.queue, st.zeroed, st.served, st.writes, st.keys,
+            st.check, st.live, st.bad, st.first_bad, st.checked_pages, 0,
+        ),
+    )  # fmt: skip
+
+
+# --- the hash table --------------------------------------------------------------------------
+
+
+def _crc(key: bytes, value: bytes, write_id: int) -> int:
+    return zlib.crc32(struct.pack("<BHQ", len(key), len(value), write_id) + key + value)
+
+
+def _probe(cpu: GuestCpu, st: KvState, key: bytes) -> tuple[int | None, int, int | None]:
+    """``(slot holding key, its write id, slot to insert key)``; None where there is none."""
+    mask = st.slots - 1
+    home = zlib.crc32(key) & mask
+    insert = None
+    for i in range(st.slots):
+        slot = (home + i) & mask
+        raw = cpu.read(st.table + slot * KV_SLOT_SIZE, KV_SLOT_VALUE)
+        state, key_len, _, _, write_id = _ENTRY.unpack_from(raw)
+        if state == EMPTY:
+            return None, 0, insert if insert is not None else slot
+        if state == DELETED:
+            insert = slot if insert is None else insert
+        elif raw[KV_SLOT_KEY : KV_SLOT_KEY + key_len] == key:
+            return slot, write_id, slot
+    return None, 0, insert
+
+
+def _apply(
+    cpu: GuestCpu, st: KvState, op: int, request_id: int, key: bytes, value: bytes
+) -> tuple[int, bytes, KvState]:
+    """Run one request against the table: ``(status, reply value, new state)``."""
+    found, write_id, insert = _probe(cpu, st, key)
+    if op == OP_GET:
+        if found is None:
+            return ST_NOT_FOUND, b"", st
+        raw = cpu.read(st.table + found * KV_SLOT_SIZE, KV_SLOT_VALUE + KV_VALUE_MAX)
+        value_len = _ENTRY.unpack_from(raw)[2]
+        return ST_OK, raw[KV_SLOT_VALUE : KV_SLOT_VALUE + min(value_len, KV_VALUE_MAX)], st
+    if found is not None and write_id == request_id:
+        return ST_OK, b"", st  # a retry of a write that already took effect
+    if op == OP_DEL:
+        if found is None:
+            return ST_NOT_FOUND, b"", st
+        cpu.write(st.table + found * KV_SLOT_SIZE, _ENTRY.pack(DELETED, 0, 0, 0, request_id))
+        return ST_OK, b"", replace(st, writes=st.writes + 1, keys=st.keys - 1)
+    if insert is None:
+        return ST_FULL, b"", st
+    entry = _ENTRY.pack(USED, len(key), len(value), _crc(key, value, request_id), request_id)
+    cpu.write(st.table + insert * KV_SLOT_SIZE, entry + key.ljust(KV_KEY_MAX, b"\0") + value)
+    return ST_OK, b"", replace(st, writes=st.writes + 1, keys=st.keys + (found is None))

@@ -1,0 +1,253 @@
+"""The VMM's command line, shaped like ``qemu-system-x86_64``'s (PROTOCOLS.md §3).
+
+QEMU options take one dash and a ``key=value,key=value`` argument (``,,`` is a
+literal comma; the first bare value fills an *implied* key). Two options are
+ours: ``--host SOCKET`` (which ``confmig host`` to run on) and
+``--guest WORKLOAD[,key=value...]`` (what the guest kernel runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from confmig.common.errors import ConfigError
+from confmig.common.units import MiB, PAGE_SIZE, parse_size
+
+WORKLOADS = ("idle", "dirty", "kv")
+DEFAULT_RAM = 128 * MiB
+"""QEMU's default ``-m``."""
+
+
+def parse_opts(text: str, implied: str | None = None, *, option: str = "") -> dict[str, str]:
+    """Split ``a=1,b=2`` (QEMU's QemuOpts syntax) into a dict."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if i + 1 < len(text) and text[i + 1] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    out: dict[str, str] = {}
+    for n, part in enumerate(parts):
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if not eq:
+            if n == 0 and implied:
+                key, value = implied, part
+            else:
+                raise ConfigError(f"{option}: invalid parameter '{part}' (expected key=value)")
+        if key in out:
+            raise ConfigError(f"{option}: parameter '{key}' given twice")
+        out[key] = value
+    return out
+
+
+def _bool(value: str, what: str) -> bool:
+    if value in ("on", "yes", "true", "y"):
+        return True
+    if value in ("off", "no", "false", "n"):
+        return False
+    raise ConfigError(f"{what}: '{value}' is not on/off")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QmpEndpoint:
+    kind: str  # "unix" or "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuestSpec:
+    workload: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def kernel_cmdline(self) -> str:
+        """What the firmware hands the guest kernel (fw_cfg ``CMDLINE``)."""
+        return " ".join([f"workload={self.workload}", *(f"{k}={v}" for k, v in self.options.items())])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MachineConfig:
+    host: str
+    ram_size: int = DEFAULT_RAM
+    smp: int = 1
+    name: str = "confmig"
+    guest: GuestSpec = field(default_factory=lambda: GuestSpec(workload="idle"))
+    qmp: tuple[QmpEndpoint, ...] = ()
+    incoming: str | None = None
+    start_paused: bool = False
+    daemonize: bool = False
+    pidfile: str | None = None
+    serial: str = "stdio"
+    """``stdio``, ``file:PATH`` or ``none``."""
+    fw_cfg_files: dict[str, bytes] = field(default_factory=dict)
+    kv_socket: str | None = None
+    prealloc: bool = False
+    objects: dict[str, dict[str, str]] = field(default_factory=dict)
+    """``-object TYPE,id=ID,...`` by id (confidential objects arrive in later issues)."""
+    confidential_guest_support: str | None = None
+
+
+USAGE = """usage: confmig vm --host SOCKET [options]
+  -m SIZE                   guest RAM (default 128M)
+  -smp N                    vCPUs
+  -name NAME                VM name
+  --guest WORKLOAD[,k=v]    idle | dirty[,rate=N,wss=SIZE,fill=random|zero,seed=N] | kv
+  -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
+  -incoming defer | tcp:HOST:PORT | unix:PATH | file:PATH | exec:CMD
+  -S                        do not start vCPUs (use 'cont')
+  -serial stdio | file:PATH | none
+  -fw_cfg name=opt/NAME,string=TEXT | name=opt/NAME,file=PATH
+  -device confmig-kv,path=SOCKET
+  -object memory-backend-ram,id=ID,size=SIZE[,prealloc=on]
+  -machine [type=]q35[,confidential-guest-support=ID]
+  -daemonize  -pidfile PATH"""
+
+
+def parse(argv: list[str]) -> MachineConfig:
+    """Parse a VMM command line; every mistake is a one-line :class:`ConfigError`."""
+    kw: dict[str, object] = {}
+    qmp: list[QmpEndpoint] = []
+    files: dict[str, bytes] = {}
+    objects: dict[str, dict[str, str]] = {}
+    args = list(argv)
+    i = 0
+
+    def value(opt: str) -> str:
+        nonlocal i
+        if i + 1 >= len(args):
+            raise ConfigError(f"{opt}: requires an argument")
+        i += 1
+        return args[i]
+
+    while i < len(args):
+        opt = args[i]
+        o = opt[1:] if opt.startswith("--") else opt  # QEMU accepts -opt and --opt alike
+        if o == "-host":
+            kw["host"] = value(opt)
+        elif o == "-m":
+            m = parse_opts(value(opt), "size", option="-m")
+            try:
+                size = parse_size(m.get("size", ""), default_suffix="M")
+            except ValueError as exc:
+                raise ConfigError(f"-m: {exc}") from None
+            if size < 4 * MiB or size % PAGE_SIZE:
+                raise ConfigError(f"-m: {size} bytes is too small or not page aligned (minimum 4M)")
+            kw["ram_size"] = size
+        elif o == "-smp":
+            s = parse_opts(value(opt), "cpus", option="-smp")
+            try:
+                n = int(s.get("cpus", "1"))
+            except ValueError:
+                raise ConfigError(f"-smp: '{s.get('cpus')}' is not a number") from None
+            if not 1 <= n <= 16:
+                raise ConfigError("-smp: between 1 and 16 vCPUs")
+            kw["smp"] = n
+        elif o == "-name":
+            kw["name"] = parse_opts(value(opt), "guest", option="-name").get("guest", "confmig")
+        elif o == "-guest":
+            g = value(opt)
+            work, _, rest = g.partition(",")
+            if work not in WORKLOADS:
+                raise ConfigError(f"--guest: unknown workload '{work}' (choose from {', '.join(WORKLOADS)})")
+            kw["guest"] = GuestSpec(workload=work, options=parse_opts(rest, option="--guest"))
+        elif o == "-qmp":
+            qmp.append(_qmp_endpoint(value(opt)))
+        elif o == "-incoming":
+            kw["incoming"] = value(opt)
+        elif o == "-S":
+            kw["start_paused"] = True
+        elif o == "-daemonize":
+            kw["daemonize"] = True
+        elif o == "-pidfile":
+            kw["pidfile"] = value(opt)
+        elif o == "-serial":
+            s = value(opt)
+            if s not in ("stdio", "none") and not s.startswith("file:"):
+                raise ConfigError(f"-serial: '{s}' is not stdio, none or file:PATH")
+            kw["serial"] = s
+        elif o == "-fw_cfg":
+            f = parse_opts(value(opt), "name", option="-fw_cfg")
+            fname = f.get("name", "")
+            if not fname.startswith("opt/"):
+                raise ConfigError("-fw_cfg: name must start with 'opt/'")
+            if len(fname) > 55:
+                raise ConfigError("-fw_cfg: name is longer than 55 characters")
+            if "string" in f:
+                files[fname] = f["string"].encode()
+            elif "file" in f:
+                try:
+                    with open(f["file"], "rb") as fh:
+                        files[fname] = fh.read()
+                except OSError as exc:
+                    raise ConfigError(f"-fw_cfg: cannot read {f['file']}: {exc.strerror}") from None
+            else:
+                raise ConfigError("-fw_cfg: needs string= or file=")
+        elif o == "-device":
+            d = parse_opts(value(opt), "driver", option="-device")
+            if d.get("driver") != "confmig-kv":
+                raise ConfigError(f"-device: unknown driver '{d.get('driver')}' (only confmig-kv)")
+            if "path" not in d:
+                raise ConfigError("-device confmig-kv: needs path=SOCKET")
+            kw["kv_socket"] = d["path"]
+        elif o == "-object":
+            ob = parse_opts(value(opt), "qom-type", option="-object")
+            oid = ob.get("id")
+            if not oid:
+                raise ConfigError("-object: Parameter 'id' is missing")
+            if ob.get("qom-type") == "memory-backend-ram":
+                if _bool(ob.get("prealloc", "off"), "-object prealloc"):
+                    kw["prealloc"] = True
+            elif ob.get("qom-type") not in ("sev-guest",):
+                raise ConfigError(f"-object: unknown type '{ob.get('qom-type')}'")
+            objects[oid] = ob
+        elif o == "-machine":
+            mo = parse_opts(value(opt), "type", option="-machine")
+            if mo.get("type", "q35") not in ("q35", "pc", "pc-q35-7.2"):
+                raise ConfigError(f"-machine: unsupported type '{mo['type']}' (q35)")
+            if "confidential-guest-support" in mo:
+                kw["confidential_guest_support"] = mo["confidential-guest-support"]
+        elif o in ("-nographic", "-nodefaults", "-enable-kvm"):
+            pass  # accepted for QEMU muscle memory; this machine is always like that
+        else:
+            raise ConfigError(f"'{opt}' is not a valid option\n{USAGE}")
+        i += 1
+    if "host" not in kw:
+        raise ConfigError("--host SOCKET is required (the 'confmig host' to run on)")
+    cgs = kw.get("confidential_guest_support")
+    if cgs is not None:
+        raise ConfigError(
+            f"-machine confidential-guest-support={cgs}: confidential guests are not supported yet"
+        )
+    return MachineConfig(qmp=tuple(qmp), fw_cfg_files=files, objects=objects, **kw)  # type: ignore[arg-type]
+
+
+def _qmp_endpoint(text: str) -> QmpEndpoint:
+    addr, _, rest = text.partition(",")
+    opts = parse_opts(rest, option="-qmp")
+    for k, v in opts.items():
+        if k not in ("server", "wait"):
+            raise ConfigError(f"-qmp: unknown option '{k}'")
+        _bool(v, f"-qmp {k}")
+    if opts and not _bool(opts.get("server", "on"), "-qmp server"):
+        raise ConfigError("-qmp: only server=on is supported")
+    if addr.startswith("unix:"):
+        return QmpEndpoint(kind="unix", path=addr[5:])
+    if addr.startswith("tcp:"):
+        host, _, port = addr[4:].rpartition(":")
+        if not port.isdigit():
+            raise ConfigError(f"-qmp: '{addr}' needs tcp:HOST:PORT")
+        return QmpEndpoint(kind="tcp", host=host or "127.0.0.1", port=int(port))
+    raise ConfigError(f"-qmp: '{addr}' is not unix:PATH or tcp:HOST:PORT")

@@ -1,0 +1,327 @@
+"""The model machine: guest RAM, memory slots, vCPU threads, devices, run state.
+
+Like QEMU, each vCPU has a thread that loops on ``KVM_RUN`` and dispatches the
+exits to devices. Stopping the VM kicks every vCPU out of ``KVM_RUN``; a vCPU
+leaving with an unfinished exit (an ``in`` whose value is not delivered yet)
+completes it with ``immediate_exit`` first, so the saved registers are exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confmig.common.errors import StateError
+from confmig.common.x86 import (
+    ISA_DEBUG_EXIT_PORT,
+    MSR_IA32_TSC,
+    MSR_IA32_TSC_DEADLINE,
+    MSR_KVM_MIGRATION_CONTROL,
+)
+from confmig.kvm.client import Kvm, VcpuFd, VmFd
+from confmig.proto import ioctl
+from confmig.vmm.cmdline import MachineConfig
+from confmig.vmm.devices import PortIoDevice
+from confmig.vmm.devices.fw_cfg import FwCfg
+from confmig.vmm.devices.serial import Serial
+from confmig.vmm.memory import GuestMemory
+from confmig.vmm.runstate import RunState, check_transition
+
+log = logging.getLogger(__name__)
+
+MACHINE_TYPE = "pc-q35-7.2"
+VCPU_STOP_TIMEOUT = 5.0
+"""A vCPU polls for kicks every millisecond; seconds means the vCPU process is gone."""
+HLT_WAIT = 0.05
+"""Longest a vCPU thread sleeps on a userspace HLT before looking again."""
+
+MSRS_TO_MIGRATE = (MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_KVM_MIGRATION_CONTROL)
+
+EventSink = Callable[[str, "dict[str, object] | None"], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CpuState:
+    """Everything of a vCPU that migrates: registers, MSRs, run state."""
+
+    regs: tuple[int, ...]
+    msrs: dict[int, int]
+    mp_state: int
+
+    def encode(self) -> bytes:
+        return ioctl.REGS.pack(*self.regs) + ioctl.encode_msrs(self.msrs) + struct.pack("<I", self.mp_state)
+
+    @classmethod
+    def decode(cls, data: bytes) -> CpuState:
+        n = ioctl.REGS.size
+        regs = ioctl.REGS.unpack_from(data)
+        (count,) = struct.unpack_from("<I", data, n)
+        msr_len = 8 + count * ioctl.MSR_ENTRY.size
+        msrs = ioctl.decode_msrs(data[n : n + msr_len])
+        (mp,) = struct.unpack_from("<I", data, n + msr_len)
+        if len(data) != n + msr_len + 4:
+            raise ValueError("cpu state: trailing bytes")
+        return cls(regs=regs, msrs=msrs, mp_state=mp)
+
+
+class VcpuThread(threading.Thread):
+    """One vCPU: loops on KVM_RUN while the VM runs, parks while it is stopped."""
+
+    def __init__(self, machine: Machine, fd: VcpuFd) -> None:
+        super().__init__(name=f"vcpu{fd.vcpu_id}", daemon=True)
+        self.machine = machine
+        self.fd = fd
+        self._cond = threading.Condition()
+        self._should_run = False
+        self._quit = False
+        self._irq = False
+        self.parked = threading.Event()
+        self.parked.set()
+
+    def run(self) -> None:
+        completion = b""
+        while True:
+            with self._cond:
+                while not self._should_run and not self._quit:
+                    self.parked.set()
+                    self._cond.wait()
+                if self._quit:
+                    self.parked.set()
+                    return
+            try:
+                ex = self.fd.run(completion)
+                completion = self.machine.handle_exit(self, ex)
+                if completion and not self._should_run:
+                    self.fd.run(completion, immediate_exit=True)
+                    completion = b""
+            except Exception as exc:
+                log.error("vcpu%d: %s", self.fd.vcpu_id, exc)
+                self.machine.internal_error(f"vcpu{self.fd.vcpu_id}: {exc}")
+                completion = b""
+
+    def resume(self) -> None:
+        with self._cond:
+            self.parked.clear()
+            self._should_run = True
+            self._cond.notify_all()
+
+    def request_stop(self) -> None:
+        with self._cond:
+            self._should_run = False
+            self._cond.notify_all()
+        self.fd.kick()
+
+    def wait_parked(self) -> bool:
+        return self.parked.wait(VCPU_STOP_TIMEOUT)
+
+    def quit(self) -> None:
+        with self._cond:
+            self._quit = True
+            self._should_run = False
+            self._cond.notify_all()
+        try:
+            self.fd.kick()
+        except OSError:
+            pass
+
+    def interrupt(self, vector: int) -> None:
+        self.fd.interrupt(vector)
+        with self._cond:
+            self._irq = True
+            self._cond.notify_all()
+
+    def wait_for_event(self) -> None:
+        """A userspace HLT: sleep until an interrupt is raised or the VM stops."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._irq or not self._should_run, HLT_WAIT)
+            self._irq = False
+
+
+class Machine:
+    """A VM on a ``confmig host``: created, started, stopped, saved, loaded."""
+
+    def __init__(self, config: MachineConfig, *, events: EventSink, console: Callable[[bytes], None]) -> None:
+        self.config = config
+        self._events = events
+        self._state_lock = threading.RLock()
+        self._runstate = RunState.INMIGRATE if config.incoming else RunState.PRELAUNCH
+        self.shutdown_reason: str | None = None
+        self.kvm = Kvm(config.host)
+        self.vm: VmFd = self.kvm.create_vm()
+        self.memory = GuestMemory.pc(config.ram_size)
+        if config.prealloc or config.incoming:
+            for block in self.memory.blocks:
+                block.prealloc()  # an incoming migration must not pay first-touch costs
+        self._dirty_logging = False
+        self._register_memslots()
+        self.serial = Serial(console)
+        self.fw_cfg = FwCfg(
+            self.memory, ram_size=config.ram_size, nb_cpus=config.smp,
+            cmdline=config.guest.kernel_cmdline(), files=dict(config.fw_cfg_files),
+        )
+        self.devices: list[PortIoDevice] = [self.serial, self.fw_cfg]
+        self.kv: PortIoDevice | None = None
+        if config.kv_socket:
+            from confmig.vmm.devices.kv import KvDevice
+
+            kv = KvDevice(self.memory, self.raise_irq, config.kv_socket)
+            self.kv = kv
+            self.devices.append(kv)
+        self._ports: dict[int, PortIoDevice] = {p: d for d in self.devices for p in d.ports}
+        self.vcpus = [VcpuThread(self, self.vm.create_vcpu(i)) for i in range(config.smp)]
+        for v in self.vcpus:
+            v.start()
+
+    # --- run state -----------------------------------------------------------
+
+    @property
+    def runstate(self) -> RunState:
+        return self._runstate
+
+    def set_runstate(self, new: RunState) -> None:
+        with self._state_lock:
+            check_transition(self._runstate, new)
+            self._runstate = new
+
+    def start(self) -> None:
+        """``cont``: run the vCPUs (QEMU's ``vm_start``)."""
+        with self._state_lock:
+            if self._runstate == RunState.RUNNING:
+                return
+            if self._runstate in (RunState.INMIGRATE, RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
+                raise StateError("cont", self._runstate, "a VM that can run")
+            self.set_runstate(RunState.RUNNING)
+            for v in self.vcpus:
+                v.resume()
+        self._events("RESUME", None)
+
+    def stop(self, new_state: RunState = RunState.PAUSED) -> None:
+        """QEMU's ``vm_stop``: every vCPU out of KVM_RUN, parked, exits completed."""
+        with self._state_lock:
+            was_running = self._runstate == RunState.RUNNING
+            if self._runstate != new_state:
+                self.set_runstate(new_state)
+            for v in self.vcpus:
+                v.request_stop()
+            for v in self.vcpus:
+                if not v.wait_parked():
+                    raise StateError("stop", f"vcpu{v.fd.vcpu_id} not responding", "parked vCPUs")
+        if was_running:
+            self._events("STOP", None)
+
+    @property
+    def running(self) -> bool:
+        return self._runstate == RunState.RUNNING
+
+    # --- exits -----------------------------------------------------------------
+
+    def handle_exit(self, vcpu: VcpuThread, ex: ioctl.VcpuExit) -> bytes:
+        """Serve one exit; return the completion for the next KVM_RUN."""
+        match ex:
+            case ioctl.ExitIo(direction=ioctl.KVM_EXIT_IO_OUT):
+                if ex.port == ISA_DEBUG_EXIT_PORT:
+                    self.guest_shutdown("guest-shutdown")
+                    return b""
+                dev = self._ports.get(ex.port)
+                if dev is not None:
+                    dev.io_out(ex.port, ex.data)
+                return b""
+            case ioctl.ExitIo():
+                dev = self._ports.get(ex.port)
+                return dev.io_in(ex.port, ex.size) if dev is not None else b"\xff" * ex.size
+            case ioctl.ExitMmio(is_write=False):
+                return b"\xff" * ex.length  # no MMIO devices: reads float high
+            case ioctl.ExitHlt():
+                vcpu.wait_for_event()
+            case ioctl.ExitShutdown():
+                self.guest_shutdown("guest-reset")
+            case ioctl.ExitInternalError():
+                self.internal_error(ex.message)
+            case ioctl.ExitHypercall():
+                return struct.pack("<Q", (-1000) & 0xFFFF_FFFF_FFFF_FFFF)  # -KVM_ENOSYS
+        return b""
+
+    def guest_shutdown(self, reason: str) -> None:
+        self.shutdown_reason = reason
+        threading.Thread(target=self._shutdown, args=(reason,), daemon=True).start()
+
+    def _shutdown(self, reason: str) -> None:
+        with self._state_lock:
+            if self._runstate in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
+                return
+            self.stop(RunState.SHUTDOWN)
+        self._events("SHUTDOWN", {"guest": True, "reason": reason})
+
+    def internal_error(self, message: str) -> None:
+        log.error("internal error: %s", message)
+        self.shutdown_reason = message
+        with self._state_lock:
+            if self._runstate == RunState.RUNNING:
+                self._runstate = RunState.INTERNAL_ERROR
+        for v in self.vcpus:
+            with v._cond:
+                v._should_run = False
+
+    def raise_irq(self, vector: int) -> None:
+        """Deliver an interrupt to vCPU 0 (the model has no IOAPIC routing)."""
+        self.vcpus[0].interrupt(vector)
+
+    def inject_nmi(self) -> None:
+        for v in self.vcpus:
+            v.fd.nmi()
+            v.interrupt(2)
+
+    # --- memory slots and dirty logging ------------------------------------------
+
+    def _slot_regions(self, flags: int) -> list[tuple[ioctl.UserspaceMemoryRegion, int]]:
+        return [
+            (ioctl.UserspaceMemoryRegion(slot=r.slot, flags=flags, guest_phys_addr=r.gpa,
+                                         memory_size=r.size, offset=r.offset), block.fd)
+            for block in self.memory.blocks for r in block.regions
+        ]
+
+    def _register_memslots(self) -> None:
+        for region, fd in self._slot_regions(0):
+            self.vm.set_user_memory_region(region, fd)
+
+    def set_dirty_logging(self, on: bool) -> None:
+        """Flip ``KVM_MEM_LOG_DIRTY_PAGES`` on every slot (the fd stays KVM's)."""
+        if on != self._dirty_logging:
+            flags = ioctl.KVM_MEM_LOG_DIRTY_PAGES if on else 0
+            for region, _fd in self._slot_regions(flags):
+                self.vm.set_user_memory_region(region, None)
+            self._dirty_logging = on
+
+    # --- state for migration -------------------------------------------------------
+
+    def save_cpu(self, vcpu: VcpuThread) -> CpuState:
+        fd = vcpu.fd
+        return CpuState(regs=fd.get_regs(), msrs=fd.get_msrs(list(MSRS_TO_MIGRATE)),
+                        mp_state=fd.get_mp_state())
+
+    def load_cpu(self, vcpu: VcpuThread, state: CpuState) -> None:
+        fd = vcpu.fd
+        fd.set_regs(state.regs)
+        fd.set_msrs(state.msrs)
+        fd.set_mp_state(state.mp_state)
+
+    def device(self, vmsd_name: str) -> PortIoDevice | None:
+        return next((d for d in self.devices if d.vmsd_name == vmsd_name), None)
+
+    # --- teardown --------------------------------------------------------------------
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.quit()
+        for v in self.vcpus:
+            v.join(2)
+            v.fd.close()
+        stop_kv = getattr(self.kv, "stop", None)
+        if callable(stop_kv):
+            stop_kv()
+        self.vm.close()
+        self.kvm.close()
+        self.memory.close()

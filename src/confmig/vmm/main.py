@@ -1,0 +1,127 @@
+"""``confmig vm``: one VMM process, QEMU's role."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import BinaryIO
+
+from confmig.common.errors import ConfmigError
+from confmig.vmm import cmdline
+from confmig.vmm.machine import Machine
+from confmig.vmm.migration.state import MigrationState
+from confmig.vmm.qmp.commands import build_registry
+from confmig.vmm.qmp.server import QmpServer
+
+log = logging.getLogger("confmig.vm")
+
+
+def console_sink(spec: str) -> tuple[Callable[[bytes], None], BinaryIO | None]:
+    """Where guest serial output goes: stdout, a log file, or nowhere."""
+    if spec == "none":
+        return (lambda _b: None), None
+    if spec == "stdio":
+        out = sys.stdout.buffer
+
+        def write_stdout(data: bytes) -> None:
+            out.write(data)
+            out.flush()
+
+        return write_stdout, None
+    f = open(spec[5:], "ab", buffering=0)  # noqa: SIM115 - lives as long as the VM
+    return f.write, f
+
+
+async def serve(config: cmdline.MachineConfig, ready: Callable[[], None] = lambda: None) -> int:
+    loop = asyncio.get_running_loop()
+    quit_event = asyncio.Event()
+    server = QmpServer(None)
+    console, console_file = console_sink(config.serial)
+    machine = Machine(config, events=server.emit_event, console=console)
+    migration = MigrationState(machine, server.emit_event)
+    server.registry = build_registry(machine, migration, request_quit=lambda: loop.call_soon_threadsafe(
+        quit_event.set))
+    try:
+        for ep in config.qmp:
+            if ep.kind == "unix":
+                await server.start_unix(ep.path)
+            else:
+                await server.start_tcp(ep.host, ep.port)
+        if config.incoming and config.incoming != "defer":
+            migration.migrate_incoming(config.incoming, autostart=not config.start_paused)
+        elif not config.incoming and not config.start_paused:
+            machine.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, quit_event.set)
+        ready()
+        await quit_event.wait()
+        return 0
+    finally:
+        await server.close()
+        machine.close()
+        if console_file is not None:
+            console_file.close()
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=os.environ.get("CONFMIG_LOG", "WARNING"),
+                        format="%(asctime)s vm[%(process)d] %(levelname)s %(message)s")
+    try:
+        config = cmdline.parse(argv)
+    except ConfmigError as exc:
+        print(f"confmig vm: {exc}", file=sys.stderr)
+        return 1
+    if config.daemonize:
+        return _daemonize(config)
+    try:
+        return asyncio.run(serve(config, ready=lambda: _write_pidfile(config)))
+    except ConfmigError as exc:
+        print(f"confmig vm: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"confmig vm: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _write_pidfile(config: cmdline.MachineConfig) -> None:
+    if config.pidfile:
+        with open(config.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def _daemonize(config: cmdline.MachineConfig) -> int:
+    """As QEMU's ``-daemonize``: the parent returns once the VM is up (or failed)."""
+    rfd, wfd = os.pipe()
+    if os.fork():
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            msg = r.read()
+        if msg == b"ok":
+            return 0
+        print(f"confmig vm: {msg.decode(errors='replace') or 'failed to start'}", file=sys.stderr)
+        return 1
+    os.close(rfd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+    def ready() -> None:
+        _write_pidfile(config)
+        os.write(wfd, b"ok")
+        os.close(wfd)
+
+    try:
+        code = asyncio.run(serve(config, ready=ready))
+    except (ConfmigError, OSError) as exc:
+        try:
+            os.write(wfd, str(exc).encode())
+            os.close(wfd)
+        except OSError:
+            pass
+        code = 1
+    os._exit(code)

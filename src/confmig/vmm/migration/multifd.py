@@ -1,0 +1,198 @@
+"""Multifd: RAM pages over several connections, as QEMU's ``multifd`` capability.
+
+Each channel opens with a ``MultiFDInit_t`` and then carries ``MultiFDPacket_t``
+packets (page offsets, then the pages), one sender thread per channel. Rounds
+are ordered by SYNC packets: at the end of a round every channel sends one, and
+on the target each channel stops at its SYNC until the main channel reaches the
+round's EOS. A page re-sent in round k+1 can therefore never be overwritten by
+its round-k copy travelling on another channel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+
+import numpy as np
+import numpy.typing as npt
+
+from confmig.common.errors import RemoteMigrationError, StreamError
+from confmig.proto.stream import multifd as mf
+from confmig.vmm.memory import GuestMemory, RamBlock
+from confmig.vmm.migration.ram import RoundCounters, land_pages
+from confmig.vmm.migration.stats import MigrationStats
+from confmig.vmm.migration.transport import Channel, MigrationUri, connect
+
+QUEUE_DEPTH = 4
+"""Batches queued per channel: enough to keep its socket busy, bounded memory."""
+SYNC_TIMEOUT = 60.0
+"""Seconds the target waits for all channels to reach a round's end."""
+VM_UUID = bytes(16)
+"""QEMU sends the VM's UUID (all zero unless ``-uuid``); so do we."""
+
+_Item = tuple[RamBlock, npt.NDArray[np.int64]] | threading.Event | None
+
+
+class MultifdSender:
+    """Source side: a thread per channel, batches handed out round-robin."""
+
+    def __init__(self, uri: MigrationUri, nchannels: int, stats: MigrationStats) -> None:
+        self.stats = stats
+        self.channels: list[Channel] = []
+        for i in range(nchannels):
+            ch = connect(uri, name=f"multifd{i}")
+            self.channels.append(ch)
+            ch.send_all(mf.encode_init(VM_UUID, i))
+        self._queues: list[queue.Queue[_Item]] = [queue.Queue(QUEUE_DEPTH) for _ in self.channels]
+        self._packet_num = itertools.count()
+        self._next = 0
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._send_loop, args=(i,), name=f"multifd-send{i}", daemon=True)
+            for i in range(nchannels)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _send_loop(self, i: int) -> None:
+        ch, q = self.channels[i], self._queues[i]
+        encoder = mf.PacketEncoder()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, threading.Event):
+                    with self._lock:
+                        num = next(self._packet_num)
+                    ch.send_all(mf.encode_sync(num))
+                    item.set()
+                    continue
+                block, indices = item
+                with self._lock:
+                    num = next(self._packet_num)
+                n = 0
+                for buf in encoder.encode(block.idstr, block.pages, indices, num):
+                    n += ch.send_all(buf)
+                with self._lock:
+                    self.stats.multifd_bytes += n
+        except BaseException as exc:  # reported to the migration thread at its next call
+            self._error = exc
+            while True:  # unblock producers and sync waiters
+                try:
+                    leftover = q.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(leftover, threading.Event):
+                    leftover.set()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise RemoteMigrationError(f"multifd channel failed: {self._error}")
+
+    def __call__(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
+        self._check()
+        self._queues[self._next].put((block, indices))
+        self._next = (self._next + 1) % len(self._queues)
+        nbytes = len(indices) * (4096 + 8)
+        return RoundCounters(normal=len(indices), zero=0, bytes=nbytes)
+
+    def sync(self) -> None:
+        """End of a round: a SYNC packet on every channel, all of them sent."""
+        events = [threading.Event() for _ in self._queues]
+        for q, ev in zip(self._queues, events, strict=True):
+            q.put(ev)
+        for ev in events:
+            ev.wait()
+        self._check()
+
+    def close(self) -> None:
+        for q in self._queues:
+            try:
+                q.put_nowait(None)
+            except queue.Full:
+                pass
+
+
+class MultifdReceiver:
+    """Target side: a thread per channel landing pages; the SYNC barrier."""
+
+    def __init__(self, memory: GuestMemory, stats: MigrationStats, nchannels: int) -> None:
+        self.blocks = {b.idstr: b for b in memory.blocks}
+        self.stats = stats
+        self.nchannels = nchannels
+        self.closed = False
+        self._cond = threading.Condition()
+        self._synced: dict[int, int] = {}
+        self._released = 0
+        self._error: str | None = None
+        self._channels: list[Channel] = []
+
+    def add_channel(self, ch: Channel, prefix: bytes) -> None:
+        with self._cond:
+            if len(self._channels) >= self.nchannels:
+                ch.close()
+                raise StreamError(f"more than the {self.nchannels} multifd channels configured")
+            self._channels.append(ch)
+        threading.Thread(target=self._recv_loop, args=(ch, prefix), daemon=True).start()
+
+    def _recv_loop(self, ch: Channel, prefix: bytes) -> None:
+        d = mf.MultifdDecoder()
+        d.receive_data(prefix)
+        channel_id = -1
+        try:
+            while True:
+                ev = d.next_event()
+                if ev is mf.NEED_DATA:
+                    buf = d.get_buffer()
+                    n = ch.recv_into(buf)
+                    if n == 0:
+                        d.feed_eof()
+                        return
+                    d.buffer_updated(n)
+                    continue
+                if isinstance(ev, mf.MultifdInit):
+                    channel_id = ev.channel
+                    with self._cond:
+                        self._synced.setdefault(channel_id, 0)
+                elif isinstance(ev, mf.MultifdPages):
+                    block = self.blocks.get(ev.block)
+                    if block is None:
+                        raise StreamError(f"multifd packet for unknown RAM block '{ev.block}'")
+                    if len(ev.indices) and int(ev.indices.max()) >= block.npages:
+                        raise StreamError(f"multifd packet beyond the end of '{ev.block}'")
+                    land_pages(block, ev.indices, ev.data)
+                    with self._cond:
+                        self.stats.normal += len(ev.indices)
+                elif isinstance(ev, mf.MultifdSync):
+                    with self._cond:
+                        self._synced[channel_id] += 1
+                        mine = self._synced[channel_id]
+                        self._cond.notify_all()
+                        self._cond.wait_for(lambda m=mine: self._released >= m or self.closed)  # type: ignore[misc]
+        except (StreamError, OSError) as exc:
+            with self._cond:
+                self._error = str(exc)
+                self._cond.notify_all()
+
+    def wait_sync(self, round_no: int) -> None:
+        """Main channel reached EOS of ``round_no``: wait for every channel's SYNC, release them."""
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: self._error is not None or (
+                    len(self._synced) == self.nchannels
+                    and all(v >= round_no for v in self._synced.values())),
+                SYNC_TIMEOUT,
+            )
+            if self._error is not None:
+                raise StreamError(f"multifd channel failed: {self._error}")
+            if not ok:
+                raise StreamError(f"multifd channels did not reach the end of round {round_no}")
+            self._released = round_no
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+        for ch in self._channels:
+            ch.close()

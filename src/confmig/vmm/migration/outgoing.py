@@ -1,0 +1,239 @@
+"""The source side: setup, precopy rounds, switch-over, completion.
+
+Runs in its own thread (QEMU's ``migration_thread``). Whatever happens, a
+migration that does not complete leaves the source VM running as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from confmig.common.errors import ConfmigError, RemoteMigrationError
+from confmig.proto.stream import encoder as enc
+from confmig.vmm.machine import MACHINE_TYPE, Machine
+from confmig.vmm.migration.convergence import (
+    ConvergencePolicy,
+    RoundResult,
+    downtime_limit_policy,
+    expected_downtime_ms,
+)
+from confmig.vmm.migration.multifd import MultifdSender
+from confmig.vmm.migration.params import MigrationParameters
+from confmig.vmm.migration.ram import (
+    Cancelled,
+    MainChannelSink,
+    PageSink,
+    RamSender,
+    RateLimiter,
+    send_round,
+)
+from confmig.vmm.migration.stats import MigrationStats
+from confmig.vmm.migration.status import MigrationStatus
+from confmig.vmm.migration.transport import Channel, MigrationUri, connect
+from confmig.vmm.runstate import RunState
+
+log = logging.getLogger(__name__)
+
+RAM_SECTION_ID = 0
+RAM_VERSION = 4
+CPU_VERSION = 1
+RETURN_PATH_TIMEOUT = 60.0
+"""Seconds the source waits for the target's verdict after the last byte."""
+MIG_RP_MSG_SHUT = 1
+"""Return-path message: the target is done; u32 0 on success."""
+RP_HEADER = struct.Struct(">HH")
+
+
+class OutgoingMigration(threading.Thread):
+    def __init__(
+        self,
+        machine: Machine,
+        uri: MigrationUri,
+        params: MigrationParameters,
+        stats: MigrationStats,
+        set_status: Callable[[MigrationStatus], None],
+        *,
+        policy: ConvergencePolicy = downtime_limit_policy,
+        pass_event: Callable[[int], None] = lambda _n: None,
+    ) -> None:
+        super().__init__(name="migration", daemon=True)
+        self.machine = machine
+        self.uri = uri
+        self.params = params
+        self.stats = stats
+        self.set_status = set_status
+        self.policy = policy
+        self.pass_event = pass_event
+        self.cancel = threading.Event()
+        self.error: str | None = None
+        self._channels: list[Channel] = []
+
+    def request_cancel(self) -> None:
+        self.cancel.set()
+        for ch in self._channels:
+            ch.abort()
+
+    # --- the thread ----------------------------------------------------------
+
+    def run(self) -> None:
+        m = self.machine
+        stopped_by_us = False
+        try:
+            stopped_by_us = self._migrate()
+        except Cancelled:
+            self.set_status(MigrationStatus.CANCELLING)
+            self._recover(stopped_by_us=self.machine.runstate == RunState.FINISH_MIGRATE)
+            self.set_status(MigrationStatus.CANCELLED)
+        except (ConfmigError, OSError) as exc:
+            if self.cancel.is_set():
+                self.set_status(MigrationStatus.CANCELLING)
+                self._recover(stopped_by_us=m.runstate == RunState.FINISH_MIGRATE)
+                self.set_status(MigrationStatus.CANCELLED)
+            else:
+                self.error = str(exc) or type(exc).__name__
+                log.error("migration failed: %s", self.error)
+                self._recover(stopped_by_us=m.runstate == RunState.FINISH_MIGRATE)
+                self.set_status(MigrationStatus.FAILED)
+        finally:
+            for ch in self._channels:
+                ch.close()
+            try:
+                m.set_dirty_logging(False)
+            except ConfmigError:
+                pass
+            self.stats.total_time_ms = self.stats.elapsed_ms()
+
+    def _recover(self, *, stopped_by_us: bool) -> None:
+        """Back to where we were: the guest runs again as if nothing happened."""
+        if stopped_by_us:
+            self.machine.set_runstate(RunState.PAUSED)
+            self.machine.start()
+
+    def _migrate(self) -> bool:
+        m, stats, params = self.machine, self.stats, self.params
+        self.set_status(MigrationStatus.SETUP)
+        stats.total_bytes = m.memory.ram_size
+        main = connect(self.uri)
+        self._channels.append(main)
+        multifd: MultifdSender | None = None
+        sink: PageSink
+        main_sink = MainChannelSink(main)
+        if "multifd" in params.capabilities and self.uri.is_socket:
+            multifd = MultifdSender(self.uri, params.multifd_channels, stats)
+            self._channels.extend(multifd.channels)
+            sink = multifd
+        else:
+            sink = main_sink
+        m.set_dirty_logging(True)
+        sender = RamSender(m.memory, m.vm)
+        sender.sync()  # start the dirty log from now; every page is already set
+        stats.dirty_sync_count = 1
+        blocks = [(b.idstr, b.size) for b in m.memory.blocks]
+        head = enc.header(MACHINE_TYPE) + enc.ram_setup(RAM_SECTION_ID, blocks)
+        main.send_all(head)
+        stats.transferred += len(head)
+        stats.setup_time_ms = stats.elapsed_ms()
+        self.set_status(MigrationStatus.ACTIVE)
+        limiter = RateLimiter(params.max_bandwidth, self.cancel)
+
+        while True:  # precopy rounds
+            stats.rounds += 1
+            t0 = time.monotonic()
+            part = enc.ram_part_begin(RAM_SECTION_ID)
+            main.send_all(part)
+            sent = send_round(sender, sink, stats, limiter, self.cancel)
+            if multifd is not None:
+                multifd.sync()
+            tail = enc.eos_and_footer(RAM_SECTION_ID)
+            main.send_all(tail)
+            stats.transferred += len(part) + len(tail)
+            elapsed = max(time.monotonic() - t0, 1e-6)
+            dirty = sender.sync()
+            stats.dirty_sync_count += 1
+            self.pass_event(stats.dirty_sync_count)
+            bandwidth = sent.bytes / elapsed
+            stats.remaining = dirty * 4096
+            stats.dirty_pages_rate = int(dirty / elapsed)
+            stats.mbps = bandwidth * 8 / 1e6
+            stats.pages_per_second = int((sent.normal + sent.zero) / elapsed)
+            stats.expected_downtime_ms = expected_downtime_ms(stats.remaining, bandwidth)
+            if self.cancel.is_set():
+                raise Cancelled
+            if self.policy(RoundResult(remaining_bytes=stats.remaining, bandwidth=bandwidth,
+                                       downtime_limit_ms=params.downtime_limit,
+                                       switchover_bandwidth=params.avail_switchover_bandwidth)):
+                break
+
+        # --- switch-over: the guest is stopped from here to the target's verdict
+        t_stop = time.monotonic()
+        m.stop(RunState.FINISH_MIGRATE)
+        t_stopped = time.monotonic()
+        self.set_status(MigrationStatus.DEVICE)
+        sender.sync()
+        stats.dirty_sync_count += 1
+        main.send_all(enc.ram_end_begin(RAM_SECTION_ID))
+        send_round(sender, sink, stats, limiter, self.cancel, downtime=True)
+        if multifd is not None:
+            multifd.sync()
+        main.send_all(enc.eos_and_footer(RAM_SECTION_ID))
+        t_ram = time.monotonic()
+        device_bytes = self._send_devices(main)
+        stats.transferred += device_bytes
+        stats.downtime_bytes += device_bytes
+        stats.remaining = 0
+        t_sent = time.monotonic()
+        if self.uri.is_socket:
+            self._await_target(main)
+        t_done = time.monotonic()
+        stats.downtime_ms = int((t_done - t_stop) * 1000)
+        stats.downtime_breakdown = {
+            "stop-vcpus": (t_stopped - t_stop) * 1000,
+            "final-ram": (t_ram - t_stopped) * 1000,
+            "device-state": (t_sent - t_ram) * 1000,
+            "target-resume": (t_done - t_sent) * 1000,
+        }
+        stats.total_time_ms = stats.elapsed_ms()
+        total_s = max(stats.total_time_ms / 1000, 1e-6)
+        stats.mbps = stats.transferred * 8 / total_s / 1e6
+        m.set_runstate(RunState.POSTMIGRATE)
+        self.set_status(MigrationStatus.COMPLETED)
+        return True
+
+    def _send_devices(self, main: Channel) -> int:
+        m = self.machine
+        section_id = RAM_SECTION_ID + 1
+        parts: list[bytes] = []
+        described: list[enc.DeviceDescription] = []
+        for v in m.vcpus:
+            state = m.save_cpu(v).encode()
+            parts.append(enc.device_section(section_id, "cpu", v.fd.vcpu_id, CPU_VERSION, state))
+            described.append(enc.DeviceDescription("cpu", v.fd.vcpu_id, CPU_VERSION, len(state)))
+            section_id += 1
+        for dev in m.devices:
+            state = dev.save_state()
+            parts.append(enc.device_section(section_id, dev.vmsd_name, 0, 1, state))
+            described.append(enc.DeviceDescription(dev.vmsd_name, 0, 1, len(state)))
+            section_id += 1
+        parts.append(enc.eof())
+        parts.append(enc.vmdescription(described))
+        blob = b"".join(parts)
+        main.send_all(blob)
+        return len(blob)
+
+    def _await_target(self, main: Channel) -> None:
+        """Read the return path: the target says whether it loaded and resumed."""
+        assert main.sock is not None
+        main.sock.settimeout(RETURN_PATH_TIMEOUT)
+        try:
+            kind, length = RP_HEADER.unpack(main.recv_exact(RP_HEADER.size))
+            body = main.recv_exact(length) if length else b""
+        except (OSError, RemoteMigrationError) as exc:
+            raise RemoteMigrationError(f"target did not confirm the migration: {exc}") from exc
+        if kind != MIG_RP_MSG_SHUT or len(body) != 4:
+            raise RemoteMigrationError(f"unexpected return-path message {kind}")
+        if struct.unpack(">I", body)[0] != 0:
+            raise RemoteMigrationError("the target failed to load the migration stream")

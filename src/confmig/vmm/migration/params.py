@@ -1,0 +1,81 @@
+"""Migration capabilities and parameters, with QEMU's names, defaults and bounds.
+
+Only what the engine honours is listed: asking for an unknown or unsupported
+capability is an error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from confmig.common.errors import ConfigError
+
+MAX_THROTTLE = 128 << 20
+"""QEMU's default ``max-bandwidth``: 128 MiB/s."""
+MAX_DOWNTIME_LIMIT_MS = 2_000_000
+MAX_MULTIFD_CHANNELS = 255
+
+CAPABILITIES = ("events", "multifd")
+"""Capabilities confmig implements. ``events`` gates the MIGRATION and
+MIGRATION_PASS events, as in QEMU."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationParameters:
+    downtime_limit: int = 300
+    """Milliseconds the guest may stay stopped at switch-over."""
+    max_bandwidth: int = MAX_THROTTLE
+    """Bytes per second (0 would stall: QEMU rejects it too)."""
+    avail_switchover_bandwidth: int = 0
+    """Bytes per second assumed for the final round; 0 = use the measured rate."""
+    multifd_channels: int = 2
+    capabilities: frozenset[str] = field(default_factory=frozenset)
+
+    def qmp_parameters(self) -> dict[str, object]:
+        return {
+            "downtime-limit": self.downtime_limit,
+            "max-bandwidth": self.max_bandwidth,
+            "avail-switchover-bandwidth": self.avail_switchover_bandwidth,
+            "multifd-channels": self.multifd_channels,
+            "multifd-compression": "none",
+        }
+
+    def qmp_capabilities(self) -> list[dict[str, object]]:
+        return [{"capability": c, "state": c in self.capabilities} for c in CAPABILITIES]
+
+    def with_parameters(self, args: dict[str, object]) -> MigrationParameters:
+        """Apply ``migrate-set-parameters`` arguments (QMP names), validated."""
+        names = {f.name.replace("_", "-"): f.name for f in fields(self) if f.name != "capabilities"}
+        changes: dict[str, object] = {}
+        for key, value in args.items():
+            if key == "multifd-compression":
+                if value != "none":
+                    raise ConfigError("Parameter 'multifd-compression' only supports 'none'")
+                continue
+            if key not in names:
+                raise ConfigError(f"Parameter '{key}' is unexpected")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"Invalid parameter type for '{key}', expected: integer")
+            _check_range(key, value)
+            changes[names[key]] = value
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def with_capabilities(self, caps: list[tuple[str, bool]]) -> MigrationParameters:
+        enabled = set(self.capabilities)
+        for name, state in caps:
+            if name not in CAPABILITIES:
+                raise ConfigError(f"Capability '{name}' is not supported by confmig")
+            (enabled.add if state else enabled.discard)(name)
+        return replace(self, capabilities=frozenset(enabled))
+
+
+def _check_range(key: str, value: int) -> None:
+    bounds = {
+        "downtime-limit": (0, MAX_DOWNTIME_LIMIT_MS, "an integer in range [0, 2000000]"),
+        "max-bandwidth": (1, 1 << 62, "a positive integer"),
+        "avail-switchover-bandwidth": (0, 1 << 62, "a non-negative integer"),
+        "multifd-channels": (1, MAX_MULTIFD_CHANNELS, "an integer in range [1, 255]"),
+    }
+    lo, hi, text = bounds[key]
+    if not lo <= value <= hi:
+        raise ConfigError(f"Parameter '{key}' expects {text}")

@@ -1,0 +1,135 @@
+"""``MigrationState``: the VMM's one migration object (QEMU's ``current_migration``).
+
+Holds the capabilities and parameters, the status, the counters and the
+running outgoing or incoming migration; the QMP commands call into it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from confmig.common.errors import MigrationError, StateError
+from confmig.vmm.machine import Machine
+from confmig.vmm.migration.convergence import ConvergencePolicy, downtime_limit_policy
+from confmig.vmm.migration.incoming import IncomingMigration
+from confmig.vmm.migration.outgoing import OutgoingMigration
+from confmig.vmm.migration.params import MigrationParameters
+from confmig.vmm.migration.stats import MigrationStats
+from confmig.vmm.migration.status import MigrationStatus, check_transition
+from confmig.vmm.migration.transport import parse_uri
+from confmig.vmm.runstate import RunState
+
+EventSink = Callable[[str, "dict[str, object] | None"], None]
+
+
+class MigrationState:
+    def __init__(self, machine: Machine, events: EventSink,
+                 policy: ConvergencePolicy = downtime_limit_policy) -> None:
+        self.machine = machine
+        self._events = events
+        self.policy = policy
+        self.params = MigrationParameters()
+        self.status = MigrationStatus.NONE
+        self.stats = MigrationStats()
+        self.outgoing: OutgoingMigration | None = None
+        self.incoming: IncomingMigration | None = None
+        self._lock = threading.Lock()
+        self.blockers: list[str] = []
+        """Reasons migration is refused (``blocked-reasons``); later issues add some."""
+
+    # --- status ----------------------------------------------------------------
+
+    def set_status(self, new: MigrationStatus) -> None:
+        with self._lock:
+            check_transition(self.status, new)
+            self.status = new
+        if "events" in self.params.capabilities:
+            self._events("MIGRATION", {"status": new.value})
+
+    def _pass_event(self, n: int) -> None:
+        if "events" in self.params.capabilities:
+            self._events("MIGRATION_PASS", {"pass": n})
+
+    def _busy(self) -> bool:
+        return self.status.in_progress
+
+    # --- commands ----------------------------------------------------------------
+
+    def set_parameters(self, args: dict[str, object]) -> None:
+        self.params = self.params.with_parameters(args)
+
+    def set_capabilities(self, caps: list[tuple[str, bool]]) -> None:
+        if self._busy():
+            raise MigrationError("There's a migration process in progress")
+        self.params = self.params.with_capabilities(caps)
+
+    def migrate(self, uri: str) -> None:
+        with self._lock:
+            if self._busy():
+                raise MigrationError("There's a migration process in progress")
+            if self.blockers:
+                raise MigrationError("; ".join(self.blockers))
+            state = self.machine.runstate
+            if state in (RunState.INMIGRATE, RunState.PRELAUNCH):
+                raise StateError("migrate", state, "a VM that has started")
+            if state in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR, RunState.POSTMIGRATE):
+                raise StateError("migrate", state, "a VM that can still run")
+            parsed = parse_uri(uri)
+            self.stats = MigrationStats()
+        mig = OutgoingMigration(
+            self.machine, parsed, self.params, self.stats, self.set_status,
+            policy=self.policy, pass_event=self._pass_event,
+        )
+        self.outgoing = mig
+        mig.start()
+
+    def migrate_incoming(self, uri: str, *, autostart: bool = True) -> str:
+        """Start listening; return the bound address (for ``tcp:...:0``)."""
+        with self._lock:
+            if self.machine.runstate != RunState.INMIGRATE:
+                raise StateError("migrate-incoming", self.machine.runstate,
+                                 "'-incoming' was specified on the command line")
+            if self._busy() or (self.incoming is not None and not self.status.finished):
+                raise MigrationError("The incoming migration has already been started")
+            self.stats = MigrationStats()
+            mig = IncomingMigration(self.machine, parse_uri(uri), self.params, self.stats,
+                                    self.set_status, autostart=autostart)
+        self.incoming = mig
+        mig.start()
+        return mig.address
+
+    def cancel(self) -> None:
+        """``migrate_cancel``: the source keeps running; the target discards."""
+        mig = self.outgoing
+        if mig is not None and self.status.in_progress:
+            mig.request_cancel()
+
+    @property
+    def error(self) -> str | None:
+        mig = self.outgoing or self.incoming
+        return mig.error if mig is not None else None
+
+    def query(self) -> dict[str, object]:
+        """``query-migrate``, field for field as QEMU fills ``MigrationInfo``."""
+        st = self.status
+        info: dict[str, object] = {}
+        if st != MigrationStatus.NONE:
+            info["status"] = st.value
+        if self.blockers:
+            info["blocked-reasons"] = list(self.blockers)
+        s = self.stats
+        if self.outgoing is not None and st in (MigrationStatus.ACTIVE, MigrationStatus.DEVICE,
+                                                 MigrationStatus.CANCELLING):
+            info.update({"total-time": s.elapsed_ms(), "expected-downtime": s.expected_downtime_ms,
+                         "setup-time": s.setup_time_ms, "ram": s.ram()})
+        elif self.outgoing is not None and st == MigrationStatus.COMPLETED:
+            info.update({"total-time": s.total_time_ms, "downtime": s.downtime_ms,
+                         "setup-time": s.setup_time_ms, "ram": s.ram()})
+            info["x-confmig"] = {"rounds": s.rounds, "downtime-breakdown-ms": {
+                k: round(v, 3) for k, v in s.downtime_breakdown.items()}}
+        elif self.incoming is not None and st != MigrationStatus.NONE:
+            info["ram"] = s.ram()
+        if st == MigrationStatus.FAILED and self.error:
+            info["error-desc"] = self.error
+        return info

@@ -1,0 +1,213 @@
+"""Where a migration stream goes: QEMU's URIs and the byte channels behind them.
+
+``tcp:HOST:PORT`` and ``unix:PATH`` are sockets (several connections when
+multifd is on; a return path for the target's verdict); ``file:PATH`` writes or
+reads a file; ``exec:CMD`` pipes into or out of ``sh -c CMD``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+from confmig.common.errors import ConfigError, RemoteMigrationError
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds to wait for the target to accept the connection."""
+SOCKET_BUFFER_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationUri:
+    scheme: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    command: str = ""
+
+    @property
+    def is_socket(self) -> bool:
+        return self.scheme in ("tcp", "unix")
+
+    def __str__(self) -> str:
+        if self.scheme == "tcp":
+            return f"tcp:{self.host}:{self.port}"
+        if self.scheme == "exec":
+            return f"exec:{self.command}"
+        return f"{self.scheme}:{self.path}"
+
+
+def parse_uri(uri: str) -> MigrationUri:
+    scheme, sep, rest = uri.partition(":")
+    if not sep or not rest:
+        raise ConfigError(f"Invalid migration URI '{uri}' (tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD)")
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"Invalid migration URI '{uri}': port must be a number in 0..65535")
+        return MigrationUri(scheme="tcp", host=host or "0.0.0.0", port=int(port))
+    if scheme in ("unix", "file"):
+        path, _, opts = rest.partition(",")
+        if opts:
+            raise ConfigError(f"Invalid migration URI '{uri}': options are not supported")
+        return MigrationUri(scheme=scheme, path=path)
+    if scheme == "exec":
+        return MigrationUri(scheme="exec", command=rest)
+    raise ConfigError(f"Invalid migration URI '{uri}': unknown transport '{scheme}'")
+
+
+class Channel:
+    """A byte channel over one file descriptor (socket, pipe or file)."""
+
+    def __init__(self, fd: int, *, sock: socket.socket | None = None,
+                 proc: subprocess.Popen[bytes] | None = None, name: str = "") -> None:
+        self.fd = fd
+        self.sock = sock
+        self.proc = proc
+        self.name = name
+
+    def send_all(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        if self.sock is not None:
+            self.sock.sendall(view)
+            return len(view)
+        sent = 0
+        while sent < len(view):
+            sent += os.write(self.fd, view[sent:])
+        return sent
+
+    def send_buffers(self, buffers: list[bytes | memoryview]) -> int:
+        total = 0
+        for b in buffers:
+            total += self.send_all(b)
+        return total
+
+    def recv_into(self, buf: memoryview) -> int:
+        if self.sock is not None:
+            return self.sock.recv_into(buf)
+        return os.readv(self.fd, [buf])
+
+    def recv_exact(self, n: int) -> bytes:
+        out = bytearray(n)
+        view = memoryview(out)
+        got = 0
+        while got < n:
+            k = self.recv_into(view[got:])
+            if k == 0:
+                raise RemoteMigrationError(f"{self.name}: connection closed")
+            got += k
+        return bytes(out)
+
+    def abort(self) -> None:
+        """Unblock any thread in send/recv (cancel): shut the socket down."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        elif self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        elif self.proc is not None:
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+        else:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _socket_for(uri: MigrationUri) -> tuple[socket.socket, object]:
+    if uri.scheme == "tcp":
+        infos = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
+        family, _t, _p, _c, addr = infos[0]
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s, addr
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), uri.path
+
+
+def connect(uri: MigrationUri, *, name: str = "main") -> Channel:
+    """Open the outgoing side (source)."""
+    try:
+        if uri.is_socket:
+            s, addr = _socket_for(uri)
+            s.settimeout(CONNECT_TIMEOUT)
+            s.connect(addr)  # type: ignore[arg-type]
+            s.settimeout(None)
+            return Channel(s.fileno(), sock=s, name=name)
+        if uri.scheme == "file":
+            fd = os.open(uri.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            return Channel(fd, name=uri.path)
+        proc = subprocess.Popen(["/bin/sh", "-c", uri.command], stdin=subprocess.PIPE)
+        assert proc.stdin is not None
+        return Channel(proc.stdin.fileno(), proc=proc, name=uri.command)
+    except OSError as exc:
+        raise RemoteMigrationError(f"Failed to connect to '{uri}': {exc.strerror or exc}") from exc
+
+
+class Listener:
+    """The incoming side (target): listens on a socket, or opens the file/command."""
+
+    def __init__(self, uri: MigrationUri) -> None:
+        self.uri = uri
+        self.sock: socket.socket | None = None
+        if uri.is_socket:
+            s, addr = _socket_for(uri)
+            if uri.scheme == "tcp":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            elif os.path.exists(uri.path):
+                os.unlink(uri.path)
+            try:
+                s.bind(addr)  # type: ignore[arg-type]
+            except OSError as exc:
+                s.close()
+                raise ConfigError(f"Failed to listen on '{uri}': {exc.strerror or exc}") from exc
+            s.listen(16)
+            self.sock = s
+
+    @property
+    def address(self) -> str:
+        """The bound address, e.g. after ``tcp:127.0.0.1:0`` picked a port."""
+        if self.sock is not None and self.uri.scheme == "tcp":
+            host, port = self.sock.getsockname()[:2]
+            return f"tcp:{host}:{port}"
+        return str(self.uri)
+
+    def accept(self) -> Channel:
+        if self.sock is not None:
+            conn, _ = self.sock.accept()
+            if self.uri.scheme == "tcp":
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return Channel(conn.fileno(), sock=conn, name=str(self.uri))
+        if self.uri.scheme == "file":
+            try:
+                return Channel(os.open(self.uri.path, os.O_RDONLY | os.O_CLOEXEC), name=self.uri.path)
+            except OSError as exc:
+                raise ConfigError(f"Failed to open '{self.uri.path}': {exc.strerror}") from exc
+        proc = subprocess.Popen(["/bin/sh", "-c", self.uri.command], stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        return Channel(proc.stdout.fileno(), proc=proc, name=self.uri.command)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            if self.uri.scheme == "unix":
+                try:
+                    os.unlink(self.uri.path)
+                except FileNotFoundError:
+                    pass
