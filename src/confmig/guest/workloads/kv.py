@@ -115,7 +115,7 @@ def describe(encoded: bytes) -> str:
 # --- state -----------------------------------------------------------------------------------
 
 STATE_MAGIC = b"CMKVST01"
-_STATE = struct.Struct("<8s12Q")
+_STATE = struct.Struct("<8s11Q")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,6 +126,8 @@ class KvState:
     zeroed: int = 0
     """Pages of queue and table cleared so far."""
     served: int = 0
+    """Requests completed; the low 32 bits are the queue's ``used`` index. Kept here,
+    in private memory, because the queue header is the host's to scribble on."""
     writes: int = 0
     keys: int = 0
     check: int = 0
@@ -162,7 +164,7 @@ def _store_state(cpu: GuestCpu, st: KvState) -> None:
         WORKLOAD_STATE_GPA,
         _STATE.pack(
             STATE_MAGIC, st.slots, st.queue, st.zeroed, st.served, st.writes, st.keys,
-            st.check, st.live, st.bad, st.first_bad, st.checked_pages, 0,
+            st.check, st.live, st.bad, st.first_bad, st.checked_pages,
         ),
     )  # fmt: skip
 
@@ -215,3 +217,203 @@ def _apply(
     entry = _ENTRY.pack(USED, len(key), len(value), _crc(key, value, request_id), request_id)
     cpu.write(st.table + insert * KV_SLOT_SIZE, entry + key.ljust(KV_KEY_MAX, b"\0") + value)
     return ST_OK, b"", replace(st, writes=st.writes + 1, keys=st.keys + (found is None))
+
+
+def _serve(cpu: GuestCpu, st: KvState, raw: bytes) -> tuple[bytes, KvState]:
+    """The completion for the request in ring slot ``raw``, and the new state."""
+    op, _, key_len, value_len, request_id = KV_HEADER.unpack_from(raw)
+    # SECURITY: the request slot is host-written; check it before use.
+    if (
+        op not in (OP_PUT, OP_GET, OP_DEL)
+        or not 1 <= key_len <= KV_KEY_MAX
+        or value_len > (KV_VALUE_MAX if op == OP_PUT else 0)
+    ):
+        status, value = ST_MALFORMED, b""
+    else:
+        key = raw[KV_SLOT_KEY : KV_SLOT_KEY + key_len]
+        status, value, st = _apply(
+            cpu, st, op, request_id, key, raw[KV_SLOT_VALUE : KV_SLOT_VALUE + value_len]
+        )
+    completion = KV_HEADER.pack(status, 0, 0, len(value), request_id) + bytes(KV_KEY_MAX) + value
+    return completion, st
+
+
+# --- self-check ----------------------------------------------------------------------------
+
+
+def _check_batch(cpu: GuestCpu, st: KvState) -> KvState:
+    n = min(CHECK_SLOTS, st.slots - st.check)
+    npages = n * KV_SLOT_SIZE // PAGE_SIZE
+    rows = cpu.read_pages(st.table + st.check * KV_SLOT_SIZE, npages).reshape(n, KV_SLOT_SIZE)
+    used = np.flatnonzero(rows[:, 0] == USED)
+    bad = []
+    for i in used:
+        row = rows[i].tobytes()
+        _, key_len, value_len, crc, write_id = _ENTRY.unpack_from(row)
+        key = row[KV_SLOT_KEY : KV_SLOT_KEY + key_len]
+        value = row[KV_SLOT_VALUE : KV_SLOT_VALUE + value_len]
+        if not (1 <= key_len <= KV_KEY_MAX and value_len <= KV_VALUE_MAX) or crc != _crc(
+            key, value, write_id
+        ):
+            bad.append(int(i))
+    first = st.first_bad if st.bad or not bad else st.table + (st.check + bad[0]) * KV_SLOT_SIZE
+    return replace(
+        st, check=st.check + n, live=st.live + len(used), bad=st.bad + len(bad), first_bad=first,
+        checked_pages=st.checked_pages + npages,
+    )  # fmt: skip
+
+
+def _verdict(st: KvState) -> kernel.SelfCheck:
+    bad, first = st.bad, st.first_bad
+    if st.live != st.keys:  # a key appeared or vanished behind the counter's back
+        bad, first = bad + 1, first if bad else st.table
+    return kernel.SelfCheck(pages=st.checked_pages, writes=st.writes, bad=bad, first_bad=first)
+
+
+def _ready(st: KvState) -> bool:
+    return st.zeroed == st.zero_pages
+
+
+def selfcheck(cpu: GuestCpu) -> kernel.SelfCheck:
+    """The whole self-check at once, without exits (for tests and tools)."""
+    st = load_state(cpu)
+    if not _ready(st):
+        return kernel.SelfCheck(pages=0, writes=0)
+    st = replace(st, check=0, live=0, bad=0, first_bad=0, checked_pages=0)
+    while st.check < st.slots:
+        st = _check_batch(cpu, st)
+    return _verdict(st)
+
+
+# --- phases --------------------------------------------------------------------------------
+
+
+def _goto(cpu: GuestCpu, phase: Phase) -> None:
+    cpu.regs.rip = CODE_BASE + phase
+
+
+def _entry(cpu: GuestCpu) -> None:
+    slots = int.from_bytes(kernel.params(cpu), "little")
+    free = workload_memory(bootinfo.load(cpu).ram)
+    need = KV_QUEUE_SIZE + slots * KV_SLOT_SIZE
+    if not free or free[0].size < need:
+        kernel.halt(cpu, f"kv: {slots} slots need {format_size(need)} of low RAM; halted")
+        return
+    _store_state(cpu, KvState(slots=slots, queue=free[0].start))
+    _goto(cpu, Phase.ZERO)
+
+
+def _zero(cpu: GuestCpu) -> None:
+    st = load_state(cpu)
+    n = min(ZERO_BATCH, st.zero_pages - st.zeroed)
+    cpu.write_pages(st.queue + st.zeroed * PAGE_SIZE, np.zeros((n, PAGE_SIZE), np.uint8))
+    st = replace(st, zeroed=st.zeroed + n)
+    _store_state(cpu, st)
+    if _ready(st):
+        _goto(cpu, Phase.PROBE)
+        cpu.inp(KV_PORT_BASE + KV_REG_ID_GPA_LO, 4)
+
+
+def _probe_device(cpu: GuestCpu) -> None:
+    if cpu.regs.rax & _U32 != KV_DEVICE_ID:
+        kernel.halt(cpu, f"kv: no kv device at port {KV_PORT_BASE:#x}; halted")
+        return
+    _goto(cpu, Phase.GPA_HI)
+    cpu.out(KV_PORT_BASE + KV_REG_ID_GPA_LO, load_state(cpu).queue & _U32, 4)
+
+
+def _gpa_hi(cpu: GuestCpu) -> None:
+    _goto(cpu, Phase.ENABLE)
+    cpu.out(KV_PORT_BASE + KV_REG_GPA_HI, load_state(cpu).queue >> 32, 4)
+
+
+def _enable(cpu: GuestCpu) -> None:
+    _goto(cpu, Phase.CONFIRM)
+    cpu.out(KV_PORT_BASE + KV_REG_STATUS_CONTROL, KV_CONTROL_ENABLE, 4)
+
+
+def _confirm(cpu: GuestCpu) -> None:
+    _goto(cpu, Phase.STATUS)
+    cpu.inp(KV_PORT_BASE + KV_REG_STATUS_CONTROL, 4)
+
+
+def _status(cpu: GuestCpu) -> None:
+    st = load_state(cpu)
+    if cpu.regs.rax & _U32 != 1:
+        kernel.halt(cpu, f"kv: the device refused the queue at {st.queue:#x}; halted")
+        return
+    _goto(cpu, Phase.RUN)
+    kernel.console_write(
+        cpu, f"kv: serving {st.slots} slots; queue at {st.queue:#x}, table at {st.table:#x}"
+    )
+
+
+def _run(cpu: GuestCpu) -> None:
+    st = load_state(cpu)
+    avail = int.from_bytes(cpu.read(st.queue + KV_QUEUE_AVAIL, 4), "little")
+    pending = (avail - st.served) & _U32
+    if pending > KV_RING_SIZE:  # SECURITY: the host may not make us read past the ring
+        kernel.halt(cpu, f"kv: device claims {pending} requests in a {KV_RING_SIZE}-slot ring; halted")
+        return
+    if pending == 0:
+        kernel.sleep_until(cpu, cpu.rdtsc() + TICK_NS)
+        return
+    for i in range(pending):
+        slot = st.queue + KV_QUEUE_RING + ((st.served + i) % KV_RING_SIZE) * KV_SLOT_SIZE
+        completion, st = _serve(cpu, st, cpu.read(slot, KV_SLOT_VALUE + KV_VALUE_MAX))
+        cpu.write(slot, completion)
+    st = replace(st, served=st.served + pending)
+    _store_state(cpu, st)
+    cpu.write(st.queue + KV_QUEUE_USED, (st.served & _U32).to_bytes(4, "little"))
+    cpu.out(KV_PORT_BASE + KV_REG_NOTIFY, 1, 4)
+
+
+def _selfcheck(cpu: GuestCpu) -> None:
+    st = load_state(cpu)
+    if not _ready(st):
+        kernel.nmi_return(cpu)
+        kernel.console_write(cpu, kernel.SelfCheck(pages=0, writes=0).line)
+        return
+    _store_state(cpu, replace(st, check=0, live=0, bad=0, first_bad=0, checked_pages=0))
+    _goto(cpu, Phase.CHECK)
+
+
+def _check(cpu: GuestCpu) -> None:
+    st = _check_batch(cpu, load_state(cpu))
+    _store_state(cpu, st)
+    if st.check == st.slots:
+        kernel.nmi_return(cpu)
+        kernel.console_write(cpu, _verdict(st).line)
+
+
+_PHASES: dict[int, Callable[[GuestCpu], None]] = {
+    Phase.ENTRY: _entry,
+    Phase.ZERO: _zero,
+    Phase.PROBE: _probe_device,
+    Phase.GPA_HI: _gpa_hi,
+    Phase.ENABLE: _enable,
+    Phase.CONFIRM: _confirm,
+    Phase.STATUS: _status,
+    Phase.RUN: _run,
+    Phase.SELFCHECK: _selfcheck,
+    Phase.CHECK: _check,
+}
+
+
+def step(cpu: GuestCpu) -> None:
+    phase = _PHASES.get(cpu.regs.rip - CODE_BASE)
+    if phase is None:
+        raise GuestFault(f"kv: no instruction at {cpu.regs.rip:#x}")
+    phase(cpu)
+
+
+WORKLOAD = kernel.Workload(
+    name="kv",
+    code_base=CODE_BASE,
+    entry=CODE_BASE + Phase.ENTRY,
+    selfcheck=CODE_BASE + Phase.SELFCHECK,
+    tick_ns=TICK_NS,
+    parse=parse,
+    describe=describe,
+    step=step,
+)

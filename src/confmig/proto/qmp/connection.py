@@ -716,14 +716,16 @@ class _Decoder:
 def _scalar_value(kind: _Tok, text: bytes) -> object:
     if kind is _Tok.STRING:
         return _decode_string(text)
-    if kind is _Tok.INTEGER:
-        # Like QEMU: int64, else uint64, else a double. Longer digit strings
-        # are out of range anyway, and int() of huge strings is costly.
-        if len(text) <= 20 and _INT_MIN <= (number := int(text)) < _UINT_END:
-            return number
-        return float(text)
-    if kind is _Tok.FLOAT:
-        return float(text)
+    # Like QEMU: int64, else uint64, else a double. Longer digit strings are
+    # out of range anyway, and int() of huge strings is costly.
+    if kind is _Tok.INTEGER and len(text) <= 20 and _INT_MIN <= (number := int(text)) < _UINT_END:
+        return number
+    if kind in (_Tok.INTEGER, _Tok.FLOAT):
+        real = float(text)
+        if math.isinf(real):
+            # QEMU would take infinity, then fail to write it back as JSON.
+            raise _ParseError("number out of range")
+        return real
     if kind is _Tok.KEYWORD:
         if text in _KEYWORDS:
             return _KEYWORDS[text]

@@ -1,0 +1,105 @@
+"""``confmig``: the command-line front end. Thin: each command calls one module."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from confmig.common.errors import ConfmigError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Live migration of confidential VMs: emulated SEV hosts, a QEMU-like VMM."""
+
+
+@cli.command()
+@click.option("--socket", "socket_path", required=True, help="Unix socket to serve /dev/kvm on.")
+@click.option("--state-dir", default=None, help="Where the host keeps its identity (PSP keys).")
+def host(socket_path: str, state_dir: str | None) -> None:
+    """Run one emulated host: the KVM kernel and the silicon."""
+    from confmig.hostd.main import serve
+
+    logging.basicConfig(level=os.environ.get("CONFMIG_LOG", "WARNING"),
+                        format="%(asctime)s host[%(process)d] %(levelname)s %(message)s")
+    try:
+        serve(socket_path, state_dir)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve {socket_path}: {exc.strerror or exc}") from None
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False,
+                               "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def vm(args: tuple[str, ...]) -> None:
+    """Run one VMM (QEMU's command-line shape; see 'confmig vm -h')."""
+    from confmig.vmm import cmdline
+    from confmig.vmm.main import main as vm_main
+
+    if args and args[0] in ("-h", "--help", "-help"):
+        click.echo(cmdline.USAGE)
+        return
+    sys.exit(vm_main(list(args)))
+
+
+@cli.command()
+@click.option("--ram", default="1G", show_default=True, help="Guest RAM.")
+@click.option("--guest", default="dirty", show_default=True,
+              type=click.Choice(["dirty", "idle", "kv"]), help="Guest workload.")
+@click.option("--dirty-rate", default=2000, show_default=True,
+              help="Pages per second the dirty workload writes.")
+@click.option("--wss", default="256M", show_default=True, help="Working set of the dirty workload.")
+@click.option("--downtime-limit", default=300, show_default=True, help="Milliseconds.")
+@click.option("--max-bandwidth", default=100 << 30, show_default=True, help="Bytes per second.")
+@click.option("--channels", default=1, show_default=True, help="1 = main channel; >1 = multifd.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--keep", is_flag=True, help="Keep the lab directory (logs, consoles).")
+def demo(ram: str, guest: str, dirty_rate: int, wss: str, downtime_limit: int,
+         max_bandwidth: int, channels: int, as_json: bool, keep: bool) -> None:
+    """Start two hosts and two VMs here, live-migrate the running guest, report."""
+    from confmig.bench.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(ram=ram, guest=guest, dirty_rate=dirty_rate, wss=wss,
+                       downtime_limit=downtime_limit, max_bandwidth=max_bandwidth,
+                       channels=channels, keep=keep)
+    try:
+        ok = run_demo(opts, as_json=as_json)
+    except ConfmigError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(0 if ok else 1)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def analyze(path: str, as_json: bool) -> None:
+    """Decode a saved migration stream (like QEMU's analyze-migration.py)."""
+    from confmig.proto.stream.analyze import analyze as do_analyze
+    from confmig.proto.stream.analyze import format_report
+
+    try:
+        report = do_analyze(path)
+    except ConfmigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+
+
+@cli.command()
+@click.option("--save", default=None, help="Directory to save results into (JSON + Markdown).")
+@click.option("--quick", is_flag=True, help="Smaller sizes, fewer repetitions (a smoke run).")
+def bench(save: str | None, quick: bool) -> None:
+    """Measure migration against this machine's own limits (results under benchmarks/)."""
+    from confmig.bench.perf import run_benchmarks
+
+    try:
+        run_benchmarks(save_dir=save, quick=quick)
+    except ConfmigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def main() -> None:
+    cli()

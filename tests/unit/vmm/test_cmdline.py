@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+
+from confmig.common.errors import ConfigError
+from confmig.vmm.cmdline import parse, parse_opts
+
+HOST = ["--host", "/run/h.sock"]
+
+
+def test_qemu_shaped_command_line() -> None:
+    c = parse([*HOST, "-m", "1G", "-smp", "2", "-name", "guest=vm1", "--guest", "dirty,rate=10,wss=8M",
+               "-qmp", "unix:/tmp/q.sock,server=on,wait=off", "-incoming", "defer",
+               "-fw_cfg", "name=opt/x,string=a,,b", "-S"])
+    assert c.ram_size == 1 << 30 and c.smp == 2 and c.name == "vm1"
+    assert c.guest.kernel_cmdline() == "workload=dirty rate=10 wss=8M"
+    assert c.qmp[0].path == "/tmp/q.sock" and c.incoming == "defer" and c.start_paused
+    assert c.fw_cfg_files == {"opt/x": b"a,b"}
+
+
+def test_m_defaults_to_mebibytes_like_qemu() -> None:
+    assert parse([*HOST, "-m", "512"]).ram_size == 512 << 20
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--host"),
+    ([*HOST, "-m", "lots"], "-m"),
+    ([*HOST, "-m", "1K"], "too small"),
+    ([*HOST, "--guest", "bitcoin"], "unknown workload"),
+    ([*HOST, "-qmp", "stdio"], "-qmp"),
+    ([*HOST, "-frobnicate"], "not a valid option"),
+    ([*HOST, "-m"], "requires an argument"),
+    ([*HOST, "-fw_cfg", "name=etc/x,string=1"], "opt/"),
+    ([*HOST, "-smp", "0"], "-smp"),
+])
+def test_bad_command_lines_are_one_clear_error(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse(argv)
+
+
+def test_opts_escaping_and_implied_key() -> None:
+    assert parse_opts("q35,a=1,b=x,,y", "type") == {"type": "q35", "a": "1", "b": "x,y"}
+    with pytest.raises(ConfigError):
+        parse_opts("a=1,a=2")
