@@ -5,6 +5,7 @@ Everything the lab starts it also stops, even when a scenario fails half-way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from confmig.vmm.qmp.client import QmpClient
 
 START_TIMEOUT = 30.0
 SELFCHECK_RE = re.compile(rb"confmig-selfcheck: (PASS|FAIL)[^\n]*")
+WORKLOAD_READY_RE = re.compile(rb"confmig kernel: workload \w+")
+"""What the guest kernel prints once its workload runs."""
 
 
 def confmig_argv(*args: str) -> list[str]:
@@ -131,10 +134,8 @@ class Lab:
 
     def close(self) -> None:
         for v in self.vms:
-            try:
+            with contextlib.suppress(ConfmigError, OSError):
                 v.qmp.execute("quit")
-            except (ConfmigError, OSError):
-                pass
             v.qmp.close()
         for p in [v.proc for v in self.vms] + [h.proc for h in self.hosts]:
             _stop(p)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confmig.bench.lab import Lab, VmProc
+from confmig.bench.lab import WORKLOAD_READY_RE, Lab, VmProc
 from confmig.common.errors import ConfmigError
 
 POLL_INTERVAL = 0.05
@@ -95,9 +95,7 @@ def wait_status(vm: VmProc, status: str, timeout: float = 30.0) -> None:
 
 def wait_guest_ready(vm: VmProc, timeout: float = 120.0) -> None:
     """Wait until the guest workload announced it runs (its first console line)."""
-    from confmig.bench.lab import re as _re
-
-    vm.wait_console(_re.compile(rb"confmig-workload: \w+ running"), timeout=timeout)
+    vm.wait_console(WORKLOAD_READY_RE, timeout=timeout)
 
 
 def two_hosts(lab: Lab, *, ram: str, guest: str, extra: list[str] | None = None

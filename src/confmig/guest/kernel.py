@@ -84,7 +84,9 @@ class SelfCheck:
     def line(self) -> str:
         if self.passed:
             return f"confmig-selfcheck: PASS pages={self.pages} writes={self.writes}"
-        return f"confmig-selfcheck: FAIL bad={self.bad} first={self.first_bad:#x} pages={self.pages}"
+        return (
+            f"confmig-selfcheck: FAIL bad={self.bad} first={self.first_bad:#x} pages={self.pages}"
+        )
 
 
 # --- the kernel data page ------------------------------------------------------------------
@@ -117,7 +119,7 @@ def load_data(cpu: GuestCpu) -> KernelData:
     return KernelData(
         workload=name.rstrip(b"\0").decode(), flags=flags, params_len=plen, tick_ns=tick,
         next_tick=next_tick, jiffies=jiffies, nmi_rip=nmi_rip, nmis=nmis,
-    )  # fmt: skip
+    )
 
 
 def _store_data(cpu: GuestCpu, k: KernelData) -> None:
@@ -127,7 +129,7 @@ def _store_data(cpu: GuestCpu, k: KernelData) -> None:
             KERNEL_MAGIC, k.workload.encode(), k.flags, k.params_len, k.tick_ns,
             k.next_tick, k.jiffies, k.nmi_rip, k.nmis,
         ),
-    )  # fmt: skip
+    )
 
 
 def params(cpu: GuestCpu) -> bytes:
@@ -146,7 +148,7 @@ def console_write(cpu: GuestCpu, line: str) -> None:
 def halt(cpu: GuestCpu, message: str) -> None:
     """Print ``message`` and stop for good (the kernel's HALT phase). Exits."""
     cpu.regs.rip = KERNEL_BASE + Phase.HALT
-    console_write(cpu, message)
+    console_write(cpu, f"{message}; halted")
 
 
 def sleep_until(cpu: GuestCpu, deadline: int) -> None:
@@ -188,7 +190,7 @@ def _boot(workloads: Mapping[str, Workload], cpu: GuestCpu) -> None:
         workload = workloads[name]
         encoded = workload.parse(options)
     except ValueError as exc:
-        halt(cpu, f"confmig kernel: {exc}; halted")
+        halt(cpu, f"confmig kernel: {exc}")
         return
     if len(encoded) > PARAMS_MAX:
         raise GuestFault(f"kernel: {name} options take {len(encoded)} bytes")
@@ -196,7 +198,7 @@ def _boot(workloads: Mapping[str, Workload], cpu: GuestCpu) -> None:
     _store_data(cpu, KernelData(
         workload=name, flags=0, params_len=len(encoded), tick_ns=workload.tick_ns,
         next_tick=cpu.rdtsc() + workload.tick_ns, jiffies=0, nmi_rip=0, nmis=0,
-    ))  # fmt: skip
+    ))
     cpu.regs.rip = workload.entry
     console_write(cpu, f"confmig kernel: workload {name} ({workload.describe(encoded)})")
 
@@ -221,26 +223,21 @@ def kernel_region(workloads: Mapping[str, Workload]) -> RomRegion:
 
 
 def _task_step(workload: Workload, cpu: GuestCpu) -> None:
-    k = load_data(cpu)
-    updated = k
+    before = k = load_data(cpu)
     if not k.flags & IN_NMI:
         for _ in range(INTERRUPTS_PER_STEP):
             vector = cpu.pending_interrupt()
             if vector is None:
                 break
-            if vector == NMI_VECTOR and not updated.flags & IN_NMI:
-                updated = replace(
-                    updated, flags=updated.flags | IN_NMI, nmi_rip=cpu.regs.rip, nmis=updated.nmis + 1
-                )
+            if vector == NMI_VECTOR and not k.flags & IN_NMI:
+                k = replace(k, flags=k.flags | IN_NMI, nmi_rip=cpu.regs.rip, nmis=k.nmis + 1)
                 cpu.regs.rip = workload.selfcheck
     now = cpu.rdtsc()
-    if now >= updated.next_tick:
-        ticks = (now - updated.next_tick) // updated.tick_ns + 1
-        updated = replace(
-            updated, jiffies=updated.jiffies + ticks, next_tick=updated.next_tick + ticks * updated.tick_ns
-        )
-    if updated != k:
-        _store_data(cpu, updated)
+    if now >= k.next_tick:
+        ticks = (now - k.next_tick) // k.tick_ns + 1
+        k = replace(k, jiffies=k.jiffies + ticks, next_tick=k.next_tick + ticks * k.tick_ns)
+    if k != before:
+        _store_data(cpu, k)
     workload.step(cpu)
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from confmig.common.units import MiB, PAGE_SIZE, Gpa, MemoryRange
+from confmig.common.units import PAGE_SIZE, Gpa, MemoryRange, MiB
 
 # --- instruction addresses ---------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -34,7 +35,5 @@ def serve(socket_path: str, state_dir: str | None = None, *, rom: str = DEFAULT_
         host.serve_forever()
     finally:
         host.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
-        except FileNotFoundError:
-            pass

@@ -4,6 +4,7 @@ over a Unix stream socket, file descriptors as SCM_RIGHTS."""
 from __future__ import annotations
 
 import array
+import contextlib
 import socket
 
 from confmig.common.errors import ProtocolError
@@ -78,7 +79,5 @@ def recv_reply(sock: socket.socket) -> tuple[ioctl.Reply, list[int]]:
 def _close(fd: int) -> None:
     import os
 
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

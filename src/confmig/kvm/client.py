@@ -101,7 +101,7 @@ class VmFd(_Fd):
         return VcpuFd(socket.socket(fileno=fds[0]), vcpu_id)
 
     def enable_cap(self, cap: int, *args: int) -> None:
-        padded = (tuple(args) + (0, 0, 0, 0))[:4]
+        padded = ((*tuple(args), 0, 0, 0, 0))[:4]
         self.ioctl(ioctl.KVM_ENABLE_CAP, ioctl.EnableCap(cap=cap, args=padded).encode())  # type: ignore[arg-type]
 
     def get_dirty_log(self, slot: int, npages: int) -> npt.NDArray[np.bool_]:
@@ -130,7 +130,7 @@ class VcpuFd(_Fd):
         self.ioctl(ioctl.KVM_SET_REGS, ioctl.REGS.pack(*regs))
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        n, payload, _ = self.ioctl(ioctl.KVM_GET_MSRS, ioctl.encode_msrs(dict.fromkeys(indices, 0)))
+        _n, payload, _ = self.ioctl(ioctl.KVM_GET_MSRS, ioctl.encode_msrs(dict.fromkeys(indices, 0)))
         return ioctl.decode_msrs(payload)
 
     def set_msrs(self, msrs: dict[int, int]) -> int:

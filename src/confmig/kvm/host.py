@@ -22,7 +22,7 @@ import numpy as np
 
 from confmig.common import bitmap
 from confmig.common.errors import ProtocolError
-from confmig.common.units import MiB, PAGE_SHIFT, PAGE_SIZE
+from confmig.common.units import PAGE_SHIFT, PAGE_SIZE, MiB
 from confmig.kvm import channel
 from confmig.kvm.memslots import (
     KVM_MAX_VCPUS,
@@ -121,7 +121,7 @@ class Vm:
 
     # --- dispatch -----------------------------------------------------------
 
-    def ioctl(self, req: ioctl.Request, fds: list[int]) -> tuple[int, bytes, list[int]]:
+    def dispatch(self, req: ioctl.Request, fds: list[int]) -> tuple[int, bytes, list[int]]:
         r = req.request
         with self.lock:
             if r == ioctl.KVM_SET_USER_MEMORY_REGION:
@@ -376,7 +376,7 @@ class KvmHost:
     def _serve_vm(self, vm: Vm, conn: socket.socket) -> None:
         with conn:
             try:
-                self._serve(conn, vm.ioctl)
+                self._serve(conn, vm.dispatch)
             finally:
                 with self._lock:
                     self.vms.pop(vm.vm_id, None)

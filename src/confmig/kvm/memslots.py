@@ -11,6 +11,7 @@ the next: the clear-then-copy rule, and no write is ever lost.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from dataclasses import dataclass
@@ -71,10 +72,8 @@ class MappedSlot:
         self._ram_map.close()
         self._cnt_map.close()
         for fd in (self.ram_fd, self.counters_fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def new_counters_fd(npages: int) -> int:

@@ -9,6 +9,7 @@ VMM holds (ioctls) and a control channel from the host (memory slots, caps).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
 import select
@@ -286,9 +287,7 @@ class Vcpu:
         ex, self.pending = self.pending, None
         if isinstance(ex, ExitIo) and ex.direction == ioctl.KVM_EXIT_IO_IN:
             self.core.complete(int.from_bytes(completion[: ex.size].ljust(ex.size, b"\0"), "little"))
-        elif isinstance(ex, ExitMmio) and not ex.is_write:
-            self.core.complete(int.from_bytes(completion[:8].ljust(8, b"\0"), "little"))
-        elif isinstance(ex, ExitHypercall):
+        elif (isinstance(ex, ExitMmio) and not ex.is_write) or isinstance(ex, ExitHypercall):
             self.core.complete(int.from_bytes(completion[:8].ljust(8, b"\0"), "little"))
 
     def _handle(self, ex: VmExit) -> VcpuExit | None:
@@ -317,7 +316,5 @@ class Vcpu:
 
 
 def close_quietly(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

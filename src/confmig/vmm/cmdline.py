@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from confmig.common.errors import ConfigError
-from confmig.common.units import MiB, PAGE_SIZE, parse_size
+from confmig.common.units import PAGE_SIZE, MiB, parse_size
 
 WORKLOADS = ("idle", "dirty", "kv")
 DEFAULT_RAM = 128 * MiB
@@ -174,10 +174,10 @@ def parse(argv: list[str]) -> MachineConfig:
         elif o == "-pidfile":
             kw["pidfile"] = value(opt)
         elif o == "-serial":
-            s = value(opt)
-            if s not in ("stdio", "none") and not s.startswith("file:"):
-                raise ConfigError(f"-serial: '{s}' is not stdio, none or file:PATH")
-            kw["serial"] = s
+            serial = value(opt)
+            if serial not in ("stdio", "none") and not serial.startswith("file:"):
+                raise ConfigError(f"-serial: '{serial}' is not stdio, none or file:PATH")
+            kw["serial"] = serial
         elif o == "-fw_cfg":
             f = parse_opts(value(opt), "name", option="-fw_cfg")
             fname = f.get("name", "")

@@ -8,6 +8,7 @@ completes it with ``immediate_exit`` first, so the saved registers are exact.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import threading
@@ -122,10 +123,8 @@ class VcpuThread(threading.Thread):
             self._quit = True
             self._should_run = False
             self._cond.notify_all()
-        try:
+        with contextlib.suppress(OSError):
             self.fd.kick()
-        except OSError:
-            pass
 
     def interrupt(self, vector: int) -> None:
         self.fd.interrupt(vector)
@@ -149,6 +148,8 @@ class Machine:
         self._state_lock = threading.RLock()
         self._runstate = RunState.INMIGRATE if config.incoming else RunState.PRELAUNCH
         self.shutdown_reason: str | None = None
+        self.autostart = not config.start_paused
+        """Run the guest once an incoming migration has loaded (cleared by ``stop``)."""
         self.kvm = Kvm(config.host)
         self.vm: VmFd = self.kvm.create_vm()
         self.memory = GuestMemory.pc(config.ram_size)
@@ -191,7 +192,7 @@ class Machine:
         with self._state_lock:
             if self._runstate == RunState.RUNNING:
                 return
-            if self._runstate in (RunState.INMIGRATE, RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
+            if self._runstate in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
                 raise StateError("cont", self._runstate, "a VM that can run")
             self.set_runstate(RunState.RUNNING)
             for v in self.vcpus:

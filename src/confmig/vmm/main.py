@@ -14,7 +14,8 @@ from confmig.common.errors import ConfmigError
 from confmig.vmm import cmdline
 from confmig.vmm.machine import Machine
 from confmig.vmm.migration.state import MigrationState
-from confmig.vmm.qmp.commands import build_registry
+from confmig.vmm.qmp.commands import register
+from confmig.vmm.qmp.schema import QmpRegistry
 from confmig.vmm.qmp.server import QmpServer
 
 log = logging.getLogger("confmig.vm")
@@ -33,18 +34,26 @@ def console_sink(spec: str) -> tuple[Callable[[bytes], None], BinaryIO | None]:
 
         return write_stdout, None
     f = open(spec[5:], "ab", buffering=0)  # noqa: SIM115 - lives as long as the VM
-    return f.write, f
+
+    def write_file(data: bytes) -> None:
+        f.write(data)
+
+    return write_file, f
 
 
 async def serve(config: cmdline.MachineConfig, ready: Callable[[], None] = lambda: None) -> int:
     loop = asyncio.get_running_loop()
     quit_event = asyncio.Event()
-    server = QmpServer(None)
+    registry = QmpRegistry()
+    server = QmpServer(registry)
     console, console_file = console_sink(config.serial)
     machine = Machine(config, events=server.emit_event, console=console)
     migration = MigrationState(machine, server.emit_event)
-    server.registry = build_registry(machine, migration, request_quit=lambda: loop.call_soon_threadsafe(
-        quit_event.set))
+
+    def request_quit() -> None:
+        loop.call_soon_threadsafe(quit_event.set)
+
+    register(registry, machine, migration, request_quit=request_quit)
     try:
         for ep in config.qmp:
             if ep.kind == "unix":
@@ -52,7 +61,7 @@ async def serve(config: cmdline.MachineConfig, ready: Callable[[], None] = lambd
             else:
                 await server.start_tcp(ep.host, ep.port)
         if config.incoming and config.incoming != "defer":
-            migration.migrate_incoming(config.incoming, autostart=not config.start_paused)
+            migration.migrate_incoming(config.incoming)
         elif not config.incoming and not config.start_paused:
             machine.start()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from confmig.common.errors import ConfigError
-from confmig.common.units import GiB, PAGE_SHIFT, PAGE_SIZE, Gpa, MemoryRange
+from confmig.common.units import PAGE_SHIFT, PAGE_SIZE, GiB, Gpa, MemoryRange
 
 BELOW_4G_LIMIT = 3 * GiB
 """As on QEMU's q35 machine: RAM above this GPA moves to 4 GiB (PCI hole below)."""

@@ -22,7 +22,7 @@ from enum import IntEnum
 
 from confmig.common.units import MiB
 from confmig.guest.firmware import bootinfo, fw_cfg
-from confmig.guest.layout import FIRMWARE_BASE, FIRMWARE_SIZE, KERNEL_BASE
+from confmig.guest.layout import FIRMWARE_BASE, FIRMWARE_SIZE, FW_CFG_DMA_DATA_MAX, KERNEL_BASE
 from confmig.platform.cpu.abi import COM1_PORT, RESET_VECTOR, GuestCpu, GuestFault, RomRegion
 
 FIRMWARE_VERSION = "1.0"
@@ -76,7 +76,7 @@ def _id(cpu: GuestCpu) -> None:
     if data is None or not int.from_bytes(data, "little") & fw_cfg.FW_CFG_VERSION_DMA:
         _fatal(cpu, "fw_cfg has no DMA interface")
         return
-    _read(cpu, fw_cfg.FW_CFG_FILE_DIR, fw_cfg.FW_CFG_DMA_DATA_MAX, then=Phase.FILE_DIR)
+    _read(cpu, fw_cfg.FW_CFG_FILE_DIR, FW_CFG_DMA_DATA_MAX, then=Phase.FILE_DIR)
 
 
 def _file_dir(cpu: GuestCpu) -> None:

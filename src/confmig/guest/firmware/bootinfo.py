@@ -48,7 +48,8 @@ class BootInfo:
 
     @property
     def ram(self) -> list[MemoryRange]:
-        return [MemoryRange(start=Gpa(e.address), size=e.length) for e in self.e820 if e.type == E820_RAM]
+        ram = (e for e in self.e820 if e.type == E820_RAM)
+        return [MemoryRange(start=Gpa(e.address), size=e.length) for e in ram]
 
     @property
     def ram_size(self) -> int:

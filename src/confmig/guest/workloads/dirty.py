@@ -38,7 +38,7 @@ from enum import IntEnum
 import numpy as np
 import numpy.typing as npt
 
-from confmig.common.units import MiB, PAGE_SIZE, format_size, parse_size
+from confmig.common.units import PAGE_SIZE, MiB, format_size, parse_size
 from confmig.guest import kernel
 from confmig.guest.firmware import bootinfo
 from confmig.guest.layout import WORKLOAD_STATE_GPA, workload_code, workload_memory
@@ -168,7 +168,7 @@ def load_state(cpu: GuestCpu) -> DirtyState:
         ranges=tuple((flat[2 * i], flat[2 * i + 1]) for i in range(min(nranges, WS_MAX_RANGES))),
         pass_no=rest[0], cursor=rest[1], written=rest[2], epoch=rest[3], paced=rest[4],
         check=rest[5], bad=rest[6], first_bad=rest[7], checked=rest[8],
-    )  # fmt: skip
+    )
 
 
 def _store_state(cpu: GuestCpu, st: DirtyState) -> None:
@@ -181,7 +181,7 @@ def _store_state(cpu: GuestCpu, st: DirtyState) -> None:
             st.table_zeroed, *flat, st.pass_no, st.cursor, st.written, st.epoch, st.paced,
             st.check, st.bad, st.first_bad, st.checked,
         ),
-    )  # fmt: skip
+    )
 
 
 def _segment(st: DirtyState, index: int) -> tuple[int, int]:
@@ -197,8 +197,9 @@ def _segment(st: DirtyState, index: int) -> tuple[int, int]:
 
 
 def _checksums(words: U64Array) -> U64Array:
-    total: U64Array = np.einsum("ij,j->i", words, _WEIGHTS)
-    return total - words[:, _HDR_CSUM] * _WEIGHTS[_HDR_CSUM]
+    total = np.einsum("ij,j->i", words, _WEIGHTS)
+    result: U64Array = total - words[:, _HDR_CSUM] * _WEIGHTS[_HDR_CSUM]
+    return result
 
 
 def make_pages(gpa: int, npages: int, *, version: int, fill: int, seed: int) -> Pages:
@@ -247,7 +248,7 @@ def _check_batch(cpu: GuestCpu, st: DirtyState) -> DirtyState:
     return replace(
         st, check=st.check + n, bad=st.bad + nbad, first_bad=first,
         checked=st.checked + int(written.sum()),
-    )  # fmt: skip
+    )
 
 
 def _verdict(st: DirtyState) -> kernel.SelfCheck:
@@ -280,7 +281,7 @@ def _entry(cpu: GuestCpu) -> None:
     npages = total - -(-total // (_WORDS + 1)) if wss == 0 else wss // PAGE_SIZE
     table_pages = -(-npages // _WORDS)
     if not free or table_pages > sizes[0] or table_pages + npages > total:
-        kernel.halt(cpu, f"dirty: wss does not fit in {total * PAGE_SIZE // MiB} MiB; halted")
+        kernel.halt(cpu, f"dirty: wss does not fit in {total * PAGE_SIZE // MiB} MiB")
         return
     pieces, skip, left = [], table_pages, npages
     for r, size in zip(free[:WS_MAX_RANGES], sizes, strict=False):
@@ -293,7 +294,7 @@ def _entry(cpu: GuestCpu) -> None:
     st = DirtyState(
         rate=rate, fill=fill, seed=seed, table=free[0].start, npages=npages, table_zeroed=0,
         ranges=tuple(pieces),
-    )  # fmt: skip
+    )
     _store_state(cpu, st)
     _goto(cpu, Phase.INIT_TABLE)
 

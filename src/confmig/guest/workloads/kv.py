@@ -100,7 +100,9 @@ class Phase(IntEnum):
 def parse(options: Mapping[str, str]) -> bytes:
     unknown = set(options) - {"slots"}
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for workload kv (known: slots)")
+        raise ValueError(
+            f"unknown option(s) {', '.join(sorted(unknown))} for workload kv (known: slots)"
+        )
     slots = int(options.get("slots", str(SLOTS_DEFAULT)))
     if not 16 <= slots <= SLOTS_MAX or slots & (slots - 1):
         raise ValueError(f"slots={slots} is not a power of two in 16..{SLOTS_MAX}")
@@ -156,7 +158,7 @@ def load_state(cpu: GuestCpu) -> KvState:
     return KvState(
         slots=f[0], queue=f[1], zeroed=f[2], served=f[3], writes=f[4], keys=f[5], check=f[6],
         live=f[7], bad=f[8], first_bad=f[9], checked_pages=f[10],
-    )  # fmt: skip
+    )
 
 
 def _store_state(cpu: GuestCpu, st: KvState) -> None:
@@ -166,7 +168,7 @@ def _store_state(cpu: GuestCpu, st: KvState) -> None:
             STATE_MAGIC, st.slots, st.queue, st.zeroed, st.served, st.writes, st.keys,
             st.check, st.live, st.bad, st.first_bad, st.checked_pages,
         ),
-    )  # fmt: skip
+    )
 
 
 # --- the hash table --------------------------------------------------------------------------
@@ -260,7 +262,7 @@ def _check_batch(cpu: GuestCpu, st: KvState) -> KvState:
     return replace(
         st, check=st.check + n, live=st.live + len(used), bad=st.bad + len(bad), first_bad=first,
         checked_pages=st.checked_pages + npages,
-    )  # fmt: skip
+    )
 
 
 def _verdict(st: KvState) -> kernel.SelfCheck:
@@ -297,7 +299,7 @@ def _entry(cpu: GuestCpu) -> None:
     free = workload_memory(bootinfo.load(cpu).ram)
     need = KV_QUEUE_SIZE + slots * KV_SLOT_SIZE
     if not free or free[0].size < need:
-        kernel.halt(cpu, f"kv: {slots} slots need {format_size(need)} of low RAM; halted")
+        kernel.halt(cpu, f"kv: {slots} slots need {format_size(need)} of low RAM")
         return
     _store_state(cpu, KvState(slots=slots, queue=free[0].start))
     _goto(cpu, Phase.ZERO)
@@ -316,7 +318,7 @@ def _zero(cpu: GuestCpu) -> None:
 
 def _probe_device(cpu: GuestCpu) -> None:
     if cpu.regs.rax & _U32 != KV_DEVICE_ID:
-        kernel.halt(cpu, f"kv: no kv device at port {KV_PORT_BASE:#x}; halted")
+        kernel.halt(cpu, f"kv: no kv device at port {KV_PORT_BASE:#x}")
         return
     _goto(cpu, Phase.GPA_HI)
     cpu.out(KV_PORT_BASE + KV_REG_ID_GPA_LO, load_state(cpu).queue & _U32, 4)
@@ -340,7 +342,7 @@ def _confirm(cpu: GuestCpu) -> None:
 def _status(cpu: GuestCpu) -> None:
     st = load_state(cpu)
     if cpu.regs.rax & _U32 != 1:
-        kernel.halt(cpu, f"kv: the device refused the queue at {st.queue:#x}; halted")
+        kernel.halt(cpu, f"kv: the device refused the queue at {st.queue:#x}")
         return
     _goto(cpu, Phase.RUN)
     kernel.console_write(
@@ -353,7 +355,7 @@ def _run(cpu: GuestCpu) -> None:
     avail = int.from_bytes(cpu.read(st.queue + KV_QUEUE_AVAIL, 4), "little")
     pending = (avail - st.served) & _U32
     if pending > KV_RING_SIZE:  # SECURITY: the host may not make us read past the ring
-        kernel.halt(cpu, f"kv: device claims {pending} requests in a {KV_RING_SIZE}-slot ring; halted")
+        kernel.halt(cpu, f"kv: device claims {pending} requests in a {KV_RING_SIZE}-slot ring")
         return
     if pending == 0:
         kernel.sleep_until(cpu, cpu.rdtsc() + TICK_NS)

@@ -32,7 +32,6 @@ from confmig.platform.cpu.abi import (
     RomRegion,
 )
 
-
 CpuidTable = dict[tuple[int, int], tuple[int, int, int, int]]
 
 

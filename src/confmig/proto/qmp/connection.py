@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Final
 
-from confmig.common.errors import ProtocolError, StateError
+from confmig.common.errors import StateError
 from confmig.common.units import MiB
 
 # QEMU allows 64 MiB per message; our largest legitimate request is a few KiB,
@@ -161,20 +161,17 @@ class QmpServerConnection:
         are enabled, or the reply becomes QEMU's error when one was not offered
         or negotiation had already completed.
         """
-        pending = self._take_pending("send_return")
+        pending = self._expect_pending("send_return")
         if pending.name == "qmp_capabilities" and not pending.oob:
-            self._negotiate(id, pending.arguments)
-            return
-        try:
-            self._out += _encode_line(_reply("return", value, id))
-        except (TypeError, ValueError):
-            self._pending = pending  # not answered; the caller may send an error instead
-            raise
+            line = self._negotiate(id, pending.arguments)
+        else:
+            line = _encode_line(_reply("return", value, id))  # may raise: still pending then
+        self._answered(line)
 
     def send_error(self, id: object, cls: ErrorClass, desc: str) -> None:
         """Answer the pending request with an error."""
-        self._take_pending("send_error")
-        self._write_error(id, cls, desc)
+        self._expect_pending("send_error")
+        self._answered(_error_line(id, cls, desc))
 
     def send_event(self, name: str, data: Mapping[str, object] | None, timestamp: float) -> None:
         """Queue an event (``timestamp`` in seconds since the Unix epoch).
@@ -205,29 +202,30 @@ class QmpServerConnection:
             allowed = sorted(s.value for s, t in _TRANSITIONS if t is trigger)
             raise StateError(trigger.value, self._state, allowed) from None
 
-    def _take_pending(self, operation: str) -> CommandRequest:
-        pending = self._pending
-        if pending is None:
+    def _expect_pending(self, operation: str) -> CommandRequest:
+        if self._pending is None:
             raise StateError(operation, self._state, "a request from next_event()")
-        self._pending = None
-        return pending
+        return self._pending
 
-    def _write_error(self, id: object, cls: ErrorClass, desc: str) -> None:
-        self._out += _encode_line(_reply("error", {"class": str(cls), "desc": desc}, id))
+    def _answered(self, reply: bytes) -> None:
+        self._pending = None
+        self._out += reply
 
     def _accept(self, message: object) -> CommandRequest | None:
         """QEMU's envelope check plus the negotiation filter; answers what it rejects."""
         if isinstance(message, _Invalid):
-            self._write_error(NO_ID, ErrorClass.GENERIC_ERROR, message.desc)
+            self._out += _error_line(NO_ID, ErrorClass.GENERIC_ERROR, message.desc)
             return None
         if not isinstance(message, dict):
-            self._write_error(NO_ID, ErrorClass.GENERIC_ERROR, "QMP input must be a JSON object")
+            self._out += _error_line(
+                NO_ID, ErrorClass.GENERIC_ERROR, "QMP input must be a JSON object"
+            )
             return None
         request_id = message.get("id", NO_ID)
         try:
             return self._request(message, request_id)
         except _Rejected as rejected:
-            self._write_error(request_id, rejected.cls, rejected.desc)
+            self._out += _error_line(request_id, rejected.cls, rejected.desc)
             return None
 
     def _request(self, message: dict[str, object], request_id: object) -> CommandRequest:
@@ -259,26 +257,26 @@ class QmpServerConnection:
             name=name, arguments=arguments, id=request_id, oob=exec_key == "exec-oob"
         )
 
-    def _negotiate(self, id: object, arguments: Mapping[str, object]) -> None:
+    def _negotiate(self, id: object, arguments: Mapping[str, object]) -> bytes:
+        """The reply to a successful ``qmp_capabilities``; enters command mode if it is one."""
         if self._state is not NegotiationState.NEGOTIATING:
-            self._write_error(
+            return _error_line(
                 id,
                 ErrorClass.COMMAND_NOT_FOUND,
                 "Capabilities negotiation is already complete, command ignored",
             )
-            return
         enable = arguments.get("enable", [])
         if not isinstance(enable, list) or not all(isinstance(c, str) for c in enable):
-            raise ProtocolError("qmp_capabilities succeeded with unchecked arguments")
+            raise TypeError("qmp_capabilities answered before its arguments were checked")
         unavailable = [c for c in enable if c not in self._offered]
         if unavailable:
-            self._write_error(
+            return _error_line(
                 id, ErrorClass.GENERIC_ERROR, f"Capability {', '.join(unavailable)} not available"
             )
-            return
+        reply = _encode_line(_reply("return", {}, id))
         self._enabled = frozenset(enable)
         self._transition(_Trigger.CAPABILITIES_ACCEPTED)
-        self._out += _encode_line(_reply("return", {}, id))
+        return reply
 
 
 class _Rejected(Exception):
@@ -295,6 +293,10 @@ def _offered_capabilities(greeting: Mapping[str, object]) -> frozenset[str]:
         if isinstance(capabilities, list) and all(isinstance(c, str) for c in capabilities):
             return frozenset(capabilities)
     raise ValueError("greeting must be {'QMP': {'version': {...}, 'capabilities': [...]}}")
+
+
+def _error_line(id: object, cls: ErrorClass, desc: str) -> bytes:
+    return _encode_line(_reply("error", {"class": str(cls), "desc": desc}, id))
 
 
 def _reply(kind: str, value: object, id: object) -> dict[str, object]:

@@ -343,13 +343,14 @@ class StreamDecoder(ReceiveBuffer[StreamEvent]):
             self._fail(f"bad file magic 0x{magic:08x} (expected 0x{QEMU_VM_FILE_MAGIC:08x})", p)
         if version != QEMU_VM_FILE_VERSION:
             self._fail(f"stream version {version} (only {QEMU_VM_FILE_VERSION} is known)", p + 4)
-        if avail < 13:
-            return self._wait(13, "CONFIGURATION record")
-        tag, length = _U8_U32.unpack_from(self._buf, p + 8)
-        if tag != SectionType.CONFIGURATION:
+        if avail > 8 and self._buf[p + 8] != SectionType.CONFIGURATION:
+            tag = self._buf[p + 8]
             self._fail(
                 f"expected CONFIGURATION (0x07) after the file header, got 0x{tag:02x}", p + 8
             )
+        if avail < 13:
+            return self._wait(13, "CONFIGURATION record")
+        (length,) = _U32.unpack_from(self._buf, p + 9)
         if not 0 < length <= MAX_MACHINE_TYPE:
             self._fail(f"machine type length {length} (allowed 1..{MAX_MACHINE_TYPE})", p + 9)
         if avail < 13 + length:

@@ -114,7 +114,7 @@ class FwCfg:
         for index, name in enumerate(sorted(all_files)):
             encoded = name.encode()
             if not encoded or len(encoded) > FW_CFG_FILE_NAME_MAX or b"\0" in encoded:
-                raise ConfigError(f"fw_cfg: bad file name {name!r} (1-{FW_CFG_FILE_NAME_MAX} bytes)")
+                raise ConfigError(f"fw_cfg: bad file name {name!r} (1..{FW_CFG_FILE_NAME_MAX} B)")
             select = FW_CFG_FILE_FIRST + index
             data = all_files[name]
             self._items[select] = bytes(data)
@@ -152,7 +152,7 @@ class FwCfg:
 
     def load_state(self, data: bytes) -> None:
         if len(data) != _STATE.size:
-            raise ProtocolError(f"fw_cfg: device state is {len(data)} bytes, expected {_STATE.size}")
+            raise ProtocolError(f"fw_cfg: {len(data)} bytes of device state, not {_STATE.size}")
         self._cur_entry, self._cur_offset, self._dma_addr = _STATE.unpack(data)
 
     # --- the device -----------------------------------------------------------------

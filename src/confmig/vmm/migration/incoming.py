@@ -7,11 +7,12 @@ the source learns it through the return path and keeps running.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from confmig.common.errors import ConfmigError, StreamError
 from confmig.proto.stream import decoder as dec
@@ -37,15 +38,12 @@ class IncomingMigration(threading.Thread):
         params: MigrationParameters,
         stats: MigrationStats,
         set_status: Callable[[MigrationStatus], None],
-        *,
-        autostart: bool = True,
     ) -> None:
         super().__init__(name="migration-incoming", daemon=True)
         self.machine = machine
         self.params = params
         self.stats = stats
         self.set_status = set_status
-        self.autostart = autostart
         self.error: str | None = None
         self.listener = Listener(uri)  # bind now: a busy port is the caller's error
         self._main: Channel | None = None
@@ -155,12 +153,12 @@ class IncomingMigration(threading.Thread):
             raise StreamError(f"stream has state for vCPUs {sorted(cpu_states)}, this VM has {len(m.vcpus)}")
         for v in m.vcpus:
             m.load_cpu(v, cpu_states[v.fd.vcpu_id])
-        if self.autostart:
+        if m.autostart:
             m.start()
         else:
             m.set_runstate(RunState.PAUSED)
 
-    def _check_blocks(self, sent: list[tuple[str, int]]) -> None:
+    def _check_blocks(self, sent: Sequence[tuple[str, int]]) -> None:
         ours = {b.idstr: b.size for b in self.machine.memory.blocks}
         for idstr, size in sent:
             if idstr not in ours:
@@ -173,10 +171,8 @@ class IncomingMigration(threading.Thread):
         """Tell the source (return path) whether we loaded and resumed."""
         if self._main is None or self._main.sock is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             self._main.send_all(RP_HEADER.pack(MIG_RP_MSG_SHUT, 4) + struct.pack(">I", 0 if ok else 1))
-        except OSError:
-            pass
 
     def close(self) -> None:
         self.listener.close()

@@ -10,6 +10,7 @@ its round-k copy travelling on another channel.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -19,6 +20,7 @@ import numpy.typing as npt
 
 from confmig.common.errors import RemoteMigrationError, StreamError
 from confmig.proto.stream import multifd as mf
+from confmig.proto.stream.decoder import NEED_DATA, End
 from confmig.vmm.memory import GuestMemory, RamBlock
 from confmig.vmm.migration.ram import RoundCounters, land_pages
 from confmig.vmm.migration.stats import MigrationStats
@@ -43,7 +45,7 @@ class MultifdSender:
         for i in range(nchannels):
             ch = connect(uri, name=f"multifd{i}")
             self.channels.append(ch)
-            ch.send_all(mf.encode_init(VM_UUID, i))
+            ch.send_all(mf.multifd_init(VM_UUID, i))
         self._queues: list[queue.Queue[_Item]] = [queue.Queue(QUEUE_DEPTH) for _ in self.channels]
         self._packet_num = itertools.count()
         self._next = 0
@@ -58,21 +60,24 @@ class MultifdSender:
 
     def _send_loop(self, i: int) -> None:
         ch, q = self.channels[i], self._queues[i]
-        encoder = mf.PacketEncoder()
+        encoder = mf.MultifdPacketEncoder()
+        per_packet = encoder.pages_per_packet
         try:
             while (item := q.get()) is not None:
                 if isinstance(item, threading.Event):
                     with self._lock:
                         num = next(self._packet_num)
-                    ch.send_all(mf.encode_sync(num))
+                    ch.send_all(encoder.sync(num))
                     item.set()
                     continue
                 block, indices = item
-                with self._lock:
-                    num = next(self._packet_num)
                 n = 0
-                for buf in encoder.encode(block.idstr, block.pages, indices, num):
-                    n += ch.send_all(buf)
+                for start in range(0, len(indices), per_packet):
+                    with self._lock:
+                        num = next(self._packet_num)
+                    head, data = encoder.encode(block.idstr, block.pages,
+                                                indices[start : start + per_packet], num)
+                    n += ch.send_all(head) + ch.send_all(data)
                 with self._lock:
                     self.stats.multifd_bytes += n
         except BaseException as exc:  # reported to the migration thread at its next call
@@ -107,10 +112,8 @@ class MultifdSender:
 
     def close(self) -> None:
         for q in self._queues:
-            try:
+            with contextlib.suppress(queue.Full):
                 q.put_nowait(None)
-            except queue.Full:
-                pass
 
 
 class MultifdReceiver:
@@ -136,13 +139,13 @@ class MultifdReceiver:
         threading.Thread(target=self._recv_loop, args=(ch, prefix), daemon=True).start()
 
     def _recv_loop(self, ch: Channel, prefix: bytes) -> None:
-        d = mf.MultifdDecoder()
+        d = mf.MultifdDecoder({name: b.size for name, b in self.blocks.items()})
         d.receive_data(prefix)
         channel_id = -1
         try:
             while True:
                 ev = d.next_event()
-                if ev is mf.NEED_DATA:
+                if ev is NEED_DATA:
                     buf = d.get_buffer()
                     n = ch.recv_into(buf)
                     if n == 0:
@@ -150,6 +153,8 @@ class MultifdReceiver:
                         return
                     d.buffer_updated(n)
                     continue
+                if isinstance(ev, End):
+                    return
                 if isinstance(ev, mf.MultifdInit):
                     channel_id = ev.channel
                     with self._cond:

@@ -6,6 +6,7 @@ migration that does not complete leaves the source VM running as it was.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import threading
@@ -81,9 +82,8 @@ class OutgoingMigration(threading.Thread):
 
     def run(self) -> None:
         m = self.machine
-        stopped_by_us = False
         try:
-            stopped_by_us = self._migrate()
+            self._migrate()
         except Cancelled:
             self.set_status(MigrationStatus.CANCELLING)
             self._recover(stopped_by_us=self.machine.runstate == RunState.FINISH_MIGRATE)
@@ -101,10 +101,8 @@ class OutgoingMigration(threading.Thread):
         finally:
             for ch in self._channels:
                 ch.close()
-            try:
+            with contextlib.suppress(ConfmigError):
                 m.set_dirty_logging(False)
-            except ConfmigError:
-                pass
             self.stats.total_time_ms = self.stats.elapsed_ms()
 
     def _recover(self, *, stopped_by_us: bool) -> None:
@@ -211,12 +209,14 @@ class OutgoingMigration(threading.Thread):
         for v in m.vcpus:
             state = m.save_cpu(v).encode()
             parts.append(enc.device_section(section_id, "cpu", v.fd.vcpu_id, CPU_VERSION, state))
-            described.append(enc.DeviceDescription("cpu", v.fd.vcpu_id, CPU_VERSION, len(state)))
+            described.append(enc.DeviceDescription(idstr="cpu", instance_id=v.fd.vcpu_id,
+                                                 version_id=CPU_VERSION, state_size=len(state)))
             section_id += 1
         for dev in m.devices:
             state = dev.save_state()
             parts.append(enc.device_section(section_id, dev.vmsd_name, 0, 1, state))
-            described.append(enc.DeviceDescription(dev.vmsd_name, 0, 1, len(state)))
+            described.append(enc.DeviceDescription(idstr=dev.vmsd_name, instance_id=0, version_id=1,
+                                                 state_size=len(state)))
             section_id += 1
         parts.append(enc.eof())
         parts.append(enc.vmdescription(described))

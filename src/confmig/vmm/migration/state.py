@@ -84,7 +84,7 @@ class MigrationState:
         self.outgoing = mig
         mig.start()
 
-    def migrate_incoming(self, uri: str, *, autostart: bool = True) -> str:
+    def migrate_incoming(self, uri: str) -> str:
         """Start listening; return the bound address (for ``tcp:...:0``)."""
         with self._lock:
             if self.machine.runstate != RunState.INMIGRATE:
@@ -94,7 +94,7 @@ class MigrationState:
                 raise MigrationError("The incoming migration has already been started")
             self.stats = MigrationStats()
             mig = IncomingMigration(self.machine, parse_uri(uri), self.params, self.stats,
-                                    self.set_status, autostart=autostart)
+                                    self.set_status)
         self.incoming = mig
         mig.start()
         return mig.address

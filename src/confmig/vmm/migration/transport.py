@@ -7,6 +7,7 @@ reads a file; ``exec:CMD`` pipes into or out of ``sh -c CMD``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -104,10 +105,8 @@ class Channel:
     def abort(self) -> None:
         """Unblock any thread in send/recv (cancel): shut the socket down."""
         if self.sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         elif self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
 
@@ -119,10 +118,8 @@ class Channel:
                 if pipe is not None:
                     pipe.close()
         else:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.fd)
-            except OSError:
-                pass
         if self.proc is not None:
             try:
                 self.proc.wait(10)
@@ -207,7 +204,5 @@ class Listener:
         if self.sock is not None:
             self.sock.close()
             if self.uri.scheme == "unix":
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.uri.path)
-                except FileNotFoundError:
-                    pass

@@ -65,6 +65,7 @@ class QmpServer:
         self._wall_clock = wall_clock
         self._greeting = {"QMP": {"version": registry.version_info, "capabilities": ["oob"]}}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
         self._servers: list[asyncio.Server] = []
         self._unix_sockets: list[tuple[str, int]] = []  # (path, inode) we created
         self._clients: set[_Client] = set()
@@ -114,6 +115,7 @@ class QmpServer:
 
     async def close(self) -> None:
         """Stop listening, disconnect every client, remove our socket files."""
+        self._closing = True
         for server in self._servers:
             server.close()
         for task in self._tasks:
@@ -130,6 +132,7 @@ class QmpServer:
 
     def _listening(self, server: asyncio.Server) -> None:
         self._loop = asyncio.get_running_loop()
+        self._closing = False
         self._servers.append(server)
 
     def _broadcast(self, name: str, data: Mapping[str, object] | None, timestamp: float) -> None:
@@ -140,13 +143,16 @@ class QmpServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if self._closing:  # accepted just before close(), started after it
+            writer.close()
+            return
         client = _Client(QmpServerConnection(self._greeting), writer)
         self._tasks.add(task)
         self._clients.add(client)
         try:
-            client.flush()
             while True:
                 event = client.conn.next_event()
+                client.flush()  # the greeting, or replies to requests the connection refused
                 if event is NEED_DATA:
                     try:
                         data = await reader.read(READ_SIZE)
@@ -157,6 +163,8 @@ class QmpServer:
                     return
                 else:
                     await self._execute(client, event)
+        except asyncio.CancelledError:
+            pass  # close() ends us; end quietly (3.11's stream callback logs cancelled tasks)
         finally:
             self._clients.discard(client)
             self._tasks.discard(task)

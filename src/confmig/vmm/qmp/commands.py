@@ -1,0 +1,139 @@
+"""The VMM's QMP commands, with QEMU's names, arguments and replies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from confmig.vmm.machine import Machine
+from confmig.vmm.migration.state import MigrationState
+from confmig.vmm.qmp.schema import Arg, Array, QmpError, QmpRegistry, Struct
+from confmig.vmm.runstate import RunState
+
+MIGRATION_PARAMETERS = {
+    "downtime-limit": Arg(int, optional=True),
+    "max-bandwidth": Arg(int, optional=True),
+    "avail-switchover-bandwidth": Arg(int, optional=True),
+    "multifd-channels": Arg(int, optional=True),
+    "multifd-compression": Arg(str, optional=True),
+}
+
+
+def register(
+    registry: QmpRegistry,
+    machine: Machine,
+    migration: MigrationState,
+    request_quit: Callable[[], None],
+) -> None:
+    r = registry
+
+    @r.command("query-status")
+    def query_status(_a: dict[str, object]) -> object:
+        state = machine.runstate
+        return {"status": state.value, "singlestep": False, "running": state == RunState.RUNNING}
+
+    @r.command("query-name")
+    def query_name(_a: dict[str, object]) -> object:
+        return {"name": machine.config.name}
+
+    @r.command("query-kvm")
+    def query_kvm(_a: dict[str, object]) -> object:
+        return {"enabled": True, "present": True}
+
+    @r.command("query-cpus-fast")
+    def query_cpus_fast(_a: dict[str, object]) -> object:
+        return [
+            {
+                "cpu-index": v.fd.vcpu_id,
+                "qom-path": f"/machine/unattached/device[{v.fd.vcpu_id}]",
+                "thread-id": v.native_id or 0,
+                "target": "x86_64",
+            }
+            for v in machine.vcpus
+        ]
+
+    @r.command("stop")
+    def stop(_a: dict[str, object]) -> None:
+        if machine.runstate == RunState.INMIGRATE:
+            machine.autostart = False  # as QEMU: the target stays paused after loading
+            return
+        if machine.runstate == RunState.RUNNING:
+            machine.stop(RunState.PAUSED)
+
+    @r.command("cont")
+    def cont(_a: dict[str, object]) -> None:
+        if machine.runstate == RunState.INMIGRATE:
+            raise QmpError("Migration is not finalized yet")
+        machine.start()
+
+    @r.command("quit")
+    def quit_(_a: dict[str, object]) -> None:
+        request_quit()
+
+    @r.command("inject-nmi")
+    def inject_nmi(_a: dict[str, object]) -> None:
+        if machine.runstate != RunState.RUNNING:
+            raise QmpError(f"cannot inject an NMI into a VM that is {machine.runstate}")
+        machine.inject_nmi()
+
+    @r.command(
+        "migrate",
+        args={
+            "uri": Arg(str),
+            "detach": Arg(bool, optional=True),
+            "resume": Arg(bool, optional=True),
+        },
+    )
+    def migrate(a: dict[str, object]) -> None:
+        if a.get("resume"):
+            raise QmpError("Postcopy recovery ('resume') is not supported")
+        migration.migrate(str(a["uri"]))
+
+    @r.command(
+        "migrate-incoming", args={"uri": Arg(str), "exit-on-error": Arg(bool, optional=True)}
+    )
+    def migrate_incoming(a: dict[str, object]) -> None:
+        migration.migrate_incoming(str(a["uri"]))
+
+    @r.command("migrate_cancel")
+    def migrate_cancel(_a: dict[str, object]) -> None:
+        migration.cancel()
+
+    @r.command("query-migrate")
+    def query_migrate(_a: dict[str, object]) -> object:
+        info = migration.query()
+        inc = migration.incoming
+        if inc is not None and not migration.status.finished:
+            info["socket-address"] = _socket_address(inc.address)
+        return info
+
+    @r.command(
+        "migrate-set-capabilities",
+        args={"capabilities": Arg(Array(Struct({"capability": Arg(str), "state": Arg(bool)})))},
+    )
+    def set_caps(a: dict[str, object]) -> None:
+        caps = a["capabilities"]
+        assert isinstance(caps, list)
+        migration.set_capabilities([(str(c["capability"]), bool(c["state"])) for c in caps])
+
+    @r.command("query-migrate-capabilities")
+    def query_caps(_a: dict[str, object]) -> object:
+        return migration.params.qmp_capabilities()
+
+    @r.command("migrate-set-parameters", args=MIGRATION_PARAMETERS)
+    def set_params(a: dict[str, object]) -> None:
+        migration.set_parameters(a)
+
+    @r.command("query-migrate-parameters")
+    def query_params(_a: dict[str, object]) -> object:
+        return migration.params.qmp_parameters()
+
+
+def _socket_address(address: str) -> list[dict[str, str]]:
+    """QEMU's ``SocketAddress`` list for the listening incoming side."""
+    scheme, _, rest = address.partition(":")
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        return [{"type": "inet", "host": host, "port": port}]
+    if scheme == "unix":
+        return [{"type": "unix", "path": rest}]
+    return []
