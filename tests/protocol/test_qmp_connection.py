@@ -110,9 +110,7 @@ def test_negotiation_twice_is_refused() -> None:
     [request] = requests(conn, b'{"execute": "qmp_capabilities", "id": "again"}')
     assert request.name == "qmp_capabilities"
     assert lines(conn) == [
-        error(
-            NOT_FOUND, "Capabilities negotiation is already complete, command ignored", id="again"
-        )
+        error(NOT_FOUND, "Capabilities negotiation is already complete, command ignored", id="again")
     ]
     assert conn.state is NegotiationState.COMMAND
 
@@ -195,9 +193,7 @@ def test_exec_oob_needs_the_oob_capability() -> None:
     assert request == CommandRequest(name="migrate-pause", arguments={}, id=42, oob=True)
     lines(conn)
     requests(conn, b'{"execute": "a", "exec-oob": "b", "id": 1}')
-    assert lines(conn) == [
-        error(GENERIC, "QMP input member 'exec-oob' clashes with 'execute'", id=1)
-    ]
+    assert lines(conn) == [error(GENERIC, "QMP input member 'exec-oob' clashes with 'execute'", id=1)]
 
 
 @pytest.mark.parametrize(
@@ -327,9 +323,7 @@ def test_nesting_limit_is_qemus_and_a_too_deep_message_costs_one_error() -> None
     assert request.arguments["a"] != []
     lines(conn)
     too_deep = b"[" * (ok + 1) + b"]" * (ok + 1)
-    seen = requests(
-        conn, b'{"execute": "x", "arguments": {"a": ' + too_deep + b'}}{"execute": "y"}'
-    )
+    seen = requests(conn, b'{"execute": "x", "arguments": {"a": ' + too_deep + b'}}{"execute": "y"}')
     assert [r.name for r in seen] == ["y"]
     assert lines(conn) == [error(GENERIC, "JSON nesting depth limit exceeded"), {"return": "y"}]
 
@@ -352,9 +346,7 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
-    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=8,
 )
 command_names = st.sampled_from(["qmp_capabilities", "query-status", "migrate", "x-y_z"])
@@ -389,9 +381,7 @@ def run(chunks: list[bytes]) -> tuple[list[CommandRequest], bytes]:
     seen = []
     for chunk in [*(c for c in chunks if c), b""]:
         conn.receive_data(chunk)
-        while (
-            not isinstance(event := conn.next_event(), ConnectionClosed) and event is not NEED_DATA
-        ):
+        while not isinstance(event := conn.next_event(), ConnectionClosed) and event is not NEED_DATA:
             seen.append(event)
             if event.name == "qmp_capabilities" and event.arguments:
                 conn.send_error(event.id, ErrorClass.GENERIC_ERROR, "stands in for schema errors")
@@ -436,9 +426,7 @@ garbage = st.sampled_from(
     ),
     st.lists(st.integers(0, 10**6), max_size=12),
 )
-def test_any_input_any_chunking_same_outcome_never_breaks(
-    pieces: list[bytes], cuts: list[int]
-) -> None:
+def test_any_input_any_chunking_same_outcome_never_breaks(pieces: list[bytes], cuts: list[int]) -> None:
     stream = NEGOTIATE + b"".join(pieces)
     seen, out = run(chunked(stream, cuts))
     assert (seen, out) == run([stream])

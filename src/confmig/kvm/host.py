@@ -39,6 +39,7 @@ from confmig.kvm.vcpu import (
     CTL_SET_CAPS,
     CTL_SET_SLOT,
     KVM_HC_MAP_GPA_RANGE,
+    VCPU_READY,
     encode_slot,
 )
 from confmig.proto import ioctl
@@ -50,6 +51,9 @@ SPA_ALIGN = 2 * MiB
 
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+
+VCPU_START_TIMEOUT = 60.0
+"""Seconds a vCPU process may take to start (imports on a loaded 2-core machine)."""
 
 EXTENSIONS = {
     ioctl.KVM_CAP_USER_MEMORY: 1,
@@ -275,6 +279,18 @@ class Vm:
         finally:
             vcpu_end.close()
             vcpu_ctl.close()
+        # KVM_CREATE_VCPU returns a vCPU that exists: wait for the process to say so,
+        # so its start-up never lands inside a later KVM_RUN (or a migration's downtime).
+        host_ctl.settimeout(VCPU_START_TIMEOUT)
+        try:
+            ready = host_ctl.recv(1)
+        except OSError:
+            ready = b""
+        host_ctl.settimeout(None)
+        if ready != VCPU_READY:
+            process.terminate()
+            host_ctl.close()
+            return -errno.ENOMEM, b"", []
         handle = VcpuHandle(vcpu_id=vcpu_id, process=process, control=host_ctl)
         self.vcpus[vcpu_id] = handle
         for slot in self.slots.values():

@@ -52,6 +52,8 @@ CTL_SET_SLOT = 0xFF00_0101
 CTL_DELETE_SLOT = 0xFF00_0102
 CTL_SET_CAPS = 0xFF00_0103
 CAP_EXIT_MAP_GPA_RANGE = 1 << 0
+VCPU_READY = b"R"
+"""The first byte a vCPU process sends on its control channel: it is up."""
 
 _SLOT = struct.Struct("<IIQQQQ")
 
@@ -150,6 +152,7 @@ class Vcpu:
     # --- the serve loop -------------------------------------------------------
 
     def serve(self) -> None:
+        self.control.sendall(VCPU_READY)
         try:
             while True:
                 ready, _, _ = select.select([self.control, self.sock], [], [])

@@ -78,6 +78,21 @@ class RamBlock:
                 pass
         self.pages[:, 0] = self.pages[:, 0]  # touch one byte per page
 
+    def holes(self) -> npt.NDArray[np.bool_]:
+        """Pages that were never written (holes of the memfd): zero without reading
+        them. Reading a hole of shmem would allocate it, so this is cheaper twice over."""
+        zero = np.ones(self.npages, dtype=bool)
+        off = 0
+        while off < self.size:
+            try:
+                data = os.lseek(self.fd, off, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after off
+                break
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), self.size)
+            zero[data >> PAGE_SHIFT : (hole + PAGE_SIZE - 1) >> PAGE_SHIFT] = False
+            off = hole
+        return zero
+
     def mark_dirty(self, offset: int, size: int) -> None:
         """Record a write by the VMM itself (KVM does not see it)."""
         first, last = offset >> PAGE_SHIFT, (offset + size - 1) >> PAGE_SHIFT

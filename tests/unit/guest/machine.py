@@ -42,6 +42,7 @@ class Machine:
         kv_socket: str | os.PathLike[str] | None = None,
         idle_wait: float = 0.0,
     ) -> None:
+        self.cmdline = cmdline
         self.memory = memory if memory is not None else GuestMemory.pc(ram_size)
         self.console = bytearray()
         self.serial = Serial(self.console.extend)

@@ -35,9 +35,7 @@ def make_registry() -> QmpRegistry:
     @registry.command(
         "migrate-set-capabilities",
         args={
-            "capabilities": Arg(
-                Array(Struct({"capability": Arg(MigrationCapability), "state": Arg(bool)}))
-            )
+            "capabilities": Arg(Array(Struct({"capability": Arg(MigrationCapability), "state": Arg(bool)})))
         },
     )
     def set_capabilities(args: dict[str, object]) -> dict[str, object]:

@@ -217,9 +217,7 @@ class QmpServerConnection:
             self._out += _error_line(NO_ID, ErrorClass.GENERIC_ERROR, message.desc)
             return None
         if not isinstance(message, dict):
-            self._out += _error_line(
-                NO_ID, ErrorClass.GENERIC_ERROR, "QMP input must be a JSON object"
-            )
+            self._out += _error_line(NO_ID, ErrorClass.GENERIC_ERROR, "QMP input must be a JSON object")
             return None
         request_id = message.get("id", NO_ID)
         try:
@@ -253,9 +251,7 @@ class QmpServerConnection:
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
                 ErrorClass.COMMAND_NOT_FOUND,
             )
-        return CommandRequest(
-            name=name, arguments=arguments, id=request_id, oob=exec_key == "exec-oob"
-        )
+        return CommandRequest(name=name, arguments=arguments, id=request_id, oob=exec_key == "exec-oob")
 
     def _negotiate(self, id: object, arguments: Mapping[str, object]) -> bytes:
         """The reply to a successful ``qmp_capabilities``; enters command mode if it is one."""
@@ -402,9 +398,7 @@ _KEYWORD: Final = re.compile(rb"[a-z]*")
 _RECOVERY_SKIP: Final = re.compile(rb"[^\x00-\x08\x0a-\x1f\xfe\xff\[\]{}:,]*")
 # String bodies: raw bytes 0x20..0xFD (UTF-8 checked later) and backslash pairs.
 _STRING_BODY: Final = {
-    quote: re.compile(
-        rb"(?:[^" + re.escape(bytes([quote])) + rb"\\\x00-\x1f\xfe\xff]+|\\[\x20-\xfd])*"
-    )
+    quote: re.compile(rb"(?:[^" + re.escape(bytes([quote])) + rb"\\\x00-\x1f\xfe\xff]+|\\[\x20-\xfd])*")
     for quote in b"\"'"
 }
 _BACKSLASH: Final = ord("\\")

@@ -21,7 +21,7 @@ from confmig.vmm.machine import CpuState, Machine
 from confmig.vmm.migration.multifd import MultifdReceiver
 from confmig.vmm.migration.outgoing import MIG_RP_MSG_SHUT, RP_HEADER
 from confmig.vmm.migration.params import MigrationParameters
-from confmig.vmm.migration.ram import land_pages, land_zero_pages
+from confmig.vmm.migration.ram import RamLanding
 from confmig.vmm.migration.stats import MigrationStats
 from confmig.vmm.migration.status import MigrationStatus
 from confmig.vmm.migration.transport import Channel, Listener, MigrationUri
@@ -47,6 +47,7 @@ class IncomingMigration(threading.Thread):
         self.error: str | None = None
         self.listener = Listener(uri)  # bind now: a busy port is the caller's error
         self._main: Channel | None = None
+        self.landing = RamLanding(machine.memory)
         self._multifd: MultifdReceiver | None = None
 
     @property
@@ -79,7 +80,7 @@ class IncomingMigration(threading.Thread):
         magic, or the stream's ``QEVM``), in whatever order they arrive."""
         if "multifd" not in self.params.capabilities or not self.listener.uri.is_socket:
             return self.listener.accept(), b""
-        receiver = MultifdReceiver(self.machine.memory, self.stats, self.params.multifd_channels)
+        receiver = MultifdReceiver(self.landing, self.stats, self.params.multifd_channels)
         self._multifd = receiver
         mains: queue.Queue[tuple[Channel, bytes]] = queue.Queue()
 
@@ -109,7 +110,7 @@ class IncomingMigration(threading.Thread):
         d = dec.StreamDecoder()
         if prefix:
             d.receive_data(prefix)
-        blocks = {b.idstr: b for b in m.memory.blocks}
+        landing = self.landing
         cpu_states: dict[int, CpuState] = {}
         stats = self.stats
         rounds = 0
@@ -126,14 +127,15 @@ class IncomingMigration(threading.Thread):
                 continue
             match ev:
                 case dec.RamPages():
-                    land_pages(blocks[ev.block], ev.indices, ev.data)
+                    landing.pages(ev.block, ev.indices, ev.data)
                     stats.normal += len(ev.indices)
                 case dec.RamZeroPages():
-                    land_zero_pages(blocks[ev.block], ev.indices)
+                    landing.zeros(ev.block, ev.indices)
                     stats.duplicate += len(ev.indices)
                 case dec.RamMemSize():
                     self._check_blocks(ev.blocks)
                 case dec.RamEos():
+                    log.debug("end of a ram section part")
                     rounds += 1
                     if self._multifd is not None:
                         self._multifd.wait_sync(rounds)
@@ -149,14 +151,17 @@ class IncomingMigration(threading.Thread):
                     raise StreamError("confidential records need a confidential guest")
                 case dec.VmDescription() | dec.End():
                     break
+        log.debug("stream loaded")
         if set(cpu_states) != {v.fd.vcpu_id for v in m.vcpus}:
             raise StreamError(f"stream has state for vCPUs {sorted(cpu_states)}, this VM has {len(m.vcpus)}")
         for v in m.vcpus:
             m.load_cpu(v, cpu_states[v.fd.vcpu_id])
+        log.debug("cpu state loaded")
         if m.autostart:
             m.start()
         else:
             m.set_runstate(RunState.PAUSED)
+        log.debug("incoming migration finished")
 
     def _check_blocks(self, sent: Sequence[tuple[str, int]]) -> None:
         ours = {b.idstr: b.size for b in self.machine.memory.blocks}

@@ -21,8 +21,8 @@ import numpy.typing as npt
 from confmig.common.errors import RemoteMigrationError, StreamError
 from confmig.proto.stream import multifd as mf
 from confmig.proto.stream.decoder import NEED_DATA, End
-from confmig.vmm.memory import GuestMemory, RamBlock
-from confmig.vmm.migration.ram import RoundCounters, land_pages
+from confmig.vmm.memory import RamBlock
+from confmig.vmm.migration.ram import MainChannelSink, RamLanding, RoundCounters
 from confmig.vmm.migration.stats import MigrationStats
 from confmig.vmm.migration.transport import Channel, MigrationUri, connect
 
@@ -39,8 +39,10 @@ _Item = tuple[RamBlock, npt.NDArray[np.int64]] | threading.Event | None
 class MultifdSender:
     """Source side: a thread per channel, batches handed out round-robin."""
 
-    def __init__(self, uri: MigrationUri, nchannels: int, stats: MigrationStats) -> None:
+    def __init__(self, uri: MigrationUri, nchannels: int, stats: MigrationStats,
+                 main: MainChannelSink) -> None:
         self.stats = stats
+        self.main = main
         self.channels: list[Channel] = []
         for i in range(nchannels):
             ch = connect(uri, name=f"multifd{i}")
@@ -94,7 +96,11 @@ class MultifdSender:
         if self._error is not None:
             raise RemoteMigrationError(f"multifd channel failed: {self._error}")
 
-    def __call__(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
+    def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
+        """Zero pages are 9-byte records: they ride on the main channel."""
+        return self.main.zeros(block, indices)
+
+    def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         self._check()
         self._queues[self._next].put((block, indices))
         self._next = (self._next + 1) % len(self._queues)
@@ -119,8 +125,9 @@ class MultifdSender:
 class MultifdReceiver:
     """Target side: a thread per channel landing pages; the SYNC barrier."""
 
-    def __init__(self, memory: GuestMemory, stats: MigrationStats, nchannels: int) -> None:
-        self.blocks = {b.idstr: b for b in memory.blocks}
+    def __init__(self, landing: RamLanding, stats: MigrationStats, nchannels: int) -> None:
+        self.landing = landing
+        self.blocks = landing.blocks
         self.stats = stats
         self.nchannels = nchannels
         self.closed = False
@@ -160,12 +167,7 @@ class MultifdReceiver:
                     with self._cond:
                         self._synced.setdefault(channel_id, 0)
                 elif isinstance(ev, mf.MultifdPages):
-                    block = self.blocks.get(ev.block)
-                    if block is None:
-                        raise StreamError(f"multifd packet for unknown RAM block '{ev.block}'")
-                    if len(ev.indices) and int(ev.indices.max()) >= block.npages:
-                        raise StreamError(f"multifd packet beyond the end of '{ev.block}'")
-                    land_pages(block, ev.indices, ev.data)
+                    self.landing.pages(ev.block, ev.indices, ev.data)  # decoder checked the bounds
                     with self._cond:
                         self.stats.normal += len(ev.indices)
                 elif isinstance(ev, mf.MultifdSync):

@@ -121,7 +121,7 @@ class OutgoingMigration(threading.Thread):
         sink: PageSink
         main_sink = MainChannelSink(main)
         if "multifd" in params.capabilities and self.uri.is_socket:
-            multifd = MultifdSender(self.uri, params.multifd_channels, stats)
+            multifd = MultifdSender(self.uri, params.multifd_channels, stats, main_sink)
             self._channels.extend(multifd.channels)
             sink = multifd
         else:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +27,8 @@ from confmig.vmm.migration.transport import Channel
 
 BATCH_PAGES = 256
 """Pages per send: 1 MiB writes are what loopback TCP needs to approach its limit."""
+ZERO_BATCH_PAGES = 8192
+"""Zero pages per record batch: 9 bytes each on the wire, so batches can be big."""
 BANDWIDTH_WINDOW = 0.1
 """QEMU's BUFFER_DELAY: bandwidth is limited over 100 ms windows."""
 
@@ -62,8 +65,12 @@ class RoundCounters:
     bytes: int = 0
 
 
-PageSink = Callable[[RamBlock, npt.NDArray[np.int64]], RoundCounters]
-"""Sends one batch of pages of a block; returns what went on the wire."""
+class PageSink(Protocol):
+    """Puts batches of a block's pages on the wire; returns what was sent."""
+
+    def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters: ...
+
+    def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters: ...
 
 
 class RamSender:
@@ -75,6 +82,10 @@ class RamSender:
         self.bitmap: dict[str, npt.NDArray[np.bool_]] = {
             b.idstr: np.ones(b.npages, dtype=bool) for b in memory.blocks
         }
+        self._holes: dict[str, npt.NDArray[np.bool_]] | None = {
+            b.idstr: b.holes() for b in memory.blocks
+        }
+        """Never-written pages, known zero for the first round only."""
 
     def dirty_pages(self) -> int:
         return int(sum(int(np.count_nonzero(bm)) for bm in self.bitmap.values()))
@@ -91,16 +102,27 @@ class RamSender:
             bm |= block.take_vmm_dirty()
         return self.dirty_pages()
 
-    def take_round(self) -> Iterator[tuple[RamBlock, npt.NDArray[np.int64]]]:
-        """Yield (block, batch of page indices) for every dirty page, clearing the
-        bits as the pages are handed out (a page dirtied later is set again at
-        the next sync)."""
+    def take_round(self) -> Iterator[tuple[RamBlock, npt.NDArray[np.int64], bool]]:
+        """Yield (block, batch of page indices, known zero) for every dirty page,
+        clearing the bits as the pages are handed out (a page dirtied later is set
+        again at the next sync). In the first round, never-written pages come as
+        known-zero batches of their own."""
+        holes, self._holes = self._holes, None
         for block in self.memory.blocks:
             bm = self.bitmap[block.idstr]
             idx = np.flatnonzero(bm).astype(np.int64)
             bm[idx] = False
-            for start in range(0, len(idx), BATCH_PAGES):
-                yield block, idx[start : start + BATCH_PAGES]
+            if holes is not None:
+                known_zero = holes[block.idstr][idx]
+                yield from _batches(block, idx[known_zero], True, ZERO_BATCH_PAGES)
+                idx = idx[~known_zero]
+            yield from _batches(block, idx, False, BATCH_PAGES)
+
+
+def _batches(block: RamBlock, idx: npt.NDArray[np.int64], zero: bool, size: int
+             ) -> Iterator[tuple[RamBlock, npt.NDArray[np.int64], bool]]:
+    for start in range(0, len(idx), size):
+        yield block, idx[start : start + size], zero
 
 
 class MainChannelSink:
@@ -110,7 +132,7 @@ class MainChannelSink:
         self.channel = channel
         self.encoder = enc.PageBatchEncoder(BATCH_PAGES)
 
-    def __call__(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
+    def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         batch = self.encoder.encode(block.idstr, block.pages, indices)
         sent = self.channel.send_all(batch.wire) if len(batch.wire) else 0
         nzero = len(batch.zero)
@@ -118,14 +140,18 @@ class MainChannelSink:
             sent += self.channel.send_all(enc.encode_zero_pages(block.idstr, batch.zero))
         return RoundCounters(normal=len(indices) - nzero, zero=nzero, bytes=sent)
 
+    def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
+        sent = self.channel.send_all(enc.encode_zero_pages(block.idstr, indices))
+        return RoundCounters(zero=len(indices), bytes=sent)
+
 
 def send_round(sender: RamSender, sink: PageSink, stats: MigrationStats, limiter: RateLimiter,
                cancel: threading.Event, *, downtime: bool = False) -> RoundCounters:
     total = RoundCounters()
-    for block, indices in sender.take_round():
+    for block, indices, zero in sender.take_round():
         if cancel.is_set():
             raise Cancelled
-        c = sink(block, indices)
+        c = sink.zeros(block, indices) if zero else sink.pages(block, indices)
         total.normal += c.normal
         total.zero += c.zero
         total.bytes += c.bytes
@@ -140,16 +166,30 @@ def send_round(sender: RamSender, sink: PageSink, stats: MigrationStats, limiter
     return total
 
 
-def land_pages(block: RamBlock, indices: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]) -> None:
-    """Scatter a batch of received pages into guest RAM (one numpy copy)."""
-    if len(indices) and indices[-1] - indices[0] == len(indices) - 1:
-        block.pages[indices[0] : indices[0] + len(indices)] = data  # a run: plain slice copy
-    else:
-        block.pages[indices] = data
+class RamLanding:
+    """Where received pages go on the target. Guest RAM of an incoming VM starts
+    zero, so a zero page only needs writing where data landed before."""
 
+    def __init__(self, memory: GuestMemory) -> None:
+        self.blocks = {b.idstr: b for b in memory.blocks}
+        self._written = {b.idstr: np.zeros(b.npages, dtype=bool) for b in memory.blocks}
 
-def land_zero_pages(block: RamBlock, indices: npt.NDArray[np.int64]) -> None:
-    block.pages[indices] = 0
+    def pages(self, block: str, indices: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]) -> None:
+        """Scatter a batch of received pages into guest RAM (one numpy copy)."""
+        b = self.blocks[block]
+        n = len(indices)
+        if n and indices[-1] - indices[0] == n - 1:
+            b.pages[indices[0] : indices[0] + n] = data  # a run: plain slice copy
+        else:
+            b.pages[indices] = data
+        self._written[block][indices] = True
+
+    def zeros(self, block: str, indices: npt.NDArray[np.int64]) -> None:
+        written = self._written[block]
+        dirty = indices[written[indices]]
+        if len(dirty):
+            self.blocks[block].pages[dirty] = 0
+            written[dirty] = False
 
 
 def page_bytes(npages: int) -> int:

@@ -130,9 +130,7 @@ class QmpRegistry:
     QEMU, what the greeting carries: the QEMU release whose QMP we speak.
     """
 
-    def __init__(
-        self, *, version: tuple[int, int, int] = (7, 2, 0), package: str | None = None
-    ) -> None:
+    def __init__(self, *, version: tuple[int, int, int] = (7, 2, 0), package: str | None = None) -> None:
         major, minor, micro = version
         self.version_info: Final[dict[str, object]] = {
             "qemu": {"major": major, "minor": minor, "micro": micro},
@@ -164,9 +162,7 @@ class QmpRegistry:
         """Run ``request``; every failure is raised as a ``QmpError``."""
         command = self._commands.get(request.name)
         if command is None:
-            raise QmpError(
-                f"The command {request.name} has not been found", ErrorClass.COMMAND_NOT_FOUND
-            )
+            raise QmpError(f"The command {request.name} has not been found", ErrorClass.COMMAND_NOT_FOUND)
         if request.oob and not command.allow_oob:
             raise QmpError(f"The command {request.name} does not support OOB")
         args = _check_struct(command.args, request.arguments, path="")

@@ -1,0 +1,186 @@
+"""Multifd channels: round trip under any chunking, QEMU's stale fields, and corruption."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from confmig.common.errors import StreamError
+from confmig.common.units import PAGE_SIZE
+from confmig.proto.stream import (
+    NEED_DATA,
+    End,
+    MultifdDecoder,
+    MultifdInit,
+    MultifdPacketEncoder,
+    MultifdPages,
+    MultifdSync,
+    multifd_init,
+)
+from confmig.proto.stream.multifd import header_size
+
+UUID = bytes(range(16))
+NPAGES = 300
+BLOCKS = {"pc.ram": NPAGES * PAGE_SIZE, "vga": 4 * PAGE_SIZE}
+RAM = np.random.default_rng(11).integers(0, 256, (NPAGES, PAGE_SIZE), dtype=np.uint8)
+HEADER = header_size(128)
+
+Norm = tuple[object, ...]
+
+
+def decode(data: bytes, chunks: list[int] | None = None, pages_per_packet: int = 128) -> list[Norm]:
+    decoder = MultifdDecoder(BLOCKS, pages_per_packet=pages_per_packet, buffer_size=8192)
+    sizes = list(chunks or [])
+    out: list[Norm] = []
+    pos = 0
+    while not isinstance(event := decoder.next_event(), End):
+        if event is NEED_DATA:
+            if pos == len(data):
+                decoder.feed_eof()
+                continue
+            n = sizes.pop(0) if sizes else len(data) - pos
+            decoder.receive_data(data[pos : pos + n])
+            pos += n
+        elif isinstance(event, MultifdPages):
+            out += [
+                ("page", event.block, event.packet_num, int(i), d.tobytes())
+                for i, d in zip(event.indices, event.data, strict=True)
+            ]
+        elif isinstance(event, MultifdSync):
+            out.append(("sync", event.packet_num))
+        elif isinstance(event, MultifdInit):
+            out.append(("init", event.uuid, event.channel))
+    return out
+
+
+def channel(packets: list[tuple[list[int], bool]], pages_per_packet: int = 128) -> bytes:
+    """Init, then one packet per ``(page indices, sync)``; no indices means a SYNC packet."""
+    encoder = MultifdPacketEncoder(pages_per_packet)
+    parts = [multifd_init(UUID, 5)]
+    for num, (indices, sync) in enumerate(packets):
+        if indices:
+            head, data = encoder.encode("pc.ram", RAM, np.array(indices, np.int64), num, sync=sync)
+            parts += [head, bytes(data)]
+        else:
+            parts.append(encoder.sync(num))
+    return b"".join(parts)
+
+
+def expected(packets: list[tuple[list[int], bool]]) -> list[Norm]:
+    out: list[Norm] = [("init", UUID, 5)]
+    for num, (indices, sync) in enumerate(packets):
+        out += [("page", "pc.ram", num, i, RAM[i].tobytes()) for i in indices]
+        if sync or not indices:
+            out.append(("sync", num))
+    return out
+
+
+packets_strategy = st.lists(
+    st.tuples(st.lists(st.integers(0, NPAGES - 1), max_size=128, unique=True), st.booleans()),
+    max_size=5,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(packets=packets_strategy, chunks=st.lists(st.integers(1, 70_000), max_size=30))
+def test_any_chunking_decodes_the_same(packets: list[tuple[list[int], bool]], chunks: list[int]) -> None:
+    assert decode(channel(packets), chunks) == expected(packets)
+
+
+def test_packet_layout() -> None:
+    head, data = MultifdPacketEncoder().encode("pc.ram", RAM, np.array([7, 3]), 42, sync=True)
+    assert len(head) == 320 + 8 * 128 == HEADER
+    fields = struct.unpack_from(">IIIIIIQ", head)
+    assert fields == (0x11223344, 1, 0x1, 128, 2, 2 * PAGE_SIZE, 42)
+    assert head[32:64] == bytes(32)
+    assert head[64:320] == b"pc.ram" + bytes(250)
+    assert head[320:336] == struct.pack(">QQ", 7 << 12, 3 << 12)
+    assert head[336:] == bytes(8 * 126)
+    assert bytes(data) == RAM[7].tobytes() + RAM[3].tobytes()
+    assert multifd_init(UUID, 5) == struct.pack(">II", 0x11223344, 1) + UUID + b"\x05" + bytes(39)
+
+
+def test_stale_fields_that_qemu_leaves_are_ignored() -> None:
+    """QEMU reuses its packet buffer: a SYNC packet keeps the last ramblock, next_packet_size
+    and offsets, and unused offset slots keep old values."""
+    stream = bytearray(channel([([1, 2], False), ([], True)]))
+    first = 64
+    stream[first + 320 + 16 : first + 320 + 24] = struct.pack(">Q", 0xDEAD000)  # slot 2, unused
+    sync = first + HEADER + 2 * PAGE_SIZE
+    stream[sync + 20 : sync + 24] = struct.pack(">I", 2 * PAGE_SIZE)
+    stream[sync + 64 : sync + 70] = b"pc.ram"
+    stream[sync + 320 : sync + 336] = struct.pack(">QQ", 1 << 12, 0xFFFFFFFF)
+    assert decode(bytes(stream)) == expected([([1, 2], False), ([], True)])
+
+
+def test_truncation_is_rejected_and_packet_boundaries_end_cleanly() -> None:
+    packets = [([0, 1, 2], False), ([], True), ([299], True)]
+    stream = channel(packets)
+    boundaries = {64, 64 + HEADER + 3 * PAGE_SIZE, 64 + 2 * HEADER + 3 * PAGE_SIZE, len(stream)}
+    points = [*range(0, 64 + 2 * HEADER + 200), *range(0, len(stream), 997), *boundaries]
+    for length in sorted(set(points)):
+        if length in boundaries:
+            decode(stream[:length])
+        else:
+            with pytest.raises(StreamError, match="truncated"):
+                decode(stream[:length])
+
+
+def _flip(data: bytes, at: int, mask: int = 0x01) -> bytes:
+    return data[:at] + bytes([data[at] ^ mask]) + data[at + 1 :]
+
+
+P = 64  # the first packet, after MultiFDInit_t
+
+
+@pytest.mark.parametrize(
+    ("at", "mask", "message"),
+    [
+        (0, 0x01, "bad multifd magic"),
+        (7, 0x01, "multifd version 0"),
+        (28, 0x01, "non-zero reserved bytes in MultiFDInit_t"),
+        (63, 0x80, "non-zero reserved bytes in MultiFDInit_t"),
+        (P + 3, 0x01, "bad multifd magic"),
+        (P + 7, 0x01, "multifd version 0"),
+        (P + 11, 0x02, r"multifd flags 0x3 \(only SYNC, without compression\)"),  # zlib
+        (P + 10, 0x01, "multifd flags 0x101"),
+        (P + 15, 0x01, "packet sized for 129 pages, channel uses 128"),
+        (P + 19, 0xFF, "253 pages in a packet of 128"),
+        (P + 22, 0x01, "next_packet_size 8448 for 2 uncompressed pages"),
+        (P + 40, 0x01, "non-zero reserved bytes in MultiFDPacket_t"),
+        (P + 64, 0x01, "unknown RAM block 'qc.ram'"),
+        (P + 64, ord("p"), "ramblock name empty or not NUL-terminated"),
+        (P + 71, 0x01, "bytes after the NUL of the ramblock name"),
+        (P + 320 + 7, 0x01, "page offset 0x1 not a page of RAM block 'pc.ram'"),
+        (P + 320 + 8 + 5, 0x80, "page offset 0x805000 not a page of RAM block 'pc.ram'"),
+    ],
+)
+def test_corrupt_headers_are_rejected(at: int, mask: int, message: str) -> None:
+    with pytest.raises(StreamError, match=message):
+        decode(_flip(channel([([0, 5], True)]), at, mask))
+
+
+def test_an_empty_packet_must_be_a_sync() -> None:
+    with pytest.raises(StreamError, match="packet with neither pages nor SYNC"):
+        decode(_flip(channel([([], True)]), P + 11))
+
+
+def test_corrupt_values_are_seen() -> None:
+    packets = [([0, 5], False)]
+    stream = channel(packets)
+    values = [(8, 0x01), (23, 0x80), (24, 0x01), (P + 24, 0x01), (P + 31, 0x80)]
+    values += [(P + 320 + 8 + 6, 0x10)]  # offset 0x5000 -> 0x4000
+    values += [(at, 0x01) for at in range(P + HEADER, len(stream), 501)]  # page data
+    for at, mask in values:
+        assert decode(_flip(stream, at, mask)) != expected(packets), at
+
+
+def test_decoder_checks_page_count_per_packet() -> None:
+    stream = channel([([1, 2, 3], True)], pages_per_packet=4)
+    assert decode(stream, pages_per_packet=4) == expected([([1, 2, 3], True)])
+    with pytest.raises(StreamError, match="packet sized for 4 pages, channel uses 128"):
+        decode(stream)
