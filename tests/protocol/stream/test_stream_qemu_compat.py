@@ -24,7 +24,7 @@ class _QemuStyleReader:
         self.pos += n
         return chunk
 
-    def int(self, n: int) -> int:
+    def uint(self, n: int) -> int:
         return int.from_bytes(self.take(n), "big")
 
     def name(self) -> str:
@@ -33,19 +33,19 @@ class _QemuStyleReader:
 
     def ram(self, page_size: int, counts: dict[str, int]) -> None:
         while True:
-            word = self.int(8)
+            word = self.uint(8)
             flags, addr = word & (page_size - 1), word & ~(page_size - 1)
             if flags & 0x04:  # MEM_SIZE
                 total = addr
                 while total > 0:
                     self.name()
-                    total -= self.int(8)
+                    total -= self.uint(8)
                 flags &= ~0x04
             if flags & 0x02:  # ZERO
                 if not flags & 0x20:
                     self.name()
                 flags &= ~0x22
-                self.int(1)
+                self.uint(1)
                 counts["zero"] += 1
             elif flags & 0x08:  # PAGE
                 if not flags & 0x20:
@@ -67,20 +67,20 @@ def qemu_style_read(data: bytes) -> dict[str, int]:
     devices = {(d["name"], d["instance_id"]): d for d in desc["devices"]}
 
     r = _QemuStyleReader(data)
-    assert r.int(4) == 0x5145564D and r.int(4) == 3
+    assert r.uint(4) == 0x5145564D and r.uint(4) == 3
     counts = {"pages": 0, "zero": 0, "devices": 0, "footers": 0}
     sections: dict[int, tuple[str, int]] = {}
     section_id = -1
     while True:
-        kind = r.int(1)
+        kind = r.uint(1)
         if kind == 0x00:
             return counts
         if kind == 0x07:  # no "configuration" in the JSON: u32 length + machine type
-            r.take(r.int(4))
+            r.take(r.uint(4))
         elif kind in (0x01, 0x04):
-            section_id = r.int(4)
-            key = (r.name(), r.int(4))
-            version = r.int(4)
+            section_id = r.uint(4)
+            key = (r.name(), r.uint(4))
+            version = r.uint(4)
             sections[section_id] = key
             if key == ("ram", 0):
                 assert version == 4
@@ -90,11 +90,11 @@ def qemu_style_read(data: bytes) -> dict[str, int]:
                     r.take(int(field["size"]))
                 counts["devices"] += 1
         elif kind in (0x02, 0x03):
-            section_id = r.int(4)
+            section_id = r.uint(4)
             assert sections[section_id] == ("ram", 0)
             r.ram(desc["page_size"], counts)
         elif kind == 0x7E:
-            assert r.int(4) == section_id, "Mismatched section footer"
+            assert r.uint(4) == section_id, "Mismatched section footer"
             counts["footers"] += 1
         else:
             raise AssertionError(f"Unknown section type: {kind}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
-from fakecpu import CpuSnapshot, FakeCpu
+from fakecpu import STEP_NS, CpuSnapshot, FakeCpu
 
 from confmig.common.units import MiB
 from confmig.guest.image import rom
@@ -41,6 +41,7 @@ class Machine:
         memory: GuestMemory | None = None,
         kv_socket: str | os.PathLike[str] | None = None,
         idle_wait: float = 0.0,
+        step_ns: int = STEP_NS,
     ) -> None:
         self.cmdline = cmdline
         self.memory = memory if memory is not None else GuestMemory.pc(ram_size)
@@ -54,7 +55,7 @@ class Machine:
         if kv_socket is not None:
             self.kv = KvDevice(self.memory, self._raise_irq, kv_socket)
             self.devices.append(self.kv)
-        self.cpu = FakeCpu(self.memory, self.devices, idle_wait=idle_wait)
+        self.cpu = FakeCpu(self.memory, self.devices, idle_wait=idle_wait, step_ns=step_ns)
 
     def _raise_irq(self, vector: int) -> None:
         self.cpu.inject(vector)

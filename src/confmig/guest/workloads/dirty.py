@@ -21,9 +21,9 @@ entry, and for written pages the GPA, the version and the checksum. It catches
 a corrupted page, a lost write (an older version) and a page copied to the
 wrong GPA; a lost write of the table page as well.
 
-Pacing: the workload owes ``rate`` pages per second since an epoch, writes
-what it owes in batches of up to WRITE_BATCH pages per step, and otherwise
-sleeps on the TSC deadline until the next PACE_NS worth of pages is due. After
+Pacing: the workload owes ``rate`` pages per second since an epoch. Once it
+owes PACE_NS worth of pages it writes them, up to WRITE_BATCH per step;
+otherwise it sleeps on the TSC deadline until it does. After
 a long stall (a paused VM) it does not burst: the debt is capped at
 MAX_BACKLOG_NS worth of pages.
 """
@@ -330,8 +330,8 @@ def _run(cpu: GuestCpu) -> None:
         if due > cap:
             st = replace(st, epoch=now - cap * TSC_HZ // st.rate, paced=0)
             due = (now - st.epoch) * st.rate // TSC_HZ
-        if due <= 0:
-            chunk = min(WRITE_BATCH, max(1, st.rate * PACE_NS // TSC_HZ))
+        chunk = min(WRITE_BATCH, max(1, st.rate * PACE_NS // TSC_HZ))
+        if due < chunk:  # a page or two due is no reason to wake up: wait for a chunk
             wake = st.epoch + -(-(st.paced + chunk) * TSC_HZ // st.rate)
             kernel.sleep_until(cpu, wake)
             return

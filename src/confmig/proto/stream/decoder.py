@@ -148,7 +148,8 @@ class ReceiveBuffer(Generic[E]):
         if len(self._buf) - self._end >= n:
             return
         if pending + n <= len(self._buf):
-            self._buf[:pending] = self._view[self._start : self._end]
+            # memoryview assignment memmoves overlapping ranges (bytearray's would memcpy).
+            self._view[:pending] = self._view[self._start : self._end]
         else:
             grown = bytearray(pending + n)
             grown[:pending] = self._view[self._start : self._end]
@@ -454,6 +455,7 @@ class StreamDecoder(ReceiveBuffer[StreamEvent]):
         if avail < 4:
             return self._wait(4, "device state")
         (length,) = _U32.unpack_from(self._buf, p)
+        # SECURITY: peer-controlled length; bounded before it can size the buffer.
         if length > MAX_BLOB:
             self._fail(f"device state of {length} bytes (limit {MAX_BLOB})", p)
         if avail < 4 + length:
@@ -564,6 +566,7 @@ class StreamDecoder(ReceiveBuffer[StreamEvent]):
         return RamZeroPages(block=name, indices=indices)
 
     def _check_in_block(self, indices: IndexArray, p: int, stride: int) -> None:
+        # SECURITY: peer-controlled offsets become indices into guest RAM: bounds-check all.
         beyond = indices >= self._block_pages
         if beyond.any():
             j = int(beyond.argmax())
@@ -612,6 +615,7 @@ class StreamDecoder(ReceiveBuffer[StreamEvent]):
             self._fail(f"CONFIDENTIAL record with offset bits 0x{offset:x}", p)
         if avail < 13:
             return self._wait(13, "confidential record")
+        # SECURITY: peer-controlled length; bounded before it can size the buffer.
         raw_subtype, length = _U8_U32.unpack_from(self._buf, p + 8)
         try:
             subtype = ConfidentialSubtype(raw_subtype)
@@ -635,6 +639,7 @@ class StreamDecoder(ReceiveBuffer[StreamEvent]):
         if avail < 5:
             return self._wait(5, "vmdescription")
         (length,) = _U32.unpack_from(self._buf, p + 1)
+        # SECURITY: peer-controlled length; bounded before it can size the buffer.
         if length > MAX_BLOB:
             self._fail(f"vmdescription of {length} bytes (limit {MAX_BLOB})", p + 1)
         if avail < 5 + length:

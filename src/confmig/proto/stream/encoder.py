@@ -49,8 +49,7 @@ _SAMPLE_WORDS: Final = (0, PAGE_SIZE // 16, PAGE_SIZE // 8 - 1)
 _PAGE_CONTINUE: Final = int(RamFlag.PAGE | RamFlag.CONTINUE)
 _ZERO_CONTINUE: Final = int(RamFlag.ZERO | RamFlag.CONTINUE)
 _U64 = struct.Struct(">Q")
-_SECTION_ID = struct.Struct(">BI")
-_FOOTER = struct.Struct(">BI")
+_TYPE_ID = struct.Struct(">BI")  # u8 section type, u32 section id
 
 
 def header(machine_type: str) -> bytes:
@@ -93,17 +92,17 @@ def ram_setup(section_id: int, blocks: Sequence[tuple[str, int]]) -> bytes:
 
 def ram_part_begin(section_id: int) -> bytes:
     """SECTION_PART header opening one precopy iteration of the ``ram`` section."""
-    return _SECTION_ID.pack(SectionType.SECTION_PART, section_id)
+    return _TYPE_ID.pack(SectionType.SECTION_PART, section_id)
 
 
 def ram_end_begin(section_id: int) -> bytes:
     """SECTION_END header opening the final (stop-and-copy) part of the ``ram`` section."""
-    return _SECTION_ID.pack(SectionType.SECTION_END, section_id)
+    return _TYPE_ID.pack(SectionType.SECTION_END, section_id)
 
 
 def eos_and_footer(section_id: int) -> bytes:
     """Close a ``ram`` section part: the EOS record, then the section footer."""
-    return _U64.pack(RamFlag.EOS) + _FOOTER.pack(SectionType.SECTION_FOOTER, section_id)
+    return _U64.pack(RamFlag.EOS) + _TYPE_ID.pack(SectionType.SECTION_FOOTER, section_id)
 
 
 def confidential_record(subtype: ConfidentialSubtype, payload: bytes) -> bytes:
@@ -128,7 +127,7 @@ def device_section(
         _section_header(SectionType.SECTION_FULL, section_id, idstr, instance_id, version_id)
         + struct.pack(">I", len(state))
         + state
-        + _FOOTER.pack(SectionType.SECTION_FOOTER, section_id)
+        + _TYPE_ID.pack(SectionType.SECTION_FOOTER, section_id)
     )
 
 
@@ -322,7 +321,7 @@ def _section_header(
     kind: SectionType, section_id: int, idstr: str, instance_id: int, version_id: int
 ) -> bytes:
     return (
-        _SECTION_ID.pack(kind, section_id)
+        _TYPE_ID.pack(kind, section_id)
         + _counted(idstr)
         + struct.pack(">II", instance_id, version_id)
     )

@@ -213,6 +213,7 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         if next_size != normal * PAGE_SIZE:
             self._fail(f"next_packet_size {next_size} for {normal} uncompressed pages", p + 20)
         block, npages = self._ramblock(p + 64, ramblock)
+        # SECURITY: peer-controlled offsets become indices into guest RAM: bounds-check all.
         offsets = np.ndarray((normal,), ">u8", self._buf, p + MULTIFD_PACKET_FIXED_SIZE)
         bad = ((offsets & RAM_FLAG_MASK) != 0) | ((offsets >> PAGE_SHIFT) >= npages)
         if bad.any():

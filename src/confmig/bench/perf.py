@@ -1,0 +1,267 @@
+"""``confmig bench``: migration measured against this machine's own limits, in one run.
+
+Every bar is a ratio of two numbers measured in the same run (the machines are
+shared and noisy): migration throughput against the raw loopback ceiling, a
+busy VM's rate next to another against its rate alone.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from confmig.bench.lab import Lab, VmProc
+from confmig.bench.scenario import MigrationSettings, migrate
+from confmig.common.units import GiB, MiB
+
+WORKING_SET_WRITTEN = re.compile(rb"dirty: working set written")
+SELFCHECK_WRITES = re.compile(rb"confmig-selfcheck: PASS pages=\d+ writes=(\d+)")
+LOOPBACK_BYTES = 2 * GiB
+LOOPBACK_CHUNK = 1 * MiB
+BUSY_WINDOW_S = 5.0
+"""How long a busy guest's write rate is measured."""
+
+
+# --- the ceiling: raw loopback TCP, sender and receiver in two processes ------------------------
+
+def _loopback_receiver(port_q: mp.Queue[int], total: int) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port_q.put(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    buf = memoryview(bytearray(LOOPBACK_CHUNK))
+    got = 0
+    while got < total:
+        n = conn.recv_into(buf)
+        if not n:
+            break
+        got += n
+    conn.sendall(b"k")
+    conn.close()
+
+
+def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3) -> float:
+    """GB/s of ``sendall`` 1 MiB chunks over 127.0.0.1 to another process (median)."""
+    data = memoryview(os.urandom(64 * MiB))
+    rates = []
+    ctx = mp.get_context("fork")
+    for _ in range(reps):
+        q: mp.Queue[int] = ctx.Queue()
+        p = ctx.Process(target=_loopback_receiver, args=(q, total))
+        p.start()
+        s = socket.create_connection(("127.0.0.1", q.get()))
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < total:
+            off = sent % len(data)
+            s.sendall(data[off : off + LOOPBACK_CHUNK])
+            sent += LOOPBACK_CHUNK
+        s.recv(1)
+        rates.append(total / (time.perf_counter() - t0) / 1e9)
+        s.close()
+        p.join()
+    return statistics.median(rates)
+
+
+# --- migrations ----------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    scenario: str
+    ram_gib: float
+    channels: int
+    status: str
+    total_ms: int
+    downtime_ms: int
+    setup_ms: int
+    transferred: int
+    guest_gbps: float
+    wire_gbps: float
+    rounds: int
+
+    @classmethod
+    def of(cls, scenario: str, ram: int, channels: int, info: dict[str, Any]) -> Row:
+        total = max(int(info.get("total-time", 0)), 1)
+        xfer = int(info.get("ram", {}).get("transferred", 0))
+        return cls(scenario=scenario, ram_gib=ram / GiB, channels=channels, status=info["status"],
+                   total_ms=total, downtime_ms=int(info.get("downtime", -1)),
+                   setup_ms=int(info.get("setup-time", 0)), transferred=xfer,
+                   guest_gbps=ram / (total / 1000) / 1e9, wire_gbps=xfer / (total / 1000) / 1e9,
+                   rounds=int(info.get("x-confmig", {}).get("rounds", 0)))
+
+
+def _ping_pong(lab: Lab, first: VmProc, ram: str, guest: str, runs: list[tuple[str, int]],
+               log: Callable[[str], None]) -> list[tuple[str, int, dict[str, Any]]]:
+    """Migrate the same running guest back and forth between the two hosts, a fresh
+    target each time (its RAM preallocated at start, as QEMU's prealloc=on)."""
+    out = []
+    src = first
+    hosts = {h.name: h for h in lab.hosts}
+    for n, (label, channels) in enumerate(runs):
+        other = hosts["hostB"] if src.host.name == "hostA" else hosts["hostA"]
+        dst = lab.vm(f"{src.name.split('-')[0]}-{n}", other, ram=ram, guest=guest, incoming="defer")
+        result = migrate(src, dst, settings=MigrationSettings(channels=channels))
+        log(f"  {label}: {result.status}, total {result.info.get('total-time')} ms, "
+            f"downtime {result.info.get('downtime')} ms")
+        out.append((label, channels, result.info))
+        src.qmp.execute("quit")
+        src = dst
+    return out
+
+
+def migration_rows(sizes: list[int], log: Callable[[str], None]) -> tuple[list[Row], str]:
+    rows: list[Row] = []
+    verdict = ""
+    for gib in sizes:
+        ram = f"{gib}G"
+        guest = "dirty,rate=0,wss=all,fill=random,seed=7"
+        with Lab() as lab:
+            a = lab.host("hostA")
+            lab.host("hostB")
+            src = lab.vm("rnd", a, ram=ram, guest=guest)
+            log(f"{gib} GiB guest: writing random contents into all of its RAM ...")
+            src.wait_console(WORKING_SET_WRITTEN, timeout=600)
+            runs = [("random RAM, 1 channel", 1), ("random RAM, 2 channels (multifd)", 2),
+                    ("random RAM, 1 channel (again)", 1)]
+            for label, ch, info in _ping_pong(lab, src, ram, guest, runs, log):
+                rows.append(Row.of(label, gib * GiB, ch, info))
+            verdict = lab.vms[-1].selfcheck(timeout=600)
+    with Lab() as lab:
+        a = lab.host("hostA")
+        lab.host("hostB")
+        src = lab.vm("idle", a, ram="1G", guest="idle")
+        time.sleep(1.0)
+        runs = [("idle guest", 1), ("idle guest (again)", 1), ("idle guest (third)", 1)]
+        for label, ch, info in _ping_pong(lab, src, "1G", "idle", runs, log):
+            rows.append(Row.of(label, GiB, ch, info))
+    return rows, verdict
+
+
+# --- two busy VMs on one host --------------------------------------------------------------------
+
+def _writes(vm: VmProc) -> tuple[float, int]:
+    line = vm.selfcheck(timeout=120)
+    m = SELFCHECK_WRITES.search(line.encode())
+    if m is None:
+        raise RuntimeError(f"{vm.name}: self-check failed: {line}")
+    return time.monotonic(), int(m.group(1))
+
+
+def busy_rates(log: Callable[[str], None]) -> dict[str, float]:
+    """Pages/s written by a guest alone, then by each of two guests on one host."""
+    guest = "dirty,rate=10000000,wss=16M,fill=random"
+    with Lab() as lab:
+        h = lab.host("host")
+        one = lab.vm("busy1", h, ram="128M", guest=guest)
+        time.sleep(1.0)
+        t0, w0 = _writes(one)
+        time.sleep(BUSY_WINDOW_S)
+        t1, w1 = _writes(one)
+        alone = (w1 - w0) / (t1 - t0)
+        two = lab.vm("busy2", h, ram="128M", guest=guest)
+        time.sleep(1.0)
+        s = [_writes(v) for v in (one, two)]
+        time.sleep(BUSY_WINDOW_S)
+        e = [_writes(v) for v in (one, two)]
+        pair = [(e[i][1] - s[i][1]) / (e[i][0] - s[i][0]) for i in range(2)]
+    log(f"  alone {alone:.0f} pages/s; side by side {pair[0]:.0f} and {pair[1]:.0f} pages/s")
+    return {"alone": alone, "vm1": pair[0], "vm2": pair[1], "ratio": min(pair) / alone}
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def run_benchmarks(*, save_dir: str | None, quick: bool) -> dict[str, Any]:
+    console = Console()
+    log = console.print
+    t0 = time.time()
+    log("[bold]loopback ceiling[/] (1 MiB sendall, two processes) ...")
+    ceiling = loopback_ceiling(reps=2 if quick else 3)
+    log(f"  {ceiling:.2f} GB/s")
+    rows, verdict = migration_rows([1] if quick else [1, 4], log)
+    log("[bold]two busy VMs on one host[/] ...")
+    busy = busy_rates(log)
+    one_channel = [r for r in rows if r.channels == 1 and r.scenario.startswith("random")]
+    best_1ch = max(r.wire_gbps for r in one_channel)
+    idle = [r.downtime_ms for r in rows if r.scenario.startswith("idle")]
+    bars = {
+        "one channel / loopback ceiling": {"value": best_1ch / ceiling, "bar": ">= 0.5",
+                                           "met": best_1ch / ceiling >= 0.5},
+        "idle guest downtime (ms, median)": {"value": statistics.median(idle), "bar": "< 50",
+                                             "met": statistics.median(idle) < 50},
+        "busy VM beside another / alone": {"value": busy["ratio"], "bar": ">= 0.8",
+                                           "met": busy["ratio"] >= 0.8},
+    }
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "kernel": platform.release()},
+        "quick": quick,
+        "loopback_ceiling_GBps": ceiling,
+        "migrations": [r.__dict__ for r in rows],
+        "selfcheck_after_ping_pong": verdict,
+        "busy_vms": busy,
+        "bars": bars,
+        "duration_s": time.time() - t0,
+    }
+    _print(console, report)
+    if save_dir:
+        _save(Path(save_dir), report)
+    return report
+
+
+def _print(console: Console, report: dict[str, Any]) -> None:
+    t = Table(title=f"plain migration (loopback ceiling {report['loopback_ceiling_GBps']:.2f} GB/s)")
+    for col in ("scenario", "RAM", "ch", "status", "total ms", "downtime ms", "setup ms",
+                "guest GB/s", "wire GB/s", "rounds"):
+        t.add_column(col)
+    for r in report["migrations"]:
+        t.add_row(r["scenario"], f"{r['ram_gib']:g} GiB", str(r["channels"]), r["status"],
+                  str(r["total_ms"]), str(r["downtime_ms"]), str(r["setup_ms"]),
+                  f"{r['guest_gbps']:.2f}", f"{r['wire_gbps']:.2f}", str(r["rounds"]))
+    console.print(t)
+    b = Table(title="bars (ratios measured in this run)")
+    for col in ("measure", "value", "bar", "met"):
+        b.add_column(col)
+    for k, v in report["bars"].items():
+        b.add_row(k, f"{v['value']:.2f}", v["bar"], "yes" if v["met"] else "NO")
+    console.print(b)
+
+
+def _save(directory: Path, report: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    kind = "quick" if report["quick"] else "full"
+    (directory / f"plain-{kind}-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Plain migration benchmark ({kind}), {report['date']}", "",
+             f"Machine: {report['machine']}. Loopback ceiling (1 MiB sendall, 2 processes): "
+             f"**{report['loopback_ceiling_GBps']:.2f} GB/s**.", "",
+             "| scenario | RAM | channels | status | total ms | downtime ms | setup ms | guest GB/s "
+             "| wire GB/s | rounds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["migrations"]:
+        lines.append(f"| {r['scenario']} | {r['ram_gib']:g} GiB | {r['channels']} | {r['status']} | "
+                     f"{r['total_ms']} | {r['downtime_ms']} | {r['setup_ms']} | {r['guest_gbps']:.2f} | "
+                     f"{r['wire_gbps']:.2f} | {r['rounds']} |")
+    busy = report["busy_vms"]
+    lines += ["", f"Guest self-check after the ping-pong: `{report['selfcheck_after_ping_pong']}`", "",
+              f"Busy guest (dirty, unlimited rate, 16 MiB working set): alone {busy['alone']:.0f} "
+              f"pages/s; beside a second busy VM on the same host {busy['vm1']:.0f} and "
+              f"{busy['vm2']:.0f} pages/s.", "", "| bar | value | target | met |", "|---|---|---|---|"]
+    for k, v in report["bars"].items():
+        lines.append(f"| {k} | {v['value']:.2f} | {v['bar']} | {'yes' if v['met'] else 'NO'} |")
+    lines += ["", "Reproduce: `make bench` (or `confmig bench --save benchmarks/`)."]
+    (directory / f"plain-{kind}-{stamp}.md").write_text("\n".join(lines) + "\n")
+    (directory / f"plain-{kind}-latest.md").write_text("\n".join(lines) + "\n")
