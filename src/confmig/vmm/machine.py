@@ -27,6 +27,7 @@ from confmig.proto import ioctl
 from confmig.vmm.cmdline import MachineConfig
 from confmig.vmm.devices import PortIoDevice
 from confmig.vmm.devices.fw_cfg import FwCfg
+from confmig.vmm.devices.kv import KvDevice
 from confmig.vmm.devices.serial import Serial
 from confmig.vmm.memory import GuestMemory
 from confmig.vmm.runstate import RunState, check_transition
@@ -164,10 +165,8 @@ class Machine:
             cmdline=config.guest.kernel_cmdline(), files=dict(config.fw_cfg_files),
         )
         self.devices: list[PortIoDevice] = [self.serial, self.fw_cfg]
-        self.kv: PortIoDevice | None = None
+        self.kv: KvDevice | None = None
         if config.kv_socket:
-            from confmig.vmm.devices.kv import KvDevice
-
             kv = KvDevice(self.memory, self.raise_irq, config.kv_socket)
             self.kv = kv
             self.devices.append(kv)
@@ -197,6 +196,8 @@ class Machine:
             self.set_runstate(RunState.RUNNING)
             for v in self.vcpus:
                 v.resume()
+            if self.kv is not None and not self.kv.listening:
+                self.kv.start()
         self._events("RESUME", None)
 
     def stop(self, new_state: RunState = RunState.PAUSED) -> None:
@@ -212,6 +213,12 @@ class Machine:
                     raise StateError("stop", f"vcpu{v.fd.vcpu_id} not responding", "parked vCPUs")
         if was_running:
             self._events("STOP", None)
+
+    def quiesce_devices(self) -> None:
+        """Switch-over: devices that write guest RAM on their own stop doing so, so
+        the final RAM pass and their saved state are consistent."""
+        if self.kv is not None:
+            self.kv.stop()
 
     @property
     def running(self) -> bool:
@@ -320,9 +327,8 @@ class Machine:
         for v in self.vcpus:
             v.join(2)
             v.fd.close()
-        stop_kv = getattr(self.kv, "stop", None)
-        if callable(stop_kv):
-            stop_kv()
+        if self.kv is not None:
+            self.kv.stop()
         self.vm.close()
         self.kvm.close()
         self.memory.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from streamcases import (
     Built,
@@ -79,10 +79,10 @@ def scripts(draw: st.DrawFn) -> Script:
     )
 
 
-_SLOW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.data_too_large])
+_SETTINGS = settings(max_examples=60, deadline=None)
 
 
-@_SLOW
+@_SETTINGS
 @given(
     script=scripts(),
     chunks=st.lists(st.integers(1, 20_000), max_size=40),
@@ -147,7 +147,7 @@ def test_corrupt_values_are_rejected_or_seen(sample: Built, mask: int) -> None:
             _assert_rejected_or_seen(sample, at, mask)
 
 
-@_SLOW
+@_SETTINGS
 @given(script=scripts(), where=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255))
 def test_any_corruption_is_rejected_or_seen(script: Script, where: float, mask: int) -> None:
     built = build(script)
@@ -156,7 +156,7 @@ def test_any_corruption_is_rejected_or_seen(script: Script, where: float, mask: 
     _assert_rejected_or_seen(built, at, mask)
 
 
-@_SLOW
+@_SETTINGS
 @given(script=scripts(), where=st.floats(0, 1, exclude_max=True))
 def test_any_truncation_is_rejected(script: Script, where: float) -> None:
     built = build(script)

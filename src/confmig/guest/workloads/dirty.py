@@ -309,7 +309,7 @@ def _init_table(cpu: GuestCpu) -> None:
         return
     _store_state(cpu, replace(st, epoch=cpu.rdtsc()))
     _goto(cpu, Phase.RUN)
-    pieces = ", ".join(f"{n} at {gpa:#x}" for gpa, n in st.ranges)
+    pieces = ", ".join(f"{count} at {gpa:#x}" for gpa, count in st.ranges)
     kernel.console_write(
         cpu,
         f"dirty: {st.npages} pages ({st.npages * PAGE_SIZE // MiB} MiB: {pieces}), "

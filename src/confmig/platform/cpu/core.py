@@ -245,7 +245,8 @@ class CpuCore:
         self._leave(VmExit(code=SvmExitCode.VMMCALL, nr=nr, args=(a0, a1, a2, a3)))
 
     def hlt(self) -> None:
-        self.halted = True
+        # A pending interrupt ends HLT at once: never sleep past a wake-up that came early.
+        self.halted = not (self.irr or self.nmi_pending)
         self._leave(VmExit(code=SvmExitCode.HLT))
 
     def shutdown(self) -> None:

@@ -346,9 +346,7 @@ class StreamDecoder(ReceiveBuffer[StreamEvent]):
             self._fail(f"stream version {version} (only {QEMU_VM_FILE_VERSION} is known)", p + 4)
         if avail > 8 and self._buf[p + 8] != SectionType.CONFIGURATION:
             tag = self._buf[p + 8]
-            self._fail(
-                f"expected CONFIGURATION (0x07) after the file header, got 0x{tag:02x}", p + 8
-            )
+            self._fail(f"expected CONFIGURATION (0x07) after the file header, got 0x{tag:02x}", p + 8)
         if avail < 13:
             return self._wait(13, "CONFIGURATION record")
         (length,) = _U32.unpack_from(self._buf, p + 9)
@@ -538,9 +536,7 @@ class StreamDecoder(ReceiveBuffer[StreamEvent]):
         self._start = p + n * ZERO_RECORD_SIZE
         return RamZeroPages(block=self._block, indices=indices)
 
-    def _named_page(
-        self, p: int, avail: int, offset: int, flags: int
-    ) -> RamPages | RamZeroPages | NeedData:
+    def _named_page(self, p: int, avail: int, offset: int, flags: int) -> RamPages | RamZeroPages | NeedData:
         if avail < 9:
             return self._wait(9, "RAM record")
         length = self._buf[p + 8]

@@ -58,9 +58,7 @@ def header(machine_type: str) -> bytes:
     if not 0 < len(name) <= MAX_MACHINE_TYPE:
         raise ValueError(f"machine type must be 1..{MAX_MACHINE_TYPE} bytes, got {len(name)}")
     return (
-        struct.pack(
-            ">IIBI", QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, SectionType.CONFIGURATION, len(name)
-        )
+        struct.pack(">IIBI", QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, SectionType.CONFIGURATION, len(name))
         + name
     )
 
@@ -115,9 +113,7 @@ def confidential_record(subtype: ConfidentialSubtype, payload: bytes) -> bytes:
     return struct.pack(">QBI", RamFlag.CONFIDENTIAL, subtype, len(payload)) + payload
 
 
-def device_section(
-    section_id: int, idstr: str, instance_id: int, version_id: int, state: bytes
-) -> bytes:
+def device_section(section_id: int, idstr: str, instance_id: int, version_id: int, state: bytes) -> bytes:
     """A SECTION_FULL whose body is u32 length + opaque device state, then the footer."""
     if idstr == RAM_SECTION_IDSTR:
         raise ValueError("'ram' is an iterative section, not a device section")
@@ -320,8 +316,4 @@ def _counted(idstr: str) -> bytes:
 def _section_header(
     kind: SectionType, section_id: int, idstr: str, instance_id: int, version_id: int
 ) -> bytes:
-    return (
-        _TYPE_ID.pack(kind, section_id)
-        + _counted(idstr)
-        + struct.pack(">II", instance_id, version_id)
-    )
+    return _TYPE_ID.pack(kind, section_id) + _counted(idstr) + struct.pack(">II", instance_id, version_id)

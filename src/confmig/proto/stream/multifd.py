@@ -89,9 +89,7 @@ class MultifdPacketEncoder:
         """A packet without pages that only carries the SYNC flag."""
         return self._header(MultifdFlag.SYNC, 0, packet_num, b"", np.empty(0, dtype=np.int64))
 
-    def _header(
-        self, flags: int, n: int, packet_num: int, name: bytes, indices: IndexArray
-    ) -> bytes:
+    def _header(self, flags: int, n: int, packet_num: int, name: bytes, indices: IndexArray) -> bytes:
         offsets = np.zeros(self.pages_per_packet, dtype=">u8")
         offsets[:n] = indices << PAGE_SHIFT
         fixed = _PACKET.pack(

@@ -249,6 +249,10 @@ class KvDevice:
 
     # --- lifecycle ---------------------------------------------------------------------
 
+    @property
+    def listening(self) -> bool:
+        return self._thread is not None
+
     def start(self) -> None:
         """Listen on the socket path and serve clients from an I/O thread."""
         if self._thread is not None:

@@ -169,6 +169,7 @@ class OutgoingMigration(threading.Thread):
         # --- switch-over: the guest is stopped from here to the target's verdict
         t_stop = time.monotonic()
         m.stop(RunState.FINISH_MIGRATE)
+        m.quiesce_devices()
         t_stopped = time.monotonic()
         self.set_status(MigrationStatus.DEVICE)
         sender.sync()
