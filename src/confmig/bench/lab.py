@@ -155,7 +155,5 @@ def _stop(p: subprocess.Popen[bytes]) -> None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     else:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGKILL)  # stray vCPU processes of a dead host
-        except (ProcessLookupError, PermissionError):
-            pass
