@@ -3,7 +3,8 @@
 Options: ``rate=`` pages per second (default 1000; 0 writes the working set
 once, then idles), ``wss=`` working-set size (default 64M; ``all`` is every
 page of workload memory, in both RAM regions), ``fill=random|zero`` (default
-random), ``seed=`` (default 1).
+random), ``seed=`` (default 1), ``prefill=on|off`` (default off: with it the
+first pass writes the whole working set at full speed, then ``rate`` applies).
 
 Memory: the version table (one le64 per working-set page) starts workload
 memory, the working set follows; both are recorded in the workload state page.
@@ -85,17 +86,21 @@ class Phase(IntEnum):
 
 # --- options -------------------------------------------------------------------------------
 
-_PARAMS = struct.Struct("<QQQQ")
-"""rate, wss in bytes (0: all), fill, seed."""
+_PARAMS = struct.Struct("<QQQQQ")
+"""rate, wss in bytes (0: all), fill, seed, prefill."""
+_ON_OFF = {"on": 1, "off": 0, "1": 1, "0": 0}
 
 
 def parse(options: Mapping[str, str]) -> bytes:
-    unknown = set(options) - {"rate", "wss", "fill", "seed"}
+    unknown = set(options) - {"rate", "wss", "fill", "seed", "prefill"}
     if unknown:
         raise ValueError(
             f"unknown option(s) {', '.join(sorted(unknown))} for workload dirty "
-            "(known: rate, wss, fill, seed)"
+            "(known: rate, wss, fill, seed, prefill)"
         )
+    prefill = _ON_OFF.get(options.get("prefill", "off"))
+    if prefill is None:
+        raise ValueError(f"prefill={options['prefill']} (expected on or off)")
     rate = int(options.get("rate", "1000"))
     if not 0 <= rate <= RATE_MAX:
         raise ValueError(f"rate={rate} not in 0..{RATE_MAX} pages/s")
@@ -109,20 +114,20 @@ def parse(options: Mapping[str, str]) -> bytes:
     seed = int(options.get("seed", "1"))
     if not 0 <= seed < 1 << 63:
         raise ValueError(f"seed={seed} out of range")
-    return _PARAMS.pack(rate, wss, _FILLS[fill], seed)
+    return _PARAMS.pack(rate, wss, _FILLS[fill], seed, prefill)
 
 
 def describe(encoded: bytes) -> str:
-    rate, wss, fill, seed = _PARAMS.unpack(encoded)
+    rate, wss, fill, seed, prefill = _PARAMS.unpack(encoded)
     fill_name = next(k for k, v in _FILLS.items() if v == fill)
     size = "all" if wss == 0 else format_size(wss)
-    return f"rate={rate} wss={size} fill={fill_name} seed={seed}"
+    return f"rate={rate} wss={size} fill={fill_name} seed={seed}" + (" prefill" if prefill else "")
 
 
 # --- state (the workload state page) -------------------------------------------------------
 
 STATE_MAGIC = b"CMDIRTY1"
-_STATE = struct.Struct(f"<8s7Q{2 * WS_MAX_RANGES}Q9Q")
+_STATE = struct.Struct(f"<8s7Q{2 * WS_MAX_RANGES}Q10Q")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,6 +151,8 @@ class DirtyState:
     bad: int = 0
     first_bad: int = 0
     checked: int = 0
+    prefill: int = 0
+    """1: the first pass is not paced."""
 
     @property
     def table_pages(self) -> int:
@@ -167,7 +174,7 @@ def load_state(cpu: GuestCpu) -> DirtyState:
         rate=rate, fill=fill, seed=seed, table=table, npages=npages, table_zeroed=zeroed,
         ranges=tuple((flat[2 * i], flat[2 * i + 1]) for i in range(min(nranges, WS_MAX_RANGES))),
         pass_no=rest[0], cursor=rest[1], written=rest[2], epoch=rest[3], paced=rest[4],
-        check=rest[5], bad=rest[6], first_bad=rest[7], checked=rest[8],
+        check=rest[5], bad=rest[6], first_bad=rest[7], checked=rest[8], prefill=rest[9],
     )
 
 
@@ -179,7 +186,7 @@ def _store_state(cpu: GuestCpu, st: DirtyState) -> None:
         _STATE.pack(
             STATE_MAGIC, st.rate, st.fill, st.seed, st.table, st.npages, len(st.ranges),
             st.table_zeroed, *flat, st.pass_no, st.cursor, st.written, st.epoch, st.paced,
-            st.check, st.bad, st.first_bad, st.checked,
+            st.check, st.bad, st.first_bad, st.checked, st.prefill,
         ),
     )
 
@@ -274,7 +281,7 @@ def _goto(cpu: GuestCpu, phase: Phase) -> None:
 
 
 def _entry(cpu: GuestCpu) -> None:
-    rate, wss, fill, seed = _PARAMS.unpack(kernel.params(cpu))
+    rate, wss, fill, seed, prefill = _PARAMS.unpack(kernel.params(cpu))
     free = workload_memory(bootinfo.load(cpu).ram)
     sizes = [r.size // PAGE_SIZE for r in free]
     total = sum(sizes)
@@ -293,7 +300,7 @@ def _entry(cpu: GuestCpu) -> None:
     npages -= left  # only if RAM comes in more pieces than WS_MAX_RANGES
     st = DirtyState(
         rate=rate, fill=fill, seed=seed, table=free[0].start, npages=npages, table_zeroed=0,
-        ranges=tuple(pieces),
+        ranges=tuple(pieces), prefill=prefill,
     )
     _store_state(cpu, st)
     _goto(cpu, Phase.INIT_TABLE)
@@ -323,7 +330,7 @@ def _run(cpu: GuestCpu) -> None:
         kernel.sleep_until(cpu, cpu.rdtsc() + TICK_NS)  # written once: idle
         return
     count = WRITE_BATCH
-    if st.rate:
+    if st.rate and not (st.prefill and st.pass_no == 1):
         now = cpu.rdtsc()
         due = (now - st.epoch) * st.rate // TSC_HZ - st.paced
         cap = max(WRITE_BATCH, st.rate * MAX_BACKLOG_NS // TSC_HZ)
@@ -343,6 +350,10 @@ def _run(cpu: GuestCpu) -> None:
     st = replace(st, cursor=st.cursor + n, written=st.written + n, paced=st.paced + n)
     if st.cursor < st.npages:
         _store_state(cpu, st)
+    elif st.rate and st.prefill and st.pass_no == 1:
+        _store_state(cpu, replace(st, pass_no=2, cursor=0, epoch=cpu.rdtsc(), paced=0))
+        kernel.console_write(
+            cpu, f"dirty: working set written ({st.npages} pages); now {st.rate} pages/s")
     elif st.rate:
         _store_state(cpu, replace(st, pass_no=st.pass_no + 1, cursor=0))
     else:
