@@ -27,6 +27,8 @@ from confmig.common.units import PAGE_SHIFT, PAGE_SIZE, GiB, Gpa, MemoryRange
 BELOW_4G_LIMIT = 3 * GiB
 """As on QEMU's q35 machine: RAM above this GPA moves to 4 GiB (PCI hole below)."""
 ABOVE_4G_BASE = 4 * GiB
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+"""Linux 5.14+; Python names it only from 3.12 on."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,15 +70,12 @@ class RamBlock:
 
     def prealloc(self) -> None:
         """Fault every page in now (QEMU's ``prealloc=on``): first touch costs ~1.4 GB/s
-        here, and must not happen during an incoming migration."""
-        madv = getattr(mmap, "MADV_POPULATE_WRITE", None)
-        if madv is not None:
-            try:
-                self._map.madvise(madv)
-                return
-            except OSError:
-                pass
-        self.pages[:, 0] = self.pages[:, 0]  # touch one byte per page
+        here, and must not happen during an incoming migration. Only for RAM that
+        holds nothing yet (a VM about to receive one)."""
+        try:
+            self._map.madvise(MADV_POPULATE_WRITE)
+        except OSError:  # kernels before 5.14: touch every page (the memory is still zero)
+            self.pages[:, 0] = 0
 
     def holes(self) -> npt.NDArray[np.bool_]:
         """Pages that were never written (holes of the memfd): zero without reading
