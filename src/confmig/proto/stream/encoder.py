@@ -221,10 +221,11 @@ class PageBatchEncoder:
     what was sent before it), then uniform PAGE|CONTINUE records of 4104 bytes that the
     decoder recognises at a fixed stride.
 
-    Copies: numpy cannot gather rows into a strided destination in one pass (``np.take``
-    buffers a non-contiguous ``out``), so pages are gathered into a contiguous scratch
-    array, checked for zeros while they are hot in cache, and then copied behind their
-    headers, which also drops the zero pages for free.
+    Copies: a run of consecutive pages (the whole first round) is checked for zeros in
+    place and copied once, behind its headers. Scattered pages cannot be gathered into a
+    strided destination in one pass (``np.take`` buffers a non-contiguous ``out``), so
+    they are gathered into a contiguous scratch array, checked for zeros while hot in
+    cache, and then copied behind their headers, which also drops the zero pages.
     """
 
     def __init__(self, max_pages: int = DEFAULT_BATCH_PAGES) -> None:
@@ -243,8 +244,16 @@ class PageBatchEncoder:
             raise ValueError(f"batch of {n} pages (allowed 1..{self.max_pages})")
         indices = np.asarray(indices, dtype=np.int64)
         name = _counted(block)
-        scratch = self._scratch[:n]
-        gather_pages(pages, indices, scratch)
+        first = int(indices[0])
+        if int(indices[-1]) - first == n - 1 and (n == 1 or bool(np.all(np.diff(indices) == 1))):
+            # A run of pages (every first round): read them in place, copy once.
+            _check_pages(pages)
+            if first < 0 or first + n > len(pages):
+                raise IndexError(f"page index out of range for a RAM block of {len(pages)} pages")
+            scratch = pages[first : first + n]
+        else:
+            scratch = self._scratch[:n]
+            gather_pages(pages, indices, scratch)
         zero_at = _zero_rows(scratch.view(np.uint64), np.arange(n))
         if zero_at.size:
             keep = np.ones(n, dtype=bool)
