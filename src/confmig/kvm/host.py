@@ -195,7 +195,7 @@ class Vm:
 
     def _set_dirty_logging(self, slot: Slot, on: bool) -> None:
         if on and slot.dirty is None:
-            slot.dirty = DirtyLog(slot.mapped)
+            slot.dirty = DirtyLog(slot.mapped, len(self.vcpus))
             if self.initially_set:
                 slot.dirty.seen[:] = slot.mapped.counters - 1  # every page starts dirty
         elif not on:

@@ -85,9 +85,12 @@ def new_counters_fd(npages: int) -> int:
 class DirtyLog:
     """The dirty log of one slot, as ``KVM_GET_DIRTY_LOG``/``KVM_CLEAR_DIRTY_LOG`` see it."""
 
-    def __init__(self, slot: MappedSlot) -> None:
+    def __init__(self, slot: MappedSlot, nr_vcpus: int) -> None:
         self.slot = slot
-        self.seen = slot.counters.copy()
+        # Rows of vCPUs that do not exist yet stay untouched (np.zeros does not fault
+        # pages in); a vCPU created later starts counting from zero, as they do.
+        self.seen = np.zeros_like(slot.counters)
+        self.seen[:nr_vcpus] = slot.counters[:nr_vcpus]
         """Counter values as of the last clear: a page is dirty where they differ."""
         self.reported: npt.NDArray[np.uint32] | None = None
         """Counters at the last GET in manual-protect mode, awaiting CLEAR."""

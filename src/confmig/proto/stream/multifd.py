@@ -70,7 +70,8 @@ class MultifdPacketEncoder:
         sync: bool = False,
     ) -> tuple[bytes, memoryview]:
         """``(header, page data)`` for ``pages[indices]``; the page data is valid until the
-        next ``encode``."""
+        next ``encode``. A run of consecutive pages is not copied: the data is a view
+        of ``pages`` itself."""
         n = len(indices)
         if not 0 < n <= self.pages_per_packet:
             raise ValueError(f"packet of {n} pages (allowed 1..{self.pages_per_packet})")
@@ -78,12 +79,15 @@ class MultifdPacketEncoder:
         if not 0 < len(name) <= MAX_IDSTR:
             raise ValueError(f"RAM block name {block!r} must be 1..{MAX_IDSTR} bytes")
         indices = np.asarray(indices, dtype=np.int64)
-        gather_pages(pages, indices, self._pages[:n])
         flags = MultifdFlag.SYNC if sync else 0
-        return (
-            self._header(flags, n, packet_num, name, indices),
-            self._pages[:n].reshape(-1).data,
-        )
+        head = self._header(flags, n, packet_num, name, indices)
+        first = int(indices[0])
+        if int(indices[-1]) - first == n - 1 and (n == 1 or bool(np.all(np.diff(indices) == 1))):
+            if first < 0 or first + n > len(pages):
+                raise IndexError(f"page index out of range for a RAM block of {len(pages)} pages")
+            return head, pages[first : first + n].reshape(-1).data  # a run: straight from RAM
+        gather_pages(pages, indices, self._pages[:n])
+        return head, self._pages[:n].reshape(-1).data
 
     def sync(self, packet_num: int) -> bytes:
         """A packet without pages that only carries the SYNC flag."""

@@ -133,6 +133,8 @@ class OutgoingMigration(threading.Thread):
         blocks = [(b.idstr, b.size) for b in m.memory.blocks]
         head = enc.header(MACHINE_TYPE) + enc.ram_setup(RAM_SECTION_ID, blocks)
         main.send_all(head)
+        if multifd is not None:
+            multifd.sync()  # as QEMU's ram_save_setup: every EOS has its SYNC on every channel
         stats.transferred += len(head)
         stats.setup_time_ms = stats.elapsed_ms()
         self.set_status(MigrationStatus.ACTIVE)
