@@ -56,7 +56,7 @@ def _loopback_receiver(port_q: mp.Queue[int], total: int) -> None:
 
 def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3) -> float:
     """GB/s of ``sendall`` 1 MiB chunks over 127.0.0.1 to another process (median)."""
-    data = memoryview(os.urandom(64 * MiB))
+    data = memoryview(os.urandom(256 * MiB))  # as baselines.md: a 256 MiB random buffer, cycled
     rates = []
     ctx = mp.get_context("fork")
     for _ in range(reps):

@@ -81,7 +81,7 @@ class MigrationState:
             self.machine, parsed, self.params, self.stats, self.set_status,
             policy=self.policy, pass_event=self._pass_event,
         )
-        self.outgoing = mig
+        self.outgoing, self.incoming = mig, None
         mig.start()
 
     def migrate_incoming(self, uri: str) -> str:
@@ -95,7 +95,7 @@ class MigrationState:
             self.stats = MigrationStats()
             mig = IncomingMigration(self.machine, parse_uri(uri), self.params, self.stats,
                                     self.set_status)
-        self.incoming = mig
+        self.incoming, self.outgoing = mig, None
         mig.start()
         return mig.address
 

@@ -176,14 +176,11 @@ class Listener:
                 raise ConfigError(f"Failed to listen on '{uri}': {exc.strerror or exc}") from exc
             s.listen(16)
             self.sock = s
-
-    @property
-    def address(self) -> str:
+        self.address = str(uri)
         """The bound address, e.g. after ``tcp:127.0.0.1:0`` picked a port."""
-        if self.sock is not None and self.uri.scheme == "tcp":
+        if self.sock is not None and uri.scheme == "tcp":
             host, port = self.sock.getsockname()[:2]
-            return f"tcp:{host}:{port}"
-        return str(self.uri)
+            self.address = f"tcp:{host}:{port}"
 
     def accept(self) -> Channel:
         if self.sock is not None:
