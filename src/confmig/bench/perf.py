@@ -185,7 +185,7 @@ def busy_rates(log: Callable[[str], None]) -> dict[str, float]:
 # --- the run -------------------------------------------------------------------------------------
 
 def run_benchmarks(*, save_dir: str | None, quick: bool) -> dict[str, Any]:
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     log = console.print
     t0 = time.time()
     log("[bold]loopback ceiling[/] (1 MiB sendall, two processes) ...")
