@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from confmig.bench.lab import Lab
+from confmig.bench.lab import WORKING_SET_WRITTEN, Lab
 from confmig.bench.scenario import MigrationSettings, migrate, two_hosts, wait_guest_ready
 from confmig.common.units import parse_size
 
@@ -29,7 +28,7 @@ class DemoOptions:
 
     def guest_arg(self) -> str:
         if self.guest == "dirty":
-            return f"dirty,rate={self.dirty_rate},wss={self.wss},fill=random"
+            return f"dirty,rate={self.dirty_rate},wss={self.wss},fill=random,prefill=on"
         return self.guest
 
 
@@ -43,7 +42,10 @@ def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
         console.print(f"source VM on hostA ({opts.ram}, guest: {opts.guest_arg()}); "
                       "target VM on hostB waiting (-incoming defer)")
         with console.status("booting the guest and filling its working set..."):
-            wait_guest_ready(src)
+            if opts.guest == "dirty":
+                src.wait_console(WORKING_SET_WRITTEN, timeout=600)
+            else:
+                wait_guest_ready(src)
         total = parse_size(opts.ram)
         with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
                       TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
@@ -63,7 +65,6 @@ def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
         if result.status == "completed" and opts.guest == "dirty":
             with console.status("in-guest self-check on the target..."):
                 verdict = dst.selfcheck()
-        time.sleep(0)
         summary = _summary(result.info, result.wall_s, verdict, opts)
     ok = result.status == "completed" and (opts.guest != "dirty" or "PASS" in verdict)
     if as_json:

@@ -23,6 +23,8 @@ from confmig.vmm.qmp.client import QmpClient
 
 START_TIMEOUT = 30.0
 SELFCHECK_RE = re.compile(rb"confmig-selfcheck: (PASS|FAIL)[^\n]*")
+WORKING_SET_WRITTEN = re.compile(rb"dirty: working set written")
+"""The dirty workload's line once every page of its working set holds data."""
 WORKLOAD_READY_RE = re.compile(rb"confmig kernel: workload \w+")
 """What the guest kernel prints once its workload runs."""
 

@@ -23,11 +23,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from confmig.bench.lab import Lab, VmProc
+from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, VmProc
 from confmig.bench.scenario import MigrationSettings, migrate
 from confmig.common.units import GiB, MiB
 
-WORKING_SET_WRITTEN = re.compile(rb"dirty: working set written")
 SELFCHECK_WRITES = re.compile(rb"confmig-selfcheck: PASS pages=\d+ writes=(\d+)")
 LOOPBACK_BYTES = 2 * GiB
 LOOPBACK_CHUNK = 1 * MiB

@@ -176,7 +176,7 @@ class IncomingMigration(threading.Thread):
         """Tell the source (return path) whether we loaded and resumed."""
         if self._main is None or self._main.sock is None:
             return
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ConfmigError):
             self._main.send_all(RP_HEADER.pack(MIG_RP_MSG_SHUT, 4) + struct.pack(">I", 0 if ok else 1))
 
     def close(self) -> None:

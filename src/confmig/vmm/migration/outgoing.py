@@ -176,11 +176,15 @@ class OutgoingMigration(threading.Thread):
         self.set_status(MigrationStatus.DEVICE)
         sender.sync()
         stats.dirty_sync_count += 1
-        main.send_all(enc.ram_end_begin(RAM_SECTION_ID))
+        end = enc.ram_end_begin(RAM_SECTION_ID)
+        main.send_all(end)
         send_round(sender, sink, stats, limiter, self.cancel, downtime=True)
         if multifd is not None:
             multifd.sync()
-        main.send_all(enc.eos_and_footer(RAM_SECTION_ID))
+        tail = enc.eos_and_footer(RAM_SECTION_ID)
+        main.send_all(tail)
+        stats.transferred += len(end) + len(tail)
+        stats.downtime_bytes += len(end) + len(tail)
         t_ram = time.monotonic()
         device_bytes = self._send_devices(main)
         stats.transferred += device_bytes
@@ -233,10 +237,14 @@ class OutgoingMigration(threading.Thread):
         main.sock.settimeout(RETURN_PATH_TIMEOUT)
         try:
             kind, length = RP_HEADER.unpack(main.recv_exact(RP_HEADER.size))
-            body = main.recv_exact(length) if length else b""
+            # SECURITY: peer-controlled; check the header before waiting for a body
+            # it announces (garbage would otherwise stall us until the timeout).
+            if kind != MIG_RP_MSG_SHUT or length != 4:
+                raise RemoteMigrationError(
+                    f"unexpected return-path message {kind:#06x} of {length} bytes")
+            body = main.recv_exact(length)
         except (OSError, RemoteMigrationError) as exc:
-            raise RemoteMigrationError(f"target did not confirm the migration: {exc}") from exc
-        if kind != MIG_RP_MSG_SHUT or len(body) != 4:
-            raise RemoteMigrationError(f"unexpected return-path message {kind}")
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise RemoteMigrationError(f"target did not confirm the migration: {reason}") from exc
         if struct.unpack(">I", body)[0] != 0:
             raise RemoteMigrationError("the target failed to load the migration stream")

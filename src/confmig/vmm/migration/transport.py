@@ -70,15 +70,23 @@ class Channel:
         self.proc = proc
         self.name = name
 
+    @property
+    def kind(self) -> str:
+        """What the channel writes to, in QEMU's words (``qio_channel_*``)."""
+        return "socket" if self.sock is not None else "command" if self.proc is not None else "file"
+
     def send_all(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        if self.sock is not None:
-            self.sock.sendall(view)
-            return len(view)
-        sent = 0
-        while sent < len(view):
-            sent += os.write(self.fd, view[sent:])
-        return sent
+        try:
+            if self.sock is not None:
+                self.sock.sendall(view)
+                return len(view)
+            sent = 0
+            while sent < len(view):
+                sent += os.write(self.fd, view[sent:])
+            return sent
+        except OSError as exc:  # QEMU's wording: "Unable to write to socket: Broken pipe"
+            raise RemoteMigrationError(f"Unable to write to {self.kind}: {exc.strerror or exc}") from exc
 
     def send_buffers(self, buffers: list[bytes | memoryview]) -> int:
         total = 0
