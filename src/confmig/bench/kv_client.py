@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 from confmig.common.clock import Clock, MonotonicClock
 from confmig.common.errors import ConfmigError, ProtocolError
+from confmig.proto.kvdev import KvOp, KvStatus
 from confmig.vmm.devices.kv import (
     FrameDecoder,
-    KvOp,
     KvReply,
     KvRequest,
-    KvStatus,
     encode_request,
     parse_reply,
 )

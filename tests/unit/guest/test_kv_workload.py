@@ -13,27 +13,12 @@ from machine import Machine
 
 from confmig.bench.kv_client import KvClient, KvRequestError
 from confmig.guest.workloads import kv as guest_kv
+from confmig.proto.kvdev import KvStatus
 from confmig.vmm.devices import kv as device_kv
-from confmig.vmm.devices.kv import KvStatus
 
 SELFCHECK = "confmig-selfcheck"
 IDLE_WAIT = 0.002
 """Real seconds a sleeping vCPU waits for the device's interrupt before its clock jumps."""
-
-
-def test_guest_and_device_agree_on_the_protocol() -> None:
-    for name in (
-        "KV_DEVICE_ID", "KV_REG_ID_GPA_LO", "KV_REG_GPA_HI", "KV_REG_STATUS_CONTROL",
-        "KV_REG_NOTIFY", "KV_CONTROL_ENABLE", "KV_KEY_MAX", "KV_VALUE_MAX", "KV_SLOT_KEY",
-        "KV_SLOT_VALUE", "KV_SLOT_SIZE", "KV_RING_SIZE", "KV_QUEUE_AVAIL", "KV_QUEUE_USED",
-        "KV_QUEUE_RING", "KV_QUEUE_SIZE",
-    ):  # fmt: skip
-        assert getattr(guest_kv, name) == getattr(device_kv, name), name
-    assert guest_kv.KV_HEADER.format == device_kv.KV_HEADER.format
-    ops = (guest_kv.OP_PUT, guest_kv.OP_GET, guest_kv.OP_DEL)
-    assert ops == (device_kv.KvOp.PUT, device_kv.KvOp.GET, device_kv.KvOp.DEL)
-    statuses = (guest_kv.ST_OK, guest_kv.ST_NOT_FOUND, guest_kv.ST_MALFORMED, guest_kv.ST_FULL)
-    assert statuses == (KvStatus.OK, KvStatus.NOT_FOUND, KvStatus.MALFORMED, KvStatus.FULL)
 
 
 @contextmanager

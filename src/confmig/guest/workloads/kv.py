@@ -41,31 +41,35 @@ from confmig.guest import kernel
 from confmig.guest.firmware import bootinfo
 from confmig.guest.layout import WORKLOAD_STATE_GPA, workload_code, workload_memory
 from confmig.platform.cpu.abi import KV_PORT_BASE, TSC_HZ, GuestCpu, GuestFault
+from confmig.proto.kvdev import (
+    KV_CONTROL_ENABLE,
+    KV_DEVICE_ID,
+    KV_HEADER,
+    KV_KEY_MAX,
+    KV_QUEUE_AVAIL,
+    KV_QUEUE_RING,
+    KV_QUEUE_SIZE,
+    KV_QUEUE_USED,
+    KV_REG_GPA_HI,
+    KV_REG_ID_GPA_LO,
+    KV_REG_NOTIFY,
+    KV_REG_STATUS_CONTROL,
+    KV_RING_SIZE,
+    KV_SLOT_KEY,
+    KV_SLOT_SIZE,
+    KV_SLOT_VALUE,
+    KV_VALUE_MAX,
+    KvOp,
+    KvStatus,
+)
 
 CODE_BASE = workload_code(2)
 TICK_NS = TSC_HZ // 10
 """Also the longest a request can wait if the device's interrupt were lost."""
 
-# The device specification (see confmig.vmm.devices.kv).
-KV_DEVICE_ID = int.from_bytes(b"CMKV", "little")
-KV_REG_ID_GPA_LO = 0x0
-KV_REG_GPA_HI = 0x4
-KV_REG_STATUS_CONTROL = 0x8
-KV_REG_NOTIFY = 0xC
-KV_CONTROL_ENABLE = 1
-KV_KEY_MAX = 64
-KV_VALUE_MAX = 1024
-KV_HEADER = struct.Struct("<BBHIQ")
-KV_SLOT_KEY = 16
-KV_SLOT_VALUE = KV_SLOT_KEY + KV_KEY_MAX
-KV_SLOT_SIZE = 2048
-KV_RING_SIZE = 64
-KV_QUEUE_AVAIL = 0x000
-KV_QUEUE_USED = 0x040
-KV_QUEUE_RING = PAGE_SIZE
-KV_QUEUE_SIZE = KV_QUEUE_RING + KV_RING_SIZE * KV_SLOT_SIZE
-OP_PUT, OP_GET, OP_DEL = 1, 2, 3
-ST_OK, ST_NOT_FOUND, ST_MALFORMED, ST_FULL = 0, 1, 2, 3
+OP_PUT, OP_GET, OP_DEL = int(KvOp.PUT), int(KvOp.GET), int(KvOp.DEL)
+ST_OK, ST_NOT_FOUND = int(KvStatus.OK), int(KvStatus.NOT_FOUND)
+ST_MALFORMED, ST_FULL = int(KvStatus.MALFORMED), int(KvStatus.FULL)
 
 SLOTS_DEFAULT = 4096
 SLOTS_MAX = 1 << 20

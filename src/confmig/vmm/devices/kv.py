@@ -49,37 +49,33 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
 
 from confmig.common.errors import ConfigError, ProtocolError, StateError
 from confmig.common.units import PAGE_SIZE
+from confmig.proto.kvdev import (  # the device's public specification
+    KV_CONTROL_ENABLE,
+    KV_DEVICE_ID,
+    KV_HEADER,
+    KV_IRQ_VECTOR,
+    KV_KEY_MAX,
+    KV_PORT_BASE,
+    KV_PORT_COUNT,
+    KV_QUEUE_AVAIL,
+    KV_QUEUE_RING,
+    KV_QUEUE_SIZE,
+    KV_QUEUE_USED,
+    KV_REG_GPA_HI,
+    KV_REG_ID_GPA_LO,
+    KV_REG_NOTIFY,
+    KV_REG_STATUS_CONTROL,
+    KV_RING_SIZE,
+    KV_SLOT_SIZE,
+    KV_SLOT_VALUE,
+    KV_VALUE_MAX,
+    KvOp,
+    KvStatus,
+)
 from confmig.vmm.memory import GuestMemory
-
-KV_PORT_BASE = 0x600
-KV_PORT_COUNT = 0x10
-KV_REG_ID_GPA_LO = 0x0
-KV_REG_GPA_HI = 0x4
-KV_REG_STATUS_CONTROL = 0x8
-KV_REG_NOTIFY = 0xC
-KV_DEVICE_ID = int.from_bytes(b"CMKV", "little")
-KV_CONTROL_ENABLE = 1
-KV_IRQ_VECTOR = 0x30
-"""The interrupt the device raises when it published requests (the guest ABI's vector)."""
-
-KV_KEY_MAX = 64
-KV_VALUE_MAX = 1024
-"""Small values keep one request in one slot and the hash table's slots fixed-size."""
-KV_HEADER = struct.Struct("<BBHIQ")
-KV_SLOT_KEY = 16
-KV_SLOT_VALUE = KV_SLOT_KEY + KV_KEY_MAX
-KV_SLOT_SIZE = 2048
-"""A power of two that holds header, longest key and longest value."""
-KV_RING_SIZE = 64
-"""Requests in flight in the guest; beyond that they wait in the device's backlog."""
-KV_QUEUE_AVAIL = 0x000
-KV_QUEUE_USED = 0x040
-KV_QUEUE_RING = PAGE_SIZE
-KV_QUEUE_SIZE = KV_QUEUE_RING + KV_RING_SIZE * KV_SLOT_SIZE
 
 KV_FRAME_MAX = KV_HEADER.size + KV_KEY_MAX + KV_VALUE_MAX
 """The largest frame body; a longer length prefix ends the connection."""
@@ -96,26 +92,7 @@ _STATE = struct.Struct("<Q?QII")
 """Migration state: programmed GPA, live flag, live queue GPA, avail, last used."""
 
 
-class KvOp(IntEnum):
-    PUT = 1
-    GET = 2
-    DEL = 3
-
-
 _OPS = frozenset(int(op) for op in KvOp)
-
-
-class KvStatus(IntEnum):
-    OK = 0
-    NOT_FOUND = 1
-    MALFORMED = 2
-    """The request did not parse; nothing reached the guest."""
-    FULL = 3
-    """The guest's table has no room for another key."""
-    BUSY = 4
-    """The device's backlog is full; retry later."""
-    IO_ERROR = 5
-    """The guest answered with a completion that does not parse."""
 
 
 _STATUSES = frozenset(int(status) for status in KvStatus)

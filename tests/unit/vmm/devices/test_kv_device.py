@@ -13,10 +13,9 @@ from hypothesis import strategies as st
 from confmig.common.errors import ProtocolError
 from confmig.common.units import MiB
 from confmig.platform.cpu import abi
-from confmig.vmm.devices.kv import (
+from confmig.proto.kvdev import (
     KV_CONTROL_ENABLE,
     KV_DEVICE_ID,
-    KV_FRAME_MAX,
     KV_HEADER,
     KV_IRQ_VECTOR,
     KV_PORT_BASE,
@@ -32,12 +31,15 @@ from confmig.vmm.devices.kv import (
     KV_SLOT_KEY,
     KV_SLOT_SIZE,
     KV_SLOT_VALUE,
+    KvOp,
+    KvStatus,
+)
+from confmig.vmm.devices.kv import (
+    KV_FRAME_MAX,
     FrameDecoder,
     KvDevice,
-    KvOp,
     KvReply,
     KvRequest,
-    KvStatus,
     MalformedRequest,
     encode_reply,
     encode_request,
