@@ -23,7 +23,8 @@ from enum import IntEnum
 from confmig.common.units import MiB
 from confmig.guest.firmware import bootinfo, fw_cfg
 from confmig.guest.layout import FIRMWARE_BASE, FIRMWARE_SIZE, FW_CFG_DMA_DATA_MAX, KERNEL_BASE
-from confmig.platform.cpu.abi import COM1_PORT, RESET_VECTOR, GuestCpu, GuestFault, RomRegion
+from confmig.guest.phases import phase_program
+from confmig.platform.cpu.abi import COM1_PORT, RESET_VECTOR, GuestCpu, RomRegion
 
 FIRMWARE_VERSION = "1.0"
 E820_FILE = "etc/e820"
@@ -151,11 +152,7 @@ _PHASES: dict[int, Callable[[GuestCpu], None]] = {
 }
 
 
-def step(cpu: GuestCpu) -> None:
-    phase = _PHASES.get(cpu.regs.rip - FIRMWARE_BASE)
-    if phase is None:
-        raise GuestFault(f"firmware: no instruction at {cpu.regs.rip:#x}")
-    phase(cpu)
+step = phase_program("firmware", FIRMWARE_BASE, _PHASES)
 
 
 REGION = RomRegion(name="firmware", base=FIRMWARE_BASE, size=FIRMWARE_SIZE, step=step)

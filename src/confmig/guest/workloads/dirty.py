@@ -43,6 +43,7 @@ from confmig.common.units import PAGE_SIZE, MiB, format_size, parse_size
 from confmig.guest import kernel
 from confmig.guest.firmware import bootinfo
 from confmig.guest.layout import WORKLOAD_STATE_GPA, workload_code, workload_memory
+from confmig.guest.phases import phase_program
 from confmig.platform.cpu.abi import TSC_HZ, GuestCpu, GuestFault, Pages
 
 CODE_BASE = workload_code(1)
@@ -388,11 +389,7 @@ _PHASES: dict[int, Callable[[GuestCpu], None]] = {
 }
 
 
-def step(cpu: GuestCpu) -> None:
-    phase = _PHASES.get(cpu.regs.rip - CODE_BASE)
-    if phase is None:
-        raise GuestFault(f"dirty: no instruction at {cpu.regs.rip:#x}")
-    phase(cpu)
+step = phase_program("dirty", CODE_BASE, _PHASES)
 
 
 WORKLOAD = kernel.Workload(

@@ -40,6 +40,7 @@ from confmig.common.units import PAGE_SIZE, format_size
 from confmig.guest import kernel
 from confmig.guest.firmware import bootinfo
 from confmig.guest.layout import WORKLOAD_STATE_GPA, workload_code, workload_memory
+from confmig.guest.phases import phase_program
 from confmig.platform.cpu.abi import KV_PORT_BASE, TSC_HZ, GuestCpu, GuestFault
 from confmig.proto.kvdev import (
     KV_CONTROL_ENABLE,
@@ -406,11 +407,7 @@ _PHASES: dict[int, Callable[[GuestCpu], None]] = {
 }
 
 
-def step(cpu: GuestCpu) -> None:
-    phase = _PHASES.get(cpu.regs.rip - CODE_BASE)
-    if phase is None:
-        raise GuestFault(f"kv: no instruction at {cpu.regs.rip:#x}")
-    phase(cpu)
+step = phase_program("kv", CODE_BASE, _PHASES)
 
 
 WORKLOAD = kernel.Workload(
