@@ -196,8 +196,7 @@ class Machine:
             self.set_runstate(RunState.RUNNING)
             for v in self.vcpus:
                 v.resume()
-            if self.kv is not None and not self.kv.listening:
-                self.kv.start()
+        self.resume_devices()
         self._events("RESUME", None)
 
     def stop(self, new_state: RunState = RunState.PAUSED) -> None:
@@ -219,6 +218,11 @@ class Machine:
         the final RAM pass and their saved state are consistent."""
         if self.kv is not None:
             self.kv.stop()
+
+    def resume_devices(self) -> None:
+        """Undo :meth:`quiesce_devices` (the VM stays here after all)."""
+        if self.kv is not None and not self.kv.listening:
+            self.kv.start()
 
     @property
     def running(self) -> bool:

@@ -72,6 +72,7 @@ class OutgoingMigration(threading.Thread):
         self.cancel = threading.Event()
         self.error: str | None = None
         self._channels: list[Channel] = []
+        self._vm_was_running = False
 
     def request_cancel(self) -> None:
         self.cancel.set()
@@ -84,20 +85,15 @@ class OutgoingMigration(threading.Thread):
         m = self.machine
         try:
             self._migrate()
-        except Cancelled:
-            self.set_status(MigrationStatus.CANCELLING)
-            self._recover(stopped_by_us=self.machine.runstate == RunState.FINISH_MIGRATE)
-            self.set_status(MigrationStatus.CANCELLED)
-        except (ConfmigError, OSError) as exc:
-            if self.cancel.is_set():
+        except (Cancelled, ConfmigError, OSError) as exc:
+            cancelled = isinstance(exc, Cancelled) or self.cancel.is_set()
+            if cancelled:
                 self.set_status(MigrationStatus.CANCELLING)
-                self._recover(stopped_by_us=m.runstate == RunState.FINISH_MIGRATE)
-                self.set_status(MigrationStatus.CANCELLED)
             else:
                 self.error = str(exc) or type(exc).__name__
                 log.error("migration failed: %s", self.error)
-                self._recover(stopped_by_us=m.runstate == RunState.FINISH_MIGRATE)
-                self.set_status(MigrationStatus.FAILED)
+            self._recover()
+            self.set_status(MigrationStatus.CANCELLED if cancelled else MigrationStatus.FAILED)
         finally:
             for ch in self._channels:
                 ch.close()
@@ -105,11 +101,14 @@ class OutgoingMigration(threading.Thread):
                 m.set_dirty_logging(False)
             self.stats.total_time_ms = self.stats.elapsed_ms()
 
-    def _recover(self, *, stopped_by_us: bool) -> None:
-        """Back to where we were: the guest runs again as if nothing happened."""
-        if stopped_by_us:
-            self.machine.set_runstate(RunState.PAUSED)
-            self.machine.start()
+    def _recover(self) -> None:
+        """Back to where we were (QEMU's ``vm_old_state``): a guest that ran runs again."""
+        m = self.machine
+        if m.runstate == RunState.FINISH_MIGRATE:
+            m.set_runstate(RunState.PAUSED)
+            if self._vm_was_running:
+                m.start()
+        m.resume_devices()
 
     def _migrate(self) -> bool:
         m, stats, params = self.machine, self.stats, self.params
@@ -169,6 +168,7 @@ class OutgoingMigration(threading.Thread):
                 break
 
         # --- switch-over: the guest is stopped from here to the target's verdict
+        self._vm_was_running = m.runstate == RunState.RUNNING
         t_stop = time.monotonic()
         m.stop(RunState.FINISH_MIGRATE)
         m.quiesce_devices()
