@@ -56,6 +56,7 @@ class IncomingMigration(threading.Thread):
 
     def run(self) -> None:
         self.set_status(MigrationStatus.SETUP)
+        self.stats.total_bytes = self.machine.memory.ram_size
         ok = False
         try:
             self._receive()

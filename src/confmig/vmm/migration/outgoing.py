@@ -73,6 +73,13 @@ class OutgoingMigration(threading.Thread):
         self.error: str | None = None
         self._channels: list[Channel] = []
         self._vm_was_running = False
+        self._limiter = RateLimiter(params.max_bandwidth, self.cancel)
+
+    def update_parameters(self, params: MigrationParameters) -> None:
+        """``migrate-set-parameters`` during a migration applies at once, as in QEMU
+        (libvirt's ``migrate-setspeed`` relies on it)."""
+        self.params = params
+        self._limiter.max_bandwidth = params.max_bandwidth
 
     def request_cancel(self) -> None:
         self.cancel.set()
@@ -129,6 +136,7 @@ class OutgoingMigration(threading.Thread):
         sender = RamSender(m.memory, m.vm)
         sender.sync()  # start the dirty log from now; every page is already set
         stats.dirty_sync_count = 1
+        self.pass_event(1)
         blocks = [(b.idstr, b.size) for b in m.memory.blocks]
         head = enc.header(MACHINE_TYPE) + enc.ram_setup(RAM_SECTION_ID, blocks)
         main.send_all(head)
@@ -137,7 +145,7 @@ class OutgoingMigration(threading.Thread):
         stats.transferred += len(head)
         stats.setup_time_ms = stats.elapsed_ms()
         self.set_status(MigrationStatus.ACTIVE)
-        limiter = RateLimiter(params.max_bandwidth, self.cancel)
+        limiter = self._limiter
 
         while True:  # precopy rounds
             stats.rounds += 1
@@ -162,6 +170,7 @@ class OutgoingMigration(threading.Thread):
             stats.expected_downtime_ms = expected_downtime_ms(stats.remaining, bandwidth)
             if self.cancel.is_set():
                 raise Cancelled
+            params = self.params  # may have changed during the round
             if self.policy(RoundResult(remaining_bytes=stats.remaining, bandwidth=bandwidth,
                                        downtime_limit_ms=params.downtime_limit,
                                        switchover_bandwidth=params.avail_switchover_bandwidth)):

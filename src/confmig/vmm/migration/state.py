@@ -58,6 +58,8 @@ class MigrationState:
 
     def set_parameters(self, args: dict[str, object]) -> None:
         self.params = self.params.with_parameters(args)
+        if self.outgoing is not None and self.status.in_progress:
+            self.outgoing.update_parameters(self.params)
 
     def set_capabilities(self, caps: list[tuple[str, bool]]) -> None:
         if self._busy():
