@@ -203,17 +203,20 @@ def run_benchmarks(*, save_dir: str | None, quick: bool) -> dict[str, Any]:
     log = console.print
     t0 = time.time()
     log("[bold]loopback ceiling[/] (1 MiB sendall, two processes) ...")
-    ceiling = loopback_ceiling(reps=2 if quick else 3)
-    log(f"  {ceiling:.2f} GB/s")
+    ceilings = [loopback_ceiling(reps=2 if quick else 3)]
+    log(f"  {ceilings[0]:.2f} GB/s")
     rows, verdict = migration_rows([1] if quick else [1, 4], log)
+    ceilings.append(loopback_ceiling(reps=2 if quick else 3))
+    log(f"  loopback ceiling again: {ceilings[1]:.2f} GB/s")
+    ceiling = max(ceilings)  # the stricter bar on a machine whose speed varies
     log("[bold]two busy VMs on one host[/] ...")
     busy = busy_rates(log)
     one_channel = [r for r in rows if r.channels == 1 and r.scenario.startswith("random")]
-    best_1ch = max(r.wire_gbps for r in one_channel)
+    median_1ch = statistics.median(r.wire_gbps for r in one_channel)
     idle = [r.downtime_ms for r in rows if r.scenario.startswith("idle")]
     bars = {
-        "one channel / loopback ceiling": {"value": best_1ch / ceiling, "bar": ">= 0.5",
-                                           "met": best_1ch / ceiling >= 0.5},
+        "one channel (median) / loopback ceiling (higher of two)": {
+            "value": median_1ch / ceiling, "bar": ">= 0.5", "met": median_1ch / ceiling >= 0.5},
         "idle guest downtime (ms, median)": {"value": statistics.median(idle), "bar": "< 50",
                                              "met": statistics.median(idle) < 50},
         "busy VM beside another / alone": {"value": busy["ratio"], "bar": ">= 0.8",
@@ -225,6 +228,7 @@ def run_benchmarks(*, save_dir: str | None, quick: bool) -> dict[str, Any]:
                     "kernel": platform.release()},
         "quick": quick,
         "loopback_ceiling_GBps": ceiling,
+        "loopback_ceilings_GBps": ceilings,
         "migrations": [r.__dict__ for r in rows],
         "selfcheck_after_ping_pong": verdict,
         "busy_vms": busy,
@@ -261,8 +265,10 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
     kind = "quick" if report["quick"] else "full"
     (directory / f"plain-{kind}-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Plain migration benchmark ({kind}), {report['date']}", "",
-             f"Machine: {report['machine']}. Loopback ceiling (1 MiB sendall, 2 processes): "
-             f"**{report['loopback_ceiling_GBps']:.2f} GB/s**.", "",
+             f"Machine: {report['machine']}. Loopback ceiling (1 MiB sendall, 2 processes), "
+             f"measured before and after the migrations: "
+             f"{' and '.join(f'{c:.2f}' for c in report['loopback_ceilings_GBps'])} GB/s; "
+             f"the bar uses the higher, **{report['loopback_ceiling_GBps']:.2f} GB/s**.", "",
              "| scenario | RAM | channels | status | total ms | downtime ms | setup ms | guest GB/s "
              "| wire GB/s | rounds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["migrations"]:

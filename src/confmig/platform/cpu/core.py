@@ -31,6 +31,7 @@ from confmig.platform.cpu.abi import (
     Registers,
     RomRegion,
 )
+from confmig.platform.mee import MemoryEncryptionEngine
 
 CpuidTable = dict[tuple[int, int], tuple[int, int, int, int]]
 
@@ -44,10 +45,25 @@ def default_cpuid() -> CpuidTable:
     }
 
 
+C_BIT_POSITION = 51
+"""CPUID 0x8000001F EBX[5:0] on Milan and Genoa parts: QEMU's ``cbitpos=51``."""
+C_BIT = 1 << C_BIT_POSITION
+
+
+def _page_span(addr: int, size: int) -> tuple[int, int]:
+    first = addr & ~(PAGE_SIZE - 1)
+    last = (addr + max(size, 1) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    return first, last - first
+
+
 class PhysicalMemory(Protocol):
     """Guest-physical memory as the core reaches it (the host kernel's memory slots)."""
 
     def backed(self, gpa: int, size: int) -> bool: ...
+
+    def spa(self, gpa: int) -> int:
+        """The emulated system-physical address behind ``gpa`` (the engine's tweak)."""
+        ...
 
     def load(self, gpa: int, size: int) -> bytes: ...
 
@@ -68,9 +84,12 @@ class CpuCore:
         rom: Sequence[RomRegion],
         *,
         clock_ns: Callable[[], int] = time.monotonic_ns,
+        mee: MemoryEncryptionEngine | None = None,
     ) -> None:
         self._vcpu_id = vcpu_id
         self.memory = memory
+        self.mee = mee
+        self.asid = 0
         self._rom = sorted(rom, key=lambda r: r.base)
         self._rom_bases = [r.base for r in self._rom]
         self._current: RomRegion | None = None
@@ -160,23 +179,67 @@ class CpuCore:
 
     # --- GuestCpu: memory ---------------------------------------------------------
 
+    # An access whose address has the C-bit set is *private*: it goes through the
+    # memory-encryption engine under this guest's ASID, with the page's system-physical
+    # address as tweak. Without the C-bit it is shared: plaintext the host can read.
+
     def read(self, gpa: int, size: int) -> bytes:
-        self._check_ram(gpa, size)
-        return self.memory.load(gpa, size)
+        addr, private = self._decode(gpa)
+        self._check_ram(addr, size)
+        if not private:
+            return self.memory.load(addr, size)
+        first, n = _page_span(addr, size)
+        plain = self._decrypt(first, n)
+        return plain[addr - first : addr - first + size]
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        self._check_ram(gpa, len(data))
-        self.memory.store(gpa, data)
+        addr, private = self._decode(gpa)
+        self._check_ram(addr, len(data))
+        if not private:
+            self.memory.store(addr, data)
+            return
+        first, n = _page_span(addr, len(data))
+        plain = bytearray(self._decrypt(first, n))  # read-modify-write of whole pages
+        plain[addr - first : addr - first + len(data)] = data
+        self.memory.store(first, self._encrypt(first, plain))
 
     def read_pages(self, gpa: int, npages: int) -> Pages:
-        self._check_ram(gpa, npages * PAGE_SIZE, aligned=True)
-        return self.memory.load_pages(gpa, npages)
+        addr, private = self._decode(gpa)
+        self._check_ram(addr, npages * PAGE_SIZE, aligned=True)
+        if not private:
+            return self.memory.load_pages(addr, npages)
+        plain = self._decrypt(addr, npages * PAGE_SIZE)
+        return np.frombuffer(plain, dtype=np.uint8).reshape(npages, PAGE_SIZE).copy()
 
     def write_pages(self, gpa: int, data: Pages) -> None:
         if data.ndim != 2 or data.shape[1] != PAGE_SIZE or data.dtype != np.uint8:
             raise GuestFault(f"write_pages: expected (n, {PAGE_SIZE}) uint8, got {data.shape}")
-        self._check_ram(gpa, data.shape[0] * PAGE_SIZE, aligned=True)
-        self.memory.store_pages(gpa, data)
+        addr, private = self._decode(gpa)
+        self._check_ram(addr, data.shape[0] * PAGE_SIZE, aligned=True)
+        if not private:
+            self.memory.store_pages(addr, data)
+            return
+        cipher = self._encrypt(addr, np.ascontiguousarray(data).data)
+        self.memory.store_pages(addr, np.frombuffer(cipher, dtype=np.uint8).reshape(-1, PAGE_SIZE))
+
+    def set_asid(self, asid: int) -> None:
+        """KVM bound this vCPU's VM to an ASID (0: not an SEV guest)."""
+        self.asid = asid
+
+    def _decode(self, gpa: int) -> tuple[int, bool]:
+        if not gpa & C_BIT:
+            return gpa, False
+        if not self.asid or self.mee is None:
+            raise GuestFault(f"#GP: C-bit set at {gpa:#x} but SEV is not active")
+        return gpa & ~C_BIT, True
+
+    def _decrypt(self, addr: int, n: int) -> bytes:
+        assert self.mee is not None
+        return self.mee.decrypt(self.asid, self.memory.spa(addr), self.memory.load(addr, n))
+
+    def _encrypt(self, addr: int, plain: bytes | bytearray | memoryview) -> bytes:
+        assert self.mee is not None
+        return self.mee.encrypt(self.asid, self.memory.spa(addr), plain)
 
     def _check_ram(self, gpa: int, size: int, *, aligned: bool = False) -> None:
         if aligned and gpa % PAGE_SIZE:

@@ -1,0 +1,124 @@
+"""The memory-encryption engine (the UMC's AES engine), emulated.
+
+Every private page of an SEV guest is encrypted under its guest's key (the
+VEK the PSP drew at LAUNCH_START or RECEIVE_START and installed in the key slot
+of the guest's ASID at ACTIVATE) with a tweak derived from the page's *system
+physical address*. Modelled as AES-128-XTS (a 32-byte key: the VEK and a
+second half derived from it) with the 16-byte little-endian SPA as the tweak:
+an XEX construction like Zen 2's, deterministic per (key, address, plaintext),
+so that ciphertext copied to another address, or read under another guest's
+key (another host's, above all), decrypts to garbage. This is why SEV guests
+need special migration.
+
+The engine reads keys from :class:`KeySlots` by ASID; nobody outside the
+platform ever sees a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from typing import NoReturn
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from confmig.common.units import PAGE_SIZE
+
+VEK_SIZE = 16
+MAX_ASID = 509
+"""ASIDs of SEV guests on this model part: 1..MAX_ASID (Rome has 509)."""
+_SLOT = 1 + VEK_SIZE
+"""A key slot: a valid byte, then the VEK."""
+
+
+class KeySlots:
+    """The UMC's key slots, indexed by ASID, in memory shared by the host's platform
+    processes (the PSP writes them, every vCPU's engine reads them). Created by the
+    platform in the host daemon and handed to vCPU processes by file descriptor;
+    the host kernel (KVM) only ever names slots by ASID."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        size = (MAX_ASID + 1) * _SLOT
+        if fd is None:
+            fd = os.memfd_create("confmig:umc-key-slots", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def install(self, asid: int, vek: bytes) -> None:
+        """The PSP's ``set_umc_key(asid, vek)`` at ACTIVATE."""
+        self._check(asid)
+        if len(vek) != VEK_SIZE:
+            raise ValueError("a VEK is 16 bytes")
+        off = asid * _SLOT
+        self._map[off + 1 : off + _SLOT] = vek
+        self._map[off] = 1
+
+    def clear(self, asid: int) -> None:
+        """DEACTIVATE / DECOMMISSION: the slot no longer decrypts anything."""
+        self._check(asid)
+        off = asid * _SLOT
+        self._map[off : off + _SLOT] = bytes(_SLOT)
+
+    def vek(self, asid: int) -> bytes | None:
+        self._check(asid)
+        off = asid * _SLOT
+        return bytes(self._map[off + 1 : off + _SLOT]) if self._map[off] else None
+
+    @staticmethod
+    def _check(asid: int) -> None:
+        if not 1 <= asid <= MAX_ASID:
+            raise ValueError(f"ASID {asid} outside 1..{MAX_ASID}")
+
+    def __repr__(self) -> str:
+        return "KeySlots(<redacted>)"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("key slots cannot be pickled")
+
+
+def _xts_key(vek: bytes) -> bytes:
+    """AES-128-XTS needs two 16-byte keys; the second is derived from the VEK."""
+    return vek + hashlib.sha256(b"confmig-umc-tweak-key" + vek).digest()[:VEK_SIZE]
+
+
+def _tweak(spa: int) -> bytes:
+    return spa.to_bytes(16, "little")
+
+
+class MemoryEncryptionEngine:
+    """Encrypts and decrypts whole pages for an ASID at system-physical addresses."""
+
+    def __init__(self, slots: KeySlots) -> None:
+        self._slots = slots
+        self._cache: dict[int, tuple[bytes, bytes]] = {}
+
+    def _key(self, asid: int) -> bytes:
+        vek = self._slots.vek(asid)
+        if vek is None:
+            # An inactive slot: real hardware would produce garbage; failing loudly is kinder.
+            raise PermissionError(f"no key installed for ASID {asid}")
+        cached = self._cache.get(asid)
+        if cached is None or cached[0] != vek:
+            cached = (vek, _xts_key(vek))
+            self._cache[asid] = cached
+        return cached[1]
+
+    def encrypt(self, asid: int, spa: int, plaintext: bytes | bytearray | memoryview) -> bytes:
+        return self._run(asid, spa, plaintext, encrypt=True)
+
+    def decrypt(self, asid: int, spa: int, ciphertext: bytes | memoryview) -> bytes:
+        return self._run(asid, spa, ciphertext, encrypt=False)
+
+    def _run(self, asid: int, spa: int, data: bytes | bytearray | memoryview, *, encrypt: bool) -> bytes:
+        if spa % PAGE_SIZE or len(data) % PAGE_SIZE:
+            raise ValueError("the engine works on whole, aligned pages")
+        key = self._key(asid)
+        out = bytearray(len(data))
+        view = memoryview(data)
+        for off in range(0, len(data), PAGE_SIZE):  # one tweak per page, as the UMC's per-address tweak
+            cipher = Cipher(algorithms.AES(key), modes.XTS(_tweak(spa + off)))
+            ctx = cipher.encryptor() if encrypt else cipher.decryptor()
+            out[off : off + PAGE_SIZE] = ctx.update(view[off : off + PAGE_SIZE]) + ctx.finalize()
+        return bytes(out)
