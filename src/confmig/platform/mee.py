@@ -112,12 +112,12 @@ class MemoryEncryptionEngine:
         return self._run(asid, spa, ciphertext, encrypt=False)
 
     def _run(self, asid: int, spa: int, data: bytes | bytearray | memoryview, *, encrypt: bool) -> bytes:
-        if spa % PAGE_SIZE or len(data) % PAGE_SIZE:
+        view = memoryview(data).cast("B")
+        if spa % PAGE_SIZE or len(view) % PAGE_SIZE:
             raise ValueError("the engine works on whole, aligned pages")
         key = self._key(asid)
-        out = bytearray(len(data))
-        view = memoryview(data)
-        for off in range(0, len(data), PAGE_SIZE):  # one tweak per page, as the UMC's per-address tweak
+        out = bytearray(len(view))
+        for off in range(0, len(view), PAGE_SIZE):  # one tweak per page, as the UMC's per-address tweak
             cipher = Cipher(algorithms.AES(key), modes.XTS(_tweak(spa + off)))
             ctx = cipher.encryptor() if encrypt else cipher.decryptor()
             out[off : off + PAGE_SIZE] = ctx.update(view[off : off + PAGE_SIZE]) + ctx.finalize()
