@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from confmig.common.units import PAGE_SIZE
-from confmig.platform.cpu.abi import GuestFault, RomRegion
-from confmig.platform.cpu.core import C_BIT, CpuCore
+from confmig.platform.cpu.abi import C_BIT, GuestFault, RomRegion
+from confmig.platform.cpu.core import CpuCore
 from confmig.platform.mee import KeySlots, MemoryEncryptionEngine
 
 SPA = 0x1_2340_0000

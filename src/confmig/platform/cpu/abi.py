@@ -53,6 +53,9 @@ from confmig.common.x86 import (  # re-exported: the guest's view of the archite
 
 __all__ = [
     "COM1_PORT",
+    "CPUID_AMD_SEV",
+    "C_BIT",
+    "C_BIT_POSITION",
     "FW_CFG_PORT_DATA",
     "FW_CFG_PORT_DMA_HI",
     "FW_CFG_PORT_DMA_LO",
@@ -64,10 +67,14 @@ __all__ = [
     "KVM_FEATURE_HC_MAP_GPA_RANGE",
     "KVM_FEATURE_MIGRATION_CONTROL",
     "KVM_HC_MAP_GPA_RANGE",
+    "KVM_MAP_GPA_RANGE_ENCRYPTED",
     "KVM_MIGRATION_READY",
     "KV_PORT_BASE",
     "KV_PORT_COUNT",
     "LOCAL_TIMER_VECTOR",
+    "MSR_AMD64_SEV",
+    "MSR_AMD64_SEV_ENABLED",
+    "MSR_AMD64_SEV_ES_ENABLED",
     "MSR_IA32_TSC",
     "MSR_IA32_TSC_DEADLINE",
     "MSR_KVM_MIGRATION_CONTROL",
@@ -98,6 +105,20 @@ KVM_CPUID_SIGNATURE = 0x4000_0000
 KVM_CPUID_FEATURES = 0x4000_0001
 KVM_FEATURE_HC_MAP_GPA_RANGE = 16
 KVM_FEATURE_MIGRATION_CONTROL = 17
+
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+"""``KVM_HC_MAP_GPA_RANGE`` attribute: the range became private (0: shared), 4 KiB pages."""
+
+# SEV discovery, as a guest kernel does it.
+CPUID_AMD_SEV = 0x8000_001F
+"""EAX bit 1: SEV, bit 3: SEV-ES; EBX[5:0]: C-bit position, EBX[11:6]: physical-address bits lost."""
+MSR_AMD64_SEV = 0xC001_0131
+"""Read-only: bit 0 SEV is active for this guest, bit 1 SEV-ES is."""
+MSR_AMD64_SEV_ENABLED = 1 << 0
+MSR_AMD64_SEV_ES_ENABLED = 1 << 1
+C_BIT_POSITION = 51
+"""Where the C-bit sits in a guest-physical address on Milan and Genoa (QEMU's ``cbitpos=51``)."""
+C_BIT = 1 << C_BIT_POSITION
 
 class Registers:
     """The general-purpose register file, in ``struct kvm_regs`` order.

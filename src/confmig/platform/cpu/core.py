@@ -19,9 +19,15 @@ import numpy as np
 from confmig.common.svm import SvmExitCode, VmExit
 from confmig.common.units import PAGE_SIZE
 from confmig.platform.cpu.abi import (
+    C_BIT,
+    C_BIT_POSITION,
+    CPUID_AMD_SEV,
     KVM_CPUID_FEATURES,
     KVM_CPUID_SIGNATURE,
     LOCAL_TIMER_VECTOR,
+    MSR_AMD64_SEV,
+    MSR_AMD64_SEV_ENABLED,
+    MSR_AMD64_SEV_ES_ENABLED,
     MSR_IA32_TSC,
     MSR_IA32_TSC_DEADLINE,
     MSR_KVM_MIGRATION_CONTROL,
@@ -45,9 +51,6 @@ def default_cpuid() -> CpuidTable:
     }
 
 
-C_BIT_POSITION = 51
-"""CPUID 0x8000001F EBX[5:0] on Milan and Genoa parts: QEMU's ``cbitpos=51``."""
-C_BIT = 1 << C_BIT_POSITION
 
 
 def _page_span(addr: int, size: int) -> tuple[int, int]:
@@ -97,7 +100,7 @@ class CpuCore:
         self._regs = Registers()
         self.tsc_offset = -clock_ns()
         self.tsc_deadline = 0
-        self.msrs: dict[int, int] = {MSR_KVM_MIGRATION_CONTROL: 0}
+        self.msrs: dict[int, int] = {MSR_KVM_MIGRATION_CONTROL: 0, MSR_AMD64_SEV: 0}
         self.msr_exits: frozenset[int] = frozenset()
         """MSRs whose writes leave to the VMM (the MSR filter)."""
         self.cpuid_table = default_cpuid()
@@ -147,6 +150,8 @@ class CpuCore:
         return self.msrs.get(index)
 
     def set_msr(self, index: int, value: int) -> bool:
+        if index == MSR_AMD64_SEV:
+            return False  # read-only
         if index == MSR_IA32_TSC:
             self.tsc_offset = value - self._clock_ns()
         elif index == MSR_IA32_TSC_DEADLINE:
@@ -222,9 +227,15 @@ class CpuCore:
         cipher = self._encrypt(addr, np.ascontiguousarray(data).data)
         self.memory.store_pages(addr, np.frombuffer(cipher, dtype=np.uint8).reshape(-1, PAGE_SIZE))
 
-    def set_asid(self, asid: int) -> None:
-        """KVM bound this vCPU's VM to an ASID (0: not an SEV guest)."""
+    def set_asid(self, asid: int, *, es: bool = False) -> None:
+        """KVM bound this vCPU's VM to an ASID (0: not an SEV guest). The guest finds
+        out the architectural way: CPUID 0x8000001F and ``MSR_AMD64_SEV``."""
         self.asid = asid
+        sev = bool(asid)
+        self.cpuid_table[(CPUID_AMD_SEV, 0)] = (
+            (sev << 1) | ((sev and es) << 3), C_BIT_POSITION | (1 << 6), 0, 0)
+        self.msrs[MSR_AMD64_SEV] = (MSR_AMD64_SEV_ENABLED if sev else 0) | (
+            MSR_AMD64_SEV_ES_ENABLED if sev and es else 0)
 
     def _decode(self, gpa: int) -> tuple[int, bool]:
         if not gpa & C_BIT:
