@@ -160,3 +160,29 @@ def test_manual_protect_clear(writer_host: str) -> None:
     assert vm.get_dirty_log(0, 256)[:64].all()  # GET alone does not re-protect
     vm.clear_dirty_log(0, 0, first)
     assert not vm.get_dirty_log(0, 256).any()
+
+
+@pytest.fixture
+def negotiator_host(tmp_path: Path) -> Iterator[str]:
+    yield from serve(tmp_path, "kvm_test_rom:negotiator_rom")
+
+
+def test_cpuid_and_the_msr_filter(negotiator_host: str) -> None:
+    from confmig.common.x86 import KVM_MIGRATION_READY, MSR_KVM_MIGRATION_CONTROL
+
+    _kvm, vm, _fd = vm_with_ram(negotiator_host)
+    v = vm.create_vcpu(0)
+    v.set_cpuid({(0x4000_0001, 0): (1 << 17, 0, 0, 0)})
+    vm.set_msr_filter([MSR_KVM_MIGRATION_CONTROL])
+    vm.enable_cap(ioctl.KVM_CAP_X86_USER_SPACE_MSR, ioctl.KVM_MSR_EXIT_REASON_FILTER)
+    assert v.run() == ioctl.ExitMsr(True, MSR_KVM_MIGRATION_CONTROL, KVM_MIGRATION_READY)
+    assert v.get_regs()[2] == 1  # rcx: the guest saw the feature bit the VMM set
+
+
+def test_a_filtered_msr_without_user_space_exits_faults(negotiator_host: str) -> None:
+    from confmig.common.x86 import MSR_KVM_MIGRATION_CONTROL
+
+    _kvm, vm, _fd = vm_with_ram(negotiator_host)
+    v = vm.create_vcpu(0)
+    vm.set_msr_filter([MSR_KVM_MIGRATION_CONTROL])
+    assert isinstance(v.run(), ioctl.ExitShutdown)  # #GP → triple fault in this model

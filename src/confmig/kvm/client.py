@@ -108,6 +108,9 @@ class VmFd(_Fd):
         _, payload, _ = self.ioctl(ioctl.KVM_GET_DIRTY_LOG, ioctl.DIRTY_LOG.pack(slot, 0))
         return bitmap.unpack(np.frombuffer(payload, dtype=np.uint8), npages)
 
+    def set_msr_filter(self, write_exits: list[int]) -> None:
+        self.ioctl(ioctl.KVM_X86_SET_MSR_FILTER, ioctl.encode_msr_filter(write_exits))
+
     def clear_dirty_log(self, slot: int, first_page: int, flags: npt.NDArray[np.bool_]) -> None:
         head = ioctl.CLEAR_DIRTY_LOG.pack(slot, len(flags), first_page)
         self.ioctl(ioctl.KVM_CLEAR_DIRTY_LOG, head + bitmap.pack(flags).tobytes())
@@ -135,6 +138,9 @@ class VcpuFd(_Fd):
 
     def set_msrs(self, msrs: dict[int, int]) -> int:
         return self.ioctl(ioctl.KVM_SET_MSRS, ioctl.encode_msrs(msrs))[0]
+
+    def set_cpuid(self, entries: ioctl.CpuidEntries) -> None:
+        self.ioctl(ioctl.KVM_SET_CPUID2, ioctl.encode_cpuid(entries))
 
     def get_mp_state(self) -> int:
         return int(struct.unpack("<I", self.ioctl(ioctl.KVM_GET_MP_STATE)[1])[0])

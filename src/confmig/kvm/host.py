@@ -35,8 +35,11 @@ from confmig.kvm.memslots import (
 from confmig.kvm.ports import VcpuLauncher, VcpuProcess
 from confmig.kvm.vcpu import (
     CAP_EXIT_MAP_GPA_RANGE,
+    CAP_USER_SPACE_MSR,
     CTL_DELETE_SLOT,
+    CTL_SET_ASID,
     CTL_SET_CAPS,
+    CTL_SET_MSR_FILTER,
     CTL_SET_SLOT,
     KVM_HC_MAP_GPA_RANGE,
     VCPU_READY,
@@ -64,6 +67,8 @@ EXTENSIONS = {
         KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
     ),
     ioctl.KVM_CAP_EXIT_HYPERCALL: 1 << KVM_HC_MAP_GPA_RANGE,
+    ioctl.KVM_CAP_X86_USER_SPACE_MSR: 1,
+    ioctl.KVM_CAP_X86_MSR_FILTER: 1,
 }
 
 
@@ -121,6 +126,9 @@ class Vm:
     manual_protect: bool = False
     initially_set: bool = False
     vcpu_caps: int = 0
+    msr_filter: bytes = b""
+    asid: int = 0
+    es: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- dispatch -----------------------------------------------------------
@@ -140,6 +148,12 @@ class Vm:
                 return self.enable_cap(ioctl.EnableCap.decode(req.payload)), b"", []
             if r == ioctl.KVM_CHECK_EXTENSION:
                 return EXTENSIONS.get(_arg(req.payload), 0), b"", []
+            if r == ioctl.KVM_X86_SET_MSR_FILTER:
+                ioctl.decode_msr_filter(req.payload)  # validate before keeping it
+                self.msr_filter = req.payload
+                for v in self.vcpus.values():
+                    self._send_msr_filter(v)
+                return 0, b"", []
         return -errno.ENOTTY, b"", []
 
     # --- memory slots --------------------------------------------------------
@@ -256,11 +270,34 @@ class Vm:
         if cap.cap == ioctl.KVM_CAP_EXIT_HYPERCALL:
             if cap.args[0] & ~EXTENSIONS[ioctl.KVM_CAP_EXIT_HYPERCALL]:
                 return -errno.EINVAL
-            self.vcpu_caps = CAP_EXIT_MAP_GPA_RANGE if cap.args[0] else 0
-            for v in self.vcpus.values():
-                self._send_caps(v)
+            self._set_vcpu_cap(CAP_EXIT_MAP_GPA_RANGE, bool(cap.args[0]))
+            return 0
+        if cap.cap == ioctl.KVM_CAP_X86_USER_SPACE_MSR:
+            if cap.args[0] & ~ioctl.KVM_MSR_EXIT_REASON_FILTER:
+                return -errno.EINVAL  # only filter exits are modelled
+            self._set_vcpu_cap(CAP_USER_SPACE_MSR, bool(cap.args[0]))
             return 0
         return -errno.EINVAL
+
+    def _set_vcpu_cap(self, bit: int, on: bool) -> None:
+        self.vcpu_caps = (self.vcpu_caps | bit) if on else (self.vcpu_caps & ~bit)
+        for v in self.vcpus.values():
+            self._send_caps(v)
+
+    def _send_msr_filter(self, v: VcpuHandle) -> None:
+        if self.msr_filter:
+            channel.send_request(v.control, ioctl.Request(CTL_SET_MSR_FILTER, 0, self.msr_filter))
+
+    def bind_asid(self, asid: int, *, es: bool) -> None:
+        """SEV: every vCPU of this VM now runs under ``asid`` (a handle, never a key)."""
+        self.asid, self.es = asid, es
+        for v in self.vcpus.values():
+            self._send_asid(v)
+
+    def _send_asid(self, v: VcpuHandle) -> None:
+        if self.asid:
+            payload = struct.pack("<IB", self.asid, self.es)
+            channel.send_request(v.control, ioctl.Request(CTL_SET_ASID, 0, payload))
 
     def _send_caps(self, v: VcpuHandle) -> None:
         channel.send_request(v.control, ioctl.Request(CTL_SET_CAPS, 0, struct.pack("<Q", self.vcpu_caps)))
@@ -296,6 +333,8 @@ class Vm:
         for slot in self.slots.values():
             self._send_slot(handle, slot)
         self._send_caps(handle)
+        self._send_msr_filter(handle)
+        self._send_asid(handle)
         fd = vmm_end.detach()
         return 0, b"", [fd]
 

@@ -18,6 +18,11 @@ class CpuCore(Protocol):
 
     halted: bool
     msr_exits: frozenset[int]
+    msr_user_exit: bool
+
+    def set_cpuid(self, entries: dict[tuple[int, int], tuple[int, int, int, int]]) -> None: ...
+
+    def set_asid(self, asid: int, *, es: bool = False) -> None: ...
 
     def step(self) -> VmExit | None: ...
 

@@ -51,7 +51,10 @@ POLL_INTERVAL_NS = 1_000_000
 CTL_SET_SLOT = 0xFF00_0101
 CTL_DELETE_SLOT = 0xFF00_0102
 CTL_SET_CAPS = 0xFF00_0103
+CTL_SET_MSR_FILTER = 0xFF00_0104
+CTL_SET_ASID = 0xFF00_0105
 CAP_EXIT_MAP_GPA_RANGE = 1 << 0
+CAP_USER_SPACE_MSR = 1 << 1
 VCPU_READY = b"R"
 """The first byte a vCPU process sends on its control channel: it is up."""
 
@@ -175,6 +178,12 @@ class Vcpu:
             self.memory.delete_slot(struct.unpack("<I", req.payload)[0])
         elif req.request == CTL_SET_CAPS:
             (self.caps,) = struct.unpack("<Q", req.payload)
+            self.core.msr_user_exit = bool(self.caps & CAP_USER_SPACE_MSR)
+        elif req.request == CTL_SET_MSR_FILTER:
+            self.core.msr_exits = frozenset(ioctl.decode_msr_filter(req.payload))
+        elif req.request == CTL_SET_ASID:
+            asid, es = struct.unpack("<IB", req.payload)
+            self.core.set_asid(asid, es=bool(es))
         return True
 
     def _vcpu_message(self, *, running: bool) -> bool:
@@ -225,6 +234,9 @@ class Vcpu:
                         break
                     done += 1
                 return done, b""
+            if r == ioctl.KVM_SET_CPUID2:
+                self.core.set_cpuid(ioctl.decode_cpuid(req.payload))
+                return 0, b""
             if r == ioctl.KVM_GET_MP_STATE:
                 state = ioctl.KVM_MP_STATE_HALTED if self.core.halted else ioctl.KVM_MP_STATE_RUNNABLE
                 return 0, struct.pack("<I", state)

@@ -64,6 +64,7 @@ KVM_SET_USER_MEMORY_REGION: Final = _iow(0x46, 32)
 KVM_ENABLE_CAP: Final = _iow(0xA3, 104)
 KVM_MEMORY_ENCRYPT_OP: Final = _iowr(0xBA, 8)
 KVM_CLEAR_DIRTY_LOG: Final = _iowr(0xC0, 24)
+KVM_X86_SET_MSR_FILTER: Final = _iow(0xC6, 0x188)
 # --- vCPU ioctls
 KVM_RUN: Final = _io(0x80)
 KVM_GET_REGS: Final = _ior(0x81, 144)
@@ -74,6 +75,7 @@ KVM_SET_MSRS: Final = _iow(0x89, 8)
 KVM_GET_MP_STATE: Final = _ior(0x98, 4)
 KVM_SET_MP_STATE: Final = _iow(0x99, 4)
 KVM_NMI: Final = _io(0x9A)
+KVM_SET_CPUID2: Final = _iow(0x90, 8)
 # --- pseudo requests (documented stand-ins, never real ioctl numbers: top byte 0xFF)
 VCPU_SIG_IPI: Final = 0xFF00_0001
 """The kick QEMU delivers with a signal; here a message on the vCPU fd. No reply."""
@@ -91,7 +93,10 @@ KVM_CAP_NR_VCPUS: Final = 9
 KVM_CAP_MAX_VCPUS: Final = 66
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: Final = 168
+KVM_CAP_X86_USER_SPACE_MSR: Final = 188
+KVM_CAP_X86_MSR_FILTER: Final = 189
 KVM_CAP_EXIT_HYPERCALL: Final = 201
+KVM_MSR_EXIT_REASON_FILTER: Final = 1 << 1
 
 # --- memory region flags
 KVM_MEM_LOG_DIRTY_PAGES: Final = 1 << 0
@@ -230,6 +235,51 @@ REGS = struct.Struct("<18Q")
 """``struct kvm_regs``: rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip rflags."""
 MSR_ENTRY = struct.Struct("<IIQ")
 """``struct kvm_msr_entry``: index, reserved, data."""
+
+
+CPUID_ENTRY = struct.Struct("<7I12x")
+"""``struct kvm_cpuid_entry2``: function, index, flags, eax, ebx, ecx, edx, padding."""
+
+CpuidEntries = dict[tuple[int, int], tuple[int, int, int, int]]
+"""(function, index) → (eax, ebx, ecx, edx)."""
+
+
+def encode_cpuid(entries: CpuidEntries) -> bytes:
+    """``struct kvm_cpuid2``: nent, padding, entries."""
+    body = b"".join(CPUID_ENTRY.pack(f, i, 0, *regs) for (f, i), regs in entries.items())
+    return U32.pack(len(entries)) + b"\0\0\0\0" + body
+
+
+def decode_cpuid(data: bytes) -> CpuidEntries:
+    if len(data) < 8:
+        raise ProtocolError("kvm_cpuid2: truncated")
+    (n,) = U32.unpack_from(data)
+    # SECURITY: the count is peer-controlled; KVM caps it at KVM_MAX_CPUID_ENTRIES (256).
+    if n > 256:
+        raise ProtocolError(f"kvm_cpuid2: {n} entries exceeds 256")
+    _check_len("kvm_cpuid2", data, 8 + n * CPUID_ENTRY.size)
+    out: CpuidEntries = {}
+    for k in range(n):
+        f, i, _flags, a, b, c, d = CPUID_ENTRY.unpack_from(data, 8 + k * CPUID_ENTRY.size)
+        out[(f, i)] = (a, b, c, d)
+    return out
+
+
+def encode_msr_filter(write_exits: list[int]) -> bytes:
+    """Our stand-in for ``struct kvm_msr_filter``: the MSRs whose *writes* the filter
+    denies, so they exit to the VMM (``KVM_MSR_EXIT_REASON_FILTER``). Real KVM takes
+    ranges with bitmaps; a list says the same for the few MSRs a VMM filters."""
+    return U32.pack(len(write_exits)) + b"".join(U32.pack(m) for m in write_exits)
+
+
+def decode_msr_filter(data: bytes) -> list[int]:
+    if len(data) < 4:
+        raise ProtocolError("kvm_msr_filter: truncated")
+    (n,) = U32.unpack_from(data)
+    if n > 64:
+        raise ProtocolError(f"kvm_msr_filter: {n} MSRs exceeds 64")
+    _check_len("kvm_msr_filter", data, 4 + 4 * n)
+    return [U32.unpack_from(data, 4 + 4 * k)[0] for k in range(n)]
 
 
 def encode_msrs(entries: dict[int, int]) -> bytes:

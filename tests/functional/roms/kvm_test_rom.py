@@ -60,3 +60,25 @@ def rom() -> list[RomRegion]:
 
 def writer_rom() -> list[RomRegion]:
     return [RomRegion(name="writer", base=RESET_VECTOR & ~0xFFFF, size=0x10000, step=writer)]
+
+
+def negotiator(cpu: GuestCpu) -> None:
+    """Reads the KVM feature leaf, then writes the migration-control MSR."""
+    from confmig.platform.cpu.abi import (
+        KVM_CPUID_FEATURES,
+        KVM_FEATURE_MIGRATION_CONTROL,
+        KVM_MIGRATION_READY,
+        MSR_KVM_MIGRATION_CONTROL,
+    )
+
+    r = cpu.regs
+    if r.rbx == 0:
+        r.rbx = 1
+        r.rcx = (cpu.cpuid(KVM_CPUID_FEATURES)[0] >> KVM_FEATURE_MIGRATION_CONTROL) & 1
+        cpu.wrmsr(MSR_KVM_MIGRATION_CONTROL, KVM_MIGRATION_READY)
+    else:
+        cpu.shutdown()
+
+
+def negotiator_rom() -> list[RomRegion]:
+    return [RomRegion(name="negotiator", base=RESET_VECTOR & ~0xFFFF, size=0x10000, step=negotiator)]

@@ -102,7 +102,9 @@ class CpuCore:
         self.tsc_deadline = 0
         self.msrs: dict[int, int] = {MSR_KVM_MIGRATION_CONTROL: 0, MSR_AMD64_SEV: 0}
         self.msr_exits: frozenset[int] = frozenset()
-        """MSRs whose writes leave to the VMM (the MSR filter)."""
+        """MSRs whose writes the MSR filter denies: they leave to the VMM when
+        ``msr_user_exit`` (KVM_CAP_X86_USER_SPACE_MSR), else they #GP."""
+        self.msr_user_exit = False
         self.cpuid_table = default_cpuid()
         self.halted = False
         self.nmi_pending = False
@@ -227,6 +229,13 @@ class CpuCore:
         cipher = self._encrypt(addr, np.ascontiguousarray(data).data)
         self.memory.store_pages(addr, np.frombuffer(cipher, dtype=np.uint8).reshape(-1, PAGE_SIZE))
 
+    def set_cpuid(self, entries: dict[tuple[int, int], tuple[int, int, int, int]]) -> None:
+        """``KVM_SET_CPUID2``: the leaves the VMM exposes (KVM-owned leaves stay KVM's)."""
+        sev_leaf = self.cpuid_table.get((CPUID_AMD_SEV, 0))
+        self.cpuid_table.update(entries)
+        if sev_leaf is not None:
+            self.cpuid_table[(CPUID_AMD_SEV, 0)] = sev_leaf
+
     def set_asid(self, asid: int, *, es: bool = False) -> None:
         """KVM bound this vCPU's VM to an ASID (0: not an SEV guest). The guest finds
         out the architectural way: CPUID 0x8000001F and ``MSR_AMD64_SEV``."""
@@ -291,6 +300,8 @@ class CpuCore:
 
     def wrmsr(self, msr: int, value: int) -> None:
         if msr in self.msr_exits:
+            if not self.msr_user_exit:
+                raise GuestFault(f"#GP: wrmsr {msr:#x} denied by the MSR filter")
             self._leave(VmExit(code=SvmExitCode.MSR, write=True, msr=msr, value=value))
         elif not self.set_msr(msr, value):
             raise GuestFault(f"#GP: wrmsr {msr:#x}")
