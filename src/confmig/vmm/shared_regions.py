@@ -1,0 +1,96 @@
+"""The shared-regions list: which guest pages an SEV guest made shared.
+
+Kept by the VMM from the guest's ``KVM_HC_MAP_GPA_RANGE`` hypercalls (the
+upstream page-encryption-status channel). Everything not listed is private:
+the VMM sees only its ciphertext. Migration sends shared pages in the clear and
+private pages through a confidential backend; the list itself travels in the
+stream so that the target knows too.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+import threading
+
+from confmig.common.errors import ProtocolError
+from confmig.common.units import PAGE_SHIFT
+
+MAX_REGIONS = 1 << 16
+"""Bound on the list (a guest flipping every other page would need one per page)."""
+_ENTRY = struct.Struct("<QQ")
+
+
+class SharedRegions:
+    """Disjoint, sorted, coalesced ``[start, end)`` guest-frame ranges. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._lock = threading.Lock()
+
+    def update(self, gfn: int, npages: int, *, shared: bool) -> None:
+        """Mark ``[gfn, gfn + npages)`` shared or private."""
+        if npages <= 0:
+            return
+        lo, hi = gfn, gfn + npages
+        with self._lock:
+            i = bisect.bisect_left(self._ends, lo)  # first range that may touch [lo, hi)
+            j = bisect.bisect_right(self._starts, hi)  # ranges from i to j overlap or touch
+            starts, ends = self._starts[i:j], self._ends[i:j]
+            new_s: list[int] = []
+            new_e: list[int] = []
+            if shared:
+                s = min([lo, *starts])
+                e = max([hi, *ends])
+                new_s, new_e = [s], [e]
+            else:
+                for s, e in zip(starts, ends, strict=True):
+                    if s < lo:
+                        new_s.append(s)
+                        new_e.append(min(e, lo))
+                    if e > hi:
+                        new_s.append(max(s, hi))
+                        new_e.append(e)
+            self._starts[i:j] = new_s
+            self._ends[i:j] = new_e
+            if len(self._starts) > MAX_REGIONS:
+                raise ProtocolError(f"shared-regions list exceeds {MAX_REGIONS} ranges")
+
+    def is_shared(self, gfn: int) -> bool:
+        with self._lock:
+            i = bisect.bisect_right(self._starts, gfn) - 1
+            return i >= 0 and gfn < self._ends[i]
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """``(first gfn, npages)`` of every shared range, in order."""
+        with self._lock:
+            return [(s, e - s) for s, e in zip(self._starts, self._ends, strict=True)]
+
+    def shared_pages(self) -> int:
+        with self._lock:
+            return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
+
+    def encode(self) -> bytes:
+        """The list as it travels in the migration stream: u32 count, then (gpa, size) u64 pairs."""
+        items = self.ranges()
+        return struct.pack("<I", len(items)) + b"".join(
+            _ENTRY.pack(g << PAGE_SHIFT, n << PAGE_SHIFT) for g, n in items)
+
+    @classmethod
+    def decode(cls, data: bytes) -> SharedRegions:
+        if len(data) < 4:
+            raise ProtocolError("shared-regions list: truncated")
+        (n,) = struct.unpack_from("<I", data)
+        # SECURITY: the count comes from the migration stream.
+        if n > MAX_REGIONS or len(data) != 4 + n * _ENTRY.size:
+            raise ProtocolError(f"shared-regions list: bad length for {n} ranges")
+        out = cls()
+        prev_end = -1
+        for k in range(n):
+            gpa, size = _ENTRY.unpack_from(data, 4 + k * _ENTRY.size)
+            if gpa % (1 << PAGE_SHIFT) or size % (1 << PAGE_SHIFT) or size == 0 or gpa < prev_end:
+                raise ProtocolError("shared-regions list: ranges must be page-aligned, sorted, disjoint")
+            out.update(gpa >> PAGE_SHIFT, size >> PAGE_SHIFT, shared=True)
+            prev_end = gpa + size
+        return out

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from confmig.common.errors import ProtocolError
+from confmig.vmm.shared_regions import SharedRegions
+
+ops = st.lists(st.tuples(st.integers(0, 200), st.integers(1, 40), st.booleans()), max_size=40)
+
+
+@given(ops)
+def test_matches_a_page_by_page_model(operations: list[tuple[int, int, bool]]) -> None:
+    regions, model = SharedRegions(), [False] * 256
+    for gfn, n, shared in operations:
+        regions.update(gfn, n, shared=shared)
+        for p in range(gfn, gfn + n):
+            model[p] = shared
+    assert [regions.is_shared(p) for p in range(256)] == model
+    ranges = regions.ranges()
+    assert all(a[0] + a[1] < b[0] for a, b in itertools.pairwise(ranges))  # coalesced
+    assert regions.shared_pages() == sum(model)
+    assert SharedRegions.decode(regions.encode()).ranges() == ranges
+
+
+@pytest.mark.parametrize("blob", [b"", b"\x01\0\0\0", b"\x01\0\0\0" + bytes(16),
+                                  b"\x02\0\0\0" + (0x2000).to_bytes(8, "little") + (0x1000).to_bytes(8, "little")
+                                  + (0x1000).to_bytes(8, "little") + (0x1000).to_bytes(8, "little"),
+                                  b"\xff\xff\xff\xff"])
+def test_bad_lists_from_the_stream_are_refused(blob: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        SharedRegions.decode(blob)
