@@ -26,10 +26,13 @@ def test_matches_a_page_by_page_model(operations: list[tuple[int, int, bool]]) -
     assert SharedRegions.decode(regions.encode()).ranges() == ranges
 
 
-@pytest.mark.parametrize("blob", [b"", b"\x01\0\0\0", b"\x01\0\0\0" + bytes(16),
-                                  b"\x02\0\0\0" + (0x2000).to_bytes(8, "little") + (0x1000).to_bytes(8, "little")
-                                  + (0x1000).to_bytes(8, "little") + (0x1000).to_bytes(8, "little"),
-                                  b"\xff\xff\xff\xff"])
+def _ranges(*pairs: tuple[int, int]) -> bytes:
+    body = b"".join(g.to_bytes(8, "little") + n.to_bytes(8, "little") for g, n in pairs)
+    return len(pairs).to_bytes(4, "little") + body
+
+
+@pytest.mark.parametrize("blob", [b"", b"\x01\0\0\0", _ranges((0, 0)), _ranges((0x2000, 0x1000), (0x1000, 0x1000)),
+                                  _ranges((0x10, 0x1000)), b"\xff\xff\xff\xff"])
 def test_bad_lists_from_the_stream_are_refused(blob: bytes) -> None:
     with pytest.raises(ProtocolError):
         SharedRegions.decode(blob)
