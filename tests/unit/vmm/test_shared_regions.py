@@ -31,8 +31,17 @@ def _ranges(*pairs: tuple[int, int]) -> bytes:
     return len(pairs).to_bytes(4, "little") + body
 
 
-@pytest.mark.parametrize("blob", [b"", b"\x01\0\0\0", _ranges((0, 0)), _ranges((0x2000, 0x1000), (0x1000, 0x1000)),
-                                  _ranges((0x10, 0x1000)), b"\xff\xff\xff\xff"])
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        b"\x01\0\0\0",
+        _ranges((0, 0)),
+        _ranges((0x2000, 0x1000), (0x1000, 0x1000)),
+        _ranges((0x10, 0x1000)),
+        b"\xff\xff\xff\xff",
+    ],
+)
 def test_bad_lists_from_the_stream_are_refused(blob: bytes) -> None:
     with pytest.raises(ProtocolError):
         SharedRegions.decode(blob)
