@@ -78,6 +78,48 @@ class GuestSpec:
         return " ".join([f"workload={self.workload}", *(f"{k}={v}" for k, v in self.options.items())])
 
 
+SEV_POLICY_ES = 1 << 2
+HOST_CBITPOS = 51
+"""What this (emulated) host's CPUID 0x8000001F reports."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SevGuestConfig:
+    """``-object sev-guest,id=ID,policy=0x..,cbitpos=51,reduced-phys-bits=1[,owner=URL]``."""
+
+    id: str
+    policy: int = 0x1
+    cbitpos: int = HOST_CBITPOS
+    reduced_phys_bits: int = 1
+    owner: str | None = None
+    """The guest owner's key broker (``confmig owner serve``); ours, not QEMU's."""
+
+    @property
+    def es(self) -> bool:
+        return bool(self.policy & SEV_POLICY_ES)
+
+
+def _sev_guest(opts: dict[str, str]) -> SevGuestConfig:
+    known = {"qom-type", "id", "policy", "cbitpos", "reduced-phys-bits", "owner"}
+    unknown = set(opts) - known
+    if unknown:
+        raise ConfigError(f"-object sev-guest: unknown property '{sorted(unknown)[0]}'")
+    try:
+        policy = int(opts.get("policy", "0x1"), 0)
+        cbitpos = int(opts.get("cbitpos", str(HOST_CBITPOS)), 0)
+        reduced = int(opts.get("reduced-phys-bits", "1"), 0)
+    except ValueError as exc:
+        raise ConfigError(f"-object sev-guest: {exc}") from None
+    if not 0 <= policy < 1 << 32:
+        raise ConfigError("-object sev-guest: policy is a 32-bit value")
+    if cbitpos != HOST_CBITPOS:
+        raise ConfigError(f"sev: cbitpos check failed, host '{HOST_CBITPOS}' requested '{cbitpos}'")
+    if reduced != 1:
+        raise ConfigError(f"sev: reduced_phys_bits check failed, it should be 1, requested '{reduced}'")
+    return SevGuestConfig(id=opts["id"], policy=policy, cbitpos=cbitpos, reduced_phys_bits=reduced,
+                          owner=opts.get("owner"))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MachineConfig:
     host: str
@@ -98,6 +140,10 @@ class MachineConfig:
     objects: dict[str, dict[str, str]] = field(default_factory=dict)
     """``-object TYPE,id=ID,...`` by id (confidential objects arrive in later issues)."""
     confidential_guest_support: str | None = None
+    sev: SevGuestConfig | None = None
+    """Set when ``-machine confidential-guest-support`` names a ``sev-guest`` object."""
+    bios: str | None = None
+    """``-bios PATH``: the firmware image (measured and encrypted for SEV guests)."""
 
 
 USAGE = """usage: confmig vm --host SOCKET [options]
@@ -113,6 +159,8 @@ USAGE = """usage: confmig vm --host SOCKET [options]
   -device confmig-kv,path=SOCKET
   -object memory-backend-ram,id=ID,size=SIZE[,prealloc=on]
   -machine [type=]q35[,confidential-guest-support=ID]
+  -object sev-guest,id=ID,policy=0x1[,cbitpos=51,reduced-phys-bits=1,owner=URL]
+  -bios PATH                firmware image (default: the built-in one)
   -daemonize  -pidfile PATH"""
 
 
@@ -219,6 +267,8 @@ def parse(argv: list[str]) -> MachineConfig:
                 raise ConfigError(f"-machine: unsupported type '{mo['type']}' (q35)")
             if "confidential-guest-support" in mo:
                 kw["confidential_guest_support"] = mo["confidential-guest-support"]
+        elif o == "-bios":
+            kw["bios"] = value(opt)
         elif o in ("-nographic", "-nodefaults", "-enable-kvm"):
             pass  # accepted for QEMU muscle memory; this machine is always like that
         else:
@@ -228,9 +278,12 @@ def parse(argv: list[str]) -> MachineConfig:
         raise ConfigError("--host SOCKET is required (the 'confmig host' to run on)")
     cgs = kw.get("confidential_guest_support")
     if cgs is not None:
-        raise ConfigError(
-            f"-machine confidential-guest-support={cgs}: confidential guests are not supported yet"
-        )
+        obj = objects.get(str(cgs))
+        if obj is None:
+            raise ConfigError(f"-machine confidential-guest-support={cgs}: no object with id '{cgs}'")
+        if obj.get("qom-type") != "sev-guest":
+            raise ConfigError(f"-machine confidential-guest-support={cgs}: not a sev-guest object")
+        kw["sev"] = _sev_guest(obj)
     return MachineConfig(qmp=tuple(qmp), fw_cfg_files=files, objects=objects, **kw)  # type: ignore[arg-type]
 
 

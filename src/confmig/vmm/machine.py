@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confmig.common.errors import StateError
+from confmig.common.errors import ConfigError, StateError
 from confmig.common.x86 import (
     ISA_DEBUG_EXIT_PORT,
     MSR_IA32_TSC,
@@ -151,6 +151,9 @@ class Machine:
         self.shutdown_reason: str | None = None
         self.autostart = not config.start_paused
         """Run the guest once an incoming migration has loaded (cleared by ``stop``)."""
+        if config.sev is not None:
+            raise ConfigError(f"sev-guest '{config.sev.id}': launching SEV guests is not implemented yet "
+                              "(the emulated PSP and the SEV launch flow are in progress)")
         self.kvm = Kvm(config.host)
         self.vm: VmFd = self.kvm.create_vm()
         self.memory = GuestMemory.pc(config.ram_size)

@@ -42,3 +42,25 @@ def test_opts_escaping_and_implied_key() -> None:
     assert parse_opts("q35,a=1,b=x,,y", "type") == {"type": "q35", "a": "1", "b": "x,y"}
     with pytest.raises(ConfigError):
         parse_opts("a=1,a=2")
+
+
+def test_sev_guest_object() -> None:
+    c = parse([*HOST, "-object", "sev-guest,id=sev0,policy=0x5,cbitpos=51,reduced-phys-bits=1",
+               "-machine", "q35,confidential-guest-support=sev0"])
+    assert c.sev is not None and c.sev.policy == 5 and c.sev.es
+
+
+@pytest.mark.parametrize("obj, message", [
+    ("sev-guest,id=sev0,cbitpos=47", "cbitpos check failed"),
+    ("sev-guest,id=sev0,reduced-phys-bits=5", "reduced_phys_bits"),
+    ("sev-guest,id=sev0,policy=zzz", "sev-guest"),
+    ("sev-guest,id=sev0,colour=red", "unknown property"),
+])
+def test_bad_sev_guest_objects(obj: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse([*HOST, "-object", obj, "-machine", "confidential-guest-support=sev0"])
+
+
+def test_confidential_guest_support_needs_its_object() -> None:
+    with pytest.raises(ConfigError, match="no object"):
+        parse([*HOST, "-machine", "confidential-guest-support=sev9"])
