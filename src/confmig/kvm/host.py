@@ -32,7 +32,8 @@ from confmig.kvm.memslots import (
     SlotLayout,
     new_counters_fd,
 )
-from confmig.kvm.ports import VcpuLauncher, VcpuProcess
+from confmig.kvm.ports import SecureProcessor, VcpuLauncher, VcpuProcess
+from confmig.kvm.sev import SEV_ISSUE_CMD, AsidAllocator, SevVm, issue_sev_cmd
 from confmig.kvm.vcpu import (
     CAP_EXIT_MAP_GPA_RANGE,
     CAP_USER_SPACE_MSR,
@@ -129,6 +130,7 @@ class Vm:
     msr_filter: bytes = b""
     asid: int = 0
     es: bool = False
+    sev: SevVm | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- dispatch -----------------------------------------------------------
@@ -148,6 +150,8 @@ class Vm:
                 return self.enable_cap(ioctl.EnableCap.decode(req.payload)), b"", []
             if r == ioctl.KVM_CHECK_EXTENSION:
                 return EXTENSIONS.get(_arg(req.payload), 0), b"", []
+            if r == ioctl.KVM_MEMORY_ENCRYPT_OP:
+                return (*self.memory_encrypt_op(req.payload), [])
             if r == ioctl.KVM_X86_SET_MSR_FILTER:
                 ioctl.decode_msr_filter(req.payload)  # validate before keeping it
                 self.msr_filter = req.payload
@@ -279,6 +283,30 @@ class Vm:
             return 0
         return -errno.EINVAL
 
+    def memory_encrypt_op(self, payload: bytes) -> tuple[int, bytes]:
+        psp = self.host.psp
+        if psp is None:
+            return -errno.ENOTTY, b""  # no SEV on this host
+        if self.sev is None:
+            self.sev = SevVm(psp, self.host.asids, self.gpa_to_spa,
+                             lambda asid, es: self.bind_asid(asid, es=es))
+        return self.sev.encrypt_op(payload)
+
+    def gpa_to_spa(self, gpa: int, length: int) -> list[tuple[int, int]]:
+        """Guest-physical range → physically contiguous (SPA, length) chunks, as KVM
+        pins and translates user pages before a PSP command."""
+        out: list[tuple[int, int]] = []
+        end = gpa + length
+        while gpa < end:
+            slot = next((s for s in self.slots.values()
+                         if s.layout.gpa <= gpa < s.layout.gpa + s.layout.size), None)
+            if slot is None:
+                raise ProtocolError(f"GPA {gpa:#x} is not backed by a memory slot")
+            n = min(end, slot.layout.gpa + slot.layout.size) - gpa
+            out.append((slot.layout.spa + gpa - slot.layout.gpa, n))
+            gpa += n
+        return out
+
     def _set_vcpu_cap(self, bit: int, on: bool) -> None:
         self.vcpu_caps = (self.vcpu_caps | bit) if on else (self.vcpu_caps & ~bit)
         for v in self.vcpus.values():
@@ -340,6 +368,8 @@ class Vm:
 
     def destroy(self) -> None:
         with self.lock:
+            if self.sev is not None:
+                self.sev.destroy()
             for v in self.vcpus.values():
                 v.control.close()
                 v.process.terminate()
@@ -360,14 +390,29 @@ def _arg(payload: bytes) -> int:
 class KvmHost:
     """Serves ``/dev/kvm`` on a Unix socket; one thread per open fd."""
 
-    def __init__(self, launcher: VcpuLauncher, *, spa_seed: int | None = None) -> None:
+    def __init__(self, launcher: VcpuLauncher, *, spa_seed: int | None = None,
+                 psp: SecureProcessor | None = None) -> None:
         self.launcher = launcher
+        self.psp = psp
+        """The host's Secure Processor, if it has one (an SEV-capable host)."""
+        self.asids = AsidAllocator()
         self.physical = PhysicalAddressSpace(spa_seed)
         self.vms: dict[int, Vm] = {}
         self._next_vm = 1
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._closing = threading.Event()
+
+    def spa_window(self, spa: int, size: int) -> memoryview | None:
+        """The host mapping of ``[spa, spa + size)`` (within one slot), for the
+        platform's memory controller; None if no VM's slot holds it."""
+        for vm in list(self.vms.values()):
+            for slot in list(vm.slots.values()):
+                lay = slot.layout
+                if lay.spa <= spa and spa + size <= lay.spa + lay.size:
+                    off = spa - lay.spa
+                    return memoryview(slot.mapped.bytes[off : off + size])  # type: ignore[arg-type]
+        return None
 
     def listen(self, path: str) -> None:
         try:
@@ -413,6 +458,10 @@ class KvmHost:
             return EXTENSIONS.get(_arg(req.payload), 0), b"", []
         if r == ioctl.KVM_GET_VCPU_MMAP_SIZE:
             return PAGE_SIZE, b"", []
+        if r == SEV_ISSUE_CMD:
+            if self.psp is None:
+                return -errno.ENODEV, b"", []
+            return (*issue_sev_cmd(self.psp, req.payload), [])
         if r == ioctl.KVM_CREATE_VM:
             if _arg(req.payload) != 0:
                 return -errno.EINVAL, b"", []  # only the default VM type so far
