@@ -28,9 +28,12 @@ class PolicyFlag(IntFlag):
     SEV = 1 << 5  # migrate only to AMD-certified platforms
 
 
+_NO_FLAGS = PolicyFlag(0)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GuestPolicy:
-    flags: PolicyFlag = PolicyFlag(0)
+    flags: PolicyFlag = _NO_FLAGS
     api_major: int = 0
     api_minor: int = 0
     reserved: int = 0

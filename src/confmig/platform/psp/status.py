@@ -54,3 +54,7 @@ class SevError(ConfmigError):
         super().__init__(f"SEV firmware status {status.name} (0x{status.value:02x})")
         self.status = status
         self.output = output
+
+    def __reduce__(self) -> tuple[type[SevError], tuple[SevStatus], dict[str, object]]:
+        # Exceptions pickle their args by default; ours are not the constructor's.
+        return (type(self), (self.status,), {"output": self.output})

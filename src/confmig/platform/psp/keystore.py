@@ -1,0 +1,28 @@
+"""How the PSP fills the memory controller's key slots: one VEK per ASID.
+
+ACTIVATE installs a guest's VEK in the slot of its ASID (the firmware's
+``set_umc_key``); DEACTIVATE, DECOMMISSION and SHUTDOWN empty it. The slots
+themselves belong to the memory-encryption engine
+(:class:`confmig.platform.mee.KeySlots`, shared with the vCPU processes), which
+reads them on every private access; the PSP only writes, through this port.
+Nothing outside the platform is ever handed a VEK.
+
+A VEK is 16 bytes: the firmware's UMC key seed. The engine expands it into
+the AES-128-XTS key pair it uses.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+VEK_SIZE = 16
+
+
+class KeySlotWriter(Protocol):
+    def install(self, asid: int, vek: bytes) -> None:
+        """Load ``vek`` into ``asid``'s slot."""
+        ...
+
+    def clear(self, asid: int) -> None:
+        """Empty ``asid``'s slot: nothing decrypts under it any more."""
+        ...

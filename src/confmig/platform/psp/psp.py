@@ -1,0 +1,625 @@
+"""The emulated AMD Secure Processor: the SEV firmware's commands, checks and state.
+
+Each command performs its checks in the order of AMD's firmware
+(``sev_mcmd.c``, Genoa 1.55.25) and fails with the same status code at the
+first check that fails, as :class:`~confmig.platform.psp.status.SevError`.
+The order matters to callers: KVM reports the *first* failing status, and
+QEMU's length queries rely on a length check coming before others.
+
+Commands are serialised, as on the single PSP mailbox: one lock around each.
+
+Emulation choices (see ``docs/psp.md``):
+
+* No WBINVD is emulated: DF_FLUSH always succeeds and cleans every dirty ASID.
+  ASIDs are otherwise tracked as the firmware does (one CCX): INIT marks them
+  all dirty, so the host must DF_FLUSH before the first ACTIVATE, as Linux
+  does right after INIT; DEACTIVATE of a guest that ran makes its ASID dirty.
+* DEACTIVATE evicts the VEK from the key slot (the firmware leaves it and only
+  marks the ASID invalid; an evicted slot is the safer equivalent).
+* DBG_DECRYPT returns the plaintext and DBG_ENCRYPT takes it, instead of
+  reading or writing a host buffer by address; both are bounded to
+  :data:`DBG_MAX_LENGTH` (the firmware loops over any length).
+* SEND_* and RECEIVE_* are not implemented yet (``INVALID_COMMAND``); the
+  guest context, channel, packet and state tables are ready for them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from confmig.common.units import Spa
+from confmig.platform.psp.cert import SEV_CERT_SIZE, CertAlgo, CertUsage, SevCertificate, sanity_check
+from confmig.platform.psp.chain import PLATFORM_CHAIN_SIZE
+from confmig.platform.psp.commands import (
+    INIT_FLAG_ES,
+    ActivateRequest,
+    DbgDecryptRequest,
+    DbgDecryptResponse,
+    DbgEncryptRequest,
+    DeactivateRequest,
+    DecommissionRequest,
+    DfFlushRequest,
+    GuestStatus,
+    GuestStatusRequest,
+    InitRequest,
+    LaunchFinishRequest,
+    LaunchMeasureRequest,
+    LaunchMeasureResponse,
+    LaunchSecretRequest,
+    LaunchStartRequest,
+    LaunchStartResponse,
+    LaunchUpdateDataRequest,
+    LaunchUpdateVmsaRequest,
+    PdhCertExportRequest,
+    PdhCertExportResponse,
+    PlatformStatus,
+    PlatformStatusRequest,
+    SevRequest,
+    SevResponse,
+    ShutdownRequest,
+)
+from confmig.platform.psp.guest import GuestContext
+from confmig.platform.psp.handles import GUEST_HANDLE_MAX, GUEST_HANDLE_MIN, Asid, GuestHandle
+from confmig.platform.psp.identity import PlatformIdentity
+from confmig.platform.psp.kdf import derive_master_secret
+from confmig.platform.psp.keystore import VEK_SIZE, KeySlotWriter
+from confmig.platform.psp.measure import MEASUREMENT_SIZE, MNONCE_SIZE, LaunchMeasurement, compute_measure
+from confmig.platform.psp.memory import GuestMemoryPort, SpaOutOfRange
+from confmig.platform.psp.packet import (
+    PACKET_HEADER_SIZE,
+    ChannelContext,
+    PacketFlags,
+    PacketHeader,
+    open_packet,
+)
+from confmig.platform.psp.policy import GuestPolicy, PolicyFlag
+from confmig.platform.psp.secret import Secret
+from confmig.platform.psp.session import (
+    SESSION_SIZE,
+    SessionBlob,
+    TransportKeys,
+    unwrap_session,
+    verify_policy_mac,
+)
+from confmig.platform.psp.states import (
+    GuestState,
+    PlatformState,
+    SevCommand,
+    next_guest_state,
+    next_platform_state,
+    require_guest_state,
+    require_platform_state,
+)
+from confmig.platform.psp.status import SevError, SevStatus
+from confmig.platform.psp.version import DEFAULT_FIRMWARE, FirmwareVersion
+from confmig.platform.psp.vmsa import (
+    TMR_ALIGN,
+    TMR_SIZE,
+    VMSA_SIZE,
+    TmrCrcPool,
+    seal_vmsa,
+    vmsa_crc,
+)
+
+SCRATCH_LEN: Final = 0x5000
+"""The firmware's scratch buffer: the most one LAUNCH_SECRET (or SEND/RECEIVE) packet may carry."""
+DBG_MAX_LENGTH: Final = 1 << 20
+"""Our bound on one DBG_DECRYPT/DBG_ENCRYPT (the firmware has none; KVM issues one page at a time)."""
+
+Rng = Callable[[int], bytes]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _aligned16(value: int) -> bool:
+    return value % 16 == 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PspConfig:
+    firmware: FirmwareVersion = DEFAULT_FIRMWARE
+    max_asid: int = 509
+    """Number of ASIDs (CPUID 0x8000001F ECX): 509 as on Rome/Milan, and the engine's key slots."""
+    min_sev_asid: int = 1
+    """ASIDs below this are for SEV-ES guests only (CPUID 0x8000001F EDX; the BIOS's
+    "SEV-ES ASID space limit"). The default 1 leaves no ASID for SEV-ES, as the usual
+    BIOS default does: raise it to run SEV-ES guests, and have KVM allocate SEV-ES
+    ASIDs below it and SEV ASIDs from it up, as Linux's ``sev_asid_new`` does."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_sev_asid <= self.max_asid:
+            raise ValueError("need 1 <= min_sev_asid <= max_asid")
+
+
+class AsidState(Enum):
+    """The firmware's per-ASID bookkeeping (one CCX)."""
+
+    DIRTY = "dirty"  # may hold stale cache lines: DF_FLUSH before reuse
+    CLEAN = "clean"
+    ALLOCATED = "allocated"  # bound to a guest pending activation
+    IN_USE = "in-use"  # bound to a guest that is running
+
+
+def _serialised(
+    method: Callable[Concatenate[SecureProcessor, _P], _R],
+) -> Callable[Concatenate[SecureProcessor, _P], _R]:
+    def run(self: SecureProcessor, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    run.__name__ = method.__name__
+    run.__qualname__ = method.__qualname__
+    run.__doc__ = method.__doc__
+    return run
+
+
+class SecureProcessor(Secret):
+    """One host's PSP running the SEV firmware.
+
+    ``memory`` reaches guest memory by system physical address; ``keys`` are
+    the memory controller's key slots, which the engine behind ``memory`` reads.
+    """
+
+    def __init__(
+        self,
+        identity: PlatformIdentity,
+        *,
+        memory: GuestMemoryPort,
+        keys: KeySlotWriter,
+        config: PspConfig = PspConfig(),
+        rng: Rng = os.urandom,
+    ) -> None:
+        self._identity = identity
+        self._memory = memory
+        self._keys = keys
+        self._config = config
+        self._rng = rng
+        self._lock = threading.RLock()
+        self._state = PlatformState.UNINIT
+        self._config_es = False
+        self._tmr_base = Spa(0)
+        self._tmr: TmrCrcPool | None = None
+        self._guests: dict[GuestHandle, GuestContext] = {}
+        self._asids: dict[Asid, AsidState] = {}
+        self._handlers: dict[SevCommand, tuple[type, Callable[[Any], SevResponse]]] = {
+            SevCommand.INIT: (InitRequest, self.init),
+            SevCommand.SHUTDOWN: (ShutdownRequest, self.shutdown),
+            SevCommand.PLATFORM_STATUS: (PlatformStatusRequest, self.platform_status),
+            SevCommand.PDH_CERT_EXPORT: (PdhCertExportRequest, self.pdh_cert_export),
+            SevCommand.DF_FLUSH: (DfFlushRequest, self.df_flush),
+            SevCommand.DECOMMISSION: (DecommissionRequest, self.decommission),
+            SevCommand.ACTIVATE: (ActivateRequest, self.activate),
+            SevCommand.DEACTIVATE: (DeactivateRequest, self.deactivate),
+            SevCommand.GUEST_STATUS: (GuestStatusRequest, self.guest_status),
+            SevCommand.LAUNCH_START: (LaunchStartRequest, self.launch_start),
+            SevCommand.LAUNCH_UPDATE_DATA: (LaunchUpdateDataRequest, self.launch_update_data),
+            SevCommand.LAUNCH_UPDATE_VMSA: (LaunchUpdateVmsaRequest, self.launch_update_vmsa),
+            SevCommand.LAUNCH_MEASURE: (LaunchMeasureRequest, self.launch_measure),
+            SevCommand.LAUNCH_SECRET: (LaunchSecretRequest, self.launch_secret),
+            SevCommand.LAUNCH_FINISH: (LaunchFinishRequest, self.launch_finish),
+            SevCommand.DBG_DECRYPT: (DbgDecryptRequest, self.dbg_decrypt),
+            SevCommand.DBG_ENCRYPT: (DbgEncryptRequest, self.dbg_encrypt),
+        }
+
+    # -- dispatch -----------------------------------------------------------
+
+    def execute(self, command: int, request: SevRequest) -> SevResponse:
+        """Run the command with mailbox id ``command`` (a :class:`SevCommand` value).
+
+        Unknown and not (yet) emulated ids fail with ``INVALID_COMMAND``.
+        """
+        try:
+            request_type, handler = self._handlers[SevCommand(command)]
+        except (ValueError, KeyError):
+            raise SevError(SevStatus.INVALID_COMMAND) from None
+        if not isinstance(request, request_type):
+            raise TypeError(f"{SevCommand(command).name} takes {request_type.__name__}")
+        return handler(request)
+
+    @property
+    def firmware(self) -> FirmwareVersion:
+        return self._config.firmware
+
+    # -- helpers --------------------------------------------------------------
+
+    def _require_platform(self, command: SevCommand) -> None:
+        require_platform_state(command, self._state)
+
+    def _guest(self, handle: int) -> GuestContext:
+        """The guest with this handle; ``INVALID_GUEST`` if there is none (``handle_is_valid``)."""
+        guest = self._guests.get(GuestHandle(handle))
+        if guest is None:
+            raise SevError(SevStatus.INVALID_GUEST)
+        return guest
+
+    def _asid_state(self, asid: Asid) -> AsidState | None:
+        return self._asids.get(asid)
+
+    def _read(self, spa: Spa, size: int) -> bytes:
+        try:
+            return self._memory.read(spa, size)
+        except SpaOutOfRange:
+            raise SevError(SevStatus.INVALID_ADDRESS) from None
+
+    def _read_encrypted(self, asid: Asid, spa: Spa, size: int) -> bytes:
+        try:
+            return self._memory.read_encrypted(asid, spa, size)
+        except SpaOutOfRange:
+            raise SevError(SevStatus.INVALID_ADDRESS) from None
+
+    def _write_encrypted(self, asid: Asid, spa: Spa, data: bytes) -> None:
+        try:
+            self._memory.write_encrypted(asid, spa, data)
+        except SpaOutOfRange:
+            raise SevError(SevStatus.INVALID_ADDRESS) from None
+
+    # -- platform commands ------------------------------------------------------
+
+    @_serialised
+    def init(self, request: InitRequest) -> None:
+        self._require_platform(SevCommand.INIT)
+        if request.flags & ~INIT_FLAG_ES:
+            raise SevError(SevStatus.INVALID_CONFIG)
+        es = bool(request.flags & INIT_FLAG_ES)
+        if es:
+            if request.tmr_paddr % TMR_ALIGN:
+                raise SevError(SevStatus.INVALID_ADDRESS)
+            if request.tmr_length != TMR_SIZE:
+                raise SevError(SevStatus.INVALID_LEN)
+        # Every ASID starts dirty: the host must DF_FLUSH before the first ACTIVATE.
+        self._asids = {Asid(a): AsidState.DIRTY for a in range(1, self._config.max_asid + 1)}
+        self._config_es = es
+        self._tmr_base = request.tmr_paddr if es else Spa(0)
+        self._state = next_platform_state(self._state, SevCommand.INIT)
+
+    @_serialised
+    def shutdown(self, request: ShutdownRequest) -> None:
+        self._state = next_platform_state(self._state, SevCommand.SHUTDOWN)
+        for guest in self._guests.values():
+            if not guest.inactive:
+                self._keys.clear(guest.asid)
+        self._guests.clear()  # every SEV guest is decommissioned
+        self._asids.clear()
+        self._config_es = False
+        self._tmr = None
+        self._tmr_base = Spa(0)
+
+    @_serialised
+    def platform_status(self, request: PlatformStatusRequest) -> PlatformStatus:
+        initialised = self._state is not PlatformState.UNINIT
+        return PlatformStatus(
+            api_major=self.firmware.api_major,
+            api_minor=self.firmware.api_minor,
+            build=self.firmware.build,
+            state=self._state,
+            owned=False,
+            config_es=self._config_es and initialised,
+            guest_count=len(self._guests) if initialised else 0,
+        )
+
+    @_serialised
+    def pdh_cert_export(self, request: PdhCertExportRequest) -> PdhCertExportResponse:
+        self._require_platform(SevCommand.PDH_CERT_EXPORT)
+        if request.pdh_cert_len < SEV_CERT_SIZE or request.certs_len < PLATFORM_CHAIN_SIZE:
+            raise SevError(
+                SevStatus.INVALID_LEN,
+                output=PdhCertExportResponse(
+                    pdh_cert=b"", cert_chain=b"", pdh_cert_len=SEV_CERT_SIZE, certs_len=PLATFORM_CHAIN_SIZE
+                ),
+            )
+        certs = self._identity.certificates
+        return PdhCertExportResponse(
+            pdh_cert=certs.pdh.to_bytes(),
+            cert_chain=certs.platform_chain(),
+            pdh_cert_len=SEV_CERT_SIZE,
+            certs_len=PLATFORM_CHAIN_SIZE,
+        )
+
+    @_serialised
+    def df_flush(self, request: DfFlushRequest) -> None:
+        # WBINVD is not emulated: every core counts as flushed, so every dirty ASID becomes clean.
+        for asid, state in self._asids.items():
+            if state is AsidState.DIRTY:
+                self._asids[asid] = AsidState.CLEAN
+        if self._state is not PlatformState.UNINIT and self._config_es and self._tmr is None:
+            self._tmr = TmrCrcPool(self._tmr_base)
+
+    # -- guest management -------------------------------------------------------
+
+    @_serialised
+    def decommission(self, request: DecommissionRequest) -> None:
+        self._require_platform(SevCommand.DECOMMISSION)
+        guest = self._guest(request.handle)
+        if guest.asid and self._asid_state(guest.asid) in (
+            AsidState.IN_USE,
+            AsidState.DIRTY,
+            AsidState.ALLOCATED,
+        ):
+            raise SevError(SevStatus.ACTIVE)
+        if self._tmr is not None:
+            for block in guest.vmsa_crc_blocks:
+                self._tmr.free(block)
+        guest.state = next_guest_state(guest.state, SevCommand.DECOMMISSION)
+        del self._guests[guest.handle]
+        if not self._guests:
+            self._state = next_platform_state(self._state, SevCommand.DECOMMISSION)
+
+    @_serialised
+    def activate(self, request: ActivateRequest) -> None:
+        self._require_platform(SevCommand.ACTIVATE)
+        guest = self._guest(request.handle)
+        asid = request.asid
+        if not 1 <= asid <= self._config.max_asid:
+            raise SevError(SevStatus.INVALID_ASID)
+        if self._asid_state(asid) in (AsidState.IN_USE, AsidState.ALLOCATED):
+            raise SevError(SevStatus.ASID_OWNED)
+        if not guest.inactive:
+            raise SevError(SevStatus.ACTIVE)
+        require_guest_state(SevCommand.ACTIVATE, guest.state)  # SENT is refused
+        if self._asid_state(asid) is AsidState.DIRTY:
+            raise SevError(SevStatus.DFFLUSH_REQUIRED)
+        if self._asid_state(asid) is not AsidState.CLEAN:
+            raise SevError(SevStatus.ASID_OWNED)
+        if guest.es:
+            if not 1 <= asid < self._config.min_sev_asid:
+                raise SevError(SevStatus.INVALID_ASID)
+        elif not self._config.min_sev_asid <= asid <= self._config.max_asid:
+            raise SevError(SevStatus.INVALID_ASID)
+        self._keys.install(asid, guest.vek)
+        guest.asid = asid
+        if guest.state in (GuestState.RUNNING, GuestState.SUPDATE):
+            guest.active = True
+            self._asids[asid] = AsidState.IN_USE
+        else:
+            # Bound, but the cores may not run it before LAUNCH/RECEIVE_FINISH.
+            guest.pending = True
+            self._asids[asid] = AsidState.ALLOCATED
+
+    @_serialised
+    def deactivate(self, request: DeactivateRequest) -> None:
+        self._require_platform(SevCommand.DEACTIVATE)
+        guest = self._guest(request.handle)
+        if guest.inactive:
+            raise SevError(SevStatus.INACTIVE)
+        asid = guest.asid
+        if self._asid_state(asid) is AsidState.IN_USE:
+            self._asids[asid] = AsidState.DIRTY  # it ran: caches may hold its lines
+        elif self._asid_state(asid) is AsidState.ALLOCATED:
+            self._asids[asid] = AsidState.CLEAN
+        self._keys.clear(asid)
+        guest.asid = Asid(0)
+        guest.active = guest.pending = False
+
+    @_serialised
+    def guest_status(self, request: GuestStatusRequest) -> GuestStatus:
+        self._require_platform(SevCommand.GUEST_STATUS)
+        guest = self._guests.get(request.handle)
+        if guest is None:
+            # Not an error: the firmware reports the handle as INVALID.
+            return GuestStatus(handle=request.handle, policy=0, asid=Asid(0), state=GuestState.INVALID)
+        return GuestStatus(
+            handle=guest.handle,
+            policy=guest.policy,
+            asid=guest.asid if not guest.inactive else Asid(0),
+            state=guest.state,
+        )
+
+    # -- launch -----------------------------------------------------------------
+
+    def _open_launch_channel(self, request: LaunchStartRequest) -> TransportKeys:
+        """The firmware's ``sev_channel_open_server`` plus ``sev_guest_verify_policy``."""
+        # SECURITY: dh_cert, session and policy come from the host, unauthenticated until the MACs check.
+        session = request.session or b""
+        if len(session) != SESSION_SIZE:
+            raise SevError(SevStatus.INVALID_LEN)
+        assert request.dh_cert is not None
+        if len(request.dh_cert) != SEV_CERT_SIZE:
+            raise SevError(SevStatus.INVALID_LEN)
+        if self._identity.pdh_usage != CertUsage.PDH or self._identity.pdh_algo not in (
+            CertAlgo.ECDH_SHA256,
+            CertAlgo.ECDH_SHA384,
+        ):
+            raise SevError(SevStatus.INVALID_CERTIFICATE)
+        dh_cert = SevCertificate.from_bytes(request.dh_cert)
+        sanity_check(dh_cert, usage=CertUsage.PDH, algo=CertAlgo.ECDH_SHA256)
+        peer = dh_cert.public_key().key
+        assert isinstance(peer, ec.EllipticCurvePublicKey)
+        blob = SessionBlob.from_bytes(session)
+        master = derive_master_secret(self._identity.pdh_shared_secret(peer), blob.nonce)
+        keys = unwrap_session(master_secret=master, blob=blob)
+        verify_policy_mac(keys, request.policy, blob)
+        GuestPolicy.from_u32(request.policy).check(self.firmware)
+        return keys
+
+    def _free_handle(self) -> GuestHandle:
+        for handle in range(GUEST_HANDLE_MIN, GUEST_HANDLE_MAX + 1):
+            if handle not in self._guests:
+                return GuestHandle(handle)
+        raise SevError(SevStatus.RESOURCE_LIMIT)
+
+    @_serialised
+    def launch_start(self, request: LaunchStartRequest) -> LaunchStartResponse:
+        self._require_platform(SevCommand.LAUNCH_START)
+        # Without an owner certificate the firmware keeps a zeroed channel.
+        channel = self._open_launch_channel(request) if request.dh_cert is not None else TransportKeys.zero()
+        if request.handle == 0:
+            vek = self._rng(VEK_SIZE)
+        else:
+            shared = self._guest(request.handle)
+            if request.policy != shared.policy or PolicyFlag.NOKS in GuestPolicy.from_u32(shared.policy):
+                raise SevError(SevStatus.POLICY_FAILURE)
+            vek = shared.vek
+        handle = self._free_handle()
+        guest = GuestContext(handle=handle, policy=request.policy, vek=vek, channel=channel)
+        if guest.es and not self._config_es:
+            raise SevError(SevStatus.UNSUPPORTED)
+        guest.state = next_guest_state(guest.state, SevCommand.LAUNCH_START)
+        self._state = next_platform_state(self._state, SevCommand.LAUNCH_START)
+        self._guests[handle] = guest
+        return LaunchStartResponse(handle=handle)
+
+    def _launch_update_checks(
+        self, command: SevCommand, handle: GuestHandle, paddr: Spa, length: int
+    ) -> GuestContext:
+        self._require_platform(command)
+        guest = self._guest(handle)
+        require_guest_state(command, guest.state)
+        if command is SevCommand.LAUNCH_UPDATE_VMSA and not guest.es:
+            raise SevError(SevStatus.UNSUPPORTED)
+        if guest.inactive:
+            raise SevError(SevStatus.INACTIVE)
+        if not _aligned16(paddr):
+            raise SevError(SevStatus.INVALID_ADDRESS)
+        if not _aligned16(length) or length == 0:
+            raise SevError(SevStatus.INVALID_LEN)
+        return guest
+
+    @_serialised
+    def launch_update_data(self, request: LaunchUpdateDataRequest) -> None:
+        guest = self._launch_update_checks(
+            SevCommand.LAUNCH_UPDATE_DATA, request.handle, request.paddr, request.length
+        )
+        # In scratch-buffer chunks, as the firmware: read plaintext, measure it, write it back encrypted.
+        offset = 0
+        while offset < request.length:
+            size = min(SCRATCH_LEN, request.length - offset)
+            spa = Spa(request.paddr + offset)
+            chunk = self._read(spa, size)
+            guest.measure(chunk)
+            self._write_encrypted(guest.asid, spa, chunk)
+            offset += size
+
+    @_serialised
+    def launch_update_vmsa(self, request: LaunchUpdateVmsaRequest) -> None:
+        if request.length != VMSA_SIZE:
+            raise SevError(SevStatus.INVALID_LEN)  # checked before anything else
+        guest = self._launch_update_checks(
+            SevCommand.LAUNCH_UPDATE_VMSA, request.handle, request.paddr, request.length
+        )
+        page = self._read(request.paddr, VMSA_SIZE)
+        guest.measure(page)  # the VMSA as supplied, before the CRC address goes in
+        block = self._tmr.allocate() if self._tmr is not None else None
+        if block is None:
+            raise SevError(SevStatus.RESOURCE_LIMIT)
+        assert self._tmr is not None
+        sealed = seal_vmsa(page, block)
+        self._tmr.store(block, vmsa_crc(sealed))
+        guest.vmsa_crc_blocks.append(block)
+        self._write_encrypted(guest.asid, request.paddr, sealed)
+
+    @_serialised
+    def launch_measure(self, request: LaunchMeasureRequest) -> LaunchMeasureResponse:
+        self._require_platform(SevCommand.LAUNCH_MEASURE)
+        guest = self._guest(request.handle)
+        require_guest_state(SevCommand.LAUNCH_MEASURE, guest.state)
+        if request.measure_len < MEASUREMENT_SIZE:
+            raise SevError(
+                SevStatus.INVALID_LEN,
+                output=LaunchMeasureResponse(measurement=b"", measure_len=MEASUREMENT_SIZE),
+            )
+        assert guest.channel is not None
+        digest = guest.finish_digest()
+        mnonce = self._rng(MNONCE_SIZE)
+        measure = compute_measure(
+            guest.channel.tik, firmware=self.firmware, policy=guest.policy, digest=digest, mnonce=mnonce
+        )
+        guest.measurement = measure
+        guest.state = next_guest_state(guest.state, SevCommand.LAUNCH_MEASURE)
+        blob = LaunchMeasurement(measure=measure, mnonce=mnonce).to_bytes()
+        return LaunchMeasureResponse(measurement=blob, measure_len=MEASUREMENT_SIZE)
+
+    @_serialised
+    def launch_secret(self, request: LaunchSecretRequest) -> None:
+        self._require_platform(SevCommand.LAUNCH_SECRET)
+        guest = self._guest(request.handle)
+        if not _aligned16(request.guest_paddr):
+            raise SevError(SevStatus.INVALID_ADDRESS)
+        if (
+            len(request.hdr) != PACKET_HEADER_SIZE
+            or not _aligned16(request.guest_len)
+            or request.guest_len == 0
+            or request.guest_len > SCRATCH_LEN
+            or request.guest_len != len(request.trans)
+        ):
+            raise SevError(SevStatus.INVALID_LEN)
+        require_guest_state(SevCommand.LAUNCH_SECRET, guest.state)
+        if guest.inactive:
+            raise SevError(SevStatus.INACTIVE)
+        assert guest.channel is not None
+        # SECURITY: header and data come from the host; nothing reaches guest memory unless the MAC checks.
+        header = PacketHeader.from_bytes(request.hdr)
+        secret = open_packet(
+            guest.channel,
+            header,
+            request.trans,
+            context=ChannelContext.SECRET,
+            uncompressed_len=request.guest_len,
+            measurement=guest.measurement,
+        )
+        if header.flags & PacketFlags.COMPRESSED:
+            raise SevError(SevStatus.UNSUPPORTED)
+        self._write_encrypted(guest.asid, request.guest_paddr, secret)
+
+    @_serialised
+    def launch_finish(self, request: LaunchFinishRequest) -> None:
+        self._require_platform(SevCommand.LAUNCH_FINISH)
+        guest = self._guest(request.handle)
+        require_guest_state(SevCommand.LAUNCH_FINISH, guest.state)
+        if guest.pending:
+            guest.pending = False
+            guest.active = True
+            self._asids[guest.asid] = AsidState.IN_USE
+        guest.channel = None  # the launch channel is closed for good
+        guest.measurement = b""
+        guest.state = next_guest_state(guest.state, SevCommand.LAUNCH_FINISH)
+
+    # -- debugging --------------------------------------------------------------
+
+    def _dbg_checks(self, command: SevCommand, handle: GuestHandle, paddr: Spa, length: int) -> GuestContext:
+        self._require_platform(command)
+        if not _aligned16(paddr):
+            raise SevError(SevStatus.INVALID_ADDRESS)
+        if not _aligned16(length) or length > DBG_MAX_LENGTH:
+            raise SevError(SevStatus.INVALID_LEN)
+        guest = self._guest(handle)
+        if PolicyFlag.NODBG in GuestPolicy.from_u32(guest.policy):
+            raise SevError(SevStatus.POLICY_FAILURE)
+        require_guest_state(command, guest.state)  # any valid state: the firmware has no state check
+        if guest.inactive:
+            raise SevError(SevStatus.INACTIVE)
+        return guest
+
+    @_serialised
+    def dbg_decrypt(self, request: DbgDecryptRequest) -> DbgDecryptResponse:
+        guest = self._dbg_checks(SevCommand.DBG_DECRYPT, request.handle, request.src_paddr, request.length)
+        if request.length == 0:
+            return DbgDecryptResponse(data=b"")
+        return DbgDecryptResponse(data=self._read_encrypted(guest.asid, request.src_paddr, request.length))
+
+    @_serialised
+    def dbg_encrypt(self, request: DbgEncryptRequest) -> None:
+        guest = self._dbg_checks(SevCommand.DBG_ENCRYPT, request.handle, request.dst_paddr, len(request.data))
+        if request.data:
+            self._write_encrypted(guest.asid, request.dst_paddr, request.data)
+
+    # -- tests ------------------------------------------------------------------
+
+    def asid_runnable(self, asid: Asid) -> bool:
+        """True if a RUNNING guest is activated on ``asid``: the cores may VMRUN with it."""
+        with self._lock:
+            return self._asids.get(asid) is AsidState.IN_USE
+
+    def _set_guest_state_for_tests(self, handle: GuestHandle, state: GuestState) -> None:
+        """Put a guest in a state no implemented command reaches yet (SUPDATE, RUPDATE, SENT).
+
+        For the per-state command tests only, until SEND_*/RECEIVE_* exist.
+        """
+        with self._lock:
+            self._guest(handle).state = state
