@@ -20,14 +20,16 @@ def cli() -> None:
 @cli.command()
 @click.option("--socket", "socket_path", required=True, help="Unix socket to serve /dev/kvm on.")
 @click.option("--state-dir", default=None, help="Where the host keeps its identity (PSP keys).")
-def host(socket_path: str, state_dir: str | None) -> None:
+@click.option("--amd-root", default=None,
+              help="The installation's emulated AMD root (default: shared by all hosts of this user).")
+def host(socket_path: str, state_dir: str | None, amd_root: str | None) -> None:
     """Run one emulated host: the KVM kernel and the silicon."""
     from confmig.hostd.main import serve
 
     logging.basicConfig(level=os.environ.get("CONFMIG_LOG", "WARNING"),
                         format="%(asctime)s host[%(process)d] %(levelname)s %(message)s")
     try:
-        serve(socket_path, state_dir)
+        serve(socket_path, state_dir, amd_root=amd_root)
     except OSError as exc:
         raise click.ClickException(f"cannot serve {socket_path}: {exc.strerror or exc}") from None
 

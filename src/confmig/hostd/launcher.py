@@ -28,8 +28,11 @@ class VcpuSubprocess:
 class SubprocessLauncher:
     """A :class:`confmig.kvm.ports.VcpuLauncher` that forks a Python process per vCPU."""
 
-    def __init__(self, rom: str = DEFAULT_ROM) -> None:
+    def __init__(self, rom: str = DEFAULT_ROM, *, key_slots_fd: int | None = None) -> None:
         self.rom = rom
+        self.key_slots_fd = key_slots_fd
+        """The memory controller's key slots, shared with every core (platform to platform:
+        the host kernel never holds this descriptor)."""
 
     def spawn(self, vcpu_id: int, vcpu_fd: int, control_fd: int) -> VcpuSubprocess:
         argv = [
@@ -37,4 +40,8 @@ class SubprocessLauncher:
             "--vcpu-id", str(vcpu_id), "--fd", str(vcpu_fd), "--control", str(control_fd),
             "--rom", self.rom,
         ]
-        return VcpuSubprocess(subprocess.Popen(argv, pass_fds=(vcpu_fd, control_fd)))
+        fds = [vcpu_fd, control_fd]
+        if self.key_slots_fd is not None:
+            argv += ["--key-slots", str(self.key_slots_fd)]
+            fds.append(self.key_slots_fd)
+        return VcpuSubprocess(subprocess.Popen(argv, pass_fds=fds))

@@ -221,6 +221,7 @@ class SevVm:
             self.psp.deactivate(s.handle)
             self.psp.decommission(s.handle)
         if s.asid:
+            self.psp.df_flush()  # a freed ASID is dirty until flushed (Linux flushes before reuse)
             self.asids.release(s.asid)
         self.state = SevState()
 
