@@ -18,7 +18,18 @@ import numpy.typing as npt
 from confmig.common import bitmap
 from confmig.common.errors import ConfigError, KvmError
 from confmig.kvm import channel
+from confmig.kvm.sev import SEV_CMD, SEV_ISSUE_CMD
 from confmig.proto import ioctl
+
+
+class SevCommandError(KvmError):
+    """A ``KVM_MEMORY_ENCRYPT_OP`` failed; ``fw_error`` is the PSP status (0xFFFFFFFF:
+    the firmware was not called), ``output`` what KVM still returned (length queries)."""
+
+    def __init__(self, cmd_id: int, err: int, fw_error: int, output: bytes) -> None:
+        super().__init__(f"KVM_MEMORY_ENCRYPT_OP({cmd_id})", err, f"firmware error {fw_error:#x}")
+        self.fw_error = fw_error
+        self.output = output
 
 
 class _Fd:
@@ -83,6 +94,14 @@ class Kvm(_Fd):
     def check_extension(self, cap: int) -> int:
         return self.ioctl(ioctl.KVM_CHECK_EXTENSION, _u64(cap))[0]
 
+    def sev_issue_cmd(self, cmd: int, data: bytes = b"") -> tuple[int, bytes]:
+        """``/dev/sev`` SEV_ISSUE_CMD: (firmware status, outputs). Raises on a refused call."""
+        result, payload, _ = self.ioctl(SEV_ISSUE_CMD, struct.pack("<I", cmd) + data, check=False)
+        status = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0xFFFF_FFFF
+        if result < 0:
+            raise KvmError("SEV_ISSUE_CMD", -result, f"firmware status {status:#x}")
+        return status, payload[4:]
+
     def create_vm(self, vm_type: int = 0) -> VmFd:
         _, _, fds = self.ioctl(ioctl.KVM_CREATE_VM, _u64(vm_type))
         return VmFd(socket.socket(fileno=fds[0]))
@@ -107,6 +126,17 @@ class VmFd(_Fd):
     def get_dirty_log(self, slot: int, npages: int) -> npt.NDArray[np.bool_]:
         _, payload, _ = self.ioctl(ioctl.KVM_GET_DIRTY_LOG, ioctl.DIRTY_LOG.pack(slot, 0))
         return bitmap.unpack(np.frombuffer(payload, dtype=np.uint8), npages)
+
+    def memory_encrypt_op(self, cmd_id: int, data: bytes = b"") -> tuple[int, bytes]:
+        """``KVM_MEMORY_ENCRYPT_OP``: returns (firmware ``error``, outputs); raises
+        :class:`KvmError` (with the firmware status in its text) when KVM fails."""
+        payload = SEV_CMD.pack(cmd_id, 0, 0, 0, 0) + data
+        result, reply, _ = self.ioctl(ioctl.KVM_MEMORY_ENCRYPT_OP, payload, check=False)
+        error = SEV_CMD.unpack_from(reply)[3] if len(reply) >= SEV_CMD.size else 0xFFFF_FFFF
+        out = reply[SEV_CMD.size :]
+        if result < 0:
+            raise SevCommandError(cmd_id, -result, error, out)
+        return error, out
 
     def set_msr_filter(self, write_exits: list[int]) -> None:
         self.ioctl(ioctl.KVM_X86_SET_MSR_FILTER, ioctl.encode_msr_filter(write_exits))

@@ -29,8 +29,10 @@ from confmig.vmm.devices import PortIoDevice
 from confmig.vmm.devices.fw_cfg import FwCfg
 from confmig.vmm.devices.kv import KvDevice
 from confmig.vmm.devices.serial import Serial
+from confmig.vmm.firmware import FirmwareImage
 from confmig.vmm.memory import GuestMemory
 from confmig.vmm.runstate import RunState, check_transition
+from confmig.vmm.sev import KVM_HC_MAP_GPA_RANGE, SecretArea, SevGuest
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +153,24 @@ class Machine:
         self.shutdown_reason: str | None = None
         self.autostart = not config.start_paused
         """Run the guest once an incoming migration has loaded (cleared by ``stop``)."""
-        if config.sev is not None:
-            raise ConfigError(f"sev-guest '{config.sev.id}': launching SEV guests is not implemented yet "
-                              "(the emulated PSP and the SEV launch flow are in progress)")
+        if config.sev is not None and config.incoming:
+            raise ConfigError("an incoming SEV guest needs a confidential migration backend "
+                              "(PSP or Migration Handler), which is not implemented yet")
         self.kvm = Kvm(config.host)
         self.vm: VmFd = self.kvm.create_vm()
         self.memory = GuestMemory.pc(config.ram_size)
+        self.firmware = FirmwareImage.load(config.bios) if config.bios else None
+        if self.firmware is not None:
+            self.memory.add_block("pc.bios", self.firmware.data, gpa=self.firmware.gpa, slot=2)
         if config.prealloc or config.incoming:
             for block in self.memory.blocks:
                 block.prealloc()  # an incoming migration must not pay first-touch costs
         self._dirty_logging = False
         self._register_memslots()
+        self.sev: SevGuest | None = None
+        if config.sev is not None:
+            self.sev = SevGuest(config.sev, config.name, self.kvm, self.vm)
+            self.sev.init()
         self.serial = Serial(console)
         self.fw_cfg = FwCfg(
             self.memory, ram_size=config.ram_size, nb_cpus=config.smp,
@@ -175,8 +184,22 @@ class Machine:
             self.devices.append(kv)
         self._ports: dict[int, PortIoDevice] = {p: d for d in self.devices for p in d.ports}
         self.vcpus = [VcpuThread(self, self.vm.create_vcpu(i)) for i in range(config.smp)]
+        if self.sev is not None:
+            for v in self.vcpus:
+                v.fd.set_cpuid(self.sev.cpuid())
+            self._sev_launch(self.sev)
         for v in self.vcpus:
             v.start()
+
+    def _sev_launch(self, sev: SevGuest) -> None:
+        """Measure and encrypt the firmware, then let the owner check and provision."""
+        fw = self.firmware
+        measured = [(fw.gpa, len(fw.data))] if fw is not None else []
+        area = fw.secret_area() if fw is not None else None
+        sev.launch(measured, SecretArea(gpa=area[0], size=area[1]) if area else None)
+
+    def migration_blockers(self) -> list[str]:
+        return self.sev.blockers() if self.sev is not None else []
 
     # --- run state -----------------------------------------------------------
 
@@ -256,7 +279,12 @@ class Machine:
             case ioctl.ExitInternalError():
                 self.internal_error(ex.message)
             case ioctl.ExitHypercall():
+                if self.sev is not None and ex.nr == KVM_HC_MAP_GPA_RANGE:
+                    return struct.pack("<Q", self.sev.map_gpa_range(*ex.args[:3]))
                 return struct.pack("<Q", (-1000) & 0xFFFF_FFFF_FFFF_FFFF)  # -KVM_ENOSYS
+            case ioctl.ExitMsr(write=True):
+                if self.sev is None or not self.sev.wrmsr(ex.index, ex.data):
+                    log.warning("guest wrote MSR %#x = %#x: refused", ex.index, ex.data)
         return b""
 
     def guest_shutdown(self, reason: str) -> None:

@@ -134,6 +134,14 @@ class GuestMemory:
         mem.blocks.append(block)
         return mem
 
+    def add_block(self, idstr: str, data: bytes, *, gpa: int, slot: int) -> RamBlock:
+        """A block holding ``data`` (a firmware image), mapped at ``gpa``."""
+        block = RamBlock(idstr, len(data))
+        block.bytes[:] = np.frombuffer(data, dtype=np.uint8)
+        block.regions.append(RamRegion(name=idstr, gpa=Gpa(gpa), offset=0, size=len(data), slot=slot))
+        self.blocks.append(block)
+        return block
+
     @property
     def ram_size(self) -> int:
         return sum(b.size for b in self.blocks)

@@ -26,6 +26,8 @@ EventSink = Callable[[str, "dict[str, object] | None"], None]
 class MigrationState:
     def __init__(self, machine: Machine, events: EventSink,
                  policy: ConvergencePolicy = downtime_limit_policy) -> None:
+        """``machine.migration_blockers()`` says what forbids migration right now
+        (QEMU's migration blockers, reported as ``blocked-reasons``)."""
         self.machine = machine
         self._events = events
         self.policy = policy
@@ -35,8 +37,7 @@ class MigrationState:
         self.outgoing: OutgoingMigration | None = None
         self.incoming: IncomingMigration | None = None
         self._lock = threading.Lock()
-        self.blockers: list[str] = []
-        """Reasons migration is refused (``blocked-reasons``); later issues add some."""
+
 
     # --- status ----------------------------------------------------------------
 
@@ -70,8 +71,9 @@ class MigrationState:
         with self._lock:
             if self._busy():
                 raise MigrationError("There's a migration process in progress")
-            if self.blockers:
-                raise MigrationError("; ".join(self.blockers))
+            blockers = self.machine.migration_blockers()
+            if blockers:
+                raise MigrationError("; ".join(blockers))
             state = self.machine.runstate
             if state in (RunState.INMIGRATE, RunState.PRELAUNCH):
                 raise StateError("migrate", state, "a VM that has started")
@@ -118,8 +120,9 @@ class MigrationState:
         info: dict[str, object] = {}
         if st != MigrationStatus.NONE:
             info["status"] = st.value
-        if self.blockers:
-            info["blocked-reasons"] = list(self.blockers)
+        blockers = self.machine.migration_blockers()
+        if blockers:
+            info["blocked-reasons"] = blockers
         s = self.stats
         if self.outgoing is not None and st in (MigrationStatus.ACTIVE, MigrationStatus.DEVICE,
                                                  MigrationStatus.CANCELLING):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from confmig.vmm import sev
 from confmig.vmm.machine import Machine
 from confmig.vmm.migration.state import MigrationState
 from confmig.vmm.qmp.schema import Arg, Array, QmpError, QmpRegistry, Struct
@@ -122,6 +123,16 @@ def register(
     @r.command("migrate-set-parameters", args=MIGRATION_PARAMETERS)
     def set_params(a: dict[str, object]) -> None:
         migration.set_parameters(a)
+
+    @r.command("query-sev")
+    def query_sev(_a: dict[str, object]) -> object:
+        if machine.sev is None:
+            raise QmpError("SEV feature is not available")
+        return machine.sev.query()
+
+    @r.command("query-sev-capabilities")
+    def query_sev_capabilities(_a: dict[str, object]) -> object:
+        return sev.query_sev_capabilities(machine.kvm)
 
     @r.command("query-migrate-parameters")
     def query_params(_a: dict[str, object]) -> object:

@@ -1,0 +1,78 @@
+"""The firmware image (``-bios``), as the VMM handles it: mapped below 4 GiB like
+QEMU maps OVMF's flash, and read for its OVMF GUIDed table, from which QEMU
+learns where the SEV secret area is (``pc_system_ovmf_table_find``).
+
+The table sits just below the reset vector, 0x20 bytes from the end of the
+image, and is read backwards: a footer GUID, the table's total length (u16),
+then entries each ending with ``u16 length`` and a GUID.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confmig.common.errors import ConfigError
+from confmig.common.units import PAGE_SIZE, GiB, MiB
+
+OVMF_TABLE_FOOTER_GUID = uuid.UUID("96b582de-1fb2-45f7-baea-a366c55a082d")
+SEV_SECRET_BLOCK_GUID = uuid.UUID("4c2eb361-7d9b-4cc3-8081-127c90d3d294")
+MAX_IMAGE_SIZE = 16 * MiB
+"""QEMU's flash region below 4 GiB is bounded; so is ours."""
+_TAIL = 0x20
+"""Bytes after the table: the reset vector and its padding."""
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareImage:
+    data: bytes
+    table: dict[uuid.UUID, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str) -> FirmwareImage:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"-bios: cannot read {path}: {exc.strerror}") from None
+        if not data or len(data) > MAX_IMAGE_SIZE or len(data) % PAGE_SIZE:
+            raise ConfigError(f"-bios: {path}: size {len(data)} is not a multiple of 4 KiB up to 16 MiB")
+        return cls(data, parse_ovmf_table(data))
+
+    @property
+    def gpa(self) -> int:
+        """Mapped so that it ends at 4 GiB, as pflash is."""
+        return 4 * GiB - len(self.data)
+
+    def secret_area(self) -> tuple[int, int] | None:
+        """(GPA, size) of the SEV secret area, if the firmware declares one."""
+        entry = self.table.get(SEV_SECRET_BLOCK_GUID)
+        if entry is None or len(entry) < 8:
+            return None
+        base, size = struct.unpack_from("<II", entry)
+        return base, size
+
+
+def parse_ovmf_table(image: bytes) -> dict[uuid.UUID, bytes]:
+    """The GUIDed table of an OVMF-style image; empty if there is none. Malformed
+    entries end the walk (QEMU does the same)."""
+    # SECURITY: the image is a file the user gave us; every length is checked.
+    end = len(image) - _TAIL
+    if end < 18 or uuid.UUID(bytes_le=image[end - 16 : end]) != OVMF_TABLE_FOOTER_GUID:
+        return {}
+    pos = end - 16
+    (total,) = struct.unpack_from("<H", image, pos - 2)
+    size = total - 16 - 2
+    if size <= 0 or size > pos - 2:
+        return {}
+    table = image[pos - 2 - size : pos - 2]
+    entries: dict[uuid.UUID, bytes] = {}
+    while len(table) >= 18:
+        guid = uuid.UUID(bytes_le=table[-16:])
+        (length,) = struct.unpack_from("<H", table, len(table) - 18)
+        if length < 18 or length > len(table):
+            break
+        entries[guid] = table[len(table) - length : len(table) - 18]
+        table = table[: len(table) - length]
+    return entries

@@ -1,0 +1,251 @@
+"""SEV guests in the VMM: what QEMU's ``target/i386/sev.c`` does.
+
+* ``sev_kvm_init``: ``KVM_SEV_INIT`` (or ``KVM_SEV_ES_INIT`` when the policy asks
+  for SEV-ES), and the hooks a migratable SEV guest needs: hypercall exits for
+  ``KVM_HC_MAP_GPA_RANGE`` (the shared-regions list) and an MSR filter so that
+  the guest's write of ``MSR_KVM_MIGRATION_CONTROL`` reaches the VMM.
+* The launch: LAUNCH_START with the guest owner's session, LAUNCH_UPDATE_DATA
+  over the firmware image (measured and encrypted in place), LAUNCH_MEASURE,
+  the owner's verdict and secret (LAUNCH_SECRET into the firmware's secret area,
+  found in the image's OVMF table), LAUNCH_FINISH.
+* ``query-sev`` and ``query-sev-capabilities``.
+
+The VMM only ever holds handles, certificates, opaque blobs and ciphertext:
+the owner's transport keys and the guest's memory key stay in the owner and
+the PSP.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import struct
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from confmig.common.errors import ConfigError, KvmError, MigrationError
+from confmig.common.x86 import KVM_MIGRATION_READY, MSR_KVM_MIGRATION_CONTROL
+from confmig.kvm import sev as ksev
+from confmig.kvm.client import Kvm, SevCommandError, VmFd
+from confmig.proto import ioctl
+from confmig.vmm.cmdline import HOST_CBITPOS, SevGuestConfig
+from confmig.vmm.shared_regions import SharedRegions
+
+log = logging.getLogger(__name__)
+
+KVM_CPUID_FEATURES = 0x4000_0001
+KVM_FEATURE_HC_MAP_GPA_RANGE = 1 << 16
+KVM_FEATURE_MIGRATION_CONTROL = 1 << 17
+KVM_HC_MAP_GPA_RANGE = 12
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+OWNER_TIMEOUT = 30.0
+"""Seconds a call to the guest owner may take."""
+OWNER_MAX_REPLY = 1 << 20
+
+SEV_STATES = ("uninit", "launch-update", "launch-secret", "running", "send-update", "receive-update",
+              "sent")
+"""QEMU's ``SevState`` names, in the firmware's numbering."""
+
+BLOCKER_NOT_ENABLED = ("SEV: the guest has not enabled live migration "
+                       "(MSR_KVM_MIGRATION_CONTROL bit 0 not set)")
+BLOCKER_NO_BACKEND = ("SEV: migrating a confidential guest needs a confidential migration backend "
+                      "(PSP or Migration Handler), which is not implemented yet")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecretArea:
+    """The firmware's secret area (OVMF table entry ``SEV_SECRET_BLOCK``)."""
+
+    gpa: int
+    size: int
+
+
+class OwnerLink:
+    """The VMM's side of the guest owner's key broker: plain HTTP + JSON, blobs in
+    base64 (``docs/owner.md``). Everything it carries is opaque to the VMM."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def _post(self, path: str, body: dict[str, object]) -> dict[str, object]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=OWNER_TIMEOUT) as resp:
+                data = resp.read(OWNER_MAX_REPLY)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read(4096).decode(errors="replace")
+            with contextlib.suppress(ValueError):
+                detail = str(json.loads(detail).get("error", detail))
+            raise ConfigError(f"guest owner refused: {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ConfigError(f"cannot reach the guest owner at {self.url}: {exc}") from None
+        reply = json.loads(data)
+        if not isinstance(reply, dict):
+            raise ConfigError("guest owner: malformed reply")
+        return reply
+
+    def launch(self, vm: str, pdh: bytes, chain: bytes, policy: int) -> tuple[str, bytes, bytes]:
+        r = self._post("/v1/launch", {"vm": vm, "pdh": _b64(pdh), "cert_chain": _b64(chain),
+                                      "policy": policy})
+        return str(r["session_id"]), _unb64(r["godh"]), _unb64(r["session"])
+
+    def measurement(self, session_id: str, measurement: bytes, api: tuple[int, int, int]
+                    ) -> tuple[bytes, bytes, int]:
+        r = self._post(f"/v1/launch/{session_id}/measurement", {
+            "measurement": _b64(measurement), "api_major": api[0], "api_minor": api[1], "build": api[2]})
+        return _unb64(r["secret_header"]), _unb64(r["secret"]), int(str(r["guest_len"]))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(value: object) -> bytes:
+    if not isinstance(value, str):
+        raise ConfigError("guest owner: malformed reply (expected base64)")
+    return base64.b64decode(value, validate=True)
+
+
+class SevGuest:
+    """One SEV (or SEV-ES) guest of this VMM."""
+
+    def __init__(self, config: SevGuestConfig, name: str, kvm: Kvm, vm: VmFd) -> None:
+        self.config = config
+        self.name = name
+        self.kvm = kvm
+        self.vm = vm
+        self.shared = SharedRegions()
+        self.migration_enabled = threading.Event()
+        self.measurement = b""
+        self.handle = 0
+
+    # --- sev_kvm_init -------------------------------------------------------------
+
+    def init(self) -> None:
+        cmd = ksev.KVM_SEV_ES_INIT if self.config.es else ksev.KVM_SEV_INIT
+        try:
+            self.vm.memory_encrypt_op(cmd)
+        except SevCommandError as exc:
+            raise ConfigError(
+                f"sev-guest '{self.config.id}': SEV is not available on this host: {exc}") from None
+        self.vm.enable_cap(ioctl.KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+        self.vm.set_msr_filter([MSR_KVM_MIGRATION_CONTROL])
+        self.vm.enable_cap(ioctl.KVM_CAP_X86_USER_SPACE_MSR, ioctl.KVM_MSR_EXIT_REASON_FILTER)
+
+    def cpuid(self) -> ioctl.CpuidEntries:
+        """What this VMM advertises: the page-state hypercall and migration control
+        (the hypervisor's part of the three-way negotiation)."""
+        eax = KVM_FEATURE_HC_MAP_GPA_RANGE | KVM_FEATURE_MIGRATION_CONTROL
+        return {(KVM_CPUID_FEATURES, 0): (eax, 0, 0, 0)}
+
+    # --- the launch ------------------------------------------------------------------
+
+    def launch(self, measured: list[tuple[int, int]], secret_area: SecretArea | None) -> None:
+        owner = OwnerLink(self.config.owner) if self.config.owner else None
+        session_id = ""
+        godh = session = b""
+        if owner is not None:
+            caps = self.capabilities_raw()
+            session_id, godh, session = owner.launch(self.name, caps[0], caps[1], self.config.policy)
+        body = ksev.LAUNCH_START.pack(0, self.config.policy, 0, len(godh), 0, 0, len(session), 0)
+        _err, out = self._op(ksev.KVM_SEV_LAUNCH_START, body + godh + session)
+        self.handle = ksev.LAUNCH_START.unpack_from(out)[0]
+        for gpa, size in measured:
+            self._op(ksev.KVM_SEV_LAUNCH_UPDATE_DATA, ksev.LAUNCH_UPDATE_DATA.pack(gpa, size, 0))
+        try:  # the length query first, as QEMU does
+            self.vm.memory_encrypt_op(ksev.KVM_SEV_LAUNCH_MEASURE, ksev.LAUNCH_MEASURE.pack(0, 0, 0))
+            raise ConfigError("LAUNCH_MEASURE: expected a length query to fail with INVALID_LEN")
+        except SevCommandError as exc:
+            if exc.fw_error != ksev.SEV_RET_INVALID_LEN:
+                raise
+            need = ksev.LAUNCH_MEASURE.unpack_from(exc.output)[1]
+        _err, out = self._op(ksev.KVM_SEV_LAUNCH_MEASURE, ksev.LAUNCH_MEASURE.pack(0, need, 0))
+        self.measurement = out[ksev.LAUNCH_MEASURE.size :]
+        if owner is not None:
+            hdr, secret, guest_len = owner.measurement(session_id, self.measurement, self.api_version())
+            if secret_area is None:
+                raise ConfigError("the firmware image has no SEV secret area: cannot inject the secret")
+            if guest_len > secret_area.size or guest_len != len(secret):
+                raise ConfigError("the guest owner's secret does not fit the firmware's secret area")
+            body = ksev.LAUNCH_SECRET.pack(0, len(hdr), 0, secret_area.gpa, guest_len, 0, 0, len(secret), 0)
+            self._op(ksev.KVM_SEV_LAUNCH_SECRET, body + hdr + secret)
+        self._op(ksev.KVM_SEV_LAUNCH_FINISH)
+        log.info("SEV launch finished: handle %d", self.handle)
+
+    def _op(self, cmd: int, data: bytes = b"") -> tuple[int, bytes]:
+        try:
+            return self.vm.memory_encrypt_op(cmd, data)
+        except SevCommandError as exc:
+            raise ConfigError(f"SEV launch failed: {exc}") from None
+
+    # --- exits ------------------------------------------------------------------------
+
+    def map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
+        """``KVM_HC_MAP_GPA_RANGE`` exit: returns the hypercall's result for rax."""
+        # SECURITY: guest-controlled arguments; bound them to something sane.
+        if gpa % 4096 or npages <= 0 or npages > 1 << 28 or attrs & ~0x1F:
+            return -22 & 0xFFFF_FFFF_FFFF_FFFF  # -KVM_EINVAL
+        self.shared.update(gpa >> 12, npages, shared=not attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
+        return 0
+
+    def wrmsr(self, index: int, value: int) -> bool:
+        """A filtered MSR write; returns False to inject #GP."""
+        if index != MSR_KVM_MIGRATION_CONTROL or value & ~KVM_MIGRATION_READY:
+            return False
+        if value & KVM_MIGRATION_READY:
+            self.migration_enabled.set()
+        else:
+            self.migration_enabled.clear()
+        return True
+
+    def blockers(self) -> list[str]:
+        out = [] if self.migration_enabled.is_set() else [BLOCKER_NOT_ENABLED]
+        return [*out, BLOCKER_NO_BACKEND]
+
+    def check_migratable(self) -> None:
+        if self.blockers():
+            raise MigrationError("; ".join(self.blockers()))
+
+    # --- QMP ----------------------------------------------------------------------------
+
+    def capabilities_raw(self) -> tuple[bytes, bytes]:
+        return pdh_cert_export(self.kvm)
+
+    def api_version(self) -> tuple[int, int, int]:
+        status, out = self.kvm.sev_issue_cmd(ksev.SEV_PLATFORM_STATUS)
+        if status or len(out) < 12:
+            return 0, 0, 0
+        major, minor, _state, _flags, build, _count = struct.unpack_from("<BBBIBI", out)
+        return major, minor, build
+
+    def query(self) -> dict[str, object]:
+        _err, out = self._op(ksev.KVM_SEV_GUEST_STATUS, ksev.GUEST_STATUS.pack(0, 0, 0))
+        policy, state, _ = ksev.GUEST_STATUS.unpack_from(out)
+        major, minor, build = self.api_version()
+        return {"enabled": True, "api-major": major, "api-minor": minor, "build-id": build,
+                "policy": policy, "state": SEV_STATES[state] if state < len(SEV_STATES) else "uninit",
+                "handle": self.handle, "sev-type": "sev-es" if self.config.es else "sev"}
+
+
+def pdh_cert_export(kvm: Kvm) -> tuple[bytes, bytes]:
+    """The host platform's PDH and its chain (PEK‖OCA‖CEK), through ``/dev/sev``."""
+    try:
+        status, out = kvm.sev_issue_cmd(ksev.SEV_PDH_CERT_EXPORT)
+    except KvmError as exc:
+        raise ConfigError(f"SEV is not available on this host: {exc}") from None
+    if status:
+        raise ConfigError(f"SEV_PDH_CERT_EXPORT failed with firmware status {status:#x}")
+    pdh_len, chain_len = struct.unpack_from("<II", out)
+    return out[8 : 8 + pdh_len], out[8 + pdh_len : 8 + pdh_len + chain_len]
+
+
+def query_sev_capabilities(kvm: Kvm, cbitpos: int = HOST_CBITPOS) -> dict[str, object]:
+    """``query-sev-capabilities``: what a guest owner needs to prepare a launch here."""
+    pdh, chain = pdh_cert_export(kvm)
+    return {"pdh": _b64(pdh), "cert-chain": _b64(chain), "cpu0-id": _b64(b"\0" * 64),
+            "cbitpos": cbitpos, "reduced-phys-bits": 1}
