@@ -233,6 +233,11 @@ def issue_sev_cmd(psp: SecureProcessor, payload: bytes) -> tuple[int, bytes]:
         return -errno.EINVAL, b""
     (cmd,) = struct.unpack_from("<I", payload)
     if cmd == SEV_PDH_CERT_EXPORT:
+        # The PDH exists only on an initialised platform; the sev-dev driver INITs it
+        # first when needed (sev_ioctl_do_pdh_export).
+        status = psp.platform_init(es=True)
+        if status:
+            return -errno.EIO, struct.pack("<III", status, 0, 0)
         status, pdh, chain = psp.pdh_cert_export()
         if status:
             return -errno.EIO, struct.pack("<III", status, 0, 0)
