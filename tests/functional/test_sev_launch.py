@@ -47,3 +47,34 @@ def test_plain_guest_has_no_sev(lab: Lab) -> None:
     with pytest.raises(QmpCommandError, match="SEV feature is not available"):
         vm.qmp.execute("query-sev")
     assert vm.qmp.execute("query-sev-capabilities")["cbitpos"] == 51  # the host has a PSP
+
+
+def test_sev_es_guest_registers_are_out_of_the_hosts_reach(lab: Lab) -> None:
+    import errno
+
+    from confmig.common.errors import KvmError
+    from confmig.kvm.client import Kvm
+    from confmig.proto import ioctl
+
+    host = lab.host("hostA")
+    es = ["-object", "sev-guest,id=sev0,policy=0x5", "-machine", "q35,confidential-guest-support=sev0"]
+    vm = lab.vm("es", host, ram="64M", guest="idle", extra=es)
+    vm.wait_console(WORKLOAD_READY_RE)
+    assert vm.qmp.execute("query-sev")["sev-type"] == "sev-es"
+    # The same ioctls a VMM would use, from a second VM driven here directly.
+    kvm = Kvm(host.socket)
+    other = kvm.create_vm()
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 1 << 20)
+    other.set_user_memory_region(ioctl.UserspaceMemoryRegion(
+        slot=0, flags=0, guest_phys_addr=0, memory_size=1 << 20, offset=0), fd)
+    vcpu = other.create_vcpu(0)
+    vcpu.get_regs()  # readable before the launch seals it
+    other.memory_encrypt_op(1)  # KVM_SEV_ES_INIT
+    from confmig.kvm import sev as ksev
+
+    other.memory_encrypt_op(ksev.KVM_SEV_LAUNCH_START, ksev.LAUNCH_START.pack(0, 0x5, 0, 0, 0, 0, 0, 0))
+    other.memory_encrypt_op(ksev.KVM_SEV_LAUNCH_UPDATE_VMSA)
+    with pytest.raises(KvmError) as e:
+        vcpu.get_regs()
+    assert e.value.errno == errno.EINVAL

@@ -12,8 +12,9 @@ from pathlib import Path
 from confmig.hostd.launcher import DEFAULT_ROM, SubprocessLauncher
 from confmig.hostd.memory import HostMemoryPort
 from confmig.kvm.host import KvmHost
+from confmig.kvm.sev import MIN_SEV_ASID
 from confmig.platform.mee import KeySlots, MemoryEncryptionEngine
-from confmig.platform.psp import PlatformIdentity, PspMailbox, SecureProcessor
+from confmig.platform.psp import PlatformIdentity, PspConfig, PspMailbox, SecureProcessor
 
 log = logging.getLogger("confmig.host")
 
@@ -43,7 +44,8 @@ def serve(socket_path: str, state_dir: str | None = None, *, amd_root: str | Non
     slots = KeySlots()
     host = KvmHost(SubprocessLauncher(rom, key_slots_fd=slots.fd))
     memory = HostMemoryPort(host.spa_window, MemoryEncryptionEngine(slots))
-    host.psp = PspMailbox(SecureProcessor(identity, memory=memory, keys=slots))
+    config = PspConfig(min_sev_asid=MIN_SEV_ASID)  # as KVM's allocator: SEV-ES ASIDs below it
+    host.psp = PspMailbox(SecureProcessor(identity, memory=memory, keys=slots, config=config))
     host.listen(socket_path)
     log.info("host %d serving %s", os.getpid(), socket_path)
 

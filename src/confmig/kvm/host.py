@@ -38,6 +38,7 @@ from confmig.kvm.vcpu import (
     CAP_EXIT_MAP_GPA_RANGE,
     CAP_USER_SPACE_MSR,
     CTL_DELETE_SLOT,
+    CTL_PROTECT_STATE,
     CTL_SET_ASID,
     CTL_SET_CAPS,
     CTL_SET_MSR_FILTER,
@@ -289,7 +290,7 @@ class Vm:
             return -errno.ENOTTY, b""  # no SEV on this host
         if self.sev is None:
             self.sev = SevVm(psp, self.host.asids, self.gpa_to_spa,
-                             lambda asid, es: self.bind_asid(asid, es=es))
+                             lambda asid, es: self.bind_asid(asid, es=es), self.protect_vcpu_state)
         return self.sev.encrypt_op(payload)
 
     def gpa_to_spa(self, gpa: int, length: int) -> list[tuple[int, int]]:
@@ -315,6 +316,13 @@ class Vm:
     def _send_msr_filter(self, v: VcpuHandle) -> None:
         if self.msr_filter:
             channel.send_request(v.control, ioctl.Request(CTL_SET_MSR_FILTER, 0, self.msr_filter))
+
+    def protect_vcpu_state(self) -> int:
+        """SEV-ES LAUNCH_UPDATE_VMSA: from now on the host cannot read or set the
+        registers of any vCPU of this VM. Returns how many vCPUs were sealed."""
+        for v in self.vcpus.values():
+            channel.send_request(v.control, ioctl.Request(CTL_PROTECT_STATE, 0, b""))
+        return len(self.vcpus)
 
     def bind_asid(self, asid: int, *, es: bool) -> None:
         """SEV: every vCPU of this VM now runs under ``asid`` (a handle, never a key)."""

@@ -77,24 +77,34 @@ class SevState:
     handle: int = 0
 
 
+MIN_SEV_ASID = 101
+"""This model part's SEV-ES ASID space: 1..100 for SEV-ES guests, 101..509 for SEV
+(CPUID 0x8000001F EDX, the BIOS's "SEV-ES ASID space limit")."""
+
+
 class AsidAllocator:
-    """SEV ASIDs of one host (``sev_asid_new``/``sev_asid_free``)."""
+    """SEV ASIDs of one host (``sev_asid_new``/``sev_asid_free``): SEV-ES guests below
+    ``min_sev_asid``, SEV guests from it up."""
 
-    def __init__(self, max_asid: int = MAX_ASID) -> None:
-        self._free = list(range(max_asid, 0, -1))
+    def __init__(self, min_sev_asid: int = MIN_SEV_ASID, max_asid: int = MAX_ASID) -> None:
+        self._free_es = list(range(min_sev_asid - 1, 0, -1))
+        self._free_sev = list(range(max_asid, min_sev_asid - 1, -1))
+        self.min_sev_asid = min_sev_asid
 
-    def allocate(self) -> int | None:
-        return self._free.pop() if self._free else None
+    def allocate(self, *, es: bool) -> int | None:
+        pool = self._free_es if es else self._free_sev
+        return pool.pop() if pool else None
 
     def release(self, asid: int) -> None:
-        self._free.append(asid)
+        (self._free_es if asid < self.min_sev_asid else self._free_sev).append(asid)
 
 
 class SevVm:
     """The SEV side of one VM: dispatches ``KVM_MEMORY_ENCRYPT_OP``."""
 
     def __init__(self, psp: SecureProcessor, asids: AsidAllocator, translate: Translate,
-                 bind_asid: Callable[[int, bool], None]) -> None:
+                 bind_asid: Callable[[int, bool], None], protect_vcpus: Callable[[], int]) -> None:
+        self.protect_vcpus = protect_vcpus
         self.psp = psp
         self.asids = asids
         self.translate = translate
@@ -129,6 +139,12 @@ class SevVm:
                 if status:
                     return -errno.EIO, status, b""
             return 0, SEV_RET_SUCCESS, b""
+        if cmd_id == KVM_SEV_LAUNCH_UPDATE_VMSA:
+            if not s.es:
+                return -errno.ENOTTY, SEV_RET_NO_FW_CALL, b""
+            # The register file is sealed for every vCPU. (The VMSA page image itself is
+            # not modelled yet: the registers stay in the emulated core, out of the host's reach.)
+            return (0 if self.protect_vcpus() else -errno.EINVAL), SEV_RET_SUCCESS, b""
         if cmd_id == KVM_SEV_LAUNCH_MEASURE:
             _addr, length, _ = LAUNCH_MEASURE.unpack_from(body)
             if length < MEASUREMENT_LEN:  # a length query, as QEMU makes first
@@ -158,7 +174,7 @@ class SevVm:
         s = self.state
         if s.active:
             return -errno.EBUSY, SEV_RET_NO_FW_CALL, b""
-        asid = self.asids.allocate()
+        asid = self.asids.allocate(es=es)
         if asid is None:
             return -errno.EBUSY, SEV_RET_NO_FW_CALL, b""
         status = self.psp.platform_init(es=es)

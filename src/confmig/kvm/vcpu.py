@@ -53,6 +53,8 @@ CTL_DELETE_SLOT = 0xFF00_0102
 CTL_SET_CAPS = 0xFF00_0103
 CTL_SET_MSR_FILTER = 0xFF00_0104
 CTL_SET_ASID = 0xFF00_0105
+CTL_PROTECT_STATE = 0xFF00_0106
+"""SEV-ES: the register file now lives in the encrypted VMSA (``guest_state_protected``)."""
 CAP_EXIT_MAP_GPA_RANGE = 1 << 0
 CAP_USER_SPACE_MSR = 1 << 1
 VCPU_READY = b"R"
@@ -149,6 +151,7 @@ class Vcpu:
         self.core = core_factory(vcpu_id, self.memory)
         self.caps = 0
         self.kick_pending = False
+        self.state_protected = False
         self.pending: VcpuExit | None = None
         """The last exit, until the next KVM_RUN delivers its completion."""
 
@@ -181,6 +184,8 @@ class Vcpu:
             self.core.msr_user_exit = bool(self.caps & CAP_USER_SPACE_MSR)
         elif req.request == CTL_SET_MSR_FILTER:
             self.core.msr_exits = frozenset(ioctl.decode_msr_filter(req.payload))
+        elif req.request == CTL_PROTECT_STATE:
+            self.state_protected = True
         elif req.request == CTL_SET_ASID:
             asid, es = struct.unpack("<IB", req.payload)
             self.core.set_asid(asid, es=bool(es))
@@ -214,6 +219,8 @@ class Vcpu:
             if r == ioctl.KVM_RUN:
                 ex = self.run(ioctl.RunRequest.decode(req.payload))
                 return (-errno.EINTR if isinstance(ex, ExitIntr) else 0), ioctl.encode_exit(ex)
+            if r in (ioctl.KVM_GET_REGS, ioctl.KVM_SET_REGS) and self.state_protected:
+                return -errno.EINVAL, b""  # the registers are in the encrypted VMSA
             if r == ioctl.KVM_GET_REGS:
                 return 0, ioctl.REGS.pack(*self.core.get_regs_tuple())
             if r == ioctl.KVM_SET_REGS:

@@ -157,6 +157,8 @@ class SevGuest:
         self.handle = ksev.LAUNCH_START.unpack_from(out)[0]
         for gpa, size in measured:
             self._op(ksev.KVM_SEV_LAUNCH_UPDATE_DATA, ksev.LAUNCH_UPDATE_DATA.pack(gpa, size, 0))
+        if self.config.es:
+            self._op(ksev.KVM_SEV_LAUNCH_UPDATE_VMSA)
         try:  # the length query first, as QEMU does
             self.vm.memory_encrypt_op(ksev.KVM_SEV_LAUNCH_MEASURE, ksev.LAUNCH_MEASURE.pack(0, 0, 0))
             raise ConfigError("LAUNCH_MEASURE: expected a length query to fail with INVALID_LEN")
