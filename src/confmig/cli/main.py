@@ -10,6 +10,7 @@ import sys
 import click
 
 from confmig.common.errors import ConfmigError
+from confmig.owner.cli import owner
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,6 +102,9 @@ def bench(save: str | None, quick: bool) -> None:
         run_benchmarks(save_dir=save, quick=quick)
     except ConfmigError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+cli.add_command(owner)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import signal
 import threading
 from pathlib import Path
 
+from confmig.common.paths import default_amd_root, default_host_state_dir
 from confmig.hostd.launcher import DEFAULT_ROM, SubprocessLauncher
 from confmig.hostd.memory import HostMemoryPort
 from confmig.kvm.host import KvmHost
@@ -19,26 +20,12 @@ from confmig.platform.psp import PlatformIdentity, PspConfig, PspMailbox, Secure
 log = logging.getLogger("confmig.host")
 
 
-def _state_home() -> Path:
-    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "confmig"
-
-
-def default_state_dir(socket_path: str) -> Path:
-    return _state_home() / "hosts" / Path(socket_path).name
-
-
-def default_amd_root() -> Path:
-    """The emulated AMD root of this installation, shared by all its hosts (and
-    trusted by its guest owners), as every real EPYC chains up to AMD's ARK."""
-    return _state_home() / "amd-root"
-
-
 def serve(socket_path: str, state_dir: str | None = None, *, amd_root: str | None = None,
           rom: str = DEFAULT_ROM, ready: threading.Event | None = None) -> None:
     """Run a host. Its identity (the platform's SEV keys and certificates) lives in
     ``state_dir``; the emulated AMD root that certifies every host of this
     installation lives in ``amd_root``."""
-    state = Path(state_dir) if state_dir else default_state_dir(socket_path)
+    state = Path(state_dir) if state_dir else default_host_state_dir(socket_path)
     root = Path(amd_root) if amd_root else default_amd_root()
     identity = PlatformIdentity.load_or_create(state, amd_root_dir=root)
     slots = KeySlots()

@@ -1,0 +1,153 @@
+"""The key broker over HTTP: ``confmig owner serve``.
+
+A :class:`~http.server.ThreadingHTTPServer` around :class:`~.broker.KeyBroker`.
+Routes (``docs/owner.md`` has the bodies)::
+
+    POST /v1/launch                          -> 200 {"session_id", "godh", "session"}
+    POST /v1/launch/<session_id>/measurement -> 200 {"secret_header", "secret", "guest_len"}
+    GET  /v1/health                          -> 200 {"status": "ok"}
+
+Every failure is ``{"error": "..."}`` with the status of its
+:class:`~.errors.OwnerError`. Bounded: request bodies (``wire.MAX_BODY``), the
+time a client may take to send one (:data:`REQUEST_TIMEOUT`), and the requests
+served at once (:data:`MAX_CONCURRENT_REQUESTS`). Plain HTTP, as the threat
+model allows: nothing the broker sends is useful to the host (the session blob
+is wrapped for the platform, the secret is sealed under the TEK), and nothing
+the host sends is trusted without verification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Final
+
+from confmig.owner.broker import KeyBroker
+from confmig.owner.errors import OwnerError, RequestError, RequestTooLarge
+from confmig.owner.wire import (
+    HEALTH_PATH,
+    LAUNCH_PATH,
+    MAX_BODY,
+    MEASUREMENT_PATH_RE,
+    LaunchRequest,
+    MeasurementRequest,
+)
+
+log = logging.getLogger("confmig.owner")
+
+REQUEST_TIMEOUT: Final = 10.0
+"""Seconds a client may take to send a request: a stalled client must not hold a thread."""
+MAX_CONCURRENT_REQUESTS: Final = 32
+"""Requests served at once; more get 503 at once instead of a thread each."""
+_BUSY_REPLY: Final = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 48\r\n"
+    b"Connection: close\r\n\r\n" + b'{"error": "too many concurrent requests; retry"}'
+)
+
+
+class OwnerServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], broker: KeyBroker) -> None:
+        self.broker = broker
+        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY_REPLY)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def make_server(broker: KeyBroker, host: str = "127.0.0.1", port: int = 0) -> OwnerServer:
+    """A bound, not yet serving, key broker; ``port=0`` picks a free port (see ``server.url``)."""
+    return OwnerServer((host, port), broker)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: OwnerServer
+    timeout = REQUEST_TIMEOUT
+    server_version = "confmig-owner/1"
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def do_POST(self) -> None:
+        path = self.path
+        try:
+            if path == LAUNCH_PATH:
+                launch = LaunchRequest.from_json(self._read_json())
+                self._reply(200, self.server.broker.launch(launch).to_json())
+                return
+            match = MEASUREMENT_PATH_RE.fullmatch(path)
+            if match is not None:
+                measured = MeasurementRequest.from_json(self._read_json())
+                self._reply(200, self.server.broker.measurement(match.group(1), measured).to_json())
+                return
+            self._reply(404, {"error": f"no such endpoint: POST {path[:100]}"})
+        except OwnerError as exc:
+            self._reply(exc.http_status, {"error": str(exc)})
+        except Exception:
+            log.exception("key broker: internal error on POST %s", path[:100])
+            self._reply(500, {"error": "internal error"})
+
+    def do_GET(self) -> None:
+        if self.path == HEALTH_PATH:
+            self._reply(200, {"status": "ok"})
+        else:
+            self._not_allowed()
+
+    def _not_allowed(self) -> None:
+        if self.path == LAUNCH_PATH or MEASUREMENT_PATH_RE.fullmatch(self.path):
+            self._reply(405, {"error": f"{self.command} not allowed on {self.path}: use POST"})
+        else:
+            self._reply(404, {"error": f"no such endpoint: {self.command} {self.path[:100]}"})
+
+    do_PUT = do_DELETE = do_PATCH = _not_allowed
+
+    def _read_json(self) -> object:
+        # SECURITY: the body comes from the untrusted host; its size is bounded before it is read.
+        length_header = self.headers.get("Content-Length")
+        if length_header is None or not length_header.isdigit():
+            raise RequestError("a request body with a Content-Length is required")
+        length = int(length_header)
+        if length > MAX_BODY:
+            raise RequestTooLarge(f"request body of {length} bytes exceeds {MAX_BODY}")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise RequestError("request body shorter than its Content-Length")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise RequestError("request body is not valid JSON") from None
+
+    def _reply(self, status: int, body: dict[str, object]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
