@@ -14,12 +14,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from confmig.common.errors import ConfmigError
 from confmig.vmm.qmp.client import QmpClient
+
+if TYPE_CHECKING:
+    from confmig.owner import OwnerServer
 
 START_TIMEOUT = 30.0
 SELFCHECK_RE = re.compile(rb"confmig-selfcheck: (PASS|FAIL)[^\n]*")
@@ -82,6 +89,9 @@ class Lab:
         self.keep = keep
         self.hosts: list[HostProc] = []
         self.vms: list[VmProc] = []
+        self.owners: list[OwnerServer] = []
+        self.amd_root = self.root / "amd-root"
+        """The emulated AMD root every host of this lab chains up to (and its owners trust)."""
         self._log = open(self.root / "processes.log", "ab")  # noqa: SIM115
 
     def __enter__(self) -> Lab:
@@ -92,7 +102,7 @@ class Lab:
 
     def host(self, name: str) -> HostProc:
         sock = str(self.root / f"{name}.sock")
-        proc = subprocess.Popen(confmig_argv("host", "--socket", sock,
+        proc = subprocess.Popen(confmig_argv("host", "--socket", sock, "--amd-root", str(self.amd_root),
                                              "--state-dir", str(self.root / f"{name}-state")),
                                 stdout=self._log, stderr=self._log, start_new_session=True)
         h = HostProc(name=name, socket=sock, proc=proc)
@@ -134,7 +144,24 @@ class Lab:
         self.vms.append(v)
         return v
 
+    def owner(self, *, firmware: Path, policy: int, secrets: list[tuple[uuid.UUID, bytes]] | None = None,
+              audit: Callable[[Mapping[str, object]], None] | None = None) -> OwnerServer:
+        """A guest owner's key broker, in this process, trusting this lab's AMD root (start a
+        host first: the first host creates the root) and expecting ``firmware`` and ``policy``."""
+        from confmig.owner import AmdRoot, KeyBroker, VmProfile, firmware_digest, make_server
+
+        profile = VmProfile.build(digest=firmware_digest(firmware.read_bytes()), policy=policy,
+                                  secrets=secrets or [])
+        server = make_server(KeyBroker(AmdRoot.load(self.amd_root), {"*": profile}, audit=audit))
+        threading.Thread(target=server.serve_forever, name="owner", daemon=True).start()
+        self.owners.append(server)
+        return server
+
     def close(self) -> None:
+        for o in self.owners:
+            o.shutdown()
+            o.server_close()
+        self.owners.clear()
         for v in self.vms:
             with contextlib.suppress(ConfmigError, OSError):
                 v.qmp.execute("quit")

@@ -40,13 +40,43 @@ def host(socket_path: str, state_dir: str | None, amd_root: str | None) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def vm(args: tuple[str, ...]) -> None:
     """Run one VMM (QEMU's command-line shape; see 'confmig vm -h')."""
+    from confmig.bench.firmware import with_default_bios
     from confmig.vmm import cmdline
     from confmig.vmm.main import main as vm_main
 
     if args and args[0] in ("-h", "--help", "-help"):
         click.echo(cmdline.USAGE)
         return
-    sys.exit(vm_main(list(args)))
+    sys.exit(vm_main(with_default_bios(list(args))))
+
+
+@cli.command()
+@click.option("--sev-es", is_flag=True, help="An SEV-ES guest (policy 0x5) instead of SEV (0x1).")
+@click.option("--ram", default="256M", show_default=True, help="Guest RAM.")
+@click.option("--guest", default="idle", show_default=True,
+              type=click.Choice(["dirty", "idle", "kv"]), help="Guest workload.")
+@click.option("--wrong-firmware", is_flag=True,
+              help="The owner expects another firmware image: the launch gets no secret.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--keep", is_flag=True, help="Keep the lab directory (logs, consoles).")
+def launch(sev_es: bool, ram: str, guest: str, wrong_firmware: bool, as_json: bool, keep: bool) -> None:
+    """An attested SEV launch: host, guest owner, VMM; the owner checks the measurement, then provisions."""
+    from confmig.bench.launch import LaunchOptions, run_launch
+
+    opts = LaunchOptions(sev_es=sev_es, ram=ram, guest=guest, wrong_firmware=wrong_firmware, keep=keep)
+    try:
+        ok = run_launch(opts, as_json=as_json)
+    except ConfmigError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(0 if ok else 1)
+
+
+@cli.command()
+def firmware() -> None:
+    """Print the path of the built-in firmware image (what 'confmig vm' loads without -bios)."""
+    from confmig.bench.firmware import default_bios
+
+    click.echo(default_bios())
 
 
 @cli.command()

@@ -78,6 +78,41 @@ class GuestSpec:
         return " ".join([f"workload={self.workload}", *(f"{k}={v}" for k, v in self.options.items())])
 
 
+CPU_MODELS = ("host", "EPYC", "EPYC-Rome", "EPYC-Milan", "qemu64")
+"""Accepted ``-cpu`` models: every one is this host's CPU (the emulated cores have one model)."""
+KVM_PV_FEATURES = {"kvm-hc-map-gpa-range": 16, "kvm-migration-control": 17}
+"""The paravirtual features of CPUID 0x40000001 EAX this VMM can hide, by bit. QEMU
+spells KVM features ``kvm-*`` on ``-cpu``; these two bits have no upstream name."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CpuConfig:
+    """``-cpu MODEL[,FEATURE=on|off|,+FEATURE|,-FEATURE]...``."""
+
+    model: str = "host"
+    kvm_features_off: frozenset[str] = frozenset()
+
+    def kvm_feature(self, name: str) -> bool:
+        return name not in self.kvm_features_off
+
+
+def _cpu(text: str) -> CpuConfig:
+    model, _, rest = text.partition(",")
+    if model not in CPU_MODELS:
+        raise ConfigError(f"-cpu: unknown model '{model}' (choose from {', '.join(CPU_MODELS)})")
+    off: set[str] = set()
+    for item in filter(None, rest.split(",")):
+        if item[0] in "+-":
+            name, enabled = item[1:], item[0] == "+"
+        else:
+            name, sep, val = item.partition("=")
+            enabled = _bool(val, f"-cpu {name}") if sep else True
+        if name not in KVM_PV_FEATURES:
+            raise ConfigError(f"-cpu: unknown feature '{name}' (known: {', '.join(KVM_PV_FEATURES)})")
+        (off.discard if enabled else off.add)(name)
+    return CpuConfig(model=model, kvm_features_off=frozenset(off))
+
+
 SEV_POLICY_ES = 1 << 2
 HOST_CBITPOS = 51
 """What this (emulated) host's CPUID 0x8000001F reports."""
@@ -125,6 +160,7 @@ class MachineConfig:
     host: str
     ram_size: int = DEFAULT_RAM
     smp: int = 1
+    cpu: CpuConfig = field(default_factory=CpuConfig)
     name: str = "confmig"
     guest: GuestSpec = field(default_factory=lambda: GuestSpec(workload="idle"))
     qmp: tuple[QmpEndpoint, ...] = ()
@@ -148,6 +184,7 @@ class MachineConfig:
 
 USAGE = """usage: confmig vm --host SOCKET [options]
   -m SIZE                   guest RAM (default 128M)
+  -cpu MODEL[,-kvm-migration-control][,-kvm-hc-map-gpa-range]   hide KVM PV features
   -smp N                    vCPUs
   -name NAME                VM name
   --guest WORKLOAD[,k=v]    idle | dirty[,rate=N,wss=SIZE,fill=random|zero,seed=N] | kv
@@ -203,6 +240,8 @@ def parse(argv: list[str]) -> MachineConfig:
             if not 1 <= n <= 16:
                 raise ConfigError("-smp: between 1 and 16 vCPUs")
             kw["smp"] = n
+        elif o == "-cpu":
+            kw["cpu"] = _cpu(value(opt))
         elif o == "-name":
             kw["name"] = parse_opts(value(opt), "guest", option="-name").get("guest", "confmig")
         elif o == "-guest":

@@ -24,7 +24,7 @@ from confmig.common.x86 import (
 )
 from confmig.kvm.client import Kvm, VcpuFd, VmFd
 from confmig.proto import ioctl
-from confmig.vmm.cmdline import MachineConfig
+from confmig.vmm.cmdline import KVM_PV_FEATURES, MachineConfig
 from confmig.vmm.devices import PortIoDevice
 from confmig.vmm.devices.fw_cfg import FwCfg
 from confmig.vmm.devices.kv import KvDevice
@@ -169,7 +169,9 @@ class Machine:
         self._register_memslots()
         self.sev: SevGuest | None = None
         if config.sev is not None:
-            self.sev = SevGuest(config.sev, config.name, self.kvm, self.vm)
+            self.sev = SevGuest(config.sev, config.name, self.kvm, self.vm,
+                                kvm_features=sum(1 << bit for name, bit in KVM_PV_FEATURES.items()
+                                                 if config.cpu.kvm_feature(name)))
             self.sev.init()
         self.serial = Serial(console)
         self.fw_cfg = FwCfg(

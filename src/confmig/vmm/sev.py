@@ -114,8 +114,11 @@ def _unb64(value: object) -> bytes:
 class SevGuest:
     """One SEV (or SEV-ES) guest of this VMM."""
 
-    def __init__(self, config: SevGuestConfig, name: str, kvm: Kvm, vm: VmFd) -> None:
+    def __init__(self, config: SevGuestConfig, name: str, kvm: Kvm, vm: VmFd, *,
+                 kvm_features: int = KVM_FEATURE_HC_MAP_GPA_RANGE | KVM_FEATURE_MIGRATION_CONTROL) -> None:
         self.config = config
+        self.kvm_features = kvm_features
+        """What CPUID 0x40000001 EAX advertises (``-cpu ...,-kvm-migration-control`` hides bit 17)."""
         self.name = name
         self.kvm = kvm
         self.vm = vm
@@ -140,8 +143,7 @@ class SevGuest:
     def cpuid(self) -> ioctl.CpuidEntries:
         """What this VMM advertises: the page-state hypercall and migration control
         (the hypervisor's part of the three-way negotiation)."""
-        eax = KVM_FEATURE_HC_MAP_GPA_RANGE | KVM_FEATURE_MIGRATION_CONTROL
-        return {(KVM_CPUID_FEATURES, 0): (eax, 0, 0, 0)}
+        return {(KVM_CPUID_FEATURES, 0): (self.kvm_features, 0, 0, 0)}
 
     # --- the launch ------------------------------------------------------------------
 

@@ -32,10 +32,22 @@ def test_m_defaults_to_mebibytes_like_qemu() -> None:
     ([*HOST, "-m"], "requires an argument"),
     ([*HOST, "-fw_cfg", "name=etc/x,string=1"], "opt/"),
     ([*HOST, "-smp", "0"], "-smp"),
+    ([*HOST, "-cpu", "pentium"], "unknown model"),
+    ([*HOST, "-cpu", "host,+avx512"], "unknown feature 'avx512'"),
+    ([*HOST, "-cpu", "host,kvm-migration-control=maybe"], "not on/off"),
 ])
 def test_bad_command_lines_are_one_clear_error(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse(argv)
+
+
+def test_cpu_hides_kvm_pv_features_qemu_style() -> None:
+    assert parse(HOST).cpu.kvm_feature("kvm-migration-control")
+    hidden = parse([*HOST, "-cpu", "EPYC,-kvm-migration-control"]).cpu
+    assert hidden.model == "EPYC" and not hidden.kvm_feature("kvm-migration-control")
+    assert hidden.kvm_feature("kvm-hc-map-gpa-range")
+    both = parse([*HOST, "-cpu", "host,kvm-hc-map-gpa-range=off,kvm-migration-control=off,+kvm-migration-control"])
+    assert both.cpu.kvm_features_off == {"kvm-hc-map-gpa-range"}
 
 
 def test_opts_escaping_and_implied_key() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 
 from confmig.vmm import sev
@@ -129,6 +130,12 @@ def register(
         if machine.sev is None:
             raise QmpError("SEV feature is not available")
         return machine.sev.query()
+
+    @r.command("query-sev-launch-measure")
+    def query_sev_launch_measure(_a: dict[str, object]) -> object:
+        if machine.sev is None or not machine.sev.measurement:
+            raise QmpError("SEV launch measurement is not available")
+        return {"data": base64.b64encode(machine.sev.measurement).decode()}
 
     @r.command("query-sev-capabilities")
     def query_sev_capabilities(_a: dict[str, object]) -> object:

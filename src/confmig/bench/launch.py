@@ -1,0 +1,140 @@
+"""``confmig launch``: an attested SEV launch, end to end, on one emulated host.
+
+The guest owner's key broker runs in this process and expects the built-in
+firmware image and the chosen policy. The VMM (a ``confmig vm`` process) asks
+it for a launch session for its platform, launches the guest through the PSP,
+sends LAUNCH_MEASURE's result back and, if the owner accepts it, injects the
+owner's secret with LAUNCH_SECRET. The guest's firmware then reports what it
+found in its secret area, and its kernel whether it allows live migration (the
+three-way negotiation). ``--wrong-firmware`` makes the owner expect another
+image, to show that a launch it does not recognise gets nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from confmig.bench.firmware import default_bios
+from confmig.bench.lab import WORKLOAD_READY_RE, Lab, VmProc
+from confmig.common.errors import ConfmigError
+
+SEV_POLICY_NODBG = 0x1
+SEV_POLICY_ES = 0x4
+DISK_PASSPHRASE_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
+"""The secret-table entry GRUB's ``efisecret`` reads as the disk passphrase."""
+FIRMWARE_SEV_RE = re.compile(rb"confmig firmware [^\n]*\b(SEV(?:-ES)?) \(C-bit (\d+)\)")
+SECRET_RE = re.compile(rb"confmig firmware: launch secret: ([^\n]*)")
+KERNEL_SEV_RE = re.compile(rb"confmig kernel: SEV: ([^\n]*)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchOptions:
+    sev_es: bool = False
+    ram: str = "256M"
+    guest: str = "idle"
+    wrong_firmware: bool = False
+    keep: bool = False
+
+    @property
+    def policy(self) -> int:
+        return SEV_POLICY_NODBG | (SEV_POLICY_ES if self.sev_es else 0)
+
+
+def run_launch(opts: LaunchOptions, *, as_json: bool = False) -> bool:
+    """Launch one attested SEV guest and report. True if the owner decided as it should: released
+    its secret to the expected firmware, or (``wrong_firmware``) refused the other one."""
+    console = Console(stderr=as_json)
+    with Lab(keep=opts.keep) as lab:
+        console.print(f"[bold]confmig launch[/]: one emulated host in {lab.root}")
+        host = lab.host("hostA")
+        bios = default_bios()
+        expected = bios
+        if opts.wrong_firmware:
+            expected = lab.root / "other-firmware.fd"
+            expected.write_bytes(os.urandom(len(bios.read_bytes())))
+        passphrase = os.urandom(32)
+        verdicts: list[Mapping[str, object]] = []
+        owner = lab.owner(firmware=expected, policy=opts.policy, secrets=[(DISK_PASSPHRASE_GUID, passphrase)],
+                          audit=verdicts.append)
+        console.print(f"guest owner's key broker on {owner.url}: expects policy {opts.policy:#x} and "
+                      f"firmware digest {hashlib.sha256(expected.read_bytes()).hexdigest()[:16]}…")
+        kind = "SEV-ES" if opts.sev_es else "SEV"
+        sev = ["-object", f"sev-guest,id=sev0,policy={opts.policy:#x},owner={owner.url}",
+               "-machine", "q35,confidential-guest-support=sev0", "-bios", str(bios)]
+        with console.status(f"launching an {kind} guest (certificates, session, measurement, secret)..."):
+            try:
+                vm = lab.vm("sev", host, ram=opts.ram, guest=opts.guest, extra=sev)
+                vm.wait_console(WORKLOAD_READY_RE, timeout=120)
+                summary = _summary(vm, opts)
+                ok = True
+            except ConfmigError as exc:
+                summary = {"launched": False, "error": _vmm_error(lab, str(exc))}
+                ok = False
+        summary["owner"] = "; ".join(_verdict(v) for v in verdicts) or "never asked"
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print(console, summary)
+    return ok != opts.wrong_firmware
+
+
+def _summary(vm: VmProc, opts: LaunchOptions) -> dict[str, Any]:
+    sev = vm.qmp.execute("query-sev")
+    measure = vm.qmp.execute("query-sev-launch-measure")["data"]
+    caps = vm.qmp.execute("query-sev-capabilities")
+    text = vm.console_text()
+    kernel = vm.wait_console(KERNEL_SEV_RE, timeout=30).group(1).decode()
+    firmware = FIRMWARE_SEV_RE.search(text)
+    secret = SECRET_RE.search(text)
+    blocked = vm.qmp.execute("query-migrate").get("blocked-reasons", [])
+    return {
+        "launched": True,
+        "sev-type": sev["sev-type"],
+        "state": sev["state"],
+        "handle": sev["handle"],
+        "policy": sev["policy"],
+        "platform": hashlib.sha256(base64.b64decode(caps["pdh"])).hexdigest()[:16],
+        "measurement": base64.b64decode(measure)[:32].hex(),
+        "guest-firmware": firmware.group(0).decode() if firmware else "(no SEV banner)",
+        "guest-secret": secret.group(1).decode() if secret else "(no secret line)",
+        "guest-kernel": kernel,
+        "migration-blockers": blocked,
+    }
+
+
+def _vmm_error(lab: Lab, fallback: str) -> str:
+    """The VMM's own one-line error, from the lab's process log."""
+    try:
+        lines = (lab.root / "processes.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return fallback
+    errors = [line for line in lines if "guest owner" in line or "SEV" in line]
+    return errors[-1].strip() if errors else fallback
+
+
+def _verdict(record: Mapping[str, object]) -> str:
+    """One line of the owner's audit trail."""
+    reason = record.get("reason")
+    return f"{record['event']} ({reason})" if reason else str(record["event"])
+
+
+def _print(console: Console, summary: dict[str, Any]) -> None:
+    table = Table(title="attested launch", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in summary.items():
+        if isinstance(value, list):
+            value = "\n".join(value) or "(none)"
+        table.add_row(key, str(value))
+    console.print(table)
