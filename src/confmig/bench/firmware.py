@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+from confmig.common.errors import ConfigError
 from confmig.common.paths import state_home
 
 
@@ -33,7 +36,15 @@ def default_bios() -> Path:
 
 
 def with_default_bios(args: list[str]) -> list[str]:
-    """``args`` with ``-bios`` the built-in image unless one is given."""
-    if any(a in ("-bios", "--bios") for a in args):
+    """``args`` with ``-bios`` the built-in image unless one is given.
+
+    The image is found by a child process (``confmig firmware``), so that the VMM
+    process never loads guest code, as a real VMM only ever sees the firmware's bytes.
+    """
+    if any(a in ("-bios", "--bios", "-h", "--help", "-help") for a in args):
         return args
-    return [*args, "-bios", str(default_bios())]
+    found = subprocess.run([sys.executable, "-m", "confmig", "firmware"], capture_output=True, text=True,
+                           check=False)
+    if found.returncode != 0:
+        raise ConfigError(f"cannot install the built-in firmware image: {found.stderr.strip()}")
+    return [*args, "-bios", found.stdout.strip()]

@@ -47,7 +47,11 @@ def vm(args: tuple[str, ...]) -> None:
     if args and args[0] in ("-h", "--help", "-help"):
         click.echo(cmdline.USAGE)
         return
-    sys.exit(vm_main(with_default_bios(list(args))))
+    try:
+        argv = with_default_bios(list(args))
+    except ConfmigError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(vm_main(argv))
 
 
 @cli.command()

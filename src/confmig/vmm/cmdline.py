@@ -128,6 +128,10 @@ class SevGuestConfig:
     reduced_phys_bits: int = 1
     owner: str | None = None
     """The guest owner's key broker (``confmig owner serve``); ours, not QEMU's."""
+    x_plain_copy: bool = False
+    """TEST ONLY (``x-plain-copy=on``): migrate this guest's RAM as a plain guest's, i.e. the
+    ciphertext the host sees. It exists to show that ciphertext is bound to its host's key
+    and address: the target guest finds garbage and fails. Never a way to migrate."""
 
     @property
     def es(self) -> bool:
@@ -135,7 +139,7 @@ class SevGuestConfig:
 
 
 def _sev_guest(opts: dict[str, str]) -> SevGuestConfig:
-    known = {"qom-type", "id", "policy", "cbitpos", "reduced-phys-bits", "owner"}
+    known = {"qom-type", "id", "policy", "cbitpos", "reduced-phys-bits", "owner", "x-plain-copy"}
     unknown = set(opts) - known
     if unknown:
         raise ConfigError(f"-object sev-guest: unknown property '{sorted(unknown)[0]}'")
@@ -152,7 +156,8 @@ def _sev_guest(opts: dict[str, str]) -> SevGuestConfig:
     if reduced != 1:
         raise ConfigError(f"sev: reduced_phys_bits check failed, it should be 1, requested '{reduced}'")
     return SevGuestConfig(id=opts["id"], policy=policy, cbitpos=cbitpos, reduced_phys_bits=reduced,
-                          owner=opts.get("owner"))
+                          owner=opts.get("owner"),
+                          x_plain_copy=_bool(opts.get("x-plain-copy", "off"), "sev-guest x-plain-copy"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -153,7 +153,7 @@ class Machine:
         self.shutdown_reason: str | None = None
         self.autostart = not config.start_paused
         """Run the guest once an incoming migration has loaded (cleared by ``stop``)."""
-        if config.sev is not None and config.incoming:
+        if config.sev is not None and config.incoming and not config.sev.x_plain_copy:
             raise ConfigError("an incoming SEV guest needs a confidential migration backend "
                               "(PSP or Migration Handler), which is not implemented yet")
         self.kvm = Kvm(config.host)
