@@ -46,7 +46,8 @@ def test_cpu_hides_kvm_pv_features_qemu_style() -> None:
     hidden = parse([*HOST, "-cpu", "EPYC,-kvm-migration-control"]).cpu
     assert hidden.model == "EPYC" and not hidden.kvm_feature("kvm-migration-control")
     assert hidden.kvm_feature("kvm-hc-map-gpa-range")
-    both = parse([*HOST, "-cpu", "host,kvm-hc-map-gpa-range=off,kvm-migration-control=off,+kvm-migration-control"])
+    both = parse([*HOST, "-cpu",
+                   "host,kvm-hc-map-gpa-range=off,kvm-migration-control=off,+kvm-migration-control"])
     assert both.cpu.kvm_features_off == {"kvm-hc-map-gpa-range"}
 
 
