@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 
 import pytest
+from relay import Relay
 
 import confmig.owner.broker as broker_module
 from confmig.bench.firmware import default_bios
@@ -36,41 +35,6 @@ live in private pages of an SEV guest, so the host must never see them in plaint
 def sev_args(owner_url: str | None = None, *, policy: int = 0x1, extra: str = "") -> list[str]:
     obj = f"sev-guest,id=sev0,policy={policy:#x}" + (f",owner={owner_url}" if owner_url else "") + extra
     return ["-object", obj, "-machine", "q35,confidential-guest-support=sev0"]
-
-
-class RecordingProxy:
-    """A TCP relay that keeps every byte it carries, both ways (the VMM's traffic to the owner)."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.seen = bytearray()
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        with src, dst, contextlib.suppress(OSError):  # either side closing ends the relay
-            while data := src.recv(65536):
-                with self._lock:
-                    self.seen += data
-                dst.sendall(data)
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 def process_memory(pid: int) -> Iterator[bytes]:
@@ -115,7 +79,7 @@ def test_the_host_never_sees_the_owners_secret_the_guests_private_pages_or_a_key
     verdicts: list[Mapping[str, object]] = []
     owner = lab.owner(firmware=default_bios(), policy=0x1, secrets=[(DISK_PASSPHRASE_GUID, passphrase)],
                       audit=verdicts.append)
-    proxy = RecordingProxy(owner.server_address[:2])  # type: ignore[arg-type]
+    proxy = Relay(owner.server_address[:2])  # type: ignore[arg-type]
     try:
         vm = lab.vm("sev", host, ram="64M", guest="dirty,rate=500,wss=4M,prefill=on",
                     extra=sev_args(proxy.url))
@@ -219,3 +183,35 @@ def test_sev_es_guest_runs_a_workload_in_private_memory(lab: Lab) -> None:
         for magic in PRIVATE_MAGICS:
             assert magic not in region
     assert vm.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_kv_serves_from_an_sev_guest_through_its_shared_ring(lab: Lab) -> None:
+    from confmig.bench.kv_client import KvClient
+
+    sock = str(lab.root / "kv.sock")
+    vm = lab.vm("kv", lab.host("hostA"), ram="64M", guest="kv",
+                extra=[*sev_args(), "-device", f"confmig-kv,path={sock}"])
+    vm.wait_console(WORKLOAD_READY_RE)
+    client = KvClient(sock)
+    client.put(b"canary-key", b"canary-value")
+    assert client.get(b"canary-key") == b"canary-value"
+    shared = vm.qmp.execute("x-query-sev-shared-regions")
+    assert {"start": 0x1000, "size": 0x1000} in shared  # the fw_cfg bounce buffer
+    assert len(shared) >= 2 and all(r["start"] < 64 << 20 for r in shared)  # and the kv ring
+    # The host's view of guest RAM (the VMM's mapping of the pc.ram memfd): the value is
+    # there in the clear only inside the shared ring, never in the private hash table.
+    ram = guest_ram(vmm_pid(vm))
+    hits = [m.start() for m in re.finditer(b"canary-value", ram)]
+    assert hits, "the ring (shared) should carry the value in the clear"
+    for gpa in hits:
+        assert any(r["start"] <= gpa < r["start"] + r["size"] for r in shared), f"private {gpa:#x} in clear"
+
+
+def guest_ram(pid: int) -> bytes:
+    """Guest RAM below 3 GiB as the VMM maps it (GPA = offset in the ``pc.ram`` block)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        lines = [line for line in maps if "confmig:pc.ram" in line]
+    start, end = (int(x, 16) for x in lines[0].split()[0].split("-"))
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        mem.seek(start)
+        return mem.read(end - start)

@@ -6,6 +6,24 @@ parse the command line (``workload=dirty rate=2000 wss=256M ...``; without
 them in the kernel data page, print what runs and jump to the workload. A bad
 command line prints one error line and halts.
 
+An SEV guest first takes the kernel's part in the three-way live-migration
+negotiation (Linux: ``setup_efi_kvm_sev_migration``): if the hypervisor offers
+``KVM_FEATURE_MIGRATION_CONTROL`` and the firmware set the UEFI variable
+``SevLiveMigrationEnabled``, it writes ``KVM_MIGRATION_READY`` to
+``MSR_KVM_MIGRATION_CONTROL`` (an exit to the VMM), then prints the decision
+(phase MIGRATION); otherwise it prints which legs are missing. Then it prints
+the workload line (phase START). ``sev_migration=off`` on the command line is
+confmig's switch (Linux has none) that removes the kernel's leg, to test the
+negotiation. Boot ends with these lines, in this order::
+
+    confmig kernel: SEV: live migration allowed (MSR_KVM_MIGRATION_CONTROL)
+    confmig kernel: SEV: live migration not allowed (<missing legs, "; "-separated>)
+    confmig kernel: workload NAME (options)
+
+In an SEV guest the kernel's data (boot info, kernel data page, variable store)
+is private: every access carries the C-bit. A step finds the mask out once and
+passes it on; workloads get it from :func:`task_region` with each step.
+
 While a workload runs, every one of its steps enters through the kernel
 (:func:`task_region`): acknowledge pending interrupts, the way a CPU vectors
 them at an instruction boundary; an NMI saves ``rip`` and diverts the workload
@@ -24,14 +42,17 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from functools import partial
 
-from confmig.guest.firmware import bootinfo
+from confmig.guest import mem_encrypt
+from confmig.guest.firmware import bootinfo, varstore
 from confmig.guest.layout import KERNEL_BASE, KERNEL_DATA_GPA, KERNEL_SIZE, WORKLOAD_CODE_SIZE
+from confmig.guest.phases import TaskProgram
 from confmig.platform.cpu.abi import (
     COM1_PORT,
+    KVM_MIGRATION_READY,
     MSR_IA32_TSC_DEADLINE,
+    MSR_KVM_MIGRATION_CONTROL,
     GuestCpu,
     GuestFault,
-    GuestProgram,
     RomRegion,
 )
 
@@ -43,11 +64,22 @@ PARAMS_MAX = 256
 INTERRUPTS_PER_STEP = 8
 """Pending vectors acknowledged per step; bounds the work before the workload runs."""
 DEFAULT_WORKLOAD = "idle"
+SEV_MIGRATION_OPTION = "sev_migration"
+"""``sev_migration=on|off`` (default on): confmig's switch for the kernel's leg of the
+negotiation (testing only; Linux has none). The kernel consumes it: the workload never sees it."""
+_ON_OFF = {"on": True, "off": False}
+MIGRATION_ALLOWED_LINE = "confmig kernel: SEV: live migration allowed (MSR_KVM_MIGRATION_CONTROL)"
+"""Printed in the step after the kernel's write of the MSR: the write was made."""
+MIGRATION_NOT_ALLOWED = "confmig kernel: SEV: live migration not allowed"
 
 
 class Phase(IntEnum):
     ENTRY = 0x00
     HALT = 0x10
+    MIGRATION = 0x20
+    """After the write of MSR_KVM_MIGRATION_CONTROL: say so."""
+    START = 0x30
+    """Print the workload line and jump to it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,7 +96,8 @@ class Workload:
     parse: Callable[[Mapping[str, str]], bytes]
     """Validate ``key=value`` options (ValueError with a message) and encode them."""
     describe: Callable[[bytes], str]
-    step: GuestProgram
+    step: TaskProgram
+    """One step, given the step's encryption mask (:func:`task_region` finds it out)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,9 +143,10 @@ class KernelData:
     nmis: int
 
 
-def load_data(cpu: GuestCpu) -> KernelData:
+def load_data(cpu: GuestCpu, mask: int | None = None) -> KernelData:
+    """The kernel data page (``mask``: the step's encryption mask; None finds it out)."""
     magic, name, flags, plen, tick, next_tick, jiffies, nmi_rip, nmis = _KDATA.unpack(
-        cpu.read(KERNEL_DATA_GPA, _KDATA.size)
+        cpu.read(mem_encrypt.private(cpu, KERNEL_DATA_GPA, mask), _KDATA.size)
     )
     if magic != KERNEL_MAGIC:
         raise GuestFault("kernel: data page lost its magic")
@@ -122,9 +156,9 @@ def load_data(cpu: GuestCpu) -> KernelData:
     )
 
 
-def _store_data(cpu: GuestCpu, k: KernelData) -> None:
+def _store_data(cpu: GuestCpu, k: KernelData, mask: int) -> None:
     cpu.write(
-        KERNEL_DATA_GPA,
+        KERNEL_DATA_GPA | mask,
         _KDATA.pack(
             KERNEL_MAGIC, k.workload.encode(), k.flags, k.params_len, k.tick_ns,
             k.next_tick, k.jiffies, k.nmi_rip, k.nmis,
@@ -132,9 +166,9 @@ def _store_data(cpu: GuestCpu, k: KernelData) -> None:
     )
 
 
-def params(cpu: GuestCpu) -> bytes:
+def params(cpu: GuestCpu, mask: int) -> bytes:
     """The running workload's encoded options."""
-    return cpu.read(KERNEL_DATA_GPA + _PARAMS_OFFSET, load_data(cpu).params_len)
+    return cpu.read((KERNEL_DATA_GPA + _PARAMS_OFFSET) | mask, load_data(cpu, mask).params_len)
 
 
 # --- services for workloads ----------------------------------------------------------------
@@ -151,25 +185,34 @@ def halt(cpu: GuestCpu, message: str) -> None:
     console_write(cpu, f"{message}; halted")
 
 
-def sleep_until(cpu: GuestCpu, deadline: int) -> None:
+def sleep_until(cpu: GuestCpu, deadline: int, mask: int) -> None:
     """Halt until ``deadline`` (TSC), the next tick or an interrupt. Exits."""
-    k = load_data(cpu)
+    k = load_data(cpu, mask)
     cpu.wrmsr(MSR_IA32_TSC_DEADLINE, max(1, min(deadline, k.next_tick)))
     cpu.hlt()
 
 
-def nmi_return(cpu: GuestCpu) -> None:
+def nmi_return(cpu: GuestCpu, mask: int) -> None:
     """Leave the NMI handler: resume the workload where the NMI stopped it."""
-    k = load_data(cpu)
-    _store_data(cpu, replace(k, flags=k.flags & ~IN_NMI))
+    k = load_data(cpu, mask)
+    _store_data(cpu, replace(k, flags=k.flags & ~IN_NMI), mask)
     cpu.regs.rip = k.nmi_rip
 
 
 # --- boot ----------------------------------------------------------------------------------
 
 
-def parse_cmdline(cmdline: str) -> tuple[str, dict[str, str]]:
-    """Split ``workload=NAME key=value ...`` into the workload and its options."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cmdline:
+    workload: str
+    options: Mapping[str, str]
+    """The workload's ``key=value`` options (the kernel's own are taken out)."""
+    sev_migration: bool = True
+    """False with ``sev_migration=off``: the kernel does not enable live migration."""
+
+
+def parse_cmdline(cmdline: str) -> Cmdline:
+    """Split ``workload=NAME key=value ...`` into the kernel's options and the workload's."""
     options: dict[str, str] = {}
     for token in cmdline.split():
         key, sep, value = token.partition("=")
@@ -178,35 +221,89 @@ def parse_cmdline(cmdline: str) -> tuple[str, dict[str, str]]:
         if key in options:
             raise ValueError(f"option {key!r} given twice")
         options[key] = value
-    return options.pop("workload", DEFAULT_WORKLOAD), options
+    sev_migration = options.pop(SEV_MIGRATION_OPTION, "on")
+    if sev_migration not in _ON_OFF:
+        raise ValueError(f"{SEV_MIGRATION_OPTION}={sev_migration} (expected on or off)")
+    return Cmdline(workload=options.pop("workload", DEFAULT_WORKLOAD), options=options,
+                   sev_migration=_ON_OFF[sev_migration])
+
+
+def missing_migration_legs(cpu: GuestCpu, info: bootinfo.BootInfo, cmdline: Cmdline,
+                           mask: int) -> list[str]:
+    """Which legs of the live-migration negotiation an SEV guest lacks (none: allowed).
+
+    The hypervisor's: CPUID ``KVM_FEATURE_MIGRATION_CONTROL``; the firmware's: the UEFI
+    variable ``SevLiveMigrationEnabled`` set in the store the boot info names; the
+    kernel's: not switched off with ``sev_migration=off``."""
+    missing = []
+    if not mem_encrypt.has_migration_control(cpu):
+        missing.append("hypervisor: no KVM_FEATURE_MIGRATION_CONTROL")
+    store = info.platform.varstore
+    variable = None if store is None else varstore.get_variable(
+        cpu, store.start, store.size, varstore.SEV_LIVE_MIGRATION_ENABLED,
+        varstore.AMD_SEV_MEM_ENCRYPT_GUID, mask)
+    if variable is None or variable.data[:1] in (b"", b"\0"):  # a 1-byte BOOLEAN, TRUE if set
+        missing.append(f"firmware: {varstore.SEV_LIVE_MIGRATION_ENABLED} not set")
+    if not cmdline.sev_migration:
+        missing.append(f"kernel: {SEV_MIGRATION_OPTION}=off")
+    return missing
 
 
 def _boot(workloads: Mapping[str, Workload], cpu: GuestCpu) -> None:
-    info = bootinfo.load(cpu)
+    mask = mem_encrypt.encryption_mask(cpu)
+    info = bootinfo.load(cpu, mask)
     try:
-        name, options = parse_cmdline(info.cmdline)
+        cmdline = parse_cmdline(info.cmdline)
+        name = cmdline.workload
         if name not in workloads:
             raise ValueError(f"unknown workload {name!r} (known: {', '.join(sorted(workloads))})")
         workload = workloads[name]
-        encoded = workload.parse(options)
+        encoded = workload.parse(cmdline.options)
     except ValueError as exc:
         halt(cpu, f"confmig kernel: {exc}")
         return
     if len(encoded) > PARAMS_MAX:
         raise GuestFault(f"kernel: {name} options take {len(encoded)} bytes")
-    cpu.write(KERNEL_DATA_GPA + _PARAMS_OFFSET, encoded)
+    cpu.write((KERNEL_DATA_GPA + _PARAMS_OFFSET) | mask, encoded)
     _store_data(cpu, KernelData(
         workload=name, flags=0, params_len=len(encoded), tick_ns=workload.tick_ns,
         next_tick=cpu.rdtsc() + workload.tick_ns, jiffies=0, nmi_rip=0, nmis=0,
-    ))
+    ), mask)
+    if not mask:  # a plain guest: nothing to negotiate
+        _start(workloads, cpu, mask)
+        return
+    missing = missing_migration_legs(cpu, info, cmdline, mask)
+    if missing:
+        cpu.regs.rip = KERNEL_BASE + Phase.START
+        console_write(cpu, f"{MIGRATION_NOT_ALLOWED} ({'; '.join(missing)})")
+        return
+    cpu.regs.rip = KERNEL_BASE + Phase.MIGRATION
+    cpu.wrmsr(MSR_KVM_MIGRATION_CONTROL, KVM_MIGRATION_READY)  # exits to the VMM
+
+
+def _migration_enabled(cpu: GuestCpu) -> None:
+    cpu.regs.rip = KERNEL_BASE + Phase.START
+    console_write(cpu, MIGRATION_ALLOWED_LINE)
+
+
+def _start(workloads: Mapping[str, Workload], cpu: GuestCpu, mask: int) -> None:
+    k = load_data(cpu, mask)
+    workload = workloads.get(k.workload)
+    if workload is None:
+        raise GuestFault(f"kernel: no workload {k.workload!r}")
+    encoded = cpu.read((KERNEL_DATA_GPA + _PARAMS_OFFSET) | mask, k.params_len)
     cpu.regs.rip = workload.entry
-    console_write(cpu, f"confmig kernel: workload {name} ({workload.describe(encoded)})")
+    console_write(cpu, f"confmig kernel: workload {k.workload} ({workload.describe(encoded)})")
 
 
 def _kernel_step(workloads: Mapping[str, Workload], cpu: GuestCpu) -> None:
     phase = cpu.regs.rip - KERNEL_BASE
     if phase == Phase.ENTRY:
         _boot(workloads, cpu)
+    elif phase == Phase.MIGRATION:
+        _migration_enabled(cpu)
+    elif phase == Phase.START:
+        _start(workloads, cpu, mem_encrypt.encryption_mask(cpu))
     elif phase == Phase.HALT:
         cpu.hlt()
     else:
@@ -223,7 +320,8 @@ def kernel_region(workloads: Mapping[str, Workload]) -> RomRegion:
 
 
 def _task_step(workload: Workload, cpu: GuestCpu) -> None:
-    before = k = load_data(cpu)
+    mask = mem_encrypt.encryption_mask(cpu)  # once per step: the workload gets it too
+    before = k = load_data(cpu, mask)
     if not k.flags & IN_NMI:
         for _ in range(INTERRUPTS_PER_STEP):
             vector = cpu.pending_interrupt()
@@ -237,8 +335,8 @@ def _task_step(workload: Workload, cpu: GuestCpu) -> None:
         ticks = (now - k.next_tick) // k.tick_ns + 1
         k = replace(k, jiffies=k.jiffies + ticks, next_tick=k.next_tick + ticks * k.tick_ns)
     if k != before:
-        _store_data(cpu, k)
-    workload.step(cpu)
+        _store_data(cpu, k, mask)
+    workload.step(cpu, mask)
 
 
 def task_region(workload: Workload) -> RomRegion:

@@ -17,6 +17,27 @@ Time is virtual: every step costs ``step_ns`` and a sleeping ``hlt`` jumps to
 the deadline, so a run is a pure function of its start state. ``idle_wait``
 lets a sleeping vCPU wait that many real seconds for an interrupt from another
 thread (a device) before time jumps.
+
+SEV, as guest code can tell it (``sev=True``):
+
+* CPUID 0x8000001F says SEV with the C-bit at 51 and ``MSR_AMD64_SEV`` reads 1;
+  CPUID 0x40000000 has the KVM signature and 0x40000001 EAX ``kvm_features``
+  (without SEV as well, as the real core);
+* an access with the C-bit is private: RAM holds it XORed with a keystream
+  bound to the page's GPA (not AES, but just as opaque to a test that reads
+  RAM: plaintext never appears there, and a page read without the C-bit, or
+  moved to another GPA, reads as garbage). Without SEV the C-bit is a #GP;
+* every page the guest touches without the C-bit is recorded in
+  ``shared_pages`` (GFNs), so a test can check that private data never went
+  out in the clear;
+* ``hypercall`` exits are recorded in ``hypercalls`` and return
+  ``hypercall_result``; ``wrmsr`` exits in ``msr_writes``;
+* ``sev_lookups`` keeps, per ROM region, the most CPUID 0x8000001F queries
+  one step made (how often a step found out its encryption mask).
+
+The keystream depends only on ``key`` and the GPA, so a snapshot's RAM copied
+into a fresh machine with the same key decrypts the same (a migration between
+two fake hosts that share their memory key).
 """
 
 from __future__ import annotations
@@ -30,6 +51,15 @@ import numpy.typing as npt
 
 from confmig.common.units import PAGE_SIZE
 from confmig.platform.cpu.abi import (
+    C_BIT,
+    C_BIT_POSITION,
+    CPUID_AMD_SEV,
+    KVM_CPUID_FEATURES,
+    KVM_CPUID_SIGNATURE,
+    KVM_FEATURE_HC_MAP_GPA_RANGE,
+    KVM_FEATURE_MIGRATION_CONTROL,
+    MSR_AMD64_SEV,
+    MSR_AMD64_SEV_ENABLED,
     MSR_IA32_TSC,
     MSR_IA32_TSC_DEADLINE,
     MSR_KVM_MIGRATION_CONTROL,
@@ -47,6 +77,16 @@ LOCAL_TIMER_VECTOR = 0xEC
 STEP_NS = 1_000
 KVM_ENOSYS = 1000
 _ALL_ONES = (1 << 64) - 1
+MIGRATION_FEATURES = 1 << KVM_FEATURE_HC_MAP_GPA_RANGE | 1 << KVM_FEATURE_MIGRATION_CONTROL
+"""CPUID 0x40000001 EAX as confmig's VMM sets it for an SEV guest."""
+_KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
+_GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
+
+
+def _keystream_base(key: int) -> npt.NDArray[np.uint64]:
+    words: npt.NDArray[np.uint64] = np.random.default_rng(key).integers(
+        0, 1 << 64, PAGE_SIZE // 8, dtype=np.uint64, endpoint=False)
+    return words
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +111,10 @@ class FakeCpu:
         vcpu_id: int = 0,
         step_ns: int = STEP_NS,
         idle_wait: float = 0.0,
+        sev: bool = False,
+        kvm_features: int = 0,
+        hypercall_result: int = -KVM_ENOSYS,
+        key: int = 1,
     ) -> None:
         self.memory = memory
         self._ports = {port: dev for dev in devices for port in dev.ports}
@@ -89,6 +133,22 @@ class FakeCpu:
         self.steps = 0
         self._exit: tuple[str, tuple[int | bytes, ...]] | None = None
         self._interrupts = threading.Condition()
+        self.sev = sev
+        signature = [int.from_bytes(_KVM_SIGNATURE[i : i + 4], "little") for i in (0, 4, 8)]
+        self.cpuid_table: dict[int, tuple[int, int, int, int]] = {
+            KVM_CPUID_SIGNATURE: (KVM_CPUID_FEATURES, *signature),  # type: ignore[dict-item]
+            KVM_CPUID_FEATURES: (kvm_features, 0, 0, 0),
+        }
+        if sev:
+            self.cpuid_table[CPUID_AMD_SEV] = (1 << 1, C_BIT_POSITION | 1 << 6, 0, 0)
+        self.hypercall_result = hypercall_result
+        self.hypercalls: list[tuple[int, int, int, int, int]] = []
+        self.msr_writes: list[tuple[int, int]] = []
+        self.shared_pages: set[int] = set()
+        """GFNs the guest read or wrote without the C-bit (SEV only)."""
+        self.sev_lookups: dict[str, int] = {}
+        self._step_sev_lookups = 0
+        self._keystream = _keystream_base(key)
 
     @property
     def vcpu_id(self) -> int:
@@ -114,7 +174,10 @@ class FakeCpu:
         try:
             if region is None:
                 raise GuestFault(f"#PF: instruction fetch from {self.regs.rip:#x}")
+            self._step_sev_lookups = 0
             region.step(self)
+            self.sev_lookups[region.name] = max(
+                self.sev_lookups.get(region.name, 0), self._step_sev_lookups)
         except GuestFault as fault:
             self.shutdown_reason = str(fault)
             self._exit = None
@@ -185,33 +248,56 @@ class FakeCpu:
         if self._exit is not None:
             raise GuestFault(f"instruction after the exiting {self._exit[0]}")
 
-    def _locate(self, gpa: int, size: int) -> tuple[npt.NDArray[np.uint8], int]:
+    def _locate(self, gpa: int, size: int) -> tuple[npt.NDArray[np.uint8], int, int, bool]:
+        """``(RAM, offset, GPA without the C-bit, private?)`` for an access."""
         self._instruction()
+        private = bool(gpa & C_BIT)
+        if private and not self.sev:
+            raise GuestFault(f"#GP: C-bit set at {gpa:#x} but SEV is not active")
+        gpa &= ~C_BIT
         try:
             block, offset = self.memory.translate(gpa, size)
         except ValueError as exc:
             raise GuestFault(f"#PF: no RAM at {gpa:#x}+{size:#x}") from exc
-        return block.bytes, offset
+        if self.sev and not private:
+            self.shared_pages.update(range(gpa // PAGE_SIZE, (gpa + max(size, 1) - 1) // PAGE_SIZE + 1))
+        return block.bytes, offset, gpa, private
+
+    def keystream(self, gpa: int, size: int) -> npt.NDArray[np.uint8]:
+        """What a private access at ``gpa`` XORs with its ``size`` bytes (GPA-bound)."""
+        first = gpa // PAGE_SIZE
+        npages = (gpa + size - 1) // PAGE_SIZE - first + 1
+        tweak = np.arange(first, first + npages, dtype=np.uint64) * _GOLDEN
+        words = self._keystream[None, :] ^ tweak[:, None]
+        start = gpa - first * PAGE_SIZE
+        stream: npt.NDArray[np.uint8] = words.view(np.uint8).reshape(-1)[start : start + size]
+        return stream
 
     def read(self, gpa: int, size: int) -> bytes:
-        ram, off = self._locate(gpa, size)
-        return ram[off : off + size].tobytes()
+        ram, off, gpa, private = self._locate(gpa, size)
+        raw = ram[off : off + size]
+        return (raw ^ self.keystream(gpa, size)).tobytes() if private else raw.tobytes()
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        ram, off = self._locate(gpa, len(data))
-        ram[off : off + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        ram, off, gpa, private = self._locate(gpa, len(data))
+        plain = np.frombuffer(data, dtype=np.uint8)
+        ram[off : off + len(data)] = plain ^ self.keystream(gpa, len(data)) if private else plain
 
     def read_pages(self, gpa: int, npages: int) -> Pages:
         if gpa % PAGE_SIZE:
             raise GuestFault(f"unaligned page access at {gpa:#x}")
-        ram, off = self._locate(gpa, npages * PAGE_SIZE)
-        return ram[off : off + npages * PAGE_SIZE].reshape(npages, PAGE_SIZE).copy()
+        size = npages * PAGE_SIZE
+        ram, off, gpa, private = self._locate(gpa, size)
+        raw = ram[off : off + size]
+        pages = raw ^ self.keystream(gpa, size) if private else raw.copy()
+        return pages.reshape(npages, PAGE_SIZE)
 
     def write_pages(self, gpa: int, data: Pages) -> None:
         if gpa % PAGE_SIZE or data.ndim != 2 or data.shape[1] != PAGE_SIZE:
             raise GuestFault(f"write_pages: bad page block {data.shape} at {gpa:#x}")
-        ram, off = self._locate(gpa, data.size)
-        ram[off : off + data.size] = data.reshape(-1)
+        ram, off, gpa, private = self._locate(gpa, data.size)
+        plain = data.reshape(-1)
+        ram[off : off + data.size] = plain ^ self.keystream(gpa, data.size) if private else plain
 
     # --- GuestCpu: non-exiting instructions --------------------------------------------
 
@@ -221,10 +307,13 @@ class FakeCpu:
 
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
         self._instruction()
-        return (0, 0, 0, 0)
+        self._step_sev_lookups += leaf == CPUID_AMD_SEV
+        return self.cpuid_table.get(leaf, (0, 0, 0, 0))
 
     def rdmsr(self, msr: int) -> int:
         self._instruction()
+        if msr == MSR_AMD64_SEV:
+            return MSR_AMD64_SEV_ENABLED if self.sev else 0
         if msr == MSR_IA32_TSC:
             return self.tsc
         if msr == MSR_IA32_TSC_DEADLINE:
@@ -306,10 +395,13 @@ class FakeCpu:
         elif kind == "mmio_read":
             self.regs.rax = _ALL_ONES  # no MMIO devices: reads float high
         elif kind == "hypercall":
-            self.regs.rax = -KVM_ENOSYS
+            nr, a0, a1, a2, a3 = (int(a) for a in args)
+            self.hypercalls.append((nr, a0, a1, a2, a3))
+            self.regs.rax = self.hypercall_result
         elif kind == "wrmsr":
-            value = args[1]
-            assert isinstance(value, int)
+            msr, value = args
+            assert isinstance(msr, int) and isinstance(value, int)
+            self.msr_writes.append((msr, value))
             self.migration_control = value
         elif kind == "hlt":
             self.halted = True

@@ -1,14 +1,23 @@
-"""A model machine for guest tests: RAM, COM1, fw_cfg, optionally kv, and the fake vCPU."""
+"""A model machine for guest tests: RAM, COM1, fw_cfg, optionally kv, and the fake vCPU.
+
+``sev=True`` makes it an SEV guest as confmig's VMM sets one up: the vCPU
+encrypts C-bit accesses, and the hypervisor advertises migration control
+(``migration_control``, default: as ``sev``) and answers ``KVM_HC_MAP_GPA_RANGE``
+with ``hypercall_result`` (0; ``-KVM_ENOSYS`` models a host without
+``KVM_CAP_EXIT_HYPERCALL``). ``fw_cfg_files`` are the VMM's ``-fw_cfg`` files.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
-from fakecpu import STEP_NS, CpuSnapshot, FakeCpu
+from fakecpu import MIGRATION_FEATURES, STEP_NS, CpuSnapshot, FakeCpu
 
 from confmig.common.units import MiB
 from confmig.guest.image import rom
@@ -42,20 +51,29 @@ class Machine:
         kv_socket: str | os.PathLike[str] | None = None,
         idle_wait: float = 0.0,
         step_ns: int = STEP_NS,
+        sev: bool = False,
+        migration_control: bool | None = None,
+        hypercall_result: int = 0,
+        fw_cfg_files: dict[str, bytes] | None = None,
     ) -> None:
         self.cmdline = cmdline
         self.memory = memory if memory is not None else GuestMemory.pc(ram_size)
         self.console = bytearray()
         self.serial = Serial(self.console.extend)
         self.fw_cfg = FwCfg(
-            self.memory, ram_size=self.memory.ram_size, nb_cpus=1, cmdline=cmdline, files={}
+            self.memory, ram_size=self.memory.ram_size, nb_cpus=1, cmdline=cmdline,
+            files=fw_cfg_files or {},
         )
         self.devices: list[PortIoDevice] = [self.serial, self.fw_cfg]
         self.kv: KvDevice | None = None
         if kv_socket is not None:
             self.kv = KvDevice(self.memory, self._raise_irq, kv_socket)
             self.devices.append(self.kv)
-        self.cpu = FakeCpu(self.memory, self.devices, idle_wait=idle_wait, step_ns=step_ns)
+        features = MIGRATION_FEATURES if (sev if migration_control is None else migration_control) else 0
+        self.cpu = FakeCpu(
+            self.memory, self.devices, idle_wait=idle_wait, step_ns=step_ns, sev=sev,
+            kvm_features=features, hypercall_result=hypercall_result,
+        )
 
     def _raise_irq(self, vector: int) -> None:
         self.cpu.inject(vector)
@@ -112,3 +130,26 @@ class Machine:
             device.load_state(snap.devices[device.vmsd_name])
         machine.console[:] = snap.console
         return machine
+
+
+@contextmanager
+def running(m: Machine) -> Iterator[None]:
+    """Run the vCPU in a thread, as a VMM's vCPU thread would, until the block ends."""
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def vcpu() -> None:
+        try:
+            m.run(lambda _: stop.is_set(), max_steps=10**9)
+        except BaseException as exc:  # reported to the test below
+            failure.append(exc)
+
+    thread = threading.Thread(target=vcpu, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not failure, failure
+    assert m.cpu.shutdown_reason is None, m.cpu.shutdown_reason

@@ -60,6 +60,7 @@ def test_without_a_workload_option_the_guest_idles() -> None:
         ("workload=dirty wss=lots", "invalid size"),
         ("workload=idle verbose=1", "unknown option(s) verbose for workload idle"),
         ("workload=kv slots=1000", "slots=1000 is not a power of two"),
+        ("workload=idle sev_migration=maybe", "sev_migration=maybe (expected on or off)"),
     ],
 )
 def test_bad_cmdline_prints_one_error_and_halts(cmdline: str, error: str) -> None:

@@ -2,7 +2,9 @@
 
 A guest stopped after any step, copied into a fresh machine (new RAM, new
 devices, new vCPU) and continued must end exactly where an uninterrupted run
-ends: same RAM, registers, timer, device state and console output.
+ends: same RAM, registers, timer, device state and console output. An SEV
+guest too: its boot shares a page, reports it and negotiates migration in
+phases of their own (the fresh machine has the same memory key).
 """
 
 import pytest
@@ -25,8 +27,8 @@ def advance(m: Machine, until_step: int) -> None:
     m.run(lambda c: c.steps >= until_step)
 
 
-def uninterrupted() -> MachineSnapshot:
-    with Machine(CMDLINE, ram_size=RAM) as m:
+def uninterrupted(*, sev: bool = False) -> MachineSnapshot:
+    with Machine(CMDLINE, ram_size=RAM, sev=sev) as m:
         advance(m, TOTAL)
         return m.snapshot()
 
@@ -66,3 +68,20 @@ def test_a_fresh_machine_for_every_step_changes_nothing(reference: MachineSnapsh
 
 def test_the_reference_run_is_deterministic(reference: MachineSnapshot) -> None:
     assert uninterrupted() == reference
+
+
+def test_an_sev_guest_in_a_fresh_machine_for_every_step_changes_nothing() -> None:
+    reference = uninterrupted(sev=True)
+    assert b"live migration allowed" in reference.console
+    assert b"confmig-selfcheck: PASS" in reference.console
+    assert reference.cpu.migration_control == 1
+    m = Machine(CMDLINE, ram_size=RAM, sev=True)
+    for step in range(1, 80):  # the firmware, the kernel and the workload's start
+        advance(m, step)
+        snap = m.snapshot()
+        m.__exit__(None, None, None)
+        m = Machine.restore(snap, CMDLINE, sev=True)
+        m.cpu.steps = step
+    with m:
+        advance(m, TOTAL)
+        assert m.snapshot() == reference

@@ -27,12 +27,16 @@ owes PACE_NS worth of pages it writes them, up to WRITE_BATCH per step;
 otherwise it sleeps on the TSC deadline until it does. After
 a long stall (a paused VM) it does not burst: the debt is capped at
 MAX_BACKLOG_NS worth of pages.
+
+In an SEV guest all of it (state page, version table, working set) is private:
+every access carries the C-bit (the step's ``mask``), so the host sees only
+ciphertext. The GPA in a page's header is the plain GPA, without the C-bit.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import IntEnum
 
@@ -40,10 +44,10 @@ import numpy as np
 import numpy.typing as npt
 
 from confmig.common.units import PAGE_SIZE, MiB, format_size, parse_size
-from confmig.guest import kernel
+from confmig.guest import kernel, mem_encrypt
 from confmig.guest.firmware import bootinfo
 from confmig.guest.layout import WORKLOAD_STATE_GPA, workload_code, workload_memory
-from confmig.guest.phases import phase_program
+from confmig.guest.phases import TaskProgram, task_program
 from confmig.platform.cpu.abi import TSC_HZ, GuestCpu, GuestFault, Pages
 
 CODE_BASE = workload_code(1)
@@ -164,8 +168,9 @@ class DirtyState:
         return self.table_zeroed == self.table_pages
 
 
-def load_state(cpu: GuestCpu) -> DirtyState:
-    fields = _STATE.unpack(cpu.read(WORKLOAD_STATE_GPA, _STATE.size))
+def load_state(cpu: GuestCpu, mask: int | None = None) -> DirtyState:
+    """The state page (``mask``: the step's encryption mask; None finds it out)."""
+    fields = _STATE.unpack(cpu.read(mem_encrypt.private(cpu, WORKLOAD_STATE_GPA, mask), _STATE.size))
     if fields[0] != STATE_MAGIC:
         raise GuestFault("dirty: state page lost its magic")
     rate, fill, seed, table, npages, nranges, zeroed = fields[1:8]
@@ -179,11 +184,11 @@ def load_state(cpu: GuestCpu) -> DirtyState:
     )
 
 
-def _store_state(cpu: GuestCpu, st: DirtyState) -> None:
+def _store_state(cpu: GuestCpu, st: DirtyState, mask: int) -> None:
     flat = [v for piece in st.ranges for v in piece]
     flat += [0] * (2 * WS_MAX_RANGES - len(flat))
     cpu.write(
-        WORKLOAD_STATE_GPA,
+        WORKLOAD_STATE_GPA | mask,
         _STATE.pack(
             STATE_MAGIC, st.rate, st.fill, st.seed, st.table, st.npages, len(st.ranges),
             st.table_zeroed, *flat, st.pass_no, st.cursor, st.written, st.epoch, st.paced,
@@ -239,18 +244,18 @@ def page_ok(pages: Pages, gpas: U64Array, versions: U64Array) -> npt.NDArray[np.
 # --- self-check ----------------------------------------------------------------------------
 
 
-def _check_batch(cpu: GuestCpu, st: DirtyState) -> DirtyState:
+def _check_batch(cpu: GuestCpu, st: DirtyState, mask: int) -> DirtyState:
     """Verify the next batch from ``st.check``; return the state with the counts added."""
     gpa, contiguous = _segment(st, st.check)
     n = min(CHECK_BATCH, contiguous)
-    table = np.frombuffer(cpu.read(st.table + st.check * 8, n * 8), dtype=_U64)
+    table = np.frombuffer(cpu.read((st.table + st.check * 8) | mask, n * 8), dtype=_U64)
     index = st.check + np.arange(n, dtype=np.uint64)
     expected = np.where(index < st.cursor, st.pass_no, st.pass_no - 1).astype(_U64)
     written = expected > 0
     bad = table != expected
     if written.any():
         gpas = gpa + np.arange(n, dtype=_U64) * np.uint64(PAGE_SIZE)
-        bad |= written & ~page_ok(cpu.read_pages(gpa, n), gpas, expected)
+        bad |= written & ~page_ok(cpu.read_pages(gpa | mask, n), gpas, expected)
     nbad = int(bad.sum())
     first = st.first_bad if st.bad or not nbad else gpa + int(bad.argmax()) * PAGE_SIZE
     return replace(
@@ -265,12 +270,13 @@ def _verdict(st: DirtyState) -> kernel.SelfCheck:
 
 def selfcheck(cpu: GuestCpu) -> kernel.SelfCheck:
     """The whole self-check at once, without exits (for tests and tools)."""
-    st = load_state(cpu)
+    mask = mem_encrypt.encryption_mask(cpu)
+    st = load_state(cpu, mask)
     if not st.ready:
         return kernel.SelfCheck(pages=0, writes=0)
     st = replace(st, check=0, bad=0, first_bad=0, checked=0)
     while st.check < st.npages:
-        st = _check_batch(cpu, st)
+        st = _check_batch(cpu, st, mask)
     return _verdict(st)
 
 
@@ -281,9 +287,9 @@ def _goto(cpu: GuestCpu, phase: Phase) -> None:
     cpu.regs.rip = CODE_BASE + phase
 
 
-def _entry(cpu: GuestCpu) -> None:
-    rate, wss, fill, seed, prefill = _PARAMS.unpack(kernel.params(cpu))
-    free = workload_memory(bootinfo.load(cpu).ram)
+def _entry(cpu: GuestCpu, mask: int) -> None:
+    rate, wss, fill, seed, prefill = _PARAMS.unpack(kernel.params(cpu, mask))
+    free = workload_memory(bootinfo.load(cpu, mask).ram)
     sizes = [r.size // PAGE_SIZE for r in free]
     total = sum(sizes)
     npages = total - -(-total // (_WORDS + 1)) if wss == 0 else wss // PAGE_SIZE
@@ -303,19 +309,19 @@ def _entry(cpu: GuestCpu) -> None:
         rate=rate, fill=fill, seed=seed, table=free[0].start, npages=npages, table_zeroed=0,
         ranges=tuple(pieces), prefill=prefill,
     )
-    _store_state(cpu, st)
+    _store_state(cpu, st, mask)
     _goto(cpu, Phase.INIT_TABLE)
 
 
-def _init_table(cpu: GuestCpu) -> None:
-    st = load_state(cpu)
+def _init_table(cpu: GuestCpu, mask: int) -> None:
+    st = load_state(cpu, mask)
     n = min(TABLE_ZERO_BATCH, st.table_pages - st.table_zeroed)
-    cpu.write_pages(st.table + st.table_zeroed * PAGE_SIZE, np.zeros((n, PAGE_SIZE), np.uint8))
+    cpu.write_pages((st.table + st.table_zeroed * PAGE_SIZE) | mask, np.zeros((n, PAGE_SIZE), np.uint8))
     st = replace(st, table_zeroed=st.table_zeroed + n)
     if not st.ready:
-        _store_state(cpu, st)
+        _store_state(cpu, st, mask)
         return
-    _store_state(cpu, replace(st, epoch=cpu.rdtsc()))
+    _store_state(cpu, replace(st, epoch=cpu.rdtsc()), mask)
     _goto(cpu, Phase.RUN)
     pieces = ", ".join(f"{count} at {gpa:#x}" for gpa, count in st.ranges)
     kernel.console_write(
@@ -325,10 +331,10 @@ def _init_table(cpu: GuestCpu) -> None:
     )
 
 
-def _run(cpu: GuestCpu) -> None:
-    st = load_state(cpu)
+def _run(cpu: GuestCpu, mask: int) -> None:
+    st = load_state(cpu, mask)
     if st.rate == 0 and st.cursor == st.npages:
-        kernel.sleep_until(cpu, cpu.rdtsc() + TICK_NS)  # written once: idle
+        kernel.sleep_until(cpu, cpu.rdtsc() + TICK_NS, mask)  # written once: idle
         return
     count = WRITE_BATCH
     if st.rate and not (st.prefill and st.pass_no == 1):
@@ -341,46 +347,46 @@ def _run(cpu: GuestCpu) -> None:
         chunk = min(WRITE_BATCH, max(1, st.rate * PACE_NS // TSC_HZ))
         if due < chunk:  # a page or two due is no reason to wake up: wait for a chunk
             wake = st.epoch + -(-(st.paced + chunk) * TSC_HZ // st.rate)
-            kernel.sleep_until(cpu, wake)
+            kernel.sleep_until(cpu, wake, mask)
             return
         count = min(count, due)
     gpa, contiguous = _segment(st, st.cursor)
     n = min(count, contiguous)
-    cpu.write_pages(gpa, make_pages(gpa, n, version=st.pass_no, fill=st.fill, seed=st.seed))
-    cpu.write(st.table + st.cursor * 8, np.full(n, st.pass_no, dtype=_U64).tobytes())
+    cpu.write_pages(gpa | mask, make_pages(gpa, n, version=st.pass_no, fill=st.fill, seed=st.seed))
+    cpu.write((st.table + st.cursor * 8) | mask, np.full(n, st.pass_no, dtype=_U64).tobytes())
     st = replace(st, cursor=st.cursor + n, written=st.written + n, paced=st.paced + n)
     if st.cursor < st.npages:
-        _store_state(cpu, st)
+        _store_state(cpu, st, mask)
     elif st.rate and st.prefill and st.pass_no == 1:
-        _store_state(cpu, replace(st, pass_no=2, cursor=0, epoch=cpu.rdtsc(), paced=0))
+        _store_state(cpu, replace(st, pass_no=2, cursor=0, epoch=cpu.rdtsc(), paced=0), mask)
         kernel.console_write(
             cpu, f"dirty: working set written ({st.npages} pages); now {st.rate} pages/s")
     elif st.rate:
-        _store_state(cpu, replace(st, pass_no=st.pass_no + 1, cursor=0))
+        _store_state(cpu, replace(st, pass_no=st.pass_no + 1, cursor=0), mask)
     else:
-        _store_state(cpu, st)
+        _store_state(cpu, st, mask)
         kernel.console_write(cpu, f"dirty: working set written ({st.npages} pages); idle")
 
 
-def _selfcheck(cpu: GuestCpu) -> None:
-    st = load_state(cpu)
+def _selfcheck(cpu: GuestCpu, mask: int) -> None:
+    st = load_state(cpu, mask)
     if not st.ready:
-        kernel.nmi_return(cpu)
+        kernel.nmi_return(cpu, mask)
         kernel.console_write(cpu, kernel.SelfCheck(pages=0, writes=0).line)
         return
-    _store_state(cpu, replace(st, check=0, bad=0, first_bad=0, checked=0))
+    _store_state(cpu, replace(st, check=0, bad=0, first_bad=0, checked=0), mask)
     _goto(cpu, Phase.CHECK)
 
 
-def _check(cpu: GuestCpu) -> None:
-    st = _check_batch(cpu, load_state(cpu))
-    _store_state(cpu, st)
+def _check(cpu: GuestCpu, mask: int) -> None:
+    st = _check_batch(cpu, load_state(cpu, mask), mask)
+    _store_state(cpu, st, mask)
     if st.check == st.npages:
-        kernel.nmi_return(cpu)
+        kernel.nmi_return(cpu, mask)
         kernel.console_write(cpu, _verdict(st).line)
 
 
-_PHASES: dict[int, Callable[[GuestCpu], None]] = {
+_PHASES: dict[int, TaskProgram] = {
     Phase.ENTRY: _entry,
     Phase.INIT_TABLE: _init_table,
     Phase.RUN: _run,
@@ -389,7 +395,7 @@ _PHASES: dict[int, Callable[[GuestCpu], None]] = {
 }
 
 
-step = phase_program("dirty", CODE_BASE, _PHASES)
+step = task_program("dirty", CODE_BASE, _PHASES)
 
 
 WORKLOAD = kernel.Workload(

@@ -29,12 +29,12 @@ def describe(_: bytes) -> str:
     return "no options"
 
 
-def step(cpu: GuestCpu) -> None:
+def step(cpu: GuestCpu, mask: int) -> None:
     phase = cpu.regs.rip - CODE_BASE
     if phase == Phase.RUN:
-        kernel.sleep_until(cpu, cpu.rdtsc() + TICK_NS)
+        kernel.sleep_until(cpu, cpu.rdtsc() + TICK_NS, mask)
     elif phase == Phase.SELFCHECK:
-        kernel.nmi_return(cpu)
+        kernel.nmi_return(cpu, mask)
         kernel.console_write(cpu, kernel.SelfCheck(pages=0, writes=0).line)
     else:
         raise GuestFault(f"idle: no instruction at {cpu.regs.rip:#x}")

@@ -1,0 +1,173 @@
+"""Memory encryption as the guest sees it (``guest/mem_encrypt.py``), on the fake vCPU's
+C-bit model, and the model itself: what a test relies on to catch a missing C-bit."""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from fakecpu import KVM_ENOSYS, MIGRATION_FEATURES, FakeCpu
+
+from confmig.common.units import PAGE_SIZE, MiB
+from confmig.guest import mem_encrypt
+from confmig.platform.cpu.abi import (
+    C_BIT,
+    CPUID_AMD_SEV,
+    KVM_CPUID_SIGNATURE,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    RESET_VECTOR,
+    GuestCpu,
+    GuestFault,
+    RomRegion,
+)
+from confmig.vmm.memory import GuestMemory
+
+GPA = 0x20_0000
+U64 = (1 << 64) - 1
+
+
+@contextmanager
+def bare_cpu(**kwargs: object) -> Iterator[FakeCpu]:
+    memory = GuestMemory.pc(16 * MiB)
+    try:
+        yield FakeCpu(memory, [], **kwargs)  # type: ignore[arg-type]
+    finally:
+        memory.close()
+
+
+def program(body: Callable[[GuestCpu], None]) -> list[RomRegion]:
+    return [RomRegion(name="test", base=RESET_VECTOR, size=16, step=body)]
+
+
+# --- the fake's model of the C-bit -----------------------------------------------------------
+
+
+def test_a_private_write_reaches_ram_only_as_ciphertext() -> None:
+    with bare_cpu(sev=True) as cpu:
+        data = b"guest secret " * 400  # 5200 bytes: crosses into the next page
+        cpu.write((GPA + 100) | C_BIT, data)
+        assert cpu.read((GPA + 100) | C_BIT, len(data)) == data
+        raw = cpu.memory.read(GPA + 100, len(data))
+        assert b"guest secret" not in raw
+        assert cpu.shared_pages == set()
+        assert cpu.read(GPA + 100, len(data)) == raw  # without the C-bit: the ciphertext
+        assert cpu.shared_pages == {GPA // PAGE_SIZE, GPA // PAGE_SIZE + 1}
+
+
+def test_ciphertext_moved_to_another_gpa_decrypts_to_garbage() -> None:
+    with bare_cpu(sev=True) as cpu:
+        page = np.frombuffer(bytes(range(256)) * 16, dtype=np.uint8).reshape(1, PAGE_SIZE)
+        cpu.write_pages(GPA | C_BIT, page)
+        assert np.array_equal(cpu.read_pages(GPA | C_BIT, 1), page)
+        cpu.memory.write(GPA + PAGE_SIZE, cpu.memory.read(GPA, PAGE_SIZE))  # the host copies it
+        assert cpu.read((GPA + PAGE_SIZE) | C_BIT, PAGE_SIZE) != page.tobytes()
+
+
+def test_the_keystream_depends_on_the_key() -> None:
+    with bare_cpu(sev=True, key=1) as one, bare_cpu(sev=True, key=2) as two:
+        one.write(GPA | C_BIT, b"x" * 64)
+        two.memory.write(GPA, one.memory.read(GPA, 64))  # another host's memory key
+        assert two.read(GPA | C_BIT, 64) != b"x" * 64
+
+
+def test_the_c_bit_in_a_plain_guest_is_a_fault() -> None:
+    with bare_cpu() as cpu:
+        cpu.run(program(lambda c: c.write(GPA | C_BIT, b"x")), until=lambda c: c.steps > 0)
+        assert cpu.shutdown_reason is not None and "C-bit" in cpu.shutdown_reason
+
+
+# --- detection --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sev", "features", "mask", "reports"),
+    [
+        (False, 0, 0, False),
+        (False, MIGRATION_FEATURES, 0, False),
+        (True, 0, C_BIT, False),
+        (True, MIGRATION_FEATURES, C_BIT, True),
+    ],
+)
+def test_detection(sev: bool, features: int, mask: int, reports: bool) -> None:
+    with bare_cpu(sev=sev, kvm_features=features) as cpu:
+        assert mem_encrypt.encryption_mask(cpu) == mask
+        assert mem_encrypt.private(cpu, GPA) == GPA | mask
+        assert mem_encrypt.private(cpu, GPA, 0) == GPA  # a mask the step already knows wins
+        assert mem_encrypt.has_migration_control(cpu) is bool(features)
+        assert mem_encrypt.reports_page_state(cpu) is reports
+        assert mem_encrypt.c_bit_position(cpu) == (51 if sev else 0)
+
+
+def test_a_cpu_with_sev_running_a_plain_guest_has_no_mask() -> None:
+    with bare_cpu() as cpu:
+        cpu.cpuid_table[CPUID_AMD_SEV] = (1 << 1, 51 | 1 << 6, 0, 0)  # the CPU could; this guest is not
+        assert mem_encrypt.sev_status(cpu) == 0
+        assert mem_encrypt.encryption_mask(cpu) == 0
+
+
+def test_without_the_kvm_signature_there_are_no_kvm_features() -> None:
+    with bare_cpu(sev=True, kvm_features=MIGRATION_FEATURES) as cpu:
+        del cpu.cpuid_table[KVM_CPUID_SIGNATURE]
+        assert mem_encrypt.kvm_features(cpu) == 0
+        assert not mem_encrypt.reports_page_state(cpu)
+
+
+# --- page-state changes -----------------------------------------------------------------------
+
+
+def test_moving_pages_to_shared_and_back_keeps_their_contents() -> None:
+    with bare_cpu(sev=True) as cpu:
+        data = np.random.default_rng(1).integers(0, 256, (3, PAGE_SIZE), dtype=np.uint8)
+        cpu.write_pages(GPA | C_BIT, data)
+        assert cpu.memory.read(GPA, 3 * PAGE_SIZE) != data.tobytes()
+        mem_encrypt.move_to_shared(cpu, GPA, 3)
+        assert cpu.memory.read(GPA, 3 * PAGE_SIZE) == data.tobytes()  # the host sees it now
+        mem_encrypt.move_to_private(cpu, GPA, 3)
+        assert cpu.memory.read(GPA, 3 * PAGE_SIZE) != data.tobytes()
+        assert np.array_equal(cpu.read_pages(GPA | C_BIT, 3), data)
+
+
+def test_page_state_changes_are_no_ops_in_a_plain_guest() -> None:
+    with bare_cpu() as cpu:
+        cpu.write(GPA, b"plain")
+        mem_encrypt.move_to_shared(cpu, GPA, 1)
+        mem_encrypt.move_to_private(cpu, GPA, 1)
+        assert cpu.memory.read(GPA, 5) == b"plain"
+
+
+@pytest.mark.parametrize(
+    ("gpa", "npages"), [(GPA + 8, 1), (GPA, 0), (GPA, mem_encrypt.PAGE_STATE_BATCH + 1)]
+)
+def test_page_state_changes_are_whole_pages_in_bounded_batches(gpa: int, npages: int) -> None:
+    with bare_cpu(sev=True) as cpu, pytest.raises(GuestFault):
+        mem_encrypt.move_to_shared(cpu, gpa, npages)
+
+
+def test_map_gpa_range_exits_and_its_result_arrives_in_the_next_step() -> None:
+    seen: list[int] = []
+
+    def step(cpu: GuestCpu) -> None:
+        seen.append(mem_encrypt.hypercall_error(cpu.regs.rax))
+        mem_encrypt.map_gpa_range(cpu, GPA, 4, encrypted=len(seen) == 2)
+
+    with bare_cpu(sev=True, hypercall_result=-KVM_ENOSYS) as cpu:
+        cpu.run(program(step), until=lambda c: c.steps == 2)
+        assert seen == [0, -KVM_ENOSYS]
+        assert cpu.hypercalls == [
+            (KVM_HC_MAP_GPA_RANGE, GPA, 4, 0, 0),
+            (KVM_HC_MAP_GPA_RANGE, GPA, 4, KVM_MAP_GPA_RANGE_ENCRYPTED, 0),
+        ]
+
+
+def test_hypercall_results_and_the_failure_line() -> None:
+    assert mem_encrypt.hypercall_error(0) == 0
+    assert mem_encrypt.hypercall_error(-22 & U64) == -22
+    assert mem_encrypt.hypercall_error(-1000) == -1000
+    assert mem_encrypt.hypercall_failure_line("kv", -1000 & U64) == (
+        "confmig kv: KVM_HC_MAP_GPA_RANGE failed with -1000 (KVM_CAP_EXIT_HYPERCALL not enabled); "
+        "page-state changes are not reported to the host"
+    )
+    assert mem_encrypt.hypercall_failure_line("kv", -22 & U64) == (
+        "confmig kv: KVM_HC_MAP_GPA_RANGE failed with -22; page-state changes are not reported to the host"
+    )
