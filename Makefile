@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo test test-slow bench bench-psp lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test-slow: $(VENV)/.dev
 
 bench: $(VENV)/.runtime
 	$(BIN)/confmig bench --save benchmarks/
+
+bench-psp: $(VENV)/.runtime
+	$(BIN)/confmig bench --suite psp --save benchmarks/
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

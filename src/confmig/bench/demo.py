@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab
-from confmig.bench.scenario import MigrationSettings, migrate, two_hosts, wait_guest_ready
+from confmig.bench.scenario import MigrationSettings, migrate, sev_args, two_hosts, wait_guest_ready
 from confmig.common.units import parse_size
 
 
@@ -24,6 +24,9 @@ class DemoOptions:
     downtime_limit: int = 300
     max_bandwidth: int = 100 << 30
     channels: int = 1
+    mode: str = "plain"
+    """``plain`` (an ordinary guest) or ``psp`` (an SEV guest, pages re-encrypted by the PSP)."""
+    sev_es: bool = False
     keep: bool = False
 
     def guest_arg(self) -> str:
@@ -34,13 +37,17 @@ class DemoOptions:
 
 def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
     console = Console(stderr=as_json, quiet=False)
-    settings = MigrationSettings(downtime_limit_ms=opts.downtime_limit,
-                                 max_bandwidth=opts.max_bandwidth, channels=opts.channels)
+    confidential = opts.mode == "psp"
     with Lab(keep=opts.keep) as lab:
+        settings = MigrationSettings(downtime_limit_ms=opts.downtime_limit,
+                                     max_bandwidth=opts.max_bandwidth, channels=opts.channels,
+                                     sev_target_certs=confidential, amd_root=lab.amd_root)
         console.print(f"[bold]confmig demo[/]: two emulated hosts in {lab.root}")
-        src, dst = two_hosts(lab, ram=opts.ram, guest=opts.guest_arg())
-        console.print(f"source VM on hostA ({opts.ram}, guest: {opts.guest_arg()}); "
-                      "target VM on hostB waiting (-incoming defer)")
+        extra = sev_args(es=opts.sev_es) if confidential else []
+        src, dst = two_hosts(lab, ram=opts.ram, guest=opts.guest_arg(), extra=extra)
+        kind = ("SEV-ES" if opts.sev_es else "SEV") + " guest, PSP migration" if confidential else "guest"
+        console.print(f"source {kind} on hostA ({opts.ram}, workload: {opts.guest_arg()}); "
+                      "target on hostB waiting (-incoming defer)")
         with console.status("booting the guest and filling its working set..."):
             if opts.guest == "dirty":
                 src.wait_console(WORKING_SET_WRITTEN, timeout=600)
@@ -91,6 +98,7 @@ def _summary(info: dict[str, Any], wall_s: float, verdict: str, opts: DemoOption
         "dirty-sync-count": ram.get("dirty-sync-count"),
         "pages": {"normal": ram.get("normal"), "zero": ram.get("duplicate")},
         "downtime-breakdown-ms": extra.get("downtime-breakdown-ms"),
+        "confidential": extra.get("confidential"),
         "selfcheck": verdict or None,
         "wall-s": round(wall_s, 3),
     }
@@ -113,6 +121,11 @@ def _print(console: Console, s: dict[str, Any]) -> None:
     if s.get("downtime-breakdown-ms"):
         rows.append(("downtime breakdown", ", ".join(
             f"{k} {v:.1f} ms" for k, v in s["downtime-breakdown-ms"].items())))
+    if s.get("confidential"):
+        c = s["confidential"]
+        rows.append((f"confidential ({c['backend']})",
+                     f"{c['private-pages']} private pages, {c['shared-pages']} shared pages, "
+                     f"{c['psp-commands']} PSP commands"))
     if s.get("selfcheck"):
         rows.append(("guest self-check", s["selfcheck"]))
     for k, v in rows:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from confmig.bench.lab import WORKLOAD_READY_RE, Lab, VmProc
@@ -24,6 +26,11 @@ class MigrationSettings:
     channels: int = 1
     """1 = the main channel only; more = the multifd capability."""
     events: bool = True
+    sev_target_certs: bool = False
+    """Hand the source the target's SEV certificates (``sev-pdh``, ``sev-plat-cert``, from the
+    target's ``query-sev-capabilities``) and the AMD chain, as libvirt does for an SEV guest."""
+    amd_root: Path = Path()
+    """With ``sev_target_certs``: the AMD root directory (the lab's ``amd_root``)."""
 
 
 @dataclass
@@ -65,6 +72,8 @@ def migrate(src: VmProc, dst: VmProc | None, uri: str | None = None, *,
     configure(src, settings)
     if dst is not None:
         configure(dst, settings)
+        if settings.sev_target_certs:
+            src.qmp.execute("migrate-set-parameters", **sev_target_certificates(dst, settings.amd_root))
         uri = incoming_uri(dst)
     assert uri is not None
     t0 = time.monotonic()
@@ -83,6 +92,23 @@ def migrate(src: VmProc, dst: VmProc | None, uri: str | None = None, *,
     if dst is not None and info["status"] == "completed":
         wait_status(dst, "running")
     return MigrationResult(status=info["status"], info=info, wall_s=wall, events=list(src.qmp.events))
+
+
+def sev_target_certificates(dst: VmProc, amd_root: Path) -> dict[str, str]:
+    """The migration parameters that tell the source's PSP whom it may send the guest to:
+    the target's PDH and platform chain (its ``query-sev-capabilities``) and the AMD chain."""
+    from confmig.platform.psp.identity import amd_chain
+
+    caps = dst.qmp.execute("query-sev-capabilities")
+    return {"sev-pdh": caps["pdh"], "sev-plat-cert": caps["cert-chain"],
+            "sev-amd-cert": base64.b64encode(amd_chain(amd_root)).decode()}
+
+
+def sev_args(*, es: bool = False, extra: str = "") -> list[str]:
+    """The command line of an SEV (or SEV-ES) guest, as QEMU spells it."""
+    policy = 0x5 if es else 0x1
+    return ["-object", f"sev-guest,id=sev0,policy={policy:#x}{extra}",
+            "-machine", "q35,confidential-guest-support=sev0"]
 
 
 def wait_status(vm: VmProc, status: str, timeout: float = 30.0) -> None:

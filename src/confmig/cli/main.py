@@ -75,6 +75,23 @@ def launch(sev_es: bool, ram: str, guest: str, wrong_firmware: bool, as_json: bo
     sys.exit(0 if ok else 1)
 
 
+@cli.command("amd-certs")
+@click.option("--amd-root", default=None, help="The AMD root directory (default: this installation's).")
+def amd_certs(amd_root: str | None) -> None:
+    """Print ASK || ARK in base64: the 'sev-amd-cert' migration parameter of an SEV guest."""
+    import base64
+    from pathlib import Path
+
+    from confmig.common.paths import default_amd_root
+    from confmig.platform.psp.identity import amd_chain
+
+    root = Path(amd_root) if amd_root else default_amd_root()
+    try:
+        click.echo(base64.b64encode(amd_chain(root)).decode())
+    except (OSError, ValueError, KeyError) as exc:
+        raise click.ClickException(f"cannot read the AMD root in {root}: {exc}") from None
+
+
 @cli.command()
 def firmware() -> None:
     """Print the path of the built-in firmware image (what 'confmig vm' loads without -bios)."""
@@ -93,16 +110,19 @@ def firmware() -> None:
 @click.option("--downtime-limit", default=300, show_default=True, help="Milliseconds.")
 @click.option("--max-bandwidth", default=100 << 30, show_default=True, help="Bytes per second.")
 @click.option("--channels", default=1, show_default=True, help="1 = main channel; >1 = multifd.")
+@click.option("--mode", default="plain", show_default=True, type=click.Choice(["plain", "psp"]),
+              help="plain: an ordinary guest; psp: an SEV guest, its private pages re-encrypted by the PSP.")
+@click.option("--sev-es", is_flag=True, help="With --mode psp: an SEV-ES guest.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--keep", is_flag=True, help="Keep the lab directory (logs, consoles).")
 def demo(ram: str, guest: str, dirty_rate: int, wss: str, downtime_limit: int,
-         max_bandwidth: int, channels: int, as_json: bool, keep: bool) -> None:
+         max_bandwidth: int, channels: int, mode: str, sev_es: bool, as_json: bool, keep: bool) -> None:
     """Start two hosts and two VMs here, live-migrate the running guest, report."""
     from confmig.bench.demo import DemoOptions, run_demo
 
     opts = DemoOptions(ram=ram, guest=guest, dirty_rate=dirty_rate, wss=wss,
                        downtime_limit=downtime_limit, max_bandwidth=max_bandwidth,
-                       channels=channels, keep=keep)
+                       channels=channels, mode=mode, sev_es=sev_es, keep=keep)
     try:
         ok = run_demo(opts, as_json=as_json)
     except ConfmigError as exc:
@@ -128,11 +148,19 @@ def analyze(path: str, as_json: bool) -> None:
 @cli.command()
 @click.option("--save", default=None, help="Directory to save results into (JSON + Markdown).")
 @click.option("--quick", is_flag=True, help="Smaller sizes, fewer repetitions (a smoke run).")
-def bench(save: str | None, quick: bool) -> None:
+@click.option("--suite", default="plain", show_default=True, type=click.Choice(["plain", "psp"]),
+              help="plain: plain migration against this machine's limits; psp: plain vs PSP migration.")
+@click.option("--ram", default="1G", show_default=True, help="With --suite psp: the guest's RAM.")
+def bench(save: str | None, quick: bool, suite: str, ram: str) -> None:
     """Measure migration against this machine's own limits (results under benchmarks/)."""
-    from confmig.bench.perf import run_benchmarks
-
     try:
+        if suite == "psp":
+            from confmig.bench.confidential import run_psp_benchmark
+
+            run_psp_benchmark(save_dir=save, ram=ram)
+            return
+        from confmig.bench.perf import run_benchmarks
+
         run_benchmarks(save_dir=save, quick=quick)
     except ConfmigError as exc:
         raise click.ClickException(str(exc)) from None

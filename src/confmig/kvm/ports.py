@@ -13,6 +13,18 @@ from typing import Protocol
 from confmig.common.svm import VmExit
 
 
+class VmsaPage(Protocol):
+    """An SEV-ES vCPU's VMSA page as KVM maps it: 4 KiB of host memory at a system-physical
+    address. KVM only ever sees what is stored there (ciphertext once launched)."""
+
+    @property
+    def spa(self) -> int: ...
+
+    def read(self) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
 class CpuCore(Protocol):
     """What the vCPU run loop needs from a CPU core."""
 
@@ -43,6 +55,32 @@ class CpuCore(Protocol):
     def inject_nmi(self) -> None: ...
 
     def inject_irq(self, vector: int) -> None: ...
+
+    # -- SEV-ES: the VMSA (the core encrypts, decrypts and checks; KVM only names the page) --
+
+    def set_vmsa(self, page: VmsaPage | None) -> None:
+        """The VMCB's VMSA pointer."""
+        ...
+
+    def vmsa_sync(self) -> bool:
+        """Before LAUNCH_UPDATE_VMSA: the register file into the page in plaintext."""
+        ...
+
+    def vmsa_launched(self) -> None:
+        """After LAUNCH_UPDATE_VMSA: the (now encrypted) page is the register file."""
+        ...
+
+    def vmsa_save(self) -> bool:
+        """#VMEXIT: the registers into the page, encrypted; the checksum into the TMR."""
+        ...
+
+    def vmsa_load(self) -> bool:
+        """The registers from the page, if it passes the TMR check (after RECEIVE_UPDATE_VMSA)."""
+        ...
+
+    def enter(self) -> bool:
+        """VMRUN: load the VMSA first if the state is there; False if it failed its check."""
+        ...
 
 
 CoreFactory = Callable[[int, object], CpuCore]
@@ -108,3 +146,47 @@ class SecureProcessor(Protocol):
     def dbg_decrypt(self, handle: int, spa: int, length: int) -> tuple[int, bytes]: ...
 
     def dbg_encrypt(self, handle: int, spa: int, data: bytes) -> int: ...
+
+    def launch_update_vmsa(self, handle: int, spa: int) -> int:
+        """LAUNCH_UPDATE_VMSA of the 4 KiB SEV-ES VMSA page at ``spa``."""
+        ...
+
+    # -- migration (the SEV API's SEND_* / RECEIVE_*; packets are opaque here) --
+
+    def send_start(
+        self, handle: int, pdh: bytes, plat_certs: bytes, amd_certs: bytes, session_len: int
+    ) -> tuple[int, int, bytes, int]:
+        """(status, policy, session blob, session_len) for the receiver whose PDH, PEK‖OCA‖CEK
+        and ASK‖ARK are given. ``session_len`` ≠ 128 fails INVALID_LEN with 128 (the query)."""
+        ...
+
+    def send_update_data(
+        self, handle: int, hdr_len: int, spa: int, length: int, trans_len: int
+    ) -> tuple[int, bytes, bytes, int]:
+        """(status, packet header, transport data, hdr_len) for ``length`` bytes at ``spa``.
+        ``hdr_len`` < 52 fails INVALID_LEN with 52 (the query)."""
+        ...
+
+    def send_update_vmsa(
+        self, handle: int, hdr_len: int, spa: int, length: int, trans_len: int
+    ) -> tuple[int, bytes, bytes, int]:
+        """As :meth:`send_update_data`, for the VMSA page at ``spa`` (SEV-ES)."""
+        ...
+
+    def send_finish(self, handle: int) -> int: ...
+
+    def send_cancel(self, handle: int) -> int: ...
+
+    def receive_start(self, handle: int, policy: int, pdh: bytes, session: bytes) -> tuple[int, int]:
+        """(status, guest handle) from the *sender's* PDH and its session blob; handle 0 = new guest."""
+        ...
+
+    def receive_update_data(
+        self, handle: int, header: bytes, spa: int, length: int, transport: bytes
+    ) -> int: ...
+
+    def receive_update_vmsa(
+        self, handle: int, header: bytes, spa: int, length: int, transport: bytes
+    ) -> int: ...
+
+    def receive_finish(self, handle: int) -> int: ...

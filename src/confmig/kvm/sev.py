@@ -1,9 +1,10 @@
 """KVM's SEV support: ``KVM_MEMORY_ENCRYPT_OP`` and ``/dev/sev``'s ``SEV_ISSUE_CMD``.
 
-What real KVM does in ``arch/x86/kvm/svm/sev.c``, for the launch path: give an
-SEV VM an ASID, turn the VMM's requests into PSP commands (with guest
-addresses translated to system-physical ones), bind the guest's handle to its
-ASID (ACTIVATE), and pass the firmware's status code back in ``error``.
+What real KVM does in ``arch/x86/kvm/svm/sev.c``, for the launch and the
+migration paths: give an SEV VM an ASID, turn the VMM's requests into PSP
+commands (with guest addresses translated to system-physical ones), bind the
+guest's handle to its ASID (ACTIVATE, after LAUNCH_START and RECEIVE_START),
+and pass the firmware's status code back in ``error``.
 
 One deviation, forced by processes: KVM reads user buffers through pointers
 into the VMM's memory, which another process cannot follow. So in each
@@ -11,7 +12,29 @@ into the VMM's memory, which another process cannot follow. So in each
 guest-physical address, and the buffers the VMM passes by pointer (certificates,
 session blob, packet header, transport data) follow the struct inline, in the
 order of the struct's fields; outputs come back in the reply. Lengths keep
-their meaning, including the zero-length queries QEMU relies on.
+their meaning, including the zero-length queries QEMU relies on. The ``*_uaddr``
+fields of inline buffers are not read (pass 0).
+
+Migration, as a VMM drives it (QEMU's 2021 patches; every struct below):
+
+* source: ``SEND_START`` with ``session_len`` 0 (query: fails ``EIO`` with
+  ``error`` INVALID_LEN and the struct's ``session_len`` = 128), then with
+  128 and the target's PDH ‖ PEK‖OCA‖CEK ‖ ASK‖ARK inline (all three
+  required): reply = the struct (``policy``) + the 128-byte session. Per
+  private page ``SEND_UPDATE_DATA`` (``hdr_len`` or ``trans_len`` 0 is the
+  query: ``hdr_len`` = 52): ``guest_uaddr`` is the page's GPA, at most one
+  page; reply = the struct + ``hdr_len`` bytes of header + ``trans_len``
+  bytes of transport data. Then ``SEND_FINISH`` (or ``SEND_CANCEL``: the
+  guest runs on).
+* target: ``KVM_SEV_INIT``/``ES_INIT`` (the ASID), ``RECEIVE_START`` with the
+  source's policy, PDH and session inline (reply: the struct with the new
+  ``handle``; KVM has ACTIVATEd it), per page ``RECEIVE_UPDATE_DATA`` with
+  header and transport data inline, then ``RECEIVE_FINISH`` before it runs.
+* SEV-ES: ``SEND_UPDATE_VMSA``/``RECEIVE_UPDATE_VMSA`` name a vCPU instead of
+  a GPA (not in upstream KVM; modelled on Hygon's CSV2 patches). They need a
+  VMSA page per vCPU, which this emulation does not have yet (the register
+  file stays sealed in the vCPU process): without a ``vmsa_page`` hook they
+  fail ``EINVAL``, as upstream KVM does for these ids.
 """
 
 from __future__ import annotations
@@ -22,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from confmig.common.errors import ProtocolError
+from confmig.common.units import PAGE_SIZE
 from confmig.kvm.ports import SecureProcessor
 
 # enum sev_cmd_id (KVM)
@@ -33,22 +57,59 @@ KVM_SEV_LAUNCH_UPDATE_VMSA = 4
 KVM_SEV_LAUNCH_SECRET = 5
 KVM_SEV_LAUNCH_MEASURE = 6
 KVM_SEV_LAUNCH_FINISH = 7
+KVM_SEV_SEND_START = 8
+KVM_SEV_SEND_UPDATE_DATA = 9
+KVM_SEV_SEND_UPDATE_VMSA = 10
+KVM_SEV_SEND_FINISH = 11
+KVM_SEV_RECEIVE_START = 12
+KVM_SEV_RECEIVE_UPDATE_DATA = 13
+KVM_SEV_RECEIVE_UPDATE_VMSA = 14
+KVM_SEV_RECEIVE_FINISH = 15
 KVM_SEV_GUEST_STATUS = 16
 KVM_SEV_DBG_DECRYPT = 17
 KVM_SEV_DBG_ENCRYPT = 18
+KVM_SEV_SEND_CANCEL = 21
 
 # /dev/sev (include/uapi/linux/psp-sev.h)
 SEV_PLATFORM_STATUS = 1
 SEV_PDH_CERT_EXPORT = 5
 
 SEV_RET_SUCCESS = 0
+SEV_RET_INVALID_GUEST_STATE = 0x02
 SEV_RET_INVALID_LEN = 0x04
+SEV_RET_INVALID_CERTIFICATE = 0x06
+SEV_RET_POLICY_FAILURE = 0x07
+SEV_RET_BAD_SIGNATURE = 0x0A
+SEV_RET_BAD_MEASUREMENT = 0x0B
+"""Also every packet or session MAC mismatch."""
 SEV_RET_NO_FW_CALL = 0xFFFF_FFFF
 """-1 as u32: the firmware was never called (KVM refused first)."""
+SEV_RET_NAMES = (
+    "SUCCESS", "INVALID_PLATFORM_STATE", "INVALID_GUEST_STATE", "INVALID_CONFIG", "INVALID_LEN",
+    "ALREADY_OWNED", "INVALID_CERTIFICATE", "POLICY_FAILURE", "INACTIVE", "INVALID_ADDRESS",
+    "BAD_SIGNATURE", "BAD_MEASUREMENT", "ASID_OWNED", "INVALID_ASID", "WBINVD_REQUIRED",
+    "DFFLUSH_REQUIRED", "INVALID_GUEST", "INVALID_COMMAND", "ACTIVE", "HWSEV_RET_PLATFORM",
+    "HWSEV_RET_UNSAFE", "UNSUPPORTED", "INVALID_PARAM", "RESOURCE_LIMIT", "SECURE_DATA_INVALID",
+)
+"""The firmware status codes by number (``include/uapi/linux/psp-sev.h``)."""
+
+
+def fw_error_name(code: int) -> str:
+    """``BAD_MEASUREMENT`` for 0xb; what QEMU's ``fw_error_to_str`` does for its messages."""
+    if code == SEV_RET_NO_FW_CALL:
+        return "NO_FW_CALL"
+    return SEV_RET_NAMES[code] if 0 <= code < len(SEV_RET_NAMES) else f"unknown status {code:#x}"
 SEV_FW_BLOB_MAX_SIZE = 0x4000
+SEND_BUFFER_MAX = SEV_FW_BLOB_MAX_SIZE
+"""Our bound on SEND_UPDATE_*'s header and transport buffers (Linux kzallocs whatever the VMM
+asks for; a page needs 52 + 4096 bytes)."""
 MAX_ASID = 509
 MEASUREMENT_LEN = 48
 """LAUNCH_MEASURE output: 32-byte measurement and 16-byte mnonce."""
+PACKET_HEADER_LEN = 52
+"""What SEND_UPDATE_DATA's header-length query answers (flags, IV, MAC)."""
+SESSION_LEN = 128
+"""What SEND_START's session-length query answers."""
 
 SEV_CMD = struct.Struct("<IIQII")
 """``struct kvm_sev_cmd``: id, pad, data (0 here: the data follows inline), error, sev_fd."""
@@ -62,9 +123,29 @@ LAUNCH_SECRET = struct.Struct("<QIIQIIQII")
 GUEST_STATUS = struct.Struct("<III")
 DBG = struct.Struct("<QQII")
 """``struct kvm_sev_dbg``: src_uaddr, dst_uaddr (GPAs), len, pad."""
+SEND_START = struct.Struct("<IIQIIQIIQIIQII")
+"""``struct kvm_sev_send_start`` (72 bytes): policy (out), pad, pdh_cert_uaddr, pdh_cert_len, pad,
+plat_certs_uaddr, plat_certs_len, pad, amd_certs_uaddr, amd_certs_len, pad, session_uaddr,
+session_len (in/out), pad. Inline after it: PDH, PEK‖OCA‖CEK, ASK‖ARK (the target's)."""
+SEND_UPDATE_DATA = struct.Struct("<QIIQIIQII")
+"""``struct kvm_sev_send_update_data`` (48 bytes): hdr_uaddr, hdr_len (in/out), pad, guest_uaddr
+(here: GPA), guest_len, pad, trans_uaddr, trans_len (in/out), pad. Nothing inline."""
+RECEIVE_START = struct.Struct("<IIQIIQII")
+"""``struct kvm_sev_receive_start`` (40 bytes): handle (in/out; 0 = new), policy, pdh_uaddr,
+pdh_len, pad, session_uaddr, session_len, pad. Inline after it: the source's PDH, the session."""
+RECEIVE_UPDATE_DATA = struct.Struct("<QIIQIIQII")
+"""``struct kvm_sev_receive_update_data`` (48 bytes), the fields of SEND_UPDATE_DATA.
+Inline after it: the packet header, the transport data."""
+SEND_UPDATE_VMSA = struct.Struct("<IIQIIQII")
+"""Ours (not upstream; after Hygon CSV2's): vcpu_id, pad, hdr_uaddr, hdr_len (in/out), pad,
+trans_uaddr, trans_len (in/out), pad. Reply as SEND_UPDATE_DATA's."""
+RECEIVE_UPDATE_VMSA = struct.Struct("<IIQIIQII")
+"""The fields of SEND_UPDATE_VMSA; inline after it: the packet header, the transport data."""
 
 Translate = Callable[[int, int], list[tuple[int, int]]]
 """GPA range → list of (SPA, length) chunks, each physically contiguous."""
+VmsaPage = Callable[[int], "int | None"]
+"""vCPU id → SPA of its SEV-ES VMSA page (None: no such vCPU or no VMSA)."""
 
 
 @dataclass
@@ -103,8 +184,10 @@ class SevVm:
     """The SEV side of one VM: dispatches ``KVM_MEMORY_ENCRYPT_OP``."""
 
     def __init__(self, psp: SecureProcessor, asids: AsidAllocator, translate: Translate,
-                 bind_asid: Callable[[int, bool], None], protect_vcpus: Callable[[], int]) -> None:
+                 bind_asid: Callable[[int, bool], None], protect_vcpus: Callable[[], int],
+                 vmsa_page: VmsaPage | None = None) -> None:
         self.protect_vcpus = protect_vcpus
+        self.vmsa_page = vmsa_page
         self.psp = psp
         self.asids = asids
         self.translate = translate
@@ -129,7 +212,9 @@ class SevVm:
         if cmd_id in (KVM_SEV_INIT, KVM_SEV_ES_INIT):
             return self._init(es=cmd_id == KVM_SEV_ES_INIT)
         if not s.active:
-            return -errno.ENOTTY, SEV_RET_NO_FW_CALL, b""
+            # sev_receive_update_data checks sev_guest() itself and answers EINVAL.
+            result = -errno.EINVAL if cmd_id == KVM_SEV_RECEIVE_UPDATE_DATA else -errno.ENOTTY
+            return result, SEV_RET_NO_FW_CALL, b""
         if cmd_id == KVM_SEV_LAUNCH_START:
             return self._launch_start(body)
         if cmd_id == KVM_SEV_LAUNCH_UPDATE_DATA:
@@ -164,6 +249,24 @@ class SevVm:
             return 0, SEV_RET_SUCCESS, GUEST_STATUS.pack(policy, state, 0)
         if cmd_id in (KVM_SEV_DBG_DECRYPT, KVM_SEV_DBG_ENCRYPT):
             return self._dbg(cmd_id, body)
+        if cmd_id == KVM_SEV_SEND_START:
+            return self._send_start(body)
+        if cmd_id == KVM_SEV_SEND_UPDATE_DATA:
+            return self._send_update_data(body)
+        if cmd_id == KVM_SEV_SEND_UPDATE_VMSA:
+            return self._send_update_vmsa(body)
+        if cmd_id == KVM_SEV_SEND_FINISH:
+            return self._status(self.psp.send_finish(s.handle))
+        if cmd_id == KVM_SEV_SEND_CANCEL:
+            return self._status(self.psp.send_cancel(s.handle))
+        if cmd_id == KVM_SEV_RECEIVE_START:
+            return self._receive_start(body)
+        if cmd_id == KVM_SEV_RECEIVE_UPDATE_DATA:
+            return self._receive_update_data(body)
+        if cmd_id == KVM_SEV_RECEIVE_UPDATE_VMSA:
+            return self._receive_update_vmsa(body)
+        if cmd_id == KVM_SEV_RECEIVE_FINISH:
+            return self._status(self.psp.receive_finish(s.handle))
         return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""
 
     @staticmethod
@@ -224,6 +327,139 @@ class SevVm:
             return ((-errno.EIO, status, b"") if status else (0, SEV_RET_SUCCESS, data))
         (spa, _n), = self._chunks(dst, length)
         return self._status(self.psp.dbg_encrypt(self.state.handle, spa, body[DBG.size :]))
+
+    # --- migration -----------------------------------------------------------
+
+    def _send_start(self, body: bytes) -> tuple[int, int, bytes]:
+        (_policy, _p0, _pdh, pdh_len, _p1, _plat, plat_len, _p2, _amd, amd_len, _p3, _sess, session_len,
+         _p4) = SEND_START.unpack_from(body)
+        handle = self.state.handle
+        if session_len == 0:
+            # The query (__sev_send_start_query_session_length): the handle only; the firmware
+            # answers INVALID_LEN with the length it needs, which KVM copies back.
+            status, _pol, _session, need = self.psp.send_start(handle, b"", b"", b"", 0)
+            return -errno.EIO if status else 0, status, SEND_START.pack(*[0] * 12, need, 0)
+        # SECURITY: lengths come from the VMM; psp_copy_user_blob refuses empty or oversized blobs.
+        lengths = (pdh_len, plat_len, amd_len)
+        blobs = body[SEND_START.size :]
+        if (min(lengths) == 0 or max(*lengths, session_len) > SEV_FW_BLOB_MAX_SIZE
+                or len(blobs) != sum(lengths)):
+            return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""
+        pdh, plat = blobs[:pdh_len], blobs[pdh_len : pdh_len + plat_len]
+        amd = blobs[pdh_len + plat_len :]
+        status, policy, session, out_len = self.psp.send_start(handle, pdh, plat, amd, session_len)
+        # The struct goes back whatever happened (policy and session_len as the firmware left them).
+        reply = SEND_START.pack(policy, 0, 0, pdh_len, 0, 0, plat_len, 0, 0, amd_len, 0, 0, out_len, 0)
+        if status:
+            return -errno.EIO, status, reply
+        return 0, SEV_RET_SUCCESS, reply + session.ljust(session_len, b"\0")[:session_len]
+
+    def _packet_page(self, gpa: int, length: int) -> int | None:
+        """The SPA of ``[gpa, gpa + length)`` if it lies within one page (KVM pins one page)."""
+        offset = gpa % PAGE_SIZE
+        if length == 0 or length > PAGE_SIZE or offset + length > PAGE_SIZE:
+            return None
+        (spa, _n), = self._chunks(gpa, length)
+        return spa
+
+    def _send_update_data(self, body: bytes) -> tuple[int, int, bytes]:
+        fields = SEND_UPDATE_DATA.unpack_from(body)
+        hdr_uaddr, hdr_len, _p0, gpa, guest_len, _p1, trans_uaddr, trans_len, _p2 = fields
+        handle = self.state.handle
+        if hdr_len == 0 or trans_len == 0:
+            # The query (__sev_send_update_data_query_lengths): the firmware sees hdr_len 0 and
+            # writes back 52; trans_len comes back as the firmware left it, 0.
+            status, _hdr, _trans, need = self.psp.send_update_data(handle, 0, 0, 0, 0)
+            reply = SEND_UPDATE_DATA.pack(hdr_uaddr, need, 0, gpa, guest_len, 0, trans_uaddr, 0, 0)
+            return -errno.EIO if status else 0, status, reply
+        if hdr_len > SEND_BUFFER_MAX or trans_len > SEND_BUFFER_MAX:
+            return -errno.ENOMEM, SEV_RET_NO_FW_CALL, b""
+        # guest_uaddr is a GPA here: 0 is a real page, so only the length and the page bound are checked.
+        spa = self._packet_page(gpa, guest_len)
+        if spa is None:
+            return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""  # at most one page per call
+        status, hdr, trans, _hdr_len = self.psp.send_update_data(handle, hdr_len, spa, guest_len, trans_len)
+        return self._send_update_reply(status, SEND_UPDATE_DATA.pack(*fields), hdr, hdr_len, trans, trans_len)
+
+    @staticmethod
+    def _send_update_reply(status: int, head: bytes, hdr: bytes, hdr_len: int, trans: bytes,
+                           trans_len: int) -> tuple[int, int, bytes]:
+        if status:
+            return -errno.EIO, status, b""
+        # KVM's bounce buffers are zeroed and copied out whole: hdr_len and trans_len bytes.
+        return 0, SEV_RET_SUCCESS, (head + hdr.ljust(hdr_len, b"\0")[:hdr_len]
+                                    + trans.ljust(trans_len, b"\0")[:trans_len])
+
+    def _send_update_vmsa(self, body: bytes) -> tuple[int, int, bytes]:
+        fields = SEND_UPDATE_VMSA.unpack_from(body)
+        vcpu_id, _p0, hdr_uaddr, hdr_len, _p1, trans_uaddr, trans_len, _p2 = fields
+        s = self.state
+        if not s.es:
+            return -errno.ENOTTY, SEV_RET_NO_FW_CALL, b""
+        if hdr_len == 0 or trans_len == 0:  # the query, as for SEND_UPDATE_DATA
+            status, _hdr, _trans, need = self.psp.send_update_vmsa(s.handle, 0, 0, 0, 0)
+            reply = SEND_UPDATE_VMSA.pack(vcpu_id, 0, hdr_uaddr, need, 0, trans_uaddr, 0, 0)
+            return -errno.EIO if status else 0, status, reply
+        if hdr_len > SEND_BUFFER_MAX or trans_len > SEND_BUFFER_MAX:
+            return -errno.ENOMEM, SEV_RET_NO_FW_CALL, b""
+        spa = self.vmsa_page(vcpu_id) if self.vmsa_page is not None else None
+        if spa is None:
+            return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""
+        status, hdr, trans, _ = self.psp.send_update_vmsa(s.handle, hdr_len, spa, PAGE_SIZE, trans_len)
+        return self._send_update_reply(status, SEND_UPDATE_VMSA.pack(*fields), hdr, hdr_len, trans, trans_len)
+
+    def _receive_start(self, body: bytes) -> tuple[int, int, bytes]:
+        s = self.state
+        handle, policy, _pdh, pdh_len, _p0, _sess, session_len, _p1 = RECEIVE_START.unpack_from(body)
+        blobs = body[RECEIVE_START.size :]
+        # SECURITY: lengths come from the VMM (the blobs from the source, through the network).
+        if (pdh_len == 0 or session_len == 0 or max(pdh_len, session_len) > SEV_FW_BLOB_MAX_SIZE
+                or len(blobs) != pdh_len + session_len):
+            return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""
+        status, handle = self.psp.receive_start(handle, policy, blobs[:pdh_len], blobs[pdh_len:])
+        if status:
+            return -errno.EIO, status, b""
+        status = self.psp.activate(handle, s.asid)  # sev_bind_asid, as after LAUNCH_START
+        if status:
+            self.psp.decommission(handle)
+            return -errno.EIO, status, b""
+        s.handle = handle
+        self.bind_asid(s.asid, s.es)
+        return 0, SEV_RET_SUCCESS, RECEIVE_START.pack(handle, policy, 0, pdh_len, 0, 0, session_len, 0)
+
+    def _receive_packet(self, body: bytes, head: struct.Struct, hdr_len: int,
+                        trans_len: int) -> tuple[bytes, bytes] | None:
+        """The inline header and transport data, or None if the lengths do not add up."""
+        blobs = body[head.size :]
+        # SECURITY: lengths come from the VMM; psp_copy_user_blob refuses empty or oversized blobs.
+        if (hdr_len == 0 or trans_len == 0 or max(hdr_len, trans_len) > SEV_FW_BLOB_MAX_SIZE
+                or len(blobs) != hdr_len + trans_len):
+            return None
+        return blobs[:hdr_len], blobs[hdr_len:]
+
+    def _receive_update_data(self, body: bytes) -> tuple[int, int, bytes]:
+        fields = RECEIVE_UPDATE_DATA.unpack_from(body)
+        _hdr, hdr_len, _p0, gpa, guest_len, _p1, _trans, trans_len, _p2 = fields
+        packet = self._receive_packet(body, RECEIVE_UPDATE_DATA, hdr_len, trans_len)
+        if packet is None:
+            return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""
+        spa = self._packet_page(gpa, guest_len)
+        if spa is None:
+            return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""  # at most one page per call
+        hdr, trans = packet
+        return self._status(self.psp.receive_update_data(self.state.handle, hdr, spa, guest_len, trans))
+
+    def _receive_update_vmsa(self, body: bytes) -> tuple[int, int, bytes]:
+        vcpu_id, _p0, _hdr, hdr_len, _p1, _trans, trans_len, _p2 = RECEIVE_UPDATE_VMSA.unpack_from(body)
+        s = self.state
+        if not s.es:
+            return -errno.ENOTTY, SEV_RET_NO_FW_CALL, b""
+        packet = self._receive_packet(body, RECEIVE_UPDATE_VMSA, hdr_len, trans_len)
+        spa = self.vmsa_page(vcpu_id) if self.vmsa_page is not None else None
+        if packet is None or spa is None:
+            return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""
+        hdr, trans = packet
+        return self._status(self.psp.receive_update_vmsa(s.handle, hdr, spa, PAGE_SIZE, trans))
 
     def _chunks(self, gpa: int, length: int) -> list[tuple[int, int]]:
         if length <= 0:

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confmig.common.errors import ConfigError, StateError
+from confmig.common.errors import StateError
 from confmig.common.x86 import (
     ISA_DEBUG_EXIT_PORT,
     MSR_IA32_TSC,
@@ -42,6 +42,8 @@ VCPU_STOP_TIMEOUT = 5.0
 HLT_WAIT = 0.05
 """Longest a vCPU thread sleeps on a userspace HLT before looking again."""
 
+REGS_COUNT = 18
+"""Fields of ``struct kvm_regs`` (``ioctl.REGS``)."""
 MSRS_TO_MIGRATE = (MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_KVM_MIGRATION_CONTROL)
 
 EventSink = Callable[[str, "dict[str, object] | None"], None]
@@ -153,9 +155,6 @@ class Machine:
         self.shutdown_reason: str | None = None
         self.autostart = not config.start_paused
         """Run the guest once an incoming migration has loaded (cleared by ``stop``)."""
-        if config.sev is not None and config.incoming and not config.sev.x_plain_copy:
-            raise ConfigError("an incoming SEV guest needs a confidential migration backend "
-                              "(PSP or Migration Handler), which is not implemented yet")
         self.kvm = Kvm(config.host)
         self.vm: VmFd = self.kvm.create_vm()
         self.memory = GuestMemory.pc(config.ram_size)
@@ -189,7 +188,9 @@ class Machine:
         if self.sev is not None:
             for v in self.vcpus:
                 v.fd.set_cpuid(self.sev.cpuid())
-            self._sev_launch(self.sev)
+            if not config.incoming or (config.sev is not None and config.sev.x_plain_copy):
+                self._sev_launch(self.sev)
+            # else: the guest context arrives with the stream (RECEIVE_START)
         for v in self.vcpus:
             v.start()
 
@@ -221,6 +222,8 @@ class Machine:
                 return
             if self._runstate in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
                 raise StateError("cont", self._runstate, "a VM that can run")
+            if self.sev is not None:
+                self.sev.receive_finish()  # an incoming SEV guest becomes RUNNING in the PSP
             self.set_runstate(RunState.RUNNING)
             for v in self.vcpus:
                 v.resume()
@@ -342,14 +345,21 @@ class Machine:
 
     # --- state for migration -------------------------------------------------------
 
+    @property
+    def _registers_protected(self) -> bool:
+        """SEV-ES: the register file lives in the encrypted VMSA, out of the VMM's reach;
+        it migrates as a VMSA record and the cpu section carries zeros in its place."""
+        return self.sev is not None and self.sev.config.es
+
     def save_cpu(self, vcpu: VcpuThread) -> CpuState:
         fd = vcpu.fd
-        return CpuState(regs=fd.get_regs(), msrs=fd.get_msrs(list(MSRS_TO_MIGRATE)),
-                        mp_state=fd.get_mp_state())
+        regs = (0,) * REGS_COUNT if self._registers_protected else fd.get_regs()
+        return CpuState(regs=regs, msrs=fd.get_msrs(list(MSRS_TO_MIGRATE)), mp_state=fd.get_mp_state())
 
     def load_cpu(self, vcpu: VcpuThread, state: CpuState) -> None:
         fd = vcpu.fd
-        fd.set_regs(state.regs)
+        if not self._registers_protected:
+            fd.set_regs(state.regs)
         fd.set_msrs(state.msrs)
         fd.set_mp_state(state.mp_state)
 

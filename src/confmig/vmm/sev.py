@@ -42,6 +42,7 @@ KVM_FEATURE_HC_MAP_GPA_RANGE = 1 << 16
 KVM_FEATURE_MIGRATION_CONTROL = 1 << 17
 KVM_HC_MAP_GPA_RANGE = 12
 KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+PAGE = 4096
 OWNER_TIMEOUT = 30.0
 """Seconds a call to the guest owner may take."""
 OWNER_MAX_REPLY = 1 << 20
@@ -52,8 +53,6 @@ SEV_STATES = ("uninit", "launch-update", "launch-secret", "running", "send-updat
 
 BLOCKER_NOT_ENABLED = ("SEV: the guest has not enabled live migration "
                        "(MSR_KVM_MIGRATION_CONTROL bit 0 not set)")
-BLOCKER_NO_BACKEND = ("SEV: migrating a confidential guest needs a confidential migration backend "
-                      "(PSP or Migration Handler), which is not implemented yet")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +100,19 @@ class OwnerLink:
         return _unb64(r["secret_header"]), _unb64(r["secret"]), int(str(r["guest_len"]))
 
 
+_COMMAND_NAMES = {
+    ksev.KVM_SEV_SEND_START: "SEND_START",
+    ksev.KVM_SEV_SEND_UPDATE_DATA: "SEND_UPDATE_DATA",
+    ksev.KVM_SEV_SEND_UPDATE_VMSA: "SEND_UPDATE_VMSA",
+    ksev.KVM_SEV_SEND_FINISH: "SEND_FINISH",
+    ksev.KVM_SEV_SEND_CANCEL: "SEND_CANCEL",
+    ksev.KVM_SEV_RECEIVE_START: "RECEIVE_START",
+    ksev.KVM_SEV_RECEIVE_UPDATE_DATA: "RECEIVE_UPDATE_DATA",
+    ksev.KVM_SEV_RECEIVE_UPDATE_VMSA: "RECEIVE_UPDATE_VMSA",
+    ksev.KVM_SEV_RECEIVE_FINISH: "RECEIVE_FINISH",
+}
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -126,6 +138,8 @@ class SevGuest:
         self.migration_enabled = threading.Event()
         self.measurement = b""
         self.handle = 0
+        self.receiving = False
+        """RECEIVE_START done, RECEIVE_FINISH not yet (an incoming guest)."""
 
     # --- sev_kvm_init -------------------------------------------------------------
 
@@ -181,6 +195,77 @@ class SevGuest:
         self._op(ksev.KVM_SEV_LAUNCH_FINISH)
         log.info("SEV launch finished: handle %d", self.handle)
 
+    # --- PSP migration (QEMU: sev_save_setup, sev_save_outgoing_page, sev_load_incoming_page) ---
+
+    def send_start(self, pdh: bytes, plat_certs: bytes, amd_certs: bytes) -> tuple[int, bytes]:
+        """SEND_START for the target whose certificates these are: (policy, session blob).
+        As QEMU, the session length is asked first (a query the firmware answers with
+        INVALID_LEN and the length)."""
+        try:
+            self.vm.memory_encrypt_op(ksev.KVM_SEV_SEND_START, ksev.SEND_START.pack(*[0] * 14))
+            raise MigrationError("SEND_START: expected the session-length query to fail with INVALID_LEN")
+        except SevCommandError as exc:
+            if exc.fw_error != ksev.SEV_RET_INVALID_LEN:
+                raise MigrationError(f"SEV: SEND_START failed: {exc}") from None
+            session_len = ksev.SEND_START.unpack_from(exc.output)[12]
+        body = ksev.SEND_START.pack(0, 0, 0, len(pdh), 0, 0, len(plat_certs), 0, 0, len(amd_certs), 0,
+                                    0, session_len, 0)
+        _err, out = self._migration_op(ksev.KVM_SEV_SEND_START, body + pdh + plat_certs + amd_certs)
+        fields = ksev.SEND_START.unpack_from(out)
+        policy, session_len = fields[0], fields[12]
+        return policy, out[ksev.SEND_START.size : ksev.SEND_START.size + session_len]
+
+    def send_update_data(self, gpa: int) -> tuple[bytes, bytes]:
+        """One private page out: (packet header, transport data), ciphertext under the TEK."""
+        body = ksev.SEND_UPDATE_DATA.pack(0, ksev.PACKET_HEADER_LEN, 0, gpa, PAGE, 0, 0, PAGE, 0)
+        _err, out = self._migration_op(ksev.KVM_SEV_SEND_UPDATE_DATA, body)
+        fields = ksev.SEND_UPDATE_DATA.unpack_from(out)
+        hdr_len, trans_len = fields[1], fields[7]
+        data = out[ksev.SEND_UPDATE_DATA.size :]
+        return data[:hdr_len], data[hdr_len : hdr_len + trans_len]
+
+    def send_update_vmsa(self, vcpu_id: int) -> tuple[bytes, bytes]:
+        """SEV-ES: one vCPU's VMSA out, re-encrypted by the PSP (the vCPU is stopped)."""
+        body = ksev.SEND_UPDATE_VMSA.pack(vcpu_id, 0, 0, ksev.PACKET_HEADER_LEN, 0, 0, PAGE, 0)
+        _err, out = self._migration_op(ksev.KVM_SEV_SEND_UPDATE_VMSA, body)
+        fields = ksev.SEND_UPDATE_VMSA.unpack_from(out)
+        hdr_len, trans_len = fields[3], fields[6]
+        data = out[ksev.SEND_UPDATE_VMSA.size :]
+        return data[:hdr_len], data[hdr_len : hdr_len + trans_len]
+
+    def receive_update_vmsa(self, vcpu_id: int, hdr: bytes, trans: bytes) -> None:
+        body = ksev.RECEIVE_UPDATE_VMSA.pack(vcpu_id, 0, 0, len(hdr), 0, 0, len(trans), 0)
+        self._migration_op(ksev.KVM_SEV_RECEIVE_UPDATE_VMSA, body + hdr + trans)
+
+    def send_finish(self) -> None:
+        self._migration_op(ksev.KVM_SEV_SEND_FINISH)
+
+    def send_cancel(self) -> None:
+        """The migration did not complete: the guest goes back to RUNNING on this host."""
+        self._migration_op(ksev.KVM_SEV_SEND_CANCEL)
+
+    def receive_start(self, policy: int, pdh: bytes, session: bytes) -> None:
+        body = ksev.RECEIVE_START.pack(0, policy, 0, len(pdh), 0, 0, len(session), 0)
+        _err, out = self._migration_op(ksev.KVM_SEV_RECEIVE_START, body + pdh + session)
+        self.handle = ksev.RECEIVE_START.unpack_from(out)[0]
+        self.receiving = True
+
+    def receive_update_data(self, gpa: int, hdr: bytes, trans: bytes) -> None:
+        body = ksev.RECEIVE_UPDATE_DATA.pack(0, len(hdr), 0, gpa, len(trans), 0, 0, len(trans), 0)
+        self._migration_op(ksev.KVM_SEV_RECEIVE_UPDATE_DATA, body + hdr + trans)
+
+    def receive_finish(self) -> None:
+        """When the target starts running: the guest becomes RUNNING in the PSP."""
+        if self.receiving:
+            self._migration_op(ksev.KVM_SEV_RECEIVE_FINISH)
+            self.receiving = False
+
+    def _migration_op(self, cmd: int, data: bytes = b"") -> tuple[int, bytes]:
+        try:
+            return self.vm.memory_encrypt_op(cmd, data)
+        except SevCommandError as exc:
+            raise MigrationError(f"SEV: {_COMMAND_NAMES.get(cmd, cmd)} failed: {exc}") from None
+
     def _op(self, cmd: int, data: bytes = b"") -> tuple[int, bytes]:
         try:
             return self.vm.memory_encrypt_op(cmd, data)
@@ -208,10 +293,7 @@ class SevGuest:
         return True
 
     def blockers(self) -> list[str]:
-        out = [] if self.migration_enabled.is_set() else [BLOCKER_NOT_ENABLED]
-        if self.config.x_plain_copy:  # TEST ONLY: RAM goes as the host sees it, ciphertext
-            return out
-        return [*out, BLOCKER_NO_BACKEND]
+        return [] if self.migration_enabled.is_set() else [BLOCKER_NOT_ENABLED]
 
     def check_migratable(self) -> None:
         if self.blockers():

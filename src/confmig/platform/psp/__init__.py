@@ -10,7 +10,9 @@ guest memory) and :class:`PspMailbox` (the PSP as KVM's ``SecureProcessor``
 port sees it). The guest owner's side of the protocol is in
 :mod:`.session` (:func:`create_launch_session`), :mod:`.measure` and
 :mod:`.packet` (:func:`seal_launch_secret`); :mod:`.chain` verifies a
-platform's certificates up to the AMD root. ``docs/psp.md`` has the overview.
+platform's certificates up to the AMD root. Migration between two PSPs is
+SEND_* on one and RECEIVE_* on the other (:class:`SecureProcessor`);
+:class:`PspCostModel` makes its speed an explicit assumption. ``docs/psp.md`` has the overview.
 """
 
 from confmig.platform.psp.amd_cert import AmdCertificate
@@ -39,10 +41,23 @@ from confmig.platform.psp.commands import (
     PdhCertExportResponse,
     PlatformStatus,
     PlatformStatusRequest,
+    ReceiveFinishRequest,
+    ReceiveStartRequest,
+    ReceiveStartResponse,
+    ReceiveUpdateDataRequest,
+    ReceiveUpdateVmsaRequest,
+    SendCancelRequest,
+    SendFinishRequest,
+    SendStartRequest,
+    SendStartResponse,
+    SendUpdateDataRequest,
+    SendUpdateResponse,
+    SendUpdateVmsaRequest,
     SevRequest,
     SevResponse,
     ShutdownRequest,
 )
+from confmig.platform.psp.cost import PspCostModel
 from confmig.platform.psp.handles import Asid, GuestHandle
 from confmig.platform.psp.identity import (
     AmdCertificates,
@@ -61,6 +76,7 @@ from confmig.platform.psp.session import LaunchSession, TransportKeys, create_la
 from confmig.platform.psp.states import GuestState, PlatformState, SevCommand
 from confmig.platform.psp.status import SevError, SevStatus
 from confmig.platform.psp.version import FirmwareVersion
+from confmig.platform.psp.vmsa import TmrMemory, vmsa_image
 
 __all__ = [
     "VEK_SIZE",
@@ -106,8 +122,21 @@ __all__ = [
     "PlatformStatusRequest",
     "PolicyFlag",
     "PspConfig",
+    "PspCostModel",
     "PspMailbox",
+    "ReceiveFinishRequest",
+    "ReceiveStartRequest",
+    "ReceiveStartResponse",
+    "ReceiveUpdateDataRequest",
+    "ReceiveUpdateVmsaRequest",
     "SecureProcessor",
+    "SendCancelRequest",
+    "SendFinishRequest",
+    "SendStartRequest",
+    "SendStartResponse",
+    "SendUpdateDataRequest",
+    "SendUpdateResponse",
+    "SendUpdateVmsaRequest",
     "SevCertificate",
     "SevCommand",
     "SevError",
@@ -116,10 +145,12 @@ __all__ = [
     "SevStatus",
     "ShutdownRequest",
     "SpaOutOfRange",
+    "TmrMemory",
     "TransportKeys",
     "create_launch_session",
     "launch_digest",
     "load_amd_certificates",
     "measurement_matches",
     "seal_launch_secret",
+    "vmsa_image",
 ]

@@ -113,6 +113,29 @@ class AmdCertificate:
         return CertPublicKey(usage=self.key_usage, algo=CertAlgo.RSA_SHA384, key=self.rsa_public_key())
 
 
+def _cert_size(data: bytes) -> int:
+    """The size the fixed part of the certificate at the start of ``data`` declares."""
+    if len(data) < _FIXED.size:
+        raise SevError(SevStatus.INVALID_CERTIFICATE)
+    fields = _FIXED.unpack_from(data)
+    pubexp_bits, modulus_bits = int(fields[5]), int(fields[6])
+    if pubexp_bits not in _KEY_BITS or modulus_bits not in _KEY_BITS:
+        raise SevError(SevStatus.INVALID_CERTIFICATE)
+    return _FIXED.size + pubexp_bits // 8 + 2 * (modulus_bits // 8)
+
+
+def split_amd_chain(data: bytes) -> tuple[AmdCertificate, AmdCertificate]:
+    """ASK || ARK, as SEND_START's ``amd_certs`` carries them: (ask, ark).
+
+    Each certificate's size follows from its own key sizes; anything that is
+    not exactly two certificates is ``INVALID_CERTIFICATE``.
+    """
+    # SECURITY: bytes from the host; sizes are bounded by _cert_size before slicing.
+    ask_size = _cert_size(data)
+    ask = AmdCertificate.from_bytes(data[:ask_size])
+    return ask, AmdCertificate.from_bytes(data[ask_size:])
+
+
 def _verify(cert: AmdCertificate, parent: AmdCertificate) -> None:
     signer = CertPublicKey(usage=parent.key_usage, algo=CertAlgo.RSA_SHA384, key=parent.rsa_public_key())
     # The signature field is as long as the certificate's own modulus (amd_cert_init).

@@ -8,8 +8,10 @@
 
 PDH_CERT_EXPORT hands out the PDH and PEK || OCA || CEK; the ASK and ARK come
 from AMD (in this emulation, from the installation's root directory). The
-guest owner verifies the whole chain before trusting a PDH; SEND_START (next
-issue) verifies parts of it depending on the policy.
+guest owner verifies the whole chain before trusting a PDH; SEND_START
+verifies parts of the receiver's chain depending on the guest's policy
+(:func:`verify_sev_chain` under the SEV bit, :func:`verify_domain_chain` under
+the DOMAIN bit).
 """
 
 from __future__ import annotations
@@ -70,3 +72,33 @@ class PlatformCertificates:
         validate(self.pek, self.cek.public_key())
         validate(self.pek, self.oca.public_key())
         validate(self.pdh, self.pek.public_key())
+
+
+def verify_sev_chain(
+    *,
+    pdh: SevCertificate,
+    pek: SevCertificate,
+    cek: SevCertificate,
+    ask: AmdCertificate,
+    ark: AmdCertificate,
+    trusted_ark_hash: bytes,
+) -> None:
+    """ARK -> ASK -> CEK -> PEK -> PDH, root first (SEND_START under the SEV policy bit).
+
+    Raises ``SevError`` (INVALID_CERTIFICATE, BAD_SIGNATURE) at the first link that fails.
+    """
+    validate_ark(ark, trusted_hash=trusted_ark_hash)
+    validate_ask(ask, ark)
+    validate(cek, ask.public_key())
+    validate(pek, cek.public_key())
+    validate(pdh, pek.public_key())
+
+
+def verify_domain_chain(*, pdh: SevCertificate, pek: SevCertificate, oca: SevCertificate) -> None:
+    """OCA (self-signed) -> PEK -> PDH (SEND_START under the DOMAIN policy bit).
+
+    Whether the OCA is *ours* is the caller's check (a POLICY_FAILURE, not a certificate error).
+    """
+    validate(oca, oca.public_key())
+    validate(pek, oca.public_key())
+    validate(pdh, pek.public_key())

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from confmig.common.units import Spa
 from confmig.platform.psp.handles import Asid, GuestHandle
+from confmig.platform.psp.session import SESSION_SIZE
 from confmig.platform.psp.states import GuestState, PlatformState
 
 INIT_FLAG_ES = 0x1  # SEV_CONFIG_ES_FLAG
@@ -187,6 +188,113 @@ class DbgEncryptRequest:
     data: bytes = field(repr=False)
 
 
+# -- migration ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendStartRequest:
+    handle: GuestHandle
+    pdh_cert: bytes = field(repr=False)
+    """The *receiver's* PDH certificate (2084 bytes)."""
+    plat_certs: bytes = field(default=b"", repr=False)
+    """The receiver's PEK || OCA || CEK; checked only under the SEV or DOMAIN policy bit."""
+    amd_certs: bytes = field(default=b"", repr=False)
+    """ASK || ARK in AMD's format; checked only under the SEV policy bit."""
+    session_len: int = SESSION_SIZE
+    """The size of the host's session buffer: anything but 128 is answered with the length."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendStartResponse:
+    policy: int
+    """The guest's policy, for the receiver's RECEIVE_START (its MAC is in the session)."""
+    session: bytes = field(repr=False)
+    """The 128-byte session blob for the receiver; empty on a length query."""
+    session_len: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendUpdateDataRequest:
+    handle: GuestHandle
+    hdr_len: int
+    """The size of the host's header buffer: below 52 is answered with the length."""
+    guest_paddr: Spa
+    guest_len: int
+    trans_len: int
+    """The size of the host's transport buffer (at least ``guest_len``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendUpdateVmsaRequest:
+    handle: GuestHandle
+    hdr_len: int
+    guest_paddr: Spa
+    """The system physical address of the vCPU's VMSA page."""
+    guest_len: int
+    trans_len: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendUpdateResponse:
+    """What SEND_UPDATE_DATA and SEND_UPDATE_VMSA write: the packet, and the header length."""
+
+    hdr: bytes
+    """The 52-byte packet header; empty on a length query."""
+    trans: bytes = field(repr=False)
+    """``guest_len`` bytes of ciphertext under the TEK."""
+    hdr_len: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendFinishRequest:
+    handle: GuestHandle
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendCancelRequest:
+    handle: GuestHandle
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiveStartRequest:
+    policy: int
+    """The guest's policy as the sender reported it; the session's POLICY_MAC must cover it."""
+    pdh_cert: bytes = field(repr=False)
+    """The *sender's* PDH certificate (2084 bytes)."""
+    session: bytes = field(repr=False)
+    handle: GuestHandle = _NEW_GUEST
+    """0: draw a new VEK. Otherwise share that guest's VEK (refused under NOKS)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiveStartResponse:
+    handle: GuestHandle
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiveUpdateDataRequest:
+    handle: GuestHandle
+    hdr: bytes
+    guest_paddr: Spa
+    guest_len: int
+    trans: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiveUpdateVmsaRequest:
+    handle: GuestHandle
+    hdr: bytes
+    guest_paddr: Spa
+    """The system physical address of the vCPU's VMSA page on this host."""
+    guest_len: int
+    trans: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiveFinishRequest:
+    handle: GuestHandle
+
+
 SevRequest = (
     InitRequest
     | ShutdownRequest
@@ -205,6 +313,15 @@ SevRequest = (
     | LaunchFinishRequest
     | DbgDecryptRequest
     | DbgEncryptRequest
+    | SendStartRequest
+    | SendUpdateDataRequest
+    | SendUpdateVmsaRequest
+    | SendFinishRequest
+    | SendCancelRequest
+    | ReceiveStartRequest
+    | ReceiveUpdateDataRequest
+    | ReceiveUpdateVmsaRequest
+    | ReceiveFinishRequest
 )
 
 SevResponse = (
@@ -214,5 +331,8 @@ SevResponse = (
     | LaunchStartResponse
     | LaunchMeasureResponse
     | DbgDecryptResponse
+    | SendStartResponse
+    | SendUpdateResponse
+    | ReceiveStartResponse
     | None
 )

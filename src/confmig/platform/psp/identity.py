@@ -103,6 +103,13 @@ def load_amd_certificates(root_dir: Path) -> AmdCertificates:
     )
 
 
+def amd_chain(root_dir: Path) -> bytes:
+    """ASK || ARK of the installation's AMD root: SEND_START's ``amd_certs`` (QEMU's
+    ``sev-amd-cert``), what a real host fetches from AMD's key distribution server."""
+    certs = load_amd_certificates(root_dir)
+    return certs.ask.to_bytes() + certs.ark.to_bytes()
+
+
 class AmdRootOfTrust(Secret):
     """The emulated ARK and ASK with their private keys."""
 

@@ -31,15 +31,27 @@ from confmig.platform.psp.commands import (
     LaunchSecretRequest,
     LaunchStartRequest,
     LaunchUpdateDataRequest,
+    LaunchUpdateVmsaRequest,
     PdhCertExportRequest,
     PlatformStatusRequest,
+    ReceiveFinishRequest,
+    ReceiveStartRequest,
+    ReceiveUpdateDataRequest,
+    ReceiveUpdateVmsaRequest,
+    SendCancelRequest,
+    SendFinishRequest,
+    SendStartRequest,
+    SendStartResponse,
+    SendUpdateDataRequest,
+    SendUpdateResponse,
+    SendUpdateVmsaRequest,
 )
 from confmig.platform.psp.handles import Asid, GuestHandle
 from confmig.platform.psp.measure import MEASUREMENT_SIZE
 from confmig.platform.psp.psp import SecureProcessor
 from confmig.platform.psp.states import PlatformState
 from confmig.platform.psp.status import SevError, SevStatus
-from confmig.platform.psp.vmsa import TMR_SIZE
+from confmig.platform.psp.vmsa import TMR_SIZE, VMSA_SIZE
 
 EMULATED_TMR_SPA: Final = Spa(0xFFF0_0000)
 """Where INIT is told the SEV-ES TMR lies. The emulated TMR is PSP-private state, so
@@ -158,6 +170,99 @@ class PspMailbox:
     def dbg_encrypt(self, handle: int, spa: int, data: bytes) -> int:
         request = DbgEncryptRequest(handle=GuestHandle(handle), dst_paddr=Spa(spa), data=data)
         return _status(lambda: self._psp.dbg_encrypt(request))
+
+    def launch_update_vmsa(self, handle: int, spa: int) -> int:
+        """LAUNCH_UPDATE_VMSA of the 4 KiB VMSA page at ``spa`` (SEV-ES)."""
+        request = LaunchUpdateVmsaRequest(handle=GuestHandle(handle), paddr=Spa(spa), length=VMSA_SIZE)
+        return _status(lambda: self._psp.launch_update_vmsa(request))
+
+    # -- migration ------------------------------------------------------------
+
+    def send_start(
+        self, handle: int, pdh: bytes, plat_certs: bytes, amd_certs: bytes, session_len: int
+    ) -> tuple[int, int, bytes, int]:
+        """(status, policy, session, session_len). ``pdh``, ``plat_certs``, ``amd_certs`` are the
+        receiver's. A ``session_len`` other than 128 fails INVALID_LEN with 128: the length query."""
+        request = SendStartRequest(
+            handle=GuestHandle(handle),
+            pdh_cert=pdh,
+            plat_certs=plat_certs,
+            amd_certs=amd_certs,
+            session_len=session_len,
+        )
+        try:
+            out = self._psp.send_start(request)
+        except SevError as exc:
+            written = exc.output if isinstance(exc.output, SendStartResponse) else None
+            return exc.status, 0, b"", written.session_len if written else session_len
+        return SevStatus.SUCCESS, out.policy, out.session, out.session_len
+
+    def send_update_data(
+        self, handle: int, hdr_len: int, spa: int, length: int, trans_len: int
+    ) -> tuple[int, bytes, bytes, int]:
+        """(status, packet header, transport data, hdr_len). ``hdr_len`` < 52 fails INVALID_LEN
+        with 52 (the header-size query); the transport data is ``length`` bytes."""
+        request = SendUpdateDataRequest(
+            handle=GuestHandle(handle),
+            hdr_len=hdr_len,
+            guest_paddr=Spa(spa),
+            guest_len=length,
+            trans_len=trans_len,
+        )
+        return _send_update(lambda: self._psp.send_update_data(request), hdr_len)
+
+    def send_update_vmsa(
+        self, handle: int, hdr_len: int, spa: int, length: int, trans_len: int
+    ) -> tuple[int, bytes, bytes, int]:
+        """As :meth:`send_update_data`, for the SEV-ES VMSA page at ``spa``."""
+        request = SendUpdateVmsaRequest(
+            handle=GuestHandle(handle),
+            hdr_len=hdr_len,
+            guest_paddr=Spa(spa),
+            guest_len=length,
+            trans_len=trans_len,
+        )
+        return _send_update(lambda: self._psp.send_update_vmsa(request), hdr_len)
+
+    def send_finish(self, handle: int) -> int:
+        return _status(lambda: self._psp.send_finish(SendFinishRequest(handle=GuestHandle(handle))))
+
+    def send_cancel(self, handle: int) -> int:
+        return _status(lambda: self._psp.send_cancel(SendCancelRequest(handle=GuestHandle(handle))))
+
+    def receive_start(self, handle: int, policy: int, pdh: bytes, session: bytes) -> tuple[int, int]:
+        """(status, new guest handle). ``pdh`` is the *sender's* PDH certificate."""
+        request = ReceiveStartRequest(
+            policy=policy, handle=GuestHandle(handle), pdh_cert=pdh, session=session
+        )
+        try:
+            return SevStatus.SUCCESS, self._psp.receive_start(request).handle
+        except SevError as exc:
+            return exc.status, 0
+
+    def receive_update_data(self, handle: int, header: bytes, spa: int, length: int, transport: bytes) -> int:
+        request = ReceiveUpdateDataRequest(
+            handle=GuestHandle(handle), hdr=header, guest_paddr=Spa(spa), guest_len=length, trans=transport
+        )
+        return _status(lambda: self._psp.receive_update_data(request))
+
+    def receive_update_vmsa(self, handle: int, header: bytes, spa: int, length: int, transport: bytes) -> int:
+        request = ReceiveUpdateVmsaRequest(
+            handle=GuestHandle(handle), hdr=header, guest_paddr=Spa(spa), guest_len=length, trans=transport
+        )
+        return _status(lambda: self._psp.receive_update_vmsa(request))
+
+    def receive_finish(self, handle: int) -> int:
+        return _status(lambda: self._psp.receive_finish(ReceiveFinishRequest(handle=GuestHandle(handle))))
+
+
+def _send_update(command: Callable[[], SendUpdateResponse], hdr_len: int) -> tuple[int, bytes, bytes, int]:
+    try:
+        out = command()
+    except SevError as exc:
+        written = exc.output if isinstance(exc.output, SendUpdateResponse) else None
+        return exc.status, b"", b"", written.hdr_len if written else hdr_len
+    return SevStatus.SUCCESS, out.hdr, out.trans, out.hdr_len
 
 
 def _status(command: Callable[[], None]) -> int:

@@ -19,14 +19,22 @@ Emulation choices (see ``docs/psp.md``):
 * DBG_DECRYPT returns the plaintext and DBG_ENCRYPT takes it, instead of
   reading or writing a host buffer by address; both are bounded to
   :data:`DBG_MAX_LENGTH` (the firmware loops over any length).
-* SEND_* and RECEIVE_* are not implemented yet (``INVALID_COMMAND``); the
-  guest context, channel, packet and state tables are ready for them.
+* Migration (SEND_*, RECEIVE_*) follows the firmware, weaknesses included:
+  a packet's MAC binds its flags, IV, lengths and ciphertext but not the
+  guest address it belongs to, and nothing checks sequence or duplicates, so
+  within one migration the host can replay or reorder packets. Packets of
+  another migration fail the MAC: each SEND_START draws a fresh TEK and TIK.
+* SEND/RECEIVE_UPDATE_VMSA take exactly one 4 KiB VMSA page (the firmware's
+  length limit is its scratch buffer; a VMSA is one page).
+* Time: :class:`~confmig.platform.psp.cost.PspCostModel` (off by default)
+  adds a stated per-command latency and data bandwidth.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -35,8 +43,9 @@ from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from confmig.common.units import Spa
+from confmig.platform.psp.amd_cert import split_amd_chain
 from confmig.platform.psp.cert import SEV_CERT_SIZE, CertAlgo, CertUsage, SevCertificate, sanity_check
-from confmig.platform.psp.chain import PLATFORM_CHAIN_SIZE
+from confmig.platform.psp.chain import PLATFORM_CHAIN_SIZE, verify_domain_chain, verify_sev_chain
 from confmig.platform.psp.commands import (
     INIT_FLAG_ES,
     ActivateRequest,
@@ -61,10 +70,23 @@ from confmig.platform.psp.commands import (
     PdhCertExportResponse,
     PlatformStatus,
     PlatformStatusRequest,
+    ReceiveFinishRequest,
+    ReceiveStartRequest,
+    ReceiveStartResponse,
+    ReceiveUpdateDataRequest,
+    ReceiveUpdateVmsaRequest,
+    SendCancelRequest,
+    SendFinishRequest,
+    SendStartRequest,
+    SendStartResponse,
+    SendUpdateDataRequest,
+    SendUpdateResponse,
+    SendUpdateVmsaRequest,
     SevRequest,
     SevResponse,
     ShutdownRequest,
 )
+from confmig.platform.psp.cost import NO_COST, PspCostModel
 from confmig.platform.psp.guest import GuestContext
 from confmig.platform.psp.handles import GUEST_HANDLE_MAX, GUEST_HANDLE_MIN, Asid, GuestHandle
 from confmig.platform.psp.identity import PlatformIdentity
@@ -73,20 +95,27 @@ from confmig.platform.psp.keystore import VEK_SIZE, KeySlotWriter
 from confmig.platform.psp.measure import MEASUREMENT_SIZE, MNONCE_SIZE, LaunchMeasurement, compute_measure
 from confmig.platform.psp.memory import GuestMemoryPort, SpaOutOfRange
 from confmig.platform.psp.packet import (
+    IV_SIZE,
     PACKET_HEADER_SIZE,
     ChannelContext,
     PacketFlags,
     PacketHeader,
     open_packet,
+    seal_packet,
 )
 from confmig.platform.psp.policy import GuestPolicy, PolicyFlag
 from confmig.platform.psp.secret import Secret
 from confmig.platform.psp.session import (
+    NONCE_SIZE,
     SESSION_SIZE,
+    TEK_SIZE,
+    TIK_SIZE,
+    WRAP_IV_SIZE,
     SessionBlob,
     TransportKeys,
     unwrap_session,
     verify_policy_mac,
+    wrap_session,
 )
 from confmig.platform.psp.states import (
     GuestState,
@@ -102,8 +131,10 @@ from confmig.platform.psp.version import DEFAULT_FIRMWARE, FirmwareVersion
 from confmig.platform.psp.vmsa import (
     TMR_ALIGN,
     TMR_SIZE,
+    VMSA_CRC_PADDR_OFFSET,
     VMSA_SIZE,
     TmrCrcPool,
+    TmrMemory,
     seal_vmsa,
     vmsa_crc,
 )
@@ -114,6 +145,7 @@ DBG_MAX_LENGTH: Final = 1 << 20
 """Our bound on one DBG_DECRYPT/DBG_ENCRYPT (the firmware has none; KVM issues one page at a time)."""
 
 Rng = Callable[[int], bytes]
+Sleep = Callable[[float], None]
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -132,6 +164,8 @@ class PspConfig:
     "SEV-ES ASID space limit"). The default 1 leaves no ASID for SEV-ES, as the usual
     BIOS default does: raise it to run SEV-ES guests, and have KVM allocate SEV-ES
     ASIDs below it and SEV ASIDs from it up, as Linux's ``sev_asid_new`` does."""
+    cost: PspCostModel = NO_COST
+    """How long commands take (off by default; see :mod:`confmig.platform.psp.cost`)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_sev_asid <= self.max_asid:
@@ -152,7 +186,15 @@ def _serialised(
 ) -> Callable[Concatenate[SecureProcessor, _P], _R]:
     def run(self: SecureProcessor, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with self._lock:
-            return method(self, *args, **kwargs)
+            outermost = self._data_bytes is None
+            if outermost:
+                self._data_bytes = 0
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                if outermost:
+                    data_bytes, self._data_bytes = self._data_bytes or 0, None
+                    self._charge(data_bytes)  # busy while it "works": other callers wait
 
     run.__name__ = method.__name__
     run.__qualname__ = method.__qualname__
@@ -164,7 +206,9 @@ class SecureProcessor(Secret):
     """One host's PSP running the SEV firmware.
 
     ``memory`` reaches guest memory by system physical address; ``keys`` are
-    the memory controller's key slots, which the engine behind ``memory`` reads.
+    the memory controller's key slots, which the engine behind ``memory`` reads;
+    ``tmr`` is the SEV-ES TMR's memory, shared with the cores that keep the VMSA
+    checksums current (a private one if not given).
     """
 
     def __init__(
@@ -175,13 +219,18 @@ class SecureProcessor(Secret):
         keys: KeySlotWriter,
         config: PspConfig = PspConfig(),
         rng: Rng = os.urandom,
+        sleep: Sleep = time.sleep,
+        tmr: TmrMemory | None = None,
     ) -> None:
         self._identity = identity
+        self._tmr_memory = tmr
         self._memory = memory
         self._keys = keys
         self._config = config
         self._rng = rng
+        self._sleep = sleep
         self._lock = threading.RLock()
+        self._data_bytes: int | None = None  # guest data the running command processed (cost model)
         self._state = PlatformState.UNINIT
         self._config_es = False
         self._tmr_base = Spa(0)
@@ -206,6 +255,15 @@ class SecureProcessor(Secret):
             SevCommand.LAUNCH_FINISH: (LaunchFinishRequest, self.launch_finish),
             SevCommand.DBG_DECRYPT: (DbgDecryptRequest, self.dbg_decrypt),
             SevCommand.DBG_ENCRYPT: (DbgEncryptRequest, self.dbg_encrypt),
+            SevCommand.SEND_START: (SendStartRequest, self.send_start),
+            SevCommand.SEND_UPDATE_DATA: (SendUpdateDataRequest, self.send_update_data),
+            SevCommand.SEND_UPDATE_VMSA: (SendUpdateVmsaRequest, self.send_update_vmsa),
+            SevCommand.SEND_FINISH: (SendFinishRequest, self.send_finish),
+            SevCommand.SEND_CANCEL: (SendCancelRequest, self.send_cancel),
+            SevCommand.RECEIVE_START: (ReceiveStartRequest, self.receive_start),
+            SevCommand.RECEIVE_UPDATE_DATA: (ReceiveUpdateDataRequest, self.receive_update_data),
+            SevCommand.RECEIVE_UPDATE_VMSA: (ReceiveUpdateVmsaRequest, self.receive_update_vmsa),
+            SevCommand.RECEIVE_FINISH: (ReceiveFinishRequest, self.receive_finish),
         }
 
     # -- dispatch -----------------------------------------------------------
@@ -241,6 +299,16 @@ class SecureProcessor(Secret):
 
     def _asid_state(self, asid: Asid) -> AsidState | None:
         return self._asids.get(asid)
+
+    def _charge(self, data_bytes: int) -> None:
+        cost = self._config.cost
+        if cost.enabled:
+            self._sleep(cost.cost(data_bytes))
+
+    def _processed(self, data_bytes: int) -> None:
+        """Account guest data the running command en/decrypted or measured (for the cost model)."""
+        if self._data_bytes is not None:
+            self._data_bytes += data_bytes
 
     def _read(self, spa: Spa, size: int) -> bytes:
         try:
@@ -289,6 +357,8 @@ class SecureProcessor(Secret):
         self._asids.clear()
         self._config_es = False
         self._tmr = None
+        if self._tmr_memory is not None:
+            self._tmr_memory.reset(None)  # every CRC block is gone with its guest
         self._tmr_base = Spa(0)
 
     @_serialised
@@ -329,7 +399,9 @@ class SecureProcessor(Secret):
             if state is AsidState.DIRTY:
                 self._asids[asid] = AsidState.CLEAN
         if self._state is not PlatformState.UNINIT and self._config_es and self._tmr is None:
-            self._tmr = TmrCrcPool(self._tmr_base)
+            if self._tmr_memory is None:
+                self._tmr_memory = TmrMemory()
+            self._tmr = TmrCrcPool(self._tmr_base, self._tmr_memory)
 
     # -- guest management -------------------------------------------------------
 
@@ -413,30 +485,62 @@ class SecureProcessor(Secret):
 
     # -- launch -----------------------------------------------------------------
 
-    def _open_launch_channel(self, request: LaunchStartRequest) -> TransportKeys:
-        """The firmware's ``sev_channel_open_server`` plus ``sev_guest_verify_policy``."""
-        # SECURITY: dh_cert, session and policy come from the host, unauthenticated until the MACs check.
-        session = request.session or b""
-        if len(session) != SESSION_SIZE:
-            raise SevError(SevStatus.INVALID_LEN)
-        assert request.dh_cert is not None
-        if len(request.dh_cert) != SEV_CERT_SIZE:
-            raise SevError(SevStatus.INVALID_LEN)
+    def _check_local_pdh(self) -> None:
         if self._identity.pdh_usage != CertUsage.PDH or self._identity.pdh_algo not in (
             CertAlgo.ECDH_SHA256,
             CertAlgo.ECDH_SHA384,
         ):
             raise SevError(SevStatus.INVALID_CERTIFICATE)
-        dh_cert = SevCertificate.from_bytes(request.dh_cert)
-        sanity_check(dh_cert, usage=CertUsage.PDH, algo=CertAlgo.ECDH_SHA256)
-        peer = dh_cert.public_key().key
-        assert isinstance(peer, ec.EllipticCurvePublicKey)
+
+    @staticmethod
+    def _peer_pdh(pdh_cert: bytes) -> ec.EllipticCurvePublicKey:
+        """The public key of a peer's PDH, after the firmware's sanity check (INVALID_CERTIFICATE)."""
+        cert = SevCertificate.from_bytes(pdh_cert)
+        sanity_check(cert, usage=CertUsage.PDH, algo=CertAlgo.ECDH_SHA256)
+        peer = cert.public_key().key
+        assert isinstance(peer, ec.EllipticCurvePublicKey)  # sanity_check guarantees an ECDH key
+        return peer
+
+    def _open_server_channel(self, *, policy: int, dh_cert: bytes, session: bytes) -> TransportKeys:
+        """The firmware's ``sev_channel_open_server`` plus ``sev_guest_verify_policy``
+        (LAUNCH_START with an owner, RECEIVE_START)."""
+        # SECURITY: dh_cert, session and policy come from the host, unauthenticated until the MACs check.
+        if len(session) != SESSION_SIZE:
+            raise SevError(SevStatus.INVALID_LEN)
+        if len(dh_cert) != SEV_CERT_SIZE:
+            raise SevError(SevStatus.INVALID_LEN)
+        self._check_local_pdh()
+        peer = self._peer_pdh(dh_cert)
         blob = SessionBlob.from_bytes(session)
         master = derive_master_secret(self._identity.pdh_shared_secret(peer), blob.nonce)
         keys = unwrap_session(master_secret=master, blob=blob)
-        verify_policy_mac(keys, request.policy, blob)
-        GuestPolicy.from_u32(request.policy).check(self.firmware)
+        verify_policy_mac(keys, policy, blob)
+        GuestPolicy.from_u32(policy).check(self.firmware)
         return keys
+
+    def _open_client_channel(self, *, policy: int, pdh_cert: bytes) -> tuple[TransportKeys, SessionBlob]:
+        """The firmware's ``sev_channel_open_client`` (SEND_START): fresh TEK and TIK, wrapped
+        for the receiver's PDH."""
+        self._check_local_pdh()
+        # SECURITY: the receiver's PDH comes from the host; under neither the SEV nor the DOMAIN
+        # bit only this sanity check stands between the guest's keys and whoever holds it.
+        peer = self._peer_pdh(pdh_cert)
+        keys = TransportKeys(tek=self._rng(TEK_SIZE), tik=self._rng(TIK_SIZE))
+        nonce = self._rng(NONCE_SIZE)
+        master = derive_master_secret(self._identity.pdh_shared_secret(peer), nonce)
+        blob = wrap_session(
+            master_secret=master, keys=keys, policy=policy, nonce=nonce, wrap_iv=self._rng(WRAP_IV_SIZE)
+        )
+        return keys, blob
+
+    def _guest_key(self, handle: GuestHandle, policy: int) -> bytes:
+        """A new VEK (handle 0), or the VEK of the guest ``handle`` to share (LAUNCH/RECEIVE_START)."""
+        if handle == 0:
+            return self._rng(VEK_SIZE)
+        shared = self._guest(handle)
+        if policy != shared.policy or PolicyFlag.NOKS in GuestPolicy.from_u32(shared.policy):
+            raise SevError(SevStatus.POLICY_FAILURE)
+        return shared.vek
 
     def _free_handle(self) -> GuestHandle:
         for handle in range(GUEST_HANDLE_MIN, GUEST_HANDLE_MAX + 1):
@@ -448,14 +552,13 @@ class SecureProcessor(Secret):
     def launch_start(self, request: LaunchStartRequest) -> LaunchStartResponse:
         self._require_platform(SevCommand.LAUNCH_START)
         # Without an owner certificate the firmware keeps a zeroed channel.
-        channel = self._open_launch_channel(request) if request.dh_cert is not None else TransportKeys.zero()
-        if request.handle == 0:
-            vek = self._rng(VEK_SIZE)
+        if request.dh_cert is None:
+            channel = TransportKeys.zero()
         else:
-            shared = self._guest(request.handle)
-            if request.policy != shared.policy or PolicyFlag.NOKS in GuestPolicy.from_u32(shared.policy):
-                raise SevError(SevStatus.POLICY_FAILURE)
-            vek = shared.vek
+            channel = self._open_server_channel(
+                policy=request.policy, dh_cert=request.dh_cert, session=request.session or b""
+            )
+        vek = self._guest_key(request.handle, request.policy)
         handle = self._free_handle()
         guest = GuestContext(handle=handle, policy=request.policy, vek=vek, channel=channel)
         if guest.es and not self._config_es:
@@ -494,6 +597,7 @@ class SecureProcessor(Secret):
             chunk = self._read(spa, size)
             guest.measure(chunk)
             self._write_encrypted(guest.asid, spa, chunk)
+            self._processed(size)
             offset += size
 
     @_serialised
@@ -513,6 +617,7 @@ class SecureProcessor(Secret):
         self._tmr.store(block, vmsa_crc(sealed))
         guest.vmsa_crc_blocks.append(block)
         self._write_encrypted(guest.asid, request.paddr, sealed)
+        self._processed(VMSA_SIZE)
 
     @_serialised
     def launch_measure(self, request: LaunchMeasureRequest) -> LaunchMeasureResponse:
@@ -566,19 +671,239 @@ class SecureProcessor(Secret):
         if header.flags & PacketFlags.COMPRESSED:
             raise SevError(SevStatus.UNSUPPORTED)
         self._write_encrypted(guest.asid, request.guest_paddr, secret)
+        self._processed(len(secret))
+
+    def _complete_activation(self, guest: GuestContext) -> None:
+        """LAUNCH_FINISH, RECEIVE_FINISH: an ASID bound while the guest was being built becomes runnable."""
+        if guest.pending:
+            guest.pending = False
+            guest.active = True
+            self._asids[guest.asid] = AsidState.IN_USE
 
     @_serialised
     def launch_finish(self, request: LaunchFinishRequest) -> None:
         self._require_platform(SevCommand.LAUNCH_FINISH)
         guest = self._guest(request.handle)
         require_guest_state(SevCommand.LAUNCH_FINISH, guest.state)
-        if guest.pending:
-            guest.pending = False
-            guest.active = True
-            self._asids[guest.asid] = AsidState.IN_USE
+        self._complete_activation(guest)
         guest.channel = None  # the launch channel is closed for good
         guest.measurement = b""
         guest.state = next_guest_state(guest.state, SevCommand.LAUNCH_FINISH)
+
+    # -- sending ----------------------------------------------------------------
+
+    def _verify_receiver(self, policy: GuestPolicy, request: SendStartRequest) -> None:
+        """SEND_START's chain checks: what the guest's policy demands of the receiver."""
+        sev, domain = PolicyFlag.SEV in policy, PolicyFlag.DOMAIN in policy
+        if not (sev or domain):
+            return  # no chain: only the PDH's sanity check, in the channel
+        # SECURITY: every certificate here comes from the host, claimed to be the receiver's;
+        # only signatures up to our own AMD root (SEV) or our own OCA (DOMAIN) give it weight.
+        if len(request.plat_certs) != PLATFORM_CHAIN_SIZE:
+            raise SevError(SevStatus.INVALID_LEN)
+        pdh = SevCertificate.from_bytes(request.pdh_cert)
+        pek, oca, cek = (
+            SevCertificate.from_bytes(request.plat_certs[i * SEV_CERT_SIZE : (i + 1) * SEV_CERT_SIZE])
+            for i in range(3)
+        )
+        if sev:
+            ask, ark = split_amd_chain(request.amd_certs)
+            ours = self._identity.certificates.ark
+            verify_sev_chain(
+                pdh=pdh, pek=pek, cek=cek, ask=ask, ark=ark, trusted_ark_hash=ours.public_key_hash()
+            )
+            receiver = FirmwareVersion(api_major=pek.api_major, api_minor=pek.api_minor, build=0)
+            if not receiver.supports(policy.api_major, policy.api_minor):
+                raise SevError(SevStatus.POLICY_FAILURE)
+        if domain:
+            verify_domain_chain(pdh=pdh, pek=pek, oca=oca)
+            if oca.to_bytes() != self._identity.certificates.oca.to_bytes():
+                raise SevError(SevStatus.POLICY_FAILURE)  # another owner's domain
+
+    @_serialised
+    def send_start(self, request: SendStartRequest) -> SendStartResponse:
+        self._require_platform(SevCommand.SEND_START)
+        guest = self._guest(request.handle)
+        if request.session_len != SESSION_SIZE:
+            # The length query: the firmware writes the size it needs.
+            raise SevError(
+                SevStatus.INVALID_LEN,
+                output=SendStartResponse(policy=0, session=b"", session_len=SESSION_SIZE),
+            )
+        require_guest_state(SevCommand.SEND_START, guest.state)
+        policy = GuestPolicy.from_u32(guest.policy)
+        if PolicyFlag.NOSEND in policy:
+            raise SevError(SevStatus.POLICY_FAILURE)
+        self._verify_receiver(policy, request)
+        if len(request.pdh_cert) != SEV_CERT_SIZE:
+            raise SevError(SevStatus.INVALID_LEN)
+        keys, blob = self._open_client_channel(policy=guest.policy, pdh_cert=request.pdh_cert)
+        guest.channel = keys
+        guest.state = next_guest_state(guest.state, SevCommand.SEND_START)
+        return SendStartResponse(policy=guest.policy, session=blob.to_bytes(), session_len=SESSION_SIZE)
+
+    def _send_update(
+        self,
+        command: SevCommand,
+        request: SendUpdateDataRequest | SendUpdateVmsaRequest,
+    ) -> SendUpdateResponse:
+        """SEND_UPDATE_DATA and SEND_UPDATE_VMSA (the firmware's ``sev_mcmd_send_update``)."""
+        vmsa = command is SevCommand.SEND_UPDATE_VMSA
+        self._require_platform(command)
+        if request.hdr_len < PACKET_HEADER_SIZE:
+            # Before the handle: the length query. Only this failure writes hdr_len back.
+            raise SevError(
+                SevStatus.INVALID_LEN,
+                output=SendUpdateResponse(hdr=b"", trans=b"", hdr_len=PACKET_HEADER_SIZE),
+            )
+        guest = self._guest(request.handle)
+        require_guest_state(command, guest.state)
+        if vmsa and not guest.es:
+            raise SevError(SevStatus.UNSUPPORTED)
+        if guest.inactive:
+            raise SevError(SevStatus.INACTIVE)
+        length = request.guest_len
+        if (
+            length == 0
+            or length > SCRATCH_LEN
+            or not _aligned16(length)
+            or request.trans_len == 0
+            or request.trans_len < length
+            or (vmsa and length != VMSA_SIZE)
+        ):
+            raise SevError(SevStatus.INVALID_LEN)
+        if not _aligned16(request.guest_paddr):
+            raise SevError(SevStatus.INVALID_ADDRESS)
+        # Through the memory controller with the guest's ASID: the engine decrypts under the
+        # VEK with the address tweak, exactly as for the guest's own accesses.
+        plaintext = self._read_encrypted(guest.asid, request.guest_paddr, length)
+        if vmsa:
+            self._check_vmsa_crc(plaintext)
+        assert guest.channel is not None  # SEND_START opened it; SUPDATE guarantees it is open
+        iv = self._rng(IV_SIZE)  # fresh for every packet: the only per-packet freshness there is
+        header, trans = seal_packet(guest.channel, plaintext, context=ChannelContext.DATA, iv=iv)
+        self._processed(length)
+        return SendUpdateResponse(hdr=header.to_bytes(), trans=trans, hdr_len=PACKET_HEADER_SIZE)
+
+    def _check_vmsa_crc(self, page: bytes) -> None:
+        """SEV-ES: the VMSA must be the one the firmware sealed (INVALID_PARAM otherwise)."""
+        block = Spa(int.from_bytes(page[VMSA_CRC_PADDR_OFFSET : VMSA_CRC_PADDR_OFFSET + 8], "little"))
+        stored = self._tmr.lookup(block) if self._tmr is not None else None
+        if stored is None or stored != vmsa_crc(page):
+            raise SevError(SevStatus.INVALID_PARAM)
+
+    @_serialised
+    def send_update_data(self, request: SendUpdateDataRequest) -> SendUpdateResponse:
+        return self._send_update(SevCommand.SEND_UPDATE_DATA, request)
+
+    @_serialised
+    def send_update_vmsa(self, request: SendUpdateVmsaRequest) -> SendUpdateResponse:
+        return self._send_update(SevCommand.SEND_UPDATE_VMSA, request)
+
+    def _close_send(self, command: SevCommand, handle: GuestHandle) -> None:
+        self._require_platform(command)
+        guest = self._guest(handle)
+        require_guest_state(command, guest.state)
+        guest.channel = None  # TEK and TIK are gone: no later packet of this session can be made
+        guest.state = next_guest_state(guest.state, command)
+
+    @_serialised
+    def send_finish(self, request: SendFinishRequest) -> None:
+        """SUPDATE -> SENT. The context stays (DECOMMISSION ends it); it can no longer be activated."""
+        self._close_send(SevCommand.SEND_FINISH, request.handle)
+
+    @_serialised
+    def send_cancel(self, request: SendCancelRequest) -> None:
+        """SUPDATE -> RUNNING: the migration is abandoned and may be restarted with a new SEND_START."""
+        self._close_send(SevCommand.SEND_CANCEL, request.handle)
+
+    # -- receiving --------------------------------------------------------------
+
+    @_serialised
+    def receive_start(self, request: ReceiveStartRequest) -> ReceiveStartResponse:
+        """A new guest context from the sender's session blob, under a new (or shared) VEK.
+
+        The sender's chain is not checked (the firmware does not): only its PDH's
+        sanity, then the session's WRAP_MAC and POLICY_MAC.
+        """
+        self._require_platform(SevCommand.RECEIVE_START)
+        channel = self._open_server_channel(
+            policy=request.policy, dh_cert=request.pdh_cert, session=request.session
+        )
+        vek = self._guest_key(request.handle, request.policy)
+        handle = self._free_handle()
+        guest = GuestContext(handle=handle, policy=request.policy, vek=vek, channel=channel)
+        if guest.es and not self._config_es:
+            raise SevError(SevStatus.UNSUPPORTED)
+        guest.state = next_guest_state(guest.state, SevCommand.RECEIVE_START)
+        self._state = next_platform_state(self._state, SevCommand.RECEIVE_START)
+        self._guests[handle] = guest
+        return ReceiveStartResponse(handle=handle)
+
+    def _receive_update(
+        self, command: SevCommand, request: ReceiveUpdateDataRequest | ReceiveUpdateVmsaRequest
+    ) -> None:
+        """RECEIVE_UPDATE_DATA and RECEIVE_UPDATE_VMSA: nothing is written unless every check passes."""
+        vmsa = command is SevCommand.RECEIVE_UPDATE_VMSA
+        self._require_platform(command)
+        guest = self._guest(request.handle)
+        require_guest_state(command, guest.state)
+        if vmsa and not guest.es:
+            raise SevError(SevStatus.UNSUPPORTED)
+        if guest.inactive:
+            raise SevError(SevStatus.INACTIVE)
+        # SECURITY: header, data and lengths come from the host (and, before it, the network).
+        trans_len, length = len(request.trans), request.guest_len
+        if (
+            trans_len == 0
+            or trans_len > SCRATCH_LEN
+            or length == 0
+            or length != trans_len
+            or not _aligned16(length)
+            or len(request.hdr) < PACKET_HEADER_SIZE
+            or (vmsa and length != VMSA_SIZE)
+        ):
+            raise SevError(SevStatus.INVALID_LEN)
+        if not _aligned16(request.guest_paddr):
+            raise SevError(SevStatus.INVALID_ADDRESS)
+        header = PacketHeader.from_bytes(request.hdr[:PACKET_HEADER_SIZE])
+        if header.flags & PacketFlags.COMPRESSED:
+            raise SevError(SevStatus.UNSUPPORTED)
+        assert guest.channel is not None  # RECEIVE_START opened it; RUPDATE guarantees it is open
+        # The MAC first: BAD_MEASUREMENT, and nothing is written.
+        plaintext = open_packet(
+            guest.channel, header, request.trans, context=ChannelContext.DATA, uncompressed_len=length
+        )
+        if vmsa:
+            # A new CRC block in *this* platform's TMR; the sender's block address is meaningless here.
+            block = self._tmr.allocate() if self._tmr is not None else None
+            if block is None:
+                raise SevError(SevStatus.RESOURCE_LIMIT)
+            assert self._tmr is not None
+            plaintext = seal_vmsa(plaintext, block)
+            self._tmr.store(block, vmsa_crc(plaintext))
+            guest.vmsa_crc_blocks.append(block)
+        # Re-encrypted by the engine under the new VEK, tweaked by the new address.
+        self._write_encrypted(guest.asid, request.guest_paddr, plaintext)
+        self._processed(length)
+
+    @_serialised
+    def receive_update_data(self, request: ReceiveUpdateDataRequest) -> None:
+        self._receive_update(SevCommand.RECEIVE_UPDATE_DATA, request)
+
+    @_serialised
+    def receive_update_vmsa(self, request: ReceiveUpdateVmsaRequest) -> None:
+        self._receive_update(SevCommand.RECEIVE_UPDATE_VMSA, request)
+
+    @_serialised
+    def receive_finish(self, request: ReceiveFinishRequest) -> None:
+        """RUPDATE -> RUNNING; completes a pending activation, so the cores may now run the guest."""
+        self._require_platform(SevCommand.RECEIVE_FINISH)
+        guest = self._guest(request.handle)
+        require_guest_state(SevCommand.RECEIVE_FINISH, guest.state)
+        self._complete_activation(guest)
+        guest.channel = None
+        guest.state = next_guest_state(guest.state, SevCommand.RECEIVE_FINISH)
 
     # -- debugging --------------------------------------------------------------
 
@@ -601,6 +926,7 @@ class SecureProcessor(Secret):
         guest = self._dbg_checks(SevCommand.DBG_DECRYPT, request.handle, request.src_paddr, request.length)
         if request.length == 0:
             return DbgDecryptResponse(data=b"")
+        self._processed(request.length)
         return DbgDecryptResponse(data=self._read_encrypted(guest.asid, request.src_paddr, request.length))
 
     @_serialised
@@ -608,6 +934,7 @@ class SecureProcessor(Secret):
         guest = self._dbg_checks(SevCommand.DBG_ENCRYPT, request.handle, request.dst_paddr, len(request.data))
         if request.data:
             self._write_encrypted(guest.asid, request.dst_paddr, request.data)
+            self._processed(len(request.data))
 
     # -- tests ------------------------------------------------------------------
 
@@ -615,11 +942,3 @@ class SecureProcessor(Secret):
         """True if a RUNNING guest is activated on ``asid``: the cores may VMRUN with it."""
         with self._lock:
             return self._asids.get(asid) is AsidState.IN_USE
-
-    def _set_guest_state_for_tests(self, handle: GuestHandle, state: GuestState) -> None:
-        """Put a guest in a state no implemented command reaches yet (SUPDATE, RUPDATE, SENT).
-
-        For the per-state command tests only, until SEND_*/RECEIVE_* exist.
-        """
-        with self._lock:
-            self._guest(handle).state = state

@@ -21,8 +21,9 @@ from confmig.vmm.machine import CpuState, Machine
 from confmig.vmm.migration.multifd import MultifdReceiver
 from confmig.vmm.migration.outgoing import MIG_RP_MSG_SHUT, RP_HEADER
 from confmig.vmm.migration.params import MigrationParameters
+from confmig.vmm.migration.psp import PspLanding
 from confmig.vmm.migration.ram import RamLanding
-from confmig.vmm.migration.stats import MigrationStats
+from confmig.vmm.migration.stats import ConfidentialCounters, MigrationStats
 from confmig.vmm.migration.status import MigrationStatus
 from confmig.vmm.migration.transport import Channel, Listener, MigrationUri
 from confmig.vmm.runstate import RunState
@@ -49,6 +50,7 @@ class IncomingMigration(threading.Thread):
         self._main: Channel | None = None
         self.landing = RamLanding(machine.memory)
         self._multifd: MultifdReceiver | None = None
+        self._psp: PspLanding | None = None
 
     @property
     def address(self) -> str:
@@ -149,7 +151,7 @@ class IncomingMigration(threading.Thread):
                             raise StreamError(f"unknown device section '{ev.idstr}'")
                         dev.load_state(ev.state)
                 case dec.Confidential():
-                    raise StreamError("confidential records need a confidential guest")
+                    self._confidential(ev)
                 case dec.VmDescription() | dec.End():
                     break
         log.debug("stream loaded")
@@ -158,11 +160,27 @@ class IncomingMigration(threading.Thread):
         for v in m.vcpus:
             m.load_cpu(v, cpu_states[v.fd.vcpu_id])
         log.debug("cpu state loaded")
+        sev = m.sev
+        if sev is not None and not sev.config.x_plain_copy and not sev.receiving:
+            raise StreamError("the stream carried no PSP session for this SEV guest")
+        if sev is not None and sev.config.es and (self._psp is None or len(self._psp.vmsas) != len(m.vcpus)):
+            raise StreamError("the stream did not carry the VMSA of every vCPU of this SEV-ES guest")
         if m.autostart:
             m.start()
         else:
             m.set_runstate(RunState.PAUSED)
         log.debug("incoming migration finished")
+
+    def _confidential(self, ev: dec.Confidential) -> None:
+        sev = self.machine.sev
+        if sev is None or sev.config.x_plain_copy:
+            raise StreamError("confidential records need an SEV guest on this side "
+                              "(-object sev-guest ... -machine confidential-guest-support=...)")
+        if self._psp is None:
+            self.stats.confidential = ConfidentialCounters(backend="psp")
+            self._psp = PspLanding(sev, self.machine.memory, self.stats.confidential,
+                                   {v.fd.vcpu_id for v in self.machine.vcpus})
+        self._psp.record(ev.subtype, ev.payload)
 
     def _check_blocks(self, sent: Sequence[tuple[str, int]]) -> None:
         ours = {b.idstr: b.size for b in self.machine.memory.blocks}

@@ -6,6 +6,8 @@ capability is an error, not a silent no-op.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field, fields, replace
 
 from confmig.common.errors import ConfigError
@@ -29,6 +31,12 @@ class MigrationParameters:
     avail_switchover_bandwidth: int = 0
     """Bytes per second assumed for the final round; 0 = use the measured rate."""
     multifd_channels: int = 2
+    sev_pdh: str = ""
+    """The target platform's PDH certificate, base64 (its ``query-sev-capabilities`` ``pdh``)."""
+    sev_plat_cert: str = ""
+    """The target's platform chain PEK || OCA || CEK, base64 (``cert-chain``)."""
+    sev_amd_cert: str = ""
+    """The AMD chain ASK || ARK, base64; empty: the source platform's own AMD root."""
     capabilities: frozenset[str] = field(default_factory=frozenset)
 
     def qmp_parameters(self) -> dict[str, object]:
@@ -38,6 +46,9 @@ class MigrationParameters:
             "avail-switchover-bandwidth": self.avail_switchover_bandwidth,
             "multifd-channels": self.multifd_channels,
             "multifd-compression": "none",
+            "sev-pdh": self.sev_pdh,
+            "sev-plat-cert": self.sev_plat_cert,
+            "sev-amd-cert": self.sev_amd_cert,
         }
 
     def qmp_capabilities(self) -> list[dict[str, object]]:
@@ -54,6 +65,9 @@ class MigrationParameters:
                 continue
             if key not in names:
                 raise ConfigError(f"Parameter '{key}' is unexpected")
+            if key in _SEV_CERT_PARAMETERS:
+                changes[names[key]] = _base64_parameter(key, value)
+                continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"Invalid parameter type for '{key}', expected: integer")
             _check_range(key, value)
@@ -67,6 +81,23 @@ class MigrationParameters:
                 raise ConfigError(f"Capability '{name}' is not supported by confmig")
             (enabled.add if state else enabled.discard)(name)
         return replace(self, capabilities=frozenset(enabled))
+
+
+_SEV_CERT_PARAMETERS = ("sev-pdh", "sev-plat-cert", "sev-amd-cert")
+MAX_CERT_PARAMETER = 64 * 1024
+"""Base64 characters of one certificate parameter (a chain of three SEV certificates is ~8.4 KiB)."""
+
+
+def _base64_parameter(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"Invalid parameter type for '{key}', expected: string")
+    if len(value) > MAX_CERT_PARAMETER:
+        raise ConfigError(f"Parameter '{key}' is longer than {MAX_CERT_PARAMETER} characters")
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"Parameter '{key}' is not valid base64") from None
+    return value
 
 
 def _check_range(key: str, value: int) -> None:

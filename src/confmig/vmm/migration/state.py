@@ -133,6 +133,8 @@ class MigrationState:
                          "setup-time": s.setup_time_ms, "ram": s.ram()})
             info["x-confmig"] = {"rounds": s.rounds, "downtime-breakdown-ms": {
                 k: round(v, 3) for k, v in s.downtime_breakdown.items()}}
+            if s.confidential is not None:
+                info["x-confmig"]["confidential"] = s.confidential.qmp()  # type: ignore[index]
         elif self.incoming is not None and st != MigrationStatus.NONE:
             info["ram"] = s.ram()
         if st == MigrationStatus.FAILED and self.error:

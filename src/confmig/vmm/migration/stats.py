@@ -9,6 +9,20 @@ from confmig.common.units import PAGE_SIZE
 
 
 @dataclass
+class ConfidentialCounters:
+    """What a confidential backend did (``query-migrate``'s ``x-confmig.confidential``)."""
+
+    backend: str
+    private_pages: int = 0
+    shared_pages: int = 0
+    psp_commands: int = 0
+
+    def qmp(self) -> dict[str, object]:
+        return {"backend": self.backend, "private-pages": self.private_pages,
+                "shared-pages": self.shared_pages, "psp-commands": self.psp_commands}
+
+
+@dataclass
 class MigrationStats:
     """Mutable counters owned by the migration thread; readers get a consistent-enough view."""
 
@@ -33,6 +47,7 @@ class MigrationStats:
     rounds: int = 0
     downtime_breakdown: dict[str, float] = field(default_factory=dict)
     """Milliseconds spent in each step of the switch-over (Cloud Hypervisor style)."""
+    confidential: ConfidentialCounters | None = None
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.start) * 1000)

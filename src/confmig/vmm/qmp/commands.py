@@ -17,6 +17,9 @@ MIGRATION_PARAMETERS = {
     "avail-switchover-bandwidth": Arg(int, optional=True),
     "multifd-channels": Arg(int, optional=True),
     "multifd-compression": Arg(str, optional=True),
+    "sev-pdh": Arg(str, optional=True),
+    "sev-plat-cert": Arg(str, optional=True),
+    "sev-amd-cert": Arg(str, optional=True),
 }
 
 
@@ -130,6 +133,13 @@ def register(
         if machine.sev is None:
             raise QmpError("SEV feature is not available")
         return machine.sev.query()
+
+    @r.command("x-query-sev-shared-regions")
+    def query_sev_shared_regions(_a: dict[str, object]) -> object:
+        """confmig's: the pages the guest reported shared (KVM_HC_MAP_GPA_RANGE), as GPA ranges."""
+        if machine.sev is None:
+            raise QmpError("SEV feature is not available")
+        return [{"start": gfn << 12, "size": npages << 12} for gfn, npages in machine.sev.shared.ranges()]
 
     @r.command("query-sev-launch-measure")
     def query_sev_launch_measure(_a: dict[str, object]) -> object:

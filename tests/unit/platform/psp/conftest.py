@@ -20,6 +20,18 @@ def identity(tmp_path_factory: pytest.TempPathFactory, amd_root_dir: Path) -> Pl
     return make_identity(tmp_path_factory.mktemp("host-a"), amd_root_dir)
 
 
+@pytest.fixture(scope="session")
+def other_identity(tmp_path_factory: pytest.TempPathFactory, amd_root_dir: Path) -> PlatformIdentity:
+    """A second host of the same installation: same AMD root, its own CEK, OCA, PEK, PDH."""
+    return make_identity(tmp_path_factory.mktemp("host-b"), amd_root_dir)
+
+
+@pytest.fixture(scope="session")
+def foreign_identity(tmp_path_factory: pytest.TempPathFactory) -> PlatformIdentity:
+    """A host certified by another AMD root (another installation)."""
+    return make_identity(tmp_path_factory.mktemp("host-x"), tmp_path_factory.mktemp("other-amd-root"))
+
+
 @pytest.fixture
 def platform(identity: PlatformIdentity) -> Platform:
     return Platform.build(identity)

@@ -26,13 +26,19 @@ from confmig.platform.psp import (
     DfFlushRequest,
     GuestHandle,
     InitRequest,
+    LaunchFinishRequest,
     LaunchMeasureRequest,
     LaunchSession,
     LaunchStartRequest,
+    LaunchUpdateDataRequest,
+    LaunchUpdateVmsaRequest,
     PdhCertExportRequest,
     PlatformIdentity,
     PspConfig,
+    ReceiveStartRequest,
     SecureProcessor,
+    SendStartRequest,
+    SendStartResponse,
     SevCertificate,
     SpaOutOfRange,
     create_launch_session,
@@ -123,6 +129,7 @@ class Platform:
     psp: SecureProcessor
     memory: FakeSystemMemory
     keys: FakeKeySlots
+    identity: PlatformIdentity
 
     @classmethod
     def build(
@@ -131,11 +138,19 @@ class Platform:
         *,
         rng: Callable[[int], bytes] = os.urandom,
         config: PspConfig | None = None,
+        sleep: Callable[[float], None] | None = None,
     ) -> Platform:
         keys = FakeKeySlots()
         memory = FakeSystemMemory(keys)
-        psp = SecureProcessor(identity, memory=memory, keys=keys, config=config or TEST_CONFIG, rng=rng)
-        return cls(psp=psp, memory=memory, keys=keys)
+        psp = SecureProcessor(
+            identity,
+            memory=memory,
+            keys=keys,
+            config=config or TEST_CONFIG,
+            rng=rng,
+            **({"sleep": sleep} if sleep else {}),
+        )
+        return cls(psp=psp, memory=memory, keys=keys, identity=identity)
 
     def boot(self, *, es: bool = False) -> None:
         """INIT, then DF_FLUSH, as Linux's ``sev_platform_init`` does."""
@@ -163,6 +178,50 @@ class Platform:
 
     def measure(self, handle: GuestHandle) -> bytes:
         return self.psp.launch_measure(LaunchMeasureRequest(handle=handle)).measurement
+
+    def running(
+        self, policy: int, *, asid: int, pages: dict[int, bytes] | None = None, vmsa_spa: int | None = None
+    ) -> GuestHandle:
+        """A launched, RUNNING guest: ``pages`` (SPA -> plaintext) imported with LAUNCH_UPDATE_DATA,
+        the page at ``vmsa_spa`` with LAUNCH_UPDATE_VMSA (SEV-ES)."""
+        for spa, data in (pages or {}).items():
+            self.memory.write_plain(spa, data)
+        handle, _ = self.launch(policy, asid=asid)
+        for spa, data in (pages or {}).items():
+            self.psp.launch_update_data(
+                LaunchUpdateDataRequest(handle=handle, paddr=Spa(spa), length=len(data))
+            )
+        if vmsa_spa is not None:
+            self.psp.launch_update_vmsa(
+                LaunchUpdateVmsaRequest(handle=handle, paddr=Spa(vmsa_spa), length=4096)
+            )
+        self.measure(handle)
+        self.psp.launch_finish(LaunchFinishRequest(handle=handle))
+        return handle
+
+    def send_start_to(self, handle: GuestHandle, target: PlatformIdentity) -> SendStartResponse:
+        """SEND_START with the target's whole chain, as QEMU passes it (sev-pdh, -plat-cert, -amd-cert)."""
+        certs = target.certificates
+        return self.psp.send_start(
+            SendStartRequest(
+                handle=handle,
+                pdh_cert=certs.pdh.to_bytes(),
+                plat_certs=certs.platform_chain(),
+                amd_certs=certs.amd_chain(),
+            )
+        )
+
+    def receive_start_from(
+        self, started: SendStartResponse, source: PlatformIdentity, *, asid: int
+    ) -> GuestHandle:
+        """RECEIVE_START with the source's PDH and session, then ACTIVATE (what KVM's RECEIVE_START does)."""
+        handle = self.psp.receive_start(
+            ReceiveStartRequest(
+                policy=started.policy, pdh_cert=source.certificates.pdh.to_bytes(), session=started.session
+            )
+        ).handle
+        self.psp.activate(ActivateRequest(handle=handle, asid=Asid(asid)))
+        return handle
 
 
 def make_identity(state_dir: Path, amd_root_dir: Path) -> PlatformIdentity:
