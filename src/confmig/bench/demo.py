@@ -45,7 +45,7 @@ def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
         console.print(f"[bold]confmig demo[/]: two emulated hosts in {lab.root}")
         extra = sev_args(es=opts.sev_es) if confidential else []
         src, dst = two_hosts(lab, ram=opts.ram, guest=opts.guest_arg(), extra=extra)
-        kind = ("SEV-ES" if opts.sev_es else "SEV") + " guest, PSP migration" if confidential else "guest"
+        kind = f"{'SEV-ES' if opts.sev_es else 'SEV'} guest (PSP migration)" if confidential else "guest"
         console.print(f"source {kind} on hostA ({opts.ram}, workload: {opts.guest_arg()}); "
                       "target on hostB waiting (-incoming defer)")
         with console.status("booting the guest and filling its working set..."):
