@@ -75,7 +75,8 @@ class SecretTable:
         """What the firmware prints about it (never any secret byte)."""
         prefix = "confmig firmware: launch secret:"
         if self.status == SecretStatus.VALID:
-            return f"{prefix} {len(self.entries)} entries"
+            n = len(self.entries)
+            return f"{prefix} {n} {'entry' if n == 1 else 'entries'}"
         if self.status == SecretStatus.NO_TABLE:
             return f"{prefix} none (the secret area holds no secret table)"
         if self.status == SecretStatus.ABSENT:
