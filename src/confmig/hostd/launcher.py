@@ -28,11 +28,14 @@ class VcpuSubprocess:
 class SubprocessLauncher:
     """A :class:`confmig.kvm.ports.VcpuLauncher` that forks a Python process per vCPU."""
 
-    def __init__(self, rom: str = DEFAULT_ROM, *, key_slots_fd: int | None = None) -> None:
+    def __init__(self, rom: str = DEFAULT_ROM, *, key_slots_fd: int | None = None,
+                 tmr_fd: int | None = None) -> None:
         self.rom = rom
         self.key_slots_fd = key_slots_fd
         """The memory controller's key slots, shared with every core (platform to platform:
         the host kernel never holds this descriptor)."""
+        self.tmr_fd = tmr_fd
+        """The SEV-ES TMR, where the cores keep the VMSA checksums (platform to platform too)."""
 
     def spawn(self, vcpu_id: int, vcpu_fd: int, control_fd: int) -> VcpuSubprocess:
         argv = [
@@ -44,4 +47,7 @@ class SubprocessLauncher:
         if self.key_slots_fd is not None:
             argv += ["--key-slots", str(self.key_slots_fd)]
             fds.append(self.key_slots_fd)
+        if self.tmr_fd is not None:
+            argv += ["--tmr", str(self.tmr_fd)]
+            fds.append(self.tmr_fd)
         return VcpuSubprocess(subprocess.Popen(argv, pass_fds=fds))

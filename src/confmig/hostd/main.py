@@ -15,9 +15,22 @@ from confmig.hostd.memory import HostMemoryPort
 from confmig.kvm.host import KvmHost
 from confmig.kvm.sev import MIN_SEV_ASID
 from confmig.platform.mee import KeySlots, MemoryEncryptionEngine
-from confmig.platform.psp import PlatformIdentity, PspConfig, PspMailbox, SecureProcessor
+from confmig.platform.psp import PlatformIdentity, PspConfig, PspMailbox, SecureProcessor, TmrMemory
 
 log = logging.getLogger("confmig.host")
+
+
+def build_host(identity: PlatformIdentity, *, rom: str = DEFAULT_ROM) -> KvmHost:
+    """One host's kernel and silicon, wired: KVM gets the PSP's mailbox and the SPA window
+    of its memory; the platform's shared state (the UMC key slots, the SEV-ES TMR) goes to
+    the PSP and, by descriptor, straight to every vCPU process."""
+    slots = KeySlots()
+    tmr = TmrMemory.shared()
+    host = KvmHost(SubprocessLauncher(rom, key_slots_fd=slots.fd, tmr_fd=tmr.fd))
+    memory = HostMemoryPort(host.spa_window, MemoryEncryptionEngine(slots))
+    config = PspConfig(min_sev_asid=MIN_SEV_ASID)  # as KVM's allocator: SEV-ES ASIDs below it
+    host.psp = PspMailbox(SecureProcessor(identity, memory=memory, keys=slots, config=config, tmr=tmr))
+    return host
 
 
 def serve(socket_path: str, state_dir: str | None = None, *, amd_root: str | None = None,
@@ -28,11 +41,7 @@ def serve(socket_path: str, state_dir: str | None = None, *, amd_root: str | Non
     state = Path(state_dir) if state_dir else default_host_state_dir(socket_path)
     root = Path(amd_root) if amd_root else default_amd_root()
     identity = PlatformIdentity.load_or_create(state, amd_root_dir=root)
-    slots = KeySlots()
-    host = KvmHost(SubprocessLauncher(rom, key_slots_fd=slots.fd))
-    memory = HostMemoryPort(host.spa_window, MemoryEncryptionEngine(slots))
-    config = PspConfig(min_sev_asid=MIN_SEV_ASID)  # as KVM's allocator: SEV-ES ASIDs below it
-    host.psp = PspMailbox(SecureProcessor(identity, memory=memory, keys=slots, config=config))
+    host = build_host(identity, rom=rom)
     host.listen(socket_path)
     log.info("host %d serving %s", os.getpid(), socket_path)
 

@@ -12,6 +12,7 @@ from confmig.kvm.vcpu import SlotMemory, Vcpu
 from confmig.platform.cpu.abi import RESET_VECTOR, RomRegion
 from confmig.platform.cpu.core import CpuCore
 from confmig.platform.mee import KeySlots, MemoryEncryptionEngine
+from confmig.platform.psp.vmsa import TmrMemory
 
 
 def load_rom(spec: str) -> Sequence[RomRegion]:
@@ -28,14 +29,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--control", type=int, required=True)
     p.add_argument("--rom", required=True)
     p.add_argument("--key-slots", type=int, default=None)
+    p.add_argument("--tmr", type=int, default=None)
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host, not the terminal, ends vCPUs
     rom = load_rom(args.rom)
     mee = MemoryEncryptionEngine(KeySlots(args.key_slots)) if args.key_slots is not None else None
+    tmr = TmrMemory(args.tmr) if args.tmr is not None else None
 
     def make_core(vcpu_id: int, memory: object) -> CpuCore:
         assert isinstance(memory, SlotMemory)
-        core = CpuCore(vcpu_id, memory, rom, mee=mee)
+        core = CpuCore(vcpu_id, memory, rom, mee=mee, tmr=tmr)
         core.regs.rip = RESET_VECTOR
         return core
 

@@ -6,12 +6,22 @@ other end this service holds) and ``KVM_CREATE_VCPU`` a vCPU fd connected to
 the vCPU's own process. Because fds are sockets, they can be passed between
 processes and back to the host, which recognises them by inode: unforgeable
 handles, as real fds are.
+
+SEV-ES VMSA pages: each SEV-ES VM gets a memfd of :data:`KVM_MAX_VCPUS`
+pages (:class:`VmsaArea`), host memory KVM owns and no memory slot maps into
+the guest, at an emulated system-physical range of its own. Page ``i`` is
+vCPU ``i``'s VMSA: the PSP reaches it through :meth:`KvmHost.spa_window` (the
+memory controller's view of host memory), the vCPU process maps its page
+(``CTL_SET_VMSA``), and KVM only ever has the bytes stored there, ciphertext
+from LAUNCH_UPDATE_VMSA or RECEIVE_UPDATE_VMSA on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -38,13 +48,18 @@ from confmig.kvm.vcpu import (
     CAP_EXIT_MAP_GPA_RANGE,
     CAP_USER_SPACE_MSR,
     CTL_DELETE_SLOT,
-    CTL_PROTECT_STATE,
     CTL_SET_ASID,
     CTL_SET_CAPS,
     CTL_SET_MSR_FILTER,
     CTL_SET_SLOT,
+    CTL_SET_VMSA,
+    CTL_VMSA_LAUNCHED,
+    CTL_VMSA_LOAD,
+    CTL_VMSA_SAVE,
+    CTL_VMSA_SYNC,
     KVM_HC_MAP_GPA_RANGE,
     VCPU_READY,
+    VMSA_PAGE,
     encode_slot,
 )
 from confmig.proto import ioctl
@@ -59,6 +74,8 @@ KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 
 VCPU_START_TIMEOUT = 60.0
 """Seconds a vCPU process may take to start (imports on a loaded 2-core machine)."""
+VCPU_CONTROL_TIMEOUT = 30.0
+"""Seconds a stopped vCPU may take to answer a VMSA request (it answers at once)."""
 
 EXTENSIONS = {
     ioctl.KVM_CAP_USER_MEMORY: 1,
@@ -97,10 +114,51 @@ class PhysicalAddressSpace:
         key = fd_identity(fd)
         with self._lock:
             if key not in self._bases:
-                size = os.fstat(fd).st_size
-                self._bases[key] = self._next
-                self._next += (size + SPA_ALIGN - 1) // SPA_ALIGN * SPA_ALIGN + SPA_ALIGN
+                self._bases[key] = self._reserve(os.fstat(fd).st_size)
             return self._bases[key]
+
+    def allocate(self, size: int) -> int:
+        """A fresh range for memory only the host kernel uses (VMSA pages)."""
+        with self._lock:
+            return self._reserve(size)
+
+    def _reserve(self, size: int) -> int:
+        base = self._next
+        self._next += (size + SPA_ALIGN - 1) // SPA_ALIGN * SPA_ALIGN + SPA_ALIGN
+        return base
+
+
+class VmsaArea:
+    """The VMSA pages of one SEV-ES VM: a memfd KVM owns, page ``i`` for vCPU ``i``, at a
+    system-physical range of its own. Not guest RAM: no memory slot maps it."""
+
+    SIZE = KVM_MAX_VCPUS * PAGE_SIZE
+
+    def __init__(self, physical: PhysicalAddressSpace) -> None:
+        self.fd = os.memfd_create("confmig:sev-es-vmsa", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.SIZE)
+        self.spa = physical.allocate(self.SIZE)
+        self._map = mmap.mmap(self.fd, self.SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def page_spa(self, vcpu_id: int) -> int:
+        return self.spa + vcpu_id * PAGE_SIZE
+
+    def window(self, spa: int, size: int) -> memoryview | None:
+        if self.spa <= spa and spa + size <= self.spa + self.SIZE:
+            off = spa - self.spa
+            return memoryview(self._map)[off : off + size]
+        return None
+
+    def page(self, vcpu_id: int) -> bytes:
+        """What the host sees of a vCPU's VMSA page."""
+        off = vcpu_id * PAGE_SIZE
+        return self._map[off : off + PAGE_SIZE]
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # a PSP command still holding a view: GC frees it
+            self._map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 @dataclass
@@ -108,6 +166,9 @@ class VcpuHandle:
     vcpu_id: int
     process: VcpuProcess
     control: socket.socket
+    has_vmsa: bool = False
+    """SEV-ES: the vCPU has been given its VMSA page (``CTL_SET_VMSA``)."""
+    control_seq: int = 0
 
 
 @dataclass
@@ -132,6 +193,8 @@ class Vm:
     asid: int = 0
     es: bool = False
     sev: SevVm | None = None
+    vmsa: VmsaArea | None = None
+    """SEV-ES: the vCPUs' VMSA pages (allocated when first needed)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- dispatch -----------------------------------------------------------
@@ -290,7 +353,7 @@ class Vm:
             return -errno.ENOTTY, b""  # no SEV on this host
         if self.sev is None:
             self.sev = SevVm(psp, self.host.asids, self.gpa_to_spa,
-                             lambda asid, es: self.bind_asid(asid, es=es), self.protect_vcpu_state)
+                             lambda asid, es: self.bind_asid(asid, es=es), self)
         return self.sev.encrypt_op(payload)
 
     def gpa_to_spa(self, gpa: int, length: int) -> list[tuple[int, int]]:
@@ -317,12 +380,61 @@ class Vm:
         if self.msr_filter:
             channel.send_request(v.control, ioctl.Request(CTL_SET_MSR_FILTER, 0, self.msr_filter))
 
-    def protect_vcpu_state(self) -> int:
-        """SEV-ES LAUNCH_UPDATE_VMSA: from now on the host cannot read or set the
-        registers of any vCPU of this VM. Returns how many vCPUs were sealed."""
-        for v in self.vcpus.values():
-            channel.send_request(v.control, ioctl.Request(CTL_PROTECT_STATE, 0, b""))
-        return len(self.vcpus)
+    # --- SEV-ES: VMSA pages (kvm.sev.EsVcpus; called under the VM lock) ---------------
+
+    def vcpu_ids(self) -> list[int]:
+        return sorted(self.vcpus)
+
+    def vmsa_page(self, vcpu_id: int) -> int:
+        """The SPA of ``vcpu_id``'s VMSA page; the vCPU is given it first if need be."""
+        v = self.vcpus.get(vcpu_id)
+        if v is None:
+            return -errno.EINVAL
+        if self.vmsa is None:
+            self.vmsa = VmsaArea(self.host.physical)
+        spa = self.vmsa.page_spa(vcpu_id)
+        if not v.has_vmsa:
+            payload = VMSA_PAGE.pack(vcpu_id * PAGE_SIZE, spa)
+            try:
+                channel.send_request(v.control, ioctl.Request(CTL_SET_VMSA, 0, payload, 1), [self.vmsa.fd])
+            except OSError:
+                return -errno.EIO
+            v.has_vmsa = True
+        return spa
+
+    def _vmsa_request(self, vcpu_id: int, request: int) -> int:
+        """Ask a stopped vCPU for ``request`` on its VMSA page: its SPA, or -errno."""
+        spa = self.vmsa_page(vcpu_id)
+        if spa < 0:
+            return spa
+        v = self.vcpus[vcpu_id]
+        v.control_seq = (v.control_seq + 1) & 0xFFFF_FFFF
+        try:
+            v.control.settimeout(VCPU_CONTROL_TIMEOUT)
+            channel.send_request(v.control, ioctl.Request(request, v.control_seq, b""))
+            reply, fds = channel.recv_reply(v.control)
+        except (OSError, channel.ChannelClosed, ProtocolError):
+            return -errno.EIO
+        finally:
+            with contextlib.suppress(OSError):
+                v.control.settimeout(None)
+        for fd in fds:
+            os.close(fd)
+        if (reply.request, reply.seq) != (request, v.control_seq):
+            return -errno.EIO
+        return reply.result if reply.result < 0 else spa
+
+    def sync_vmsa(self, vcpu_id: int) -> int:
+        return self._vmsa_request(vcpu_id, CTL_VMSA_SYNC)
+
+    def vmsa_launched(self, vcpu_id: int) -> int:
+        return min(0, self._vmsa_request(vcpu_id, CTL_VMSA_LAUNCHED))
+
+    def save_vmsa(self, vcpu_id: int) -> int:
+        return self._vmsa_request(vcpu_id, CTL_VMSA_SAVE)
+
+    def load_vmsa(self, vcpu_id: int) -> int:
+        return min(0, self._vmsa_request(vcpu_id, CTL_VMSA_LOAD))
 
     def bind_asid(self, asid: int, *, es: bool) -> None:
         """SEV: every vCPU of this VM now runs under ``asid`` (a handle, never a key)."""
@@ -387,6 +499,9 @@ class Vm:
             for slot in self.slots.values():
                 slot.mapped.close()
             self.slots.clear()
+            if self.vmsa is not None:
+                self.vmsa.close()
+                self.vmsa = None
 
 
 def _arg(payload: bytes) -> int:
@@ -412,14 +527,19 @@ class KvmHost:
         self._closing = threading.Event()
 
     def spa_window(self, spa: int, size: int) -> memoryview | None:
-        """The host mapping of ``[spa, spa + size)`` (within one slot), for the
-        platform's memory controller; None if no VM's slot holds it."""
+        """The host mapping of ``[spa, spa + size)`` (within one slot, or within a VM's
+        VMSA pages), for the platform's memory controller; None if nothing holds it."""
         for vm in list(self.vms.values()):
             for slot in list(vm.slots.values()):
                 lay = slot.layout
                 if lay.spa <= spa and spa + size <= lay.spa + lay.size:
                     off = spa - lay.spa
                     return memoryview(slot.mapped.bytes[off : off + size])  # type: ignore[arg-type]
+            area = vm.vmsa
+            if area is not None:
+                view = area.window(spa, size)
+                if view is not None:
+                    return view
         return None
 
     def listen(self, path: str) -> None:
@@ -448,6 +568,8 @@ class KvmHost:
     def close(self) -> None:
         self._closing.set()
         if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes serve_forever's accept()
             self._listener.close()
         for vm in list(self.vms.values()):
             vm.destroy()

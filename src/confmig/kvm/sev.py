@@ -31,10 +31,22 @@ Migration, as a VMM drives it (QEMU's 2021 patches; every struct below):
   ``handle``; KVM has ACTIVATEd it), per page ``RECEIVE_UPDATE_DATA`` with
   header and transport data inline, then ``RECEIVE_FINISH`` before it runs.
 * SEV-ES: ``SEND_UPDATE_VMSA``/``RECEIVE_UPDATE_VMSA`` name a vCPU instead of
-  a GPA (not in upstream KVM; modelled on Hygon's CSV2 patches). They need a
-  VMSA page per vCPU, which this emulation does not have yet (the register
-  file stays sealed in the vCPU process): without a ``vmsa_page`` hook they
-  fail ``EINVAL``, as upstream KVM does for these ids.
+  a GPA (not in upstream KVM; modelled on Hygon's CSV2 patches), and are
+  issued with the vCPUs stopped (``EBUSY`` inside ``KVM_RUN``). Source: after
+  the last RAM round; KVM has the vCPU store its registers into its VMSA page
+  (encrypted by the core, checksum in the TMR), then SEND_UPDATE_VMSA on that
+  page. Target: after RECEIVE_START, before RECEIVE_FINISH; the PSP writes the
+  page under the new key, then the vCPU loads it (checked by the core), and
+  from then on its registers are sealed.
+
+SEV-ES VMSA pages (:class:`EsVcpus`, wired by :mod:`confmig.kvm.host`): every
+vCPU of an SEV-ES VM has a 4 KiB page of host memory KVM owns, not guest RAM,
+at a system-physical address the PSP reaches. ``LAUNCH_UPDATE_VMSA`` (no
+data) does, for each vCPU in id order: the vCPU writes its register file
+there in plaintext (``sev_es_sync_vmsa``), the PSP's LAUNCH_UPDATE_VMSA
+measures it into the launch digest, seals it (TMR CRC) and encrypts it in
+place, and the vCPU's state becomes protected (``KVM_GET/SET_REGS`` fail
+``EINVAL``). KVM never holds plaintext registers after that.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import errno
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from confmig.common.errors import ProtocolError
 from confmig.common.units import PAGE_SIZE
@@ -144,8 +157,34 @@ RECEIVE_UPDATE_VMSA = struct.Struct("<IIQIIQII")
 
 Translate = Callable[[int, int], list[tuple[int, int]]]
 """GPA range → list of (SPA, length) chunks, each physically contiguous."""
-VmsaPage = Callable[[int], "int | None"]
-"""vCPU id → SPA of its SEV-ES VMSA page (None: no such vCPU or no VMSA)."""
+
+
+class EsVcpus(Protocol):
+    """An SEV-ES VM's vCPUs as the SEV code reaches them (``svm->sev_es.vmsa`` and the
+    vCPU's own state). Methods that name a page answer its SPA, or ``-errno``: ``EINVAL``
+    for no such vCPU (or no VMSA state to store), ``EBUSY`` for a vCPU inside ``KVM_RUN``."""
+
+    def vcpu_ids(self) -> list[int]: ...
+
+    def sync_vmsa(self, vcpu_id: int) -> int:
+        """The vCPU writes its register file into its VMSA page, in plaintext: the page's SPA."""
+        ...
+
+    def vmsa_launched(self, vcpu_id: int) -> int:
+        """LAUNCH_UPDATE_VMSA encrypted the page: it is the register file now (0 or -errno)."""
+        ...
+
+    def save_vmsa(self, vcpu_id: int) -> int:
+        """The vCPU stores its registers into the page, encrypted by the core: the page's SPA."""
+        ...
+
+    def vmsa_page(self, vcpu_id: int) -> int:
+        """The SPA of the vCPU's VMSA page (allocated if it has none)."""
+        ...
+
+    def load_vmsa(self, vcpu_id: int) -> int:
+        """The vCPU loads its registers from the page, checked by the core (0 or -errno)."""
+        ...
 
 
 @dataclass
@@ -184,10 +223,9 @@ class SevVm:
     """The SEV side of one VM: dispatches ``KVM_MEMORY_ENCRYPT_OP``."""
 
     def __init__(self, psp: SecureProcessor, asids: AsidAllocator, translate: Translate,
-                 bind_asid: Callable[[int, bool], None], protect_vcpus: Callable[[], int],
-                 vmsa_page: VmsaPage | None = None) -> None:
-        self.protect_vcpus = protect_vcpus
-        self.vmsa_page = vmsa_page
+                 bind_asid: Callable[[int, bool], None], vcpus: EsVcpus | None = None) -> None:
+        self.vcpus = vcpus
+        """SEV-ES: the vCPUs and their VMSA pages (None: none, the VMSA commands fail EINVAL)."""
         self.psp = psp
         self.asids = asids
         self.translate = translate
@@ -225,11 +263,7 @@ class SevVm:
                     return -errno.EIO, status, b""
             return 0, SEV_RET_SUCCESS, b""
         if cmd_id == KVM_SEV_LAUNCH_UPDATE_VMSA:
-            if not s.es:
-                return -errno.ENOTTY, SEV_RET_NO_FW_CALL, b""
-            # The register file is sealed for every vCPU. (The VMSA page image itself is
-            # not modelled yet: the registers stay in the emulated core, out of the host's reach.)
-            return (0 if self.protect_vcpus() else -errno.EINVAL), SEV_RET_SUCCESS, b""
+            return self._launch_update_vmsa()
         if cmd_id == KVM_SEV_LAUNCH_MEASURE:
             _addr, length, _ = LAUNCH_MEASURE.unpack_from(body)
             if length < MEASUREMENT_LEN:  # a length query, as QEMU makes first
@@ -305,6 +339,28 @@ class SevVm:
         s.handle = handle
         self.bind_asid(s.asid, s.es)
         return 0, SEV_RET_SUCCESS, LAUNCH_START.pack(handle, policy, 0, 0, 0, 0, 0, 0)
+
+    def _launch_update_vmsa(self) -> tuple[int, int, bytes]:
+        """``sev_launch_update_vmsa``: every vCPU's register file, in id order, into its VMSA
+        page (plaintext), then the PSP measures, seals and encrypts it; the vCPU is sealed."""
+        s = self.state
+        if not s.es:
+            return -errno.ENOTTY, SEV_RET_NO_FW_CALL, b""
+        vcpus = self.vcpus
+        vcpu_ids = vcpus.vcpu_ids() if vcpus is not None else []
+        if vcpus is None or not vcpu_ids:
+            return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""
+        for vcpu_id in vcpu_ids:
+            spa = vcpus.sync_vmsa(vcpu_id)  # EINVAL for a vCPU already sealed
+            if spa < 0:
+                return spa, SEV_RET_NO_FW_CALL, b""
+            status = self.psp.launch_update_vmsa(s.handle, spa)
+            if status:
+                return -errno.EIO, status, b""
+            err = vcpus.vmsa_launched(vcpu_id)
+            if err:
+                return err, SEV_RET_SUCCESS, b""
+        return 0, SEV_RET_SUCCESS, b""
 
     def _launch_secret(self, body: bytes) -> tuple[int, int, bytes]:
         _h, hdr_len, _p, gpa, guest_len, _p1, _t, trans_len, _p2 = LAUNCH_SECRET.unpack_from(body)
@@ -402,9 +458,10 @@ class SevVm:
             return -errno.EIO if status else 0, status, reply
         if hdr_len > SEND_BUFFER_MAX or trans_len > SEND_BUFFER_MAX:
             return -errno.ENOMEM, SEV_RET_NO_FW_CALL, b""
-        spa = self.vmsa_page(vcpu_id) if self.vmsa_page is not None else None
-        if spa is None:
-            return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""
+        # #VMEXIT semantics: the vCPU (stopped) stores its registers into its page, encrypted.
+        spa = self.vcpus.save_vmsa(vcpu_id) if self.vcpus is not None else -errno.EINVAL
+        if spa < 0:
+            return spa, SEV_RET_NO_FW_CALL, b""
         status, hdr, trans, _ = self.psp.send_update_vmsa(s.handle, hdr_len, spa, PAGE_SIZE, trans_len)
         return self._send_update_reply(status, SEND_UPDATE_VMSA.pack(*fields), hdr, hdr_len, trans, trans_len)
 
@@ -455,11 +512,18 @@ class SevVm:
         if not s.es:
             return -errno.ENOTTY, SEV_RET_NO_FW_CALL, b""
         packet = self._receive_packet(body, RECEIVE_UPDATE_VMSA, hdr_len, trans_len)
-        spa = self.vmsa_page(vcpu_id) if self.vmsa_page is not None else None
-        if packet is None or spa is None:
+        if packet is None:
             return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""
+        spa = self.vcpus.vmsa_page(vcpu_id) if self.vcpus is not None else -errno.EINVAL
+        if spa < 0:
+            return spa, SEV_RET_NO_FW_CALL, b""
         hdr, trans = packet
-        return self._status(self.psp.receive_update_vmsa(s.handle, hdr, spa, PAGE_SIZE, trans))
+        status = self.psp.receive_update_vmsa(s.handle, hdr, spa, PAGE_SIZE, trans)
+        if status:
+            return -errno.EIO, status, b""  # nothing was written: the vCPU keeps its state
+        # The PSP wrote the page under this guest's key; the vCPU takes it as its register file.
+        err = self.vcpus.load_vmsa(vcpu_id) if self.vcpus is not None else -errno.EINVAL
+        return err, SEV_RET_SUCCESS, b""
 
     def _chunks(self, gpa: int, length: int) -> list[tuple[int, int]]:
         if length <= 0:

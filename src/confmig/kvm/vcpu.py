@@ -4,6 +4,17 @@ Runs in the vCPU's own process (started by the host, see :mod:`confmig.hostd`),
 so vCPUs of different VMs, and the host's own work, use different cores instead
 of queueing behind one interpreter lock. Two channels reach it: the vCPU fd the
 VMM holds (ioctls) and a control channel from the host (memory slots, caps).
+
+SEV-ES: the host gives an SEV-ES vCPU a VMSA page (``CTL_SET_VMSA``: a page of
+a memfd KVM owns, at a system-physical address) and then, with the vCPU
+stopped, asks for what the SEV commands need: the register file written into
+it in plaintext before LAUNCH_UPDATE_VMSA (``CTL_VMSA_SYNC``), the page taken
+as the register file after it (``CTL_VMSA_LAUNCHED``), the registers stored
+into it before SEND_UPDATE_VMSA (``CTL_VMSA_SAVE``) and loaded from it after
+RECEIVE_UPDATE_VMSA (``CTL_VMSA_LOAD``). The core does the encrypting,
+decrypting and checking; this code only maps the page. Those four are answered
+on the control channel with a :class:`~confmig.proto.ioctl.Reply` (``EBUSY``
+inside ``KVM_RUN``: real KVM would wait for the vCPU's mutex instead).
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import mmap
 import os
 import select
 import socket
@@ -53,8 +65,19 @@ CTL_DELETE_SLOT = 0xFF00_0102
 CTL_SET_CAPS = 0xFF00_0103
 CTL_SET_MSR_FILTER = 0xFF00_0104
 CTL_SET_ASID = 0xFF00_0105
-CTL_PROTECT_STATE = 0xFF00_0106
-"""SEV-ES: the register file now lives in the encrypted VMSA (``guest_state_protected``)."""
+CTL_VMSA_LAUNCHED = 0xFF00_0106
+"""SEV-ES, after LAUNCH_UPDATE_VMSA: the register file now lives in the encrypted VMSA
+(``guest_state_protected``). Replied to."""
+CTL_SET_VMSA = 0xFF00_0107
+"""SEV-ES: the vCPU's VMSA page: one fd (KVM's memfd), payload ``<QQ`` offset, SPA."""
+CTL_VMSA_SYNC = 0xFF00_0108
+"""SEV-ES, before LAUNCH_UPDATE_VMSA: the register file into the page, plaintext. Replied to."""
+CTL_VMSA_SAVE = 0xFF00_0109
+"""SEV-ES, before SEND_UPDATE_VMSA: the registers into the page, encrypted. Replied to."""
+CTL_VMSA_LOAD = 0xFF00_010A
+"""SEV-ES, after RECEIVE_UPDATE_VMSA: the registers from the page, checked. Replied to."""
+VMSA_REQUESTS = frozenset({CTL_VMSA_LAUNCHED, CTL_VMSA_SYNC, CTL_VMSA_SAVE, CTL_VMSA_LOAD})
+VMSA_PAGE = struct.Struct("<QQ")
 CAP_EXIT_MAP_GPA_RANGE = 1 << 0
 CAP_USER_SPACE_MSR = 1 << 1
 VCPU_READY = b"R"
@@ -139,6 +162,33 @@ class SlotMemory:
         s.counters[self.row, first : first + n] += 1
 
 
+class MappedVmsaPage:
+    """A vCPU's VMSA page mapped from KVM's memfd: host memory, not guest RAM."""
+
+    def __init__(self, fd: int, offset: int, spa: int) -> None:
+        try:
+            self._map = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                  offset=offset)
+        finally:
+            close_quietly(fd)  # the mapping keeps the memory
+        self._spa = spa
+
+    @property
+    def spa(self) -> int:
+        return self._spa
+
+    def read(self) -> bytes:
+        return self._map[:PAGE_SIZE]
+
+    def write(self, data: bytes) -> None:
+        if len(data) != PAGE_SIZE:
+            raise ValueError("a VMSA is one page")
+        self._map[:PAGE_SIZE] = data
+
+    def close(self) -> None:
+        self._map.close()
+
+
 class Vcpu:
     """Serves one vCPU fd until the VMM closes it or the host says stop."""
 
@@ -152,6 +202,7 @@ class Vcpu:
         self.caps = 0
         self.kick_pending = False
         self.state_protected = False
+        self.vmsa: MappedVmsaPage | None = None
         self.pending: VcpuExit | None = None
         """The last exit, until the next KVM_RUN delivers its completion."""
 
@@ -162,19 +213,28 @@ class Vcpu:
         try:
             while True:
                 ready, _, _ = select.select([self.control, self.sock], [], [])
-                if self.control in ready and not self._control_message():
+                if self.control in ready and not self._control_message(running=False):
                     return
                 if self.sock in ready and not self._vcpu_message(running=False):
                     return
         except channel.ChannelClosed:
             return
 
-    def _control_message(self) -> bool:
+    def _control_message(self, *, running: bool) -> bool:
         try:
             req, fds = channel.recv_request(self.control)
         except channel.ChannelClosed:
             return False
-        if req.request == CTL_SET_SLOT:
+        if req.request in VMSA_REQUESTS:
+            result = -errno.EBUSY if running else self._vmsa_request(req.request)
+            channel.send_reply(self.control, ioctl.Reply(req.request, req.seq, result, b""))
+        elif req.request == CTL_SET_VMSA:
+            offset, spa = VMSA_PAGE.unpack(req.payload)
+            if self.vmsa is not None:
+                self.vmsa.close()
+            self.vmsa = MappedVmsaPage(fds[0], offset, spa)
+            self.core.set_vmsa(self.vmsa)
+        elif req.request == CTL_SET_SLOT:
             layout = decode_slot(req.payload)
             self.memory.set_slot(MappedSlot(layout, fds[0], fds[1]))
         elif req.request == CTL_DELETE_SLOT:
@@ -184,12 +244,29 @@ class Vcpu:
             self.core.msr_user_exit = bool(self.caps & CAP_USER_SPACE_MSR)
         elif req.request == CTL_SET_MSR_FILTER:
             self.core.msr_exits = frozenset(ioctl.decode_msr_filter(req.payload))
-        elif req.request == CTL_PROTECT_STATE:
-            self.state_protected = True
         elif req.request == CTL_SET_ASID:
             asid, es = struct.unpack("<IB", req.payload)
             self.core.set_asid(asid, es=bool(es))
         return True
+
+    def _vmsa_request(self, request: int) -> int:
+        """SEV-ES requests of the host, with the vCPU stopped; the core does the work."""
+        core = self.core
+        if request == CTL_VMSA_SYNC:
+            return 0 if not self.state_protected and core.vmsa_sync() else -errno.EINVAL
+        if request == CTL_VMSA_LAUNCHED:
+            core.vmsa_launched()
+            self.state_protected = True
+            return 0
+        if request == CTL_VMSA_SAVE:
+            if not self.state_protected:
+                return -errno.EINVAL  # nothing launched or received: no VMSA to store
+            return 0 if core.vmsa_save() else -errno.EIO
+        # CTL_VMSA_LOAD
+        if not core.vmsa_load():
+            return -errno.EIO  # the page failed the core's check: the old state stays
+        self.state_protected = True
+        return 0
 
     def _vcpu_message(self, *, running: bool) -> bool:
         """Handle one request on the vCPU fd. While running, only the asynchronous
@@ -253,13 +330,17 @@ class Vcpu:
                     return -errno.EINVAL, b""
                 self.core.halted = state == ioctl.KVM_MP_STATE_HALTED
                 return 0, b""
-        except (struct.error, ProtocolError):
+        except (struct.error, ProtocolError, PermissionError):
             return -errno.EINVAL, b""
         return -errno.ENOTTY, b""
 
     # --- KVM_RUN ----------------------------------------------------------------
 
     def run(self, req: ioctl.RunRequest) -> VcpuExit:
+        if not self.core.enter():
+            # SEV-ES: VMRUN refused the VMSA (VMEXIT_INVALID); KVM reports a failed entry.
+            self.pending = None
+            return ExitInternalError("VMRUN failed: the VMSA did not pass its integrity check")
         self._complete(req.completion)
         if req.immediate_exit or self.kick_pending:
             self.kick_pending = False
@@ -299,7 +380,7 @@ class Vcpu:
             ready, _, _ = select.select([self.control, self.sock], [], [], 0)
             if not ready:
                 return self.kick_pending
-            if self.control in ready and not self._control_message():
+            if self.control in ready and not self._control_message(running=True):
                 raise channel.ChannelClosed
             if self.sock in ready:
                 self._vcpu_message(running=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import pytest
 from sev_hosts import SevHost
 
 from confmig.platform.psp import PlatformIdentity
+
+ROMS = Path(__file__).parent / "roms"
+os.environ["PYTHONPATH"] = os.pathsep.join(  # guest programs the vCPU processes can import
+    p for p in (str(ROMS), os.environ.get("PYTHONPATH", "")) if p
+)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ a VMM sends in ``KVM_MEMORY_ENCRYPT_OP``.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from dataclasses import dataclass, field
@@ -40,8 +41,36 @@ class Vm:
     host: SevHost
     sev: ksev.SevVm
     vmsa: dict[int, int] = field(default_factory=dict)
-    """vCPU id -> GPA of its VMSA page (the hook KVM would get from the vCPUs)."""
+    """vCPU id -> GPA of its VMSA page, in the host's RAM (KVM's own pages without processes:
+    the test writes the plaintext image itself; no core stores or loads registers)."""
     bound: list[tuple[int, bool]] = field(default_factory=list)
+    vcpu_calls: list[tuple[str, int]] = field(default_factory=list)
+    """What SEV asked of the vCPUs: (hook, vCPU id)."""
+
+    # -- kvm.sev.EsVcpus -----------------------------------------------------------------
+
+    def vcpu_ids(self) -> list[int]:
+        return sorted(self.vmsa)
+
+    def _page(self, hook: str, vcpu_id: int) -> int:
+        self.vcpu_calls.append((hook, vcpu_id))
+        gpa = self.vmsa.get(vcpu_id)
+        return -errno.EINVAL if gpa is None else self.host.spa_base + gpa
+
+    def sync_vmsa(self, vcpu_id: int) -> int:
+        return self._page("sync", vcpu_id)
+
+    def vmsa_launched(self, vcpu_id: int) -> int:
+        return min(0, self._page("launched", vcpu_id))
+
+    def save_vmsa(self, vcpu_id: int) -> int:
+        return self._page("save", vcpu_id)
+
+    def vmsa_page(self, vcpu_id: int) -> int:
+        return self._page("page", vcpu_id)
+
+    def load_vmsa(self, vcpu_id: int) -> int:
+        return min(0, self._page("load", vcpu_id))
 
     def op(self, cmd_id: int, body: bytes = b"") -> Reply:
         """``KVM_MEMORY_ENCRYPT_OP``: ``struct kvm_sev_cmd`` then the command's struct and inline buffers."""
@@ -93,20 +122,9 @@ class SevHost:
 
     def vm(self) -> Vm:
         vm: Vm
-
-        def vmsa_page(vcpu_id: int) -> int | None:
-            gpa = vm.vmsa.get(vcpu_id)
-            return None if gpa is None else self.spa_base + gpa
-
-        sev = ksev.SevVm(
-            self.port,
-            self.asids,
-            self.translate,
-            lambda asid, es: vm.bound.append((asid, es)),
-            lambda: 1,
-            vmsa_page,
-        )
+        sev = ksev.SevVm(self.port, self.asids, self.translate, lambda asid, es: vm.bound.append((asid, es)))
         vm = Vm(host=self, sev=sev)
+        sev.vcpus = vm
         return vm
 
     # -- what the trusted side can see, for the tests' assertions ---------------------
@@ -134,8 +152,8 @@ def launch(vm: Vm, policy: int, pages: dict[int, bytes], *, es: bool = False) ->
             vm.op(ksev.KVM_SEV_LAUNCH_UPDATE_DATA, ksev.LAUNCH_UPDATE_DATA.pack(gpa, len(data), 0)).result
             == 0
         )
-    for gpa in vm.vmsa.values():
-        assert vm.host.port.launch_update_vmsa(vm.handle, vm.host.spa_base + gpa) == 0
+    if vm.vmsa:
+        assert vm.op(ksev.KVM_SEV_LAUNCH_UPDATE_VMSA).result == 0
     body = ksev.LAUNCH_MEASURE.pack(0, ksev.MEASUREMENT_LEN, 0)
     assert vm.op(ksev.KVM_SEV_LAUNCH_MEASURE, body).result == 0
     assert vm.op(ksev.KVM_SEV_LAUNCH_FINISH).result == 0

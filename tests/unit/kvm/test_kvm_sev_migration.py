@@ -346,6 +346,7 @@ def test_an_es_guests_vmsa_goes_through_send_and_receive_update_vmsa(
     source.vmsa[0] = VMSA_GPA
     host_a.ram[VMSA_GPA : VMSA_GPA + 4096] = VMSA
     launch(source, ES, {0: PAGE_0}, es=True)
+    assert source.vcpu_calls == [("sync", 0), ("launched", 0)]  # the image, then the PSP, then sealed
     target = host_b.vm()
     target.vmsa[0] = 0xA000
     assert target.op(ksev.KVM_SEV_ES_INIT).result == 0
@@ -358,10 +359,16 @@ def test_an_es_guests_vmsa_goes_through_send_and_receive_update_vmsa(
     assert ksev.SEND_UPDATE_VMSA.unpack_from(query.out)[3] == 52
     reply = source.op(ksev.KVM_SEV_SEND_UPDATE_VMSA, ksev.SEND_UPDATE_VMSA.pack(0, 0, 0, 52, 0, 0, 4096, 0))
     assert (reply.result, reply.error) == (0, 0)
+    assert source.vcpu_calls[-1] == ("save", 0)  # the vCPU stored its registers first
     hdr = reply.out[ksev.SEND_UPDATE_VMSA.size :][:52]
     trans = reply.out[ksev.SEND_UPDATE_VMSA.size + 52 :]
     body = ksev.RECEIVE_UPDATE_VMSA.pack(0, 0, 0, 52, 0, 0, 4096, 0)
+    tampered = trans[:7] + bytes([trans[7] ^ 1]) + trans[8:]
+    refused = target.op(ksev.KVM_SEV_RECEIVE_UPDATE_VMSA, body + hdr + tampered)
+    assert (refused.result, refused.error) == (EIO, ksev.SEV_RET_BAD_MEASUREMENT)
+    assert target.vcpu_calls == [("page", 0)] and not any(host_b.ram[0xA000:0xB000])  # nothing loaded
     assert target.op(ksev.KVM_SEV_RECEIVE_UPDATE_VMSA, body + hdr + trans).result == 0
+    assert target.vcpu_calls[-2:] == [("page", 0), ("load", 0)]  # the PSP wrote it, then the vCPU loads
     received = host_b.plaintext(target.asid, 0xA000)
     assert received[:0x380] == VMSA[:0x380] and received[0x390:] == VMSA[0x390:]  # all but the CRC block
 
@@ -374,10 +381,20 @@ def test_an_es_guests_vmsa_goes_through_send_and_receive_update_vmsa(
     assert reply.result == ENOTTY
 
 
-def test_without_vmsa_pages_kvm_refuses_the_vmsa_commands(host_a: SevHost) -> None:
-    """What hostd wires today: no VMSA page per vCPU (docs/sev.md), so EINVAL as upstream KVM."""
+def test_launch_update_vmsa_needs_vcpus_and_an_es_guest(host_a: SevHost) -> None:
     vm = host_a.vm()
-    vm.sev.vmsa_page = None
+    launch(vm, ES, {}, es=True)  # no vCPU has a VMSA page
+    assert (vm.op(ksev.KVM_SEV_LAUNCH_UPDATE_VMSA).result, vm.vcpu_calls) == (EINVAL, [])
+    plain = host_a.vm()
+    plain.vmsa[0] = VMSA_GPA
+    assert plain.op(ksev.KVM_SEV_INIT).result == 0
+    assert plain.op(ksev.KVM_SEV_LAUNCH_UPDATE_VMSA).result == ENOTTY
+
+
+def test_without_vmsa_pages_kvm_refuses_the_vmsa_commands(host_a: SevHost) -> None:
+    """A KVM without VMSA pages (upstream's): EINVAL for every VMSA command."""
+    vm = host_a.vm()
+    vm.sev.vcpus = None
     launch(vm, ES, {}, es=True)
     assert host_a.port.platform_status()[0] == 0
     reply = vm.op(ksev.KVM_SEV_SEND_UPDATE_VMSA, ksev.SEND_UPDATE_VMSA.pack(0, 0, 0, 52, 0, 0, 4096, 0))

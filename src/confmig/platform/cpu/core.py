@@ -5,11 +5,24 @@ for the guest programs it runs, and the small in-kernel parts that real KVM
 emulates without leaving the kernel (TSC, TSC-deadline timer, MSR storage,
 CPUID table, interrupt acknowledgement); everything else becomes a
 :class:`~confmig.common.svm.VmExit` for the host kernel.
+
+SEV-ES. Once KVM has launched a vCPU's VMSA (LAUNCH_UPDATE_VMSA) or received
+one (RECEIVE_UPDATE_VMSA), its register file belongs to the guest: KVM can
+neither read nor set it. The core then does what the CPU does with the VMSA
+page KVM named (the VMCB's VMSA pointer, host memory at a system-physical
+address): VMRUN loads the registers from it, decrypted under the guest's key
+with the page's address as tweak, after checking the page against the
+checksum in the TMR (:meth:`CpuCore.enter`, :meth:`CpuCore.vmsa_load`); a
+#VMEXIT that KVM needs stores them back encrypted and records the new
+checksum in the TMR (:meth:`CpuCore.vmsa_save`). While the guest runs, the
+registers stay inside the core, as in a real CPU. The page layout is
+:func:`confmig.platform.psp.vmsa.vmsa_image`'s.
 """
 
 from __future__ import annotations
 
 import bisect
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -38,6 +51,14 @@ from confmig.platform.cpu.abi import (
     RomRegion,
 )
 from confmig.platform.mee import MemoryEncryptionEngine
+from confmig.platform.psp.vmsa import (
+    VMSA_REGISTER_OFFSETS,
+    TmrMemory,
+    vmsa_crc,
+    vmsa_crc_block,
+    vmsa_image,
+    vmsa_registers,
+)
 
 CpuidTable = dict[tuple[int, int], tuple[int, int, int, int]]
 
@@ -77,6 +98,19 @@ class PhysicalMemory(Protocol):
     def store_pages(self, gpa: int, data: Pages) -> None: ...
 
 
+class VmsaBacking(Protocol):
+    """The 4 KiB VMSA page KVM gave this vCPU: host memory (ciphertext once launched)."""
+
+    @property
+    def spa(self) -> int:
+        """Its system-physical address (the engine's tweak)."""
+        ...
+
+    def read(self) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
 class CpuCore:
     """A vCPU's execution engine. Not thread-safe: one vCPU process drives it."""
 
@@ -88,11 +122,21 @@ class CpuCore:
         *,
         clock_ns: Callable[[], int] = time.monotonic_ns,
         mee: MemoryEncryptionEngine | None = None,
+        tmr: TmrMemory | None = None,
     ) -> None:
         self._vcpu_id = vcpu_id
         self.memory = memory
         self.mee = mee
+        self._tmr = tmr
         self.asid = 0
+        self.es = False
+        self._vmsa: VmsaBacking | None = None
+        self._protected = False
+        """SEV-ES: the register file is the guest's (KVM's ``guest_state_protected``)."""
+        self._in_vmsa = False
+        """The guest's registers are in the encrypted VMSA page, not in the core."""
+        self._vmsa_plain = b""
+        """The VMSA as last loaded or stored (its fields other than the registers)."""
         self._rom = sorted(rom, key=lambda r: r.base)
         self._rom_bases = [r.base for r in self._rom]
         self._current: RomRegion | None = None
@@ -115,6 +159,8 @@ class CpuCore:
 
     def step(self) -> VmExit | None:
         """Run one guest step; return the exit it ended with, if any."""
+        if self._in_vmsa and not self.vmsa_load():  # KVM enters first; this is the CPU's own check
+            return VmExit(code=SvmExitCode.SHUTDOWN, reason="VMRUN: the VMSA failed its integrity check")
         try:
             self._region(self._regs.rip).step(self)
         except GuestFault as fault:
@@ -135,10 +181,96 @@ class CpuCore:
         self._regs = regs
 
     def get_regs_tuple(self) -> tuple[int, ...]:
+        self._check_unprotected()
         return self._regs.as_tuple()
 
     def set_regs_tuple(self, values: tuple[int, ...]) -> None:
+        self._check_unprotected()
         self._regs = Registers(values)
+
+    def _check_unprotected(self) -> None:
+        if self._protected:
+            raise PermissionError("SEV-ES: the register file is in the guest's encrypted VMSA")
+
+    # --- SEV-ES: the VMSA ----------------------------------------------------------
+
+    @property
+    def state_protected(self) -> bool:
+        return self._protected
+
+    def set_vmsa(self, page: VmsaBacking | None) -> None:
+        """KVM names this vCPU's VMSA page (the VMCB's VMSA pointer)."""
+        self._vmsa = page
+
+    def vmsa_sync(self) -> bool:
+        """Before LAUNCH_UPDATE_VMSA: the register file into the VMSA page, in plaintext
+        (KVM's ``sev_es_sync_vmsa``: the host set these registers, they are no secret yet).
+        False if there is no page or the state is already protected."""
+        if self._vmsa is None or self._protected:
+            return False
+        self._vmsa.write(vmsa_image(dict(zip(Registers.NAMES, self._regs.as_tuple(), strict=True))))
+        return True
+
+    def vmsa_launched(self) -> None:
+        """LAUNCH_UPDATE_VMSA measured, sealed and encrypted the page: from now on it is the
+        register file. The core drops its copy; the first VMRUN loads the page."""
+        self._protected = True
+        self._in_vmsa = True
+        self._regs = Registers()
+
+    def vmsa_save(self) -> bool:
+        """#VMEXIT of an SEV-ES guest as KVM needs it (before SEND_UPDATE_VMSA): the registers
+        go into the VMSA page encrypted under the guest's key, and the page's checksum into
+        its TMR block. True if the page now holds the current state (also when it already
+        did: a page the host changed since is not overwritten, so VMRUN or the PSP catch it)."""
+        if not self._protected:
+            return False
+        if self._in_vmsa:
+            return True
+        if (self._vmsa is None or self.mee is None or self._tmr is None or not self.asid
+                or len(self._vmsa_plain) != PAGE_SIZE):
+            return False
+        patched = bytearray(self._vmsa_plain)
+        for name, offset in VMSA_REGISTER_OFFSETS.items():
+            struct.pack_into("<Q", patched, offset, getattr(self._regs, name))
+        page = bytes(patched)
+        try:
+            cipher = self.mee.encrypt(self.asid, self._vmsa.spa, page)
+        except PermissionError:
+            return False  # the guest's key is gone (deactivated): its state cannot be stored
+        if not self._tmr.store(vmsa_crc_block(page), vmsa_crc(page)):
+            return False
+        self._vmsa.write(cipher)
+        self._vmsa_plain = page
+        self._in_vmsa = True
+        self._regs = Registers()
+        return True
+
+    def vmsa_load(self) -> bool:
+        """VMRUN's load of an SEV-ES guest: the registers from the VMSA page, decrypted under
+        the guest's key, if the page matches the checksum in the TMR block it names. On a
+        mismatch (a page the host changed or replayed, or another guest's) nothing changes
+        and the answer is False (VMEXIT_INVALID)."""
+        if self._vmsa is None or self.mee is None or self._tmr is None or not self.asid:
+            return False
+        try:
+            plain = self.mee.decrypt(self.asid, self._vmsa.spa, self._vmsa.read())
+        except (PermissionError, ValueError):
+            return False
+        stored = self._tmr.load(vmsa_crc_block(plain))
+        if stored is None or stored != vmsa_crc(plain):
+            return False
+        registers = vmsa_registers(plain)
+        self._regs = Registers(tuple(registers[name] for name in Registers.NAMES))
+        self._vmsa_plain = plain
+        self._protected = True
+        self._in_vmsa = False
+        return True
+
+    def enter(self) -> bool:
+        """VMRUN: an SEV-ES guest whose state is in its VMSA is loaded from it first.
+        False: the VMSA failed its check and the guest cannot run (VMEXIT_INVALID)."""
+        return not self._in_vmsa or self.vmsa_load()
 
     @property
     def vcpu_id(self) -> int:
@@ -240,6 +372,7 @@ class CpuCore:
         """KVM bound this vCPU's VM to an ASID (0: not an SEV guest). The guest finds
         out the architectural way: CPUID 0x8000001F and ``MSR_AMD64_SEV``."""
         self.asid = asid
+        self.es = bool(asid) and es
         sev = bool(asid)
         self.cpuid_table[(CPUID_AMD_SEV, 0)] = (
             (sev << 1) | ((sev and es) << 3), C_BIT_POSITION | (1 << 6), 0, 0)

@@ -85,6 +85,10 @@ MSRs of the save area, the x87/SSE area) are not modelled by the core and stay z
 0x380..0x38F is the firmware's (zeros, then the CRC block's address)."""
 VMSA_SEV_FEATURES_OFFSET: Final = 0x3B0
 """``sev_features``: 0 for SEV-ES (its bits are SNP's)."""
+RESET_REGISTERS: Final[Mapping[str, int]] = {"rip": 0xFFFF_FFF0, "rflags": 0x2}
+"""The registers of an x86 vCPU after reset (the rest are zero): what each of confmig's
+vCPUs has when its VMM launches it, so ``vmsa_image(RESET_REGISTERS)`` is what
+LAUNCH_UPDATE_VMSA measures for each vCPU of an SEV-ES guest."""
 
 _CRC32C_POLY_REFLECTED: Final = 0x82F63B78  # Castagnoli 0x1EDC6F41, bit-reversed
 _LANE: Final = 8
