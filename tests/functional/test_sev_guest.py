@@ -215,3 +215,15 @@ def guest_ram(pid: int) -> bytes:
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
         mem.seek(start)
         return mem.read(end - start)
+
+
+def test_an_sev_es_launch_is_attested_with_its_vmsas(lab: Lab) -> None:
+    """The owner expects the firmware and then each vCPU's reset VMSA (LAUNCH_UPDATE_VMSA)."""
+    host = lab.host("hostA")
+    verdicts: list[Mapping[str, object]] = []
+    owner = lab.owner(firmware=default_bios(), policy=0x5, secrets=[(DISK_PASSPHRASE_GUID, b"k" * 32)],
+                      audit=verdicts.append, vcpus=2)
+    vm = lab.vm("es", host, ram="64M", extra=[*sev_args(owner.url, policy=0x5), "-smp", "2"])
+    vm.wait_console(WORKLOAD_READY_RE)
+    assert b"launch secret: 1 entry" in vm.console_text()
+    assert [v["event"] for v in verdicts] == ["launch", "released"]

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from confmig.owner import OwnerServer
 
 START_TIMEOUT = 30.0
+SEV_POLICY_ES = 0x4
 SELFCHECK_RE = re.compile(rb"confmig-selfcheck: (PASS|FAIL)[^\n]*")
 WORKING_SET_WRITTEN = re.compile(rb"dirty: working set written")
 """The dirty workload's line once every page of its working set holds data."""
@@ -145,13 +146,15 @@ class Lab:
         return v
 
     def owner(self, *, firmware: Path, policy: int, secrets: list[tuple[uuid.UUID, bytes]] | None = None,
-              audit: Callable[[Mapping[str, object]], None] | None = None) -> OwnerServer:
+              audit: Callable[[Mapping[str, object]], None] | None = None, vcpus: int = 1) -> OwnerServer:
         """A guest owner's key broker, in this process, trusting this lab's AMD root (start a
-        host first: the first host creates the root) and expecting ``firmware`` and ``policy``."""
+        host first: the first host creates the root) and expecting ``firmware`` and ``policy``
+        (and, for SEV-ES, the reset VMSAs of ``vcpus`` vCPUs)."""
         from confmig.owner import AmdRoot, KeyBroker, VmProfile, firmware_digest, make_server
 
-        profile = VmProfile.build(digest=firmware_digest(firmware.read_bytes()), policy=policy,
-                                  secrets=secrets or [])
+        es_vcpus = vcpus if policy & SEV_POLICY_ES else 0
+        digest = firmware_digest(firmware.read_bytes(), sev_es_vcpus=es_vcpus)
+        profile = VmProfile.build(digest=digest, policy=policy, secrets=secrets or [])
         server = make_server(KeyBroker(AmdRoot.load(self.amd_root), {"*": profile}, audit=audit))
         threading.Thread(target=server.serve_forever, name="owner", daemon=True).start()
         self.owners.append(server)

@@ -67,8 +67,9 @@ def run_launch(opts: LaunchOptions, *, as_json: bool = False) -> bool:
         verdicts: list[Mapping[str, object]] = []
         owner = lab.owner(firmware=expected, policy=opts.policy, secrets=[(DISK_PASSPHRASE_GUID, passphrase)],
                           audit=verdicts.append)
+        digest = owner.broker.profile("sev").expected.digest
         console.print(f"guest owner's key broker on {owner.url}: expects policy {opts.policy:#x} and "
-                      f"firmware digest {hashlib.sha256(expected.read_bytes()).hexdigest()[:16]}…")
+                      f"launch digest {digest.hex()[:16]}…")
         kind = "SEV-ES" if opts.sev_es else "SEV"
         sev = ["-object", f"sev-guest,id=sev0,policy={opts.policy:#x},owner={owner.url}",
                "-machine", "q35,confidential-guest-support=sev0", "-bios", str(bios)]

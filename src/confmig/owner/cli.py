@@ -5,10 +5,10 @@ Heavy imports happen inside the commands, so ``confmig --help`` stays fast.
 
 ::
 
-    confmig owner serve [--amd-root DIR] (--firmware PATH | --firmware-digest HEX) --policy 0x1
+    confmig owner serve [--amd-root DIR] (--firmware PATH [--vcpus N] | --firmware-digest HEX) --policy 0x1
                         [--secret GUID=HEX | --secret GUID=@FILE]... [--vm NAME]
                         [--listen 127.0.0.1:PORT] [--state DIR] [--ark-hash HEX] [--session-ttl SECONDS]
-    confmig owner digest PATH
+    confmig owner digest PATH [--sev-es-vcpus N]
 """
 
 from __future__ import annotations
@@ -84,8 +84,12 @@ def parse_secret(spec: str) -> tuple[uuid.UUID, bytes]:
         raise click.BadParameter(f"secret {guid}: not hexadecimal (use @FILE for raw bytes)") from None
 
 
+SEV_POLICY_ES: Final = 0x4
+
+
 def build_profile(
-    *, firmware: str | None, firmware_digest: str | None, policy: int, secrets: tuple[str, ...]
+    *, firmware: str | None, firmware_digest: str | None, policy: int, secrets: tuple[str, ...],
+    vcpus: int = 1,
 ) -> VmProfile:
     """The VM profile the options describe; ``click.UsageError``/``BadParameter`` if they do not."""
     from confmig.owner.measurement import firmware_digest as digest_of
@@ -95,7 +99,8 @@ def build_profile(
         raise click.UsageError("give exactly one of --firmware PATH and --firmware-digest HEX")
     if firmware is not None:
         try:
-            digest = digest_of(Path(firmware).read_bytes())
+            es_vcpus = vcpus if policy & SEV_POLICY_ES else 0
+            digest = digest_of(Path(firmware).read_bytes(), sev_es_vcpus=es_vcpus)
         except OSError as exc:
             raise click.BadParameter(f"cannot read {firmware}: {exc.strerror}", param_hint="--firmware") \
                 from None
@@ -131,9 +136,11 @@ def owner() -> None:
               help=f"Directory for '{URL_FILE}' (the URL served) and '{AUDIT_FILE}' (verdicts, no keys).")
 @click.option("--session-ttl", default=300.0, show_default=True, type=click.FloatRange(min=1.0),
               help="Seconds a launch session waits for its measurement.")
+@click.option("--vcpus", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="With an SEV-ES policy and --firmware: the vCPUs whose VMSAs the launch measures.")
 def serve(amd_root: str | None, ark_hash: str | None, firmware: str | None, firmware_digest: str | None,
           policy: str, secrets: tuple[str, ...], vm: str, listen: str, state_dir: str | None,
-          session_ttl: float) -> None:
+          session_ttl: float, vcpus: int) -> None:
     """Run the key broker: release a VM's secrets only to the launch the owner expects."""
     from confmig.common.errors import ConfigError
     from confmig.common.paths import default_amd_root
@@ -146,7 +153,7 @@ def serve(amd_root: str | None, ark_hash: str | None, firmware: str | None, firm
                         format="%(asctime)s owner[%(process)d] %(levelname)s %(message)s")
     host, port = parse_listen(listen)
     profile = build_profile(firmware=firmware, firmware_digest=firmware_digest,
-                            policy=parse_policy(policy), secrets=secrets)
+                            policy=parse_policy(policy), secrets=secrets, vcpus=vcpus)
     pin = parse_hex(ark_hash, 48, "--ark-hash") if ark_hash is not None else None
     try:
         root = AmdRoot.load(Path(amd_root) if amd_root else default_amd_root(), pin=pin)
@@ -182,8 +189,10 @@ def serve(amd_root: str | None, ark_hash: str | None, firmware: str | None, firm
 
 @owner.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-def digest(path: str) -> None:
+@click.option("--sev-es-vcpus", default=0, show_default=True, type=click.IntRange(0, 16),
+              help="An SEV-ES launch of this many vCPUs (their reset VMSAs are measured too).")
+def digest(path: str, sev_es_vcpus: int) -> None:
     """Print the launch digest of a firmware image (what --firmware-digest expects)."""
     from confmig.owner.measurement import firmware_digest
 
-    click.echo(firmware_digest(Path(path).read_bytes()).hex())
+    click.echo(firmware_digest(Path(path).read_bytes(), sev_es_vcpus=sev_es_vcpus).hex())

@@ -25,18 +25,21 @@ from confmig.platform.psp.measure import (
 from confmig.platform.psp.policy import GuestPolicy
 from confmig.platform.psp.session import TransportKeys
 from confmig.platform.psp.version import FirmwareVersion
+from confmig.platform.psp.vmsa import RESET_REGISTERS, vmsa_image
 
 POLICY_MAX: Final = 0xFFFF_FFFF
 
 
-def firmware_digest(image: bytes) -> bytes:
+def firmware_digest(image: bytes, *, sev_es_vcpus: int = 0) -> bytes:
     """The launch digest of a firmware image the host imports whole, as confmig's VMM does.
 
     LAUNCH_UPDATE_DATA hashes the plaintext it imports, in order and in chunks
     of its scratch buffer; SHA-256 does not see the chunking, so this is
-    SHA-256 of the image.
+    SHA-256 of the image. An SEV-ES launch then imports each vCPU's VMSA with
+    LAUNCH_UPDATE_VMSA, in vCPU order; the VMM sets no register before the
+    launch, so each is the reset state (``sev_es_vcpus`` of them).
     """
-    return launch_digest([image])
+    return launch_digest([image, *[vmsa_image(RESET_REGISTERS)] * sev_es_vcpus])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
