@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections.abc import Mapping
 
@@ -166,3 +167,26 @@ def test_migrating_without_the_targets_certificates_is_a_clear_error(
     result = migrate(src, dst, settings=MigrationSettings(downtime_limit_ms=300))
     assert result.status == "failed" and "sev-pdh" in result.info["error-desc"]
     assert src.qmp.execute("query-status")["status"] == "running"
+
+
+def test_migrate_cancel_sends_send_cancel_and_the_guest_runs_on(lab: Lab,
+                                                                 hosts: tuple[HostProc, HostProc]) -> None:
+    src, dst = sev_pair(lab, hosts)
+    slow = MigrationSettings(downtime_limit_ms=300, max_bandwidth=400_000, sev_target_certs=True,
+                             amd_root=lab.amd_root)
+    configure(src, slow)
+    configure(dst, slow)
+    src.qmp.execute("migrate-set-parameters", **sev_target_certificates(dst, lab.amd_root))
+    src.qmp.execute("migrate", uri=incoming_uri(dst))
+    deadline = time.monotonic() + 30
+    while src.qmp.execute("query-sev")["state"] != "send-update" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert src.qmp.execute("query-sev")["state"] == "send-update"  # SEND_START done, pages flowing
+    src.qmp.execute("migrate_cancel")
+    while src.qmp.execute("query-migrate")["status"] not in ("cancelled", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert src.qmp.execute("query-migrate")["status"] == "cancelled"
+    assert src.qmp.execute("query-sev")["state"] == "running"  # SEND_CANCEL
+    assert src.qmp.execute("query-status")["status"] == "running"
+    assert src.selfcheck().startswith("confmig-selfcheck: PASS")
