@@ -23,14 +23,21 @@ def cli() -> None:
 @click.option("--state-dir", default=None, help="Where the host keeps its identity (PSP keys).")
 @click.option("--amd-root", default=None,
               help="The installation's emulated AMD root (default: shared by all hosts of this user).")
-def host(socket_path: str, state_dir: str | None, amd_root: str | None) -> None:
+@click.option("--psp-latency-us", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="PSP cost model (an assumption): microseconds added to every PSP command.")
+@click.option("--psp-bandwidth-mbps", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="PSP cost model (an assumption): MB/s of guest data through the PSP (0: unlimited).")
+def host(socket_path: str, state_dir: str | None, amd_root: str | None, psp_latency_us: float,
+         psp_bandwidth_mbps: float) -> None:
     """Run one emulated host: the KVM kernel and the silicon."""
     from confmig.hostd.main import serve
+    from confmig.platform.psp.cost import PspCostModel
 
     logging.basicConfig(level=os.environ.get("CONFMIG_LOG", "WARNING"),
                         format="%(asctime)s host[%(process)d] %(levelname)s %(message)s")
     try:
-        serve(socket_path, state_dir, amd_root=amd_root)
+        serve(socket_path, state_dir, amd_root=amd_root,
+              psp_cost=PspCostModel(command_latency=psp_latency_us / 1e6, bandwidth=psp_bandwidth_mbps * 1e6))
     except OSError as exc:
         raise click.ClickException(f"cannot serve {socket_path}: {exc.strerror or exc}") from None
 

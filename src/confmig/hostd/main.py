@@ -16,11 +16,13 @@ from confmig.kvm.host import KvmHost
 from confmig.kvm.sev import MIN_SEV_ASID
 from confmig.platform.mee import KeySlots, MemoryEncryptionEngine
 from confmig.platform.psp import PlatformIdentity, PspConfig, PspMailbox, SecureProcessor, TmrMemory
+from confmig.platform.psp.cost import NO_COST, PspCostModel
 
 log = logging.getLogger("confmig.host")
 
 
-def build_host(identity: PlatformIdentity, *, rom: str = DEFAULT_ROM) -> KvmHost:
+def build_host(identity: PlatformIdentity, *, rom: str = DEFAULT_ROM,
+               psp_cost: PspCostModel = NO_COST) -> KvmHost:
     """One host's kernel and silicon, wired: KVM gets the PSP's mailbox and the SPA window
     of its memory; the platform's shared state (the UMC key slots, the SEV-ES TMR) goes to
     the PSP and, by descriptor, straight to every vCPU process."""
@@ -28,20 +30,25 @@ def build_host(identity: PlatformIdentity, *, rom: str = DEFAULT_ROM) -> KvmHost
     tmr = TmrMemory.shared()
     host = KvmHost(SubprocessLauncher(rom, key_slots_fd=slots.fd, tmr_fd=tmr.fd))
     memory = HostMemoryPort(host.spa_window, MemoryEncryptionEngine(slots))
-    config = PspConfig(min_sev_asid=MIN_SEV_ASID)  # as KVM's allocator: SEV-ES ASIDs below it
+    config = PspConfig(min_sev_asid=MIN_SEV_ASID, cost=psp_cost)  # SEV-ES ASIDs below the minimum
     host.psp = PspMailbox(SecureProcessor(identity, memory=memory, keys=slots, config=config, tmr=tmr))
     return host
 
 
 def serve(socket_path: str, state_dir: str | None = None, *, amd_root: str | None = None,
-          rom: str = DEFAULT_ROM, ready: threading.Event | None = None) -> None:
+          rom: str = DEFAULT_ROM, ready: threading.Event | None = None,
+          psp_cost: PspCostModel = NO_COST) -> None:
     """Run a host. Its identity (the platform's SEV keys and certificates) lives in
     ``state_dir``; the emulated AMD root that certifies every host of this
     installation lives in ``amd_root``."""
     state = Path(state_dir) if state_dir else default_host_state_dir(socket_path)
     root = Path(amd_root) if amd_root else default_amd_root()
     identity = PlatformIdentity.load_or_create(state, amd_root_dir=root)
-    host = build_host(identity, rom=rom)
+    host = build_host(identity, rom=rom, psp_cost=psp_cost)
+    if psp_cost.enabled:
+        log.warning("PSP cost model (an assumption, not a measurement): %.1f us per command, %s",
+                    psp_cost.command_latency * 1e6,
+                    f"{psp_cost.bandwidth / 1e6:.1f} MB/s" if psp_cost.bandwidth else "unlimited bandwidth")
     host.listen(socket_path)
     log.info("host %d serving %s", os.getpid(), socket_path)
 
