@@ -11,7 +11,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 from relay import Relay
@@ -32,8 +32,14 @@ PRIVATE_MAGICS = (b"CMKERN01", b"CMBOOT01", b"CMVARS01")
 DISK_PASSPHRASE_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
 PSP_PAGE_RECORD = re.compile(re.escape(bytes.fromhex("0000000000000800") + b"\x01") + b"....\x02", re.S)
 """A CONFIDENTIAL record (flag 0x800), subtype PSP_PACKET, kind PAGE."""
-PAGE_RECORD_TRANS = 13 + 1 + 8 + 4 + 52 + 4
-"""Where the transport data starts in such a record."""
+PSP_PAGE_HEAD = re.compile(PSP_PAGE_RECORD.pattern + b"(.{8})", re.S)
+"""... and its GPA."""
+PSP_PAGE_HEAD_SIZE = 13 + 1 + 8
+PAGE_RECORD_PACKET = PSP_PAGE_HEAD_SIZE
+"""Where the packet (u32 hdr_len, header, u32 trans_len, data) starts in such a record."""
+PAGE_PACKET_SIZE = 4 + 52 + 4 + 4096
+PAGE_RECORD_TRANS = PAGE_RECORD_PACKET + 4 + 52 + 4
+"""Where the transport data starts."""
 
 
 def sev_pair(lab: Lab, hosts: tuple[HostProc, HostProc], *, guest: str = DIRTY, policy: int = 0x1,
@@ -47,7 +53,7 @@ def sev_pair(lab: Lab, hosts: tuple[HostProc, HostProc], *, guest: str = DIRTY, 
     return src, dst
 
 
-def through(lab: Lab, relay_factory: type[Relay], src: VmProc, dst: VmProc,
+def through(lab: Lab, relay_factory: Callable[..., Relay], src: VmProc, dst: VmProc,
             **relay: object) -> tuple[str, Relay]:
     """Start the target listening; return a URI that reaches it through a relay."""
     configure(dst, settings(lab))
@@ -98,8 +104,8 @@ def test_the_stream_carries_no_plaintext_and_no_key(lab: Lab, hosts: tuple[HostP
     assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
 
 
-class TamperingRelay(Relay):
-    """Flips one byte in the transport data of the Nth PSP page record it forwards."""
+class PageRecordRelay(Relay):
+    """Finds the Nth PSP page record it forwards and rewrites part of it (see ``edit``)."""
 
     NTH = 20
 
@@ -107,23 +113,72 @@ class TamperingRelay(Relay):
         self.window = bytearray()
         self.window_start = 0
         self.found = 0
-        self.flip_at: int | None = None
+        self.last_match = -1
+        self.edit_at: int | None = None
+        self.edit_bytes = b""
+        self.xor = True
         super().__init__(target, tamper=self._tamper)
+
+    def edit(self, record_start: int, gpa: int) -> tuple[int, bytes, bool] | None:
+        """(absolute stream offset, bytes, XOR (True) or replace (False)) for the found record;
+        None: not this one, try the next."""
+        raise NotImplementedError
 
     def _tamper(self, chunk: bytearray, offset: int) -> None:
         self.window += chunk
-        if self.flip_at is None:
-            for m in PSP_PAGE_RECORD.finditer(self.window):
+        if self.edit_at is None:
+            for m in PSP_PAGE_HEAD.finditer(self.window):
+                start = self.window_start + m.start()
+                if start <= self.last_match:
+                    continue  # seen in the previous window's tail
+                self.last_match = start
                 self.found += 1
-                if self.found == self.NTH:
-                    self.flip_at = self.window_start + m.start() + PAGE_RECORD_TRANS + 100
-                    break
-            else:  # keep a tail in case a record header straddles two chunks
-                keep = 16
-                self.window_start += max(0, len(self.window) - keep)
-                self.window = self.window[-keep:]
-        if self.flip_at is not None and offset <= self.flip_at < offset + len(chunk):
-            chunk[self.flip_at - offset] ^= 0x01
+                if self.found >= self.NTH:
+                    edit = self.edit(start, int.from_bytes(m.group(1), "big"))
+                    if edit is not None:
+                        self.edit_at, self.edit_bytes, self.xor = edit
+                        break
+            keep = PSP_PAGE_HEAD_SIZE  # a record head may straddle two chunks
+            self.window_start += max(0, len(self.window) - keep)
+            self.window = self.window[-keep:]
+        if self.edit_at is None:
+            return
+        for i, b in enumerate(self.edit_bytes):  # the part of the edit inside this chunk
+            pos = self.edit_at + i - offset
+            if 0 <= pos < len(chunk):
+                chunk[pos] = chunk[pos] ^ b if self.xor else b
+
+
+class TamperingRelay(PageRecordRelay):
+    """Flips one bit in the transport data of the Nth PSP page record."""
+
+    def edit(self, record_start: int, gpa: int) -> tuple[int, bytes, bool] | None:
+        return record_start + PAGE_RECORD_TRANS + 100, b"\x01", True
+
+
+class ReplayingRelay(PageRecordRelay):
+    """Puts, in place of the Nth PSP page record's packet, the packet an earlier migration
+    carried for the same guest page (same GPA, same length: a clean replay)."""
+
+    def __init__(self, target: tuple[str, int], earlier: dict[int, bytes]) -> None:
+        self.earlier = earlier
+        self.replayed_gpa: int | None = None
+        super().__init__(target)
+
+    def edit(self, record_start: int, gpa: int) -> tuple[int, bytes, bool] | None:
+        if gpa not in self.earlier:
+            return None
+        self.replayed_gpa = gpa
+        return record_start + PAGE_RECORD_PACKET, self.earlier[gpa], False
+
+
+def page_packets(stream: bytes) -> dict[int, bytes]:
+    """GPA -> packet (u32 hdr_len, header, u32 trans_len, data) of every PSP page record."""
+    out = {}
+    for m in PSP_PAGE_HEAD.finditer(stream):
+        start = m.start() + PAGE_RECORD_PACKET
+        out[int.from_bytes(m.group(1), "big")] = stream[start : start + PAGE_PACKET_SIZE]
+    return out
 
 
 def test_a_tampered_packet_is_refused_and_the_source_runs_on(lab: Lab,
@@ -131,7 +186,7 @@ def test_a_tampered_packet_is_refused_and_the_source_runs_on(lab: Lab,
     src, dst = sev_pair(lab, hosts)
     uri, relay = through(lab, TamperingRelay, src, dst)
     result = migrate(src, None, uri, settings=settings(lab))
-    assert isinstance(relay, TamperingRelay) and relay.flip_at is not None
+    assert isinstance(relay, TamperingRelay) and relay.edit_at is not None
     assert result.status == "failed"
     target_error = dst.qmp.execute("query-migrate").get("error-desc", "")
     assert "RECEIVE_UPDATE_DATA" in target_error and "BAD_MEASUREMENT" in target_error
@@ -190,3 +245,25 @@ def test_migrate_cancel_sends_send_cancel_and_the_guest_runs_on(lab: Lab,
     assert src.qmp.execute("query-sev")["state"] == "running"  # SEND_CANCEL
     assert src.qmp.execute("query-status")["status"] == "running"
     assert src.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_a_packet_replayed_from_an_earlier_migration_is_refused(lab: Lab,
+                                                                hosts: tuple[HostProc, HostProc]) -> None:
+    """Migrate A -> B, recording; then B -> A with one page's packet swapped for the one the
+    first migration carried for that page. Another session, another TEK/TIK: refused."""
+    src, mid = sev_pair(lab, hosts)
+    uri, first = through(lab, Relay, src, mid)
+    assert migrate(src, None, uri, settings=settings(lab)).status == "completed"
+    earlier = page_packets(bytes(first.seen))
+    assert len(earlier) >= 512
+    back = lab.vm("back", hosts[0], ram="64M", guest=DIRTY, incoming="defer",
+                  extra=["-object", "sev-guest,id=sev0,policy=0x1", "-machine",
+                         "q35,confidential-guest-support=sev0"])
+    uri, relay = through(lab, lambda target: ReplayingRelay(target, earlier), mid, back)
+    result = migrate(mid, None, uri, settings=settings(lab))
+    assert isinstance(relay, ReplayingRelay) and relay.replayed_gpa is not None
+    assert result.status == "failed"
+    target_error = back.qmp.execute("query-migrate").get("error-desc", "")
+    assert "RECEIVE_UPDATE_DATA" in target_error and "BAD_MEASUREMENT" in target_error
+    assert mid.qmp.execute("query-status")["status"] == "running"
+    assert mid.selfcheck().startswith("confmig-selfcheck: PASS")

@@ -354,12 +354,19 @@ class Machine:
     def save_cpu(self, vcpu: VcpuThread) -> CpuState:
         fd = vcpu.fd
         regs = (0,) * REGS_COUNT if self._registers_protected else fd.get_regs()
-        return CpuState(regs=regs, msrs=fd.get_msrs(list(MSRS_TO_MIGRATE)), mp_state=fd.get_mp_state())
+        msrs = fd.get_msrs(list(MSRS_TO_MIGRATE))
+        if self.sev is not None:
+            # Writes of this MSR exit to us (the MSR filter): its value is the VMM's to keep.
+            msrs[MSR_KVM_MIGRATION_CONTROL] = self.sev.migration_control
+        return CpuState(regs=regs, msrs=msrs, mp_state=fd.get_mp_state())
 
     def load_cpu(self, vcpu: VcpuThread, state: CpuState) -> None:
         fd = vcpu.fd
         if not self._registers_protected:
             fd.set_regs(state.regs)
+        if self.sev is not None and MSR_KVM_MIGRATION_CONTROL in state.msrs:
+            # The guest enabled migration on the source; it will not write the MSR again.
+            self.sev.wrmsr(MSR_KVM_MIGRATION_CONTROL, state.msrs[MSR_KVM_MIGRATION_CONTROL])
         fd.set_msrs(state.msrs)
         fd.set_mp_state(state.mp_state)
 

@@ -292,6 +292,11 @@ class SevGuest:
             self.migration_enabled.clear()
         return True
 
+    @property
+    def migration_control(self) -> int:
+        """``MSR_KVM_MIGRATION_CONTROL`` as the guest last wrote it (it migrates with the vCPUs)."""
+        return KVM_MIGRATION_READY if self.migration_enabled.is_set() else 0
+
     def blockers(self) -> list[str]:
         return [] if self.migration_enabled.is_set() else [BLOCKER_NOT_ENABLED]
 

@@ -105,8 +105,18 @@ class PspPageSink:
         if shared.any():
             total = self.plain.pages(block, indices[shared])
             self.counters.shared_pages += len(indices[shared])
+        private = ~shared
+        # A private page that is all zero on the host's side was never written through the
+        # memory encryption (ciphertext is never all zero): it goes as a zero page, which
+        # leaves the target's host-side bytes the same, as for never-written pages.
+        untouched = private & ~block.pages[indices].any(axis=1)
+        if untouched.any():
+            z = self.plain.zeros(block, indices[untouched])
+            total.zero += z.zero
+            total.bytes += z.bytes
+            private &= ~untouched
         records = []
-        for gpa in gpas[~shared]:
+        for gpa in gpas[private]:
             hdr, trans = self.sev.send_update_data(int(gpa))
             records.append(page_record(int(gpa), hdr, trans))
         if records:
