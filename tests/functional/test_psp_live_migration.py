@@ -267,3 +267,19 @@ def test_a_packet_replayed_from_an_earlier_migration_is_refused(lab: Lab,
     assert "RECEIVE_UPDATE_DATA" in target_error and "BAD_MEASUREMENT" in target_error
     assert mid.qmp.execute("query-status")["status"] == "running"
     assert mid.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_a_migrated_sev_guest_migrates_again(lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+    """A -> B -> A: the guest's consent (MSR_KVM_MIGRATION_CONTROL) and its shared-regions list
+    travel with it; pages it never touched go as zero pages, not through the PSP."""
+    src, mid = sev_pair(lab, hosts)
+    first = migrate(src, mid, settings=settings(lab))
+    assert first.status == "completed"
+    back = lab.vm("back", hosts[0], ram="64M", guest=DIRTY, incoming="defer", extra=sev_args())
+    assert mid.qmp.execute("query-migrate").get("blocked-reasons") is None
+    second = migrate(mid, back, settings=settings(lab))
+    assert second.status == "completed", second.info.get("error-desc")
+    c1 = first.info["x-confmig"]["confidential"]
+    c2 = second.info["x-confmig"]["confidential"]
+    assert c2["private-pages"] < 2 * c1["private-pages"]  # not all 16 K pages of a preallocated target
+    assert back.selfcheck().startswith("confmig-selfcheck: PASS")
