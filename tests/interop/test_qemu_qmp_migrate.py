@@ -148,3 +148,42 @@ def test_legacy_sync_client_queries_and_pauses_a_real_vm(lab: Lab) -> None:
     finally:
         monitor.close()
     assert vm.selfcheck(timeout=TIMEOUT).startswith("confmig-selfcheck: PASS")
+
+
+def test_qemu_qmp_client_drives_an_sev_migration_the_libvirt_way(lab: Lab) -> None:
+    """libvirt's SEV migration, step by step: the target's certificates from its
+    query-sev-capabilities into the source's migrate-set-parameters, then migrate."""
+    import base64
+
+    from confmig.platform.psp.identity import amd_chain
+
+    sev = ["-object", "sev-guest,id=sev0,policy=0x1", "-machine", "q35,confidential-guest-support=sev0"]
+    src_vm = lab.vm("src", lab.host("hostA"), ram="64M", guest=GUEST, extra=sev)
+    src_vm.wait_console(PREFILLED, timeout=TIMEOUT)
+    dst_vm = lab.vm("dst", lab.host("hostB"), ram="64M", guest=GUEST, incoming="defer", extra=sev)
+
+    async def session() -> Any:
+        src = await connected("src", src_vm.qmp_path)
+        dst = await connected("dst", dst_vm.qmp_path)
+        assert (await src.execute("query-sev"))["state"] == "running"
+        caps: Any = await dst.execute("query-sev-capabilities")
+        await src.execute("migrate-set-parameters", {
+            "sev-pdh": caps["pdh"], "sev-plat-cert": caps["cert-chain"],
+            "sev-amd-cert": base64.b64encode(amd_chain(lab.amd_root)).decode()})
+        params: Any = await src.execute("query-migrate-parameters")
+        assert params["sev-pdh"] == caps["pdh"]
+        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        address = (await dst.execute("query-migrate"))["socket-address"][0]  # type: ignore[index]
+        await src.execute("migrate", {"uri": f"tcp:{address['host']}:{address['port']}"})
+        while (info := await src.execute("query-migrate"))["status"] not in (  # type: ignore[index]
+                "completed", "failed", "cancelled"):
+            await asyncio.sleep(0.05)
+        assert (await dst.execute("query-sev"))["state"] == "running"
+        await src.disconnect()
+        await dst.disconnect()
+        return info
+
+    info = asyncio.run(asyncio.wait_for(session(), TIMEOUT))
+    assert info["status"] == "completed", info.get("error-desc")
+    assert info["x-confmig"]["confidential"]["private-pages"] >= 4096
+    assert dst_vm.selfcheck(timeout=TIMEOUT).startswith("confmig-selfcheck: PASS")
