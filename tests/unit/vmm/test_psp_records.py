@@ -1,0 +1,128 @@
+"""The PSP path's stream records: what the target accepts, and the clear error for anything else."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from confmig.common.errors import ConfigError, StreamError
+from confmig.proto.stream import decoder as dec
+from confmig.proto.stream.format import ConfidentialSubtype
+from confmig.vmm.memory import GuestMemory
+from confmig.vmm.migration import psp
+from confmig.vmm.migration.params import MigrationParameters
+from confmig.vmm.migration.stats import ConfidentialCounters
+from confmig.vmm.shared_regions import SharedRegions
+
+HDR, TRANS = b"h" * 52, b"t" * 4096
+
+
+@dataclass
+class FakeConfig:
+    es: bool = False
+
+
+@dataclass
+class FakeSev:
+    """Records what KVM would have been asked; the PSP's own checks are tested elsewhere."""
+
+    config: FakeConfig = field(default_factory=FakeConfig)
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+    shared: SharedRegions = field(default_factory=SharedRegions)
+
+    def receive_start(self, policy: int, pdh: bytes, session: bytes) -> None:
+        self.calls.append(("start", policy, len(pdh), len(session)))
+
+    def receive_update_data(self, gpa: int, hdr: bytes, trans: bytes) -> None:
+        self.calls.append(("page", gpa))
+
+    def receive_update_vmsa(self, vcpu_id: int, hdr: bytes, trans: bytes) -> None:
+        self.calls.append(("vmsa", vcpu_id))
+
+
+def landing(es: bool = False) -> tuple[psp.PspLanding, FakeSev]:
+    sev = FakeSev(config=FakeConfig(es=es))
+    memory = GuestMemory.pc(16 << 20)
+    return psp.PspLanding(sev, memory, ConfidentialCounters(backend="psp"), {0, 1}), sev  # type: ignore[arg-type]
+
+
+def payload(record: bytes) -> tuple[ConfidentialSubtype, bytes]:
+    d = dec.StreamDecoder()
+    # A CONFIDENTIAL record only decodes inside a ram section: wrap it as the engine sends it.
+    d.receive_data(b"QEVM\x00\x00\x00\x03\x07\x00\x00\x00\x0apc-q35-7.2")
+    d.receive_data(b"\x01\x00\x00\x00\x00\x03ram\x00\x00\x00\x00\x00\x00\x00\x04")
+    d.receive_data(struct.pack(">Q", 16 << 20 | 0x04) + b"\x06pc.ram" + struct.pack(">Q", 16 << 20))
+    d.receive_data(struct.pack(">Q", 0x10) + b"\x7e\x00\x00\x00\x00")
+    d.receive_data(b"\x02\x00\x00\x00\x00" + record)
+    while True:
+        ev = d.next_event()
+        if isinstance(ev, dec.Confidential):
+            return ev.subtype, ev.payload
+
+
+def session() -> bytes:
+    return payload(psp.session_record(1, b"p" * 2084, b"s" * 128))[1]
+
+
+def test_records_round_trip_through_the_stream_codec() -> None:
+    land, sev = landing(es=True)
+    for record in (psp.session_record(1, b"p" * 2084, b"s" * 128), psp.page_record(0x3000, HDR, TRANS),
+                   psp.vmsa_record(1, HDR, TRANS)):
+        land.record(*payload(record))
+    shared = SharedRegions()
+    shared.update(1, 1, shared=True)
+    land.record(*payload(psp.shared_regions_record(shared)))
+    assert sev.calls == [("start", 1, 2084, 128), ("page", 0x3000), ("vmsa", 1)]
+    assert land.vmsas == {1} and sev.shared.is_shared(1)
+
+
+@pytest.mark.parametrize("records, message", [
+    ([psp.page_record(0x3000, HDR, TRANS)], "before the PSP session"),
+    ([psp.session_record(1, b"p", b"s"), psp.session_record(1, b"p", b"s")], "a second PSP session"),
+    ([psp.session_record(1, b"p", b"s"), psp.page_record(0x3001, HDR, TRANS)], "not one whole page"),
+    ([psp.session_record(1, b"p", b"s"), psp.page_record(0x3000, HDR, TRANS[:100])], "not one whole page"),
+    ([psp.session_record(1, b"p", b"s"), psp.page_record(1 << 40, HDR, TRANS)], "outside guest RAM"),
+    ([psp.session_record(1, b"p", b"s"), psp.vmsa_record(0, HDR, TRANS)], "not SEV-ES"),
+    ([psp.session_record(1, b"p" * 20_000, b"s")], "PDH of 20000 bytes"),
+])
+def test_bad_records_are_one_clear_error(records: list[bytes], message: str) -> None:
+    land, _sev = landing()
+    with pytest.raises(StreamError, match=message):
+        for record in records:
+            land.record(*payload(record))
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"", "empty PSP record"),
+    (b"\x09", "unknown PSP record kind 9"),
+    (b"\x01\x00\x00", "truncated"),
+    (b"\x02" + struct.pack(">QI", 0x3000, 52) + HDR + struct.pack(">I", 4096) + TRANS + b"x", "trailing"),
+])
+def test_malformed_payloads_are_refused(raw: bytes, message: str) -> None:
+    land, _sev = landing()
+    if raw[:1] == b"\x02":
+        land.record(ConfidentialSubtype.PSP_PACKET, session())
+    with pytest.raises(StreamError, match=message):
+        land.record(ConfidentialSubtype.PSP_PACKET, raw)
+
+
+def test_a_vmsa_for_an_unknown_or_repeated_vcpu_is_refused() -> None:
+    land, _sev = landing(es=True)
+    land.record(ConfidentialSubtype.PSP_PACKET, session())
+    land.record(*payload(psp.vmsa_record(0, HDR, TRANS)))
+    for vcpu in (0, 7):
+        with pytest.raises(StreamError, match=f"vCPU {vcpu}"):
+            land.record(*payload(psp.vmsa_record(vcpu, HDR, TRANS)))
+
+
+@pytest.mark.parametrize("value, message", [
+    (42, "expected: string"), ("not base64!", "not valid base64"), ("A" * 70_000, "longer than"),
+])
+def test_sev_certificate_parameters_are_checked(value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        MigrationParameters().with_parameters({"sev-pdh": value})
+    ok = MigrationParameters().with_parameters({"sev-pdh": "AAAA", "sev-amd-cert": ""})
+    assert ok.qmp_parameters()["sev-pdh"] == "AAAA"
