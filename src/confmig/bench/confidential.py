@@ -12,8 +12,6 @@ commands per second, and the ratio of the two paths' throughputs.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab
+from confmig.bench.perf import machine_info
 from confmig.bench.scenario import MigrationSettings, migrate, sev_args
 from confmig.common.units import GiB, parse_size
 
@@ -69,8 +68,7 @@ def run_psp_benchmark(*, save_dir: str | None, ram: str = "1G") -> dict[str, Any
     plain, psp = rows
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "kernel": platform.release()},
+        "machine": machine_info(),
         "ram_gib": parse_size(ram) / GiB,
         "guest": GUEST,
         "psp_cost_model": "none (the structural cost: one command per page through KVM to the PSP)",

@@ -35,6 +35,11 @@ BUSY_WINDOW_S = 3.0
 BUSY_REPS = 3
 
 
+def machine_info() -> dict[str, object]:
+    """What a saved result says about where it was measured."""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
+
+
 # --- the ceiling: raw loopback TCP, sender and receiver in two processes ------------------------
 
 def _loopback_receiver(port_q: mp.Queue[int], total: int) -> None:
@@ -224,8 +229,7 @@ def run_benchmarks(*, save_dir: str | None, quick: bool) -> dict[str, Any]:
     }
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "kernel": platform.release()},
+        "machine": machine_info(),
         "quick": quick,
         "loopback_ceiling_GBps": ceiling,
         "loopback_ceilings_GBps": ceilings,
