@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import socket
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from confmig.vmm.machine import CpuState, Machine
 from confmig.vmm.migration.multifd import MultifdReceiver
 from confmig.vmm.migration.outgoing import MIG_RP_MSG_SHUT, RP_HEADER
 from confmig.vmm.migration.params import MigrationParameters
-from confmig.vmm.migration.psp import PspLanding
+from confmig.vmm.migration.psp import PspLanding, bound_socket_buffer
 from confmig.vmm.migration.ram import RamLanding
 from confmig.vmm.migration.stats import ConfidentialCounters, MigrationStats
 from confmig.vmm.migration.status import MigrationStatus
@@ -177,6 +178,8 @@ class IncomingMigration(threading.Thread):
             raise StreamError("confidential records need an SEV guest on this side "
                               "(-object sev-guest ... -machine confidential-guest-support=...)")
         if self._psp is None:
+            if self._main is not None:
+                bound_socket_buffer(self._main.sock, socket.SO_RCVBUF)
             self.stats.confidential = ConfidentialCounters(backend="psp")
             self._psp = PspLanding(sev, self.machine.memory, self.stats.confidential,
                                    {v.fd.vcpu_id for v in self.machine.vcpus})

@@ -27,6 +27,7 @@ are shared before its guest runs.
 
 from __future__ import annotations
 
+import socket
 import struct
 from enum import IntEnum
 from typing import Final
@@ -50,6 +51,11 @@ MAX_CERT: Final = 16 * 1024
 MAX_SESSION: Final = 0x4000
 """SEV_FW_BLOB_MAX_SIZE: what KVM accepts for a session blob."""
 MAX_PACKET_HEADER: Final = 0x100
+SOCKET_BUFFER: Final = 256 * 1024
+"""Socket buffers of a PSP migration, each way. The target's PSP is the bottleneck
+(one RECEIVE_UPDATE_DATA per page): whatever sits in the buffers at switch-over is
+downtime the source's estimate cannot see, so they are kept small (~10 ms of PSP
+work here) instead of the megabytes TCP autotuning grows them to."""
 
 
 class PspRecord(IntEnum):
@@ -89,6 +95,12 @@ def block_gpas(block: RamBlock, indices: npt.NDArray[np.int64]) -> npt.NDArray[n
     return gpas
 
 
+def bound_socket_buffer(sock: socket.socket | None, option: int) -> None:
+    """Keep a PSP migration's in-flight bytes small (:data:`SOCKET_BUFFER`)."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+
+
 class PspPageSink:
     """Private pages through the PSP, one SEND_UPDATE_DATA each; shared ones as plain RAM."""
 
@@ -96,6 +108,7 @@ class PspPageSink:
         self.plain = plain
         self.sev = sev
         self.counters = counters
+        bound_socket_buffer(plain.channel.sock, socket.SO_SNDBUF)
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         gpas = block_gpas(block, indices)
