@@ -64,12 +64,11 @@ class Relay:
                 if chunk:
                     dst.sendall(chunk)
                 if forward and self.cut_after is not None and self.forwarded >= self.cut_after:
-                    for s in (src, dst):
-                        s.shutdown(socket.SHUT_RDWR)
-                    return
-        for s in (src, dst):
+                    break
+        for s in (src, dst):  # one side is done: so is the relay, as a proxy closing both
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+            s.close()
 
     def close(self) -> None:
         self._listener.close()
