@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,7 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from confmig.bench.lab import WORKING_SET_WRITTEN, Lab
+from confmig.bench.firmware import default_bios
+from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, VmProc
+from confmig.bench.launch import DISK_PASSPHRASE_GUID
 from confmig.bench.scenario import MigrationSettings, migrate, sev_args, two_hosts, wait_guest_ready
 from confmig.common.units import parse_size
 
@@ -35,6 +39,21 @@ class DemoOptions:
         return self.guest
 
 
+def _sev_pair(lab: Lab, opts: DemoOptions, audit: Callable[[Mapping[str, object]], None]
+              ) -> tuple[VmProc, VmProc]:
+    """An SEV source launched with its owner's attestation (the owner runs in this process and
+    releases a disk key only to the expected firmware), and its target waiting."""
+    a, b = lab.host("hostA"), lab.host("hostB")
+    policy = 0x5 if opts.sev_es else 0x1
+    owner = lab.owner(firmware=default_bios(), policy=policy, audit=audit,
+                      secrets=[(DISK_PASSPHRASE_GUID, os.urandom(32))])
+    src = lab.vm("src", a, ram=opts.ram, guest=opts.guest_arg(),
+                 extra=sev_args(es=opts.sev_es, extra=f",owner={owner.url}"))
+    dst = lab.vm("dst", b, ram=opts.ram, guest=opts.guest_arg(), incoming="defer",
+                 extra=sev_args(es=opts.sev_es))
+    return src, dst
+
+
 def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
     console = Console(stderr=as_json, quiet=False)
     confidential = opts.mode == "psp"
@@ -43,8 +62,13 @@ def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
                                      max_bandwidth=opts.max_bandwidth, channels=opts.channels,
                                      sev_target_certs=confidential, amd_root=lab.amd_root)
         console.print(f"[bold]confmig demo[/]: two emulated hosts in {lab.root}")
-        extra = sev_args(es=opts.sev_es) if confidential else []
-        src, dst = two_hosts(lab, ram=opts.ram, guest=opts.guest_arg(), extra=extra)
+        verdicts: list[Mapping[str, object]] = []
+        if confidential:
+            src, dst = _sev_pair(lab, opts, verdicts.append)
+            console.print("guest owner (in this process) attested the source's launch: "
+                          + ", ".join(str(v["event"]) for v in verdicts))
+        else:
+            src, dst = two_hosts(lab, ram=opts.ram, guest=opts.guest_arg())
         kind = f"{'SEV-ES' if opts.sev_es else 'SEV'} guest (PSP migration)" if confidential else "guest"
         console.print(f"source {kind} on hostA ({opts.ram}, workload: {opts.guest_arg()}); "
                       "target on hostB waiting (-incoming defer)")
