@@ -7,7 +7,9 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
+import confmig.owner.broker as broker_module
 from confmig.bench.lab import HostProc, Lab
+from confmig.platform.psp.session import LaunchSession
 
 LOG_TAIL = 4000
 """Characters of each log shown for a failed test: the end is where the error is."""
@@ -51,3 +53,18 @@ def _dump_logs(lab: Lab) -> None:
             continue
         print(f"----- {path.name} (last {LOG_TAIL} characters) -----")
         print(text[-LOG_TAIL:])
+
+
+@pytest.fixture
+def captured_keys(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The TEK and TIK of every launch session the in-process owner creates."""
+    keys: list[bytes] = []
+    real = broker_module.create_launch_session
+
+    def recording(*args: object, **kwargs: object) -> LaunchSession:
+        session = real(*args, **kwargs)  # type: ignore[arg-type]
+        keys.extend([session.keys.tek, session.keys.tik])
+        return session
+
+    monkeypatch.setattr(broker_module, "create_launch_session", recording)
+    return keys

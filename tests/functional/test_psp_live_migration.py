@@ -83,7 +83,8 @@ def test_a_running_sev_guest_migrates_through_the_psp(lab: Lab, hosts: tuple[Hos
     assert {"start": 0x1000, "size": 0x1000} in shared  # the list travelled with the guest
 
 
-def test_the_stream_carries_no_plaintext_and_no_key(lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+def test_the_stream_carries_no_plaintext_and_no_key(lab: Lab, hosts: tuple[HostProc, HostProc],
+                                                    captured_keys: list[bytes]) -> None:
     a, b = hosts
     passphrase = os.urandom(32)
     verdicts: list[Mapping[str, object]] = []
@@ -99,7 +100,8 @@ def test_the_stream_carries_no_plaintext_and_no_key(lab: Lab, hosts: tuple[HostP
     assert result.status == "completed", result.info.get("error-desc")
     stream = bytes(relay.seen)
     assert len(PSP_PAGE_RECORD.findall(stream)) >= 512
-    for canary in (passphrase, *PRIVATE_MAGICS):
+    assert len(captured_keys) == 2  # the launch's TEK and TIK, from the owner
+    for canary in (passphrase, *captured_keys, *PRIVATE_MAGICS):
         assert canary not in stream
     assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
 

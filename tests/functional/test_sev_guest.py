@@ -17,12 +17,10 @@ from collections.abc import Iterator, Mapping
 import pytest
 from relay import Relay
 
-import confmig.owner.broker as broker_module
 from confmig.bench.firmware import default_bios
 from confmig.bench.lab import SELFCHECK_RE, WORKING_SET_WRITTEN, WORKLOAD_READY_RE, HostProc, Lab, VmProc
 from confmig.bench.scenario import MigrationSettings, configure, incoming_uri, migrate
 from confmig.common.errors import ConfmigError
-from confmig.platform.psp.session import LaunchSession
 
 DISK_PASSPHRASE_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
 KERNEL_SEV_RE = re.compile(rb"confmig kernel: SEV: live migration (allowed|not allowed)[^\n]*")
@@ -55,21 +53,6 @@ def process_memory(pid: int) -> Iterator[bytes]:
 def vmm_pid(vm: VmProc) -> int:
     """The VMM's pid: ``confmig vm`` runs the VMM in its own process."""
     return vm.proc.pid
-
-
-@pytest.fixture
-def captured_keys(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """The TEK and TIK of every launch session the in-process owner creates."""
-    keys: list[bytes] = []
-    real = broker_module.create_launch_session
-
-    def recording(*args: object, **kwargs: object) -> LaunchSession:
-        session = real(*args, **kwargs)  # type: ignore[arg-type]
-        keys.extend([session.keys.tek, session.keys.tik])
-        return session
-
-    monkeypatch.setattr(broker_module, "create_launch_session", recording)
-    return keys
 
 
 def test_the_host_never_sees_the_owners_secret_the_guests_private_pages_or_a_key(
