@@ -252,9 +252,10 @@ class OutgoingMigration(threading.Thread):
         if "multifd" in self.params.capabilities:
             raise MigrationError("multifd is not supported for SEV guests: the PSP path sends every "
                                  "page through the main channel")
-        if not self.params.sev_pdh or not self.params.sev_plat_cert:
+        if not self.params.sev_pdh or not self.params.sev_plat_cert or not self.params.sev_amd_cert:
             raise MigrationError("SEV: set the migration parameters sev-pdh and sev-plat-cert to the "
-                                 "target's 'pdh' and 'cert-chain' from its query-sev-capabilities")
+                                 "target's 'pdh' and 'cert-chain' from its query-sev-capabilities, and "
+                                 "sev-amd-cert to the AMD chain ASK || ARK ('confmig amd-certs')")
         self.stats.confidential = ConfidentialCounters(backend="psp")
         return psp_backend.PspPageSink(plain, sev, self.stats.confidential)
 

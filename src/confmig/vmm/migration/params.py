@@ -36,7 +36,7 @@ class MigrationParameters:
     sev_plat_cert: str = ""
     """The target's platform chain PEK || OCA || CEK, base64 (``cert-chain``)."""
     sev_amd_cert: str = ""
-    """The AMD chain ASK || ARK, base64; empty: the source platform's own AMD root."""
+    """The AMD chain ASK || ARK, base64 (``confmig amd-certs``; on real hosts, from AMD's KDS)."""
     capabilities: frozenset[str] = field(default_factory=frozenset)
 
     def qmp_parameters(self) -> dict[str, object]:
