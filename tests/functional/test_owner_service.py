@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mee_port import MeePort
 
 from confmig.common.clock import ManualClock
 from confmig.common.units import PAGE_SIZE
@@ -42,7 +43,7 @@ from confmig.owner import (
 from confmig.owner.broker import SESSION_TTL
 from confmig.owner.wire import LaunchResponse, SecretResponse
 from confmig.platform.mee import KeySlots, MemoryEncryptionEngine
-from confmig.platform.psp import PlatformIdentity, PspMailbox, SecureProcessor, SpaOutOfRange
+from confmig.platform.psp import PlatformIdentity, PspMailbox, SecureProcessor
 from confmig.platform.psp.mailbox import STATUS
 
 RAM = 32 * PAGE_SIZE
@@ -53,34 +54,6 @@ DISK_KEY = b"a disk key only the guest may see"
 TABLE = build_secret_table([(DISK_PASSPHRASE_GUID, DISK_KEY)])
 POLICY = 0x1  # NODBG
 ASID = 3
-
-
-class MeePort:
-    """A GuestMemoryPort over the page-granular engine (as in test_psp_with_mee.py)."""
-
-    def __init__(self, engine: MemoryEncryptionEngine) -> None:
-        self.raw = bytearray(RAM)
-        self._engine = engine
-
-    def _pages(self, spa: int, size: int) -> tuple[int, int]:
-        if spa < 0 or spa + size > len(self.raw):
-            raise SpaOutOfRange(f"[{spa:#x}, +{size:#x})")
-        return spa - spa % PAGE_SIZE, -(-(spa + size) // PAGE_SIZE) * PAGE_SIZE
-
-    def read(self, spa: int, size: int) -> bytes:
-        self._pages(spa, size)
-        return bytes(self.raw[spa : spa + size])
-
-    def read_encrypted(self, asid: int, spa: int, size: int) -> bytes:
-        first, last = self._pages(spa, size)
-        plain = self._engine.decrypt(asid, first, bytes(self.raw[first:last]))
-        return plain[spa - first : spa - first + size]
-
-    def write_encrypted(self, asid: int, spa: int, data: bytes) -> None:
-        first, last = self._pages(spa, len(data))
-        plain = bytearray(self._engine.decrypt(asid, first, bytes(self.raw[first:last])))
-        plain[spa - first : spa - first + len(data)] = data
-        self.raw[first:last] = self._engine.encrypt(asid, first, plain)
 
 
 @dataclass
@@ -124,7 +97,7 @@ def identity(tmp_path_factory: pytest.TempPathFactory, amd_root_dir: Path) -> Pl
 @pytest.fixture
 def host(identity: PlatformIdentity) -> Iterator[Host]:
     slots = KeySlots()
-    memory = MeePort(MemoryEncryptionEngine(slots))
+    memory = MeePort(MemoryEncryptionEngine(slots), RAM)
     port = PspMailbox(SecureProcessor(identity, memory=memory, keys=slots))
     assert port.platform_init(es=False) == 0
     yield Host(port=port, memory=memory)

@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from mee_port import MeePort
 
 from confmig.common.units import PAGE_SIZE, Spa
 from confmig.kvm.ports import SecureProcessor as KvmSecureProcessor
@@ -27,7 +28,6 @@ from confmig.platform.psp import (
     SecureProcessor,
     SevCertificate,
     SevStatus,
-    SpaOutOfRange,
     create_launch_session,
     measurement_matches,
     seal_launch_secret,
@@ -35,36 +35,6 @@ from confmig.platform.psp import (
 from confmig.platform.psp.mailbox import STATUS
 
 RAM = 64 * PAGE_SIZE
-
-
-class MeePort:
-    """A GuestMemoryPort over the page-granular engine: sub-page accesses read, patch, rewrite."""
-
-    def __init__(self, engine: MemoryEncryptionEngine) -> None:
-        self.raw = bytearray(RAM)
-        self._engine = engine
-
-    def _pages(self, spa: int, size: int) -> tuple[int, int]:
-        if spa < 0 or spa + size > len(self.raw):
-            raise SpaOutOfRange(f"[{spa:#x}, +{size:#x})")
-        first = spa - spa % PAGE_SIZE
-        last = -(-(spa + size) // PAGE_SIZE) * PAGE_SIZE
-        return first, last
-
-    def read(self, spa: Spa, size: int) -> bytes:
-        self._pages(spa, size)
-        return bytes(self.raw[spa : spa + size])
-
-    def read_encrypted(self, asid: Asid, spa: Spa, size: int) -> bytes:
-        first, last = self._pages(spa, size)
-        plain = self._engine.decrypt(asid, first, bytes(self.raw[first:last]))
-        return plain[spa - first : spa - first + size]
-
-    def write_encrypted(self, asid: Asid, spa: Spa, data: bytes) -> None:
-        first, last = self._pages(spa, len(data))
-        plain = bytearray(self._engine.decrypt(asid, first, bytes(self.raw[first:last])))
-        plain[spa - first : spa - first + len(data)] = data
-        self.raw[first:last] = self._engine.encrypt(asid, first, plain)
 
 
 @pytest.fixture
@@ -76,7 +46,7 @@ def slots() -> Iterator[KeySlots]:
 
 def test_launch_through_the_kvm_port_on_the_real_engine(identity: PlatformIdentity, slots: KeySlots) -> None:
     engine = MemoryEncryptionEngine(slots)
-    memory = MeePort(engine)
+    memory = MeePort(engine, RAM)
     psp = SecureProcessor(identity, memory=memory, keys=slots)
     port: KvmSecureProcessor = PspMailbox(psp)
 
