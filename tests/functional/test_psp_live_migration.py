@@ -26,6 +26,7 @@ from confmig.bench.scenario import (
     sev_args,
     sev_target_certificates,
 )
+from confmig.vmm.qmp.client import QmpCommandError
 
 DIRTY = "dirty,rate=300,wss=2M,prefill=on"
 PRIVATE_MAGICS = (b"CMKERN01", b"CMBOOT01", b"CMVARS01")
@@ -203,6 +204,8 @@ def test_a_truncated_stream_fails_and_the_source_runs_on(lab: Lab, hosts: tuple[
     result = migrate(src, None, uri, settings=settings(lab))
     assert result.status == "failed"
     assert dst.qmp.execute("query-status")["status"] == "inmigrate"  # never ran a half guest
+    with pytest.raises(QmpCommandError, match="start a new target"):  # its PSP context is half received
+        dst.qmp.execute("migrate-incoming", uri="tcp:127.0.0.1:0")
     assert src.qmp.execute("query-status")["status"] == "running"
     assert src.selfcheck().startswith("confmig-selfcheck: PASS")
     # and the guest can still go elsewhere afterwards
