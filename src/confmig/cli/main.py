@@ -95,7 +95,7 @@ def amd_certs(amd_root: str | None) -> None:
     root = Path(amd_root) if amd_root else default_amd_root()
     try:
         click.echo(base64.b64encode(amd_chain(root)).decode())
-    except (OSError, ValueError, KeyError) as exc:
+    except (ConfmigError, OSError, ValueError, KeyError) as exc:
         raise click.ClickException(f"cannot read the AMD root in {root}: {exc}") from None
 
 
