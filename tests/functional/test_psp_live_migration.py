@@ -25,6 +25,7 @@ from confmig.bench.scenario import (
     migrate,
     sev_args,
     sev_target_certificates,
+    wait_status,
 )
 from confmig.vmm.qmp.client import QmpCommandError
 
@@ -288,3 +289,24 @@ def test_a_migrated_sev_guest_migrates_again(lab: Lab, hosts: tuple[HostProc, Ho
     c2 = second.info["x-confmig"]["confidential"]
     assert c2["private-pages"] < 2 * c1["private-pages"]  # not all 16 K pages of a preallocated target
     assert back.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_an_sev_guest_saved_for_a_platform_restores_there(lab: Lab,
+                                                          hosts: tuple[HostProc, HostProc]) -> None:
+    """Save to a file under the target platform's certificates, restore on that platform:
+    the file holds PSP packets, no plaintext of a private page, and decodes as a stream."""
+    from confmig.proto.stream.analyze import analyze
+
+    src, dst = sev_pair(lab, hosts)
+    configure(src, settings(lab))
+    src.qmp.execute("migrate-set-parameters", **sev_target_certificates(dst, lab.amd_root))
+    path = lab.root / "saved.mig"
+    assert migrate(src, None, f"file:{path}", settings=settings(lab)).status == "completed"
+    report = analyze(path)
+    assert report["ram"]["confidential"]["psp_packet"] >= 512 + 1  # the pages and the session
+    assert report["ram"]["confidential"]["shared_regions"] == 1
+    saved = path.read_bytes()
+    assert not any(magic in saved for magic in PRIVATE_MAGICS)
+    dst.qmp.execute("migrate-incoming", uri=f"file:{path}")
+    wait_status(dst, "running")
+    assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
