@@ -310,3 +310,30 @@ def test_an_sev_guest_saved_for_a_platform_restores_there(lab: Lab,
     dst.qmp.execute("migrate-incoming", uri=f"file:{path}")
     wait_status(dst, "running")
     assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_kv_keeps_every_acknowledged_write_across_a_psp_migration(
+        lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+    """The kv guest's table is private (through the PSP), its ring shared (plain records)."""
+    from confmig.bench.kv_client import KvClient
+
+    a, b = hosts
+    src_sock, dst_sock = str(lab.root / "kv-src.sock"), str(lab.root / "kv-dst.sock")
+    src = lab.vm("src", a, ram="64M", guest="kv",
+                 extra=[*sev_args(), "-device", f"confmig-kv,path={src_sock}"])
+    dst = lab.vm("dst", b, ram="64M", guest="kv", incoming="defer",
+                 extra=[*sev_args(), "-device", f"confmig-kv,path={dst_sock}"])
+    src.wait_console(re.compile(rb"confmig kernel: workload kv"))
+    client = KvClient(src_sock)
+    for i in range(300):
+        client.put(f"key{i}".encode(), f"value{i}".encode())
+    result = migrate(src, dst, settings=settings(lab))
+    assert result.status == "completed", result.info.get("error-desc")
+    assert result.info["x-confmig"]["confidential"]["shared-pages"] >= 2  # bounce page and ring
+    client.reconnect(dst_sock)
+    for i in range(300):
+        assert client.get(f"key{i}".encode()) == f"value{i}".encode()
+    client.put(b"after", b"migration")
+    assert client.get(b"after") == b"migration"
+    assert "PASS" in dst.selfcheck()
+    client.close()
