@@ -205,6 +205,10 @@ def test_a_truncated_stream_fails_and_the_source_runs_on(lab: Lab, hosts: tuple[
     result = migrate(src, None, uri, settings=settings(lab))
     assert result.status == "failed"
     assert dst.qmp.execute("query-status")["status"] == "inmigrate"  # never ran a half guest
+    deadline = time.monotonic() + 30  # the target finds out on its own time
+    while dst.qmp.execute("query-migrate").get("status") != "failed":
+        assert time.monotonic() < deadline, dst.qmp.execute("query-migrate")
+        time.sleep(0.05)
     with pytest.raises(QmpCommandError, match="start a new target"):  # its PSP context is half received
         dst.qmp.execute("migrate-incoming", uri="tcp:127.0.0.1:0")
     assert src.qmp.execute("query-status")["status"] == "running"
