@@ -193,6 +193,7 @@ USAGE = """usage: confmig vm --host SOCKET [options]
   -smp N                    vCPUs
   -name NAME                VM name
   --guest WORKLOAD[,k=v]    idle | dirty[,rate=N,wss=SIZE,fill=random|zero,seed=N] | kv
+                            (SEV guests: sev_migration=off keeps the kernel from allowing migration)
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
   -incoming defer | tcp:HOST:PORT | unix:PATH | file:PATH | exec:CMD
   -S                        do not start vCPUs (use 'cont')
