@@ -609,15 +609,19 @@ class SecureProcessor(Secret):
         )
         page = self._read(request.paddr, VMSA_SIZE)
         guest.measure(page)  # the VMSA as supplied, before the CRC address goes in
+        self._write_encrypted(guest.asid, request.paddr, self._seal_vmsa(guest, page))
+        self._processed(VMSA_SIZE)
+
+    def _seal_vmsa(self, guest: GuestContext, page: bytes) -> bytes:
+        """``page`` with a new CRC block of this platform's TMR in it, the block holding its
+        checksum (RESOURCE_LIMIT when the TMR is full or there is none)."""
         block = self._tmr.allocate() if self._tmr is not None else None
-        if block is None:
+        if block is None or self._tmr is None:
             raise SevError(SevStatus.RESOURCE_LIMIT)
-        assert self._tmr is not None
         sealed = seal_vmsa(page, block)
         self._tmr.store(block, vmsa_crc(sealed))
         guest.vmsa_crc_blocks.append(block)
-        self._write_encrypted(guest.asid, request.paddr, sealed)
-        self._processed(VMSA_SIZE)
+        return sealed
 
     @_serialised
     def launch_measure(self, request: LaunchMeasureRequest) -> LaunchMeasureResponse:
@@ -876,13 +880,7 @@ class SecureProcessor(Secret):
         )
         if vmsa:
             # A new CRC block in *this* platform's TMR; the sender's block address is meaningless here.
-            block = self._tmr.allocate() if self._tmr is not None else None
-            if block is None:
-                raise SevError(SevStatus.RESOURCE_LIMIT)
-            assert self._tmr is not None
-            plaintext = seal_vmsa(plaintext, block)
-            self._tmr.store(block, vmsa_crc(plaintext))
-            guest.vmsa_crc_blocks.append(block)
+            plaintext = self._seal_vmsa(guest, plaintext)
         # Re-encrypted by the engine under the new VEK, tweaked by the new address.
         self._write_encrypted(guest.asid, request.guest_paddr, plaintext)
         self._processed(length)
