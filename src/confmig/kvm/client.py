@@ -18,7 +18,7 @@ import numpy.typing as npt
 from confmig.common import bitmap
 from confmig.common.errors import ConfigError, KvmError
 from confmig.kvm import channel
-from confmig.kvm.sev import SEV_CMD, SEV_ISSUE_CMD, fw_error_name
+from confmig.kvm.sev import SEV_CMD, SEV_ISSUE_CMD, fw_error_name, sev_cmd_name
 from confmig.proto import ioctl
 
 
@@ -27,7 +27,7 @@ class SevCommandError(KvmError):
     the firmware was not called), ``output`` what KVM still returned (length queries)."""
 
     def __init__(self, cmd_id: int, err: int, fw_error: int, output: bytes) -> None:
-        super().__init__(f"KVM_MEMORY_ENCRYPT_OP({cmd_id})", err,
+        super().__init__(f"KVM_MEMORY_ENCRYPT_OP({sev_cmd_name(cmd_id)})", err,
                          f"firmware error {fw_error:#x} ({fw_error_name(fw_error)})")
         self.fw_error = fw_error
         self.output = output

@@ -83,6 +83,14 @@ KVM_SEV_DBG_DECRYPT = 17
 KVM_SEV_DBG_ENCRYPT = 18
 KVM_SEV_SEND_CANCEL = 21
 
+
+_CMD_NAMES = {v: k for k, v in list(globals().items()) if k.startswith("KVM_SEV_") and isinstance(v, int)}
+
+
+def sev_cmd_name(cmd: int) -> str:
+    """``KVM_SEV_RECEIVE_UPDATE_DATA`` for 13: the name of a ``KVM_MEMORY_ENCRYPT_OP`` command."""
+    return _CMD_NAMES.get(cmd, f"KVM_SEV command {cmd}")
+
 # /dev/sev (include/uapi/linux/psp-sev.h)
 SEV_PLATFORM_STATUS = 1
 SEV_PDH_CERT_EXPORT = 5

@@ -95,6 +95,10 @@ class CpuConfig:
     def kvm_feature(self, name: str) -> bool:
         return name not in self.kvm_features_off
 
+    def kvm_pv_features(self) -> int:
+        """CPUID 0x40000001 EAX bits of the features not hidden."""
+        return sum(1 << bit for name, bit in KVM_PV_FEATURES.items() if self.kvm_feature(name))
+
 
 def _cpu(text: str) -> CpuConfig:
     model, _, rest = text.partition(",")

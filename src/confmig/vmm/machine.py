@@ -24,7 +24,7 @@ from confmig.common.x86 import (
 )
 from confmig.kvm.client import Kvm, VcpuFd, VmFd
 from confmig.proto import ioctl
-from confmig.vmm.cmdline import KVM_PV_FEATURES, MachineConfig
+from confmig.vmm.cmdline import MachineConfig
 from confmig.vmm.devices import PortIoDevice
 from confmig.vmm.devices.fw_cfg import FwCfg
 from confmig.vmm.devices.kv import KvDevice
@@ -42,8 +42,8 @@ VCPU_STOP_TIMEOUT = 5.0
 HLT_WAIT = 0.05
 """Longest a vCPU thread sleeps on a userspace HLT before looking again."""
 
-REGS_COUNT = 18
-"""Fields of ``struct kvm_regs`` (``ioctl.REGS``)."""
+REGS_COUNT = ioctl.REGS.size // 8
+"""Fields of ``struct kvm_regs`` (all u64)."""
 MSRS_TO_MIGRATE = (MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_KVM_MIGRATION_CONTROL)
 
 EventSink = Callable[[str, "dict[str, object] | None"], None]
@@ -169,8 +169,7 @@ class Machine:
         self.sev: SevGuest | None = None
         if config.sev is not None:
             self.sev = SevGuest(config.sev, config.name, self.kvm, self.vm,
-                                kvm_features=sum(1 << bit for name, bit in KVM_PV_FEATURES.items()
-                                                 if config.cpu.kvm_feature(name)))
+                                kvm_features=config.cpu.kvm_pv_features())
             self.sev.init()
         self.serial = Serial(console)
         self.fw_cfg = FwCfg(
@@ -188,7 +187,7 @@ class Machine:
         if self.sev is not None:
             for v in self.vcpus:
                 v.fd.set_cpuid(self.sev.cpuid())
-            if not config.incoming or (config.sev is not None and config.sev.x_plain_copy):
+            if self.psp_guest is None or not config.incoming:
                 self._sev_launch(self.sev)
             # else: the guest context arrives with the stream (RECEIVE_START)
         for v in self.vcpus:
@@ -200,6 +199,12 @@ class Machine:
         measured = [(fw.gpa, len(fw.data))] if fw is not None else []
         area = fw.secret_area() if fw is not None else None
         sev.launch(measured, SecretArea(gpa=area[0], size=area[1]) if area else None)
+
+    @property
+    def psp_guest(self) -> SevGuest | None:
+        """The SEV guest whose private pages migrate through the PSP; None for a plain
+        guest, or one whose RAM the test-only ``x-plain-copy`` sends as the host sees it."""
+        return self.sev if self.sev is not None and not self.sev.config.x_plain_copy else None
 
     def migration_blockers(self) -> list[str]:
         return self.sev.blockers() if self.sev is not None else []

@@ -100,17 +100,9 @@ class OwnerLink:
         return _unb64(r["secret_header"]), _unb64(r["secret"]), int(str(r["guest_len"]))
 
 
-_COMMAND_NAMES = {
-    ksev.KVM_SEV_SEND_START: "SEND_START",
-    ksev.KVM_SEV_SEND_UPDATE_DATA: "SEND_UPDATE_DATA",
-    ksev.KVM_SEV_SEND_UPDATE_VMSA: "SEND_UPDATE_VMSA",
-    ksev.KVM_SEV_SEND_FINISH: "SEND_FINISH",
-    ksev.KVM_SEV_SEND_CANCEL: "SEND_CANCEL",
-    ksev.KVM_SEV_RECEIVE_START: "RECEIVE_START",
-    ksev.KVM_SEV_RECEIVE_UPDATE_DATA: "RECEIVE_UPDATE_DATA",
-    ksev.KVM_SEV_RECEIVE_UPDATE_VMSA: "RECEIVE_UPDATE_VMSA",
-    ksev.KVM_SEV_RECEIVE_FINISH: "RECEIVE_FINISH",
-}
+def _packet(reply: bytes, *, hdr_len: int, trans_len: int) -> tuple[bytes, bytes]:
+    """(packet header, transport data) from what a SEND_UPDATE_* reply carries after its struct."""
+    return reply[:hdr_len], reply[hdr_len : hdr_len + trans_len]
 
 
 def _b64(data: bytes) -> str:
@@ -206,7 +198,7 @@ class SevGuest:
             raise MigrationError("SEND_START: expected the session-length query to fail with INVALID_LEN")
         except SevCommandError as exc:
             if exc.fw_error != ksev.SEV_RET_INVALID_LEN:
-                raise MigrationError(f"SEV: SEND_START failed: {exc}") from None
+                raise MigrationError(f"SEV: {exc}") from None
             session_len = ksev.SEND_START.unpack_from(exc.output)[12]
         body = ksev.SEND_START.pack(0, 0, 0, len(pdh), 0, 0, len(plat_certs), 0, 0, len(amd_certs), 0,
                                     0, session_len, 0)
@@ -220,18 +212,14 @@ class SevGuest:
         body = ksev.SEND_UPDATE_DATA.pack(0, ksev.PACKET_HEADER_LEN, 0, gpa, PAGE, 0, 0, PAGE, 0)
         _err, out = self._migration_op(ksev.KVM_SEV_SEND_UPDATE_DATA, body)
         fields = ksev.SEND_UPDATE_DATA.unpack_from(out)
-        hdr_len, trans_len = fields[1], fields[7]
-        data = out[ksev.SEND_UPDATE_DATA.size :]
-        return data[:hdr_len], data[hdr_len : hdr_len + trans_len]
+        return _packet(out[ksev.SEND_UPDATE_DATA.size :], hdr_len=fields[1], trans_len=fields[7])
 
     def send_update_vmsa(self, vcpu_id: int) -> tuple[bytes, bytes]:
         """SEV-ES: one vCPU's VMSA out, re-encrypted by the PSP (the vCPU is stopped)."""
         body = ksev.SEND_UPDATE_VMSA.pack(vcpu_id, 0, 0, ksev.PACKET_HEADER_LEN, 0, 0, PAGE, 0)
         _err, out = self._migration_op(ksev.KVM_SEV_SEND_UPDATE_VMSA, body)
         fields = ksev.SEND_UPDATE_VMSA.unpack_from(out)
-        hdr_len, trans_len = fields[3], fields[6]
-        data = out[ksev.SEND_UPDATE_VMSA.size :]
-        return data[:hdr_len], data[hdr_len : hdr_len + trans_len]
+        return _packet(out[ksev.SEND_UPDATE_VMSA.size :], hdr_len=fields[3], trans_len=fields[6])
 
     def receive_update_vmsa(self, vcpu_id: int, hdr: bytes, trans: bytes) -> None:
         body = ksev.RECEIVE_UPDATE_VMSA.pack(vcpu_id, 0, 0, len(hdr), 0, 0, len(trans), 0)
@@ -261,16 +249,15 @@ class SevGuest:
             self.receiving = False
 
     def _migration_op(self, cmd: int, data: bytes = b"") -> tuple[int, bytes]:
-        try:
-            return self.vm.memory_encrypt_op(cmd, data)
-        except SevCommandError as exc:
-            raise MigrationError(f"SEV: {_COMMAND_NAMES.get(cmd, cmd)} failed: {exc}") from None
+        return self._op(cmd, data, error=MigrationError)
 
-    def _op(self, cmd: int, data: bytes = b"") -> tuple[int, bytes]:
+    def _op(self, cmd: int, data: bytes = b"", *,
+            error: type[ConfigError | MigrationError] = ConfigError) -> tuple[int, bytes]:
+        """One SEV command; a failure is ``error`` (launch: the VMM cannot start)."""
         try:
             return self.vm.memory_encrypt_op(cmd, data)
         except SevCommandError as exc:
-            raise ConfigError(f"SEV launch failed: {exc}") from None
+            raise error(f"SEV: {exc}") from None
 
     # --- exits ------------------------------------------------------------------------
 

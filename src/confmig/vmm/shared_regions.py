@@ -13,6 +13,9 @@ import bisect
 import struct
 import threading
 
+import numpy as np
+import numpy.typing as npt
+
 from confmig.common.errors import ProtocolError
 from confmig.common.units import PAGE_SHIFT
 
@@ -61,6 +64,14 @@ class SharedRegions:
         with self._lock:
             i = bisect.bisect_right(self._starts, gfn) - 1
             return i >= 0 and gfn < self._ends[i]
+
+    def shared_mask(self, gfns: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """For a batch of frames at once: which are shared (the migration's hot path)."""
+        with self._lock:
+            starts = np.asarray(self._starts, dtype=np.int64)
+            ends = np.asarray(self._ends, dtype=np.int64)
+        i = np.searchsorted(starts, gfns, side="right") - 1
+        return (i >= 0) & (gfns < ends[np.maximum(i, 0)]) if len(starts) else np.zeros(len(gfns), bool)
 
     def ranges(self) -> list[tuple[int, int]]:
         """``(first gfn, npages)`` of every shared range, in order."""

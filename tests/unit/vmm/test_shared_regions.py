@@ -45,3 +45,15 @@ def _ranges(*pairs: tuple[int, int]) -> bytes:
 def test_bad_lists_from_the_stream_are_refused(blob: bytes) -> None:
     with pytest.raises(ProtocolError):
         SharedRegions.decode(blob)
+
+
+def test_shared_mask_answers_a_batch_as_is_shared_answers_one() -> None:
+    import numpy as np
+
+    regions = SharedRegions()
+    assert not regions.shared_mask(np.arange(4, dtype=np.int64)).any()
+    regions.update(1, 2, shared=True)
+    regions.update(10, 1, shared=True)
+    gfns = np.arange(0, 14, dtype=np.int64)
+    assert regions.shared_mask(gfns).tolist() == [regions.is_shared(int(g)) for g in gfns]
+    assert regions.shared_mask(gfns).nonzero()[0].tolist() == [1, 2, 10]

@@ -161,8 +161,8 @@ class IncomingMigration(threading.Thread):
         for v in m.vcpus:
             m.load_cpu(v, cpu_states[v.fd.vcpu_id])
         log.debug("cpu state loaded")
-        sev = m.sev
-        if sev is not None and not sev.config.x_plain_copy and not sev.receiving:
+        sev = m.psp_guest
+        if sev is not None and not sev.receiving:
             raise StreamError("the stream carried no PSP session for this SEV guest")
         if sev is not None and sev.config.es and (self._psp is None or len(self._psp.vmsas) != len(m.vcpus)):
             raise StreamError("the stream did not carry the VMSA of every vCPU of this SEV-ES guest")
@@ -173,8 +173,8 @@ class IncomingMigration(threading.Thread):
         log.debug("incoming migration finished")
 
     def _confidential(self, ev: dec.Confidential) -> None:
-        sev = self.machine.sev
-        if sev is None or sev.config.x_plain_copy:
+        sev = self.machine.psp_guest
+        if sev is None:
             raise StreamError("confidential records need an SEV guest on this side "
                               "(-object sev-guest ... -machine confidential-guest-support=...)")
         if self._psp is None:

@@ -6,7 +6,6 @@ migration that does not complete leaves the source VM running as it was.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import struct
@@ -14,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from confmig.common.errors import ConfmigError, MigrationError, RemoteMigrationError
+from confmig.common.errors import ConfmigError, RemoteMigrationError
 from confmig.proto.stream import encoder as enc
 from confmig.vmm.machine import MACHINE_TYPE, Machine
 from confmig.vmm.migration import psp as psp_backend
@@ -75,8 +74,7 @@ class OutgoingMigration(threading.Thread):
         self.error: str | None = None
         self._channels: list[Channel] = []
         self._vm_was_running = False
-        self._sending = False
-        """SEND_START done and neither SEND_FINISH nor SEND_CANCEL yet."""
+        self._psp: psp_backend.PspOutgoing | None = None
         self._limiter = RateLimiter(params.max_bandwidth, self.cancel)
 
     def update_parameters(self, params: MigrationParameters) -> None:
@@ -115,12 +113,11 @@ class OutgoingMigration(threading.Thread):
     def _recover(self) -> None:
         """Back to where we were (QEMU's ``vm_old_state``): a guest that ran runs again."""
         m = self.machine
-        if self._sending and m.sev is not None:
+        if self._psp is not None:
             try:
-                m.sev.send_cancel()  # the PSP's guest goes back to RUNNING
+                self._psp.cancel()
             except ConfmigError as exc:
                 log.error("SEND_CANCEL failed: %s", exc)
-            self._sending = False
         if m.runstate == RunState.FINISH_MIGRATE:
             m.set_runstate(RunState.PAUSED)
             if self._vm_was_running:
@@ -136,9 +133,11 @@ class OutgoingMigration(threading.Thread):
         multifd: MultifdSender | None = None
         sink: PageSink
         main_sink = MainChannelSink(main)
-        psp = self._psp_setup(main_sink)
-        if psp is not None:
-            sink = psp
+        psp: psp_backend.PspOutgoing | None = None
+        if m.psp_guest is not None:
+            stats.confidential = ConfidentialCounters(backend="psp")
+            psp = self._psp = psp_backend.PspOutgoing(m.psp_guest, params, main_sink, stats.confidential)
+            sink = psp.sink
         elif "multifd" in params.capabilities and self.uri.is_socket:
             multifd = MultifdSender(self.uri, params.multifd_channels, stats, main_sink)
             self._channels.extend(multifd.channels)
@@ -152,7 +151,7 @@ class OutgoingMigration(threading.Thread):
         self.pass_event(1)
         blocks = [(b.idstr, b.size) for b in m.memory.blocks]
         head = enc.header(MACHINE_TYPE) + enc.ram_setup(RAM_SECTION_ID, blocks)
-        session = self._psp_session() if psp is not None else b""  # opens the first section part
+        session = psp.session_record() if psp is not None else b""  # opens the first section part
         main.send_all(head)
         if multifd is not None:
             multifd.sync()  # as QEMU's ram_save_setup: every EOS has its SYNC on every channel
@@ -205,8 +204,8 @@ class OutgoingMigration(threading.Thread):
         send_round(sender, sink, stats, limiter, self.cancel, downtime=True)
         if multifd is not None:
             multifd.sync()
-        if psp is not None and m.sev is not None:
-            final = self._psp_vmsas() + psp_backend.shared_regions_record(m.sev.shared)
+        if psp is not None:
+            final = psp.final_records([v.fd.vcpu_id for v in m.vcpus])
             main.send_all(final)
             stats.transferred += len(final)
             stats.downtime_bytes += len(final)
@@ -223,11 +222,8 @@ class OutgoingMigration(threading.Thread):
         if self.uri.is_socket:
             self._await_target(main)
         t_done = time.monotonic()
-        if psp is not None and m.sev is not None:
-            m.sev.send_finish()
-            self._sending = False
-            assert stats.confidential is not None
-            stats.confidential.psp_commands += 1
+        if psp is not None:
+            psp.finish()
         stats.downtime_ms = int((t_done - t_stop) * 1000)
         stats.downtime_breakdown = {
             "stop-vcpus": (t_stopped - t_stop) * 1000,
@@ -241,48 +237,6 @@ class OutgoingMigration(threading.Thread):
         m.set_runstate(RunState.POSTMIGRATE)
         self.set_status(MigrationStatus.COMPLETED)
         return True
-
-    # --- the PSP backend (SEV guests) -----------------------------------------------
-
-    def _psp_setup(self, plain: MainChannelSink) -> psp_backend.PspPageSink | None:
-        """The PSP page sink for an SEV guest (None for a plain one)."""
-        sev = self.machine.sev
-        if sev is None or sev.config.x_plain_copy:
-            return None
-        if "multifd" in self.params.capabilities:
-            raise MigrationError("multifd is not supported for SEV guests: the PSP path sends every "
-                                 "page through the main channel")
-        if not self.params.sev_pdh or not self.params.sev_plat_cert or not self.params.sev_amd_cert:
-            raise MigrationError("SEV: set the migration parameters sev-pdh and sev-plat-cert to the "
-                                 "target's 'pdh' and 'cert-chain' from its query-sev-capabilities, and "
-                                 "sev-amd-cert to the AMD chain ASK || ARK ('confmig amd-certs')")
-        self.stats.confidential = ConfidentialCounters(backend="psp")
-        return psp_backend.PspPageSink(plain, sev, self.stats.confidential)
-
-    def _psp_session(self) -> bytes:
-        """SEND_START for the target's certificates: the session record that opens the stream."""
-        sev, params = self.machine.sev, self.params
-        assert sev is not None and self.stats.confidential is not None
-        policy, session = sev.send_start(base64.b64decode(params.sev_pdh),
-                                         base64.b64decode(params.sev_plat_cert),
-                                         base64.b64decode(params.sev_amd_cert))
-        self._sending = True
-        self.stats.confidential.psp_commands += 2  # the length query, then the command
-        own_pdh, _chain = sev.capabilities_raw()
-        return psp_backend.session_record(policy, own_pdh, session)
-
-    def _psp_vmsas(self) -> bytes:
-        """SEV-ES: every vCPU's VMSA through SEND_UPDATE_VMSA (the vCPUs are stopped)."""
-        m = self.machine
-        if m.sev is None or not m.sev.config.es:
-            return b""
-        assert self.stats.confidential is not None
-        records = []
-        for v in m.vcpus:
-            hdr, trans = m.sev.send_update_vmsa(v.fd.vcpu_id)
-            records.append(psp_backend.vmsa_record(v.fd.vcpu_id, hdr, trans))
-            self.stats.confidential.psp_commands += 1
-        return b"".join(records)
 
     def _send_devices(self, main: Channel) -> int:
         m = self.machine

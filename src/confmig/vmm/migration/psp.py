@@ -27,6 +27,7 @@ are shared before its guest runs.
 
 from __future__ import annotations
 
+import base64
 import socket
 import struct
 from enum import IntEnum
@@ -35,11 +36,12 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from confmig.common.errors import StreamError
+from confmig.common.errors import MigrationError, StreamError
 from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
 from confmig.proto.stream import encoder as enc
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.vmm.memory import GuestMemory, RamBlock
+from confmig.vmm.migration.params import MigrationParameters
 from confmig.vmm.migration.ram import MainChannelSink, RoundCounters
 from confmig.vmm.migration.stats import ConfidentialCounters
 from confmig.vmm.sev import SevGuest
@@ -54,8 +56,9 @@ MAX_PACKET_HEADER: Final = 0x100
 SOCKET_BUFFER: Final = 256 * 1024
 """Socket buffers of a PSP migration, each way. The target's PSP is the bottleneck
 (one RECEIVE_UPDATE_DATA per page): whatever sits in the buffers at switch-over is
-downtime the source's estimate cannot see, so they are kept small (~10 ms of PSP
-work here) instead of the megabytes TCP autotuning grows them to."""
+downtime the source's estimate cannot see, so they are kept small (about 15 ms of
+target PSP work at the 17 MB/s of benchmarks/psp-20261201-142251.md) instead of the
+megabytes TCP autotuning grows them to (584 ms of downtime in psp-20261201-134949.md)."""
 
 
 class PspRecord(IntEnum):
@@ -108,33 +111,24 @@ class PspPageSink:
         self.plain = plain
         self.sev = sev
         self.counters = counters
-        bound_socket_buffer(plain.channel.sock, socket.SO_SNDBUF)
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         gpas = block_gpas(block, indices)
-        shared = np.fromiter((self.sev.shared.is_shared(int(g) >> PAGE_SHIFT) for g in gpas),
-                             dtype=bool, count=len(gpas))
-        total = RoundCounters()
-        if shared.any():
-            total = self.plain.pages(block, indices[shared])
-            self.counters.shared_pages += len(indices[shared])
-        private = ~shared
+        shared = self.sev.shared.shared_mask(gpas >> PAGE_SHIFT)
+        total = self.plain.pages(block, indices[shared]) if shared.any() else RoundCounters()
+        self.counters.shared_pages += int(np.count_nonzero(shared))
+        private, gpas = indices[~shared], gpas[~shared]
         # A private page that is all zero on the host's side was never written through the
         # memory encryption (ciphertext is never all zero): it goes as a zero page, which
         # leaves the target's host-side bytes the same, as for never-written pages.
-        untouched = private & ~block.pages[indices].any(axis=1)
+        untouched = ~block.pages[private].any(axis=1)
         if untouched.any():
-            z = self.plain.zeros(block, indices[untouched])
+            z = self.plain.zeros(block, private[untouched])
             total.zero += z.zero
             total.bytes += z.bytes
-            private &= ~untouched
-        records = []
-        for gpa in gpas[private]:
-            hdr, trans = self.sev.send_update_data(int(gpa))
-            records.append(page_record(int(gpa), hdr, trans))
+        records = [page_record(int(gpa), *self.sev.send_update_data(int(gpa))) for gpa in gpas[~untouched]]
         if records:
-            wire = b"".join(records)
-            total.bytes += self.plain.channel.send_all(wire)
+            total.bytes += self.plain.channel.send_all(b"".join(records))
             total.normal += len(records)
             self.counters.private_pages += len(records)
             self.counters.psp_commands += len(records)
@@ -142,6 +136,59 @@ class PspPageSink:
 
     def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         return self.plain.zeros(block, indices)
+
+
+class PspOutgoing:
+    """The source's side: SEND_START, the page sink, the VMSAs and the shared-regions list
+    at switch-over, SEND_FINISH, or SEND_CANCEL when the migration does not complete."""
+
+    def __init__(self, sev: SevGuest, params: MigrationParameters, plain: MainChannelSink,
+                 counters: ConfidentialCounters) -> None:
+        if "multifd" in params.capabilities:
+            raise MigrationError("multifd is not supported for SEV guests: the PSP path sends every "
+                                 "page through the main channel")
+        if not params.sev_pdh or not params.sev_plat_cert or not params.sev_amd_cert:
+            raise MigrationError("SEV: set the migration parameters sev-pdh and sev-plat-cert to the "
+                                 "target's 'pdh' and 'cert-chain' from its query-sev-capabilities, and "
+                                 "sev-amd-cert to the AMD chain ASK || ARK ('confmig amd-certs')")
+        self.sev = sev
+        self.params = params
+        self.counters = counters
+        self.sink = PspPageSink(plain, sev, counters)
+        self.sending = False
+        """SEND_START done and neither SEND_FINISH nor SEND_CANCEL yet."""
+        bound_socket_buffer(plain.channel.sock, socket.SO_SNDBUF)
+
+    def session_record(self) -> bytes:
+        """SEND_START for the target's certificates: the record that opens the stream."""
+        p = self.params
+        policy, session = self.sev.send_start(base64.b64decode(p.sev_pdh), base64.b64decode(p.sev_plat_cert),
+                                              base64.b64decode(p.sev_amd_cert))
+        self.sending = True
+        self.counters.psp_commands += 2  # the length query, then the command
+        own_pdh, _chain = self.sev.capabilities_raw()
+        return session_record(policy, own_pdh, session)
+
+    def final_records(self, vcpu_ids: list[int]) -> bytes:
+        """At switch-over (vCPUs stopped): each vCPU's VMSA (SEV-ES), then the shared-regions list."""
+        records = []
+        if self.sev.config.es:
+            for vcpu_id in vcpu_ids:
+                records.append(vmsa_record(vcpu_id, *self.sev.send_update_vmsa(vcpu_id)))
+                self.counters.psp_commands += 1
+        return b"".join(records) + shared_regions_record(self.sev.shared)
+
+    def finish(self) -> None:
+        self.sev.send_finish()
+        self.sending = False
+        self.counters.psp_commands += 1
+
+    def cancel(self) -> None:
+        """The migration did not complete: the PSP's guest goes back to RUNNING."""
+        if self.sending:
+            self.sending = False
+            self.sev.send_cancel()
+            self.counters.psp_commands += 1
 
 
 class PspLanding:
