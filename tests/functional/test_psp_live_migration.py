@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Mapping
 
 import pytest
@@ -19,6 +18,8 @@ from relay import Relay
 from confmig.bench.firmware import default_bios
 from confmig.bench.lab import WORKING_SET_WRITTEN, HostProc, Lab, VmProc
 from confmig.bench.scenario import (
+    SEV_ES_POLICY,
+    SEV_POLICY,
     MigrationSettings,
     configure,
     incoming_uri,
@@ -27,11 +28,12 @@ from confmig.bench.scenario import (
     sev_target_certificates,
     wait_status,
 )
+from confmig.owner import DISK_PASSPHRASE_GUID
+from confmig.platform.psp.policy import PolicyFlag
 from confmig.vmm.qmp.client import QmpCommandError
 
 DIRTY = "dirty,rate=300,wss=2M,prefill=on"
 PRIVATE_MAGICS = (b"CMKERN01", b"CMBOOT01", b"CMVARS01")
-DISK_PASSPHRASE_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
 PSP_PAGE_RECORD = re.compile(re.escape(bytes.fromhex("0000000000000800") + b"\x01") + b"....\x02", re.S)
 """A CONFIDENTIAL record (flag 0x800), subtype PSP_PACKET, kind PAGE."""
 PSP_PAGE_HEAD = re.compile(PSP_PAGE_RECORD.pattern + b"(.{8})", re.S)
@@ -44,11 +46,10 @@ PAGE_RECORD_TRANS = PAGE_RECORD_PACKET + 4 + 52 + 4
 """Where the transport data starts."""
 
 
-def sev_pair(lab: Lab, hosts: tuple[HostProc, HostProc], *, guest: str = DIRTY, policy: int = 0x1,
-             extra: list[str] | None = None) -> tuple[VmProc, VmProc]:
+def sev_pair(lab: Lab, hosts: tuple[HostProc, HostProc], *, guest: str = DIRTY,
+             policy: int = SEV_POLICY) -> tuple[VmProc, VmProc]:
     a, b = hosts
-    obj = ["-object", f"sev-guest,id=sev0,policy={policy:#x}", "-machine",
-           "q35,confidential-guest-support=sev0", *(extra or [])]
+    obj = sev_args(policy)
     src = lab.vm("src", a, ram="64M", guest=guest, extra=obj)
     dst = lab.vm("dst", b, ram="64M", guest=guest, incoming="defer", extra=obj)
     src.wait_console(WORKING_SET_WRITTEN)
@@ -72,7 +73,7 @@ def settings(lab: Lab) -> MigrationSettings:
 @pytest.mark.parametrize("es", [False, True], ids=["sev", "sev-es"])
 def test_a_running_sev_guest_migrates_through_the_psp(lab: Lab, hosts: tuple[HostProc, HostProc],
                                                       es: bool) -> None:
-    src, dst = sev_pair(lab, hosts, policy=0x5 if es else 0x1)
+    src, dst = sev_pair(lab, hosts, policy=SEV_ES_POLICY if es else SEV_POLICY)
     result = migrate(src, dst, settings=settings(lab))
     assert result.status == "completed", result.info.get("error-desc")
     c = result.info["x-confmig"]["confidential"]
@@ -90,9 +91,10 @@ def test_the_stream_carries_no_plaintext_and_no_key(lab: Lab, hosts: tuple[HostP
     a, b = hosts
     passphrase = os.urandom(32)
     verdicts: list[Mapping[str, object]] = []
-    owner = lab.owner(firmware=default_bios(), policy=0x1, secrets=[(DISK_PASSPHRASE_GUID, passphrase)],
+    owner = lab.owner(firmware=default_bios(), policy=SEV_POLICY,
+                      secrets=[(DISK_PASSPHRASE_GUID, passphrase)],
                       audit=verdicts.append)
-    obj = sev_args(extra=f",owner={owner.url}")
+    obj = sev_args(owner=owner.url)
     src = lab.vm("src", a, ram="64M", guest=DIRTY, extra=obj)
     dst = lab.vm("dst", b, ram="64M", guest=DIRTY, incoming="defer", extra=sev_args())
     src.wait_console(WORKING_SET_WRITTEN)
@@ -218,7 +220,7 @@ def test_a_truncated_stream_fails_and_the_source_runs_on(lab: Lab, hosts: tuple[
 
 
 def test_a_nosend_guest_is_not_migrated(lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
-    src, dst = sev_pair(lab, hosts, policy=0x1 | 0x8)  # NODBG | NOSEND
+    src, dst = sev_pair(lab, hosts, policy=SEV_POLICY | PolicyFlag.NOSEND)
     result = migrate(src, dst, settings=settings(lab))
     assert result.status == "failed"
     assert "SEND_START" in result.info["error-desc"] and "POLICY_FAILURE" in result.info["error-desc"]
@@ -267,8 +269,7 @@ def test_a_packet_replayed_from_an_earlier_migration_is_refused(lab: Lab,
     earlier = page_packets(bytes(first.seen))
     assert len(earlier) >= 512
     back = lab.vm("back", hosts[0], ram="64M", guest=DIRTY, incoming="defer",
-                  extra=["-object", "sev-guest,id=sev0,policy=0x1", "-machine",
-                         "q35,confidential-guest-support=sev0"])
+                  extra=sev_args())
     uri, relay = through(lab, lambda target: ReplayingRelay(target, earlier), mid, back)
     result = migrate(mid, None, uri, settings=settings(lab))
     assert isinstance(relay, ReplayingRelay) and relay.replayed_gpa is not None

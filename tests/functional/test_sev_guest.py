@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 
 import pytest
@@ -19,20 +18,23 @@ from relay import Relay
 
 from confmig.bench.firmware import default_bios
 from confmig.bench.lab import SELFCHECK_RE, WORKING_SET_WRITTEN, WORKLOAD_READY_RE, HostProc, Lab, VmProc
-from confmig.bench.scenario import MigrationSettings, configure, incoming_uri, migrate
+from confmig.bench.scenario import (
+    SEV_ES_POLICY,
+    SEV_POLICY,
+    MigrationSettings,
+    configure,
+    incoming_uri,
+    migrate,
+    sev_args,
+)
 from confmig.common.errors import ConfmigError
+from confmig.owner import DISK_PASSPHRASE_GUID
 
-DISK_PASSPHRASE_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
 KERNEL_SEV_RE = re.compile(rb"confmig kernel: SEV: live migration (allowed|not allowed)[^\n]*")
 BLOCKER_MSR = "MSR_KVM_MIGRATION_CONTROL"
 PRIVATE_MAGICS = (b"CMKERN01", b"CMBOOT01", b"CMVARS01")
 """The magics of the kernel data page, the boot info and the variable store: all three
 live in private pages of an SEV guest, so the host must never see them in plaintext."""
-
-
-def sev_args(owner_url: str | None = None, *, policy: int = 0x1, extra: str = "") -> list[str]:
-    obj = f"sev-guest,id=sev0,policy={policy:#x}" + (f",owner={owner_url}" if owner_url else "") + extra
-    return ["-object", obj, "-machine", "q35,confidential-guest-support=sev0"]
 
 
 def process_memory(pid: int) -> Iterator[bytes]:
@@ -60,12 +62,13 @@ def test_the_host_never_sees_the_owners_secret_the_guests_private_pages_or_a_key
     host = lab.host("hostA")
     passphrase = os.urandom(32)
     verdicts: list[Mapping[str, object]] = []
-    owner = lab.owner(firmware=default_bios(), policy=0x1, secrets=[(DISK_PASSPHRASE_GUID, passphrase)],
+    owner = lab.owner(firmware=default_bios(), policy=SEV_POLICY,
+                      secrets=[(DISK_PASSPHRASE_GUID, passphrase)],
                       audit=verdicts.append)
     proxy = Relay(owner.server_address[:2])  # type: ignore[arg-type]
     try:
         vm = lab.vm("sev", host, ram="64M", guest="dirty,rate=500,wss=4M,prefill=on",
-                    extra=sev_args(proxy.url))
+                    extra=sev_args(owner=proxy.url))
         vm.wait_console(WORKING_SET_WRITTEN)
         console = vm.console_text()
         assert b"launch secret: 1 entr" in console  # the guest found the owner's secret ...
@@ -93,13 +96,14 @@ def test_a_launch_the_owner_does_not_expect_gets_nothing(lab: Lab) -> None:
     other = lab.root / "other.fd"
     other.write_bytes(os.urandom(64 * 1024))
     verdicts: list[Mapping[str, object]] = []
-    owner = lab.owner(firmware=other, policy=0x1, secrets=[(DISK_PASSPHRASE_GUID, b"x" * 16)],
+    owner = lab.owner(firmware=other, policy=SEV_POLICY,
+                      secrets=[(DISK_PASSPHRASE_GUID, b"x" * 16)],
                       audit=verdicts.append)
     with pytest.raises(ConfmigError, match="exited"):
-        vm = lab.vm("wrong-fw", host, ram="64M", extra=sev_args(owner.url))
+        vm = lab.vm("wrong-fw", host, ram="64M", extra=sev_args(owner=owner.url))
         vm.wait_console(WORKLOAD_READY_RE, timeout=30)
     with pytest.raises(ConfmigError, match="exited"):
-        vm = lab.vm("wrong-policy", host, ram="64M", extra=sev_args(owner.url, policy=0x3))
+        vm = lab.vm("wrong-policy", host, ram="64M", extra=sev_args(0x3, owner=owner.url))
         vm.wait_console(WORKLOAD_READY_RE, timeout=30)
     log = (lab.root / "processes.log").read_text()
     assert "guest owner refused: launch measurement does not match" in log
@@ -160,7 +164,7 @@ def _target_outcome(vm: VmProc) -> str:
 
 def test_sev_es_guest_runs_a_workload_in_private_memory(lab: Lab) -> None:
     vm = lab.vm("es", lab.host("hostA"), ram="64M", guest="dirty,rate=500,wss=2M,prefill=on",
-                extra=sev_args(policy=0x5))
+                extra=sev_args(SEV_ES_POLICY))
     vm.wait_console(WORKING_SET_WRITTEN)
     for region in process_memory(vmm_pid(vm)):
         for magic in PRIVATE_MAGICS:
@@ -204,9 +208,10 @@ def test_an_sev_es_launch_is_attested_with_its_vmsas(lab: Lab) -> None:
     """The owner expects the firmware and then each vCPU's reset VMSA (LAUNCH_UPDATE_VMSA)."""
     host = lab.host("hostA")
     verdicts: list[Mapping[str, object]] = []
-    owner = lab.owner(firmware=default_bios(), policy=0x5, secrets=[(DISK_PASSPHRASE_GUID, b"k" * 32)],
+    owner = lab.owner(firmware=default_bios(), policy=SEV_ES_POLICY,
+                      secrets=[(DISK_PASSPHRASE_GUID, b"k" * 32)],
                       audit=verdicts.append, vcpus=2)
-    vm = lab.vm("es", host, ram="64M", extra=[*sev_args(owner.url, policy=0x5), "-smp", "2"])
+    vm = lab.vm("es", host, ram="64M", extra=[*sev_args(SEV_ES_POLICY, owner=owner.url), "-smp", "2"])
     vm.wait_console(WORKLOAD_READY_RE)
     assert b"launch secret: 1 entry" in vm.console_text()
     assert [v["event"] for v in verdicts] == ["launch", "released"]

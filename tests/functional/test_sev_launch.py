@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from confmig.bench.lab import WORKLOAD_READY_RE, Lab
+from confmig.bench.scenario import SEV_ES_POLICY, sev_args
 from confmig.vmm.qmp.client import QmpCommandError
 
-SEV = ["-object", "sev-guest,id=sev0,policy=0x1", "-machine", "q35,confidential-guest-support=sev0"]
+SEV = sev_args()
 
 
 def firmware(path: Path) -> str:
@@ -57,7 +58,7 @@ def test_sev_es_guest_registers_are_out_of_the_hosts_reach(lab: Lab) -> None:
     from confmig.proto import ioctl
 
     host = lab.host("hostA")
-    es = ["-object", "sev-guest,id=sev0,policy=0x5", "-machine", "q35,confidential-guest-support=sev0"]
+    es = sev_args(SEV_ES_POLICY)
     vm = lab.vm("es", host, ram="64M", guest="idle", extra=es)
     vm.wait_console(WORKLOAD_READY_RE)
     assert vm.qmp.execute("query-sev")["sev-type"] == "sev-es"

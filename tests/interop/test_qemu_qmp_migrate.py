@@ -155,9 +155,10 @@ def test_qemu_qmp_client_drives_an_sev_migration_the_libvirt_way(lab: Lab) -> No
     query-sev-capabilities into the source's migrate-set-parameters, then migrate."""
     import base64
 
+    from confmig.bench.scenario import sev_args
     from confmig.platform.psp.identity import amd_chain
 
-    sev = ["-object", "sev-guest,id=sev0,policy=0x1", "-machine", "q35,confidential-guest-support=sev0"]
+    sev = sev_args()
     src_vm = lab.vm("src", lab.host("hostA"), ram="64M", guest=GUEST, extra=sev)
     src_vm.wait_console(PREFILLED, timeout=TIMEOUT)
     dst_vm = lab.vm("dst", lab.host("hostB"), ram="64M", guest=GUEST, incoming="defer", extra=sev)

@@ -20,16 +20,16 @@ from rich.console import Console
 from rich.table import Table
 
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab
-from confmig.bench.perf import machine_info
+from confmig.bench.perf import RANDOM_GUEST, machine_info
 from confmig.bench.scenario import MigrationSettings, migrate, sev_args
 from confmig.common.units import GiB, parse_size
 
-GUEST = "dirty,rate=0,wss=all,fill=random,seed=7"
+GUEST = RANDOM_GUEST
 
 
 def _one(kind: str, ram: str, log: Any) -> dict[str, Any]:
-    confidential = kind != "plain"
-    extra = sev_args(es=kind == "psp-es") if confidential else []
+    confidential = kind == "psp"
+    extra = sev_args() if confidential else []
     with Lab() as lab:
         a, b = lab.host("hostA"), lab.host("hostB")
         src = lab.vm("src", a, ram=ram, guest=GUEST, extra=extra)

@@ -14,9 +14,17 @@ from rich.table import Table
 
 from confmig.bench.firmware import default_bios
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, VmProc
-from confmig.bench.launch import DISK_PASSPHRASE_GUID
-from confmig.bench.scenario import MigrationSettings, migrate, sev_args, two_hosts, wait_guest_ready
+from confmig.bench.scenario import (
+    SEV_ES_POLICY,
+    SEV_POLICY,
+    MigrationSettings,
+    migrate,
+    sev_args,
+    two_hosts,
+    wait_guest_ready,
+)
 from confmig.common.units import parse_size
+from confmig.owner import DISK_PASSPHRASE_GUID
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,13 +52,13 @@ def _sev_pair(lab: Lab, opts: DemoOptions, audit: Callable[[Mapping[str, object]
     """An SEV source launched with its owner's attestation (the owner runs in this process and
     releases a disk key only to the expected firmware), and its target waiting."""
     a, b = lab.host("hostA"), lab.host("hostB")
-    policy = 0x5 if opts.sev_es else 0x1
+    policy = SEV_ES_POLICY if opts.sev_es else SEV_POLICY
     owner = lab.owner(firmware=default_bios(), policy=policy, audit=audit,
                       secrets=[(DISK_PASSPHRASE_GUID, os.urandom(32))])
     src = lab.vm("src", a, ram=opts.ram, guest=opts.guest_arg(),
-                 extra=sev_args(es=opts.sev_es, extra=f",owner={owner.url}"))
+                 extra=sev_args(policy, owner=owner.url))
     dst = lab.vm("dst", b, ram=opts.ram, guest=opts.guest_arg(), incoming="defer",
-                 extra=sev_args(es=opts.sev_es))
+                 extra=sev_args(policy))
     return src, dst
 
 

@@ -6,6 +6,7 @@ Everything the lab starts it also stops, even when a scenario fails half-way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from confmig.owner import OwnerServer
 
 START_TIMEOUT = 30.0
-SEV_POLICY_ES = 0x4
 SELFCHECK_RE = re.compile(rb"confmig-selfcheck: (PASS|FAIL)[^\n]*")
 WORKING_SET_WRITTEN = re.compile(rb"dirty: working set written")
 """The dirty workload's line once every page of its working set holds data."""
@@ -101,6 +101,13 @@ class Lab:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @functools.cached_property
+    def bios(self) -> Path:
+        """The built-in firmware image, installed once for every VM of this lab."""
+        from confmig.bench.firmware import default_bios
+
+        return default_bios()
+
     def host(self, name: str) -> HostProc:
         sock = str(self.root / f"{name}.sock")
         proc = subprocess.Popen(confmig_argv("host", "--socket", sock, "--amd-root", str(self.amd_root),
@@ -131,6 +138,8 @@ class Lab:
         if incoming:
             argv += ["-incoming", incoming]
         argv += extra or []
+        if "-bios" not in argv:
+            argv += ["-bios", str(self.bios)]  # once per lab, not a child process per VM
         proc = subprocess.Popen(argv, stdout=self._log, stderr=self._log, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(qmp):
@@ -151,8 +160,9 @@ class Lab:
         host first: the first host creates the root) and expecting ``firmware`` and ``policy``
         (and, for SEV-ES, the reset VMSAs of ``vcpus`` vCPUs)."""
         from confmig.owner import AmdRoot, KeyBroker, VmProfile, firmware_digest, make_server
+        from confmig.platform.psp.policy import PolicyFlag
 
-        es_vcpus = vcpus if policy & SEV_POLICY_ES else 0
+        es_vcpus = vcpus if policy & PolicyFlag.ES else 0
         digest = firmware_digest(firmware.read_bytes(), sev_es_vcpus=es_vcpus)
         profile = VmProfile.build(digest=digest, policy=policy, secrets=secrets or [])
         server = make_server(KeyBroker(AmdRoot.load(self.amd_root), {"*": profile}, audit=audit))

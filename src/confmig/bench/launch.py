@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,12 +26,10 @@ from rich.table import Table
 
 from confmig.bench.firmware import default_bios
 from confmig.bench.lab import WORKLOAD_READY_RE, Lab, VmProc
+from confmig.bench.scenario import SEV_ES_POLICY, SEV_POLICY, sev_args
 from confmig.common.errors import ConfmigError
+from confmig.owner import DISK_PASSPHRASE_GUID
 
-SEV_POLICY_NODBG = 0x1
-SEV_POLICY_ES = 0x4
-DISK_PASSPHRASE_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
-"""The secret-table entry GRUB's ``efisecret`` reads as the disk passphrase."""
 FIRMWARE_SEV_RE = re.compile(rb"confmig firmware [^\n]*\b(SEV(?:-ES)?) \(C-bit (\d+)\)")
 SECRET_RE = re.compile(rb"confmig firmware: launch secret: ([^\n]*)")
 KERNEL_SEV_RE = re.compile(rb"confmig kernel: SEV: ([^\n]*)")
@@ -48,7 +45,7 @@ class LaunchOptions:
 
     @property
     def policy(self) -> int:
-        return SEV_POLICY_NODBG | (SEV_POLICY_ES if self.sev_es else 0)
+        return SEV_ES_POLICY if self.sev_es else SEV_POLICY
 
 
 def run_launch(opts: LaunchOptions, *, as_json: bool = False) -> bool:
@@ -71,8 +68,7 @@ def run_launch(opts: LaunchOptions, *, as_json: bool = False) -> bool:
         console.print(f"guest owner's key broker on {owner.url}: expects policy {opts.policy:#x} and "
                       f"launch digest {digest.hex()[:16]}…")
         kind = "SEV-ES" if opts.sev_es else "SEV"
-        sev = ["-object", f"sev-guest,id=sev0,policy={opts.policy:#x},owner={owner.url}",
-               "-machine", "q35,confidential-guest-support=sev0", "-bios", str(bios)]
+        sev = [*sev_args(opts.policy, owner=owner.url), "-bios", str(bios)]
         with console.status(f"launching an {kind} guest (certificates, session, measurement, secret)..."):
             try:
                 vm = lab.vm("sev", host, ram=opts.ram, guest=opts.guest, extra=sev)

@@ -33,6 +33,9 @@ LOOPBACK_CHUNK = 1 * MiB
 BUSY_WINDOW_S = 3.0
 """How long a busy guest's write rate is measured."""
 BUSY_REPS = 3
+RANDOM_GUEST = "dirty,rate=0,wss=all,fill=random,seed=7"
+"""Every page of guest RAM written once with random contents, then idle: the worst case
+for a migration (nothing compresses, nothing is zero)."""
 
 
 def machine_info() -> dict[str, object]:
@@ -133,7 +136,7 @@ def migration_rows(sizes: list[int], log: Callable[[str], None]) -> tuple[list[R
     verdict = ""
     for gib in sizes:
         ram = f"{gib}G"
-        guest = "dirty,rate=0,wss=all,fill=random,seed=7"
+        guest = RANDOM_GUEST
         with Lab() as lab:
             a = lab.host("hostA")
             lab.host("hostB")

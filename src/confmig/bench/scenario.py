@@ -11,6 +11,7 @@ from typing import Any
 
 from confmig.bench.lab import WORKLOAD_READY_RE, Lab, VmProc
 from confmig.common.errors import ConfmigError
+from confmig.platform.psp.policy import PolicyFlag
 
 POLL_INTERVAL = 0.05
 MIGRATION_TIMEOUT = 600.0
@@ -104,11 +105,16 @@ def sev_target_certificates(dst: VmProc, amd_root: Path) -> dict[str, str]:
             "sev-amd-cert": base64.b64encode(amd_chain(amd_root)).decode()}
 
 
-def sev_args(*, es: bool = False, extra: str = "") -> list[str]:
-    """The command line of an SEV (or SEV-ES) guest, as QEMU spells it."""
-    policy = 0x5 if es else 0x1
-    return ["-object", f"sev-guest,id=sev0,policy={policy:#x}{extra}",
-            "-machine", "q35,confidential-guest-support=sev0"]
+SEV_POLICY = int(PolicyFlag.NODBG)
+"""An SEV guest's policy here: no debugging of its memory."""
+SEV_ES_POLICY = int(PolicyFlag.NODBG | PolicyFlag.ES)
+
+
+def sev_args(policy: int = SEV_POLICY, *, owner: str | None = None, extra: str = "") -> list[str]:
+    """The command line of an SEV guest (SEV-ES with :data:`SEV_ES_POLICY`), as QEMU spells it;
+    ``owner``: the guest owner's key broker that attests the launch."""
+    obj = f"sev-guest,id=sev0,policy={policy:#x}" + (f",owner={owner}" if owner else "") + extra
+    return ["-object", obj, "-machine", "q35,confidential-guest-support=sev0"]
 
 
 def wait_status(vm: VmProc, status: str, timeout: float = 30.0) -> None:

@@ -84,9 +84,6 @@ def parse_secret(spec: str) -> tuple[uuid.UUID, bytes]:
         raise click.BadParameter(f"secret {guid}: not hexadecimal (use @FILE for raw bytes)") from None
 
 
-SEV_POLICY_ES: Final = 0x4
-
-
 def build_profile(
     *, firmware: str | None, firmware_digest: str | None, policy: int, secrets: tuple[str, ...],
     vcpus: int = 1,
@@ -94,12 +91,13 @@ def build_profile(
     """The VM profile the options describe; ``click.UsageError``/``BadParameter`` if they do not."""
     from confmig.owner.measurement import firmware_digest as digest_of
     from confmig.owner.profile import VmProfile
+    from confmig.platform.psp.policy import PolicyFlag
 
     if (firmware is None) == (firmware_digest is None):
         raise click.UsageError("give exactly one of --firmware PATH and --firmware-digest HEX")
     if firmware is not None:
         try:
-            es_vcpus = vcpus if policy & SEV_POLICY_ES else 0
+            es_vcpus = vcpus if policy & PolicyFlag.ES else 0
             digest = digest_of(Path(firmware).read_bytes(), sev_es_vcpus=es_vcpus)
         except OSError as exc:
             raise click.BadParameter(f"cannot read {firmware}: {exc.strerror}", param_hint="--firmware") \
