@@ -27,7 +27,8 @@ HEALTH_PATH: Final = "/v1/health"
 MEASUREMENT_PATH_RE: Final = re.compile(r"/v1/launch/([0-9a-f]{32})/measurement")
 SESSION_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 MAX_BODY: Final = 64 * 1024
-"""Bytes of a request or reply body: the largest, POST /v1/launch, is ~11.2 KiB."""
+"""Bytes of a request or reply body: the largest, POST /v1/launch, carries 2780 + 8336
+base64 characters of certificates, about 11 KB."""
 
 # The SEV formats' sizes (confmig.platform.psp: cert, chain, measure, packet), repeated so that
 # this module needs nothing but the standard library; a unit test keeps them equal.

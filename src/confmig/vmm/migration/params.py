@@ -85,7 +85,7 @@ class MigrationParameters:
 
 _SEV_CERT_PARAMETERS = ("sev-pdh", "sev-plat-cert", "sev-amd-cert")
 MAX_CERT_PARAMETER = 64 * 1024
-"""Base64 characters of one certificate parameter (a chain of three SEV certificates is ~8.4 KiB)."""
+"""Base64 characters of one certificate parameter (PEK || OCA || CEK, the longest, is 8336)."""
 
 
 def _base64_parameter(key: str, value: object) -> str:
