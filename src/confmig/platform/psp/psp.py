@@ -558,15 +558,22 @@ class SecureProcessor(Secret):
             channel = self._open_server_channel(
                 policy=request.policy, dh_cert=request.dh_cert, session=request.session or b""
             )
-        vek = self._guest_key(request.handle, request.policy)
-        handle = self._free_handle()
-        guest = GuestContext(handle=handle, policy=request.policy, vek=vek, channel=channel)
+        return LaunchStartResponse(
+            handle=self._new_guest(SevCommand.LAUNCH_START, request.handle, request.policy, channel))
+
+    def _new_guest(self, command: SevCommand, handle: GuestHandle, policy: int,
+                   channel: TransportKeys) -> GuestHandle:
+        """LAUNCH_START's and RECEIVE_START's common tail: the guest's key (new, or shared with
+        ``handle``'s), a new handle, the guest and platform state changes."""
+        vek = self._guest_key(handle, policy)
+        new = self._free_handle()
+        guest = GuestContext(handle=new, policy=policy, vek=vek, channel=channel)
         if guest.es and not self._config_es:
             raise SevError(SevStatus.UNSUPPORTED)
-        guest.state = next_guest_state(guest.state, SevCommand.LAUNCH_START)
-        self._state = next_platform_state(self._state, SevCommand.LAUNCH_START)
-        self._guests[handle] = guest
-        return LaunchStartResponse(handle=handle)
+        guest.state = next_guest_state(guest.state, command)
+        self._state = next_platform_state(self._state, command)
+        self._guests[new] = guest
+        return new
 
     def _launch_update_checks(
         self, command: SevCommand, handle: GuestHandle, paddr: Spa, length: int
@@ -834,15 +841,8 @@ class SecureProcessor(Secret):
         channel = self._open_server_channel(
             policy=request.policy, dh_cert=request.pdh_cert, session=request.session
         )
-        vek = self._guest_key(request.handle, request.policy)
-        handle = self._free_handle()
-        guest = GuestContext(handle=handle, policy=request.policy, vek=vek, channel=channel)
-        if guest.es and not self._config_es:
-            raise SevError(SevStatus.UNSUPPORTED)
-        guest.state = next_guest_state(guest.state, SevCommand.RECEIVE_START)
-        self._state = next_platform_state(self._state, SevCommand.RECEIVE_START)
-        self._guests[handle] = guest
-        return ReceiveStartResponse(handle=handle)
+        return ReceiveStartResponse(
+            handle=self._new_guest(SevCommand.RECEIVE_START, request.handle, request.policy, channel))
 
     def _receive_update(
         self, command: SevCommand, request: ReceiveUpdateDataRequest | ReceiveUpdateVmsaRequest
