@@ -117,6 +117,22 @@ def test_vcpu_and_slot_errors(host: str) -> None:
     assert e.value.errno == errno.EINVAL
 
 
+def test_read_only_ram_is_refused_cleanly_and_costs_the_host_no_descriptor(host: str) -> None:
+    """The host runs in this process: /proc/self/fd counts its descriptors."""
+    _kvm, vm, ram = vm_with_ram(host)
+    read_only = os.open(f"/proc/self/fd/{ram}", os.O_RDONLY | os.O_CLOEXEC)
+    region = ioctl.UserspaceMemoryRegion(slot=1, flags=0, guest_phys_addr=4 * MiB,
+                                         memory_size=MiB, offset=0)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(KvmError) as e:
+            vm.set_user_memory_region(region, read_only)
+        assert e.value.errno == errno.EFAULT
+    assert len(os.listdir("/proc/self/fd")) == before
+    vm.create_vcpu(0).run()  # the VM is still served
+    os.close(read_only)
+
+
 def test_no_write_is_lost_while_the_vm_runs(writer_host: str) -> None:
     """The guest writes counters while the VMM harvests the dirty log and copies
     pages; after a final harvest with the vCPU stopped, the copy equals RAM."""

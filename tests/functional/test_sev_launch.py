@@ -69,10 +69,11 @@ def test_sev_es_guest_registers_are_out_of_the_hosts_reach(lab: Lab) -> None:
     os.ftruncate(fd, 1 << 20)
     other.set_user_memory_region(ioctl.UserspaceMemoryRegion(
         slot=0, flags=0, guest_phys_addr=0, memory_size=1 << 20, offset=0), fd)
+    from confmig.kvm import sev as ksev
+
+    other.memory_encrypt_op(ksev.KVM_SEV_ES_INIT)  # before any vCPU exists, as KVM requires
     vcpu = other.create_vcpu(0)
     vcpu.get_regs()  # readable before the launch seals it
-    other.memory_encrypt_op(1)  # KVM_SEV_ES_INIT
-    from confmig.kvm import sev as ksev
 
     other.memory_encrypt_op(ksev.KVM_SEV_LAUNCH_START, ksev.LAUNCH_START.pack(0, 0x5, 0, 0, 0, 0, 0, 0))
     other.memory_encrypt_op(ksev.KVM_SEV_LAUNCH_UPDATE_VMSA)

@@ -32,7 +32,7 @@ import numpy as np
 
 from confmig.common import bitmap
 from confmig.common.errors import ProtocolError
-from confmig.common.units import PAGE_SHIFT, PAGE_SIZE, MiB
+from confmig.common.units import PAGE_SIZE, MiB
 from confmig.kvm import channel
 from confmig.kvm.memslots import (
     KVM_MAX_VCPUS,
@@ -97,25 +97,37 @@ def fd_identity(fd: int) -> tuple[int, int]:
 
 
 class PhysicalAddressSpace:
-    """Assigns every memfd an emulated system-physical range, stable for its life.
+    """Assigns the pages of memfds emulated system-physical addresses, stable for their life.
 
-    Keyed by the memfd's identity, not by VM: the same memory handed to another
-    VM (intra-host migration) keeps its physical addresses, as real pages do.
-    Each host starts at its own random base, so two hosts never agree.
+    Keyed by the memfd's identity and the page's offset in it, not by VM or slot: the same
+    memory handed to another VM (intra-host migration) keeps its physical addresses, as real
+    pages do, and two different pages never share one (nor, so, the engine's tweak). A file
+    gets a range as large as it is when a slot first maps it; pages it grows later get a
+    range of their own when a slot first maps them. A slot's addresses are contiguous, so a
+    slot must lie within one range. Each host starts at its own random base, so two hosts
+    never agree.
     """
 
     def __init__(self, seed: int | None = None) -> None:
         rnd = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         self._next = (1 << 40) + (rnd % (1 << 20)) * SPA_ALIGN
-        self._bases: dict[tuple[int, int], int] = {}
+        self._ranges: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        """File identity -> its ranges, in file order: (first byte, end, SPA of the first byte)."""
         self._lock = threading.Lock()
 
-    def base_of(self, fd: int) -> int:
+    def slot_spa(self, fd: int, offset: int, size: int, file_size: int) -> int | None:
+        """The SPA of bytes ``[offset, offset + size)`` of the file (``file_size`` bytes long
+        now); None if they straddle two of its ranges."""
         key = fd_identity(fd)
         with self._lock:
-            if key not in self._bases:
-                self._bases[key] = self._reserve(os.fstat(fd).st_size)
-            return self._bases[key]
+            ranges = self._ranges.setdefault(key, [])
+            mapped_end = ranges[-1][1] if ranges else 0
+            if offset >= mapped_end:  # new pages (a new file, or one that grew): a new range
+                ranges.append((mapped_end, file_size, self._reserve(file_size - mapped_end)))
+            for start, end, spa in ranges:
+                if start <= offset and offset + size <= end:
+                    return spa + offset - start
+            return None
 
     def allocate(self, size: int) -> int:
         """A fresh range for memory only the host kernel uses (VMSA pages)."""
@@ -260,14 +272,23 @@ class Vm:
             return -errno.EBADF
         if region.offset + region.memory_size > fsize:
             return -errno.EFAULT
+        spa = self.host.physical.slot_spa(ram_fd, region.offset, region.memory_size, fsize)
+        if spa is None:
+            return -errno.EINVAL  # ours: the slot spans two ranges, see PhysicalAddressSpace
         layout = SlotLayout(
             slot=region.slot, flags=region.flags, gpa=region.guest_phys_addr,
-            size=region.memory_size, offset=region.offset,
-            spa=self.host.physical.base_of(ram_fd) + region.offset,
+            size=region.memory_size, offset=region.offset, spa=spa,
         )
-        npages = region.memory_size >> PAGE_SHIFT
-        counters_fd = new_counters_fd(npages)
-        slot = Slot(layout=layout, mapped=MappedSlot(layout, ram_fd, counters_fd))
+        counters_fd = new_counters_fd(layout.npages)
+        try:
+            mapped = MappedSlot(layout, ram_fd, counters_fd)
+        except (OSError, ValueError):
+            # SECURITY: the VMM chose the descriptor. One the host cannot map for reading and
+            # writing (opened O_RDONLY, a pipe) is memory KVM cannot get: -EFAULT, as when
+            # Linux's get_user_pages fails. The passed descriptor stays the caller's to close.
+            os.close(counters_fd)
+            return -errno.EFAULT
+        slot = Slot(layout=layout, mapped=mapped)
         fds.clear()  # now owned by the mapped slot
         self.slots[layout.slot] = slot
         self._set_dirty_logging(slot, bool(region.flags & ioctl.KVM_MEM_LOG_DIRTY_PAGES))
@@ -341,9 +362,14 @@ class Vm:
             self._set_vcpu_cap(CAP_EXIT_MAP_GPA_RANGE, bool(cap.args[0]))
             return 0
         if cap.cap == ioctl.KVM_CAP_X86_USER_SPACE_MSR:
+            if cap.args[0] & ~ioctl.KVM_MSR_EXIT_REASON_VALID_MASK:
+                return -errno.EINVAL  # as Linux: a reason it does not know
             if cap.args[0] & ~ioctl.KVM_MSR_EXIT_REASON_FILTER:
-                return -errno.EINVAL  # only filter exits are modelled
-            self._set_vcpu_cap(CAP_USER_SPACE_MSR, bool(cap.args[0]))
+                # Ours: INVAL and UNKNOWN exits are not modelled. A guest's RDMSR completes
+                # within its step, so a failed one cannot leave to the VMM; refusing the
+                # request beats accepting it and faulting the guest where Linux would exit.
+                return -errno.EINVAL
+            self._set_vcpu_cap(CAP_USER_SPACE_MSR, bool(cap.args[0] & ioctl.KVM_MSR_EXIT_REASON_FILTER))
             return 0
         return -errno.EINVAL
 

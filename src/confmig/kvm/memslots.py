@@ -58,12 +58,17 @@ class MappedSlot:
         self.layout = layout
         self.ram_fd = ram_fd
         self.counters_fd = counters_fd
+        # Either both mappings exist or neither does: a failure leaves the descriptors to the caller.
         self._ram_map = mmap.mmap(ram_fd, layout.size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=layout.offset)
+        try:
+            self._cnt_map = mmap.mmap(counters_fd, counters_size(layout.npages), mmap.MAP_SHARED,
+                                      mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            self._ram_map.close()
+            raise
         self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._ram_map, dtype=np.uint8)
         self.pages = self.bytes.reshape(layout.npages, PAGE_SIZE)
-        self._cnt_map = mmap.mmap(counters_fd, counters_size(layout.npages), mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
         self.counters: npt.NDArray[np.uint32] = np.frombuffer(
             self._cnt_map, dtype=np.uint32).reshape(KVM_MAX_VCPUS, layout.npages)
 

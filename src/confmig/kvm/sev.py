@@ -233,7 +233,8 @@ class SevVm:
     def __init__(self, psp: SecureProcessor, asids: AsidAllocator, translate: Translate,
                  bind_asid: Callable[[int, bool], None], vcpus: EsVcpus | None = None) -> None:
         self.vcpus = vcpus
-        """SEV-ES: the vCPUs and their VMSA pages (None: none, the VMSA commands fail EINVAL)."""
+        """The VM's vCPUs (``KVM_SEV_INIT`` refuses a VM that has any) and, SEV-ES, their
+        VMSA pages (None: no vCPUs, the VMSA commands fail EINVAL)."""
         self.psp = psp
         self.asids = asids
         self.translate = translate
@@ -317,6 +318,10 @@ class SevVm:
 
     def _init(self, *, es: bool) -> tuple[int, int, bytes]:
         s = self.state
+        # sev_guest_init: a vCPU is set up for its VM's kind of guest when it is created (an
+        # SEV-ES vCPU gets its VMSA then), so a VM with vCPUs can no longer become an SEV guest.
+        if self.vcpus is not None and self.vcpus.vcpu_ids():
+            return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""
         if s.active:
             return -errno.EBUSY, SEV_RET_NO_FW_CALL, b""
         asid = self.asids.allocate(es=es)

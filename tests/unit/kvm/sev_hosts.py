@@ -140,10 +140,13 @@ class SevHost:
         self.ram[gpa : gpa + PAGE_SIZE] = self.engine.encrypt(asid, self.spa_base + gpa, data)
 
 
-def launch(vm: Vm, policy: int, pages: dict[int, bytes], *, es: bool = False) -> None:
-    """KVM_SEV_(ES_)INIT, LAUNCH_START (no owner), LAUNCH_UPDATE_DATA of ``pages`` (GPA ->
+def launch(vm: Vm, policy: int, pages: dict[int, bytes], *, es: bool = False,
+           vmsa: dict[int, int] | None = None) -> None:
+    """KVM_SEV_(ES_)INIT, the vCPUs ``vmsa`` names (id -> GPA of its VMSA page; created after
+    the INIT, as KVM requires), LAUNCH_START (no owner), LAUNCH_UPDATE_DATA of ``pages`` (GPA ->
     plaintext, copied in by the VMM first), LAUNCH_MEASURE, LAUNCH_FINISH: a RUNNING guest."""
     assert vm.op(ksev.KVM_SEV_ES_INIT if es else ksev.KVM_SEV_INIT).result == 0
+    vm.vmsa.update(vmsa or {})
     reply = vm.op(ksev.KVM_SEV_LAUNCH_START, ksev.LAUNCH_START.pack(0, policy, 0, 0, 0, 0, 0, 0))
     assert (reply.result, reply.error) == (0, 0), reply
     for gpa, data in pages.items():

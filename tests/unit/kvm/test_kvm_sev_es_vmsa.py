@@ -102,9 +102,9 @@ def es_vm(host: Host, regs: tuple[int, ...]) -> Guest:
     os.ftruncate(ram, MiB)
     vm.set_user_memory_region(ioctl.UserspaceMemoryRegion(
         slot=0, flags=0, guest_phys_addr=0, memory_size=MiB, offset=0), ram)
+    vm.memory_encrypt_op(ksev.KVM_SEV_ES_INIT)  # before any vCPU exists, as KVM requires
     vcpu = vm.create_vcpu(0)
     vcpu.set_regs(regs)
-    vm.memory_encrypt_op(ksev.KVM_SEV_ES_INIT)
     return Guest(kvm, vm, vcpu, ram)
 
 

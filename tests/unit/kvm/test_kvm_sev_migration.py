@@ -343,13 +343,12 @@ def test_an_es_guests_vmsa_goes_through_send_and_receive_update_vmsa(
     host_a: SevHost, host_b: SevHost
 ) -> None:
     source = host_a.vm()
-    source.vmsa[0] = VMSA_GPA
     host_a.ram[VMSA_GPA : VMSA_GPA + 4096] = VMSA
-    launch(source, ES, {0: PAGE_0}, es=True)
+    launch(source, ES, {0: PAGE_0}, es=True, vmsa={0: VMSA_GPA})
     assert source.vcpu_calls == [("sync", 0), ("launched", 0)]  # the image, then the PSP, then sealed
     target = host_b.vm()
-    target.vmsa[0] = 0xA000
     assert target.op(ksev.KVM_SEV_ES_INIT).result == 0
+    target.vmsa[0] = 0xA000  # its vCPU, created after the INIT
     policy, session = send_start(source, certificates(host_b))
     assert receive_start(target, policy, certificates(host_a)[0], session).result == 0
     assert target.bound == [(target.asid, True)] and target.asid < ksev.MIN_SEV_ASID
@@ -386,8 +385,8 @@ def test_launch_update_vmsa_needs_vcpus_and_an_es_guest(host_a: SevHost) -> None
     launch(vm, ES, {}, es=True)  # no vCPU has a VMSA page
     assert (vm.op(ksev.KVM_SEV_LAUNCH_UPDATE_VMSA).result, vm.vcpu_calls) == (EINVAL, [])
     plain = host_a.vm()
-    plain.vmsa[0] = VMSA_GPA
     assert plain.op(ksev.KVM_SEV_INIT).result == 0
+    plain.vmsa[0] = VMSA_GPA
     assert plain.op(ksev.KVM_SEV_LAUNCH_UPDATE_VMSA).result == ENOTTY
 
 
