@@ -10,18 +10,14 @@ stream so that the target knows too.
 from __future__ import annotations
 
 import bisect
-import struct
 import threading
 
 import numpy as np
 import numpy.typing as npt
 
 from confmig.common.errors import ProtocolError
-from confmig.common.units import PAGE_SHIFT
-
-MAX_REGIONS = 1 << 16
-"""Bound on the list (a guest flipping every other page would need one per page)."""
-_ENTRY = struct.Struct("<QQ")
+from confmig.proto.stream import shared_regions as shared_regions_record
+from confmig.proto.stream.shared_regions import MAX_REGIONS
 
 
 class SharedRegions:
@@ -83,25 +79,13 @@ class SharedRegions:
             return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
 
     def encode(self) -> bytes:
-        """The list as it travels in the migration stream: u32 count, then (gpa, size) u64 pairs."""
-        items = self.ranges()
-        return struct.pack("<I", len(items)) + b"".join(
-            _ENTRY.pack(g << PAGE_SHIFT, n << PAGE_SHIFT) for g, n in items)
+        """The list as the SHARED_REGIONS record carries it."""
+        return shared_regions_record.encode(self.ranges())
 
     @classmethod
     def decode(cls, data: bytes) -> SharedRegions:
-        if len(data) < 4:
-            raise ProtocolError("shared-regions list: truncated")
-        (n,) = struct.unpack_from("<I", data)
-        # SECURITY: the count comes from the migration stream.
-        if n > MAX_REGIONS or len(data) != 4 + n * _ENTRY.size:
-            raise ProtocolError(f"shared-regions list: bad length for {n} ranges")
+        """A list received in the stream; :class:`StreamError` if it is malformed."""
         out = cls()
-        prev_end = -1
-        for k in range(n):
-            gpa, size = _ENTRY.unpack_from(data, 4 + k * _ENTRY.size)
-            if gpa % (1 << PAGE_SHIFT) or size % (1 << PAGE_SHIFT) or size == 0 or gpa < prev_end:
-                raise ProtocolError("shared-regions list: ranges must be page-aligned, sorted, disjoint")
-            out.update(gpa >> PAGE_SHIFT, size >> PAGE_SHIFT, shared=True)
-            prev_end = gpa + size
+        for gfn, npages in shared_regions_record.decode(data):
+            out.update(gfn, npages, shared=True)
         return out

@@ -27,15 +27,15 @@ def test_matches_a_page_by_page_model(operations: list[tuple[int, int, bool]]) -
 
 
 def _ranges(*pairs: tuple[int, int]) -> bytes:
-    body = b"".join(g.to_bytes(8, "little") + n.to_bytes(8, "little") for g, n in pairs)
-    return len(pairs).to_bytes(4, "little") + body
+    body = b"".join(g.to_bytes(8, "big") + n.to_bytes(8, "big") for g, n in pairs)
+    return len(pairs).to_bytes(4, "big") + body
 
 
 @pytest.mark.parametrize(
     "blob",
     [
         b"",
-        b"\x01\0\0\0",
+        b"\0\0\0\x01",
         _ranges((0, 0)),
         _ranges((0x2000, 0x1000), (0x1000, 0x1000)),
         _ranges((0x10, 0x1000)),

@@ -1,22 +1,31 @@
-"""The source side: setup, precopy rounds, switch-over, completion.
+"""The source side of the engine: setup, precopy rounds, switch-over, completion.
 
-Runs in its own thread (QEMU's ``migration_thread``). Whatever happens, a
-migration that does not complete leaves the source VM running as it was.
+One loop for every kind of guest (QEMU's ``migration_thread``): the engine owns
+the rounds, the dirty-log sync, the bandwidth limit and the downtime estimate,
+the switch-over, the return path, the status and the statistics; a backend
+(``backend.OutgoingBackend``) turns batches of dirty pages into records and owns
+its sessions, its final records and its cancel. The engine talks to the machine
+through :class:`SourceVm` and takes its time from the statistics' clock, so it
+runs in unit tests with fakes of all three.
+
+Whatever happens, a migration that does not complete leaves the source VM
+running as it was; once the target has confirmed, the guest is the target's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import struct
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
-from confmig.common.errors import ConfmigError, RemoteMigrationError
-from confmig.proto.stream import encoder as enc
-from confmig.vmm.machine import MACHINE_TYPE, Machine
-from confmig.vmm.migration import psp as psp_backend
+from confmig.common.errors import ConfmigError, RemoteMigrationError, StreamError
+from confmig.common.units import PAGE_SIZE
+from confmig.proto.stream import return_path as rp
+from confmig.proto.stream.decoder import NEED_DATA
+from confmig.proto.stream.writer import StreamWriter
+from confmig.vmm.migration.backend import OutgoingBackend
 from confmig.vmm.migration.convergence import (
     ConvergencePolicy,
     RoundResult,
@@ -26,56 +35,87 @@ from confmig.vmm.migration.convergence import (
 from confmig.vmm.migration.multifd import MultifdSender
 from confmig.vmm.migration.params import MigrationParameters
 from confmig.vmm.migration.ram import (
+    BATCH_PAGES,
     Cancelled,
+    DirtyLog,
     MainChannelSink,
     PageSink,
-    RamSender,
     RateLimiter,
-    send_round,
+    RoundCounters,
 )
-from confmig.vmm.migration.stats import ConfidentialCounters, MigrationStats
+from confmig.vmm.migration.stats import MigrationStats
 from confmig.vmm.migration.status import MigrationStatus
 from confmig.vmm.migration.transport import Channel, MigrationUri, connect
-from confmig.vmm.runstate import RunState
+from confmig.vmm.migration.vmstate import DeviceSection
 
 log = logging.getLogger(__name__)
 
-RAM_SECTION_ID = 0
-RAM_VERSION = 4
-CPU_VERSION = 1
 RETURN_PATH_TIMEOUT = 60.0
 """Seconds the source waits for the target's verdict after the last byte."""
-MIG_RP_MSG_SHUT = 1
-"""Return-path message: the target is done; u32 0 on success."""
-RP_HEADER = struct.Struct(">HH")
+
+
+class SourceVm(Protocol):
+    """What the engine needs of the machine it migrates (``vmstate.MachineVm``)."""
+
+    machine_type: str
+
+    @property
+    def blocks(self) -> list[tuple[str, int]]: ...
+
+    @property
+    def vcpu_ids(self) -> list[int]: ...
+
+    def dirty_log(self) -> DirtyLog: ...
+
+    def set_dirty_logging(self, on: bool) -> None: ...
+
+    def stop_for_switchover(self) -> None: ...
+
+    def recover(self) -> None: ...
+
+    def save_sections(self) -> Sequence[DeviceSection]: ...
+
+    def migrated(self) -> None: ...
+
+
+BackendFactory = Callable[[MainChannelSink, PageSink], OutgoingBackend]
+"""Builds this migration's backend once the main channel exists (``backends.outgoing_backend``)."""
+Connect = Callable[..., Channel]
 
 
 class OutgoingMigration(threading.Thread):
     def __init__(
         self,
-        machine: Machine,
+        vm: SourceVm,
         uri: MigrationUri,
         params: MigrationParameters,
         stats: MigrationStats,
         set_status: Callable[[MigrationStatus], None],
+        backend_for: BackendFactory,
         *,
         policy: ConvergencePolicy = downtime_limit_policy,
         pass_event: Callable[[int], None] = lambda _n: None,
+        connect: Connect = connect,
     ) -> None:
         super().__init__(name="migration", daemon=True)
-        self.machine = machine
+        self.vm = vm
         self.uri = uri
         self.params = params
         self.stats = stats
+        self.clock = stats.clock
         self.set_status = set_status
         self.policy = policy
         self.pass_event = pass_event
         self.cancel = threading.Event()
         self.error: str | None = None
+        self.backend: OutgoingBackend | None = None
+        self._backend_for = backend_for
+        self._connect = connect
         self._channels: list[Channel] = []
-        self._vm_was_running = False
-        self._psp: psp_backend.PspOutgoing | None = None
-        self._limiter = RateLimiter(params.max_bandwidth, self.cancel)
+        self._multifd: MultifdSender | None = None
+        self._handed_over = False
+        """The target confirmed: from here on the guest is the target's."""
+        self._limiter = RateLimiter(params.max_bandwidth, self.cancel, self.clock)
 
     def update_parameters(self, params: MigrationParameters) -> None:
         """``migrate-set-parameters`` during a migration applies at once, as in QEMU
@@ -88,14 +128,16 @@ class OutgoingMigration(threading.Thread):
         for ch in self._channels:
             ch.abort()
 
-    # --- the thread ----------------------------------------------------------
+    # --- the thread ----------------------------------------------------------------
 
     def run(self) -> None:
-        m = self.machine
         try:
-            self._migrate()
+            out = self._setup()
+            for _ in self.precopy(out):
+                pass
+            self._complete(out)
         except (Cancelled, ConfmigError, OSError) as exc:
-            cancelled = isinstance(exc, Cancelled) or self.cancel.is_set()
+            cancelled = not self._handed_over and (isinstance(exc, Cancelled) or self.cancel.is_set())
             if cancelled:
                 self.set_status(MigrationStatus.CANCELLING)
             else:
@@ -104,126 +146,102 @@ class OutgoingMigration(threading.Thread):
             self._recover()
             self.set_status(MigrationStatus.CANCELLED if cancelled else MigrationStatus.FAILED)
         finally:
+            if self._multifd is not None:
+                self._multifd.close()
             for ch in self._channels:
                 ch.close()
             with contextlib.suppress(ConfmigError):
-                m.set_dirty_logging(False)
+                self.vm.set_dirty_logging(False)
             self.stats.total_time_ms = self.stats.elapsed_ms()
 
     def _recover(self) -> None:
-        """Back to where we were (QEMU's ``vm_old_state``): a guest that ran runs again."""
-        m = self.machine
-        if self._psp is not None:
+        if self._handed_over:
+            self.vm.migrated()  # the target runs the guest: it must not run here too
+            return
+        if self.backend is not None:
             try:
-                self._psp.cancel()
+                self.backend.cancel()
             except ConfmigError as exc:
-                log.error("SEND_CANCEL failed: %s", exc)
-        if m.runstate == RunState.FINISH_MIGRATE:
-            m.set_runstate(RunState.PAUSED)
-            if self._vm_was_running:
-                m.start()
-        m.resume_devices()
+                log.error("%s backend: cancel failed: %s", self.backend.name, exc)
+        self.vm.recover()
 
-    def _migrate(self) -> bool:
-        m, stats, params = self.machine, self.stats, self.params
+    # --- phases ------------------------------------------------------------------------
+
+    def _setup(self) -> MainChannelSink:
+        """Connect, build the backend, start dirty logging, write the stream's opening."""
+        stats, params = self.stats, self.params
         self.set_status(MigrationStatus.SETUP)
-        stats.total_bytes = m.memory.ram_size
-        main = connect(self.uri)
+        stats.total_bytes = sum(size for _, size in self.vm.blocks)
+        main = self._connect(self.uri)
         self._channels.append(main)
-        multifd: MultifdSender | None = None
-        sink: PageSink
-        main_sink = MainChannelSink(main)
-        psp: psp_backend.PspOutgoing | None = None
-        if m.psp_guest is not None:
-            stats.confidential = ConfidentialCounters(backend="psp")
-            psp = self._psp = psp_backend.PspOutgoing(m.psp_guest, params, main_sink, stats.confidential)
-            sink = psp.sink
-        elif "multifd" in params.capabilities and self.uri.is_socket:
-            multifd = MultifdSender(self.uri, params.multifd_channels, stats, main_sink)
-            self._channels.extend(multifd.channels)
-            sink = multifd
-        else:
-            sink = main_sink
-        m.set_dirty_logging(True)
-        sender = RamSender(m.memory, m.vm)
-        sender.sync()  # start the dirty log from now; every page is already set
+        out = MainChannelSink(main, StreamWriter(self.vm.machine_type, batch_pages=BATCH_PAGES))
+        pages: PageSink = out
+        if "multifd" in params.capabilities and self.uri.is_socket:
+            self._multifd = MultifdSender(self.uri, params.multifd_channels, stats, out)
+            self._channels.extend(self._multifd.channels)
+            pages = self._multifd
+        self.backend = self._backend_for(out, pages)
+        stats.confidential = self.backend.counters
+        self.vm.set_dirty_logging(True)
+        self._dirty = self.vm.dirty_log()
+        self._dirty.sync()  # start the dirty log from now; every page is already set
         stats.dirty_sync_count = 1
         self.pass_event(1)
-        blocks = [(b.idstr, b.size) for b in m.memory.blocks]
-        head = enc.header(MACHINE_TYPE) + enc.ram_setup(RAM_SECTION_ID, blocks)
-        session = psp.session_record() if psp is not None else b""  # opens the first section part
-        main.send_all(head)
-        if multifd is not None:
-            multifd.sync()  # as QEMU's ram_save_setup: every EOS has its SYNC on every channel
-        stats.transferred += len(head)
+        main.send_all(out.writer.setup(self.vm.blocks))
+        self._sync_channels()  # as QEMU's ram_save_setup: every EOS has its SYNC on every channel
+        stats.transferred = self._sent()
         stats.setup_time_ms = stats.elapsed_ms()
         self.set_status(MigrationStatus.ACTIVE)
-        limiter = self._limiter
+        return out
 
-        while True:  # precopy rounds
-            stats.rounds += 1
-            t0 = time.monotonic()
-            part = enc.ram_part_begin(RAM_SECTION_ID) + session
-            session = b""
-            main.send_all(part)
-            sent = send_round(sender, sink, stats, limiter, self.cancel)
-            if multifd is not None:
-                multifd.sync()
-            tail = enc.eos_and_footer(RAM_SECTION_ID)
-            main.send_all(tail)
-            stats.transferred += len(part) + len(tail)
-            elapsed = max(time.monotonic() - t0, 1e-6)
-            dirty = sender.sync()
-            stats.dirty_sync_count += 1
-            self.pass_event(stats.dirty_sync_count)
-            bandwidth = sent.bytes / elapsed
-            stats.remaining = dirty * 4096
-            stats.dirty_pages_rate = int(dirty / elapsed)
-            stats.mbps = bandwidth * 8 / 1e6
-            stats.pages_per_second = int((sent.normal + sent.zero) / elapsed)
-            stats.expected_downtime_ms = expected_downtime_ms(stats.remaining, bandwidth)
+    def precopy(self, out: MainChannelSink) -> Iterator[RoundResult]:
+        """Rounds while the guest runs, one result each, until the policy says switch over."""
+        assert self.backend is not None
+        while True:
+            self.stats.rounds += 1
+            t0, b0 = self.clock.monotonic(), self._sent()
+            out.channel.send_all(out.writer.begin_round())
+            if self.stats.rounds == 1:
+                self.backend.setup(out)
+            self._send_dirty(final=False)
+            out.channel.send_all(out.writer.end_part())
+            elapsed = max(self.clock.monotonic() - t0, 1e-6)
+            result = self._end_round(self._dirty.sync(), self._sent() - b0, elapsed)
+            yield result
             if self.cancel.is_set():
                 raise Cancelled
-            params = self.params  # may have changed during the round
-            if self.policy(RoundResult(remaining_bytes=stats.remaining, bandwidth=bandwidth,
-                                       downtime_limit_ms=params.downtime_limit,
-                                       switchover_bandwidth=params.avail_switchover_bandwidth)):
-                break
+            if self.policy(result):
+                return
 
-        # --- switch-over: the guest is stopped from here to the target's verdict
-        self._vm_was_running = m.runstate == RunState.RUNNING
-        t_stop = time.monotonic()
-        m.stop(RunState.FINISH_MIGRATE)
-        m.quiesce_devices()
-        t_stopped = time.monotonic()
+    def _complete(self, out: MainChannelSink) -> None:
+        """Stop the guest, send what is left and its state, wait for the target's verdict."""
+        vm, stats, clock, backend = self.vm, self.stats, self.clock, self.backend
+        assert backend is not None
+        t_stop = clock.monotonic()
+        vm.stop_for_switchover()
+        t_stopped = clock.monotonic()
         self.set_status(MigrationStatus.DEVICE)
-        sender.sync()
+        stats.precopy_bytes = self._sent()
+        self._dirty.sync()
         stats.dirty_sync_count += 1
-        end = enc.ram_end_begin(RAM_SECTION_ID)
-        main.send_all(end)
-        send_round(sender, sink, stats, limiter, self.cancel, downtime=True)
-        if multifd is not None:
-            multifd.sync()
-        if psp is not None:
-            final = psp.final_records([v.fd.vcpu_id for v in m.vcpus])
-            main.send_all(final)
-            stats.transferred += len(final)
-            stats.downtime_bytes += len(final)
-        tail = enc.eos_and_footer(RAM_SECTION_ID)
-        main.send_all(tail)
-        stats.transferred += len(end) + len(tail)
-        stats.downtime_bytes += len(end) + len(tail)
-        t_ram = time.monotonic()
-        device_bytes = self._send_devices(main)
-        stats.transferred += device_bytes
-        stats.downtime_bytes += device_bytes
+        backend.switchover()
+        out.channel.send_all(out.writer.begin_final())
+        self._send_dirty(final=True)
+        backend.complete(out, vm.vcpu_ids)
+        out.channel.send_all(out.writer.end_part())
+        t_ram = clock.monotonic()
+        w = out.writer
+        out.channel.send_all(b"".join(w.device(s.idstr, s.instance_id, s.version_id, s.state)
+                                      for s in vm.save_sections()) + w.eof())
         stats.remaining = 0
-        t_sent = time.monotonic()
+        t_sent = clock.monotonic()
         if self.uri.is_socket:
-            self._await_target(main)
-        t_done = time.monotonic()
-        if psp is not None:
-            psp.finish()
+            self._await_target(out.channel)
+        self._handed_over = True
+        t_done = clock.monotonic()
+        backend.finish()
+        stats.transferred = self._sent()
+        stats.downtime_bytes = stats.transferred - stats.precopy_bytes
         stats.downtime_ms = int((t_done - t_stop) * 1000)
         stats.downtime_breakdown = {
             "stop-vcpus": (t_stopped - t_stop) * 1000,
@@ -232,49 +250,60 @@ class OutgoingMigration(threading.Thread):
             "target-resume": (t_done - t_sent) * 1000,
         }
         stats.total_time_ms = stats.elapsed_ms()
-        total_s = max(stats.total_time_ms / 1000, 1e-6)
-        stats.mbps = stats.transferred * 8 / total_s / 1e6
-        m.set_runstate(RunState.POSTMIGRATE)
+        stats.mbps = stats.transferred * 8 / max(stats.total_time_ms / 1000, 1e-6) / 1e6
+        vm.migrated()
         self.set_status(MigrationStatus.COMPLETED)
-        return True
 
-    def _send_devices(self, main: Channel) -> int:
-        m = self.machine
-        section_id = RAM_SECTION_ID + 1
-        parts: list[bytes] = []
-        described: list[enc.DeviceDescription] = []
-        for v in m.vcpus:
-            state = m.save_cpu(v).encode()
-            parts.append(enc.device_section(section_id, "cpu", v.fd.vcpu_id, CPU_VERSION, state))
-            described.append(enc.DeviceDescription(idstr="cpu", instance_id=v.fd.vcpu_id,
-                                                 version_id=CPU_VERSION, state_size=len(state)))
-            section_id += 1
-        for dev in m.devices:
-            state = dev.save_state()
-            parts.append(enc.device_section(section_id, dev.vmsd_name, 0, 1, state))
-            described.append(enc.DeviceDescription(idstr=dev.vmsd_name, instance_id=0, version_id=1,
-                                                 state_size=len(state)))
-            section_id += 1
-        parts.append(enc.eof())
-        parts.append(enc.vmdescription(described))
-        blob = b"".join(parts)
-        main.send_all(blob)
-        return len(blob)
+    # --- pieces --------------------------------------------------------------------------
+
+    def _send_dirty(self, *, final: bool) -> RoundCounters:
+        """Every dirty page through the backend; rate-limited except while the guest is stopped."""
+        assert self.backend is not None
+        backend, stats, total = self.backend, self.stats, RoundCounters()
+        for block, indices, zero in self._dirty.take_round():
+            if self.cancel.is_set():
+                raise Cancelled
+            sent = backend.zeros(block, indices) if zero else backend.pages(block, indices)
+            total += sent
+            stats.normal += sent.normal
+            stats.duplicate += sent.zero
+            stats.transferred = self._sent()
+            if not final:
+                self._limiter.account(sent.bytes)
+        self._sync_channels()
+        return total
+
+    def _end_round(self, dirty_pages: int, sent_bytes: int, elapsed: float) -> RoundResult:
+        """Account a finished round and judge it (QEMU's ``migration_update_counters``)."""
+        stats, params = self.stats, self.params  # params may have changed during the round
+        stats.dirty_sync_count += 1
+        self.pass_event(stats.dirty_sync_count)
+        bandwidth = sent_bytes / elapsed
+        stats.remaining = dirty_pages * PAGE_SIZE
+        stats.dirty_pages_rate = int(dirty_pages / elapsed)
+        stats.mbps = bandwidth * 8 / 1e6
+        stats.expected_downtime_ms = expected_downtime_ms(stats.remaining, bandwidth)
+        return RoundResult(remaining_bytes=stats.remaining, bandwidth=bandwidth,
+                           downtime_limit_ms=params.downtime_limit,
+                           switchover_bandwidth=params.avail_switchover_bandwidth)
+
+    def _sync_channels(self) -> None:
+        if self._multifd is not None:
+            self._multifd.sync()
+
+    def _sent(self) -> int:
+        return sum(ch.sent for ch in self._channels)
 
     def _await_target(self, main: Channel) -> None:
         """Read the return path: the target says whether it loaded and resumed."""
-        assert main.sock is not None
-        main.sock.settimeout(RETURN_PATH_TIMEOUT)
+        main.set_timeout(RETURN_PATH_TIMEOUT)
+        decoder = rp.ReturnPathDecoder()
         try:
-            kind, length = RP_HEADER.unpack(main.recv_exact(RP_HEADER.size))
-            # SECURITY: peer-controlled; check the header before waiting for a body
-            # it announces (garbage would otherwise stall us until the timeout).
-            if kind != MIG_RP_MSG_SHUT or length != 4:
-                raise RemoteMigrationError(
-                    f"unexpected return-path message {kind:#06x} of {length} bytes")
-            body = main.recv_exact(length)
-        except (OSError, RemoteMigrationError) as exc:
+            while (event := decoder.next_event()) is NEED_DATA:
+                n = main.recv_into(decoder.get_buffer())
+                decoder.buffer_updated(n) if n else decoder.feed_eof()
+        except (OSError, StreamError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise RemoteMigrationError(f"target did not confirm the migration: {reason}") from exc
-        if struct.unpack(">I", body)[0] != 0:
+        if not isinstance(event, rp.Shut) or not event.ok:
             raise RemoteMigrationError("the target failed to load the migration stream")

@@ -17,6 +17,11 @@ MAX_THROTTLE = 128 << 20
 MAX_DOWNTIME_LIMIT_MS = 2_000_000
 MAX_MULTIFD_CHANNELS = 255
 
+CONFIDENTIAL_BACKENDS = ("psp",)
+"""Values of ``x-confidential-backend`` besides empty (the guest's default): the PSP
+today; the Migration Handler (``mh``) and intra-host (``local``) backends will join.
+``backends.OUTGOING`` and ``backends.INCOMING`` have one entry each."""
+
 CAPABILITIES = ("events", "multifd")
 """Capabilities confmig implements. ``events`` gates the MIGRATION and
 MIGRATION_PASS events, as in QEMU."""
@@ -37,6 +42,8 @@ class MigrationParameters:
     """The target's platform chain PEK || OCA || CEK, base64 (``cert-chain``)."""
     sev_amd_cert: str = ""
     """The AMD chain ASK || ARK, base64 (``confmig amd-certs``; on real hosts, from AMD's KDS)."""
+    x_confidential_backend: str = ""
+    """How a confidential guest's private pages move (ours); empty: the guest's default."""
     capabilities: frozenset[str] = field(default_factory=frozenset)
 
     def qmp_parameters(self) -> dict[str, object]:
@@ -49,6 +56,7 @@ class MigrationParameters:
             "sev-pdh": self.sev_pdh,
             "sev-plat-cert": self.sev_plat_cert,
             "sev-amd-cert": self.sev_amd_cert,
+            "x-confidential-backend": self.x_confidential_backend,
         }
 
     def qmp_capabilities(self) -> list[dict[str, object]]:
@@ -67,6 +75,9 @@ class MigrationParameters:
                 raise ConfigError(f"Parameter '{key}' is unexpected")
             if key in _SEV_CERT_PARAMETERS:
                 changes[names[key]] = _base64_parameter(key, value)
+                continue
+            if key == "x-confidential-backend":
+                changes[names[key]] = _backend_parameter(key, value)
                 continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"Invalid parameter type for '{key}', expected: integer")
@@ -97,6 +108,15 @@ def _base64_parameter(key: str, value: object) -> str:
         base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ConfigError(f"Parameter '{key}' is not valid base64") from None
+    return value
+
+
+def _backend_parameter(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"Invalid parameter type for '{key}', expected: string")
+    if value and value not in CONFIDENTIAL_BACKENDS:
+        # QAPI's wording for an enum value it does not know
+        raise ConfigError(f"Parameter '{key}' does not accept value '{value}'")
     return value
 
 

@@ -1,16 +1,17 @@
-"""The ``ram`` section: which pages to send, and landing them on the target.
+"""The ``ram`` section: which pages to send, putting them on the wire, landing them.
 
 Source: a migration bitmap per RAM block (all set at the start), refreshed at
-each sync from KVM's dirty log of every slot and the VMM's own writes. A round
-takes every set bit, clears it and sends the pages in batches: one numpy gather
-per batch into the wire buffer, zero pages detected on that buffer, one
-``send`` per batch. Target: scatter whole batches into guest RAM with numpy.
+each sync from KVM's dirty log of every slot and the VMM's own writes
+(:class:`RamSender`, the engine's :class:`DirtyLog`). A round takes every set
+bit, clears it and hands the pages out in batches; :class:`MainChannelSink`
+encodes a batch with one numpy gather into the wire buffer, zero pages detected
+on that buffer, and one ``send``. Target: scatter whole batches into guest RAM
+with numpy (:class:`RamLanding`).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,11 +19,12 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
+from confmig.common.clock import Clock
+from confmig.common.units import PAGE_SHIFT
 from confmig.kvm.client import VmFd
-from confmig.proto.stream import encoder as enc
+from confmig.proto.stream.format import ConfidentialSubtype
+from confmig.proto.stream.writer import StreamWriter
 from confmig.vmm.memory import GuestMemory, RamBlock
-from confmig.vmm.migration.stats import MigrationStats
 from confmig.vmm.migration.transport import Channel
 
 BATCH_PAGES = 256
@@ -40,10 +42,11 @@ class Cancelled(Exception):
 class RateLimiter:
     """``max-bandwidth`` over 100 ms windows, as QEMU's rate limiter."""
 
-    def __init__(self, max_bandwidth: int, cancel: threading.Event) -> None:
+    def __init__(self, max_bandwidth: int, cancel: threading.Event, clock: Clock) -> None:
         self.max_bandwidth = max_bandwidth
         self._cancel = cancel
-        self._window_start = time.monotonic()
+        self._clock = clock
+        self._window_start = clock.monotonic()
         self._window_bytes = 0
 
     def account(self, nbytes: int) -> None:
@@ -51,18 +54,32 @@ class RateLimiter:
         budget = self.max_bandwidth * BANDWIDTH_WINDOW
         if self._window_bytes < budget:
             return
-        wait = self._window_start + self._window_bytes / self.max_bandwidth - time.monotonic()
+        wait = self._window_start + self._window_bytes / self.max_bandwidth - self._clock.monotonic()
         if wait > 0 and self._cancel.wait(wait):
             raise Cancelled
-        self._window_start = time.monotonic()
+        self._window_start = self._clock.monotonic()
         self._window_bytes = 0
 
 
 @dataclass
 class RoundCounters:
+    """What one batch (or a whole round) put on the wire."""
+
     normal: int = 0
+    """Pages sent with their contents (in whatever form the backend sends them)."""
     zero: int = 0
+    """Pages sent as zero pages (QEMU's ``duplicate``)."""
     bytes: int = 0
+
+    def __iadd__(self, other: RoundCounters) -> RoundCounters:
+        self.normal += other.normal
+        self.zero += other.zero
+        self.bytes += other.bytes
+        return self
+
+
+Batch = tuple[RamBlock, npt.NDArray[np.int64], bool]
+"""A block, page indices within it, and whether they are known to be zero."""
 
 
 class PageSink(Protocol):
@@ -73,8 +90,20 @@ class PageSink(Protocol):
     def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters: ...
 
 
+class DirtyLog(Protocol):
+    """Which pages still have to be sent (QEMU's migration bitmap)."""
+
+    def sync(self) -> int:
+        """Fold in what was written since the last sync; return how many pages are dirty."""
+        ...
+
+    def take_round(self) -> Iterator[Batch]:
+        """Hand out every dirty page once, in batches, clearing them as they go."""
+        ...
+
+
 class RamSender:
-    """The source's migration bitmap and page batching."""
+    """The source's migration bitmap (a :class:`DirtyLog` over KVM's log and the VMM's writes)."""
 
     def __init__(self, memory: GuestMemory, vm: VmFd) -> None:
         self.memory = memory
@@ -102,7 +131,7 @@ class RamSender:
             bm |= block.take_vmm_dirty()
         return self.dirty_pages()
 
-    def take_round(self) -> Iterator[tuple[RamBlock, npt.NDArray[np.int64], bool]]:
+    def take_round(self) -> Iterator[Batch]:
         """Yield (block, batch of page indices, known zero) for every dirty page,
         clearing the bits as the pages are handed out (a page dirtied later is set
         again at the next sync). In the first round, never-written pages come as
@@ -119,51 +148,36 @@ class RamSender:
             yield from _batches(block, idx, False, BATCH_PAGES)
 
 
-def _batches(block: RamBlock, idx: npt.NDArray[np.int64], zero: bool, size: int
-             ) -> Iterator[tuple[RamBlock, npt.NDArray[np.int64], bool]]:
+def _batches(block: RamBlock, idx: npt.NDArray[np.int64], zero: bool, size: int) -> Iterator[Batch]:
     for start in range(0, len(idx), size):
         yield block, idx[start : start + size], zero
 
 
 class MainChannelSink:
-    """Pages on the main channel as QEMU's ``ram`` records (normal and zero)."""
+    """RAM records on the main channel, written through the stream's writer (so only
+    inside a ``ram`` part): QEMU's normal and zero pages, and confidential records."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, writer: StreamWriter) -> None:
         self.channel = channel
-        self.encoder = enc.PageBatchEncoder(BATCH_PAGES)
+        self.writer = writer
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
-        batch = self.encoder.encode(block.idstr, block.pages, indices)
+        batch = self.writer.pages(block.idstr, block.pages, indices)
         sent = self.channel.send_all(batch.wire) if len(batch.wire) else 0
         nzero = len(batch.zero)
         if nzero:
-            sent += self.channel.send_all(enc.encode_zero_pages(block.idstr, batch.zero))
+            sent += self.channel.send_all(self.writer.zero_pages(block.idstr, batch.zero))
         return RoundCounters(normal=len(indices) - nzero, zero=nzero, bytes=sent)
 
     def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
-        sent = self.channel.send_all(enc.encode_zero_pages(block.idstr, indices))
+        sent = self.channel.send_all(self.writer.zero_pages(block.idstr, indices))
         return RoundCounters(zero=len(indices), bytes=sent)
 
-
-def send_round(sender: RamSender, sink: PageSink, stats: MigrationStats, limiter: RateLimiter,
-               cancel: threading.Event, *, downtime: bool = False) -> RoundCounters:
-    total = RoundCounters()
-    for block, indices, zero in sender.take_round():
-        if cancel.is_set():
-            raise Cancelled
-        c = sink.zeros(block, indices) if zero else sink.pages(block, indices)
-        total.normal += c.normal
-        total.zero += c.zero
-        total.bytes += c.bytes
-        stats.normal += c.normal
-        stats.duplicate += c.zero
-        stats.transferred += c.bytes
-        if downtime:
-            stats.downtime_bytes += c.bytes
-        else:
-            stats.precopy_bytes += c.bytes
-            limiter.account(c.bytes)
-    return total
+    def confidential(self, subtype: ConfidentialSubtype, payloads: list[bytes]) -> int:
+        """CONFIDENTIAL records, one per payload, in one write; returns the bytes sent."""
+        if not payloads:
+            return 0
+        return self.channel.send_all(b"".join(self.writer.confidential(subtype, p) for p in payloads))
 
 
 class RamLanding:
@@ -190,7 +204,3 @@ class RamLanding:
         if len(dirty):
             self.blocks[block].pages[dirty] = 0
             written[dirty] = False
-
-
-def page_bytes(npages: int) -> int:
-    return npages * PAGE_SIZE

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from confmig.common.errors import MigrationError, StateError
 from confmig.vmm.machine import Machine
+from confmig.vmm.migration import backends
 from confmig.vmm.migration.convergence import ConvergencePolicy, downtime_limit_policy
 from confmig.vmm.migration.incoming import IncomingMigration
 from confmig.vmm.migration.outgoing import OutgoingMigration
@@ -18,6 +19,7 @@ from confmig.vmm.migration.params import MigrationParameters
 from confmig.vmm.migration.stats import MigrationStats
 from confmig.vmm.migration.status import MigrationStatus, check_transition
 from confmig.vmm.migration.transport import parse_uri
+from confmig.vmm.migration.vmstate import MachineVm
 from confmig.vmm.runstate import RunState
 
 EventSink = Callable[[str, "dict[str, object] | None"], None]
@@ -80,9 +82,12 @@ class MigrationState:
             if state in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR, RunState.POSTMIGRATE):
                 raise StateError("migrate", state, "a VM that can still run")
             parsed = parse_uri(uri)
+            params, machine = self.params, self.machine
+            backends.check(machine, params)
             self.stats = MigrationStats()
         mig = OutgoingMigration(
-            self.machine, parsed, self.params, self.stats, self.set_status,
+            MachineVm(machine), parsed, params, self.stats, self.set_status,
+            lambda out, pages: backends.outgoing_backend(machine, params, out, pages),
             policy=self.policy, pass_event=self._pass_event,
         )
         self.outgoing, self.incoming = mig, None
@@ -101,9 +106,10 @@ class MigrationState:
                 raise MigrationError("this SEV guest's context was half received by a failed incoming "
                                      "migration (its PSP guest and ASID are taken): start a new target, "
                                      "as QEMU, which exits here")
+            backend = backends.incoming_backend(self.machine, self.params)
             self.stats = MigrationStats()
-            mig = IncomingMigration(self.machine, parse_uri(uri), self.params, self.stats,
-                                    self.set_status)
+            mig = IncomingMigration(MachineVm(self.machine), parse_uri(uri), self.params, self.stats,
+                                    self.set_status, backend)
         self.incoming, self.outgoing = mig, None
         mig.start()
         return mig.address

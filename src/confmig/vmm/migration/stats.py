@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
+from confmig.common.clock import Clock, MonotonicClock
 from confmig.common.units import PAGE_SIZE
 
 
@@ -15,18 +15,24 @@ class ConfidentialCounters:
     backend: str
     private_pages: int = 0
     shared_pages: int = 0
-    psp_commands: int = 0
+    commands: int = 0
+    """Firmware commands the backend issued (PSP commands, Migration Handler requests)."""
+    commands_name: str = "commands"
+    """What ``commands`` is called in ``query-migrate`` (e.g. ``psp-commands``)."""
 
     def qmp(self) -> dict[str, object]:
         return {"backend": self.backend, "private-pages": self.private_pages,
-                "shared-pages": self.shared_pages, "psp-commands": self.psp_commands}
+                "shared-pages": self.shared_pages, self.commands_name: self.commands}
 
 
 @dataclass
 class MigrationStats:
     """Mutable counters owned by the migration thread; readers get a consistent-enough view."""
 
-    start: float = field(default_factory=time.monotonic)
+    clock: Clock = field(default_factory=MonotonicClock)
+    """Where the migration takes its time from (a ``ManualClock`` in unit tests)."""
+    start: float = -1.0
+    """When the migration began, on :attr:`clock` (set at creation)."""
     setup_time_ms: int = 0
     total_time_ms: int = 0
     downtime_ms: int = 0
@@ -49,8 +55,12 @@ class MigrationStats:
     """Milliseconds spent in each step of the switch-over (Cloud Hypervisor style)."""
     confidential: ConfidentialCounters | None = None
 
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.clock.monotonic()
+
     def elapsed_ms(self) -> int:
-        return int((time.monotonic() - self.start) * 1000)
+        return int((self.clock.monotonic() - self.start) * 1000)
 
     def ram(self) -> dict[str, object]:
         return {

@@ -69,6 +69,8 @@ class Channel:
         self.sock = sock
         self.proc = proc
         self.name = name
+        self.sent = 0
+        """Bytes written so far (the engine's ``transferred`` is the sum over its channels)."""
 
     @property
     def kind(self) -> str:
@@ -80,11 +82,12 @@ class Channel:
         try:
             if self.sock is not None:
                 self.sock.sendall(view)
-                return len(view)
-            sent = 0
-            while sent < len(view):
-                sent += os.write(self.fd, view[sent:])
-            return sent
+            else:
+                done = 0
+                while done < len(view):
+                    done += os.write(self.fd, view[done:])
+            self.sent += len(view)
+            return len(view)
         except OSError as exc:  # QEMU's wording: "Unable to write to socket: Broken pipe"
             raise RemoteMigrationError(f"Unable to write to {self.kind}: {exc.strerror or exc}") from exc
 
@@ -109,6 +112,11 @@ class Channel:
                 raise RemoteMigrationError(f"{self.name}: connection closed")
             got += k
         return bytes(out)
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """Deadline for each later send or receive on a socket (files and pipes have none)."""
+        if self.sock is not None:
+            self.sock.settimeout(seconds)
 
     def abort(self) -> None:
         """Unblock any thread in send/recv (cancel): shut the socket down."""

@@ -20,6 +20,7 @@ MIGRATION_PARAMETERS = {
     "sev-pdh": Arg(str, optional=True),
     "sev-plat-cert": Arg(str, optional=True),
     "sev-amd-cert": Arg(str, optional=True),
+    "x-confidential-backend": Arg(str, optional=True),
 }
 
 

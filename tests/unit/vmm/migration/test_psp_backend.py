@@ -1,4 +1,6 @@
-"""The PSP path's stream records: what the target accepts, and the clear error for anything else."""
+"""The PSP backend on the target: what it accepts, and the clear error for anything else.
+
+The record codec itself is tested in ``tests/protocol/stream/test_psp_records.py``."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from confmig.common.errors import ConfigError, StreamError
 from confmig.proto.stream import decoder as dec
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.vmm.memory import GuestMemory
+from confmig.proto.stream import psp as records
 from confmig.vmm.migration import psp
 from confmig.vmm.migration.params import MigrationParameters
-from confmig.vmm.migration.stats import ConfidentialCounters
 from confmig.vmm.shared_regions import SharedRegions
 
 HDR, TRANS = b"h" * 52, b"t" * 4096
@@ -43,10 +45,37 @@ class FakeSev:
         self.calls.append(("vmsa", vcpu_id))
 
 
-def landing(es: bool = False) -> tuple[psp.PspLanding, FakeSev]:
+def landing(es: bool = False) -> tuple[psp.PspIncoming, FakeSev]:
     sev = FakeSev(config=FakeConfig(es=es))
     memory = GuestMemory.pc(16 << 20)
-    return psp.PspLanding(sev, memory, ConfidentialCounters(backend="psp"), {0, 1}), sev  # type: ignore[arg-type]
+    return psp.PspIncoming(sev, memory, {0, 1}), sev  # type: ignore[arg-type]
+
+
+def _blob(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _record(payload: bytes) -> bytes:
+    """A CONFIDENTIAL record of subtype PSP_PACKET around a raw payload (the codec would refuse
+    to write the malformed ones)."""
+    return struct.pack(">QBI", 0x800, ConfidentialSubtype.PSP_PACKET, len(payload)) + payload
+
+
+def session_record(policy: int, pdh: bytes, session: bytes) -> bytes:
+    return _record(b"\x01" + struct.pack(">I", policy) + _blob(pdh) + _blob(session))
+
+
+def page_record(gpa: int, hdr: bytes, trans: bytes) -> bytes:
+    return _record(b"\x02" + struct.pack(">Q", gpa) + _blob(hdr) + _blob(trans))
+
+
+def vmsa_record(vcpu_id: int, hdr: bytes, trans: bytes) -> bytes:
+    return _record(b"\x03" + struct.pack(">I", vcpu_id) + _blob(hdr) + _blob(trans))
+
+
+def shared_regions_record(shared: SharedRegions) -> bytes:
+    payload = shared.encode()
+    return struct.pack(">QBI", 0x800, ConfidentialSubtype.SHARED_REGIONS, len(payload)) + payload
 
 
 def payload(record: bytes) -> tuple[ConfidentialSubtype, bytes]:
@@ -64,29 +93,49 @@ def payload(record: bytes) -> tuple[ConfidentialSubtype, bytes]:
 
 
 def session() -> bytes:
-    return payload(psp.session_record(1, b"p" * 2084, b"s" * 128))[1]
+    return payload(session_record(1, b"p" * 2084, b"s" * 128))[1]
 
 
 def test_records_round_trip_through_the_stream_codec() -> None:
     land, sev = landing(es=True)
-    for record in (psp.session_record(1, b"p" * 2084, b"s" * 128), psp.page_record(0x3000, HDR, TRANS),
-                   psp.vmsa_record(1, HDR, TRANS)):
+    for record in (session_record(1, b"p" * 2084, b"s" * 128), page_record(0x3000, HDR, TRANS),
+                   vmsa_record(1, HDR, TRANS)):
         land.record(*payload(record))
     shared = SharedRegions()
     shared.update(1, 1, shared=True)
-    land.record(*payload(psp.shared_regions_record(shared)))
+    land.record(*payload(shared_regions_record(shared)))
     assert sev.calls == [("start", 1, 2084, 128), ("page", 0x3000), ("vmsa", 1)]
     assert land.vmsas == {1} and sev.shared.is_shared(1)
+    assert land.counters.commands == 3 and land.counters.private_pages == 1
+
+
+def test_the_records_the_codec_writes_are_the_ones_the_backend_reads() -> None:
+    land, sev = landing()
+    land.record(records.SUBTYPE, records.encode(records.PspSession(policy=1, pdh=b"p", session=b"s")))
+    land.record(records.SUBTYPE, records.encode(records.PspPage(gpa=0x5000, header=HDR, transport=TRANS)))
+    assert sev.calls == [("start", 1, 1, 1), ("page", 0x5000)]
+
+
+def test_verify_refuses_a_stream_without_session_or_without_every_vmsa() -> None:
+    land, _sev = landing(es=True)
+    with pytest.raises(StreamError, match="no PSP session"):
+        land.verify([0, 1])
+    land.record(ConfidentialSubtype.PSP_PACKET, session())
+    land.record(*payload(vmsa_record(0, HDR, TRANS)))
+    with pytest.raises(StreamError, match="VMSA of every vCPU"):
+        land.verify([0, 1])
+    land.record(*payload(vmsa_record(1, HDR, TRANS)))
+    land.verify([0, 1])
 
 
 @pytest.mark.parametrize("records, message", [
-    ([psp.page_record(0x3000, HDR, TRANS)], "before the PSP session"),
-    ([psp.session_record(1, b"p", b"s"), psp.session_record(1, b"p", b"s")], "a second PSP session"),
-    ([psp.session_record(1, b"p", b"s"), psp.page_record(0x3001, HDR, TRANS)], "not one whole page"),
-    ([psp.session_record(1, b"p", b"s"), psp.page_record(0x3000, HDR, TRANS[:100])], "not one whole page"),
-    ([psp.session_record(1, b"p", b"s"), psp.page_record(1 << 40, HDR, TRANS)], "outside guest RAM"),
-    ([psp.session_record(1, b"p", b"s"), psp.vmsa_record(0, HDR, TRANS)], "not SEV-ES"),
-    ([psp.session_record(1, b"p" * 20_000, b"s")], "PDH of 20000 bytes"),
+    ([page_record(0x3000, HDR, TRANS)], "before the PSP session"),
+    ([session_record(1, b"p", b"s"), session_record(1, b"p", b"s")], "a second PSP session"),
+    ([session_record(1, b"p", b"s"), page_record(0x3001, HDR, TRANS)], "not one whole page"),
+    ([session_record(1, b"p", b"s"), page_record(0x3000, HDR, TRANS[:100])], "not one whole page"),
+    ([session_record(1, b"p", b"s"), page_record(1 << 40, HDR, TRANS)], "outside guest RAM"),
+    ([session_record(1, b"p", b"s"), vmsa_record(0, HDR, TRANS)], "not SEV-ES"),
+    ([session_record(1, b"p" * 20_000, b"s")], "PDH of 20000 bytes"),
 ])
 def test_bad_records_are_one_clear_error(records: list[bytes], message: str) -> None:
     land, _sev = landing()
@@ -112,10 +161,10 @@ def test_malformed_payloads_are_refused(raw: bytes, message: str) -> None:
 def test_a_vmsa_for_an_unknown_or_repeated_vcpu_is_refused() -> None:
     land, _sev = landing(es=True)
     land.record(ConfidentialSubtype.PSP_PACKET, session())
-    land.record(*payload(psp.vmsa_record(0, HDR, TRANS)))
+    land.record(*payload(vmsa_record(0, HDR, TRANS)))
     for vcpu in (0, 7):
         with pytest.raises(StreamError, match=f"vCPU {vcpu}"):
-            land.record(*payload(psp.vmsa_record(vcpu, HDR, TRANS)))
+            land.record(*payload(vmsa_record(vcpu, HDR, TRANS)))
 
 
 @pytest.mark.parametrize("value, message", [

@@ -1,0 +1,85 @@
+"""What a kind of guest adds to a migration: the backend interface of the engine.
+
+The engine (``outgoing``, ``incoming``) owns the rounds, the dirty-log sync, the
+bandwidth limit and downtime estimate, the switch-over, the return path, the
+status and events, and the statistics. A backend owns what differs between kinds
+of guests, in the vocabulary of QEMU's ``SaveVMHandlers`` and Cloud Hypervisor's
+``Migratable``: its setup (negotiation, sessions, keys), how a batch of dirty
+pages becomes records, its completion (the final records, state only it may
+read), its cancel; on the target, how its records become memory and when the
+guest may run. Every hook but ``pages`` has a default that does nothing.
+
+Backends are chosen per migration by ``backends.outgoing_backend`` /
+``backends.incoming_backend``; the engine never names one. Lifecycle on the
+source::
+
+    setup(out)                      inside the first round's part, before any page
+    pages / zeros                   for every batch of every round (also the final one)
+    switchover()                    the guest is stopped; before the final pages
+    complete(out, vcpu_ids)         inside the final part, after the last pages
+    finish()                        the target confirmed: the guest now lives there
+    cancel()                        the migration did not complete (any phase after setup)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from confmig.common.errors import StreamError
+from confmig.proto.stream.format import ConfidentialSubtype
+from confmig.vmm.memory import RamBlock
+from confmig.vmm.migration.ram import MainChannelSink, RoundCounters
+from confmig.vmm.migration.stats import ConfidentialCounters
+from confmig.vmm.migration.transport import Channel
+
+
+class OutgoingBackend:
+    """The source's side of one kind of guest."""
+
+    name: ClassVar[str]
+    counters: ConfidentialCounters | None = None
+    """What a confidential backend reports in ``query-migrate`` (None: nothing)."""
+
+    def setup(self, out: MainChannelSink) -> None:
+        """Open sessions and write the records that must precede every page."""
+
+    def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
+        raise NotImplementedError
+
+    def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
+        """Pages known to be zero on the host's side (never written)."""
+        raise NotImplementedError
+
+    def switchover(self) -> None:
+        """The guest's vCPUs are stopped; the final pages come next."""
+
+    def complete(self, out: MainChannelSink, vcpu_ids: list[int]) -> None:
+        """Write what only the stopped guest has: the final records of the stream."""
+
+    def finish(self) -> None:
+        """The target loaded the stream and runs the guest."""
+
+    def cancel(self) -> None:
+        """Undo setup: the source keeps the guest."""
+
+
+class IncomingBackend:
+    """The target's side of one kind of guest."""
+
+    name: ClassVar[str]
+    counters: ConfidentialCounters | None = None
+
+    def attach(self, main: Channel) -> None:
+        """The main channel was accepted."""
+
+    def record(self, subtype: ConfidentialSubtype, payload: bytes) -> None:
+        """One CONFIDENTIAL record of the stream."""
+        raise StreamError(f"confidential record {subtype.name} for a guest that is not confidential "
+                          "(-object sev-guest ... -machine confidential-guest-support=...)")
+
+    def verify(self, vcpu_ids: list[int]) -> None:
+        """Everything the guest needs arrived: raise :class:`StreamError` if not. The guest
+        does not run before this returns."""

@@ -1,0 +1,122 @@
+"""The machine as the migration engine sees it: RAM blocks, run state, vCPU and device state.
+
+QEMU's ``vmstate`` role: the engine asks for state sections and hands received
+ones back, without knowing what a vCPU or a device is. :class:`MachineVm` adapts a
+:class:`Machine` to the engine's :class:`~confmig.vmm.migration.outgoing.SourceVm`
+and :class:`~confmig.vmm.migration.incoming.TargetVm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from confmig.common.errors import StreamError
+from confmig.vmm.machine import MACHINE_TYPE, CpuState, Machine
+from confmig.vmm.migration.ram import DirtyLog, RamSender
+from confmig.vmm.runstate import RunState
+
+CPU_SECTION = "cpu"
+CPU_VERSION = 1
+DEVICE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceSection:
+    """One SECTION_FULL of the stream: a vCPU's or a device's saved state."""
+
+    idstr: str
+    instance_id: int
+    version_id: int
+    state: bytes
+
+
+class MachineVm:
+    """A :class:`Machine` behind the engine's interfaces."""
+
+    machine_type = MACHINE_TYPE
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.memory = machine.memory
+        self._was_running = False
+
+    @property
+    def blocks(self) -> list[tuple[str, int]]:
+        return [(b.idstr, b.size) for b in self.machine.memory.blocks]
+
+    @property
+    def vcpu_ids(self) -> list[int]:
+        return [v.fd.vcpu_id for v in self.machine.vcpus]
+
+    def dirty_log(self) -> DirtyLog:
+        return RamSender(self.machine.memory, self.machine.vm)
+
+    def set_dirty_logging(self, on: bool) -> None:
+        self.machine.set_dirty_logging(on)
+
+    # --- source ----------------------------------------------------------------------
+
+    def stop_for_switchover(self) -> None:
+        """QEMU's ``migration_stop_vm``: vCPUs out, devices that write guest RAM quiet."""
+        m = self.machine
+        self._was_running = m.runstate == RunState.RUNNING
+        m.stop(RunState.FINISH_MIGRATE)
+        m.quiesce_devices()
+
+    def recover(self) -> None:
+        """Back to where we were (QEMU's ``vm_old_state``): a guest that ran runs again."""
+        m = self.machine
+        if m.runstate == RunState.FINISH_MIGRATE:
+            m.set_runstate(RunState.PAUSED)
+            if self._was_running:
+                m.start()
+        m.resume_devices()
+
+    def save_sections(self) -> list[DeviceSection]:
+        m = self.machine
+        sections = [DeviceSection(idstr=CPU_SECTION, instance_id=v.fd.vcpu_id, version_id=CPU_VERSION,
+                                  state=m.save_cpu(v).encode()) for v in m.vcpus]
+        sections += [DeviceSection(idstr=d.vmsd_name, instance_id=0, version_id=DEVICE_VERSION,
+                                   state=d.save_state()) for d in m.devices]
+        return sections
+
+    def migrated(self) -> None:
+        self.machine.set_runstate(RunState.POSTMIGRATE)
+
+    # --- target ----------------------------------------------------------------------
+
+    def check_blocks(self, sent: Sequence[tuple[str, int]]) -> None:
+        """The source's RAM blocks must be ours, size for size (QEMU's wording)."""
+        ours = {b.idstr: b.size for b in self.machine.memory.blocks}
+        for idstr, size in sent:
+            if idstr not in ours:
+                raise StreamError(f"Unknown ramblock \"{idstr}\", cannot accept migration")
+            if ours[idstr] != size:
+                raise StreamError(f"Length mismatch: {idstr}: {size:#x} in != {ours[idstr]:#x}: "
+                                  "Invalid argument")
+
+    def load_sections(self, sections: Iterable[DeviceSection]) -> None:
+        """Load every received section; the vCPUs' only once all of them arrived."""
+        m = self.machine
+        cpus: dict[int, CpuState] = {}
+        for s in sections:
+            if s.idstr == CPU_SECTION:
+                cpus[s.instance_id] = CpuState.decode(s.state)
+                continue
+            dev = m.device(s.idstr)
+            if dev is None:
+                raise StreamError(f"unknown device section '{s.idstr}'")
+            dev.load_state(s.state)
+        if set(cpus) != set(self.vcpu_ids):
+            raise StreamError(f"stream has state for vCPUs {sorted(cpus)}, this VM has {len(m.vcpus)}")
+        for v in m.vcpus:
+            m.load_cpu(v, cpus[v.fd.vcpu_id])
+
+    def resume(self) -> None:
+        """Run the loaded guest, unless ``-S`` or a ``stop`` said otherwise."""
+        m = self.machine
+        if m.autostart:
+            m.start()
+        else:
+            m.set_runstate(RunState.PAUSED)
