@@ -27,6 +27,7 @@ import pytest
 from mee_port import MeePort
 
 from confmig.common.clock import ManualClock
+from confmig.common.errors import ConfigError
 from confmig.common.units import PAGE_SIZE
 from confmig.owner import (
     DISK_PASSPHRASE_GUID,
@@ -41,10 +42,10 @@ from confmig.owner import (
     make_server,
 )
 from confmig.owner.broker import SESSION_TTL
-from confmig.owner.wire import LaunchResponse, SecretResponse
 from confmig.platform.mee import KeySlots, MemoryEncryptionEngine
 from confmig.platform.psp import PlatformIdentity, PspMailbox, SecureProcessor
 from confmig.platform.psp.mailbox import STATUS
+from confmig.proto.keybroker import LaunchResponse, SecretResponse
 
 RAM = 32 * PAGE_SIZE
 FIRMWARE = hashlib.sha512(b"owner-service firmware").digest() * (2 * PAGE_SIZE // 64)
@@ -152,15 +153,18 @@ def test_an_attested_launch_over_http(client: OwnerClient, host: Host) -> None:
 
 
 def test_the_vmms_own_client_speaks_the_same_wire_format(server: OwnerServer, host: Host) -> None:
-    from confmig.vmm.sev import OwnerLink  # the VMM's re-implementation (it may not import confmig.owner)
+    from confmig.vmm.sev import OwnerLink  # the VMM's own client (it may not import confmig.owner)
 
     link = OwnerLink(server.url)
     pdh, chain = host.capabilities()
-    session_id, godh, session = link.launch("vm1", pdh, chain, POLICY)
-    handle, blob = host.launch_until_measured(godh, session)
-    hdr, trans, guest_len = link.measurement(session_id, blob, host.firmware_version())
-    assert host.port.launch_secret(handle, hdr, SECRET_SPA, guest_len, trans) == 0
+    offer = link.launch("vm1", pdh, chain, POLICY)
+    handle, blob = host.launch_until_measured(offer.godh, offer.session)
+    reply = link.measurement(offer.session_id, blob, host.firmware_version())
+    hdr, trans = reply.secret_header, reply.secret
+    assert host.port.launch_secret(handle, hdr, SECRET_SPA, reply.guest_len, trans) == 0
     assert host.memory.read_encrypted(ASID, SECRET_SPA, len(TABLE)) == TABLE
+    with pytest.raises(ConfigError, match=r"guest owner refused: .*already released"):
+        link.measurement(offer.session_id, blob, host.firmware_version())
 
 
 def test_a_wrong_firmware_is_refused_and_the_session_closed(client: OwnerClient, host: Host) -> None:

@@ -4,8 +4,10 @@
 
     ConfmigError
     ├── ConfigError              bad command line, bad option, bad file
-    ├── ProtocolError            bytes from a peer that do not parse (ioctl, QMP, stream, mailbox)
-    │   └── StreamError          a migration stream that is truncated or corrupt
+    ├── ProtocolError            bytes from a peer that do not parse (ioctl, QMP, stream, mailbox, key broker)
+    │   ├── StreamError          a migration stream that is truncated or corrupt
+    │   └── KeyBrokerMessageError  a guest owner's key-broker body (request, reply, error) that does not
+    │                              parse or is out of bounds
     ├── StateError               an operation not allowed in the current lifecycle state
     ├── KvmError                 an emulated ioctl failed; carries the negative errno
     ├── MigrationError           a migration failed or was refused
@@ -34,6 +36,10 @@ class ProtocolError(ConfmigError):
 
 class StreamError(ProtocolError):
     """The migration stream is truncated or corrupt."""
+
+
+class KeyBrokerMessageError(ProtocolError):
+    """A body of the guest owner's key-broker protocol (``confmig.proto.keybroker``) does not parse."""
 
 
 class StateError(ConfmigError):

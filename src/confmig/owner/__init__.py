@@ -13,7 +13,7 @@ must never import it); it uses the PSP's formats and cryptography
 * :mod:`.profile` — a VM as configured: expected launch and secrets.
 * :mod:`.session` — one launch session and its lifecycle.
 * :mod:`.broker` — :class:`KeyBroker`, the sans-IO key broker.
-* :mod:`.wire`, :mod:`.service`, :mod:`.client` — the HTTP API, its server, a client.
+* :mod:`.service`, :mod:`.client` — the HTTP API (:mod:`confmig.proto.keybroker`): its server, a client.
 * :mod:`.cli` — ``confmig owner serve`` / ``confmig owner digest``.
 
 ``docs/owner.md`` has the overview and the wire format.

@@ -1,9 +1,9 @@
 """The key broker, sans-IO: launch sessions in, secrets out, when and only when the launch is as expected.
 
-:class:`KeyBroker` implements the two calls of the wire protocol
-(:mod:`.wire`) as plain methods; :mod:`.service` puts HTTP around it. For each
-``launch`` it verifies the platform up to the trusted AMD root, checks the
-policy against the VM's profile and keeps a new :class:`~.session.OwnerSession`
+:class:`KeyBroker` implements the two calls of the key-broker protocol
+(:mod:`confmig.proto.keybroker`) as plain methods; :mod:`.service` puts HTTP
+around it. For each ``launch`` it verifies the platform up to the trusted AMD
+root, checks the policy against the VM's profile and keeps a new :class:`~.session.OwnerSession`
 with fresh transport keys; for each ``measurement`` it checks LAUNCH_MEASURE's
 output under that session's TIK and, if it matches, seals the VM's secret
 table for LAUNCH_SECRET. Each session releases at most once, and dies after
@@ -38,16 +38,16 @@ from confmig.owner.measurement import check_measurement
 from confmig.owner.profile import ANY_VM, VmProfile
 from confmig.owner.session import OwnerSession, SessionEvent, SessionState
 from confmig.owner.trust import AmdRoot, verify_platform
-from confmig.owner.wire import (
+from confmig.platform.psp.packet import IV_SIZE, seal_launch_secret
+from confmig.platform.psp.session import create_launch_session
+from confmig.platform.psp.version import FirmwareVersion
+from confmig.proto.keybroker import (
     SESSION_ID_RE,
     LaunchRequest,
     LaunchResponse,
     MeasurementRequest,
     SecretResponse,
 )
-from confmig.platform.psp.packet import IV_SIZE, seal_launch_secret
-from confmig.platform.psp.session import create_launch_session
-from confmig.platform.psp.version import FirmwareVersion
 
 log = logging.getLogger("confmig.owner")
 

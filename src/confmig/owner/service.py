@@ -1,16 +1,11 @@
 """The key broker over HTTP: ``confmig owner serve``.
 
-A :class:`~http.server.ThreadingHTTPServer` around :class:`~.broker.KeyBroker`.
-Routes (``docs/owner.md`` has the bodies)::
-
-    POST /v1/launch                          -> 200 {"session_id", "godh", "session"}
-    POST /v1/launch/<session_id>/measurement -> 200 {"secret_header", "secret", "guest_len"}
-    GET  /v1/health                          -> 200 {"status": "ok"}
-
-Every failure is ``{"error": "..."}`` with the status of its
-:class:`~.errors.OwnerError`. Bounded: request bodies (``wire.MAX_BODY``), the
-time a client may take to send one (:data:`REQUEST_TIMEOUT`), and the requests
-served at once (:data:`MAX_CONCURRENT_REQUESTS`). Plain HTTP, as the threat
+A :class:`~http.server.ThreadingHTTPServer` around :class:`~.broker.KeyBroker`,
+serving the routes and bodies of :mod:`confmig.proto.keybroker`. Every failure
+is an ``ErrorReply`` with the status of its :class:`~.errors.OwnerError`.
+Bounded: request bodies (``keybroker.MAX_BODY``), the time a client may take
+to send one (:data:`REQUEST_TIMEOUT`), and the requests served at once
+(:data:`MAX_CONCURRENT_REQUESTS`). Plain HTTP, as the threat
 model allows: nothing the broker sends is useful to the host (the session blob
 is wrapped for the platform, the secret is sealed under the TEK), and nothing
 the host sends is trusted without verification.
@@ -19,33 +14,41 @@ the host sends is trusted without verification.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Final
+from typing import Final, TypeVar
 
+from confmig.common.errors import KeyBrokerMessageError
 from confmig.owner.broker import KeyBroker
 from confmig.owner.errors import OwnerError, RequestError, RequestTooLarge
-from confmig.owner.wire import (
+from confmig.proto.keybroker import (
     HEALTH_PATH,
     LAUNCH_PATH,
     MAX_BODY,
     MEASUREMENT_PATH_RE,
+    ErrorReply,
+    HealthResponse,
     LaunchRequest,
     MeasurementRequest,
+    Message,
+    decode,
+    encode,
 )
 
 log = logging.getLogger("confmig.owner")
+
+_Request = TypeVar("_Request", LaunchRequest, MeasurementRequest)
 
 REQUEST_TIMEOUT: Final = 10.0
 """Seconds a client may take to send a request: a stalled client must not hold a thread."""
 MAX_CONCURRENT_REQUESTS: Final = 32
 """Requests served at once; more get 503 at once instead of a thread each."""
+_BUSY_BODY: Final = encode(ErrorReply(error="too many concurrent requests; retry"))
 _BUSY_REPLY: Final = (
-    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 48\r\n"
-    b"Connection: close\r\n\r\n" + b'{"error": "too many concurrent requests; retry"}'
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_BUSY_BODY) + _BUSY_BODY
 )
 
 
@@ -95,36 +98,36 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path
         try:
             if path == LAUNCH_PATH:
-                launch = LaunchRequest.from_json(self._read_json())
-                self._reply(200, self.server.broker.launch(launch).to_json())
+                launch = self._read(LaunchRequest)
+                self._reply(200, self.server.broker.launch(launch))
                 return
             match = MEASUREMENT_PATH_RE.fullmatch(path)
             if match is not None:
-                measured = MeasurementRequest.from_json(self._read_json())
-                self._reply(200, self.server.broker.measurement(match.group(1), measured).to_json())
+                measured = self._read(MeasurementRequest)
+                self._reply(200, self.server.broker.measurement(match.group(1), measured))
                 return
-            self._reply(404, {"error": f"no such endpoint: POST {path[:100]}"})
+            self._reply(404, ErrorReply(error=f"no such endpoint: POST {path[:100]}"))
         except OwnerError as exc:
-            self._reply(exc.http_status, {"error": str(exc)})
+            self._reply(exc.http_status, ErrorReply(error=str(exc)))
         except Exception:
             log.exception("key broker: internal error on POST %s", path[:100])
-            self._reply(500, {"error": "internal error"})
+            self._reply(500, ErrorReply(error="internal error"))
 
     def do_GET(self) -> None:
         if self.path == HEALTH_PATH:
-            self._reply(200, {"status": "ok"})
+            self._reply(200, HealthResponse(status="ok"))
         else:
             self._not_allowed()
 
     def _not_allowed(self) -> None:
         if self.path == LAUNCH_PATH or MEASUREMENT_PATH_RE.fullmatch(self.path):
-            self._reply(405, {"error": f"{self.command} not allowed on {self.path}: use POST"})
+            self._reply(405, ErrorReply(error=f"{self.command} not allowed on {self.path}: use POST"))
         else:
-            self._reply(404, {"error": f"no such endpoint: {self.command} {self.path[:100]}"})
+            self._reply(404, ErrorReply(error=f"no such endpoint: {self.command} {self.path[:100]}"))
 
     do_PUT = do_DELETE = do_PATCH = _not_allowed
 
-    def _read_json(self) -> object:
+    def _read(self, kind: type[_Request]) -> _Request:
         # SECURITY: the body comes from the untrusted host; its size is bounded before it is read.
         length_header = self.headers.get("Content-Length")
         if length_header is None or not length_header.isdigit():
@@ -136,12 +139,12 @@ class _Handler(BaseHTTPRequestHandler):
         if len(body) != length:
             raise RequestError("request body shorter than its Content-Length")
         try:
-            return json.loads(body)
-        except (ValueError, RecursionError):
-            raise RequestError("request body is not valid JSON") from None
+            return decode(kind, body)
+        except KeyBrokerMessageError as exc:
+            raise RequestError(str(exc)) from exc
 
-    def _reply(self, status: int, body: dict[str, object]) -> None:
-        data = json.dumps(body).encode()
+    def _reply(self, status: int, message: Message) -> None:
+        data = encode(message)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

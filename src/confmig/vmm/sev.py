@@ -18,20 +18,17 @@ the PSP.
 from __future__ import annotations
 
 import base64
-import contextlib
-import json
 import logging
 import struct
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
+from typing import TypeVar
 
-from confmig.common.errors import ConfigError, KvmError, MigrationError
+from confmig.common.errors import ConfigError, KeyBrokerMessageError, KvmError, MigrationError
 from confmig.common.x86 import KVM_MIGRATION_READY, MSR_KVM_MIGRATION_CONTROL
 from confmig.kvm import sev as ksev
 from confmig.kvm.client import Kvm, SevCommandError, VmFd
-from confmig.proto import ioctl
+from confmig.proto import ioctl, keybroker
 from confmig.vmm.cmdline import HOST_CBITPOS, SevGuestConfig
 from confmig.vmm.shared_regions import SharedRegions
 
@@ -43,9 +40,6 @@ KVM_FEATURE_MIGRATION_CONTROL = 1 << 17
 KVM_HC_MAP_GPA_RANGE = 12
 KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 PAGE = 4096
-OWNER_TIMEOUT = 30.0
-"""Seconds a call to the guest owner may take."""
-OWNER_MAX_REPLY = 1 << 20
 
 SEV_STATES = ("uninit", "launch-update", "launch-secret", "running", "send-update", "receive-update",
               "sent")
@@ -63,41 +57,37 @@ class SecretArea:
     size: int
 
 
+_Reply = TypeVar("_Reply", keybroker.LaunchResponse, keybroker.SecretResponse)
+
+
 class OwnerLink:
-    """The VMM's side of the guest owner's key broker: plain HTTP + JSON, blobs in
-    base64 (``docs/owner.md``). Everything it carries is opaque to the VMM."""
+    """The VMM's side of the guest owner's key broker (:mod:`confmig.proto.keybroker`);
+    the VMM may not import ``confmig.owner``'s client. Everything it carries is opaque to the VMM."""
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
 
-    def _post(self, path: str, body: dict[str, object]) -> dict[str, object]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=OWNER_TIMEOUT) as resp:
-                data = resp.read(OWNER_MAX_REPLY)
-        except urllib.error.HTTPError as exc:
-            detail = exc.read(4096).decode(errors="replace")
-            with contextlib.suppress(ValueError):
-                detail = str(json.loads(detail).get("error", detail))
-            raise ConfigError(f"guest owner refused: {detail}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise ConfigError(f"cannot reach the guest owner at {self.url}: {exc}") from None
-        reply = json.loads(data)
-        if not isinstance(reply, dict):
-            raise ConfigError("guest owner: malformed reply")
-        return reply
-
-    def launch(self, vm: str, pdh: bytes, chain: bytes, policy: int) -> tuple[str, bytes, bytes]:
-        r = self._post("/v1/launch", {"vm": vm, "pdh": _b64(pdh), "cert_chain": _b64(chain),
-                                      "policy": policy})
-        return str(r["session_id"]), _unb64(r["godh"]), _unb64(r["session"])
+    def launch(self, vm: str, pdh: bytes, chain: bytes, policy: int) -> keybroker.LaunchResponse:
+        request = keybroker.LaunchRequest(vm=vm, pdh=pdh, cert_chain=chain, policy=policy)
+        return self._call(keybroker.LAUNCH_PATH, request, keybroker.LaunchResponse)
 
     def measurement(self, session_id: str, measurement: bytes, api: tuple[int, int, int]
-                    ) -> tuple[bytes, bytes, int]:
-        r = self._post(f"/v1/launch/{session_id}/measurement", {
-            "measurement": _b64(measurement), "api_major": api[0], "api_minor": api[1], "build": api[2]})
-        return _unb64(r["secret_header"]), _unb64(r["secret"]), int(str(r["guest_len"]))
+                    ) -> keybroker.SecretResponse:
+        request = keybroker.MeasurementRequest(measurement=measurement, api_major=api[0], api_minor=api[1],
+                                               build=api[2])
+        return self._call(keybroker.measurement_path(session_id), request, keybroker.SecretResponse)
+
+    def _call(self, path: str, request: keybroker.Message, kind: type[_Reply]) -> _Reply:
+        try:
+            status, data = keybroker.post_json(self.url, path, keybroker.encode(request))
+            reply = keybroker.decode_reply(kind, status, data)
+        except KeyBrokerMessageError as exc:
+            raise ConfigError(f"guest owner at {self.url}: malformed reply: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the guest owner at {self.url}: {exc}") from exc
+        if isinstance(reply, keybroker.ErrorReply):
+            raise ConfigError(f"guest owner refused: {reply.error}")
+        return reply
 
 
 def _packet(reply: bytes, *, hdr_len: int, trans_len: int) -> tuple[bytes, bytes]:
@@ -107,12 +97,6 @@ def _packet(reply: bytes, *, hdr_len: int, trans_len: int) -> tuple[bytes, bytes
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def _unb64(value: object) -> bytes:
-    if not isinstance(value, str):
-        raise ConfigError("guest owner: malformed reply (expected base64)")
-    return base64.b64decode(value, validate=True)
 
 
 class SevGuest:
@@ -158,8 +142,9 @@ class SevGuest:
         session_id = ""
         godh = session = b""
         if owner is not None:
-            caps = self.capabilities_raw()
-            session_id, godh, session = owner.launch(self.name, caps[0], caps[1], self.config.policy)
+            pdh, chain = self.capabilities_raw()
+            offer = owner.launch(self.name, pdh, chain, self.config.policy)
+            session_id, godh, session = offer.session_id, offer.godh, offer.session
         body = ksev.LAUNCH_START.pack(0, self.config.policy, 0, len(godh), 0, 0, len(session), 0)
         _err, out = self._op(ksev.KVM_SEV_LAUNCH_START, body + godh + session)
         self.handle = ksev.LAUNCH_START.unpack_from(out)[0]
@@ -177,10 +162,12 @@ class SevGuest:
         _err, out = self._op(ksev.KVM_SEV_LAUNCH_MEASURE, ksev.LAUNCH_MEASURE.pack(0, need, 0))
         self.measurement = out[ksev.LAUNCH_MEASURE.size :]
         if owner is not None:
-            hdr, secret, guest_len = owner.measurement(session_id, self.measurement, self.api_version())
+            packet = owner.measurement(session_id, self.measurement, self.api_version())
+            hdr, secret, guest_len = packet.secret_header, packet.secret, packet.guest_len
             if secret_area is None:
                 raise ConfigError("the firmware image has no SEV secret area: cannot inject the secret")
-            if guest_len > secret_area.size or guest_len != len(secret):
+            # The protocol already holds guest_len to len(secret); only the image knows its area's size.
+            if guest_len > secret_area.size:
                 raise ConfigError("the guest owner's secret does not fit the firmware's secret area")
             body = ksev.LAUNCH_SECRET.pack(0, len(hdr), 0, secret_area.gpa, guest_len, 0, 0, len(secret), 0)
             self._op(ksev.KVM_SEV_LAUNCH_SECRET, body + hdr + secret)

@@ -8,7 +8,6 @@ from psp_fakes import make_identity
 
 from confmig.common.units import Spa
 from confmig.owner import KeyBroker
-from confmig.owner.wire import LaunchRequest, MeasurementRequest
 from confmig.platform.psp import (
     ActivateRequest,
     Asid,
@@ -17,6 +16,7 @@ from confmig.platform.psp import (
     LaunchUpdateDataRequest,
     PdhCertExportRequest,
 )
+from confmig.proto.keybroker import LaunchRequest, MeasurementRequest
 
 __all__ = ["Platform", "launch_to_measure", "make_identity"]
 

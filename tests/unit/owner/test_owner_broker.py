@@ -29,8 +29,8 @@ from confmig.owner import (
 )
 from confmig.owner.broker import MAX_SESSIONS, SESSION_TTL
 from confmig.owner.session import SessionState
-from confmig.owner.wire import LaunchRequest, MeasurementRequest
 from confmig.platform.psp import PlatformIdentity
+from confmig.proto.keybroker import LaunchRequest, MeasurementRequest
 
 FIRMWARE = b"\x90" * 4096
 SPA = Spa(0x10000)

@@ -25,7 +25,6 @@ from confmig.owner import (
     firmware_digest,
 )
 from confmig.owner.session import SessionState
-from confmig.owner.wire import LaunchRequest, MeasurementRequest, SecretResponse
 from confmig.platform.psp import (
     Asid,
     DbgDecryptRequest,
@@ -39,6 +38,7 @@ from confmig.platform.psp import (
     SevError,
     SevStatus,
 )
+from confmig.proto.keybroker import LaunchRequest, MeasurementRequest, SecretResponse
 
 FIRMWARE = bytes(range(256)) * 96  # 24 KiB: two LAUNCH_UPDATE_DATA scratch chunks
 FIRMWARE_SPA = Spa(0x10000)
