@@ -161,6 +161,10 @@ class PspIncoming(IncomingBackend):
     counters: ConfidentialCounters
 
     def __init__(self, sev: SevGuest, memory: GuestMemory, vcpu_ids: set[int]) -> None:
+        if sev.receiving:
+            raise MigrationError("this SEV guest's context was half received by a failed incoming "
+                                 "migration (its PSP guest and ASID are taken): start a new target, "
+                                 "as QEMU, which exits here")
         self.sev = sev
         self.memory = memory
         self.vcpu_ids = vcpu_ids

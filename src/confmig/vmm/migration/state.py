@@ -101,11 +101,6 @@ class MigrationState:
                                  "'-incoming' was specified on the command line")
             if self._busy() or (self.incoming is not None and not self.status.finished):
                 raise MigrationError("The incoming migration has already been started")
-            sev = self.machine.sev
-            if sev is not None and sev.receiving:
-                raise MigrationError("this SEV guest's context was half received by a failed incoming "
-                                     "migration (its PSP guest and ASID are taken): start a new target, "
-                                     "as QEMU, which exits here")
             backend = backends.incoming_backend(self.machine, self.params)
             self.stats = MigrationStats()
             mig = IncomingMigration(MachineVm(self.machine), parse_uri(uri), self.params, self.stats,

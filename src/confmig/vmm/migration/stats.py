@@ -16,9 +16,9 @@ class ConfidentialCounters:
     private_pages: int = 0
     shared_pages: int = 0
     commands: int = 0
-    """Firmware commands the backend issued (PSP commands, Migration Handler requests)."""
+    """Firmware commands the backend issued (Secure Processor commands, Migration Handler requests)."""
     commands_name: str = "commands"
-    """What ``commands`` is called in ``query-migrate`` (e.g. ``psp-commands``)."""
+    """What ``commands`` is called in ``query-migrate``: the backend names it."""
 
     def qmp(self) -> dict[str, object]:
         return {"backend": self.backend, "private-pages": self.private_pages,

@@ -12,9 +12,9 @@ import pytest
 
 from confmig.common.errors import ConfigError, StreamError
 from confmig.proto.stream import decoder as dec
+from confmig.proto.stream import psp as records
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.vmm.memory import GuestMemory
-from confmig.proto.stream import psp as records
 from confmig.vmm.migration import psp
 from confmig.vmm.migration.params import MigrationParameters
 from confmig.vmm.shared_regions import SharedRegions
@@ -34,6 +34,7 @@ class FakeSev:
     config: FakeConfig = field(default_factory=FakeConfig)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     shared: SharedRegions = field(default_factory=SharedRegions)
+    receiving: bool = False
 
     def receive_start(self, policy: int, pdh: bytes, session: bytes) -> None:
         self.calls.append(("start", policy, len(pdh), len(session)))

@@ -1,0 +1,131 @@
+"""The ``ram`` section's pieces: the migration bitmap, the main channel's page records,
+the rate limiter and the target's landing, without processes or sockets."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from migration_fakes import FakeChannel
+
+from confmig.common.clock import ManualClock
+from confmig.common.errors import StateError
+from confmig.common.units import PAGE_SIZE
+from confmig.proto.stream import decoder as dec
+from confmig.proto.stream.writer import StreamWriter
+from confmig.vmm.memory import GuestMemory
+from confmig.vmm.migration.ram import (
+    BATCH_PAGES,
+    ZERO_BATCH_PAGES,
+    Cancelled,
+    MainChannelSink,
+    RamLanding,
+    RamSender,
+    RateLimiter,
+)
+
+RAM = 8 << 20  # 2048 pages
+
+
+class FakeVmFd:
+    """KVM's dirty log: what the test marks, per slot, handed out once."""
+
+    def __init__(self) -> None:
+        self.dirty: dict[int, set[int]] = {}
+
+    def get_dirty_log(self, slot: int, npages: int) -> npt.NDArray[np.bool_]:
+        out = np.zeros(npages, dtype=bool)
+        out[sorted(self.dirty.pop(slot, set()))] = True
+        return out
+
+
+def sender(written: tuple[int, ...] = ()) -> tuple[GuestMemory, FakeVmFd, RamSender]:
+    memory = GuestMemory.pc(RAM)
+    memory.blocks[0].pages[list(written)] = 7  # the guest ran before the migration began
+    vm = FakeVmFd()
+    return memory, vm, RamSender(memory, vm)  # type: ignore[arg-type]
+
+
+def test_the_first_round_sends_every_page_and_never_written_ones_as_known_zero() -> None:
+    memory, _vm, s = sender(written=(3, 700))
+    block = memory.blocks[0]
+    batches = list(s.take_round())
+    zero = np.concatenate([i for _b, i, z in batches if z])
+    data = np.concatenate([i for _b, i, z in batches if not z])
+    assert sorted(data.tolist()) == [3, 700] and len(zero) == block.npages - 2
+    assert all(len(i) <= (ZERO_BATCH_PAGES if z else BATCH_PAGES) for _b, i, z in batches)
+    assert s.dirty_pages() == 0 and list(s.take_round()) == []
+
+
+def test_sync_folds_kvms_log_and_the_vmms_own_writes_and_later_rounds_have_no_known_zeros() -> None:
+    memory, vm, s = sender()
+    list(s.take_round())
+    vm.dirty[memory.blocks[0].regions[0].slot] = {5, 9}
+    memory.write(20 * PAGE_SIZE, b"x")  # a device wrote guest RAM: KVM does not see it
+    assert s.sync() == 3
+    batches = list(s.take_round())
+    assert [(i.tolist(), z) for _b, i, z in batches] == [([5, 9, 20], False)]
+    assert s.sync() == 0
+
+
+def decode(wire: bytes | bytearray) -> list[object]:
+    d = dec.StreamDecoder()
+    d.receive_data(wire)
+    d.feed_eof()
+    out: list[object] = []
+    while not isinstance(ev := d.next_event(), dec.End):
+        out.append(ev)
+    return out
+
+
+def test_main_channel_pages_skip_zero_pages_and_decode_back() -> None:
+    memory = GuestMemory.pc(RAM)
+    block = memory.blocks[0]
+    block.pages[1] = 1
+    block.pages[4] = 4
+    ch = FakeChannel()
+    w = StreamWriter("pc-q35-7.2", batch_pages=BATCH_PAGES)
+    sink = MainChannelSink(ch, w)
+    ch.send_all(w.setup([(block.idstr, block.size)]) + w.begin_round())
+    sent = sink.pages(block, np.array([1, 2, 4, 6], dtype=np.int64))
+    assert (sent.normal, sent.zero) == (2, 2) and sent.bytes == len(ch.wire) - ch.wire.index(b"\x02\x00") - 5
+    ch.send_all(w.end_part() + w.begin_final() + w.end_part() + w.eof())
+    events = decode(ch.wire)
+    pages = {int(i): e.data[k].copy()
+             for e in events if isinstance(e, dec.RamPages) for k, i in enumerate(e.indices)}
+    zeros = [int(i) for e in events if isinstance(e, dec.RamZeroPages) for i in e.indices]
+    assert sorted(pages) == [1, 4] and sorted(zeros) == [2, 6]
+    assert (pages[4] == 4).all()
+
+
+def test_records_outside_a_ram_part_are_refused_before_anything_is_sent() -> None:
+    memory = GuestMemory.pc(RAM)
+    ch = FakeChannel()
+    sink = MainChannelSink(ch, StreamWriter("pc-q35-7.2"))
+    with pytest.raises(StateError, match="requires round or final"):
+        sink.pages(memory.blocks[0], np.array([0], dtype=np.int64))
+    assert ch.wire == b""
+
+
+def test_the_rate_limiter_waits_out_its_window_and_a_cancel_cuts_the_wait() -> None:
+    clock = ManualClock()
+    cancel = threading.Event()
+    limiter = RateLimiter(1000, cancel, clock)
+    limiter.account(50)  # within the 100 ms window's budget of 100 bytes: no wait
+    cancel.set()
+    with pytest.raises(Cancelled):
+        limiter.account(150)  # 200 bytes at 1000 B/s: 0.2 s to wait, cut by the cancel
+
+
+def test_landing_writes_runs_and_scattered_pages_and_zeroes_only_what_it_wrote() -> None:
+    memory = GuestMemory.pc(RAM)
+    block = memory.blocks[0]
+    land = RamLanding(memory)
+    land.pages("pc.ram", np.array([10, 11, 12], dtype=np.int64), np.full((3, PAGE_SIZE), 3, np.uint8))
+    land.pages("pc.ram", np.array([40, 2], dtype=np.int64), np.full((2, PAGE_SIZE), 9, np.uint8))
+    assert (block.pages[10:13] == 3).all() and (block.pages[[40, 2]] == 9).all()
+    land.zeros("pc.ram", np.array([11, 500], dtype=np.int64))
+    assert (block.pages[11] == 0).all() and (block.pages[10] == 3).all()
+    assert block.holes()[500]  # never written, so left alone: no page allocated for it
