@@ -1,0 +1,51 @@
+"""Choosing a backend: ``x-confidential-backend``, refused in QEMU's words when the guest
+cannot use it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from confmig.common.errors import ConfigError, MigrationError
+from confmig.vmm.migration import backends
+from confmig.vmm.migration.params import CONFIDENTIAL_BACKENDS, MigrationParameters
+from confmig.vmm.migration.plain import PlainIncoming, PlainOutgoing
+
+
+def machine(*, sev: bool, plain_copy: bool = False) -> SimpleNamespace:
+    config = SimpleNamespace(x_plain_copy=plain_copy, es=False)
+    return SimpleNamespace(sev=SimpleNamespace(config=config, receiving=False) if sev else None)
+
+
+def test_every_named_backend_has_both_sides() -> None:
+    assert set(backends.OUTGOING) == set(backends.INCOMING) == set(CONFIDENTIAL_BACKENDS)
+    assert backends.DEFAULT_CONFIDENTIAL in CONFIDENTIAL_BACKENDS
+
+
+def test_an_unknown_backend_is_refused_as_qapi_refuses_an_enum_value() -> None:
+    with pytest.raises(ConfigError, match="Parameter 'x-confidential-backend' does not accept value 'fast'"):
+        MigrationParameters().with_parameters({"x-confidential-backend": "fast"})
+    with pytest.raises(ConfigError, match="expected: string"):
+        MigrationParameters().with_parameters({"x-confidential-backend": 1})
+    p = MigrationParameters().with_parameters({"x-confidential-backend": "psp"})
+    assert p.qmp_parameters()["x-confidential-backend"] == "psp"
+
+
+@pytest.mark.parametrize("plain_copy", [False, True])
+def test_a_guest_that_is_not_confidential_refuses_a_confidential_backend(plain_copy: bool) -> None:
+    m = machine(sev=plain_copy, plain_copy=plain_copy)
+    psp = MigrationParameters(x_confidential_backend="psp")
+    with pytest.raises(MigrationError, match="'psp' requires a confidential guest"):
+        backends.check(m, psp)  # type: ignore[arg-type]
+    backends.check(m, MigrationParameters())  # type: ignore[arg-type]
+    assert isinstance(backends.outgoing_backend(m, MigrationParameters(), None, None), PlainOutgoing)  # type: ignore[arg-type]
+    assert isinstance(backends.incoming_backend(m, MigrationParameters()), PlainIncoming)  # type: ignore[arg-type]
+
+
+def test_a_confidential_guest_uses_its_default_or_the_chosen_backend() -> None:
+    m = machine(sev=True)
+    for chosen in ("", "psp"):
+        params = MigrationParameters(x_confidential_backend=chosen)
+        with pytest.raises(MigrationError, match="sev-pdh"):  # the PSP backend wants certificates
+            backends.outgoing_backend(m, params, None, None)  # type: ignore[arg-type]
