@@ -1,7 +1,7 @@
 """In-memory stand-ins for the key slots and the memory-encryption engine, and a platform built on them.
 
 :class:`FakeKeySlots` has the shape of ``confmig.platform.mee.KeySlots``
-(install, clear, vek) without the shared memory. :class:`FakeSystemMemory`
+(install, clear, set_runnable, runnable, vek) without the shared memory. :class:`FakeSystemMemory`
 implements :class:`~confmig.platform.psp.memory.GuestMemoryPort` over a
 bytearray of "system physical memory"; private accesses are encrypted per
 16-byte block with an XEX construction keyed by the slot's VEK and tweaked by
@@ -65,13 +65,23 @@ def _ecb(key: bytes, data: bytes, *, decrypt: bool = False) -> bytes:
 class FakeKeySlots:
     def __init__(self) -> None:
         self._slots: dict[int, bytes] = {}
+        self._runnable: set[int] = set()
 
     def install(self, asid: int, vek: bytes) -> None:
         assert 1 <= asid <= 509 and len(vek) == 16
         self._slots[asid] = bytes(vek)
+        self._runnable.discard(asid)
 
     def clear(self, asid: int) -> None:
         self._slots.pop(asid, None)
+        self._runnable.discard(asid)
+
+    def set_runnable(self, asid: int, runnable: bool) -> None:
+        assert asid in self._slots
+        (self._runnable.add if runnable else self._runnable.discard)(asid)
+
+    def runnable(self, asid: int) -> bool:
+        return asid in self._runnable
 
     def vek(self, asid: int) -> bytes | None:
         return self._slots.get(asid)

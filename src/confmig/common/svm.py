@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 
 class SvmExitCode(enum.IntEnum):
+    ERR = -1
+    """VMEXIT_INVALID (Linux's ``SVM_EXIT_ERR``): VMRUN refused the guest; it never ran."""
     INTR = 0x60
     HLT = 0x78
     IOIO = 0x7B

@@ -79,7 +79,9 @@ class CpuCore(Protocol):
         ...
 
     def enter(self) -> bool:
-        """VMRUN: load the VMSA first if the state is there; False if it failed its check."""
+        """VMRUN: load the VMSA first if the state is there. False (VMEXIT_INVALID) if the
+        guest may not run: an SEV ASID the PSP has not made runnable, or a VMSA that failed
+        its check."""
         ...
 
 

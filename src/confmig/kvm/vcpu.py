@@ -40,6 +40,7 @@ from confmig.kvm.memslots import MappedSlot, SlotLayout
 from confmig.kvm.ports import CoreFactory
 from confmig.proto import ioctl
 from confmig.proto.ioctl import (
+    ExitFailEntry,
     ExitHlt,
     ExitHypercall,
     ExitInternalError,
@@ -338,9 +339,13 @@ class Vcpu:
 
     def run(self, req: ioctl.RunRequest) -> VcpuExit:
         if not self.core.enter():
-            # SEV-ES: VMRUN refused the VMSA (VMEXIT_INVALID); KVM reports a failed entry.
+            # VMRUN refused the guest (an SEV ASID not runnable, an SEV-ES VMSA that failed its
+            # check): svm_handle_exit reports SVM_EXIT_ERR as KVM_EXIT_FAIL_ENTRY, the exit code
+            # as the reason, and KVM_RUN succeeds. Unlike Linux, VMRUN's checks come before the
+            # previous exit's completion (dropped) and immediate_exit: an SEV-ES completion
+            # needs the registers loaded from the VMSA.
             self.pending = None
-            return ExitInternalError("VMRUN failed: the VMSA did not pass its integrity check")
+            return ExitFailEntry(SvmExitCode.ERR & U64_MASK)
         self._complete(req.completion)
         if req.immediate_exit or self.kick_pending:
             self.kick_pending = False

@@ -12,6 +12,11 @@ need special migration.
 
 The engine reads keys from :class:`KeySlots` by ASID; nobody outside the
 platform ever sees a key.
+
+Beside each key the slots keep the PSP's word to the cores whether a guest may
+run on the ASID (:meth:`KeySlots.runnable`), which every core checks at VMRUN
+(:meth:`confmig.platform.cpu.core.CpuCore.enter`, where the reasons are). It
+lives with the key it goes with, in memory the PSP and the cores already share.
 """
 
 from __future__ import annotations
@@ -29,7 +34,11 @@ VEK_SIZE = 16
 MAX_ASID = 509
 """ASIDs of SEV guests on this model part: 1..MAX_ASID (Rome has 509)."""
 _SLOT = 1 + VEK_SIZE
-"""A key slot: a valid byte, then the VEK."""
+"""A key slot: a flags byte, then the VEK."""
+_VALID = 1 << 0
+"""The slot holds a key: the engine encrypts and decrypts under it."""
+_RUNNABLE = 1 << 1
+"""The cores may VMRUN with the slot's ASID."""
 
 
 class KeySlots:
@@ -47,24 +56,38 @@ class KeySlots:
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def install(self, asid: int, vek: bytes) -> None:
-        """The PSP's ``set_umc_key(asid, vek)`` at ACTIVATE."""
+        """The PSP's ``set_umc_key(asid, vek)`` at ACTIVATE. Not runnable yet: the PSP says when."""
         self._check(asid)
         if len(vek) != VEK_SIZE:
             raise ValueError("a VEK is 16 bytes")
         off = asid * _SLOT
         self._map[off + 1 : off + _SLOT] = vek
-        self._map[off] = 1
+        self._map[off] = _VALID
 
     def clear(self, asid: int) -> None:
-        """DEACTIVATE / DECOMMISSION: the slot no longer decrypts anything."""
+        """DEACTIVATE / DECOMMISSION: the slot no longer decrypts anything, nor runs."""
         self._check(asid)
         off = asid * _SLOT
         self._map[off : off + _SLOT] = bytes(_SLOT)
 
+    def set_runnable(self, asid: int, runnable: bool) -> None:
+        """The PSP's word on ``asid``, whose slot holds a key (see :meth:`runnable`)."""
+        self._check(asid)
+        off = asid * _SLOT
+        if not self._map[off] & _VALID:
+            raise ValueError(f"ASID {asid} has no key: nothing can run on it")
+        self._map[off] = _VALID | (_RUNNABLE if runnable else 0)
+
+    def runnable(self, asid: int) -> bool:
+        """Whether a core may VMRUN a guest with ``asid``: the PSP has activated a guest on it
+        that is running or being sent, not one still launched or received, nor one sent."""
+        self._check(asid)
+        return bool(self._map[asid * _SLOT] & _RUNNABLE)
+
     def vek(self, asid: int) -> bytes | None:
         self._check(asid)
         off = asid * _SLOT
-        return bytes(self._map[off + 1 : off + _SLOT]) if self._map[off] else None
+        return bytes(self._map[off + 1 : off + _SLOT]) if self._map[off] & _VALID else None
 
     @staticmethod
     def _check(asid: int) -> None:
@@ -91,11 +114,12 @@ class MemoryEncryptionEngine:
     """Encrypts and decrypts whole pages for an ASID at system-physical addresses."""
 
     def __init__(self, slots: KeySlots) -> None:
-        self._slots = slots
+        self.slots = slots
+        """Where the keys come from (and the PSP's word on which ASIDs may run)."""
         self._cache: dict[int, tuple[bytes, bytes]] = {}
 
     def _key(self, asid: int) -> bytes:
-        vek = self._slots.vek(asid)
+        vek = self.slots.vek(asid)
         if vek is None:
             # An inactive slot: real hardware would produce garbage; failing loudly is kinder.
             raise PermissionError(f"no key installed for ASID {asid}")

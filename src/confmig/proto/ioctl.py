@@ -115,6 +115,7 @@ KVM_EXIT_IO: Final = 2
 KVM_EXIT_HLT: Final = 5
 KVM_EXIT_MMIO: Final = 6
 KVM_EXIT_SHUTDOWN: Final = 8
+KVM_EXIT_FAIL_ENTRY: Final = 9
 KVM_EXIT_INTR: Final = 10
 KVM_EXIT_INTERNAL_ERROR: Final = 17
 KVM_EXIT_X86_RDMSR: Final = 29
@@ -387,18 +388,31 @@ class ExitIntr:
 
 
 @dataclass(frozen=True, slots=True)
+class ExitFailEntry:
+    """``KVM_EXIT_FAIL_ENTRY``: VMRUN refused the guest (on SVM the reason is the VMCB's exit
+    code, ``SVM_EXIT_ERR``); the guest did not run."""
+
+    hardware_entry_failure_reason: int
+    cpu: int = 0
+    reason = KVM_EXIT_FAIL_ENTRY
+
+
+@dataclass(frozen=True, slots=True)
 class ExitInternalError:
     message: str
     reason = KVM_EXIT_INTERNAL_ERROR
 
 
 VcpuExit = (
-    ExitIo | ExitMmio | ExitHypercall | ExitMsr | ExitHlt | ExitShutdown | ExitIntr | ExitInternalError
+    ExitIo | ExitMmio | ExitHypercall | ExitMsr | ExitHlt | ExitShutdown | ExitIntr | ExitFailEntry
+    | ExitInternalError
 )
 
 _IO = struct.Struct("<BBHI")
 _MMIO = struct.Struct("<QIB")
 _MSR = struct.Struct("<BIQ")
+_FAIL_ENTRY = struct.Struct("<QI")
+"""``kvm_run.fail_entry``: hardware_entry_failure_reason, cpu."""
 
 
 def encode_exit(ex: VcpuExit) -> bytes:
@@ -412,6 +426,8 @@ def encode_exit(ex: VcpuExit) -> bytes:
             return head + struct.pack("<Q6Q", ex.nr, *(list(ex.args) + [0] * 6)[:6])
         case ExitMsr():
             return head + _MSR.pack(ex.write, ex.index, ex.data)
+        case ExitFailEntry():
+            return head + _FAIL_ENTRY.pack(ex.hardware_entry_failure_reason, ex.cpu)
         case ExitInternalError():
             return head + ex.message.encode()[:1024]
         case _:
@@ -436,6 +452,8 @@ def decode_exit(data: bytes) -> VcpuExit:
         if reason in (KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR):
             w, index, val = _MSR.unpack_from(body)
             return ExitMsr(bool(w), index, val)
+        if reason == KVM_EXIT_FAIL_ENTRY:
+            return ExitFailEntry(*_FAIL_ENTRY.unpack_from(body))
     except struct.error as exc:
         raise ProtocolError(f"kvm_run: truncated exit {reason}") from exc
     simple: dict[int, VcpuExit] = {

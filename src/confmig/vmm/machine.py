@@ -288,6 +288,9 @@ class Machine:
                 self.guest_shutdown("guest-reset")
             case ioctl.ExitInternalError():
                 self.internal_error(ex.message)
+            case ioctl.ExitFailEntry():  # QEMU's words; it stops the VM with internal-error too
+                reason = ex.hardware_entry_failure_reason
+                self.internal_error(f"KVM: entry failed, hardware error {reason:#x}")
             case ioctl.ExitHypercall():
                 if self.sev is not None and ex.nr == KVM_HC_MAP_GPA_RANGE:
                     return struct.pack("<Q", self.sev.map_gpa_range(*ex.args[:3]))

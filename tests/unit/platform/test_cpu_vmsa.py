@@ -85,6 +85,7 @@ def platform() -> Iterator[Platform]:
     slots = KeySlots()
     slots.install(ASID, os.urandom(16))
     slots.install(OTHER_ASID, os.urandom(16))
+    slots.set_runnable(ASID, True)  # a running guest, as the PSP says after LAUNCH_FINISH
     tmr = TmrMemory.shared()
     yield Platform(slots, MemoryEncryptionEngine(slots), tmr, TmrCrcPool(TMR_BASE, tmr))
     tmr.close()

@@ -29,6 +29,7 @@ exits = st.one_of(
     st.builds(ioctl.ExitHypercall, st.integers(0, 2**64 - 1),
               st.tuples(*[st.integers(0, 2**64 - 1)] * 6)),
     st.builds(ioctl.ExitMsr, st.booleans(), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)),
+    st.builds(ioctl.ExitFailEntry, st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1)),
     st.just(ioctl.ExitHlt()), st.just(ioctl.ExitShutdown()), st.just(ioctl.ExitIntr()),
 )
 

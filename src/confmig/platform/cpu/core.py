@@ -127,6 +127,8 @@ class CpuCore:
         self._vcpu_id = vcpu_id
         self.memory = memory
         self.mee = mee
+        """The memory controller's engine; its key slots also say which ASIDs may run
+        (None: no SEV guest runs on this core)."""
         self._tmr = tmr
         self.asid = 0
         self.es = False
@@ -268,8 +270,16 @@ class CpuCore:
         return True
 
     def enter(self) -> bool:
-        """VMRUN: an SEV-ES guest whose state is in its VMSA is loaded from it first.
-        False: the VMSA failed its check and the guest cannot run (VMEXIT_INVALID)."""
+        """VMRUN: an SEV-ES guest whose state is in its VMSA is loaded from it first. False
+        (VMEXIT_INVALID), with nothing changed, if the guest may not run: an SEV ASID the PSP
+        has not marked runnable, or a VMSA that fails its check.
+
+        The ASID check: the firmware marks an ASID valid on the cores once the guest activated
+        on it has finished its launch or receive, so a guest never runs on memory still being
+        written. That it withdraws the mark at SEND_FINISH is this emulation's choice: a SENT
+        guest that ran on would fork from the copy the target resumes."""
+        if self.asid and (self.mee is None or not self.mee.slots.runnable(self.asid)):
+            return False
         return not self._in_vmsa or self.vmsa_load()
 
     @property

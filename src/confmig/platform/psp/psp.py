@@ -26,6 +26,10 @@ Emulation choices (see ``docs/psp.md``):
   another migration fail the MAC: each SEND_START draws a fresh TEK and TIK.
 * SEND/RECEIVE_UPDATE_VMSA take exactly one 4 KiB VMSA page (the firmware's
   length limit is its scratch buffer; a VMSA is one page).
+* The cores VMRUN an SEV ASID only while the guest on it is activated and
+  RUNNING or SUPDATE (:data:`RUNNABLE_STATES`); the PSP tells them in the
+  ASID's key slot. The firmware marks the ASID valid on the cores at the end of
+  the launch or receive; that SEND_FINISH takes the mark back is ours.
 * Time: :class:`~confmig.platform.psp.cost.PspCostModel` (off by default)
   adds a stated per-command latency and data bandwidth.
 """
@@ -170,6 +174,12 @@ class PspConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.min_sev_asid <= self.max_asid:
             raise ValueError("need 1 <= min_sev_asid <= max_asid")
+
+
+RUNNABLE_STATES: Final = frozenset({GuestState.RUNNING, GuestState.SUPDATE})
+"""The states in which an activated guest may run: launched or received, and not yet sent.
+Never while the firmware still builds its memory (LUPDATE, LSECRET, RUPDATE), nor once SENT:
+its memory now belongs to the guest on the target, and running both would fork it."""
 
 
 class AsidState(Enum):
@@ -446,13 +456,14 @@ class SecureProcessor(Secret):
             raise SevError(SevStatus.INVALID_ASID)
         self._keys.install(asid, guest.vek)
         guest.asid = asid
-        if guest.state in (GuestState.RUNNING, GuestState.SUPDATE):
+        if guest.state in RUNNABLE_STATES:
             guest.active = True
             self._asids[asid] = AsidState.IN_USE
         else:
             # Bound, but the cores may not run it before LAUNCH/RECEIVE_FINISH.
             guest.pending = True
             self._asids[asid] = AsidState.ALLOCATED
+        self._tell_cores(guest)
 
     @_serialised
     def deactivate(self, request: DeactivateRequest) -> None:
@@ -684,6 +695,11 @@ class SecureProcessor(Secret):
         self._write_encrypted(guest.asid, request.guest_paddr, secret)
         self._processed(len(secret))
 
+    def _tell_cores(self, guest: GuestContext) -> None:
+        """After a command that may change whether ``guest`` may run: its key slot says so."""
+        if not guest.inactive:
+            self._keys.set_runnable(guest.asid, guest.active and guest.state in RUNNABLE_STATES)
+
     def _complete_activation(self, guest: GuestContext) -> None:
         """LAUNCH_FINISH, RECEIVE_FINISH: an ASID bound while the guest was being built becomes runnable."""
         if guest.pending:
@@ -700,6 +716,7 @@ class SecureProcessor(Secret):
         guest.channel = None  # the launch channel is closed for good
         guest.measurement = b""
         guest.state = next_guest_state(guest.state, SevCommand.LAUNCH_FINISH)
+        self._tell_cores(guest)
 
     # -- sending ----------------------------------------------------------------
 
@@ -817,6 +834,7 @@ class SecureProcessor(Secret):
         require_guest_state(command, guest.state)
         guest.channel = None  # TEK and TIK are gone: no later packet of this session can be made
         guest.state = next_guest_state(guest.state, command)
+        self._tell_cores(guest)  # SENT: the cores refuse it from now on; cancelled: it runs on
 
     @_serialised
     def send_finish(self, request: SendFinishRequest) -> None:
@@ -902,6 +920,7 @@ class SecureProcessor(Secret):
         self._complete_activation(guest)
         guest.channel = None
         guest.state = next_guest_state(guest.state, SevCommand.RECEIVE_FINISH)
+        self._tell_cores(guest)
 
     # -- debugging --------------------------------------------------------------
 
@@ -937,6 +956,7 @@ class SecureProcessor(Secret):
     # -- tests ------------------------------------------------------------------
 
     def asid_runnable(self, asid: Asid) -> bool:
-        """True if a RUNNING guest is activated on ``asid``: the cores may VMRUN with it."""
+        """True if the cores may VMRUN with ``asid`` (what :meth:`_tell_cores` told them)."""
         with self._lock:
-            return self._asids.get(asid) is AsidState.IN_USE
+            return any(g.asid == asid and g.active and g.state in RUNNABLE_STATES
+                       for g in self._guests.values())

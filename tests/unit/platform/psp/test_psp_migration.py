@@ -151,6 +151,36 @@ def test_a_page_migrates_to_another_host_under_a_new_key_at_another_address(
     assert src.psp.platform_status(PlatformStatusRequest()).state is PlatformState.INIT
 
 
+def test_the_cores_may_run_a_guest_from_its_finish_to_its_send_finish(
+    hosts: tuple[Platform, Platform],
+) -> None:
+    """What the PSP tells the cores through the key slots, at every step of both guests' lives."""
+    src, dst = hosts
+    src_asid, dst_asid = Asid(SRC_ASID), Asid(DST_ASID)
+
+    def runnable(p: Platform, asid: Asid) -> bool:
+        assert p.keys.runnable(asid) == p.psp.asid_runnable(asid)  # the slot says what the PSP knows
+        return p.keys.runnable(asid)
+
+    launching, _ = src.launch(0, asid=SRC_ASID)
+    assert src.keys.vek(src_asid) is not None and not runnable(src, src_asid)  # LUPDATE
+    src.psp.deactivate(DeactivateRequest(handle=launching))
+    src.psp.decommission(DecommissionRequest(handle=launching))
+    handle, received = _started(hosts)
+    assert runnable(src, src_asid)  # SUPDATE: the guest runs while its pages are sent
+    assert not runnable(dst, dst_asid)  # RUPDATE
+    src.psp.send_cancel(SendCancelRequest(handle=handle))
+    assert runnable(src, src_asid)  # RUNNING again
+    src.send_start_to(handle, dst.identity)
+    src.psp.send_finish(SendFinishRequest(handle=handle))
+    assert _state(src, handle) is GuestState.SENT and not runnable(src, src_asid)
+    assert src.keys.vek(src_asid) is not None  # still activated: only the cores refuse it
+    dst.psp.receive_finish(ReceiveFinishRequest(handle=received))
+    assert runnable(dst, dst_asid)
+    dst.psp.deactivate(DeactivateRequest(handle=received))
+    assert not runnable(dst, dst_asid)
+
+
 def test_sub_page_packets_and_a_whole_scratch_buffer(hosts: tuple[Platform, Platform]) -> None:
     src, dst = hosts
     sent, received = _started(hosts)
