@@ -14,6 +14,13 @@ import numpy as np
 import pytest
 
 from confmig.common.errors import KvmError
+from confmig.common.x86 import (
+    KVM_CPUID_FEATURES,
+    KVM_ENOSYS,
+    KVM_FEATURE_MIGRATION_CONTROL,
+    KVM_MIGRATION_READY,
+    MSR_KVM_MIGRATION_CONTROL,
+)
 from confmig.hostd.launcher import SubprocessLauncher
 from confmig.kvm.client import Kvm, VmFd
 from confmig.kvm.host import KvmHost
@@ -73,7 +80,7 @@ def test_exits_reach_the_vmm_in_order(host: str) -> None:
         assert m[0x10000:0x10004] == b"\x07" * 4
     assert isinstance(v.run(), ioctl.ExitShutdown)  # 4: hypercall in-kernel, 5: double exit
     regs = v.get_regs()
-    assert regs[4] == (-1000) & (2**64 - 1)  # rsi: -KVM_ENOSYS for an unknown hypercall
+    assert regs[4] == -KVM_ENOSYS & (2**64 - 1)  # rsi: the result of an unknown hypercall
 
 
 def test_guest_fault_is_a_shutdown_exit(host: str) -> None:
@@ -184,11 +191,9 @@ def negotiator_host(tmp_path: Path) -> Iterator[str]:
 
 
 def test_cpuid_and_the_msr_filter(negotiator_host: str) -> None:
-    from confmig.common.x86 import KVM_MIGRATION_READY, MSR_KVM_MIGRATION_CONTROL
-
     _kvm, vm, _fd = vm_with_ram(negotiator_host)
     v = vm.create_vcpu(0)
-    v.set_cpuid({(0x4000_0001, 0): (1 << 17, 0, 0, 0)})
+    v.set_cpuid({(KVM_CPUID_FEATURES, 0): (1 << KVM_FEATURE_MIGRATION_CONTROL, 0, 0, 0)})
     vm.set_msr_filter([MSR_KVM_MIGRATION_CONTROL])
     vm.enable_cap(ioctl.KVM_CAP_X86_USER_SPACE_MSR, ioctl.KVM_MSR_EXIT_REASON_FILTER)
     assert v.run() == ioctl.ExitMsr(True, MSR_KVM_MIGRATION_CONTROL, KVM_MIGRATION_READY)
@@ -196,8 +201,6 @@ def test_cpuid_and_the_msr_filter(negotiator_host: str) -> None:
 
 
 def test_a_filtered_msr_without_user_space_exits_faults(negotiator_host: str) -> None:
-    from confmig.common.x86 import MSR_KVM_MIGRATION_CONTROL
-
     _kvm, vm, _fd = vm_with_ram(negotiator_host)
     v = vm.create_vcpu(0)
     vm.set_msr_filter([MSR_KVM_MIGRATION_CONTROL])

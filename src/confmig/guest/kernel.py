@@ -51,12 +51,12 @@ from confmig.platform.cpu.abi import (
     KVM_MIGRATION_READY,
     MSR_IA32_TSC_DEADLINE,
     MSR_KVM_MIGRATION_CONTROL,
+    NMI_VECTOR,
     GuestCpu,
     GuestFault,
     RomRegion,
 )
 
-NMI_VECTOR = 2
 CONSOLE_LINE_MAX = 512
 """Longest console message; longer ones are cut (one ``outs`` carries one line)."""
 PARAMS_MAX = 256

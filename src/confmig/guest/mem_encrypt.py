@@ -27,9 +27,11 @@ from confmig.common.units import PAGE_SIZE
 from confmig.platform.cpu.abi import (
     CPUID_AMD_SEV,
     KVM_CPUID_SIGNATURE,
+    KVM_ENOSYS,
     KVM_FEATURE_MIGRATION_CONTROL,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
+    KVM_SIGNATURE,
     MSR_AMD64_SEV,
     MSR_AMD64_SEV_ENABLED,
     GuestCpu,
@@ -38,13 +40,10 @@ from confmig.platform.cpu.abi import (
 
 CPUID_SEV_BIT = 1 << 1
 """CPUID 0x8000001F EAX: the CPU supports SEV."""
-KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 KVM_CPUID_BASE_END = 0x4001_0000
 """Hypervisor leaves are searched in steps of 0x100 up to here (Linux's ``cpuid_base``)."""
 PAGE_STATE_BATCH = 256
 """Most pages one private<->shared change moves: about a millisecond of work."""
-KVM_ENOSYS = 1000
-"""``-KVM_ENOSYS``: the host has not enabled ``KVM_CAP_EXIT_HYPERCALL`` for the call."""
 _U64 = 1 << 64
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from confmig.common import bitmap
 from confmig.common.errors import ProtocolError
 from confmig.common.units import PAGE_SIZE, MiB
+from confmig.common.x86 import KVM_HC_MAP_GPA_RANGE
 from confmig.kvm import channel
 from confmig.kvm.memslots import (
     KVM_MAX_VCPUS,
@@ -57,7 +58,6 @@ from confmig.kvm.vcpu import (
     CTL_VMSA_LOAD,
     CTL_VMSA_SAVE,
     CTL_VMSA_SYNC,
-    KVM_HC_MAP_GPA_RANGE,
     VCPU_READY,
     VMSA_PAGE,
     encode_slot,

@@ -35,6 +35,7 @@ import numpy as np
 from confmig.common.errors import ProtocolError
 from confmig.common.svm import SvmExitCode, VmExit
 from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
+from confmig.common.x86 import KVM_ENOSYS, KVM_HC_MAP_GPA_RANGE
 from confmig.kvm import channel
 from confmig.kvm.memslots import MappedSlot, SlotLayout
 from confmig.kvm.ports import CoreFactory
@@ -52,9 +53,6 @@ from confmig.proto.ioctl import (
     VcpuExit,
 )
 
-KVM_HC_MAP_GPA_RANGE = 12
-KVM_ENOSYS = 1000
-"""The hypercall return for "not implemented" (``-KVM_ENOSYS`` in rax)."""
 U64_MASK = (1 << 64) - 1
 
 POLL_INTERVAL_NS = 1_000_000

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from confmig.common.errors import ConfigError
 from confmig.common.units import PAGE_SIZE, MiB, parse_size
+from confmig.common.x86 import KVM_FEATURE_HC_MAP_GPA_RANGE, KVM_FEATURE_MIGRATION_CONTROL
 
 WORKLOADS = ("idle", "dirty", "kv")
 DEFAULT_RAM = 128 * MiB
@@ -80,7 +81,10 @@ class GuestSpec:
 
 CPU_MODELS = ("host", "EPYC", "EPYC-Rome", "EPYC-Milan", "qemu64")
 """Accepted ``-cpu`` models: every one is this host's CPU (the emulated cores have one model)."""
-KVM_PV_FEATURES = {"kvm-hc-map-gpa-range": 16, "kvm-migration-control": 17}
+KVM_PV_FEATURES = {
+    "kvm-hc-map-gpa-range": KVM_FEATURE_HC_MAP_GPA_RANGE,
+    "kvm-migration-control": KVM_FEATURE_MIGRATION_CONTROL,
+}
 """The paravirtual features of CPUID 0x40000001 EAX this VMM can hide, by bit. QEMU
 spells KVM features ``kvm-*`` on ``-cpu``; these two bits have no upstream name."""
 

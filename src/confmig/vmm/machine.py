@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from confmig.common.errors import StateError
 from confmig.common.x86 import (
     ISA_DEBUG_EXIT_PORT,
+    KVM_ENOSYS,
+    KVM_HC_MAP_GPA_RANGE,
     MSR_IA32_TSC,
     MSR_IA32_TSC_DEADLINE,
     MSR_KVM_MIGRATION_CONTROL,
@@ -32,7 +34,7 @@ from confmig.vmm.devices.serial import Serial
 from confmig.vmm.firmware import FirmwareImage
 from confmig.vmm.memory import GuestMemory
 from confmig.vmm.runstate import RunState, check_transition
-from confmig.vmm.sev import KVM_HC_MAP_GPA_RANGE, SecretArea, SevGuest
+from confmig.vmm.sev import SecretArea, SevGuest
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +296,7 @@ class Machine:
             case ioctl.ExitHypercall():
                 if self.sev is not None and ex.nr == KVM_HC_MAP_GPA_RANGE:
                     return struct.pack("<Q", self.sev.map_gpa_range(*ex.args[:3]))
-                return struct.pack("<Q", (-1000) & 0xFFFF_FFFF_FFFF_FFFF)  # -KVM_ENOSYS
+                return struct.pack("<Q", -KVM_ENOSYS & 0xFFFF_FFFF_FFFF_FFFF)
             case ioctl.ExitMsr(write=True):
                 if self.sev is None or not self.sev.wrmsr(ex.index, ex.data):
                     log.warning("guest wrote MSR %#x = %#x: refused", ex.index, ex.data)

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from confmig.common.errors import ConfigError, KeyBrokerMessageError, KvmError, MigrationError
-from confmig.common.x86 import KVM_MIGRATION_READY, MSR_KVM_MIGRATION_CONTROL
+from confmig.common.x86 import (
+    KVM_CPUID_FEATURES,
+    KVM_FEATURE_HC_MAP_GPA_RANGE,
+    KVM_FEATURE_MIGRATION_CONTROL,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    KVM_MIGRATION_READY,
+    MSR_KVM_MIGRATION_CONTROL,
+)
 from confmig.kvm import sev as ksev
 from confmig.kvm.client import Kvm, SevCommandError, VmFd
 from confmig.proto import ioctl, keybroker
@@ -34,11 +42,6 @@ from confmig.vmm.shared_regions import SharedRegions
 
 log = logging.getLogger(__name__)
 
-KVM_CPUID_FEATURES = 0x4000_0001
-KVM_FEATURE_HC_MAP_GPA_RANGE = 1 << 16
-KVM_FEATURE_MIGRATION_CONTROL = 1 << 17
-KVM_HC_MAP_GPA_RANGE = 12
-KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 PAGE = 4096
 
 SEV_STATES = ("uninit", "launch-update", "launch-secret", "running", "send-update", "receive-update",
@@ -103,7 +106,8 @@ class SevGuest:
     """One SEV (or SEV-ES) guest of this VMM."""
 
     def __init__(self, config: SevGuestConfig, name: str, kvm: Kvm, vm: VmFd, *,
-                 kvm_features: int = KVM_FEATURE_HC_MAP_GPA_RANGE | KVM_FEATURE_MIGRATION_CONTROL) -> None:
+                 kvm_features: int = 1 << KVM_FEATURE_HC_MAP_GPA_RANGE | 1 << KVM_FEATURE_MIGRATION_CONTROL,
+                 ) -> None:
         self.config = config
         self.kvm_features = kvm_features
         """What CPUID 0x40000001 EAX advertises (``-cpu ...,-kvm-migration-control`` hides bit 17)."""

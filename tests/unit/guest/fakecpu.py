@@ -56,13 +56,17 @@ from confmig.platform.cpu.abi import (
     CPUID_AMD_SEV,
     KVM_CPUID_FEATURES,
     KVM_CPUID_SIGNATURE,
+    KVM_ENOSYS,
     KVM_FEATURE_HC_MAP_GPA_RANGE,
     KVM_FEATURE_MIGRATION_CONTROL,
+    KVM_SIGNATURE,
+    LOCAL_TIMER_VECTOR,
     MSR_AMD64_SEV,
     MSR_AMD64_SEV_ENABLED,
     MSR_IA32_TSC,
     MSR_IA32_TSC_DEADLINE,
     MSR_KVM_MIGRATION_CONTROL,
+    NMI_VECTOR,
     RESET_VECTOR,
     GuestFault,
     Pages,
@@ -72,14 +76,10 @@ from confmig.platform.cpu.abi import (
 from confmig.vmm.devices import PortIoDevice
 from confmig.vmm.memory import GuestMemory
 
-NMI_VECTOR = 2
-LOCAL_TIMER_VECTOR = 0xEC
 STEP_NS = 1_000
-KVM_ENOSYS = 1000
 _ALL_ONES = (1 << 64) - 1
 MIGRATION_FEATURES = 1 << KVM_FEATURE_HC_MAP_GPA_RANGE | 1 << KVM_FEATURE_MIGRATION_CONTROL
 """CPUID 0x40000001 EAX as confmig's VMM sets it for an SEV guest."""
-_KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 _GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
 
 
@@ -134,7 +134,7 @@ class FakeCpu:
         self._exit: tuple[str, tuple[int | bytes, ...]] | None = None
         self._interrupts = threading.Condition()
         self.sev = sev
-        signature = [int.from_bytes(_KVM_SIGNATURE[i : i + 4], "little") for i in (0, 4, 8)]
+        signature = [int.from_bytes(KVM_SIGNATURE[i : i + 4], "little") for i in (0, 4, 8)]
         self.cpuid_table: dict[int, tuple[int, int, int, int]] = {
             KVM_CPUID_SIGNATURE: (KVM_CPUID_FEATURES, *signature),  # type: ignore[dict-item]
             KVM_CPUID_FEATURES: (kvm_features, 0, 0, 0),

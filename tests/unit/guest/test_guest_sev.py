@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakecpu import KVM_ENOSYS
 from machine import Machine, running
 
 from confmig.bench.kv_client import KvClient
@@ -28,6 +27,7 @@ from confmig.guest.workloads import kv as guest_kv
 from confmig.platform.cpu.abi import (
     C_BIT,
     KV_PORT_BASE,
+    KVM_ENOSYS,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MIGRATION_READY,
     MSR_KVM_MIGRATION_CONTROL,

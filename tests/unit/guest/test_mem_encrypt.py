@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from fakecpu import KVM_ENOSYS, MIGRATION_FEATURES, FakeCpu
+from fakecpu import MIGRATION_FEATURES, FakeCpu
 
 from confmig.common.units import PAGE_SIZE, MiB
 from confmig.guest import mem_encrypt
@@ -14,6 +14,7 @@ from confmig.platform.cpu.abi import (
     C_BIT,
     CPUID_AMD_SEV,
     KVM_CPUID_SIGNATURE,
+    KVM_ENOSYS,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     RESET_VECTOR,

@@ -43,7 +43,15 @@ from confmig.common.x86 import (  # re-exported: the guest's view of the archite
     ISA_DEBUG_EXIT_PORT,
     KV_PORT_BASE,
     KV_PORT_COUNT,
+    KVM_CPUID_FEATURES,
+    KVM_CPUID_SIGNATURE,
+    KVM_ENOSYS,
+    KVM_FEATURE_HC_MAP_GPA_RANGE,
+    KVM_FEATURE_MIGRATION_CONTROL,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_MIGRATION_READY,
+    KVM_SIGNATURE,
     LOCAL_TIMER_VECTOR,
     MSR_IA32_TSC,
     MSR_IA32_TSC_DEADLINE,
@@ -64,11 +72,13 @@ __all__ = [
     "ISA_DEBUG_EXIT_PORT",
     "KVM_CPUID_FEATURES",
     "KVM_CPUID_SIGNATURE",
+    "KVM_ENOSYS",
     "KVM_FEATURE_HC_MAP_GPA_RANGE",
     "KVM_FEATURE_MIGRATION_CONTROL",
     "KVM_HC_MAP_GPA_RANGE",
     "KVM_MAP_GPA_RANGE_ENCRYPTED",
     "KVM_MIGRATION_READY",
+    "KVM_SIGNATURE",
     "KV_PORT_BASE",
     "KV_PORT_COUNT",
     "LOCAL_TIMER_VECTOR",
@@ -96,18 +106,6 @@ TSC_HZ = 1_000_000_000
 
 RESET_VECTOR = 0xFFFF_FFF0
 """Where every x86 vCPU starts executing (``CS:IP`` after reset)."""
-
-KVM_HC_MAP_GPA_RANGE = 12
-"""Hypercall: ``(gpa, npages, attrs)``; tells the host a range changed encryption status."""
-
-# CPUID leaf 0x4000_0001 (KVM features), bits the guest kernel looks at.
-KVM_CPUID_SIGNATURE = 0x4000_0000
-KVM_CPUID_FEATURES = 0x4000_0001
-KVM_FEATURE_HC_MAP_GPA_RANGE = 16
-KVM_FEATURE_MIGRATION_CONTROL = 17
-
-KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
-"""``KVM_HC_MAP_GPA_RANGE`` attribute: the range became private (0: shared), 4 KiB pages."""
 
 # SEV discovery, as a guest kernel does it.
 CPUID_AMD_SEV = 0x8000_001F

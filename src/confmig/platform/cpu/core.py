@@ -37,6 +37,7 @@ from confmig.platform.cpu.abi import (
     CPUID_AMD_SEV,
     KVM_CPUID_FEATURES,
     KVM_CPUID_SIGNATURE,
+    KVM_SIGNATURE,
     LOCAL_TIMER_VECTOR,
     MSR_AMD64_SEV,
     MSR_AMD64_SEV_ENABLED,
@@ -64,8 +65,7 @@ CpuidTable = dict[tuple[int, int], tuple[int, int, int, int]]
 
 
 def default_cpuid() -> CpuidTable:
-    sig = b"KVMKVMKVM\0\0\0"
-    ebx, ecx, edx = (int.from_bytes(sig[i : i + 4], "little") for i in (0, 4, 8))
+    ebx, ecx, edx = (int.from_bytes(KVM_SIGNATURE[i : i + 4], "little") for i in (0, 4, 8))
     return {
         (KVM_CPUID_SIGNATURE, 0): (KVM_CPUID_FEATURES, ebx, ecx, edx),
         (KVM_CPUID_FEATURES, 0): (0, 0, 0, 0),

@@ -26,12 +26,8 @@ import struct
 from collections.abc import Mapping
 
 from confmig.common.errors import ConfigError, ProtocolError
+from confmig.common.x86 import FW_CFG_PORT_DATA, FW_CFG_PORT_DMA_HI, FW_CFG_PORT_DMA_LO, FW_CFG_PORT_SEL
 from confmig.vmm.memory import GuestMemory
-
-FW_CFG_PORT_SEL = 0x510
-FW_CFG_PORT_DATA = 0x511
-FW_CFG_PORT_DMA_HI = 0x514
-FW_CFG_PORT_DMA_LO = 0x518
 
 FW_CFG_SIGNATURE = 0x0000
 FW_CFG_ID = 0x0001
