@@ -19,26 +19,29 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from confmig.bench.lab import WORKING_SET_WRITTEN, Lab
+from confmig.bench.deadline import NO_DEADLINE, Deadline
+from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, check_host_memory, check_vm
 from confmig.bench.perf import RANDOM_GUEST, machine_info
 from confmig.bench.scenario import MigrationSettings, migrate, sev_args
 from confmig.common.units import GiB, parse_size
 
 GUEST = RANDOM_GUEST
+GUEST_TIMEOUT = 900.0
+"""Seconds to fill, or to self-check, a 1 GiB SEV guest's RAM (every page through the core's MEE)."""
 
 
-def _one(kind: str, ram: str, log: Any) -> dict[str, Any]:
+def _one(kind: str, ram: str, log: Any, deadline: Deadline) -> dict[str, Any]:
     confidential = kind == "psp"
     extra = sev_args() if confidential else []
-    with Lab() as lab:
-        a, b = lab.host("hostA"), lab.host("hostB")
+    with Lab(deadline=deadline) as lab:
+        a, b = lab.start_hosts("hostA", "hostB")
         src = lab.vm("src", a, ram=ram, guest=GUEST, extra=extra)
         log(f"{kind}: writing random contents into all {ram} of guest RAM ...")
-        src.wait_console(WORKING_SET_WRITTEN, timeout=900)
+        src.wait_console(WORKING_SET_WRITTEN, timeout=GUEST_TIMEOUT)
         dst = lab.vm("dst", b, ram=ram, guest=GUEST, incoming="defer", extra=extra)
         result = migrate(src, dst, settings=MigrationSettings(sev_target_certs=confidential,
                                                                  amd_root=lab.amd_root))
-        verdict = dst.selfcheck(timeout=900) if result.status == "completed" else ""
+        verdict = dst.selfcheck(timeout=GUEST_TIMEOUT) if result.status == "completed" else ""
     info = result.info
     total_ms = max(int(info.get("total-time", 0)), 1)
     conf = info.get("x-confmig", {}).get("confidential") or {}
@@ -61,10 +64,13 @@ def _one(kind: str, ram: str, log: Any) -> dict[str, Any]:
     return row
 
 
-def run_psp_benchmark(*, save_dir: str | None, ram: str = "1G") -> dict[str, Any]:
+def run_psp_benchmark(*, save_dir: str | None, ram: str = "1G",
+                      deadline: Deadline = NO_DEADLINE) -> dict[str, Any]:
+    config = check_vm(ram, GUEST, tuple(sev_args()))
+    check_host_memory(2 * config.ram_size, f"--ram {ram}")  # the target preallocates, the source fills
     console = Console(width=max(Console().width, 130))
     t0 = time.time()
-    rows = [_one(kind, ram, console.print) for kind in ("plain", "psp")]
+    rows = [_one(kind, ram, console.print, deadline) for kind in ("plain", "psp")]
     plain, psp = rows
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)),

@@ -12,19 +12,35 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from confmig.bench.firmware import default_bios
-from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, VmProc
+from confmig.bench.deadline import DEMO_TIMEOUT, Deadline
+from confmig.bench.lab import (
+    KV_SERVING_RE,
+    WORKING_SET_WRITTEN,
+    WORKLOAD_READY_RE,
+    Lab,
+    VmProc,
+    VmSpec,
+    check_host_memory,
+    check_vm,
+    largest_working_set,
+    size_option,
+)
 from confmig.bench.scenario import (
     SEV_ES_POLICY,
     SEV_POLICY,
     MigrationSettings,
     migrate,
     sev_args,
-    two_hosts,
-    wait_guest_ready,
 )
+from confmig.common.errors import ConfigError
 from confmig.common.units import parse_size
 from confmig.owner import DISK_PASSPHRASE_GUID
+from confmig.vmm.migration.params import MAX_DOWNTIME_LIMIT_MS, MAX_MULTIFD_CHANNELS
+
+GUEST_READY_TIMEOUT = 600.0
+"""Seconds for the guest to boot and get ready (writing 4 GiB of random pages takes minutes)."""
+GUEST_READY = {"dirty": WORKING_SET_WRITTEN, "kv": KV_SERVING_RE, "idle": WORKLOAD_READY_RE}
+"""The console line of each workload once there is something worth migrating."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,52 +56,93 @@ class DemoOptions:
     """``plain`` (an ordinary guest) or ``psp`` (an SEV guest, pages re-encrypted by the PSP)."""
     sev_es: bool = False
     keep: bool = False
+    timeout: float = DEMO_TIMEOUT
+    """Seconds for the whole demo."""
 
     def guest_arg(self) -> str:
         if self.guest == "dirty":
             return f"dirty,rate={self.dirty_rate},wss={self.wss},fill=random,prefill=on"
         return self.guest
 
+    def check(self) -> int:
+        """Refuse, before anything starts and saying what to change, options the demo could
+        not run with; return the guest's RAM size in bytes."""
+        if self.sev_es and self.mode != "psp":
+            raise ConfigError("--sev-es needs --mode psp (an SEV-ES guest is an SEV guest)")
+        if not 1 <= self.channels <= MAX_MULTIFD_CHANNELS:
+            raise ConfigError(f"--channels {self.channels}: 1 to {MAX_MULTIFD_CHANNELS}")
+        if not 0 <= self.downtime_limit <= MAX_DOWNTIME_LIMIT_MS:
+            raise ConfigError(f"--downtime-limit {self.downtime_limit}: 0 to {MAX_DOWNTIME_LIMIT_MS} ms")
+        if self.max_bandwidth < 1:
+            raise ConfigError(f"--max-bandwidth {self.max_bandwidth}: at least 1 byte/s")
+        if not self.timeout > 0:
+            raise ConfigError(f"--timeout {self.timeout:g}: a positive number of seconds")
+        try:
+            ram_size = check_vm(self.ram, "idle").ram_size
+        except ConfigError as exc:
+            raise ConfigError(f"--ram {self.ram}: {str(exc).removeprefix('-m: ')}") from None
+        touched = 0
+        if self.guest == "dirty":
+            most = largest_working_set(ram_size)
+            try:
+                touched = most if self.wss == "all" else parse_size(self.wss)
+            except ValueError as exc:
+                raise ConfigError(f"--wss {self.wss}: {exc}") from None
+            if touched > most:
+                raise ConfigError(f"--wss {self.wss} does not fit a guest with --ram {self.ram}: use --wss "
+                                  f"{size_option(most)} or less (or --wss all), or a larger --ram")
+        check_vm(self.ram, self.guest_arg())
+        # The target preallocates all its RAM; the source writes its working set.
+        check_host_memory(ram_size + touched, f"--ram {self.ram}" + (f" --wss {self.wss}" if touched else ""))
+        return ram_size
 
-def _sev_pair(lab: Lab, opts: DemoOptions, audit: Callable[[Mapping[str, object]], None]
-              ) -> tuple[VmProc, VmProc]:
-    """An SEV source launched with its owner's attestation (the owner runs in this process and
-    releases a disk key only to the expected firmware), and its target waiting."""
-    a, b = lab.host("hostA"), lab.host("hostB")
-    policy = SEV_ES_POLICY if opts.sev_es else SEV_POLICY
-    owner = lab.owner(firmware=default_bios(), policy=policy, audit=audit,
-                      secrets=[(DISK_PASSPHRASE_GUID, os.urandom(32))])
-    src = lab.vm("src", a, ram=opts.ram, guest=opts.guest_arg(),
-                 extra=sev_args(policy, owner=owner.url))
-    dst = lab.vm("dst", b, ram=opts.ram, guest=opts.guest_arg(), incoming="defer",
-                 extra=sev_args(policy))
+
+def _pair(lab: Lab, opts: DemoOptions, audit: Callable[[Mapping[str, object]], None]
+          ) -> tuple[VmProc, VmProc]:
+    """The source on hostA, running, and its target on hostB, waiting (-incoming defer); all
+    four started side by side. An SEV source is launched with its owner's attestation (the
+    owner runs in this process and releases a disk key only to the expected firmware)."""
+    a, b = lab.start_hosts("hostA", "hostB")
+    src_extra: list[str] = []
+    dst_extra: list[str] = []
+    if opts.mode == "psp":
+        policy = SEV_ES_POLICY if opts.sev_es else SEV_POLICY
+        owner = lab.owner(firmware=lab.bios, policy=policy, audit=audit,
+                          secrets=[(DISK_PASSPHRASE_GUID, os.urandom(32))])
+        src_extra += sev_args(policy, owner=owner.url)
+        dst_extra += sev_args(policy)
+    if opts.guest == "kv":  # its device, which serves clients on a socket of the lab
+        src_extra += ["-device", f"confmig-kv,path={lab.root / 'kv-src.sock'}"]
+        dst_extra += ["-device", f"confmig-kv,path={lab.root / 'kv-dst.sock'}"]
+    src, dst = lab.start_vms(
+        VmSpec(name="src", host=a, ram=opts.ram, guest=opts.guest_arg(), extra=tuple(src_extra)),
+        VmSpec(name="dst", host=b, ram=opts.ram, guest=opts.guest_arg(), incoming="defer",
+               extra=tuple(dst_extra)))
     return src, dst
 
 
 def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
+    """Run the demo; False if the migration or the guest's self-check failed. A guest that
+    halts or faults, or a step that outlives its bound, raises instead (a ConfmigError)."""
+    total = opts.check()
     console = Console(stderr=as_json, quiet=False)
     confidential = opts.mode == "psp"
-    with Lab(keep=opts.keep) as lab:
+    with Lab(keep=opts.keep, deadline=Deadline(opts.timeout)) as lab:
         settings = MigrationSettings(downtime_limit_ms=opts.downtime_limit,
                                      max_bandwidth=opts.max_bandwidth, channels=opts.channels,
                                      sev_target_certs=confidential, amd_root=lab.amd_root)
         console.print(f"[bold]confmig demo[/]: two emulated hosts in {lab.root}")
         verdicts: list[Mapping[str, object]] = []
+        src, dst = _pair(lab, opts, verdicts.append)
         if confidential:
-            src, dst = _sev_pair(lab, opts, verdicts.append)
             console.print("guest owner (in this process) attested the source's launch: "
                           + ", ".join(str(v["event"]) for v in verdicts))
-        else:
-            src, dst = two_hosts(lab, ram=opts.ram, guest=opts.guest_arg())
         kind = f"{'SEV-ES' if opts.sev_es else 'SEV'} guest (PSP migration)" if confidential else "guest"
         console.print(f"source {kind} on hostA ({opts.ram}, workload: {opts.guest_arg()}); "
                       "target on hostB waiting (-incoming defer)")
-        with console.status("booting the guest and filling its working set..."):
-            if opts.guest == "dirty":
-                src.wait_console(WORKING_SET_WRITTEN, timeout=600)
-            else:
-                wait_guest_ready(src)
-        total = parse_size(opts.ram)
+        filling = " and filling its working set" if opts.guest == "dirty" else ""
+        with console.status(f"booting the guest{filling}..."):
+            src.wait_console(GUEST_READY[opts.guest], timeout=GUEST_READY_TIMEOUT)
         with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
                       TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
                       console=console, transient=False) as bar:
@@ -100,12 +157,15 @@ def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
 
             result = migrate(src, dst, settings=settings, progress=progress)
             bar.update(task, completed=total, detail=result.status)
+        src.check_alive()  # a guest that halted while it moved says so on the source's console
         verdict = ""
-        if result.status == "completed" and opts.guest == "dirty":
+        if result.status == "completed":
             with console.status("in-guest self-check on the target..."):
                 verdict = dst.selfcheck()
+        ok = result.status == "completed" and "PASS" in verdict
         summary = _summary(result.info, result.wall_s, verdict, opts)
-    ok = result.status == "completed" and (opts.guest != "dirty" or "PASS" in verdict)
+        if not ok:  # what the guest said last is where a failure shows
+            summary["console-tail"] = (dst if result.status == "completed" else src).console_tail()
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -160,6 +220,8 @@ def _print(console: Console, s: dict[str, Any]) -> None:
                      f"{c['psp-commands']} PSP commands"))
     if s.get("selfcheck"):
         rows.append(("guest self-check", s["selfcheck"]))
+    if s.get("console-tail"):
+        rows.append(("guest console (last lines)", s["console-tail"]))
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)

@@ -17,6 +17,10 @@ from pathlib import Path
 
 from confmig.common.errors import ConfigError
 from confmig.common.paths import state_home
+from confmig.common.pdeathsig import child_environment
+
+FIRMWARE_TIMEOUT = 60.0
+"""Seconds for ``confmig firmware`` to build and install the image (it takes a fraction of one)."""
 
 
 def default_bios() -> Path:
@@ -43,8 +47,12 @@ def with_default_bios(args: list[str]) -> list[str]:
     """
     if any(a in ("-bios", "--bios", "-h", "--help", "-help") for a in args):
         return args
-    found = subprocess.run([sys.executable, "-m", "confmig", "firmware"], capture_output=True, text=True,
-                           check=False)
+    try:
+        found = subprocess.run([sys.executable, "-m", "confmig", "firmware"], capture_output=True, text=True,
+                               check=False, env=child_environment(), timeout=FIRMWARE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(
+            f"cannot install the built-in firmware image: no answer in {FIRMWARE_TIMEOUT:g} s") from None
     if found.returncode != 0:
         raise ConfigError(f"cannot install the built-in firmware image: {found.stderr.strip()}")
     return [*args, "-bios", found.stdout.strip()]

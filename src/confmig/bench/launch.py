@@ -24,11 +24,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from confmig.bench.firmware import default_bios
-from confmig.bench.lab import WORKLOAD_READY_RE, Lab, VmProc
+from confmig.bench.deadline import LAUNCH_TIMEOUT, Deadline, DeadlineExceeded
+from confmig.bench.lab import WORKLOAD_READY_RE, GuestFailed, Lab, VmProc, check_host_memory, check_vm
 from confmig.bench.scenario import SEV_ES_POLICY, SEV_POLICY, sev_args
-from confmig.common.errors import ConfmigError
+from confmig.common.errors import ConfigError, ConfmigError
 from confmig.owner import DISK_PASSPHRASE_GUID
+
+READY_TIMEOUT = 60.0
+"""Seconds for an attested launch to reach the workload (certificates, session, measurement)."""
 
 FIRMWARE_SEV_RE = re.compile(rb"confmig firmware [^\n]*\b(SEV(?:-ES)?) \(C-bit (\d+)\)")
 SECRET_RE = re.compile(rb"confmig firmware: launch secret: ([^\n]*)")
@@ -42,20 +45,34 @@ class LaunchOptions:
     guest: str = "idle"
     wrong_firmware: bool = False
     keep: bool = False
+    timeout: float = LAUNCH_TIMEOUT
+    """Seconds for the whole launch."""
 
     @property
     def policy(self) -> int:
         return SEV_ES_POLICY if self.sev_es else SEV_POLICY
 
+    def check(self) -> None:
+        """Refuse, before anything starts and saying what to change, what the VM would refuse
+        or where its guest would halt."""
+        if not self.timeout > 0:
+            raise ConfigError(f"--timeout {self.timeout:g}: a positive number of seconds")
+        try:
+            config = check_vm(self.ram, self.guest, tuple(sev_args(self.policy)))
+        except ConfigError as exc:
+            raise ConfigError(f"--ram {self.ram} --guest {self.guest}: {exc}") from None
+        check_host_memory(config.ram_size, f"--ram {self.ram}")
+
 
 def run_launch(opts: LaunchOptions, *, as_json: bool = False) -> bool:
     """Launch one attested SEV guest and report. True if the owner decided as it should: released
     its secret to the expected firmware, or (``wrong_firmware``) refused the other one."""
+    opts.check()
     console = Console(stderr=as_json)
-    with Lab(keep=opts.keep) as lab:
+    with Lab(keep=opts.keep, deadline=Deadline(opts.timeout)) as lab:
         console.print(f"[bold]confmig launch[/]: one emulated host in {lab.root}")
         host = lab.host("hostA")
-        bios = default_bios()
+        bios = lab.bios
         expected = bios
         if opts.wrong_firmware:
             expected = lab.root / "other-firmware.fd"
@@ -72,9 +89,11 @@ def run_launch(opts: LaunchOptions, *, as_json: bool = False) -> bool:
         with console.status(f"launching an {kind} guest (certificates, session, measurement, secret)..."):
             try:
                 vm = lab.vm("sev", host, ram=opts.ram, guest=opts.guest, extra=sev)
-                vm.wait_console(WORKLOAD_READY_RE, timeout=120)
+                vm.wait_console(WORKLOAD_READY_RE, timeout=READY_TIMEOUT)
                 summary = _summary(vm, opts)
                 ok = True
+            except (GuestFailed, DeadlineExceeded):
+                raise  # not a verdict of the owner's: the launch itself went wrong
             except ConfmigError as exc:
                 summary = {"launched": False, "error": _vmm_error(lab, str(exc))}
                 ok = False
@@ -91,7 +110,7 @@ def _summary(vm: VmProc, opts: LaunchOptions) -> dict[str, Any]:
     measure = vm.qmp.execute("query-sev-launch-measure")["data"]
     caps = vm.qmp.execute("query-sev-capabilities")
     text = vm.console_text()
-    kernel = vm.wait_console(KERNEL_SEV_RE, timeout=30).group(1).decode()
+    kernel = vm.wait_console(KERNEL_SEV_RE, timeout=READY_TIMEOUT).group(1).decode()
     firmware = FIRMWARE_SEV_RE.search(text)
     secret = SECRET_RE.search(text)
     blocked = vm.qmp.execute("query-migrate").get("blocked-reasons", [])

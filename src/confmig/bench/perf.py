@@ -23,13 +23,19 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, VmProc
+from confmig.bench.deadline import NO_DEADLINE, Deadline
+from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, VmProc, check_host_memory
 from confmig.bench.scenario import MigrationSettings, migrate
+from confmig.common.pdeathsig import die_with_parent
 from confmig.common.units import GiB, MiB
 
 SELFCHECK_WRITES = re.compile(rb"confmig-selfcheck: PASS pages=\d+ writes=(\d+)")
 LOOPBACK_BYTES = 2 * GiB
 LOOPBACK_CHUNK = 1 * MiB
+LOOPBACK_TIMEOUT = 60.0
+"""Seconds for any step of a loopback measurement (2 GiB at well under 1 GB/s still fits)."""
+GUEST_TIMEOUT = 600.0
+"""Seconds to fill, or to self-check, a 4 GiB guest's RAM."""
 BUSY_WINDOW_S = 3.0
 """How long a busy guest's write rate is measured."""
 BUSY_REPS = 3
@@ -45,12 +51,15 @@ def machine_info() -> dict[str, object]:
 
 # --- the ceiling: raw loopback TCP, sender and receiver in two processes ------------------------
 
-def _loopback_receiver(port_q: mp.Queue[int], total: int) -> None:
+def _loopback_receiver(port_q: mp.Queue[int], total: int, parent: int) -> None:
+    die_with_parent(parent)
     srv = socket.socket()
+    srv.settimeout(LOOPBACK_TIMEOUT)
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     port_q.put(srv.getsockname()[1])
     conn, _ = srv.accept()
+    conn.settimeout(LOOPBACK_TIMEOUT)
     buf = memoryview(bytearray(LOOPBACK_CHUNK))
     got = 0
     while got < total:
@@ -69,9 +78,10 @@ def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3) -> float:
     ctx = mp.get_context("fork")
     for _ in range(reps):
         q: mp.Queue[int] = ctx.Queue()
-        p = ctx.Process(target=_loopback_receiver, args=(q, total))
+        p = ctx.Process(target=_loopback_receiver, args=(q, total, os.getpid()))
         p.start()
-        s = socket.create_connection(("127.0.0.1", q.get()))
+        s = socket.create_connection(("127.0.0.1", q.get(timeout=LOOPBACK_TIMEOUT)))
+        s.settimeout(LOOPBACK_TIMEOUT)
         t0 = time.perf_counter()
         sent = 0
         while sent < total:
@@ -81,7 +91,10 @@ def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3) -> float:
         s.recv(1)
         rates.append(total / (time.perf_counter() - t0) / 1e9)
         s.close()
-        p.join()
+        p.join(LOOPBACK_TIMEOUT)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
     return statistics.median(rates)
 
 
@@ -131,26 +144,25 @@ def _ping_pong(lab: Lab, first: VmProc, ram: str, guest: str, runs: list[tuple[s
     return out
 
 
-def migration_rows(sizes: list[int], log: Callable[[str], None]) -> tuple[list[Row], str]:
+def migration_rows(sizes: list[int], log: Callable[[str], None], deadline: Deadline
+                   ) -> tuple[list[Row], str]:
     rows: list[Row] = []
     verdict = ""
     for gib in sizes:
         ram = f"{gib}G"
         guest = RANDOM_GUEST
-        with Lab() as lab:
-            a = lab.host("hostA")
-            lab.host("hostB")
+        with Lab(deadline=deadline) as lab:
+            a, _ = lab.start_hosts("hostA", "hostB")
             src = lab.vm("rnd", a, ram=ram, guest=guest)
             log(f"{gib} GiB guest: writing random contents into all of its RAM ...")
-            src.wait_console(WORKING_SET_WRITTEN, timeout=600)
+            src.wait_console(WORKING_SET_WRITTEN, timeout=GUEST_TIMEOUT)
             runs = [("random RAM, 1 channel", 1), ("random RAM, 2 channels (multifd)", 2),
                     ("random RAM, 1 channel (again)", 1)]
             for label, ch, info in _ping_pong(lab, src, ram, guest, runs, log):
                 rows.append(Row.of(label, gib * GiB, ch, info))
-            verdict = lab.vms[-1].selfcheck(timeout=600)
-    with Lab() as lab:
-        a = lab.host("hostA")
-        lab.host("hostB")
+            verdict = lab.vms[-1].selfcheck(timeout=GUEST_TIMEOUT)
+    with Lab(deadline=deadline) as lab:
+        a, _ = lab.start_hosts("hostA", "hostB")
         src = lab.vm("idle", a, ram="1G", guest="idle")
         time.sleep(1.0)
         runs = [("idle guest", 1), ("idle guest (again)", 1), ("idle guest (third)", 1)]
@@ -165,7 +177,7 @@ def _writes(vm: VmProc) -> tuple[float, int]:
     line = vm.selfcheck(timeout=120)
     m = SELFCHECK_WRITES.search(line.encode())
     if m is None:
-        raise RuntimeError(f"{vm.name}: self-check failed: {line}")
+        raise vm.fail(f"self-check failed: {line}")
     return time.monotonic(), int(m.group(1))
 
 
@@ -176,14 +188,14 @@ def _rate(vm: VmProc, seconds: float) -> float:
     return (w1 - w0) / (t1 - t0)
 
 
-def busy_rates(log: Callable[[str], None], *, reps: int = BUSY_REPS) -> dict[str, float]:
+def busy_rates(log: Callable[[str], None], deadline: Deadline, *, reps: int = BUSY_REPS) -> dict[str, float]:
     """Pages/s written by a guest alone, then beside a second busy guest on the same
     host; alternated (the second VM stopped, then running) so that load from
     elsewhere on a shared machine falls on both sides of the ratio alike."""
     guest = "dirty,rate=10000000,wss=16M,fill=random"
     alone: list[float] = []
     pair: list[float] = []
-    with Lab() as lab:
+    with Lab(deadline=deadline) as lab:
         h = lab.host("host")
         one = lab.vm("busy1", h, ram="128M", guest=guest)
         two = lab.vm("busy2", h, ram="128M", guest=guest)
@@ -206,19 +218,21 @@ def busy_rates(log: Callable[[str], None], *, reps: int = BUSY_REPS) -> dict[str
 
 # --- the run -------------------------------------------------------------------------------------
 
-def run_benchmarks(*, save_dir: str | None, quick: bool) -> dict[str, Any]:
+def run_benchmarks(*, save_dir: str | None, quick: bool, deadline: Deadline = NO_DEADLINE) -> dict[str, Any]:
+    sizes = [1] if quick else [1, 4]
+    check_host_memory(2 * max(sizes) * GiB, f"the {max(sizes)} GiB guests")  # a target beside its source
     console = Console(width=max(Console().width, 150))
     log = console.print
     t0 = time.time()
     log("[bold]loopback ceiling[/] (1 MiB sendall, two processes) ...")
     ceilings = [loopback_ceiling(reps=2 if quick else 3)]
     log(f"  {ceilings[0]:.2f} GB/s")
-    rows, verdict = migration_rows([1] if quick else [1, 4], log)
+    rows, verdict = migration_rows(sizes, log, deadline)
     ceilings.append(loopback_ceiling(reps=2 if quick else 3))
     log(f"  loopback ceiling again: {ceilings[1]:.2f} GB/s")
     ceiling = max(ceilings)  # the stricter bar on a machine whose speed varies
     log("[bold]two busy VMs on one host[/] ...")
-    busy = busy_rates(log)
+    busy = busy_rates(log, deadline)
     one_channel = [r for r in rows if r.channels == 1 and r.scenario.startswith("random")]
     median_1ch = statistics.median(r.wire_gbps for r in one_channel)
     idle = [r.downtime_ms for r in rows if r.scenario.startswith("idle")]

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confmig.bench.lab import WORKLOAD_READY_RE, Lab, VmProc
+from confmig.bench.deadline import DeadlineExceeded, StepTimeout
+from confmig.bench.lab import FAILED_RUNSTATES, VmProc
 from confmig.common.errors import ConfmigError
 from confmig.platform.psp.policy import PolicyFlag
 
-POLL_INTERVAL = 0.05
 MIGRATION_TIMEOUT = 600.0
+"""Seconds one migration may take: a 4 GiB guest through the PSP path takes minutes."""
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -79,16 +81,18 @@ def migrate(src: VmProc, dst: VmProc | None, uri: str | None = None, *,
     assert uri is not None
     t0 = time.monotonic()
     src.qmp.execute("migrate", uri=uri)
-    deadline = t0 + MIGRATION_TIMEOUT
-    while True:
-        info = src.qmp.execute("query-migrate")
+
+    def finished() -> dict[str, Any] | None:
+        info: dict[str, Any] = src.qmp.execute("query-migrate")
         progress(info)
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            break
-        if time.monotonic() > deadline:
-            src.qmp.execute("migrate_cancel")
-            raise ConfmigError("migration did not finish in time")
-        time.sleep(POLL_INTERVAL)
+        return info if info.get("status") in ("completed", "failed", "cancelled") else None
+
+    try:
+        info = src.deadline.wait("the migration to finish", finished, timeout=MIGRATION_TIMEOUT)
+    except (StepTimeout, DeadlineExceeded):
+        with contextlib.suppress(ConfmigError, OSError):
+            src.qmp.execute("migrate_cancel")  # the source keeps its guest
+        raise
     wall = time.monotonic() - t0
     if dst is not None and info["status"] == "completed":
         wait_status(dst, "running")
@@ -118,21 +122,14 @@ def sev_args(policy: int = SEV_POLICY, *, owner: str | None = None, extra: str =
 
 
 def wait_status(vm: VmProc, status: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while vm.qmp.execute("query-status")["status"] != status:
-        if time.monotonic() > deadline:
-            raise ConfmigError(f"{vm.name} never reached run state {status}")
-        time.sleep(0.02)
+    """Wait for run state ``status``; a VM that fails first ends the wait."""
 
+    def reached() -> bool | None:
+        if vm.proc.poll() is not None:
+            raise vm.fail(f"its VMM exited with {vm.proc.returncode}")
+        now = vm.qmp.execute("query-status")["status"]
+        if now in FAILED_RUNSTATES and now != status:
+            raise vm.fail(f"run state {now}")
+        return True if now == status else None
 
-def wait_guest_ready(vm: VmProc, timeout: float = 120.0) -> None:
-    """Wait until the guest workload announced it runs (its first console line)."""
-    vm.wait_console(WORKLOAD_READY_RE, timeout=timeout)
-
-
-def two_hosts(lab: Lab, *, ram: str, guest: str, extra: list[str] | None = None
-              ) -> tuple[VmProc, VmProc]:
-    a, b = lab.host("hostA"), lab.host("hostB")
-    src = lab.vm("src", a, ram=ram, guest=guest, extra=extra)
-    dst = lab.vm("dst", b, ram=ram, guest=guest, incoming="defer", extra=extra)
-    return src, dst
+    vm.deadline.wait(f"{vm.name} to reach run state {status}", reached, timeout=timeout)

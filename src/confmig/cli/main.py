@@ -6,17 +6,56 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import click
 
+from confmig.bench.deadline import BENCH_TIMEOUT, DEMO_TIMEOUT, LAUNCH_TIMEOUT
 from confmig.common.errors import ConfmigError
-from confmig.owner.cli import owner
+from confmig.common.pdeathsig import adopt_parent_from_environment
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Loads the ``owner`` group only when it is asked for: it brings ``cryptography``,
+    which the VMM's process (``confmig vm``) must never load."""
+
+    OWNER = "owner"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), self.OWNER])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == self.OWNER:
+            from confmig.owner.cli import owner
+
+            return owner
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Live migration of confidential VMs: emulated SEV hosts, a QEMU-like VMM."""
+    adopt_parent_from_environment()  # a lab's host or VMM ends with the lab
 
+
+def _run_scenario(run: Callable[[], bool]) -> None:
+    """Run a scenario that starts processes (demo, launch, bench): a signal or an error
+    unwinds through its labs, which stop everything they started; exit non-zero unless
+    it succeeded."""
+    from confmig.bench.lab import Interrupted, signals_unwind
+
+    try:
+        with signals_unwind():
+            ok = run()
+    except Interrupted as exc:
+        click.echo(f"confmig: {exc}; every process it started is stopped", err=True)
+        sys.exit(128 + exc.signum)
+    except ConfmigError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(0 if ok else 1)
+
+
+_TIMEOUT = click.FloatRange(min=0, min_open=True)
 
 @cli.command()
 @click.option("--socket", "socket_path", required=True, help="Unix socket to serve /dev/kvm on.")
@@ -40,6 +79,8 @@ def host(socket_path: str, state_dir: str | None, amd_root: str | None, psp_late
               psp_cost=PspCostModel(command_latency=psp_latency_us / 1e6, bandwidth=psp_bandwidth_mbps * 1e6))
     except OSError as exc:
         raise click.ClickException(f"cannot serve {socket_path}: {exc.strerror or exc}") from None
+    except ConfmigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False,
@@ -70,16 +111,16 @@ def vm(args: tuple[str, ...]) -> None:
               help="The owner expects another firmware image: the launch gets no secret.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--keep", is_flag=True, help="Keep the lab directory (logs, consoles).")
-def launch(sev_es: bool, ram: str, guest: str, wrong_firmware: bool, as_json: bool, keep: bool) -> None:
+@click.option("--timeout", default=LAUNCH_TIMEOUT, show_default=True, type=_TIMEOUT,
+              help="Seconds for the whole launch; past them it stops with an error.")
+def launch(sev_es: bool, ram: str, guest: str, wrong_firmware: bool, as_json: bool, keep: bool,
+           timeout: float) -> None:
     """An attested SEV launch: host, guest owner, VMM; the owner checks the measurement, then provisions."""
     from confmig.bench.launch import LaunchOptions, run_launch
 
-    opts = LaunchOptions(sev_es=sev_es, ram=ram, guest=guest, wrong_firmware=wrong_firmware, keep=keep)
-    try:
-        ok = run_launch(opts, as_json=as_json)
-    except ConfmigError as exc:
-        raise click.ClickException(str(exc)) from None
-    sys.exit(0 if ok else 1)
+    opts = LaunchOptions(sev_es=sev_es, ram=ram, guest=guest, wrong_firmware=wrong_firmware, keep=keep,
+                         timeout=timeout)
+    _run_scenario(lambda: run_launch(opts, as_json=as_json))
 
 
 @cli.command("amd-certs")
@@ -122,19 +163,17 @@ def firmware() -> None:
 @click.option("--sev-es", is_flag=True, help="With --mode psp: an SEV-ES guest.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--keep", is_flag=True, help="Keep the lab directory (logs, consoles).")
-def demo(ram: str, guest: str, dirty_rate: int, wss: str, downtime_limit: int,
-         max_bandwidth: int, channels: int, mode: str, sev_es: bool, as_json: bool, keep: bool) -> None:
+@click.option("--timeout", default=DEMO_TIMEOUT, show_default=True, type=_TIMEOUT,
+              help="Seconds for the whole demo; past them it stops with an error.")
+def demo(ram: str, guest: str, dirty_rate: int, wss: str, downtime_limit: int, max_bandwidth: int,
+         channels: int, mode: str, sev_es: bool, as_json: bool, keep: bool, timeout: float) -> None:
     """Start two hosts and two VMs here, live-migrate the running guest, report."""
     from confmig.bench.demo import DemoOptions, run_demo
 
     opts = DemoOptions(ram=ram, guest=guest, dirty_rate=dirty_rate, wss=wss,
                        downtime_limit=downtime_limit, max_bandwidth=max_bandwidth,
-                       channels=channels, mode=mode, sev_es=sev_es, keep=keep)
-    try:
-        ok = run_demo(opts, as_json=as_json)
-    except ConfmigError as exc:
-        raise click.ClickException(str(exc)) from None
-    sys.exit(0 if ok else 1)
+                       channels=channels, mode=mode, sev_es=sev_es, keep=keep, timeout=timeout)
+    _run_scenario(lambda: run_demo(opts, as_json=as_json))
 
 
 @cli.command()
@@ -158,22 +197,25 @@ def analyze(path: str, as_json: bool) -> None:
 @click.option("--suite", default="plain", show_default=True, type=click.Choice(["plain", "psp"]),
               help="plain: plain migration against this machine's limits; psp: plain vs PSP migration.")
 @click.option("--ram", default="1G", show_default=True, help="With --suite psp: the guest's RAM.")
-def bench(save: str | None, quick: bool, suite: str, ram: str) -> None:
+@click.option("--timeout", default=BENCH_TIMEOUT, show_default=True, type=_TIMEOUT,
+              help="Seconds for the whole run; past them it stops with an error.")
+def bench(save: str | None, quick: bool, suite: str, ram: str, timeout: float) -> None:
     """Measure migration against this machine's own limits (results under benchmarks/)."""
-    try:
+    from confmig.bench.deadline import Deadline
+
+    def run() -> bool:
+        deadline = Deadline(timeout)
         if suite == "psp":
             from confmig.bench.confidential import run_psp_benchmark
 
-            run_psp_benchmark(save_dir=save, ram=ram)
-            return
-        from confmig.bench.perf import run_benchmarks
+            run_psp_benchmark(save_dir=save, ram=ram, deadline=deadline)
+        else:
+            from confmig.bench.perf import run_benchmarks
 
-        run_benchmarks(save_dir=save, quick=quick)
-    except ConfmigError as exc:
-        raise click.ClickException(str(exc)) from None
+            run_benchmarks(save_dir=save, quick=quick, deadline=deadline)
+        return True
 
-
-cli.add_command(owner)
+    _run_scenario(run)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -41,7 +42,7 @@ class SubprocessLauncher:
         argv = [
             sys.executable, "-m", "confmig.hostd.vcpu_process",
             "--vcpu-id", str(vcpu_id), "--fd", str(vcpu_fd), "--control", str(control_fd),
-            "--rom", self.rom,
+            "--rom", self.rom, "--parent", str(os.getpid()),
         ]
         fds = [vcpu_fd, control_fd]
         if self.key_slots_fd is not None:

@@ -9,6 +9,7 @@ import signal
 import threading
 from pathlib import Path
 
+from confmig.common.errors import ConfigError
 from confmig.common.paths import default_amd_root, default_host_state_dir
 from confmig.hostd.launcher import DEFAULT_ROM, SubprocessLauncher
 from confmig.hostd.memory import HostMemoryPort
@@ -17,6 +18,7 @@ from confmig.kvm.sev import MIN_SEV_ASID
 from confmig.platform.mee import KeySlots, MemoryEncryptionEngine
 from confmig.platform.psp import PlatformIdentity, PspConfig, PspMailbox, SecureProcessor, TmrMemory
 from confmig.platform.psp.cost import NO_COST, PspCostModel
+from confmig.platform.psp.identity import load_amd_certificates
 
 log = logging.getLogger("confmig.host")
 
@@ -44,6 +46,10 @@ def serve(socket_path: str, state_dir: str | None = None, *, amd_root: str | Non
     state = Path(state_dir) if state_dir else default_host_state_dir(socket_path)
     root = Path(amd_root) if amd_root else default_amd_root()
     identity = PlatformIdentity.load_or_create(state, amd_root_dir=root)
+    if load_amd_certificates(root).ark != identity.certificates.ark:
+        # Both are kept across runs; a root made anew since would certify nothing this host says.
+        raise ConfigError(f"the platform identity in {state} was certified by another AMD root than "
+                          f"the one in {root}: remove {state} to have it made anew")
     host = build_host(identity, rom=rom, psp_cost=psp_cost)
     if psp_cost.enabled:
         log.warning("PSP cost model (an assumption, not a measurement): %.1f us per command, %s",

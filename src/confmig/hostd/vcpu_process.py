@@ -8,6 +8,7 @@ import signal
 import socket
 from collections.abc import Callable, Sequence
 
+from confmig.common.pdeathsig import die_with_parent
 from confmig.kvm.vcpu import SlotMemory, Vcpu
 from confmig.platform.cpu.abi import RESET_VECTOR, RomRegion
 from confmig.platform.cpu.core import CpuCore
@@ -30,7 +31,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--rom", required=True)
     p.add_argument("--key-slots", type=int, default=None)
     p.add_argument("--tmr", type=int, default=None)
+    p.add_argument("--parent", type=int, required=True, help="the host's pid: the vCPU ends with it")
     args = p.parse_args(argv)
+    die_with_parent(args.parent)  # a host that dies unwinding nothing leaves no vCPU behind
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host, not the terminal, ends vCPUs
     rom = load_rom(args.rom)
     mee = MemoryEncryptionEngine(KeySlots(args.key_slots)) if args.key_slots is not None else None

@@ -46,6 +46,17 @@ class RamRegion:
         return MemoryRange(start=self.gpa, size=self.size)
 
 
+def pc_regions(ram_size: int) -> list[RamRegion]:
+    """The regions of ``pc.ram`` on QEMU's pc/q35 machine: below 3 GiB, the rest from 4 GiB.
+    Pure, so that a front end can know the guest's RAM map before any VM exists."""
+    low = min(ram_size, BELOW_4G_LIMIT)
+    regions = [RamRegion(name="ram-below-4g", gpa=Gpa(0), offset=0, size=low, slot=0)]
+    if ram_size > low:
+        regions.append(RamRegion(name="ram-above-4g", gpa=Gpa(ABOVE_4G_BASE), offset=low,
+                                 size=ram_size - low, slot=1))
+    return regions
+
+
 class RamBlock:
     """One memfd-backed RAM block, mapped shared into this process."""
 
@@ -122,15 +133,7 @@ class GuestMemory:
         """QEMU pc/q35 layout: one ``pc.ram`` block, split at 3 GiB around the PCI hole."""
         mem = cls()
         block = RamBlock("pc.ram", ram_size)
-        low = min(ram_size, BELOW_4G_LIMIT)
-        block.regions.append(RamRegion(name="ram-below-4g", gpa=Gpa(0), offset=0, size=low, slot=0))
-        if ram_size > low:
-            block.regions.append(
-                RamRegion(
-                    name="ram-above-4g", gpa=Gpa(ABOVE_4G_BASE), offset=low,
-                    size=ram_size - low, slot=1,
-                )
-            )
+        block.regions.extend(pc_regions(ram_size))
         mem.blocks.append(block)
         return mem
 

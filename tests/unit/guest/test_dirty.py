@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from machine import Machine
 
-from confmig.common.units import PAGE_SIZE, GiB, Gpa, MiB
+from confmig.common.units import PAGE_SIZE, GiB, Gpa, KiB, MiB
 from confmig.guest.workloads import dirty
 from confmig.platform.cpu.abi import TSC_HZ
-from confmig.vmm.memory import GuestMemory, RamBlock, RamRegion
+from confmig.vmm.memory import GuestMemory, RamBlock, RamRegion, pc_regions
 
 SELFCHECK = "confmig-selfcheck"
 
@@ -190,7 +190,16 @@ def test_wss_all_spans_both_ram_regions() -> None:
 def test_a_working_set_larger_than_ram_halts_with_a_message() -> None:
     with Machine("workload=dirty wss=1G") as m:
         m.run(lambda _: False)
-        assert m.lines[-1] == "dirty: wss does not fit in 63 MiB; halted"
+        assert m.lines[-1] == "dirty: wss does not fit in 63 MiB (at most wss=64384K); halted"
+
+
+def test_the_largest_working_set_front_ends_are_told_of_fits_and_a_page_more_does_not() -> None:
+    most = dirty.max_working_set([r.range for r in pc_regions(64 * MiB)])
+    with start(f"workload=dirty rate=0 wss={most // KiB}K") as m:
+        assert dirty.load_state(m.cpu).npages == most // PAGE_SIZE
+    with Machine(f"workload=dirty wss={(most + PAGE_SIZE) // KiB}K") as m:
+        m.run(lambda _: False)
+        assert m.lines[-1] == f"dirty: wss does not fit in 63 MiB (at most wss={most // KiB}K); halted"
 
 
 def test_writing_and_verifying_are_fast() -> None:

@@ -36,14 +36,14 @@ ciphertext. The GPA in a page's header is the plain GPA, without the C-bit.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum
 
 import numpy as np
 import numpy.typing as npt
 
-from confmig.common.units import PAGE_SIZE, MiB, format_size, parse_size
+from confmig.common.units import PAGE_SIZE, KiB, MemoryRange, MiB, format_size, parse_size
 from confmig.guest import kernel, mem_encrypt
 from confmig.guest.firmware import bootinfo
 from confmig.guest.layout import WORKLOAD_STATE_GPA, workload_code, workload_memory
@@ -280,6 +280,31 @@ def selfcheck(cpu: GuestCpu) -> kernel.SelfCheck:
     return _verdict(st)
 
 
+# --- where the working set goes -------------------------------------------------------------
+
+
+def max_working_set_pages(free: Sequence[MemoryRange]) -> int:
+    """The most working-set pages that fit in workload memory ``free`` (what ``wss=all``
+    takes): with their version table (one le64 per page), which must fit in the first range."""
+    if not free:
+        return 0
+    total = sum(r.size for r in free) // PAGE_SIZE
+    # n + ceil(n / _WORDS) <= total holds up to exactly this n.
+    return min(total - -(-total // (_WORDS + 1)), free[0].size // PAGE_SIZE * _WORDS)
+
+
+def max_working_set(ram: Iterable[MemoryRange]) -> int:
+    """Bytes of the largest working set a guest whose RAM map is ``ram`` can have: the rule
+    the workload applies at start, for a front end to check its options before any guest runs."""
+    return max_working_set_pages(workload_memory(ram)) * PAGE_SIZE
+
+
+def working_set(encoded: bytes) -> int:
+    """Bytes of the working set that options from :func:`parse` ask for; 0 for ``all``."""
+    wss: int = _PARAMS.unpack(encoded)[1]
+    return wss
+
+
 # --- phases --------------------------------------------------------------------------------
 
 
@@ -291,12 +316,13 @@ def _entry(cpu: GuestCpu, mask: int) -> None:
     rate, wss, fill, seed, prefill = _PARAMS.unpack(kernel.params(cpu, mask))
     free = workload_memory(bootinfo.load(cpu, mask).ram)
     sizes = [r.size // PAGE_SIZE for r in free]
-    total = sum(sizes)
-    npages = total - -(-total // (_WORDS + 1)) if wss == 0 else wss // PAGE_SIZE
-    table_pages = -(-npages // _WORDS)
-    if not free or table_pages > sizes[0] or table_pages + npages > total:
-        kernel.halt(cpu, f"dirty: wss does not fit in {total * PAGE_SIZE // MiB} MiB")
+    most = max_working_set_pages(free)
+    npages = most if wss == 0 else wss // PAGE_SIZE
+    if not 0 < npages <= most:
+        kernel.halt(cpu, f"dirty: wss does not fit in {sum(sizes) * PAGE_SIZE // MiB} MiB "
+                         f"(at most wss={most * PAGE_SIZE // KiB}K)")
         return
+    table_pages = -(-npages // _WORDS)
     pieces, skip, left = [], table_pages, npages
     for r, size in zip(free[:WS_MAX_RANGES], sizes, strict=False):
         take = min(size - skip, left)
