@@ -1,5 +1,6 @@
-"""`confmig demo` stops every process it started however it ends (a signal, a guest that
-halts, its deadline), and fails within seconds, saying why, instead of hanging.
+"""`confmig demo` (and `launch`, and a host for its vCPUs) stops every process it started
+however it ends (a signal, a guest that halts, its deadline), and fails within seconds,
+saying why, instead of hanging.
 
 Processes are counted by a marker in their environment, which the demo's hosts, VMMs and
 vCPU processes all inherit: nothing of the demo escapes the count, nothing else enters it.
@@ -63,15 +64,16 @@ def tag() -> Iterator[str]:
         os.kill(pid, signal.SIGKILL)
 
 
-def start_demo(tag: str, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+def start(tag: str, tmp_path: Path, command: str, *args: str) -> subprocess.Popen[str]:
+    """``confmig COMMAND ARGS`` with the marker ``tag``; its stderr is kept for the verdict."""
     env = {**os.environ, MARK: tag, "TMPDIR": str(tmp_path)}  # a lab left by SIGKILL stays in tmp_path
-    return subprocess.Popen(confmig_argv("demo", *args), env=env, stdout=subprocess.DEVNULL,
+    return subprocess.Popen(confmig_argv(command, *args), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_a_signal_to_the_demo_leaves_no_process_behind(tag: str, tmp_path: Path, sig: signal.Signals) -> None:
-    demo = start_demo(tag, tmp_path, *SLOW_MIGRATION)
+    demo = start(tag, tmp_path, "demo", *SLOW_MIGRATION)
     wait_for("hosts, VMMs and vCPUs all up", lambda: len(marked(tag)) >= ALL_UP, UP_TIMEOUT)
     assert demo.poll() is None
     demo.send_signal(sig)
@@ -84,7 +86,7 @@ def test_a_signal_to_the_demo_leaves_no_process_behind(tag: str, tmp_path: Path,
 def test_a_guest_that_halts_ends_the_demo_with_its_last_words(tag: str, tmp_path: Path) -> None:
     # kv's table does not fit 8 MiB: no up-front check knows that, the guest halts at start
     t0 = time.monotonic()
-    demo = start_demo(tag, tmp_path, "--guest", "kv", "--ram", "8M")
+    demo = start(tag, tmp_path, "demo", "--guest", "kv", "--ram", "8M")
     _, err = demo.communicate(timeout=FAIL_FAST)
     assert demo.returncode == 1 and time.monotonic() - t0 < FAIL_FAST
     assert "src: the guest halted; last console lines:" in err
@@ -92,15 +94,26 @@ def test_a_guest_that_halts_ends_the_demo_with_its_last_words(tag: str, tmp_path
     wait_for("every process of the demo gone", lambda: not marked(tag), GONE_TIMEOUT)
 
 
+@pytest.mark.parametrize("ram, code", [("256M", 0), ("8M", 1)])
+def test_launch_gives_a_kv_guest_its_device_and_fails_one_that_halts(tag: str, tmp_path: Path, ram: str,
+                                                                    code: int) -> None:
+    launch = start(tag, tmp_path, "launch", "--guest", "kv", "--ram", ram)
+    _, err = launch.communicate(timeout=FAIL_FAST)
+    assert launch.returncode == code, err
+    if code:
+        assert "sev: the guest halted" in err and "need 8324 KiB of low RAM; halted" in err
+    wait_for("every process of the launch gone", lambda: not marked(tag), GONE_TIMEOUT)
+
+
 def test_a_working_set_that_does_not_fit_is_refused_before_anything_starts(tag: str, tmp_path: Path) -> None:
-    demo = start_demo(tag, tmp_path, "--ram", "256M")  # the default working set is 256M
+    demo = start(tag, tmp_path, "demo", "--ram", "256M")  # the default working set is 256M
     _, err = demo.communicate(timeout=FAIL_FAST)
     assert demo.returncode == 1
     assert "--wss 256M does not fit a guest with --ram 256M: use --wss 254M or less" in err
 
 
 def test_the_demo_past_its_deadline_stops_with_an_error(tag: str, tmp_path: Path) -> None:
-    demo = start_demo(tag, tmp_path, *SLOW_MIGRATION, "--timeout", "3")
+    demo = start(tag, tmp_path, "demo", *SLOW_MIGRATION, "--timeout", "3")
     _, err = demo.communicate(timeout=3 + FAIL_FAST)
     assert demo.returncode == 1
     assert "overall deadline of 3 s passed (give more with --timeout)" in err

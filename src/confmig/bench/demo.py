@@ -14,9 +14,8 @@ from rich.table import Table
 
 from confmig.bench.deadline import DEMO_TIMEOUT, Deadline
 from confmig.bench.lab import (
-    KV_SERVING_RE,
     WORKING_SET_WRITTEN,
-    WORKLOAD_READY_RE,
+    WORKLOAD_STARTED,
     Lab,
     VmProc,
     VmSpec,
@@ -39,8 +38,6 @@ from confmig.vmm.migration.params import MAX_DOWNTIME_LIMIT_MS, MAX_MULTIFD_CHAN
 
 GUEST_READY_TIMEOUT = 600.0
 """Seconds for the guest to boot and get ready (writing 4 GiB of random pages takes minutes)."""
-GUEST_READY = {"dirty": WORKING_SET_WRITTEN, "kv": KV_SERVING_RE, "idle": WORKLOAD_READY_RE}
-"""The console line of each workload once there is something worth migrating."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,9 +108,9 @@ def _pair(lab: Lab, opts: DemoOptions, audit: Callable[[Mapping[str, object]], N
                           secrets=[(DISK_PASSPHRASE_GUID, os.urandom(32))])
         src_extra += sev_args(policy, owner=owner.url)
         dst_extra += sev_args(policy)
-    if opts.guest == "kv":  # its device, which serves clients on a socket of the lab
-        src_extra += ["-device", f"confmig-kv,path={lab.root / 'kv-src.sock'}"]
-        dst_extra += ["-device", f"confmig-kv,path={lab.root / 'kv-dst.sock'}"]
+    if opts.guest == "kv":
+        src_extra += lab.kv_device("src")
+        dst_extra += lab.kv_device("dst")
     src, dst = lab.start_vms(
         VmSpec(name="src", host=a, ram=opts.ram, guest=opts.guest_arg(), extra=tuple(src_extra)),
         VmSpec(name="dst", host=b, ram=opts.ram, guest=opts.guest_arg(), incoming="defer",
@@ -142,7 +139,8 @@ def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
                       "target on hostB waiting (-incoming defer)")
         filling = " and filling its working set" if opts.guest == "dirty" else ""
         with console.status(f"booting the guest{filling}..."):
-            src.wait_console(GUEST_READY[opts.guest], timeout=GUEST_READY_TIMEOUT)
+            ready = WORKING_SET_WRITTEN if opts.guest == "dirty" else WORKLOAD_STARTED[opts.guest]
+            src.wait_console(ready, timeout=GUEST_READY_TIMEOUT)
         with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
                       TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
                       console=console, transient=False) as bar:

@@ -59,8 +59,12 @@ WORKING_SET_WRITTEN = re.compile(rb"dirty: working set written")
 """The dirty workload's line once every page of its working set holds data."""
 WORKLOAD_READY_RE = re.compile(rb"confmig kernel: workload \w+")
 """What the guest kernel prints once its workload runs."""
-KV_SERVING_RE = re.compile(rb"kv: serving")
-"""The kv workload's line once its device took its queue."""
+WORKLOAD_STARTED = {
+    "idle": WORKLOAD_READY_RE,
+    "dirty": re.compile(rb"dirty: \d+ pages"),
+    "kv": re.compile(rb"kv: serving"),
+}
+"""Each workload's console line once it runs: its memory laid out, its device found."""
 HALTED_RE = re.compile(rb"; halted\n")
 """How the guest kernel ends the line of a guest that stopped for good."""
 FAILED_RUNSTATES = frozenset({"shutdown", "internal-error", "guest-panicked"})
@@ -317,6 +321,11 @@ class Lab:
                    qmp=QmpClient(qmp), deadline=self.deadline, argv=argv)
         self.vms.append(v)
         return v
+
+    def kv_device(self, vm: str) -> list[str]:
+        """The ``-device`` options of VM ``vm``'s kv device: it serves clients on a socket of
+        the lab (the kv workload halts without one)."""
+        return ["-device", f"confmig-kv,path={self.root / f'kv-{vm}.sock'}"]
 
     def owner(self, *, firmware: Path, policy: int, secrets: list[tuple[uuid.UUID, bytes]] | None = None,
               audit: Callable[[Mapping[str, object]], None] | None = None, vcpus: int = 1) -> OwnerServer:

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from confmig.bench.deadline import LAUNCH_TIMEOUT, Deadline, DeadlineExceeded
-from confmig.bench.lab import WORKLOAD_READY_RE, GuestFailed, Lab, VmProc, check_host_memory, check_vm
+from confmig.bench.lab import WORKLOAD_STARTED, GuestFailed, Lab, VmProc, check_host_memory, check_vm
 from confmig.bench.scenario import SEV_ES_POLICY, SEV_POLICY, sev_args
 from confmig.common.errors import ConfigError, ConfmigError
 from confmig.owner import DISK_PASSPHRASE_GUID
@@ -85,11 +85,13 @@ def run_launch(opts: LaunchOptions, *, as_json: bool = False) -> bool:
         console.print(f"guest owner's key broker on {owner.url}: expects policy {opts.policy:#x} and "
                       f"launch digest {digest.hex()[:16]}…")
         kind = "SEV-ES" if opts.sev_es else "SEV"
-        sev = [*sev_args(opts.policy, owner=owner.url), "-bios", str(bios)]
+        extra = [*sev_args(opts.policy, owner=owner.url), "-bios", str(bios)]
+        if opts.guest == "kv":
+            extra += lab.kv_device("sev")
         with console.status(f"launching an {kind} guest (certificates, session, measurement, secret)..."):
             try:
-                vm = lab.vm("sev", host, ram=opts.ram, guest=opts.guest, extra=sev)
-                vm.wait_console(WORKLOAD_READY_RE, timeout=READY_TIMEOUT)
+                vm = lab.vm("sev", host, ram=opts.ram, guest=opts.guest, extra=extra)
+                vm.wait_console(WORKLOAD_STARTED[opts.guest], timeout=READY_TIMEOUT)
                 summary = _summary(vm, opts)
                 ok = True
             except (GuestFailed, DeadlineExceeded):
