@@ -344,24 +344,25 @@ class Lab:
         return server
 
     def close(self) -> None:
-        """Stop everything, VMs before their hosts, each side in parallel."""
-        for o in self.owners:
-            o.shutdown()
-            o.server_close()
-        self.owners.clear()
-        for v in self.vms:
-            with contextlib.suppress(ConfmigError, OSError):
-                v.qmp.execute("quit")
-            v.qmp.close()
-        _stop(self._vm_procs)
-        _stop(self._host_procs)
-        self._vm_procs.clear()
-        self._host_procs.clear()
-        self.vms.clear()
-        self.hosts.clear()
-        self._log.close()
-        if not self.keep:
-            shutil.rmtree(self.root, ignore_errors=True)
+        """Stop everything, VMs before their hosts, each side in parallel. A VMM takes SIGTERM
+        as QMP ``quit``; one that hangs is killed, so this ends within twice ``STOP_TIMEOUT``,
+        and a signal meanwhile takes effect once it has (:func:`_signals_deferred`)."""
+        with _signals_deferred():
+            for o in self.owners:
+                o.shutdown()
+                o.server_close()
+            self.owners.clear()
+            for v in self.vms:
+                v.qmp.close()
+            _stop(self._vm_procs)
+            _stop(self._host_procs)
+            self._vm_procs.clear()
+            self._host_procs.clear()
+            self.vms.clear()
+            self.hosts.clear()
+            self._log.close()
+            if not self.keep:
+                shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -380,6 +381,25 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGKILL)  # stray vCPU processes of a host that died
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT held back (in the main thread, where Python runs handlers) until the
+    block is done, then delivered to the handlers there were: a lab that is stopping finishes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda signum, _frame: arrived.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 class Interrupted(ConfmigError):
