@@ -71,12 +71,13 @@ def _loopback_receiver(port_q: mp.Queue[int], total: int, parent: int) -> None:
     conn.close()
 
 
-def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3) -> float:
+def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3, deadline: Deadline = NO_DEADLINE) -> float:
     """GB/s of ``sendall`` 1 MiB chunks over 127.0.0.1 to another process (median)."""
     data = memoryview(os.urandom(256 * MiB))  # as baselines.md: a 256 MiB random buffer, cycled
     rates = []
     ctx = mp.get_context("fork")
     for _ in range(reps):
+        deadline.check("the loopback ceiling")
         q: mp.Queue[int] = ctx.Queue()
         p = ctx.Process(target=_loopback_receiver, args=(q, total, os.getpid()))
         p.start()
@@ -225,10 +226,10 @@ def run_benchmarks(*, save_dir: str | None, quick: bool, deadline: Deadline = NO
     log = console.print
     t0 = time.time()
     log("[bold]loopback ceiling[/] (1 MiB sendall, two processes) ...")
-    ceilings = [loopback_ceiling(reps=2 if quick else 3)]
+    ceilings = [loopback_ceiling(reps=2 if quick else 3, deadline=deadline)]
     log(f"  {ceilings[0]:.2f} GB/s")
     rows, verdict = migration_rows(sizes, log, deadline)
-    ceilings.append(loopback_ceiling(reps=2 if quick else 3))
+    ceilings.append(loopback_ceiling(reps=2 if quick else 3, deadline=deadline))
     log(f"  loopback ceiling again: {ceilings[1]:.2f} GB/s")
     ceiling = max(ceilings)  # the stricter bar on a machine whose speed varies
     log("[bold]two busy VMs on one host[/] ...")
