@@ -147,8 +147,8 @@ class VmProc:
                 self.check_alive()
             return m
 
-        return self.deadline.wait(f"{self.name}'s console to show {pattern.pattern.decode()!r}", seen,
-                                  timeout=timeout)
+        shown = pattern.pattern.decode(errors="replace")
+        return self.deadline.wait(f"{self.name}'s console to show {shown!r}", seen, timeout=timeout)
 
     def selfcheck(self, timeout: float = 120.0) -> str:
         """Ask the guest to verify all its pages (an NMI) and return its verdict line."""
