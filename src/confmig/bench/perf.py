@@ -11,6 +11,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import re
 import socket
 import statistics
@@ -26,6 +27,7 @@ from rich.table import Table
 from confmig.bench.deadline import NO_DEADLINE, Deadline
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, VmProc, check_host_memory
 from confmig.bench.scenario import MigrationSettings, migrate
+from confmig.common.errors import ConfmigError
 from confmig.common.pdeathsig import die_with_parent
 from confmig.common.units import GiB, MiB
 
@@ -81,8 +83,21 @@ def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3, deadline: Deadl
         q: mp.Queue[int] = ctx.Queue()
         p = ctx.Process(target=_loopback_receiver, args=(q, total, os.getpid()))
         p.start()
-        s = socket.create_connection(("127.0.0.1", q.get(timeout=LOOPBACK_TIMEOUT)))
-        s.settimeout(LOOPBACK_TIMEOUT)
+        try:
+            rates.append(_loopback_once(data, total, q.get(timeout=LOOPBACK_TIMEOUT)))
+        except (queue.Empty, OSError) as exc:
+            raise ConfmigError(
+                f"the loopback ceiling: {exc!r} (each step has {LOOPBACK_TIMEOUT:g} s)") from None
+        finally:
+            p.join(LOOPBACK_TIMEOUT)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+    return statistics.median(rates)
+
+
+def _loopback_once(data: memoryview, total: int, port: int) -> float:
+    with socket.create_connection(("127.0.0.1", port), timeout=LOOPBACK_TIMEOUT) as s:
         t0 = time.perf_counter()
         sent = 0
         while sent < total:
@@ -90,13 +105,7 @@ def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3, deadline: Deadl
             s.sendall(data[off : off + LOOPBACK_CHUNK])
             sent += LOOPBACK_CHUNK
         s.recv(1)
-        rates.append(total / (time.perf_counter() - t0) / 1e9)
-        s.close()
-        p.join(LOOPBACK_TIMEOUT)
-        if p.exitcode is None:
-            p.kill()
-            p.join()
-    return statistics.median(rates)
+        return total / (time.perf_counter() - t0) / 1e9
 
 
 # --- migrations ----------------------------------------------------------------------------------
