@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from confmig.bench.chart import Bar, bar_chart
 from confmig.bench.deadline import NO_DEADLINE, Deadline
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, check_host_memory, check_vm
 from confmig.bench.perf import RANDOM_GUEST, machine_info
@@ -117,6 +118,11 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
                      f"{r['psp_commands']} | {r['psp_commands_per_s']:.0f} | `{r['selfcheck']}` |")
     lines += ["", f"PSP / plain throughput (same run): **{report['psp_over_plain_throughput']:.3f}**.",
               "", "PSP commands are counted on the source (SEND_*); the target issues as many RECEIVE_*.",
+              "", f"![guest RAM throughput of each path](psp-{stamp}.svg)",
               "", "Reproduce: `make bench-psp` (or `confmig bench --suite psp --save benchmarks/`)."]
+    (directory / f"psp-{stamp}.svg").write_text(bar_chart(
+        f"guest RAM MB/s, {report['ram_gib']:g} GiB random guest",
+        [Bar(label=r["kind"], value=r["guest_MBps"], text=f"{r['guest_MBps']:.0f} MB/s")
+         for r in report["runs"]]))
     (directory / f"psp-{stamp}.md").write_text("\n".join(lines) + "\n")
     (directory / "psp-latest.md").write_text("\n".join(lines) + "\n")
