@@ -189,13 +189,18 @@ class Run:
 
     def events(self) -> list[object]:
         """The stream the engine wrote, decoded (fails the test if it is malformed)."""
-        d = dec.StreamDecoder()
-        d.receive_data(bytes(self.channel.wire))
-        d.feed_eof()
-        out: list[object] = []
-        while not isinstance(ev := d.next_event(), dec.End):
-            out.append(ev)
-        return out
+        return stream_events(self.channel.wire)
+
+
+def stream_events(wire: bytes | bytearray) -> list[object]:
+    """Every event of a whole stream, up to its end; raises ``StreamError`` if it is malformed."""
+    d = dec.StreamDecoder()
+    d.receive_data(wire)
+    d.feed_eof()
+    out: list[object] = []
+    while not isinstance(ev := d.next_event(), dec.End):
+        out.append(ev)
+    return out
 
 
 def make_block() -> RamBlock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from migration_fakes import stream_events
 
 from confmig.common.errors import StateError
 from confmig.common.units import PAGE_SIZE
@@ -17,16 +18,6 @@ PAGES = np.zeros((16, PAGE_SIZE), dtype=np.uint8)
 PAGES[3] = 3
 
 
-def events(wire: bytes) -> list[object]:
-    d = dec.StreamDecoder()
-    d.receive_data(wire)
-    d.feed_eof()
-    out: list[object] = []
-    while not isinstance(ev := d.next_event(), dec.End):
-        out.append(ev)
-    return out
-
-
 def test_a_whole_stream_written_in_order_decodes() -> None:
     w = StreamWriter("pc-q35-7.2", batch_pages=8)
     parts = [w.setup(BLOCKS), w.begin_round()]
@@ -36,7 +27,7 @@ def test_a_whole_stream_written_in_order_decodes() -> None:
               w.begin_final(), w.end_part(), w.device("cpu", 0, 1, b"regs"), w.device("serial", 0, 1, b""),
               w.eof()]
     assert w.state is WriterState.DONE
-    evs = events(b"".join(parts))
+    evs = stream_events(b"".join(parts))
     devices = [e for e in evs if isinstance(e, dec.DeviceState)]
     assert [(d.section_id, d.idstr, d.state) for d in devices] == [(1, "cpu", b"regs"), (2, "serial", b"")]
     assert [type(e) for e in evs].count(dec.SectionPart) == 2

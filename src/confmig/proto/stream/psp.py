@@ -107,17 +107,13 @@ def decode(payload: bytes) -> PspRecord:
         return PspSession(policy=policy, pdh=pdh, session=session)
     if kind == PspRecordKind.PAGE:
         gpa = r.u64()
-        header = r.blob(MAX_PACKET_HEADER, "packet header")
-        transport = r.blob(PAGE_SIZE, "transport data")
-        r.end()
+        header, transport = r.packet()
         if gpa % PAGE_SIZE or len(transport) != PAGE_SIZE:
             raise StreamError(f"PSP page at {gpa:#x} of {len(transport)} bytes: not one whole page")
         return PspPage(gpa=gpa, header=header, transport=transport)
     if kind == PspRecordKind.VMSA:
         vcpu_id = r.u32()
-        header = r.blob(MAX_PACKET_HEADER, "packet header")
-        transport = r.blob(PAGE_SIZE, "transport data")
-        r.end()
+        header, transport = r.packet()
         if len(transport) != PAGE_SIZE:
             raise StreamError(f"VMSA of vCPU {vcpu_id}: {len(transport)} bytes, not one page")
         return PspVmsa(vcpu_id=vcpu_id, header=header, transport=transport)
@@ -164,6 +160,13 @@ class _Reader:
         if n > limit:
             raise StreamError(f"PSP record: {what} of {n} bytes (limit {limit})")
         return self._take(n, what)
+
+    def packet(self) -> tuple[bytes, bytes]:
+        """The rest of a PAGE or VMSA record: packet header and transport data."""
+        header = self.blob(MAX_PACKET_HEADER, "packet header")
+        transport = self.blob(PAGE_SIZE, "transport data")
+        self.end()
+        return header, transport
 
     def end(self) -> None:
         if self.pos != len(self.data):

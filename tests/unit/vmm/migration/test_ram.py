@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import numpy.typing as npt
 import pytest
-from migration_fakes import FakeChannel
+from migration_fakes import FakeChannel, stream_events
 
 from confmig.common.clock import ManualClock
 from confmig.common.errors import StateError
@@ -70,16 +70,6 @@ def test_sync_folds_kvms_log_and_the_vmms_own_writes_and_later_rounds_have_no_kn
     assert s.sync() == 0
 
 
-def decode(wire: bytes | bytearray) -> list[object]:
-    d = dec.StreamDecoder()
-    d.receive_data(wire)
-    d.feed_eof()
-    out: list[object] = []
-    while not isinstance(ev := d.next_event(), dec.End):
-        out.append(ev)
-    return out
-
-
 def test_main_channel_pages_skip_zero_pages_and_decode_back() -> None:
     memory = GuestMemory.pc(RAM)
     block = memory.blocks[0]
@@ -92,7 +82,7 @@ def test_main_channel_pages_skip_zero_pages_and_decode_back() -> None:
     sent = sink.pages(block, np.array([1, 2, 4, 6], dtype=np.int64))
     assert (sent.normal, sent.zero) == (2, 2) and sent.bytes == len(ch.wire) - ch.wire.index(b"\x02\x00") - 5
     ch.send_all(w.end_part() + w.begin_final() + w.end_part() + w.eof())
-    events = decode(ch.wire)
+    events = stream_events(ch.wire)
     pages = {int(i): e.data[k].copy()
              for e in events if isinstance(e, dec.RamPages) for k, i in enumerate(e.indices)}
     zeros = [int(i) for e in events if isinstance(e, dec.RamZeroPages) for i in e.indices]
