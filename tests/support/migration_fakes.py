@@ -41,10 +41,12 @@ Hook = Callable[[str], None]
 class FakeChannel(Channel):
     """Records what is sent; answers the return path with ``reply`` (empty: the peer hangs up)."""
 
-    def __init__(self, reply: bytes = rp.encode(rp.Shut(status=0))) -> None:
+    def __init__(self, reply: bytes = rp.encode(rp.Shut(status=0)),
+                 on_recv: Callable[[], None] = lambda: None) -> None:
         super().__init__(-1, name="fake")
         self.wire = bytearray()
         self.reply = reply
+        self.on_recv = on_recv
         self.aborted = False
         self.timeout: float | None = None
 
@@ -55,6 +57,7 @@ class FakeChannel(Channel):
         return len(view)
 
     def recv_into(self, buf: memoryview) -> int:
+        self.on_recv()
         n = min(len(buf), len(self.reply))
         buf[:n] = self.reply[:n]
         self.reply = self.reply[n:]
@@ -150,7 +153,7 @@ class RecordingBackend(OutgoingBackend):
         self.calls.append(what)
         self.hook(what)
 
-    def setup(self, out: MainChannelSink) -> None:
+    def setup(self) -> None:
         self._call("setup")
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
@@ -165,7 +168,7 @@ class RecordingBackend(OutgoingBackend):
     def switchover(self) -> None:
         self._call("switchover")
 
-    def complete(self, out: MainChannelSink, vcpu_ids: list[int]) -> None:
+    def complete(self, vcpu_ids: list[int]) -> None:
         self._call("complete")
 
     def finish(self) -> None:
@@ -186,6 +189,8 @@ class Run:
     rounds: list[int]
     """``remaining_bytes`` of every round the policy judged."""
     backend: RecordingBackend | None = None
+    multifd: list[FakeChannel] = field(default_factory=list)
+    """The multifd channels the engine opened, in order."""
 
     def events(self) -> list[object]:
         """The stream the engine wrote, decoded (fails the test if it is malformed)."""
@@ -222,10 +227,10 @@ def run_engine(
     every step, so a test can cancel or fail at the step it chooses."""
     clock = ManualClock(100.0)
     block = make_block()
-    channel = FakeChannel(reply)
+    box: dict[str, OutgoingMigration] = {}
+    channel = FakeChannel(reply, on_recv=lambda: hook(box["mig"], "recv"))
     statuses: list[MigrationStatus] = []
     rounds: list[int] = []
-    box: dict[str, OutgoingMigration] = {}
 
     def step(what: str) -> None:
         hook(box["mig"], what)
@@ -247,9 +252,17 @@ def run_engine(
         return b
 
     p = params or MigrationParameters(downtime_limit=5, max_bandwidth=1 << 40)
+    extra: list[FakeChannel] = []
+
+    def connect(_uri: MigrationUri, *, name: str = "main") -> Channel:
+        if name == "main":
+            return channel
+        extra.append(FakeChannel())
+        return extra[-1]
+
     mig = OutgoingMigration(vm, uri, p, MigrationStats(clock=clock), statuses.append,
-                            factory, policy=policy, connect=lambda _uri, **_kw: channel)
+                            factory, policy=policy, connect=connect)
     box["mig"] = mig
     mig.run()  # in this thread: the engine is the thread's run method
     return Run(mig=mig, vm=vm, channel=channel, statuses=statuses, rounds=rounds,
-               backend=made[0] if made else None)
+               backend=made[0] if made else None, multifd=extra)

@@ -18,13 +18,14 @@ the PSP.
 from __future__ import annotations
 
 import base64
+import errno
 import logging
 import struct
 import threading
 from dataclasses import dataclass
 from typing import TypeVar
 
-from confmig.common.errors import ConfigError, KeyBrokerMessageError, KvmError, MigrationError
+from confmig.common.errors import ConfigError, KeyBrokerMessageError, KvmError, MigrationError, ProtocolError
 from confmig.common.x86 import (
     KVM_CPUID_FEATURES,
     KVM_FEATURE_HC_MAP_GPA_RANGE,
@@ -257,7 +258,10 @@ class SevGuest:
         # SECURITY: guest-controlled arguments; bound them to something sane.
         if gpa % 4096 or npages <= 0 or npages > 1 << 28 or attrs & ~0x1F:
             return -22 & 0xFFFF_FFFF_FFFF_FFFF  # -KVM_EINVAL
-        self.shared.update(gpa >> 12, npages, shared=not attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
+        try:
+            self.shared.update(gpa >> 12, npages, shared=not attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
+        except ProtocolError:  # the list is at its bound and stays as it was
+            return -errno.E2BIG & 0xFFFF_FFFF_FFFF_FFFF  # KVM_E2BIG
         return 0
 
     def wrmsr(self, index: int, value: int) -> bool:

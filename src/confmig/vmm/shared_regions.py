@@ -51,10 +51,10 @@ class SharedRegions:
                     if e > hi:
                         new_s.append(max(s, hi))
                         new_e.append(e)
+            if len(self._starts) - (j - i) + len(new_s) > MAX_REGIONS:  # refused, and unchanged
+                raise ProtocolError(f"shared-regions list exceeds {MAX_REGIONS} ranges")
             self._starts[i:j] = new_s
             self._ends[i:j] = new_e
-            if len(self._starts) > MAX_REGIONS:
-                raise ProtocolError(f"shared-regions list exceeds {MAX_REGIONS} ranges")
 
     def is_shared(self, gfn: int) -> bool:
         with self._lock:

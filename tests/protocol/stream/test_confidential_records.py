@@ -72,6 +72,26 @@ def test_every_single_byte_change_of_a_session_record() -> None:
             exact_or_refused(psp.decode, psp.encode, wire[:pos] + bytes([byte]) + wire[pos + 1 :])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("record", [psp.PspPage(gpa=0x3000, header=HDR, transport=TRANS),
+                                    psp.PspVmsa(vcpu_id=1, header=HDR, transport=TRANS)])
+def test_every_single_byte_change_of_a_packet_envelope(record: psp.PspRecord) -> None:
+    """Every byte of the envelope (kind, address, lengths, packet header) takes every value;
+    the transport data, opaque to the codec, is sampled."""
+    wire = psp.encode(record)
+    envelope = len(wire) - PAGE_SIZE
+    for pos in [*range(envelope), *range(envelope, len(wire), 97)]:
+        for byte in range(256):
+            exact_or_refused(psp.decode, psp.encode, wire[:pos] + bytes([byte]) + wire[pos + 1 :])  # type: ignore[arg-type]
+
+
+def test_every_single_byte_change_of_a_shared_regions_list() -> None:
+    wire = shared_regions.encode([(1, 2), (0x100, 1), (0xFFFF0, 0x10)])
+    for pos in range(len(wire)):
+        for byte in range(256):
+            exact_or_refused(shared_regions.decode, shared_regions.encode,  # type: ignore[arg-type]
+                             wire[:pos] + bytes([byte]) + wire[pos + 1 :])
+
+
 @pytest.mark.parametrize("payload, message", [
     (b"", "empty PSP record"),
     (b"\x09", "unknown PSP record kind 9"),

@@ -11,7 +11,7 @@ from confmig.common.errors import StateError
 from confmig.common.units import PAGE_SIZE
 from confmig.proto.stream import decoder as dec
 from confmig.proto.stream.format import ConfidentialSubtype
-from confmig.proto.stream.writer import StreamWriter, WriterState
+from confmig.proto.stream.writer import DeviceSection, StreamWriter, WriterState
 
 BLOCKS = [("pc.ram", 16 * PAGE_SIZE)]
 PAGES = np.zeros((16, PAGE_SIZE), dtype=np.uint8)
@@ -24,7 +24,9 @@ def test_a_whole_stream_written_in_order_decodes() -> None:
     batch = w.pages("pc.ram", PAGES, np.array([2, 3], dtype=np.int64))
     parts += [bytes(batch.wire), w.zero_pages("pc.ram", batch.zero), w.end_part(), w.begin_round(),
               w.confidential(ConfidentialSubtype.SHARED_REGIONS, b"\0\0\0\0"), w.end_part(),
-              w.begin_final(), w.end_part(), w.device("cpu", 0, 1, b"regs"), w.device("serial", 0, 1, b""),
+              w.begin_final(), w.end_part(),
+              w.device(DeviceSection(idstr="cpu", instance_id=0, version_id=1, state=b"regs")),
+              w.device(DeviceSection(idstr="serial", instance_id=0, version_id=1, state=b"")),
               w.eof()]
     assert w.state is WriterState.DONE
     evs = stream_events(b"".join(parts))
@@ -44,7 +46,7 @@ def step(w: StreamWriter, name: str) -> None:
         "pages": lambda: w.pages("pc.ram", PAGES, idx),
         "zeros": lambda: w.zero_pages("pc.ram", idx),
         "confidential": lambda: w.confidential(ConfidentialSubtype.PSP_PACKET, b"x"),
-        "device": lambda: w.device("cpu", 0, 1, b""),
+        "device": lambda: w.device(DeviceSection(idstr="cpu", instance_id=0, version_id=1, state=b"")),
         "eof": w.eof,
     }[name]()
 

@@ -17,6 +17,7 @@ accepted inside a ``ram`` part. It does no I/O: the caller sends what it returns
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
 
 from confmig.common.errors import StateError
@@ -25,6 +26,16 @@ from confmig.proto.stream.format import ConfidentialSubtype, IndexArray, PageArr
 
 RAM_SECTION_ID = 0
 """The ``ram`` section opens the stream, so it gets the first id; devices follow."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceSection:
+    """One SECTION_FULL: a vCPU's or a device's saved state, opaque to the stream."""
+
+    idstr: str
+    instance_id: int
+    version_id: int
+    state: bytes
 
 
 class WriterState(Enum):
@@ -48,10 +59,6 @@ class StreamWriter:
         self._pages = enc.PageBatchEncoder(batch_pages)
         self._next_section = RAM_SECTION_ID + 1
         self._described: list[enc.DeviceDescription] = []
-
-    @property
-    def batch_pages(self) -> int:
-        return self._pages.max_pages
 
     def _step(self, operation: str, allowed: tuple[WriterState, ...], new: WriterState | None = None) -> None:
         if self.state not in allowed:
@@ -82,14 +89,16 @@ class StreamWriter:
         self.state = WriterState.SETUP if self.state is WriterState.ROUND else WriterState.DEVICES
         return enc.eos_and_footer(RAM_SECTION_ID)
 
-    def device(self, idstr: str, instance_id: int, version_id: int, state: bytes) -> bytes:
+    def device(self, section: DeviceSection) -> bytes:
         """One device's SECTION_FULL, after the ``ram`` section has ended."""
         self._step("device section", (WriterState.DEVICES,))
         section_id = self._next_section
         self._next_section += 1
-        self._described.append(enc.DeviceDescription(idstr=idstr, instance_id=instance_id,
-                                                    version_id=version_id, state_size=len(state)))
-        return enc.device_section(section_id, idstr, instance_id, version_id, state)
+        self._described.append(enc.DeviceDescription(
+            idstr=section.idstr, instance_id=section.instance_id, version_id=section.version_id,
+            state_size=len(section.state)))
+        return enc.device_section(section_id, section.idstr, section.instance_id, section.version_id,
+                                  section.state)
 
     def eof(self) -> bytes:
         """EOF and the vmdescription of every device section written."""

@@ -31,9 +31,8 @@ import numpy.typing as npt
 from confmig.common.errors import StreamError
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.vmm.memory import RamBlock
-from confmig.vmm.migration.ram import MainChannelSink, RoundCounters
+from confmig.vmm.migration.ram import RoundCounters
 from confmig.vmm.migration.stats import ConfidentialCounters
-from confmig.vmm.migration.transport import Channel
 
 
 class OutgoingBackend:
@@ -42,11 +41,14 @@ class OutgoingBackend:
     name: ClassVar[str]
     counters: ConfidentialCounters | None = None
     """What a confidential backend reports in ``query-migrate`` (None: nothing)."""
+    send_buffer: ClassVar[int] = 0
+    """Bytes of socket send buffer the main channel should have (0: the kernel's choice)."""
 
-    def setup(self, out: MainChannelSink) -> None:
+    def setup(self) -> None:
         """Open sessions and write the records that must precede every page."""
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
+        """A batch of dirty pages, as records (every backend writes its own)."""
         raise NotImplementedError
 
     def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
@@ -56,7 +58,7 @@ class OutgoingBackend:
     def switchover(self) -> None:
         """The guest's vCPUs are stopped; the final pages come next."""
 
-    def complete(self, out: MainChannelSink, vcpu_ids: list[int]) -> None:
+    def complete(self, vcpu_ids: list[int]) -> None:
         """Write what only the stopped guest has: the final records of the stream."""
 
     def finish(self) -> None:
@@ -71,9 +73,8 @@ class IncomingBackend:
 
     name: ClassVar[str]
     counters: ConfidentialCounters | None = None
-
-    def attach(self, main: Channel) -> None:
-        """The main channel was accepted."""
+    receive_buffer: ClassVar[int] = 0
+    """Bytes of socket receive buffer the main channel should have (0: the kernel's choice)."""
 
     def record(self, subtype: ConfidentialSubtype, payload: bytes) -> None:
         """One CONFIDENTIAL record of the stream."""

@@ -3,8 +3,9 @@
 ``x-confidential-backend`` (a migration parameter, ours) picks the confidential
 backend of a confidential guest; empty means the guest's own default. A plain
 guest moves with the plain backend and refuses a confidential one. A new
-backend joins with a line in :data:`OUTGOING`, one in :data:`INCOMING` and its name
-in ``params.CONFIDENTIAL_BACKENDS``; the engine does not change.
+backend joins with a line in each of :data:`OUTGOING`, :data:`INCOMING` and
+:data:`CHECKS`, and its name in ``params.CONFIDENTIAL_BACKENDS`` (the parameter's
+schema); the engine does not change.
 """
 
 from __future__ import annotations
@@ -41,15 +42,26 @@ def _confidential(machine: Machine, params: MigrationParameters) -> tuple[str, S
     sev = machine.sev
     if sev is None or sev.config.x_plain_copy:
         if chosen:
-            raise MigrationError(f"x-confidential-backend '{chosen}' requires a confidential guest "
-                                 "(-object sev-guest ... -machine confidential-guest-support=...)")
+            why = ("this SEV guest migrates as a plain one (sev-guest x-plain-copy=on)" if sev is not None
+                   else "requires a confidential guest (-object sev-guest ... "
+                   "-machine confidential-guest-support=...)")
+            raise MigrationError(f"x-confidential-backend '{chosen}': {why}")
         return None
     return chosen or DEFAULT_CONFIDENTIAL, sev
 
 
+CHECKS: Final[dict[str, Callable[[MigrationParameters], None]]] = {
+    "psp": PspOutgoing.check,
+}
+"""What each confidential backend refuses before a migration starts (missing parameters,
+capabilities it cannot use)."""
+
+
 def check(machine: Machine, params: MigrationParameters) -> None:
     """Refuse, before anything starts, a backend this guest cannot use."""
-    _confidential(machine, params)
+    chosen = _confidential(machine, params)
+    if chosen is not None:
+        CHECKS[chosen[0]](params)
 
 
 def outgoing_backend(machine: Machine, params: MigrationParameters, out: MainChannelSink,

@@ -12,13 +12,14 @@ import logging
 import queue
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from confmig.common.errors import ConfmigError, StreamError
 from confmig.proto.stream import decoder as dec
 from confmig.proto.stream import return_path as rp
 from confmig.proto.stream.format import MULTIFD_MAGIC
+from confmig.proto.stream.writer import DeviceSection
 from confmig.vmm.memory import GuestMemory
 from confmig.vmm.migration.backend import IncomingBackend
 from confmig.vmm.migration.multifd import MultifdReceiver
@@ -27,7 +28,6 @@ from confmig.vmm.migration.ram import RamLanding
 from confmig.vmm.migration.stats import MigrationStats
 from confmig.vmm.migration.status import MigrationStatus
 from confmig.vmm.migration.transport import Channel, Listener, MigrationUri
-from confmig.vmm.migration.vmstate import DeviceSection
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ class TargetVm(Protocol):
 
     def check_blocks(self, sent: Sequence[tuple[str, int]]) -> None: ...
 
-    def load_sections(self, sections: Iterable[DeviceSection]) -> None: ...
+    def load_section(self, section: DeviceSection) -> None: ...
+
+    def finish_load(self) -> None: ...
 
     def resume(self) -> None: ...
 
@@ -126,13 +128,13 @@ class IncomingMigration(threading.Thread):
     def _receive(self) -> None:
         main, prefix = self._accept()
         self._main = main
-        self.backend.attach(main)
+        if self.backend.receive_buffer:
+            main.set_buffer_size(receive=self.backend.receive_buffer)
         self.set_status(MigrationStatus.ACTIVE)
         d = dec.StreamDecoder()
         if prefix:
             d.receive_data(prefix)
-        landing, stats, backend = self.landing, self.stats, self.backend
-        sections: list[DeviceSection] = []
+        landing, stats, backend, vm = self.landing, self.stats, self.backend, self.vm
         rounds = 0
         while True:
             ev = d.next_event()
@@ -152,22 +154,22 @@ class IncomingMigration(threading.Thread):
                     landing.zeros(ev.block, ev.indices)
                     stats.duplicate += len(ev.indices)
                 case dec.RamMemSize():
-                    self.vm.check_blocks(ev.blocks)
+                    vm.check_blocks(ev.blocks)
                 case dec.RamEos():
                     rounds += 1
                     if self._multifd is not None:
                         self._multifd.wait_sync(rounds)
                 case dec.DeviceState():
-                    sections.append(DeviceSection(idstr=ev.idstr, instance_id=ev.instance_id,
+                    vm.load_section(DeviceSection(idstr=ev.idstr, instance_id=ev.instance_id,
                                                   version_id=ev.version_id, state=ev.state))
                 case dec.Confidential():
                     backend.record(ev.subtype, ev.payload)
                 case dec.VmDescription() | dec.End():
                     break
         log.debug("stream loaded")
-        self.vm.load_sections(sections)
-        backend.verify(self.vm.vcpu_ids)
-        self.vm.resume()
+        vm.finish_load()
+        backend.verify(vm.vcpu_ids)
+        vm.resume()
         log.debug("incoming migration finished")
 
     def _reply(self, ok: bool) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import queue
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -40,7 +41,7 @@ class MultifdSender:
     """Source side: a thread per channel, batches handed out round-robin."""
 
     def __init__(self, uri: MigrationUri, nchannels: int, stats: MigrationStats,
-                 main: MainChannelSink) -> None:
+                 main: MainChannelSink, *, connect: Callable[..., Channel] = connect) -> None:
         self.stats = stats
         self.main = main
         self.channels: list[Channel] = []

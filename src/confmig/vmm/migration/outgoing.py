@@ -24,7 +24,7 @@ from confmig.common.errors import ConfmigError, RemoteMigrationError, StreamErro
 from confmig.common.units import PAGE_SIZE
 from confmig.proto.stream import return_path as rp
 from confmig.proto.stream.decoder import NEED_DATA
-from confmig.proto.stream.writer import StreamWriter
+from confmig.proto.stream.writer import DeviceSection, StreamWriter
 from confmig.vmm.migration.backend import OutgoingBackend
 from confmig.vmm.migration.convergence import (
     ConvergencePolicy,
@@ -46,7 +46,6 @@ from confmig.vmm.migration.ram import (
 from confmig.vmm.migration.stats import MigrationStats
 from confmig.vmm.migration.status import MigrationStatus
 from confmig.vmm.migration.transport import Channel, MigrationUri, connect
-from confmig.vmm.migration.vmstate import DeviceSection
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,12 @@ class SourceVm(Protocol):
 
 BackendFactory = Callable[[MainChannelSink, PageSink], OutgoingBackend]
 """Builds this migration's backend once the main channel exists (``backends.outgoing_backend``)."""
-Connect = Callable[..., Channel]
+
+
+class Connect(Protocol):
+    """Opens one outgoing channel (``transport.connect``; a fake in unit tests)."""
+
+    def __call__(self, uri: MigrationUri, *, name: str = "main") -> Channel: ...
 
 
 class OutgoingMigration(threading.Thread):
@@ -113,6 +117,12 @@ class OutgoingMigration(threading.Thread):
         self._connect = connect
         self._channels: list[Channel] = []
         self._multifd: MultifdSender | None = None
+        self._dirty: DirtyLog | None = None
+        self._main: Channel | None = None
+        self._lock = threading.Lock()
+        self._stream_sent = False
+        """The whole stream is out: a cancel no longer cuts the channel, it waits for the verdict
+        (the target may already run the guest; resuming here too would run it twice)."""
         self._handed_over = False
         """The target confirmed: from here on the guest is the target's."""
         self._limiter = RateLimiter(params.max_bandwidth, self.cancel, self.clock)
@@ -124,9 +134,15 @@ class OutgoingMigration(threading.Thread):
         self._limiter.max_bandwidth = params.max_bandwidth
 
     def request_cancel(self) -> None:
-        self.cancel.set()
-        for ch in self._channels:
-            ch.abort()
+        """``migrate_cancel``: unblock the thread at once, unless the whole stream is out."""
+        with self._lock:
+            self.cancel.set()
+            if self._stream_sent:
+                log.warning("migrate_cancel after the whole stream was sent: waiting for the "
+                            "target's verdict instead")
+                return
+            for ch in self._channels:
+                ch.abort()
 
     # --- the thread ----------------------------------------------------------------
 
@@ -136,13 +152,16 @@ class OutgoingMigration(threading.Thread):
             for _ in self.precopy(out):
                 pass
             self._complete(out)
-        except (Cancelled, ConfmigError, OSError) as exc:
+        except Exception as exc:  # whatever broke, the source guest must not stay stopped
             cancelled = not self._handed_over and (isinstance(exc, Cancelled) or self.cancel.is_set())
             if cancelled:
                 self.set_status(MigrationStatus.CANCELLING)
-            else:
+            elif isinstance(exc, ConfmigError | OSError):
                 self.error = str(exc) or type(exc).__name__
                 log.error("migration failed: %s", self.error)
+            else:
+                self.error = f"internal error: {type(exc).__name__}: {exc}"
+                log.exception("migration failed")
             self._recover()
             self.set_status(MigrationStatus.CANCELLED if cancelled else MigrationStatus.FAILED)
         finally:
@@ -155,9 +174,6 @@ class OutgoingMigration(threading.Thread):
             self.stats.total_time_ms = self.stats.elapsed_ms()
 
     def _recover(self) -> None:
-        if self._handed_over:
-            self.vm.migrated()  # the target runs the guest: it must not run here too
-            return
         if self.backend is not None:
             try:
                 self.backend.cancel()
@@ -175,19 +191,23 @@ class OutgoingMigration(threading.Thread):
         main = self._connect(self.uri)
         self._channels.append(main)
         out = MainChannelSink(main, StreamWriter(self.vm.machine_type, batch_pages=BATCH_PAGES))
+        self._main = main
         pages: PageSink = out
         if "multifd" in params.capabilities and self.uri.is_socket:
-            self._multifd = MultifdSender(self.uri, params.multifd_channels, stats, out)
+            self._multifd = MultifdSender(self.uri, params.multifd_channels, stats, out,
+                                          connect=self._connect)
             self._channels.extend(self._multifd.channels)
             pages = self._multifd
         self.backend = self._backend_for(out, pages)
         stats.confidential = self.backend.counters
+        if self.backend.send_buffer:
+            main.set_buffer_size(send=self.backend.send_buffer)
         self.vm.set_dirty_logging(True)
         self._dirty = self.vm.dirty_log()
         self._dirty.sync()  # start the dirty log from now; every page is already set
         stats.dirty_sync_count = 1
         self.pass_event(1)
-        main.send_all(out.writer.setup(self.vm.blocks))
+        out.open_stream(self.vm.blocks)
         self._sync_channels()  # as QEMU's ram_save_setup: every EOS has its SYNC on every channel
         stats.transferred = self._sent()
         stats.setup_time_ms = stats.elapsed_ms()
@@ -196,17 +216,17 @@ class OutgoingMigration(threading.Thread):
 
     def precopy(self, out: MainChannelSink) -> Iterator[RoundResult]:
         """Rounds while the guest runs, one result each, until the policy says switch over."""
-        assert self.backend is not None
+        assert self.backend is not None and self._dirty is not None
         while True:
             self.stats.rounds += 1
-            t0, b0 = self.clock.monotonic(), self._sent()
-            out.channel.send_all(out.writer.begin_round())
+            out.begin_round()
             if self.stats.rounds == 1:
-                self.backend.setup(out)
-            self._send_dirty(final=False)
-            out.channel.send_all(out.writer.end_part())
+                self.backend.setup()  # sessions and keys: not part of the round's bandwidth
+            t0, b0 = self.clock.monotonic(), self._sent()
+            sent = self._send_dirty(final=False)
+            out.end_part()
             elapsed = max(self.clock.monotonic() - t0, 1e-6)
-            result = self._end_round(self._dirty.sync(), self._sent() - b0, elapsed)
+            result = self._end_round(self._dirty.sync(), sent, self._sent() - b0, elapsed)
             yield result
             if self.cancel.is_set():
                 raise Cancelled
@@ -216,7 +236,7 @@ class OutgoingMigration(threading.Thread):
     def _complete(self, out: MainChannelSink) -> None:
         """Stop the guest, send what is left and its state, wait for the target's verdict."""
         vm, stats, clock, backend = self.vm, self.stats, self.clock, self.backend
-        assert backend is not None
+        assert backend is not None and self._dirty is not None
         t_stop = clock.monotonic()
         vm.stop_for_switchover()
         t_stopped = clock.monotonic()
@@ -225,21 +245,25 @@ class OutgoingMigration(threading.Thread):
         self._dirty.sync()
         stats.dirty_sync_count += 1
         backend.switchover()
-        out.channel.send_all(out.writer.begin_final())
+        out.begin_final()
         self._send_dirty(final=True)
-        backend.complete(out, vm.vcpu_ids)
-        out.channel.send_all(out.writer.end_part())
+        backend.complete(vm.vcpu_ids)
+        out.end_part()
         t_ram = clock.monotonic()
-        w = out.writer
-        out.channel.send_all(b"".join(w.device(s.idstr, s.instance_id, s.version_id, s.state)
-                                      for s in vm.save_sections()) + w.eof())
+        out.close_stream(vm.save_sections())
+        with self._lock:
+            self._stream_sent = True
         stats.remaining = 0
         t_sent = clock.monotonic()
         if self.uri.is_socket:
-            self._await_target(out.channel)
+            assert self._main is not None
+            self._await_target(self._main)
         self._handed_over = True
         t_done = clock.monotonic()
-        backend.finish()
+        try:
+            backend.finish()
+        except ConfmigError as exc:  # the guest runs on the target now, whatever this says
+            log.error("%s backend: finishing after the target confirmed: %s", backend.name, exc)
         stats.transferred = self._sent()
         stats.downtime_bytes = stats.transferred - stats.precopy_bytes
         stats.downtime_ms = int((t_done - t_stop) * 1000)
@@ -258,7 +282,7 @@ class OutgoingMigration(threading.Thread):
 
     def _send_dirty(self, *, final: bool) -> RoundCounters:
         """Every dirty page through the backend; rate-limited except while the guest is stopped."""
-        assert self.backend is not None
+        assert self.backend is not None and self._dirty is not None
         backend, stats, total = self.backend, self.stats, RoundCounters()
         for block, indices, zero in self._dirty.take_round():
             if self.cancel.is_set():
@@ -273,11 +297,13 @@ class OutgoingMigration(threading.Thread):
         self._sync_channels()
         return total
 
-    def _end_round(self, dirty_pages: int, sent_bytes: int, elapsed: float) -> RoundResult:
+    def _end_round(self, dirty_pages: int, sent: RoundCounters, sent_bytes: int, elapsed: float
+                   ) -> RoundResult:
         """Account a finished round and judge it (QEMU's ``migration_update_counters``)."""
         stats, params = self.stats, self.params  # params may have changed during the round
         stats.dirty_sync_count += 1
         self.pass_event(stats.dirty_sync_count)
+        stats.pages_per_second = int((sent.normal + sent.zero) / elapsed)
         bandwidth = sent_bytes / elapsed
         stats.remaining = dirty_pages * PAGE_SIZE
         stats.dirty_pages_rate = int(dirty_pages / elapsed)
@@ -296,14 +322,24 @@ class OutgoingMigration(threading.Thread):
 
     def _await_target(self, main: Channel) -> None:
         """Read the return path: the target says whether it loaded and resumed."""
-        main.set_timeout(RETURN_PATH_TIMEOUT)
+        deadline = self.clock.monotonic() + RETURN_PATH_TIMEOUT
         decoder = rp.ReturnPathDecoder()
         try:
             while (event := decoder.next_event()) is NEED_DATA:
+                left = deadline - self.clock.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no verdict within {RETURN_PATH_TIMEOUT:.0f} s")
+                main.set_timeout(left)
                 n = main.recv_into(decoder.get_buffer())
-                decoder.buffer_updated(n) if n else decoder.feed_eof()
+                if n:
+                    decoder.buffer_updated(n)
+                else:
+                    decoder.feed_eof()
         except (OSError, StreamError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise RemoteMigrationError(f"target did not confirm the migration: {reason}") from exc
-        if not isinstance(event, rp.Shut) or not event.ok:
+        if not isinstance(event, rp.Shut):
+            raise RemoteMigrationError(f"target did not confirm the migration: unexpected "
+                                       f"return-path message {type(event).__name__.upper()}")
+        if not event.ok:
             raise RemoteMigrationError("the target failed to load the migration stream")

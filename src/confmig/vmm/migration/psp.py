@@ -19,7 +19,6 @@ zeros where a plain guest's registers are.
 from __future__ import annotations
 
 import base64
-import socket
 from typing import Final
 
 import numpy as np
@@ -35,12 +34,11 @@ from confmig.vmm.migration.backend import IncomingBackend, OutgoingBackend
 from confmig.vmm.migration.params import MigrationParameters
 from confmig.vmm.migration.ram import MainChannelSink, RoundCounters
 from confmig.vmm.migration.stats import ConfidentialCounters
-from confmig.vmm.migration.transport import Channel
 from confmig.vmm.sev import SevGuest
 from confmig.vmm.shared_regions import SharedRegions
 
 SOCKET_BUFFER: Final = 256 * 1024
-"""Socket buffers of a PSP migration, each way. The target's PSP is the bottleneck
+"""Socket buffers of a PSP migration, each way (the engine applies them). The target's PSP is the bottleneck
 (one RECEIVE_UPDATE_DATA per page): whatever sits in the buffers at switch-over is
 downtime the source's estimate cannot see, so they are kept small (about 15 ms of
 target PSP work at the 17 MB/s of benchmarks/psp-20261201-142251.md) instead of the
@@ -61,13 +59,6 @@ def block_gpas(block: RamBlock, indices: npt.NDArray[np.int64]) -> npt.NDArray[n
     return gpas
 
 
-def bound_socket_buffer(channel: Channel, option: int) -> None:
-    """Keep a PSP migration's in-flight bytes small (:data:`SOCKET_BUFFER`)."""
-    sock = channel.sock
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
-        sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-
-
 class PspOutgoing(OutgoingBackend):
     """The source's side: SEND_START, a SEND_UPDATE_DATA per private page, the VMSAs and the
     shared-regions list at switch-over, SEND_FINISH, or SEND_CANCEL when the migration
@@ -75,8 +66,11 @@ class PspOutgoing(OutgoingBackend):
 
     name = "psp"
     counters: ConfidentialCounters
+    send_buffer = SOCKET_BUFFER
 
-    def __init__(self, sev: SevGuest, params: MigrationParameters, out: MainChannelSink) -> None:
+    @staticmethod
+    def check(params: MigrationParameters) -> None:
+        """What ``migrate`` refuses before anything starts."""
         if "multifd" in params.capabilities:
             raise MigrationError("multifd is not supported for SEV guests: the PSP path sends every "
                                  "page through the main channel")
@@ -84,6 +78,9 @@ class PspOutgoing(OutgoingBackend):
             raise MigrationError("SEV: set the migration parameters sev-pdh and sev-plat-cert to the "
                                  "target's 'pdh' and 'cert-chain' from its query-sev-capabilities, and "
                                  "sev-amd-cert to the AMD chain ASK || ARK ('confmig amd-certs')")
+
+    def __init__(self, sev: SevGuest, params: MigrationParameters, out: MainChannelSink) -> None:
+        self.check(params)
         self.sev = sev
         self.params = params
         self.out = out
@@ -91,16 +88,15 @@ class PspOutgoing(OutgoingBackend):
         self.sending = False
         """SEND_START done and neither SEND_FINISH nor SEND_CANCEL yet."""
 
-    def setup(self, out: MainChannelSink) -> None:
+    def setup(self) -> None:
         """SEND_START for the target's certificates; its output opens the stream."""
-        bound_socket_buffer(out.channel, socket.SO_SNDBUF)
         p = self.params
         policy, session = self.sev.send_start(base64.b64decode(p.sev_pdh), base64.b64decode(p.sev_plat_cert),
                                               base64.b64decode(p.sev_amd_cert))
         self.sending = True
         self.counters.commands += 2  # the length query, then the command
         own_pdh, _chain = self.sev.capabilities_raw()
-        out.confidential(records.SUBTYPE, [records.encode(records.PspSession(
+        self.out.confidential(records.SUBTYPE, [records.encode(records.PspSession(
             policy=policy, pdh=own_pdh, session=session))])
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
@@ -128,7 +124,7 @@ class PspOutgoing(OutgoingBackend):
     def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         return self.out.zeros(block, indices)
 
-    def complete(self, out: MainChannelSink, vcpu_ids: list[int]) -> None:
+    def complete(self, vcpu_ids: list[int]) -> None:
         """With the vCPUs stopped: each vCPU's VMSA (SEV-ES), then the shared-regions list."""
         if self.sev.config.es:
             vmsas = []
@@ -137,8 +133,8 @@ class PspOutgoing(OutgoingBackend):
                 vmsas.append(records.encode(records.PspVmsa(vcpu_id=vcpu_id, header=header,
                                                             transport=transport)))
                 self.counters.commands += 1
-            out.confidential(records.SUBTYPE, vmsas)
-        out.confidential(shared_regions_record.SUBTYPE, [self.sev.shared.encode()])
+            self.out.confidential(records.SUBTYPE, vmsas)
+        self.out.confidential(shared_regions_record.SUBTYPE, [self.sev.shared.encode()])
 
     def finish(self) -> None:
         self.sev.send_finish()
@@ -159,6 +155,7 @@ class PspIncoming(IncomingBackend):
 
     name = "psp"
     counters: ConfidentialCounters
+    receive_buffer = SOCKET_BUFFER
 
     def __init__(self, sev: SevGuest, memory: GuestMemory, vcpu_ids: set[int]) -> None:
         if sev.receiving:
@@ -172,16 +169,17 @@ class PspIncoming(IncomingBackend):
         """vCPUs whose VMSA arrived (SEV-ES)."""
         self.counters = psp_counters()
         self.started = False
-
-    def attach(self, main: Channel) -> None:
-        bound_socket_buffer(main, socket.SO_RCVBUF)
+        self.shared_received = False
 
     def record(self, subtype: ConfidentialSubtype, payload: bytes) -> None:
         # SECURITY: the payload comes from the source host (untrusted): the codec bounds every
         # length, addresses are checked against guest RAM here, and the PSP checks each
         # packet's MAC before it writes anything.
         if subtype == ConfidentialSubtype.SHARED_REGIONS:
+            if not self.started or self.shared_received:
+                raise StreamError("a shared-regions list before the PSP session, or a second one")
             self.sev.shared = SharedRegions.decode(payload)
+            self.shared_received = True
             return
         if subtype != records.SUBTYPE:
             raise StreamError(f"confidential record {subtype.name} is not for the PSP path")

@@ -12,7 +12,7 @@ with numpy (:class:`RamLanding`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,7 +23,7 @@ from confmig.common.clock import Clock
 from confmig.common.units import PAGE_SHIFT
 from confmig.kvm.client import VmFd
 from confmig.proto.stream.format import ConfidentialSubtype
-from confmig.proto.stream.writer import StreamWriter
+from confmig.proto.stream.writer import DeviceSection, StreamWriter
 from confmig.vmm.memory import GuestMemory, RamBlock
 from confmig.vmm.migration.transport import Channel
 
@@ -156,30 +156,53 @@ def _batches(block: RamBlock, idx: npt.NDArray[np.int64], zero: bool, size: int)
 
 
 class MainChannelSink:
-    """RAM records on the main channel, written through the stream's writer (so only
-    inside a ``ram`` part): QEMU's normal and zero pages, and confidential records."""
+    """The main channel's records, written through the stream's writer, so that nothing can
+    leave out of QEMU's order: the engine opens and closes the parts, backends (which get
+    only this object, not the channel) put RAM records inside them: QEMU's normal and zero
+    pages, and confidential records."""
 
     def __init__(self, channel: Channel, writer: StreamWriter) -> None:
-        self.channel = channel
-        self.writer = writer
+        self._channel = channel
+        self._writer = writer
+
+    # --- the engine's: the stream's frame ---------------------------------------------
+
+    def open_stream(self, blocks: Sequence[tuple[str, int]]) -> None:
+        self._channel.send_all(self._writer.setup(blocks))
+
+    def begin_round(self) -> None:
+        self._channel.send_all(self._writer.begin_round())
+
+    def begin_final(self) -> None:
+        self._channel.send_all(self._writer.begin_final())
+
+    def end_part(self) -> None:
+        self._channel.send_all(self._writer.end_part())
+
+    def close_stream(self, sections: Iterable[DeviceSection]) -> None:
+        """Every device section, EOF and the vmdescription, in one write."""
+        w = self._writer
+        self._channel.send_all(b"".join(w.device(s) for s in sections) + w.eof())
+
+    # --- records inside a part (backends) -----------------------------------------------
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
-        batch = self.writer.pages(block.idstr, block.pages, indices)
-        sent = self.channel.send_all(batch.wire) if len(batch.wire) else 0
+        batch = self._writer.pages(block.idstr, block.pages, indices)
+        sent = self._channel.send_all(batch.wire) if len(batch.wire) else 0
         nzero = len(batch.zero)
         if nzero:
-            sent += self.channel.send_all(self.writer.zero_pages(block.idstr, batch.zero))
+            sent += self._channel.send_all(self._writer.zero_pages(block.idstr, batch.zero))
         return RoundCounters(normal=len(indices) - nzero, zero=nzero, bytes=sent)
 
     def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
-        sent = self.channel.send_all(self.writer.zero_pages(block.idstr, indices))
+        sent = self._channel.send_all(self._writer.zero_pages(block.idstr, indices))
         return RoundCounters(zero=len(indices), bytes=sent)
 
     def confidential(self, subtype: ConfidentialSubtype, payloads: list[bytes]) -> int:
         """CONFIDENTIAL records, one per payload, in one write; returns the bytes sent."""
         if not payloads:
             return 0
-        return self.channel.send_all(b"".join(self.writer.confidential(subtype, p) for p in payloads))
+        return self._channel.send_all(b"".join(self._writer.confidential(subtype, p) for p in payloads))
 
 
 class RamLanding:

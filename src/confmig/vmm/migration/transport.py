@@ -113,6 +113,17 @@ class Channel:
             got += k
         return bytes(out)
 
+    def set_buffer_size(self, *, send: int = 0, receive: int = 0) -> None:
+        """Bound the socket's buffers (bytes; 0 leaves one to the kernel). Files and pipes
+        have none to bound."""
+        sock = self.sock
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            return
+        if send:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send)
+        if receive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive)
+
     def set_timeout(self, seconds: float | None) -> None:
         """Deadline for each later send or receive on a socket (files and pipes have none)."""
         if self.sock is not None:

@@ -8,10 +8,10 @@ and :class:`~confmig.vmm.migration.incoming.TargetVm`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from confmig.common.errors import StreamError
+from confmig.proto.stream.writer import DeviceSection
 from confmig.vmm.machine import MACHINE_TYPE, CpuState, Machine
 from confmig.vmm.migration.ram import DirtyLog, RamSender
 from confmig.vmm.runstate import RunState
@@ -19,16 +19,6 @@ from confmig.vmm.runstate import RunState
 CPU_SECTION = "cpu"
 CPU_VERSION = 1
 DEVICE_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceSection:
-    """One SECTION_FULL of the stream: a vCPU's or a device's saved state."""
-
-    idstr: str
-    instance_id: int
-    version_id: int
-    state: bytes
 
 
 class MachineVm:
@@ -40,6 +30,8 @@ class MachineVm:
         self.machine = machine
         self.memory = machine.memory
         self._was_running = False
+        self._cpus: dict[int, CpuState] = {}
+        self._loaded: set[tuple[str, int]] = set()
 
     @property
     def blocks(self) -> list[tuple[str, int]]:
@@ -88,6 +80,7 @@ class MachineVm:
 
     def check_blocks(self, sent: Sequence[tuple[str, int]]) -> None:
         """The source's RAM blocks must be ours, size for size (QEMU's wording)."""
+        # SECURITY: names and sizes come from the stream; nothing is sized by them here.
         ours = {b.idstr: b.size for b in self.machine.memory.blocks}
         for idstr, size in sent:
             if idstr not in ours:
@@ -96,22 +89,33 @@ class MachineVm:
                 raise StreamError(f"Length mismatch: {idstr}: {size:#x} in != {ours[idstr]:#x}: "
                                   "Invalid argument")
 
-    def load_sections(self, sections: Iterable[DeviceSection]) -> None:
-        """Load every received section; the vCPUs' only once all of them arrived."""
+    def load_section(self, section: DeviceSection) -> None:
+        """Load one received section as it arrives: a device's now, a vCPU's once all arrived
+        (``finish_load``). Each vCPU and device may come once."""
+        # SECURITY: the section's name and instance come from the stream: only this VM's
+        # vCPUs and devices are accepted, once each, so a source cannot make us keep more.
         m = self.machine
-        cpus: dict[int, CpuState] = {}
-        for s in sections:
-            if s.idstr == CPU_SECTION:
-                cpus[s.instance_id] = CpuState.decode(s.state)
-                continue
-            dev = m.device(s.idstr)
+        key = (section.idstr, section.instance_id)
+        if key in self._loaded:
+            raise StreamError(f"a second section for {section.idstr} {section.instance_id}")
+        if section.idstr == CPU_SECTION:
+            if section.instance_id not in self.vcpu_ids:
+                raise StreamError(f"state for vCPU {section.instance_id}, this VM has {len(m.vcpus)}")
+            self._cpus[section.instance_id] = CpuState.decode(section.state)
+        else:
+            dev = m.device(section.idstr)
             if dev is None:
-                raise StreamError(f"unknown device section '{s.idstr}'")
-            dev.load_state(s.state)
-        if set(cpus) != set(self.vcpu_ids):
-            raise StreamError(f"stream has state for vCPUs {sorted(cpus)}, this VM has {len(m.vcpus)}")
+                raise StreamError(f"unknown device section '{section.idstr}'")
+            dev.load_state(section.state)
+        self._loaded.add(key)
+
+    def finish_load(self) -> None:
+        """Every vCPU's state arrived: load them."""
+        m = self.machine
+        if set(self._cpus) != set(self.vcpu_ids):
+            raise StreamError(f"stream has state for vCPUs {sorted(self._cpus)}, this VM has {len(m.vcpus)}")
         for v in m.vcpus:
-            m.load_cpu(v, cpus[v.fd.vcpu_id])
+            m.load_cpu(v, self._cpus[v.fd.vcpu_id])
 
     def resume(self) -> None:
         """Run the loaded guest, unless ``-S`` or a ``stop`` said otherwise."""

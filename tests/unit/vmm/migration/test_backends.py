@@ -36,11 +36,23 @@ def test_an_unknown_backend_is_refused_as_qapi_refuses_an_enum_value() -> None:
 def test_a_guest_that_is_not_confidential_refuses_a_confidential_backend(plain_copy: bool) -> None:
     m = machine(sev=plain_copy, plain_copy=plain_copy)
     psp = MigrationParameters(x_confidential_backend="psp")
-    with pytest.raises(MigrationError, match="'psp' requires a confidential guest"):
+    why = "migrates as a plain one" if plain_copy else "requires a confidential guest"
+    with pytest.raises(MigrationError, match=f"x-confidential-backend 'psp': this SEV guest {why}"
+                       if plain_copy else f"x-confidential-backend 'psp': {why}"):
         backends.check(m, psp)  # type: ignore[arg-type]
     backends.check(m, MigrationParameters())  # type: ignore[arg-type]
     assert isinstance(backends.outgoing_backend(m, MigrationParameters(), None, None), PlainOutgoing)  # type: ignore[arg-type]
     assert isinstance(backends.incoming_backend(m, MigrationParameters()), PlainIncoming)  # type: ignore[arg-type]
+
+
+def test_migrate_refuses_what_the_psp_backend_cannot_do_before_anything_starts() -> None:
+    m = machine(sev=True)
+    with pytest.raises(MigrationError, match="sev-pdh"):
+        backends.check(m, MigrationParameters())  # type: ignore[arg-type]
+    certs = {"sev_pdh": "AA==", "sev_plat_cert": "AA==", "sev_amd_cert": "AA=="}
+    backends.check(m, MigrationParameters(**certs))  # type: ignore[arg-type]
+    with pytest.raises(MigrationError, match="multifd is not supported"):
+        backends.check(m, MigrationParameters(**certs, capabilities=frozenset({"multifd"})))  # type: ignore[arg-type]
 
 
 def test_a_confidential_guest_uses_its_default_or_the_chosen_backend() -> None:

@@ -11,6 +11,7 @@ from migration_fakes import NPAGES, Hook, run_engine
 from confmig.common.clock import ManualClock
 from confmig.common.errors import LocalMigrationError
 from confmig.proto.stream import decoder as dec
+from confmig.proto.stream import multifd as mf
 from confmig.proto.stream import return_path as rp
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.vmm.memory import RamBlock
@@ -44,6 +45,7 @@ def test_statistics_come_from_the_clock_and_the_channels() -> None:
     assert stats.mbps == pytest.approx(8 * 4104 * 8 / 0.008 / 1e6, rel=0.01)
     assert stats.downtime_ms == 3  # three pages in the final part, nothing else costs time
     assert stats.total_time_ms == 64 + 8 + 3
+    assert stats.pages_per_second == 1000  # the last round: 8 pages in 8 ms
 
 
 def test_the_stream_is_in_qemus_order_and_carries_every_page() -> None:
@@ -81,10 +83,31 @@ def test_cancel_at_every_phase_leaves_the_source_running(phase: str) -> None:
     assert run.vm.events[-1] == "dirty-logging off"
 
 
-def test_cancel_while_waiting_for_the_target() -> None:
-    run = run_engine(reply=b"")  # the target never answers: the return path ends
+def test_a_target_that_hangs_up_without_a_verdict_fails_the_migration() -> None:
+    run = run_engine(reply=b"")  # the return path ends before any message
     assert run.statuses[-1] == S.FAILED
     assert "target did not confirm" in (run.mig.error or "")
+    assert "recover" in run.vm.events
+
+
+def test_a_cancel_after_the_whole_stream_was_sent_waits_for_the_verdict() -> None:
+    def hook(mig: OutgoingMigration, what: str) -> None:
+        if what == "recv":  # the source waits on the return path: the target may run the guest
+            mig.request_cancel()
+
+    run = run_engine(hook=hook)
+    assert run.statuses[-1] == S.COMPLETED and not run.channel.aborted
+    assert "recover" not in run.vm.events and "migrated" in run.vm.events
+
+
+def test_an_unexpected_exception_still_recovers_the_source() -> None:
+    def hook(_mig: OutgoingMigration, what: str) -> None:
+        if what == "complete":
+            raise ValueError("a bug")
+
+    run = run_engine(hook=hook)
+    assert run.statuses[-1] == S.FAILED and run.mig.error == "internal error: ValueError: a bug"
+    assert run.backend is not None and run.backend.calls[-1] == "cancel"
     assert "recover" in run.vm.events
 
 
@@ -111,13 +134,18 @@ def test_garbage_on_the_return_path_is_refused_without_waiting() -> None:
     assert run.statuses[-1] == S.FAILED and "unknown return-path message" in (run.mig.error or "")
 
 
+def test_a_pong_instead_of_the_verdict_is_not_a_verdict() -> None:
+    run = run_engine(reply=rp.encode(rp.Pong(value=1)))
+    assert run.statuses[-1] == S.FAILED and "unexpected return-path message PONG" in (run.mig.error or "")
+
+
 def test_after_the_target_confirmed_the_guest_is_never_resumed_here() -> None:
     def hook(_mig: OutgoingMigration, what: str) -> None:
         if what == "finish":
             raise LocalMigrationError("SEND_FINISH failed")
 
-    run = run_engine(hook=hook)
-    assert run.statuses[-1] == S.FAILED
+    run = run_engine(hook=hook)  # the guest runs on the target: the migration stands
+    assert run.statuses[-1] == S.COMPLETED
     assert "recover" not in run.vm.events and run.vm.events.count("migrated") == 1
     assert run.backend is not None and "cancel" not in run.backend.calls
 
@@ -146,7 +174,7 @@ class XorBackend(OutgoingBackend):
 
     name = "xor"
 
-    def __init__(self, out: MainChannelSink, clock: ManualClock, hook: Hook) -> None:
+    def __init__(self, out: MainChannelSink, clock: ManualClock) -> None:
         self.out = out
         self.clock = clock
 
@@ -162,7 +190,7 @@ class XorBackend(OutgoingBackend):
 
 def test_a_backend_the_engine_never_named_needs_no_change_to_it() -> None:
     def xor(out: MainChannelSink, _pages: PageSink, clock: ManualClock, hook: Hook) -> OutgoingBackend:
-        return XorBackend(out, clock, hook)
+        return XorBackend(out, clock)
 
     run = run_engine(backend_for=xor)
     assert run.statuses[-1] == S.COMPLETED
@@ -182,3 +210,24 @@ def test_parameters_changed_during_a_migration_apply_to_the_next_round() -> None
     # 32 pages dirty every round never fit 5 ms; with 100 ms they fit after round 2.
     run = run_engine(script=[list(range(32))], hook=hook)
     assert run.statuses[-1] == S.COMPLETED and len(run.rounds) == 2
+
+
+def test_multifd_pages_go_on_their_channels_with_a_sync_after_every_part() -> None:
+    params = MigrationParameters(downtime_limit=5, max_bandwidth=1 << 40, multifd_channels=2,
+                                 capabilities=frozenset({"multifd"}))
+    run = run_engine(params=params)
+    assert run.statuses[-1] == S.COMPLETED and len(run.multifd) == 2
+    parts = 1 + len(run.rounds) + 1  # setup, the precopy rounds, the final part
+    pages: list[int] = []
+    for i, ch in enumerate(run.multifd):
+        d = mf.MultifdDecoder({"pc.ram": NPAGES * 4096})
+        d.receive_data(ch.wire)
+        d.feed_eof()
+        events = []
+        while not isinstance(ev := d.next_event(), dec.End):
+            events.append(ev)
+        assert events[0] == mf.MultifdInit(uuid=bytes(16), channel=i)
+        assert sum(isinstance(e, mf.MultifdSync) for e in events) == parts
+        pages += [int(p) for e in events if isinstance(e, mf.MultifdPages) for p in e.indices]
+    assert sorted(set(pages)) == list(range(NPAGES))
+    assert not [e for e in run.events() if isinstance(e, dec.RamPages)]  # none on the main channel

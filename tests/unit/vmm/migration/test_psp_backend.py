@@ -1,6 +1,6 @@
 """The PSP backend on the target: what it accepts, and the clear error for anything else.
 
-The record codec itself is tested in ``tests/protocol/stream/test_psp_records.py``."""
+The record codec itself is tested in ``tests/protocol/stream/test_confidential_records.py``."""
 
 from __future__ import annotations
 
@@ -8,15 +8,19 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
+from migration_fakes import FakeChannel, stream_events
 
 from confmig.common.errors import ConfigError, StreamError
 from confmig.proto.stream import decoder as dec
 from confmig.proto.stream import psp as records
 from confmig.proto.stream.format import ConfidentialSubtype
+from confmig.proto.stream.writer import StreamWriter
 from confmig.vmm.memory import GuestMemory
 from confmig.vmm.migration import psp
 from confmig.vmm.migration.params import MigrationParameters
+from confmig.vmm.migration.ram import MainChannelSink
 from confmig.vmm.shared_regions import SharedRegions
 
 HDR, TRANS = b"h" * 52, b"t" * 4096
@@ -176,3 +180,101 @@ def test_sev_certificate_parameters_are_checked(value: object, message: str) -> 
         MigrationParameters().with_parameters({"sev-pdh": value})
     ok = MigrationParameters().with_parameters({"sev-pdh": "AAAA", "sev-amd-cert": ""})
     assert ok.qmp_parameters()["sev-pdh"] == "AAAA"
+
+
+# --- the source's side ----------------------------------------------------------------------
+
+
+@dataclass
+class FakeSendingSev:
+    """The source's SEV guest as the backend drives it; the PSP itself is tested elsewhere."""
+
+    config: FakeConfig = field(default_factory=FakeConfig)
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+    shared: SharedRegions = field(default_factory=SharedRegions)
+
+    def send_start(self, pdh: bytes, plat: bytes, amd: bytes) -> tuple[int, bytes]:
+        self.calls.append(("start",))
+        return 1, b"s" * 128
+
+    def capabilities_raw(self) -> tuple[bytes, bytes]:
+        return b"p" * 64, b"chain"
+
+    def send_update_data(self, gpa: int) -> tuple[bytes, bytes]:
+        self.calls.append(("page", gpa))
+        return HDR, TRANS
+
+    def send_update_vmsa(self, vcpu_id: int) -> tuple[bytes, bytes]:
+        self.calls.append(("vmsa", vcpu_id))
+        return HDR, TRANS
+
+    def send_finish(self) -> None:
+        self.calls.append(("finish",))
+
+    def send_cancel(self) -> None:
+        self.calls.append(("cancel",))
+
+
+CERTS = MigrationParameters(sev_pdh="AA==", sev_plat_cert="AA==", sev_amd_cert="AA==")
+
+
+def sending(es: bool = False) -> tuple[psp.PspOutgoing, FakeSendingSev, FakeChannel, GuestMemory]:
+    sev = FakeSendingSev(config=FakeConfig(es=es))
+    memory = GuestMemory.pc(16 << 20)
+    ch = FakeChannel()
+    out = MainChannelSink(ch, StreamWriter("pc-q35-7.2"))
+    out.open_stream([(b.idstr, b.size) for b in memory.blocks])
+    out.begin_round()
+    return psp.PspOutgoing(sev, CERTS, out), sev, ch, memory  # type: ignore[arg-type]
+
+
+def test_private_pages_go_through_the_psp_shared_and_untouched_ones_as_ram_records() -> None:
+    backend, sev, ch, memory = sending()
+    block = memory.blocks[0]
+    block.pages[[1, 2, 3]] = 0xC5  # ciphertext of pages the guest wrote
+    sev.shared.update(2, 1, shared=True)  # page 2 is shared: the host may read it
+    backend.setup()
+    sent = backend.pages(block, np.array([1, 2, 3, 4], dtype=np.int64))
+    assert (sent.normal, sent.zero) == (3, 1)
+    assert sev.calls == [("start",), ("page", 0x1000), ("page", 0x3000)]
+    out = backend.out
+    out.end_part()
+    out.begin_final()
+    out.end_part()
+    out.close_stream([])
+    events = stream_events(ch.wire)
+    plain = [int(i) for e in events if isinstance(e, dec.RamPages) for i in e.indices]
+    zero = [int(i) for e in events if isinstance(e, dec.RamZeroPages) for i in e.indices]
+    packets = [records.decode(e.payload) for e in events if isinstance(e, dec.Confidential)]
+    assert plain == [2] and zero == [4]
+    assert [type(p).__name__ for p in packets] == ["PspSession", "PspPage", "PspPage"]
+    assert backend.counters.qmp() == {"backend": "psp", "private-pages": 2, "shared-pages": 1,
+                                      "psp-commands": 4}
+
+
+def test_send_cancel_only_after_send_start_and_only_once() -> None:
+    backend, sev, _ch, _memory = sending()
+    backend.cancel()
+    assert sev.calls == []
+    backend.setup()
+    backend.cancel()
+    backend.cancel()
+    assert sev.calls == [("start",), ("cancel",)]
+
+
+def test_the_final_records_are_every_vmsa_then_the_shared_regions_list() -> None:
+    backend, sev, ch, _memory = sending(es=True)
+    backend.setup()
+    at = len(ch.wire)
+    backend.complete([0, 1])
+    assert sev.calls[1:] == [("vmsa", 0), ("vmsa", 1)]
+    tail = bytes(ch.wire[at:])
+    subtypes = []
+    while tail:
+        subtype, length = struct.unpack_from(">BI", tail, 8)
+        subtypes.append(ConfidentialSubtype(subtype))
+        tail = tail[13 + length :]
+    assert subtypes == [ConfidentialSubtype.PSP_PACKET] * 2 + [ConfidentialSubtype.SHARED_REGIONS]
+    backend.finish()
+    backend.cancel()  # after SEND_FINISH there is nothing to cancel
+    assert sev.calls[-1] == ("finish",)
