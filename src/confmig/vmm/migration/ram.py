@@ -22,6 +22,7 @@ import numpy.typing as npt
 from confmig.common.clock import Clock
 from confmig.common.units import PAGE_SHIFT
 from confmig.kvm.client import VmFd
+from confmig.proto.stream.encoder import is_run
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.proto.stream.writer import DeviceSection, StreamWriter
 from confmig.vmm.memory import GuestMemory, RamBlock
@@ -187,7 +188,10 @@ class MainChannelSink:
     # --- records inside a part (backends) -----------------------------------------------
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
-        batch = self._writer.pages(block.idstr, block.pages, indices)
+        if is_run(indices):  # read from the RAM's file, never through (and faulting in) our mapping
+            batch = self._writer.pages_read(block.idstr, int(indices[0]), len(indices), block.read_pages)
+        else:
+            batch = self._writer.pages(block.idstr, block.pages, indices)
         sent = self._channel.send_all(batch.wire) if len(batch.wire) else 0
         nzero = len(batch.zero)
         if nzero:

@@ -91,12 +91,6 @@ class Channel:
         except OSError as exc:  # QEMU's wording: "Unable to write to socket: Broken pipe"
             raise RemoteMigrationError(f"Unable to write to {self.kind}: {exc.strerror or exc}") from exc
 
-    def send_buffers(self, buffers: list[bytes | memoryview]) -> int:
-        total = 0
-        for b in buffers:
-            total += self.send_all(b)
-        return total
-
     def recv_into(self, buf: memoryview) -> int:
         if self.sock is not None:
             return self.sock.recv_into(buf)
