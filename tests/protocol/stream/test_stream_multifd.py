@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from confmig.common.errors import StreamError
+from confmig.common.errors import StateError, StreamError
 from confmig.common.units import PAGE_SIZE
 from confmig.proto.stream import (
     NEED_DATA,
@@ -21,7 +21,7 @@ from confmig.proto.stream import (
     MultifdSync,
     multifd_init,
 )
-from confmig.proto.stream.multifd import header_size
+from confmig.proto.stream.multifd import MultifdPayload, header_size
 
 UUID = bytes(range(16))
 NPAGES = 300
@@ -89,6 +89,68 @@ packets_strategy = st.lists(
 @given(packets=packets_strategy, chunks=st.lists(st.integers(1, 70_000), max_size=30))
 def test_any_chunking_decodes_the_same(packets: list[tuple[list[int], bool]], chunks: list[int]) -> None:
     assert decode(channel(packets), chunks) == expected(packets)
+
+
+def decode_direct(data: bytes, chunks: list[int]) -> list[Norm]:
+    """As a receiver that takes each packet's pages itself: no more than ``wanted()`` into the
+    decoder, then the payload's rest straight from the input, in chunks as they come."""
+    decoder = MultifdDecoder(BLOCKS, buffer_size=8192, direct=True)
+    sizes = list(chunks)
+    out: list[Norm] = []
+    pos = 0
+
+    def take(limit: int) -> bytes:
+        nonlocal pos
+        n = min(limit, sizes.pop(0) if sizes else limit, len(data) - pos)
+        piece = data[pos : pos + n]
+        pos += n
+        return piece
+
+    while not isinstance(event := decoder.next_event(), End):
+        if event is NEED_DATA:
+            piece = take(decoder.wanted())
+            if piece:
+                decoder.receive_data(piece)
+            else:
+                decoder.feed_eof()
+        elif isinstance(event, MultifdPayload):
+            payload = bytes(decoder.take_payload())
+            direct = 0
+            while len(payload) < event.nbytes:
+                piece = take(event.nbytes - len(payload))
+                assert piece, "input ended inside a payload"
+                payload += piece
+                direct += len(piece)
+            decoder.payload_received(direct)
+            pages = np.frombuffer(payload, np.uint8).reshape(-1, PAGE_SIZE)
+            out += [("page", event.block, event.packet_num, int(i), d.tobytes())
+                    for i, d in zip(event.indices, pages, strict=True)]
+        elif isinstance(event, MultifdSync):
+            out.append(("sync", event.packet_num))
+        elif isinstance(event, MultifdInit):
+            out.append(("init", event.uuid, event.channel))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(packets=packets_strategy, chunks=st.lists(st.integers(1, 70_000), max_size=30))
+def test_a_direct_receiver_gets_the_same_pages_in_any_chunking(packets: list[tuple[list[int], bool]],
+                                                               chunks: list[int]) -> None:
+    assert decode_direct(channel(packets), chunks) == expected(packets)
+
+
+def test_a_direct_decoder_must_be_given_its_payload_before_the_next_header() -> None:
+    decoder = MultifdDecoder(BLOCKS, direct=True)
+    decoder.receive_data(channel([([1, 2], False)])[: 64 + HEADER])
+    assert isinstance(decoder.next_event(), MultifdInit)
+    assert isinstance(decoder.next_event(), MultifdPayload)
+    with pytest.raises(StateError):
+        decoder.next_event()
+    with pytest.raises(StateError):
+        decoder.payload_received(2 * PAGE_SIZE + 1)
+    assert len(decoder.take_payload()) == 0
+    decoder.payload_received(2 * PAGE_SIZE)
+    assert decoder.next_event() is NEED_DATA
 
 
 def test_packet_layout() -> None:

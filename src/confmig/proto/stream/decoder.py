@@ -110,6 +110,11 @@ class ReceiveBuffer(Generic[E]):
         self._make_room(max(self._need - pending, len(self._buf) // 4))
         return self._view[self._end :]
 
+    def wanted(self) -> int:
+        """Bytes the decoder still needs to make progress: a reader that receives no more than
+        this leaves what follows (a payload it can receive elsewhere) in the socket."""
+        return max(self._need - (self._end - self._start), 1)
+
     def buffer_updated(self, nbytes: int) -> None:
         if self._eof:
             raise StateError("buffer_updated", "input ended", "before feed_eof")

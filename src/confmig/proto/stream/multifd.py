@@ -16,6 +16,7 @@ from typing import Final
 
 import numpy as np
 
+from confmig.common.errors import StateError
 from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
 from confmig.proto.stream.decoder import DEFAULT_BUFFER_SIZE, End, NeedData, ReceiveBuffer
 from confmig.proto.stream.encoder import gather_pages
@@ -135,12 +136,26 @@ class MultifdSync:
     packet_num: int
 
 
-MultifdEvent = MultifdInit | MultifdPages | MultifdSync | End
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class MultifdPayload:
+    """(``direct`` decoders) A packet's header: its ``nbytes`` of pages, page ``indices[i]`` of
+    ``block`` at ``i * PAGE_SIZE``, come next. The caller takes what the decoder already
+    holds with :meth:`MultifdDecoder.take_payload`, receives the rest where the pages
+    belong, and reports it with :meth:`MultifdDecoder.payload_received`."""
+
+    block: str
+    packet_num: int
+    indices: IndexArray
+    nbytes: int
+
+
+MultifdEvent = MultifdInit | MultifdPages | MultifdPayload | MultifdSync | End
 
 
 class _State(Enum):
     INIT = auto()
     PACKETS = auto()
+    PAYLOAD = auto()  # direct: the caller is receiving a packet's pages
     DONE = auto()
 
 
@@ -154,6 +169,7 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         *,
         pages_per_packet: int = MULTIFD_PAGES_PER_PACKET,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
+        direct: bool = False,
     ) -> None:
         super().__init__(buffer_size)
         self._blocks = blocks
@@ -161,8 +177,37 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         self._header_size = header_size(pages_per_packet)
         self._state = _State.INIT
         self._sync: int | None = None  # SYNC of a packet whose pages were just returned
+        self._direct = direct
+        self._payload_left = 0
+
+    def take_payload(self) -> memoryview:
+        """(``direct``) The part of the current packet's pages already received, consumed."""
+        if self._state is not _State.PAYLOAD:
+            raise StateError("take_payload", self._state.name, "a packet's payload")
+        n = min(self._payload_left, self._end - self._start)
+        out = self._view[self._start : self._start + n]
+        self._start += n
+        self._payload_left -= n
+        self._payload_done()
+        return out
+
+    def payload_received(self, nbytes: int) -> None:
+        """(``direct``) The caller received ``nbytes`` more of the current packet's pages."""
+        if self._state is not _State.PAYLOAD or not 0 <= nbytes <= self._payload_left:
+            raise StateError("payload_received", self._state.name, "at most the payload left")
+        if nbytes and self._end != self._start:
+            raise StateError("payload_received", "payload still buffered", "take_payload first")
+        self._base += nbytes  # they passed the stream by this buffer
+        self._payload_left -= nbytes
+        self._payload_done()
+
+    def _payload_done(self) -> None:
+        if self._payload_left == 0:
+            self._state = _State.PACKETS
 
     def _step(self) -> MultifdEvent | NeedData:
+        if self._state is _State.PAYLOAD:
+            raise StateError("next_event", "inside a payload", "take_payload/payload_received first")
         if self._sync is not None:
             event = MultifdSync(packet_num=self._sync)
             self._sync = None
@@ -224,14 +269,21 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
                 f"page offset 0x{int(offsets[j]):x} not a page of RAM block {block!r}",
                 p + MULTIFD_PACKET_FIXED_SIZE + 8 * j,
             )
+        indices = (offsets >> PAGE_SHIFT).astype(np.int64)
+        sync = packet_num if flags & MultifdFlag.SYNC else None
+        if self._direct:
+            self._start = p + self._header_size
+            self._state = _State.PAYLOAD
+            self._payload_left = normal * PAGE_SIZE
+            self._sync = sync  # returned once the payload is in
+            return MultifdPayload(block=block, packet_num=packet_num, indices=indices,
+                                  nbytes=self._payload_left)
         total = self._header_size + normal * PAGE_SIZE
         if avail < total:
             return self._wait(total, "multifd pages")
         self._start = p + total
-        if flags & MultifdFlag.SYNC:
-            self._sync = packet_num
+        self._sync = sync
         data = np.ndarray((normal, PAGE_SIZE), np.uint8, self._buf, p + self._header_size)
-        indices = (offsets >> PAGE_SHIFT).astype(np.int64)
         return MultifdPages(block=block, packet_num=packet_num, indices=indices, data=data)
 
     def _ramblock(self, at: int, field: bytes) -> tuple[str, int]:

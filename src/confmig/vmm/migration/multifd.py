@@ -123,6 +123,30 @@ class MultifdSender:
                 q.put_nowait(None)
 
 
+def _fill(dest: list[memoryview], data: memoryview) -> int:
+    """Copy ``data`` into the start of ``dest``; return how many bytes went in."""
+    done = 0
+    for view in dest:
+        if done == len(data):
+            break
+        n = min(len(view), len(data) - done)
+        view[:n] = data[done : done + n]
+        done += n
+    return done
+
+
+def _skip(dest: list[memoryview], done: int) -> list[memoryview]:
+    """What is left of ``dest`` after its first ``done`` bytes."""
+    out = []
+    for view in dest:
+        if done >= len(view):
+            done -= len(view)
+            continue
+        out.append(view[done:])
+        done = 0
+    return out
+
+
 class MultifdReceiver:
     """Target side: a thread per channel landing pages; the SYNC barrier."""
 
@@ -147,15 +171,16 @@ class MultifdReceiver:
         threading.Thread(target=self._recv_loop, args=(ch, prefix), daemon=True).start()
 
     def _recv_loop(self, ch: Channel, prefix: bytes) -> None:
-        d = mf.MultifdDecoder({name: b.size for name, b in self.blocks.items()})
+        """One channel: headers through the decoder, each packet's pages received straight into
+        guest RAM where the header (checked first) says they belong."""
+        d = mf.MultifdDecoder({name: b.size for name, b in self.blocks.items()}, direct=True)
         d.receive_data(prefix)
         channel_id = -1
         try:
             while True:
                 ev = d.next_event()
                 if ev is NEED_DATA:
-                    buf = d.get_buffer()
-                    n = ch.recv_into(buf)
+                    n = ch.recv_into(d.get_buffer()[: d.wanted()])  # no further than the header
                     if n == 0:
                         d.feed_eof()
                         return
@@ -167,8 +192,12 @@ class MultifdReceiver:
                     channel_id = ev.channel
                     with self._cond:
                         self._synced.setdefault(channel_id, 0)
-                elif isinstance(ev, mf.MultifdPages):
-                    self.landing.pages(ev.block, ev.indices, ev.data)  # decoder checked the bounds
+                elif isinstance(ev, mf.MultifdPayload):
+                    # SECURITY: the decoder bounded every offset to its block before this.
+                    dest = self.landing.destinations(ev.block, ev.indices)
+                    got = _fill(dest, d.take_payload())
+                    ch.recv_exact_into(_skip(dest, got))
+                    d.payload_received(ev.nbytes - got)
                     with self._cond:
                         self.stats.normal += len(ev.indices)
                 elif isinstance(ev, mf.MultifdSync):
@@ -177,7 +206,7 @@ class MultifdReceiver:
                         mine = self._synced[channel_id]
                         self._cond.notify_all()
                         self._cond.wait_for(lambda m=mine: self._released >= m or self.closed)  # type: ignore[misc]
-        except (StreamError, OSError) as exc:
+        except (StreamError, OSError, RemoteMigrationError) as exc:
             with self._cond:
                 self._error = str(exc)
                 self._cond.notify_all()

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from confmig.common.clock import Clock
-from confmig.common.units import PAGE_SHIFT
+from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
 from confmig.kvm.client import VmFd
 from confmig.proto.stream.encoder import is_run
 from confmig.proto.stream.format import ConfidentialSubtype
@@ -226,6 +226,16 @@ class RamLanding:
         else:
             b.pages[indices] = data
         self._written[block][indices] = True
+
+    def destinations(self, block: str, indices: npt.NDArray[np.int64]) -> list[memoryview]:
+        """Where pages ``indices`` of ``block`` go, to receive them in place: one view for a
+        run, one per page otherwise. The caller checked the indices against the block."""
+        b = self.blocks[block]
+        self._written[block][indices] = True
+        if is_run(indices):
+            first = int(indices[0]) << PAGE_SHIFT
+            return [b.bytes[first : first + len(indices) * PAGE_SIZE].data]
+        return [b.pages[int(i)].data for i in indices]
 
     def zeros(self, block: str, indices: npt.NDArray[np.int64]) -> None:
         written = self._written[block]

@@ -18,6 +18,8 @@ from confmig.common.errors import ConfigError, RemoteMigrationError
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for the target to accept the connection."""
 SOCKET_BUFFER_CHUNK = 1 << 20
+_IOV_MAX = 1024
+"""Linux's UIO_MAXIOV: buffers per scatter read."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,6 +97,20 @@ class Channel:
         if self.sock is not None:
             return self.sock.recv_into(buf)
         return os.readv(self.fd, [buf])
+
+    def recv_exact_into(self, views: list[memoryview]) -> None:
+        """Fill every one of ``views``, in order (``recvmsg_into``/``readv``: no copy on the way)."""
+        while views:
+            if self.sock is not None:
+                n = self.sock.recvmsg_into(views[:_IOV_MAX])[0]
+            else:
+                n = os.readv(self.fd, views[:_IOV_MAX])
+            if n == 0:
+                raise RemoteMigrationError(f"{self.name}: connection closed")
+            while n:
+                k = min(n, len(views[0]))
+                n -= k
+                views = [views[0][k:], *views[1:]] if k < len(views[0]) else views[1:]
 
     def recv_exact(self, n: int) -> bytes:
         out = bytearray(n)
