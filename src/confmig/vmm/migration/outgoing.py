@@ -174,6 +174,10 @@ class OutgoingMigration(threading.Thread):
             self.stats.total_time_ms = self.stats.elapsed_ms()
 
     def _recover(self) -> None:
+        if self._handed_over:  # the target runs the guest: it must never run here too
+            with contextlib.suppress(ConfmigError):
+                self.vm.migrated()
+            return
         if self.backend is not None:
             try:
                 self.backend.cancel()

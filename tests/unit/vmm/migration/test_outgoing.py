@@ -150,6 +150,17 @@ def test_after_the_target_confirmed_the_guest_is_never_resumed_here() -> None:
     assert run.backend is not None and "cancel" not in run.backend.calls
 
 
+def test_a_failure_after_the_target_confirmed_never_resumes_the_source() -> None:
+    def hook(mig: OutgoingMigration, what: str) -> None:
+        if what == "finish":
+            raise ValueError("a bug after the verdict")
+
+    run = run_engine(hook=hook)
+    assert run.statuses[-1] == S.FAILED and "a bug after the verdict" in (run.mig.error or "")
+    assert "recover" not in run.vm.events and run.vm.events.count("migrated") == 1
+    assert run.backend is not None and "cancel" not in run.backend.calls
+
+
 def test_a_file_uri_has_no_return_path() -> None:
     run = run_engine(reply=b"", uri=MigrationUri(scheme="file", path="/nonexistent"))
     assert run.statuses[-1] == S.COMPLETED and run.channel.timeout is None
