@@ -103,20 +103,6 @@ class RamBlock:
             off = hole
         return zero
 
-    def read_pages(self, slots: list[memoryview], first: int) -> None:
-        """Copy consecutive pages from ``first`` on into ``slots`` (one page each) with
-        ``preadv`` on the memfd: the kernel copies from the page cache, and this process's
-        mapping is neither read nor faulted in. The guest writes its RAM through the host's
-        mappings, so ours is cold; reading 1 GiB through it cost the migration thread up to
-        twice the CPU time of reading a RAM block this process had written itself."""
-        offset, want = first << PAGE_SHIFT, len(slots) * PAGE_SIZE
-        done = 0
-        while done < want:  # a regular file's preadv is short only at its end
-            n = os.preadv(self.fd, _after(slots, done), offset + done)
-            if n <= 0:
-                raise ConfigError(f"RAM block {self.idstr}: its file ends at {offset + done:#x}")
-            done += n
-
     def mark_dirty(self, offset: int, size: int) -> None:
         """Record a write by the VMM itself (KVM does not see it)."""
         first, last = offset >> PAGE_SHIFT, (offset + size - 1) >> PAGE_SHIFT
@@ -134,12 +120,6 @@ class RamBlock:
         del self.pages, self.bytes
         self._map.close()
         os.close(self.fd)
-
-
-def _after(slots: list[memoryview], done: int) -> list[memoryview]:
-    """The part of ``slots`` (one page each) after the first ``done`` bytes."""
-    k, rest = divmod(done, PAGE_SIZE)
-    return [slots[k][rest:], *slots[k + 1 :]] if rest else slots[k:]
 
 
 class GuestMemory:

@@ -155,21 +155,3 @@ def test_vmdescription_is_found_like_qemu_does_for_every_length() -> None:
         ]
         assert desc["page_size"] == PAGE_SIZE
     assert padded, "no length needed padding: the test does not cover the '{' case"
-
-
-def test_a_run_read_into_place_encodes_as_the_same_run_copied() -> None:
-    pages = np.zeros((40, PAGE_SIZE), dtype=np.uint8)
-    pages[[0, 3, 39]] = 7
-    pages[5, 100] = 1  # non-zero away from the sampled words
-    copied = PageBatchEncoder(64)
-    read = PageBatchEncoder(64)
-
-    def reader(slots: list[memoryview], first: int) -> None:
-        for k, slot in enumerate(slots):
-            slot[:] = pages[first + k].data
-
-    for first, n in ((0, 40), (3, 1), (6, 30)):
-        a = copied.encode("pc.ram", pages, np.arange(first, first + n, dtype=np.int64))
-        wire_a, zero_a = bytes(a.wire), a.zero.tolist()
-        b = read.encode_read("pc.ram", first, n, reader)
-        assert (bytes(b.wire), b.zero.tolist()) == (wire_a, zero_a)

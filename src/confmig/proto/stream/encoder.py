@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -34,9 +34,6 @@ from confmig.proto.stream.format import (
     RamFlag,
     SectionType,
 )
-
-PageReader = Callable[[list[memoryview], int], None]
-"""Fills the given page slots with consecutive pages from the given page index on."""
 
 DEFAULT_BATCH_PAGES: Final = 1024
 """4 MiB of pages per batch: large enough that per-batch Python costs vanish, small enough
@@ -239,28 +236,6 @@ class PageBatchEncoder:
         self._flat = np.empty(_HEADROOM + max_pages * PAGE_RECORD_SIZE, dtype=np.uint8)
         self._rows = self._flat[_HEADROOM:].reshape(max_pages, PAGE_RECORD_SIZE)
         self._heads = self._rows.view(">u8")[:, 0]
-        self._slots = [self._rows[i, 8:].data for i in range(max_pages)]
-        """Each row's page, where a reader fills a run (:meth:`encode_read`)."""
-        self._slot_words = np.ndarray((max_pages, PAGE_SIZE // 8), np.uint64, self._flat.data,
-                                      _HEADROOM + 8, (PAGE_RECORD_SIZE, 8))
-
-    def encode_read(self, block: str, first: int, n: int, read: PageReader) -> PageBatch:
-        """Encode the run of pages ``first .. first+n-1``, which ``read`` puts straight into
-        the records' page slots (one copy, by whoever owns the memory: a ``preadv`` of the
-        RAM's file needs no mapping of it), then checks for zero pages in cache."""
-        if not 0 < n <= self.max_pages:
-            raise ValueError(f"batch of {n} pages (allowed 1..{self.max_pages})")
-        name = _counted(block)
-        read(self._slots[:n], first)
-        indices = np.arange(first, first + n, dtype=np.int64)
-        zero_at = _zero_rows(self._slot_words, np.arange(n))
-        sent, zero = indices, indices[:0]
-        if zero_at.size:
-            keep = np.ones(n, dtype=bool)
-            keep[zero_at] = False
-            sent, zero = indices[keep], indices[zero_at]
-            self._rows[: len(sent)] = self._rows[:n][keep]  # rare: close the gaps
-        return self._finish(name, sent, zero)
 
     def encode(self, block: str, pages: PageArray, indices: IndexArray) -> PageBatch:
         """Encode ``pages[indices]`` (``pages``: the whole block as ``(npages, 4096)``)."""
@@ -286,15 +261,10 @@ class PageBatchEncoder:
             sent, zero, body = indices[keep], indices[zero_at], scratch[keep]
         else:
             sent, zero, body = indices, indices[:0], scratch
-        if len(sent):
-            self._rows[: len(sent), 8:] = body
-        return self._finish(name, sent, zero)
-
-    def _finish(self, name: bytes, sent: IndexArray, zero: IndexArray) -> PageBatch:
-        """Headers in front of the first ``len(sent)`` rows, whose pages are in place."""
         m = len(sent)
         if m == 0:
             return PageBatch(wire=memoryview(b""), zero=zero)
+        self._rows[:m, 8:] = body
         self._heads[:m] = (sent << PAGE_SHIFT) | _PAGE_CONTINUE
         # Overwrite row 0's header with a standalone one: u64, u8 length, idstr, ending
         # exactly where row 0's page begins.

@@ -113,11 +113,6 @@ class StreamWriter:
         self._step("pages", _RAM_RECORDS)
         return self._pages.encode(block, pages, indices)
 
-    def pages_read(self, block: str, first: int, n: int, read: enc.PageReader) -> enc.PageBatch:
-        """PAGE records for the run ``first .. first+n-1``, read by ``read`` into place."""
-        self._step("pages", _RAM_RECORDS)
-        return self._pages.encode_read(block, first, n, read)
-
     def zero_pages(self, block: str, indices: IndexArray) -> bytes:
         self._step("zero pages", _RAM_RECORDS)
         return enc.encode_zero_pages(block, indices)

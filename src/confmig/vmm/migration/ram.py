@@ -188,10 +188,7 @@ class MainChannelSink:
     # --- records inside a part (backends) -----------------------------------------------
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
-        if is_run(indices):  # read from the RAM's file, never through (and faulting in) our mapping
-            batch = self._writer.pages_read(block.idstr, int(indices[0]), len(indices), block.read_pages)
-        else:
-            batch = self._writer.pages(block.idstr, block.pages, indices)
+        batch = self._writer.pages(block.idstr, block.pages, indices)
         sent = self._channel.send_all(batch.wire) if len(batch.wire) else 0
         nzero = len(batch.zero)
         if nzero:

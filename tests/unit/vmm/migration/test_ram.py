@@ -119,13 +119,3 @@ def test_landing_writes_runs_and_scattered_pages_and_zeroes_only_what_it_wrote()
     land.zeros("pc.ram", np.array([11, 500], dtype=np.int64))
     assert (block.pages[11] == 0).all() and (block.pages[10] == 3).all()
     assert block.holes()[500]  # never written, so left alone: no page allocated for it
-
-
-def test_pages_read_from_the_ram_file_match_the_mapping_and_holes_stay_holes() -> None:
-    memory = GuestMemory.pc(RAM)
-    block = memory.blocks[0]
-    block.pages[[1, 2]] = 5
-    slots = [memoryview(bytearray(PAGE_SIZE)) for _ in range(4)]
-    block.read_pages(slots, 0)
-    assert block.holes()[[0, 3]].all()  # reading a hole did not allocate it
-    assert [bytes(s) == block.pages[i].tobytes() for i, s in enumerate(slots)] == [True] * 4
