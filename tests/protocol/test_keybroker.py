@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from confmig.common.errors import KeyBrokerMessageError, ProtocolError
+from confmig.common.errors import ConfigError, KeyBrokerMessageError, ProtocolError
 from confmig.platform.psp.cert import SEV_CERT_SIZE
 from confmig.platform.psp.chain import PLATFORM_CHAIN_SIZE
 from confmig.platform.psp.measure import MEASUREMENT_SIZE
@@ -332,3 +332,9 @@ def test_any_single_byte_change(message: Message, where: float, mask: int) -> No
     body = encode(message)
     at = int(where * len(body))
     _assert_refused_or_confined(message, body, at, body[at] ^ mask)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/hostname", "data:,x", "ftp://owner/", "owner:8000"])
+def test_only_http_brokers_are_posted_to(url: str) -> None:
+    with pytest.raises(ConfigError, match="not http:// or https://"):
+        keybroker.post_json(url, "/v1/launch", b"{}")

@@ -68,6 +68,9 @@ class DemoOptions:
             raise ConfigError("--sev-es needs --mode psp (an SEV-ES guest is an SEV guest)")
         if not 1 <= self.channels <= MAX_MULTIFD_CHANNELS:
             raise ConfigError(f"--channels {self.channels}: 1 to {MAX_MULTIFD_CHANNELS}")
+        if self.mode == "psp" and self.channels > 1:
+            raise ConfigError("--channels: the PSP path sends every page on the main channel "
+                              "(multifd is for plain guests); leave --channels at 1 with --mode psp")
         if not 0 <= self.downtime_limit <= MAX_DOWNTIME_LIMIT_MS:
             raise ConfigError(f"--downtime-limit {self.downtime_limit}: 0 to {MAX_DOWNTIME_LIMIT_MS} ms")
         if self.max_bandwidth < 1:

@@ -24,7 +24,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from confmig.bench.deadline import LAUNCH_TIMEOUT, Deadline, DeadlineExceeded
+from confmig.bench.deadline import LAUNCH_TIMEOUT, Deadline, DeadlineExceeded, StepTimeout
 from confmig.bench.lab import WORKLOAD_STARTED, GuestFailed, Lab, VmProc, check_host_memory, check_vm
 from confmig.bench.scenario import SEV_ES_POLICY, SEV_POLICY, sev_args
 from confmig.common.errors import ConfigError, ConfmigError
@@ -94,7 +94,7 @@ def run_launch(opts: LaunchOptions, *, as_json: bool = False) -> bool:
                 vm.wait_console(WORKLOAD_STARTED[opts.guest], timeout=READY_TIMEOUT)
                 summary = _summary(vm, opts)
                 ok = True
-            except (GuestFailed, DeadlineExceeded):
+            except (GuestFailed, DeadlineExceeded, StepTimeout):
                 raise  # not a verdict of the owner's: the launch itself went wrong
             except ConfmigError as exc:
                 summary = {"launched": False, "error": _vmm_error(lab, str(exc))}
@@ -104,7 +104,9 @@ def run_launch(opts: LaunchOptions, *, as_json: bool = False) -> bool:
         print(json.dumps(summary, indent=2))
     else:
         _print(console, summary)
-    return ok != opts.wrong_firmware
+    if opts.wrong_firmware:  # what must happen: the owner refused, and so the launch failed
+        return not ok and any(v["event"] in ("refused", "launch-refused") for v in verdicts)
+    return ok
 
 
 def _summary(vm: VmProc, opts: LaunchOptions) -> dict[str, Any]:

@@ -84,13 +84,15 @@ def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3, deadline: Deadl
         q: mp.Queue[int] = ctx.Queue()
         p = ctx.Process(target=_loopback_receiver, args=(q, total, os.getpid()))
         p.start()
+        measured = False
         try:
             rates.append(_loopback_once(data, total, q.get(timeout=LOOPBACK_TIMEOUT)))
+            measured = True
         except (queue.Empty, OSError) as exc:
             raise ConfmigError(
                 f"the loopback ceiling: {exc!r} (each step has {LOOPBACK_TIMEOUT:g} s)") from None
-        finally:
-            p.join(LOOPBACK_TIMEOUT)
+        finally:  # a receiver that measured ends by itself; any other (a signal, an error) is killed
+            p.join(LOOPBACK_TIMEOUT if measured else 0)
             if p.exitcode is None:
                 p.kill()
                 p.join()

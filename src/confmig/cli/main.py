@@ -50,8 +50,8 @@ def _run_scenario(run: Callable[[], bool]) -> None:
     except Interrupted as exc:
         click.echo(f"confmig: {exc}; every process it started is stopped", err=True)
         sys.exit(128 + exc.signum)
-    except ConfmigError as exc:
-        raise click.ClickException(str(exc)) from None
+    except (ConfmigError, OSError) as exc:  # OSError: a peer (a VMM's QMP) stopped answering
+        raise click.ClickException(str(exc) or type(exc).__name__) from None
     sys.exit(0 if ok else 1)
 
 

@@ -32,12 +32,13 @@ import http.client
 import json
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Final, Protocol, Self, TypeVar
 
-from confmig.common.errors import KeyBrokerMessageError
+from confmig.common.errors import ConfigError, KeyBrokerMessageError
 
 LAUNCH_PATH: Final = "/v1/launch"
 HEALTH_PATH: Final = "/v1/health"
@@ -343,12 +344,20 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER: Final = urllib.request.build_opener(_NoRedirect)
 
 
+def check_url(url: str) -> None:
+    """The broker speaks HTTP: any other scheme (``file:``, ``data:``, ``ftp:``, which urllib would
+    also open) is the caller's mistake, refused before anything is opened."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ConfigError(f"the guest owner's URL {url[:100]!r} is not http:// or https://")
+
+
 def post_json(url: str, path: str, body: bytes, *, timeout: float = TIMEOUT) -> tuple[int, bytes]:
     """POST ``body`` to the broker at ``url``: the HTTP status and at most ``MAX_BODY + 1`` bytes of
     the answer (one more than :func:`decode` accepts, so that an oversize body is refused, not cut).
 
     :class:`OSError` when no answer arrives; :class:`KeyBrokerMessageError` when it is not HTTP.
     """
+    check_url(url)
     request = urllib.request.Request(
         url.rstrip("/") + path, data=body, headers={"Content-Type": "application/json"}, method="POST"
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from confmig.common.errors import ConfigError
 from confmig.common.units import PAGE_SIZE, MiB, parse_size
 from confmig.common.x86 import KVM_FEATURE_HC_MAP_GPA_RANGE, KVM_FEATURE_MIGRATION_CONTROL
+from confmig.proto import keybroker
 
 WORKLOADS = ("idle", "dirty", "kv")
 DEFAULT_RAM = 128 * MiB
@@ -163,6 +164,8 @@ def _sev_guest(opts: dict[str, str]) -> SevGuestConfig:
         raise ConfigError(f"sev: cbitpos check failed, host '{HOST_CBITPOS}' requested '{cbitpos}'")
     if reduced != 1:
         raise ConfigError(f"sev: reduced_phys_bits check failed, it should be 1, requested '{reduced}'")
+    if "owner" in opts:
+        keybroker.check_url(opts["owner"])
     return SevGuestConfig(id=opts["id"], policy=policy, cbitpos=cbitpos, reduced_phys_bits=reduced,
                           owner=opts.get("owner"),
                           x_plain_copy=_bool(opts.get("x-plain-copy", "off"), "sev-guest x-plain-copy"))

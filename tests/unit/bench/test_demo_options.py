@@ -32,6 +32,7 @@ def test_a_working_set_larger_than_the_guest_can_hold_names_the_largest_that_fit
     (DemoOptions(dirty_rate=-1), r"workload dirty: rate=-1 not in"),
     (DemoOptions(sev_es=True), r"--sev-es needs --mode psp"),
     (DemoOptions(channels=0), r"--channels 0: 1 to 255"),
+    (DemoOptions(mode="psp", channels=2), r"the PSP path sends every page on the main channel"),
     (DemoOptions(downtime_limit=-5), r"--downtime-limit -5: 0 to 2000000 ms"),
     (DemoOptions(max_bandwidth=0), r"--max-bandwidth 0: at least 1 byte/s"),
     (DemoOptions(timeout=0), r"--timeout 0: a positive number of seconds"),
