@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from confmig.common.errors import ConfigError, KeyBrokerMessageError, KvmError, MigrationError, ProtocolError
+from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
 from confmig.common.x86 import (
     KVM_CPUID_FEATURES,
     KVM_FEATURE_HC_MAP_GPA_RANGE,
@@ -43,7 +44,6 @@ from confmig.vmm.shared_regions import SharedRegions
 
 log = logging.getLogger(__name__)
 
-PAGE = 4096
 
 SEV_STATES = ("uninit", "launch-update", "launch-secret", "running", "send-update", "receive-update",
               "sent")
@@ -201,14 +201,14 @@ class SevGuest:
 
     def send_update_data(self, gpa: int) -> tuple[bytes, bytes]:
         """One private page out: (packet header, transport data), ciphertext under the TEK."""
-        body = ksev.SEND_UPDATE_DATA.pack(0, ksev.PACKET_HEADER_LEN, 0, gpa, PAGE, 0, 0, PAGE, 0)
+        body = ksev.SEND_UPDATE_DATA.pack(0, ksev.PACKET_HEADER_LEN, 0, gpa, PAGE_SIZE, 0, 0, PAGE_SIZE, 0)
         _err, out = self._migration_op(ksev.KVM_SEV_SEND_UPDATE_DATA, body)
         fields = ksev.SEND_UPDATE_DATA.unpack_from(out)
         return _packet(out[ksev.SEND_UPDATE_DATA.size :], hdr_len=fields[1], trans_len=fields[7])
 
     def send_update_vmsa(self, vcpu_id: int) -> tuple[bytes, bytes]:
         """SEV-ES: one vCPU's VMSA out, re-encrypted by the PSP (the vCPU is stopped)."""
-        body = ksev.SEND_UPDATE_VMSA.pack(vcpu_id, 0, 0, ksev.PACKET_HEADER_LEN, 0, 0, PAGE, 0)
+        body = ksev.SEND_UPDATE_VMSA.pack(vcpu_id, 0, 0, ksev.PACKET_HEADER_LEN, 0, 0, PAGE_SIZE, 0)
         _err, out = self._migration_op(ksev.KVM_SEV_SEND_UPDATE_VMSA, body)
         fields = ksev.SEND_UPDATE_VMSA.unpack_from(out)
         return _packet(out[ksev.SEND_UPDATE_VMSA.size :], hdr_len=fields[3], trans_len=fields[6])
@@ -256,10 +256,10 @@ class SevGuest:
     def map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
         """``KVM_HC_MAP_GPA_RANGE`` exit: returns the hypercall's result for rax."""
         # SECURITY: guest-controlled arguments; bound them to something sane.
-        if gpa % 4096 or npages <= 0 or npages > 1 << 28 or attrs & ~0x1F:
-            return -22 & 0xFFFF_FFFF_FFFF_FFFF  # -KVM_EINVAL
+        if gpa % PAGE_SIZE or npages <= 0 or npages > 1 << 28 or attrs & ~0x1F:
+            return -errno.EINVAL & 0xFFFF_FFFF_FFFF_FFFF  # KVM_EINVAL
         try:
-            self.shared.update(gpa >> 12, npages, shared=not attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
+            self.shared.update(gpa >> PAGE_SHIFT, npages, shared=not attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
         except ProtocolError:  # the list is at its bound and stays as it was
             return -errno.E2BIG & 0xFFFF_FFFF_FFFF_FFFF  # KVM_E2BIG
         return 0
