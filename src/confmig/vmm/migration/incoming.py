@@ -87,6 +87,10 @@ class IncomingMigration(threading.Thread):
             self.error = f"load of migration failed: {exc}"
             log.error("%s", self.error)
             self.set_status(MigrationStatus.FAILED)
+        except Exception as exc:  # a bug: the target still fails cleanly, stopped, and says so
+            self.error = f"load of migration failed: internal error: {type(exc).__name__}: {exc}"
+            log.exception("incoming migration failed")
+            self.set_status(MigrationStatus.FAILED)
         finally:
             self._reply(ok)
             if self._multifd is not None:
