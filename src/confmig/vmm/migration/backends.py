@@ -3,15 +3,15 @@
 ``x-confidential-backend`` (a migration parameter, ours) picks the confidential
 backend of a confidential guest; empty means the guest's own default. A plain
 guest moves with the plain backend and refuses a confidential one. A new
-backend joins with a line in each of :data:`OUTGOING`, :data:`INCOMING` and
-:data:`CHECKS`, and its name in ``params.CONFIDENTIAL_BACKENDS`` (the parameter's
-schema); the engine does not change.
+backend joins with a line in each of :data:`OUTGOING` and :data:`INCOMING`, and
+its name in ``params.CONFIDENTIAL_BACKENDS`` (the parameter's schema); the
+engine does not change.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from confmig.common.errors import MigrationError
 from confmig.vmm.machine import Machine
@@ -25,7 +25,15 @@ from confmig.vmm.sev import SevGuest
 DEFAULT_CONFIDENTIAL: Final = "psp"
 """What a confidential guest uses when ``x-confidential-backend`` is empty."""
 
-OutgoingFactory = Callable[[SevGuest, MigrationParameters, MainChannelSink], OutgoingBackend]
+class OutgoingFactory(Protocol):
+    """A confidential backend's source side: what it refuses up front, and how it is built."""
+
+    def check(self, params: MigrationParameters) -> None: ...
+
+    def __call__(self, sev: SevGuest, params: MigrationParameters,
+                 out: MainChannelSink) -> OutgoingBackend: ...
+
+
 IncomingFactory = Callable[[SevGuest, Machine], IncomingBackend]
 
 OUTGOING: Final[dict[str, OutgoingFactory]] = {
@@ -50,18 +58,11 @@ def _confidential(machine: Machine, params: MigrationParameters) -> tuple[str, S
     return chosen or DEFAULT_CONFIDENTIAL, sev
 
 
-CHECKS: Final[dict[str, Callable[[MigrationParameters], None]]] = {
-    "psp": PspOutgoing.check,
-}
-"""What each confidential backend refuses before a migration starts (missing parameters,
-capabilities it cannot use)."""
-
-
 def check(machine: Machine, params: MigrationParameters) -> None:
     """Refuse, before anything starts, a backend this guest cannot use."""
     chosen = _confidential(machine, params)
     if chosen is not None:
-        CHECKS[chosen[0]](params)
+        OUTGOING[chosen[0]].check(params)
 
 
 def outgoing_backend(machine: Machine, params: MigrationParameters, out: MainChannelSink,

@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +24,7 @@ from confmig.proto.stream.decoder import NEED_DATA, End
 from confmig.vmm.memory import RamBlock
 from confmig.vmm.migration.ram import MainChannelSink, RamLanding, RoundCounters
 from confmig.vmm.migration.stats import MigrationStats
-from confmig.vmm.migration.transport import Channel, MigrationUri, connect
+from confmig.vmm.migration.transport import Channel, Connect, MigrationUri, connect, views_after
 
 QUEUE_DEPTH = 4
 """Batches queued per channel: enough to keep its socket busy, bounded memory."""
@@ -41,7 +40,7 @@ class MultifdSender:
     """Source side: a thread per channel, batches handed out round-robin."""
 
     def __init__(self, uri: MigrationUri, nchannels: int, stats: MigrationStats,
-                 main: MainChannelSink, *, connect: Callable[..., Channel] = connect) -> None:
+                 main: MainChannelSink, *, connect: Connect = connect) -> None:
         self.stats = stats
         self.main = main
         self.channels: list[Channel] = []
@@ -135,18 +134,6 @@ def _fill(dest: list[memoryview], data: memoryview) -> int:
     return done
 
 
-def _skip(dest: list[memoryview], done: int) -> list[memoryview]:
-    """What is left of ``dest`` after its first ``done`` bytes."""
-    out = []
-    for view in dest:
-        if done >= len(view):
-            done -= len(view)
-            continue
-        out.append(view[done:])
-        done = 0
-    return out
-
-
 class MultifdReceiver:
     """Target side: a thread per channel landing pages; the SYNC barrier."""
 
@@ -196,7 +183,7 @@ class MultifdReceiver:
                     # SECURITY: the decoder bounded every offset to its block before this.
                     dest = self.landing.destinations(ev.block, ev.indices)
                     got = _fill(dest, d.take_payload())
-                    ch.recv_exact_into(_skip(dest, got))
+                    ch.recv_exact_into(views_after(dest, got))
                     d.payload_received(ev.nbytes - got)
                     with self._cond:
                         self.stats.normal += len(ev.indices)

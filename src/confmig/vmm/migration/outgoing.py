@@ -45,7 +45,7 @@ from confmig.vmm.migration.ram import (
 )
 from confmig.vmm.migration.stats import MigrationStats
 from confmig.vmm.migration.status import MigrationStatus
-from confmig.vmm.migration.transport import Channel, MigrationUri, connect
+from confmig.vmm.migration.transport import Channel, Connect, MigrationUri, connect
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,6 @@ class SourceVm(Protocol):
 
 BackendFactory = Callable[[MainChannelSink, PageSink], OutgoingBackend]
 """Builds this migration's backend once the main channel exists (``backends.outgoing_backend``)."""
-
-
-class Connect(Protocol):
-    """Opens one outgoing channel (``transport.connect``; a fake in unit tests)."""
-
-    def __call__(self, uri: MigrationUri, *, name: str = "main") -> Channel: ...
 
 
 class OutgoingMigration(threading.Thread):

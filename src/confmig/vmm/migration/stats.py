@@ -31,8 +31,8 @@ class MigrationStats:
 
     clock: Clock = field(default_factory=MonotonicClock)
     """Where the migration takes its time from (a ``ManualClock`` in unit tests)."""
-    start: float = -1.0
-    """When the migration began, on :attr:`clock` (set at creation)."""
+    start: float = field(init=False)
+    """When the migration began, on :attr:`clock` (its creation)."""
     setup_time_ms: int = 0
     total_time_ms: int = 0
     downtime_ms: int = 0
@@ -56,8 +56,7 @@ class MigrationStats:
     confidential: ConfidentialCounters | None = None
 
     def __post_init__(self) -> None:
-        if self.start < 0:
-            self.start = self.clock.monotonic()
+        self.start = self.clock.monotonic()
 
     def elapsed_ms(self) -> int:
         return int((self.clock.monotonic() - self.start) * 1000)

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from typing import Protocol
 
 from confmig.common.errors import ConfigError, RemoteMigrationError
 
@@ -107,20 +108,11 @@ class Channel:
                 n = os.readv(self.fd, views[:_IOV_MAX])
             if n == 0:
                 raise RemoteMigrationError(f"{self.name}: connection closed")
-            while n:
-                k = min(n, len(views[0]))
-                n -= k
-                views = [views[0][k:], *views[1:]] if k < len(views[0]) else views[1:]
+            views = views_after(views, n)
 
     def recv_exact(self, n: int) -> bytes:
         out = bytearray(n)
-        view = memoryview(out)
-        got = 0
-        while got < n:
-            k = self.recv_into(view[got:])
-            if k == 0:
-                raise RemoteMigrationError(f"{self.name}: connection closed")
-            got += k
+        self.recv_exact_into([memoryview(out)])
         return bytes(out)
 
     def set_buffer_size(self, *, send: int = 0, receive: int = 0) -> None:
@@ -165,6 +157,15 @@ class Channel:
                 self.proc.wait()
 
 
+def views_after(views: list[memoryview], done: int) -> list[memoryview]:
+    """What is left of ``views`` once their first ``done`` bytes are filled."""
+    for k, view in enumerate(views):
+        if done < len(view):
+            return [view[done:], *views[k + 1 :]] if done else views[k:]
+        done -= len(view)
+    return []
+
+
 def _socket_for(uri: MigrationUri) -> tuple[socket.socket, object]:
     if uri.scheme == "tcp":
         infos = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
@@ -173,6 +174,12 @@ def _socket_for(uri: MigrationUri) -> tuple[socket.socket, object]:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s, addr
     return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), uri.path
+
+
+class Connect(Protocol):
+    """Opens one outgoing channel (:func:`connect`; a fake in unit tests)."""
+
+    def __call__(self, uri: MigrationUri, *, name: str = "main") -> Channel: ...
 
 
 def connect(uri: MigrationUri, *, name: str = "main") -> Channel:
