@@ -81,6 +81,6 @@ class IncomingBackend:
         raise StreamError(f"confidential record {subtype.name} for a guest that is not confidential "
                           "(-object sev-guest ... -machine confidential-guest-support=...)")
 
-    def verify(self, vcpu_ids: list[int]) -> None:
+    def verify(self) -> None:
         """Everything the guest needs arrived: raise :class:`StreamError` if not. The guest
         does not run before this returns."""

@@ -172,7 +172,7 @@ class IncomingMigration(threading.Thread):
                     break
         log.debug("stream loaded")
         vm.finish_load()
-        backend.verify(vm.vcpu_ids)
+        backend.verify()
         vm.resume()
         log.debug("incoming migration finished")
 

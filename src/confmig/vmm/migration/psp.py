@@ -218,8 +218,8 @@ class PspIncoming(IncomingBackend):
                 self.vmsas.add(vmsa.vcpu_id)
                 self.counters.commands += 1
 
-    def verify(self, vcpu_ids: list[int]) -> None:
+    def verify(self) -> None:
         if not self.started:
             raise StreamError("the stream carried no PSP session for this SEV guest")
-        if self.sev.config.es and self.vmsas != set(vcpu_ids):
+        if self.sev.config.es and self.vmsas != self.vcpu_ids:
             raise StreamError("the stream did not carry the VMSA of every vCPU of this SEV-ES guest")
