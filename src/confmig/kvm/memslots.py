@@ -93,8 +93,8 @@ class DirtyLog:
     def __init__(self, slot: MappedSlot, nr_vcpus: int) -> None:
         self.slot = slot
         # Rows of vCPUs that do not exist yet stay untouched (np.zeros does not fault
-        # pages in, where np.zeros_like fills them: 200 ms for a 4 GiB slot's 128 MiB of
-        # counters, all of it in a migration's setup); a vCPU created later starts counting
+        # pages in, where np.zeros_like fills them: a 4 GiB slot has 128 MiB of counters, and
+        # filling them was in every migration's setup); a vCPU created later starts counting
         # from zero, as they do.
         self.seen = np.zeros(slot.counters.shape, dtype=slot.counters.dtype)
         self.seen[:nr_vcpus] = slot.counters[:nr_vcpus]
