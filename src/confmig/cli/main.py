@@ -194,8 +194,9 @@ def analyze(path: str, as_json: bool) -> None:
 @cli.command()
 @click.option("--save", default=None, help="Directory to save results into (JSON + Markdown).")
 @click.option("--quick", is_flag=True, help="Smaller sizes, fewer repetitions (a smoke run).")
-@click.option("--suite", default="plain", show_default=True, type=click.Choice(["plain", "psp"]),
-              help="plain: plain migration against this machine's limits; psp: plain vs PSP migration.")
+@click.option("--suite", default="plain", show_default=True, type=click.Choice(["plain", "psp", "demo"]),
+              help="plain: plain migration against this machine's limits; psp: plain vs PSP migration; "
+                   "demo: the default demo's wall time.")
 @click.option("--ram", default="1G", show_default=True, help="With --suite psp: the guest's RAM.")
 @click.option("--timeout", default=BENCH_TIMEOUT, show_default=True, type=_TIMEOUT,
               help="Seconds for the whole run; past them it stops with an error.")
@@ -209,6 +210,10 @@ def bench(save: str | None, quick: bool, suite: str, ram: str, timeout: float) -
             from confmig.bench.confidential import run_psp_benchmark
 
             run_psp_benchmark(save_dir=save, ram=ram, deadline=deadline)
+        elif suite == "demo":
+            from confmig.bench.demo_time import run_demo_benchmark
+
+            run_demo_benchmark(save_dir=save, deadline=deadline)
         else:
             from confmig.bench.perf import run_benchmarks
 
