@@ -1,0 +1,337 @@
+"""The Migration Handler's mailbox: shared guest pages through which a VMM drives the MH.
+
+Sans-IO: layouts, codecs and checks only. The VMM (untrusted) and the MH in the
+guest firmware (trusted) both import this module; neither trusts what the
+other wrote, so every decoder here bounds what it reads.
+
+Where it is. The firmware image's GUIDed table (migration handler block,
+:mod:`confmig.guest.firmware.image`) gives the MH entry point, the mailbox's
+guest-physical base and its size; nothing is hard-coded in the VMM (the 2021
+RFC hard-coded 0x820000). Each MH vCPU ``i`` (a vCPU of the mirror VM) owns
+the mailbox at ``base + i * MAILBOX_STRIDE``.
+
+Protocol version 1 (the RFC's layout, exactly; little-endian, packed)::
+
+    +0x000  command block, 32 bytes:
+            u64 cmd | u64 gpa | i32 prefetch | i32 ret | i32 go | i32 done
+    +0x800  io header: u32 len | len bytes (len <= 1024)
+    +0x1000 io page: 4096 bytes
+
+    commands INIT 0, ENCRYPT 1, DECRYPT 2, RESET 3; returns 0 ok, -1 invalid
+    function, -2 authentication error. The VMM writes the parameters, then
+    ``done = 0``, ``ret = -1`` and last ``go = 1``; the MH clears ``go`` and sets
+    ``done`` last.
+
+Protocol version 2 (confmig's): the same page 0 plus :data:`SLOTS` slots, each
+a command block of its own with a batch of up to :data:`BATCH_PAGES` pages::
+
+    slot j at +SLOT0 + j * SLOT_STRIDE:
+      +0x000  command block (as v1) followed by the v2 fields:
+              +0x20 u32 npages | u32 length (record bytes in the data area)
+              | u64 epoch
+      +0x1000 data area, SLOT_DATA bytes: a GPA list (EXPORT, request) or a
+              sealed record (EXPORT reply, IMPORT request, FINISH/COMPLETE
+              tokens)
+
+The MH serves every slot whose ``go`` is set each time it is entered, then
+halts to the host (HLT exit); the VMM kicks it by entering it again (KVM_RUN).
+So one slot can be sent while the MH fills the next, and several MH vCPUs
+serve several channels.
+
+Sealed records (v2 EXPORT/IMPORT, and v1 ENCRYPT/DECRYPT with one page). A
+record is what travels in the migration stream, opaque to the host::
+
+    header, 56 bytes: u8 version (2) | u8 alg (1: AES-256-GCM) | u16 kind
+        | u32 stream | u64 seq | u64 epoch | u32 npages | u32 nzero
+        | u32 body | u32 0 | 16 bytes migration id
+    npages entries u64: GPA | 1 if the page is zero (then it carries no data)
+    ciphertext: the non-zero pages in list order, then ``body`` bytes (a
+        token's contents: :class:`RecordKind`)
+    16-byte GCM tag
+
+The AEAD's associated data is the header and the GPA list; the nonce is
+``u32 stream | u64 seq`` (unique per key: a key serves one migration). The
+host sees how many pages a record holds, their GPAs and which are zero — what
+the page's address and the host's own dirty log already told it — never their
+contents.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+from confmig.common.errors import ConfmigError
+from confmig.common.units import PAGE_SIZE
+
+# --- version 1: the RFC's layout -------------------------------------------------------------
+
+CMD_OFFSET: Final = 0x000
+IO_HDR_OFFSET: Final = 0x800
+IO_PAGE_OFFSET: Final = 0x1000
+IO_HDR_MAX: Final = 1024
+"""Most bytes the io header carries (QEMU checks it on both sides)."""
+COMMAND: Final = struct.Struct("<QQiiii")
+"""cmd, gpa, prefetch, ret, go, done."""
+GO_OFFSET: Final = 0x18
+DONE_OFFSET: Final = 0x1C
+RET_OFFSET: Final = 0x14
+
+
+class MhCommand(IntEnum):
+    """Mailbox commands. 0-3 are the RFC's; 4 and up are protocol version 2."""
+
+    INIT = 0
+    ENCRYPT = 1
+    DECRYPT = 2
+    RESET = 3
+    EXPORT = 4
+    """Seal the slot's GPA list's pages into one record (source)."""
+    IMPORT = 5
+    """Open the slot's record and write its pages (target)."""
+    FINISH = 6
+    """Source: seal the completeness record; from now on the guest may not run here."""
+    COMPLETE = 7
+    """Target: check the completeness record; only then may the guest run."""
+    ABORT = 8
+    """Target: the guest never ran and never will here; seal an abort token."""
+    RESUME = 9
+    """Source: open an abort token; the guest may run here again."""
+
+
+class MhReturn(IntEnum):
+    SUCCESS = 0
+    INVALID_FUNC = -1
+    AUTH_ERR = -2
+
+
+# --- version 2: slots ----------------------------------------------------------------------
+
+PROTOCOL_VERSION: Final = 2
+SLOT0: Final = 0x2000
+"""The v1 area (command page and io page) comes first."""
+BATCH_PAGES: Final = 128
+"""Most pages in one EXPORT or IMPORT (512 KiB: one AEAD call stays cheap per byte)."""
+SLOTS: Final = 2
+"""Slots per MH vCPU: the VMM moves one while the MH works on the other."""
+SLOT_HEADER: Final = 0x1000
+V2_FIELDS: Final = struct.Struct("<IIQ")
+"""npages, length, epoch: at +0x20 of a slot's command block."""
+V2_FIELDS_OFFSET: Final = COMMAND.size
+RECORD_HEADER: Final = struct.Struct("<BBHIQQIII4x16s")
+"""version, alg, kind, stream, seq, epoch, npages, nzero, body, migration id."""
+BODY_MAX: Final = 4096
+"""Most bytes of a token's body."""
+TAG_SIZE: Final = 16
+MIGRATION_ID_SIZE: Final = 16
+ZERO_FLAG: Final = 1
+"""Low bit of a GPA-list entry: the page is zero and carries no data."""
+SLOT_DATA: Final = RECORD_HEADER.size + BATCH_PAGES * (8 + PAGE_SIZE) + TAG_SIZE
+"""The largest page record (a full batch with no zero page); tokens are far smaller."""
+SLOT_STRIDE: Final = SLOT_HEADER + ((SLOT_DATA + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+MAILBOX_STRIDE: Final = SLOT0 + SLOTS * SLOT_STRIDE
+"""One MH vCPU's mailbox: the v1 pages and its slots."""
+ALG_AES_256_GCM: Final = 1
+RECORD_VERSION: Final = 2
+V1_STREAM: Final = 0xFFFF_FFFF
+"""Stream number of records made by v1 commands (one page each)."""
+
+
+class RecordKind(IntEnum):
+    PAGES = 1
+    """Pages of one epoch."""
+    COMPLETION = 2
+    """The source's last record: every stream's last sequence number and page count."""
+    ABORT = 3
+    """The target's token: this migration never ran there and never will."""
+
+
+class MailboxError(ConfmigError):
+    """A mailbox field or record that does not fit its format (offset and reason)."""
+
+
+def slot_offset(slot: int) -> int:
+    if not 0 <= slot < SLOTS:
+        raise MailboxError(f"slot {slot} out of range 0..{SLOTS - 1}")
+    return SLOT0 + slot * SLOT_STRIDE
+
+
+def mailbox_base(base: int, size: int, mh_vcpu: int) -> int:
+    """The mailbox of MH vCPU ``mh_vcpu`` inside the firmware's area ``[base, base + size)``."""
+    if not 0 <= mh_vcpu < max_mh_vcpus(size):
+        raise MailboxError(f"MH vCPU {mh_vcpu}: the mailbox area holds {max_mh_vcpus(size)}")
+    return base + mh_vcpu * MAILBOX_STRIDE
+
+
+def max_mh_vcpus(size: int) -> int:
+    return max(size, 0) // MAILBOX_STRIDE
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command block as read from shared memory (v1 fields, then the v2 ones)."""
+
+    cmd: int
+    gpa: int
+    ret: int
+    go: int
+    done: int
+    npages: int = 0
+    length: int = 0
+    epoch: int = 0
+
+
+def decode_command(block: bytes | memoryview) -> Command:
+    """A slot's (or the v1) command block; ``block`` is at least 48 bytes."""
+    if len(block) < COMMAND.size + V2_FIELDS.size:
+        raise MailboxError(f"command block of {len(block)} bytes at offset 0")
+    cmd, gpa, _prefetch, ret, go, done = COMMAND.unpack_from(block, 0)
+    npages, length, epoch = V2_FIELDS.unpack_from(block, V2_FIELDS_OFFSET)
+    return Command(cmd, gpa, ret, go, done, npages, length, epoch)
+
+
+def encode_request(cmd: int, *, gpa: int = 0, npages: int = 0, length: int = 0, epoch: int = 0) -> bytes:
+    """The parameters a VMM writes before ``go`` (``ret = -1``, ``done = 0``, ``go`` still 0)."""
+    return COMMAND.pack(cmd, gpa, 0, -1, 0, 0) + V2_FIELDS.pack(npages, length, epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    version: int
+    alg: int
+    kind: int
+    stream: int
+    seq: int
+    epoch: int
+    npages: int
+    nzero: int
+    body: int
+    migration_id: bytes
+
+    def pack(self) -> bytes:
+        return RECORD_HEADER.pack(self.version, self.alg, self.kind, self.stream, self.seq,
+                                  self.epoch, self.npages, self.nzero, self.body, self.migration_id)
+
+    @property
+    def data_pages(self) -> int:
+        return self.npages - self.nzero
+
+    @property
+    def size(self) -> int:
+        """The whole record's length in bytes."""
+        return record_size(self.npages, self.nzero, self.body)
+
+
+def record_size(npages: int, nzero: int = 0, body: int = 0) -> int:
+    return RECORD_HEADER.size + 8 * npages + (npages - nzero) * PAGE_SIZE + body + TAG_SIZE
+
+
+def decode_record_header(data: bytes | memoryview, *, limit: int = SLOT_DATA) -> RecordHeader:
+    """The header of a sealed record, its sizes checked against ``len(data)`` and ``limit``
+    (the tag is not: only the key holder can check it)."""
+    if len(data) < RECORD_HEADER.size:
+        raise MailboxError(f"record of {len(data)} bytes: shorter than its {RECORD_HEADER.size}-byte header")
+    h = RecordHeader(*RECORD_HEADER.unpack_from(data, 0))
+    if h.version != RECORD_VERSION:
+        raise MailboxError(f"record version {h.version} at offset 0 (expected {RECORD_VERSION})")
+    if h.alg != ALG_AES_256_GCM:
+        raise MailboxError(f"record algorithm {h.alg} at offset 1 (expected {ALG_AES_256_GCM})")
+    if h.kind not in RecordKind.__members__.values():
+        raise MailboxError(f"record kind {h.kind} at offset 2")
+    if h.npages > BATCH_PAGES or h.nzero > h.npages:
+        raise MailboxError(f"record of {h.npages} pages ({h.nzero} zero) at offset 24: "
+                           f"at most {BATCH_PAGES}, zero ones among them")
+    if h.body > BODY_MAX:
+        raise MailboxError(f"record body of {h.body} bytes at offset 40 (at most {BODY_MAX})")
+    if h.size > limit or h.size != len(data):
+        raise MailboxError(f"record of {len(data)} bytes; its header says {h.size} (limit {limit})")
+    return h
+
+
+def gpa_list(record: bytes | memoryview, header: RecordHeader) -> list[int]:
+    """The record's GPA-list entries (each a page address, low bit :data:`ZERO_FLAG`)."""
+    start = RECORD_HEADER.size
+    return list(struct.unpack_from(f"<{header.npages}Q", record, start))
+
+
+def associated_data(record: bytes | memoryview, header: RecordHeader) -> bytes:
+    """What the AEAD authenticates besides the ciphertext: the header and the GPA list."""
+    return bytes(record[: RECORD_HEADER.size + 8 * header.npages])
+
+
+def nonce(stream: int, seq: int) -> bytes:
+    return struct.pack("<IQ", stream, seq)
+
+
+# --- INIT and the tokens' bodies -----------------------------------------------------------
+
+
+class Role(IntEnum):
+    """What INIT makes of an MH: the side of the migration it serves."""
+
+    V1 = 0
+    """No parameters (the RFC's INIT): migration id all zero, both commands allowed."""
+    SOURCE = 1
+    TARGET = 2
+
+
+INIT_PARAMS: Final = struct.Struct("<II16s")
+"""v2 INIT's io header: protocol version, role, migration id."""
+
+
+def encode_init(role: Role, migration_id: bytes) -> bytes:
+    if len(migration_id) != MIGRATION_ID_SIZE:
+        raise MailboxError(f"a migration id is {MIGRATION_ID_SIZE} bytes, got {len(migration_id)}")
+    return INIT_PARAMS.pack(PROTOCOL_VERSION, role, migration_id)
+
+
+def decode_init(io_header: bytes | memoryview) -> tuple[Role, bytes]:
+    """INIT's parameters from the io header's data (empty: a v1 INIT)."""
+    if len(io_header) == 0:
+        return Role.V1, bytes(MIGRATION_ID_SIZE)
+    if len(io_header) != INIT_PARAMS.size:
+        raise MailboxError(f"INIT parameters of {len(io_header)} bytes (expected 0 or {INIT_PARAMS.size})")
+    version, role, migration_id = INIT_PARAMS.unpack(io_header)
+    if version != PROTOCOL_VERSION:
+        raise MailboxError(f"INIT protocol version {version} (this MH speaks {PROTOCOL_VERSION})")
+    if role not in (Role.SOURCE, Role.TARGET):
+        raise MailboxError(f"INIT role {role} at offset 4")
+    return Role(role), migration_id
+
+
+STREAM_TOTAL: Final = struct.Struct("<IIQQ")
+"""One stream in a completion record: stream, 0, records (= next sequence number), pages."""
+MAX_STREAMS: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTotal:
+    stream: int
+    records: int
+    pages: int
+
+
+def encode_completion(totals: list[StreamTotal]) -> bytes:
+    if len(totals) > MAX_STREAMS:
+        raise MailboxError(f"{len(totals)} streams (at most {MAX_STREAMS})")
+    return struct.pack("<I", len(totals)) + b"".join(
+        STREAM_TOTAL.pack(t.stream, 0, t.records, t.pages) for t in totals)
+
+
+def decode_completion(body: bytes | memoryview) -> list[StreamTotal]:
+    if len(body) < 4:
+        raise MailboxError(f"completion body of {len(body)} bytes")
+    (n,) = struct.unpack_from("<I", body, 0)
+    if n > MAX_STREAMS or len(body) != 4 + n * STREAM_TOTAL.size:
+        raise MailboxError(f"completion body of {len(body)} bytes for {n} streams")
+    out = []
+    for i in range(n):
+        stream, _, records, pages = STREAM_TOTAL.unpack_from(body, 4 + i * STREAM_TOTAL.size)
+        out.append(StreamTotal(stream, records, pages))
+    return out
+
+
+ABORT_NEVER_RAN: Final = b"confmig-mh-abort: the target never ran and never will\0"
+"""An abort token's body: the target MH's word, sealed under the migration's key."""
