@@ -121,8 +121,23 @@ class VmFd(_Fd):
         return VcpuFd(socket.socket(fileno=fds[0]), vcpu_id)
 
     def enable_cap(self, cap: int, *args: int) -> None:
-        padded = ((*tuple(args), 0, 0, 0, 0))[:4]
-        self.ioctl(ioctl.KVM_ENABLE_CAP, ioctl.EnableCap(cap=cap, args=padded).encode())  # type: ignore[arg-type]
+        self._enable_cap(cap, args, None)
+
+    def enable_cap_fd(self, cap: int, fd: int, *args: int) -> None:
+        """``KVM_ENABLE_CAP`` of a cap whose ``args[0]`` is a file descriptor: for
+        ``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM``, on the mirror VM, the source VM's fd
+        (``source.fileno()``). The descriptor goes with the request (a number means nothing
+        in the host's process); ``args[0]`` still carries it, as in Linux."""
+        self._enable_cap(cap, (fd, *args), [fd])
+
+    def _enable_cap(self, cap: int, args: tuple[int, ...], fds: list[int] | None) -> None:
+        if len(args) > 4:
+            raise ValueError(f"struct kvm_enable_cap has 4 args, got {len(args)}")
+        a0, a1, a2, a3 = (*args, 0, 0, 0, 0)[:4]
+        payload = ioctl.EnableCap(cap=cap, args=(a0, a1, a2, a3)).encode()
+        result, _, _ = self.ioctl(ioctl.KVM_ENABLE_CAP, payload, fds, check=False)
+        if result < 0:
+            raise KvmError(f"KVM_ENABLE_CAP({ioctl.cap_name(cap)})", -result)
 
     def get_dirty_log(self, slot: int, npages: int) -> npt.NDArray[np.bool_]:
         _, payload, _ = self.ioctl(ioctl.KVM_GET_DIRTY_LOG, ioctl.DIRTY_LOG.pack(slot, 0))

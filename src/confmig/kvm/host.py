@@ -5,7 +5,9 @@ is an open ``/dev/kvm``; ``KVM_CREATE_VM`` hands back a VM fd (a socket whose
 other end this service holds) and ``KVM_CREATE_VCPU`` a vCPU fd connected to
 the vCPU's own process. Because fds are sockets, they can be passed between
 processes and back to the host, which recognises them by inode: unforgeable
-handles, as real fds are.
+handles, as real fds are. A VM fd comes back in ``KVM_ENABLE_CAP`` of
+``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM`` (:meth:`Vm.copy_enc_context_from`): the
+descriptor rides with the request, and :meth:`KvmHost.vm_of` finds its VM.
 
 SEV-ES VMSA pages: each SEV-ES VM gets a memfd of :data:`KVM_MAX_VCPUS`
 pages (:class:`VmsaArea`), host memory KVM owns and no memory slot maps into
@@ -88,10 +90,12 @@ EXTENSIONS = {
     ioctl.KVM_CAP_EXIT_HYPERCALL: 1 << KVM_HC_MAP_GPA_RANGE,
     ioctl.KVM_CAP_X86_USER_SPACE_MSR: 1,
     ioctl.KVM_CAP_X86_MSR_FILTER: 1,
+    ioctl.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: 1,
 }
 
 
 def fd_identity(fd: int) -> tuple[int, int]:
+    """(device, inode) of an open file: the same for every descriptor of it, in any process."""
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
 
@@ -196,6 +200,8 @@ class Vm:
 
     vm_id: int
     host: KvmHost
+    file: tuple[int, int] = (0, 0)
+    """:func:`fd_identity` of the VM fd the VMM holds: how the host knows it when it comes back."""
     slots: dict[int, Slot] = field(default_factory=dict)
     vcpus: dict[int, VcpuHandle] = field(default_factory=dict)
     manual_protect: bool = False
@@ -208,6 +214,10 @@ class Vm:
     vmsa: VmsaArea | None = None
     """SEV-ES: the vCPUs' VMSA pages (allocated when first needed)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    migration_in_progress: threading.Lock = field(default_factory=threading.Lock)
+    """``sev->migration_in_progress``: held, taken without waiting, while the encryption context
+    is copied to or from this VM, so two VMs locking each other fail ``EBUSY`` instead of
+    deadlocking (``sev_lock_two_vms``)."""
 
     # --- dispatch -----------------------------------------------------------
 
@@ -223,7 +233,7 @@ class Vm:
             if r == ioctl.KVM_CLEAR_DIRTY_LOG:
                 return self.clear_dirty_log(req.payload), b"", []
             if r == ioctl.KVM_ENABLE_CAP:
-                return self.enable_cap(ioctl.EnableCap.decode(req.payload)), b"", []
+                return self.enable_cap(ioctl.EnableCap.decode(req.payload), fds), b"", []
             if r == ioctl.KVM_CHECK_EXTENSION:
                 return EXTENSIONS.get(_arg(req.payload), 0), b"", []
             if r == ioctl.KVM_MEMORY_ENCRYPT_OP:
@@ -346,9 +356,13 @@ class Vm:
 
     # --- capabilities ------------------------------------------------------------
 
-    def enable_cap(self, cap: ioctl.EnableCap) -> int:
+    def enable_cap(self, cap: ioctl.EnableCap, fds: list[int] | None = None) -> int:
+        """``KVM_ENABLE_CAP``; ``fds`` are the descriptors that came with it (a cap whose
+        ``args[0]`` is an fd takes it from there: the number means nothing in this process)."""
         if cap.flags:
             return -errno.EINVAL
+        if cap.cap == ioctl.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM:
+            return self.copy_enc_context_from(fds or [])
         if cap.cap == ioctl.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
             supported = EXTENSIONS[ioctl.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2]
             if cap.args[0] & ~supported:
@@ -373,14 +387,52 @@ class Vm:
             return 0
         return -errno.EINVAL
 
+    def copy_enc_context_from(self, fds: list[int]) -> int:
+        """``sev_vm_copy_enc_context_from``: this VM becomes a mirror of the VM whose fd came
+        with the request (see :meth:`SevVm.copy_enc_context_from` for what it copies and when it
+        refuses). ``EBADF`` unless the fd is a VM fd of this host; ``EINVAL`` for this VM's own
+        fd; ``EBUSY`` if either VM is in another copy. Called under this VM's lock."""
+        # SECURITY: the VMM chose the descriptor; only the inode of a live VM's fd names a VM.
+        source = self.host.vm_of(fds[0]) if len(fds) == 1 else None
+        if source is None:
+            return -errno.EBADF
+        if source is self:
+            return -errno.EINVAL
+        if not self.migration_in_progress.acquire(blocking=False):
+            return -errno.EBUSY
+        try:
+            if not source.migration_in_progress.acquire(blocking=False):
+                return -errno.EBUSY
+            try:
+                # Safe to wait: only this path holds two VMs' locks, and the flags above let
+                # each VM be in one such path at a time.
+                with source.lock:
+                    owner = source.sev
+                    mirror = self._sev() if owner is not None else None
+                    if owner is None or mirror is None:
+                        return -errno.EINVAL  # the source never issued an SEV command
+                    return mirror.copy_enc_context_from(owner)
+            finally:
+                source.migration_in_progress.release()
+        finally:
+            self.migration_in_progress.release()
+
     def memory_encrypt_op(self, payload: bytes) -> tuple[int, bytes]:
+        sev = self._sev()
+        if sev is None:
+            return -errno.ENOTTY, b""  # no SEV on this host
+        return sev.encrypt_op(payload)
+
+    def _sev(self) -> SevVm | None:
+        """The VM's SEV side (``kvm_sev_info``), made when first needed; None on a host
+        without a PSP."""
         psp = self.host.psp
         if psp is None:
-            return -errno.ENOTTY, b""  # no SEV on this host
+            return None
         if self.sev is None:
             self.sev = SevVm(psp, self.host.asids, self.gpa_to_spa,
                              lambda asid, es: self.bind_asid(asid, es=es), self)
-        return self.sev.encrypt_op(payload)
+        return self.sev
 
     def gpa_to_spa(self, gpa: int, length: int) -> list[tuple[int, int]]:
         """Guest-physical range → physically contiguous (SPA, length) chunks, as KVM
@@ -552,6 +604,15 @@ class KvmHost:
         self._listener: socket.socket | None = None
         self._closing = threading.Event()
 
+    def vm_of(self, fd: int) -> Vm | None:
+        """The live VM whose VM fd ``fd`` is (a descriptor passed back by a VMM), or None."""
+        try:
+            file = fd_identity(fd)
+        except OSError:
+            return None
+        with self._lock:
+            return next((vm for vm in self.vms.values() if vm.file == file), None)
+
     def spa_window(self, spa: int, size: int) -> memoryview | None:
         """The host mapping of ``[spa, spa + size)`` (within one slot, or within a VM's
         VMSA pages), for the platform's memory controller; None if nothing holds it."""
@@ -625,11 +686,11 @@ class KvmHost:
         return -errno.ENOTTY, b"", []
 
     def _create_vm(self) -> tuple[int, bytes, list[int]]:
+        vmm_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with self._lock:
-            vm = Vm(vm_id=self._next_vm, host=self)
+            vm = Vm(vm_id=self._next_vm, host=self, file=fd_identity(vmm_end.fileno()))
             self._next_vm += 1
             self.vms[vm.vm_id] = vm
-        vmm_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         threading.Thread(target=self._serve_vm, args=(vm, host_end), daemon=True).start()
         return 0, b"", [vmm_end.detach()]
 

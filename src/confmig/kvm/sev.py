@@ -47,12 +47,23 @@ there in plaintext (``sev_es_sync_vmsa``), the PSP's LAUNCH_UPDATE_VMSA
 measures it into the launch digest, seals it (TMR CRC) and encrypts it in
 place, and the vCPU's state becomes protected (``KVM_GET/SET_REGS`` fail
 ``EINVAL``). KVM never holds plaintext registers after that.
+
+Mirror VMs (``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM``, :meth:`SevVm.copy_enc_context_from`):
+a VM with no vCPUs and no SEV context of its own takes a copy of another SEV
+VM's ``kvm_sev_info`` (ASID, ES flag, handle), so its vCPUs run under the same
+ASID and reach the guest's private memory through the same key slot, with
+their own registers and page tables (the Migration Handler's use). Only its
+owner manages the context: a mirror issues nothing but
+:data:`MIRROR_COMMANDS`. The owner's context outlives its VM while mirrors
+use it (Linux's mirror holds a reference on the owner's VM): it is torn down,
+and the ASID freed, when the last of the owner and its mirrors is destroyed.
 """
 
 from __future__ import annotations
 
 import errno
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -83,6 +94,12 @@ KVM_SEV_DBG_DECRYPT = 17
 KVM_SEV_DBG_ENCRYPT = 18
 KVM_SEV_SEND_CANCEL = 21
 
+
+MIRROR_COMMANDS = frozenset({
+    KVM_SEV_LAUNCH_UPDATE_VMSA, KVM_SEV_GUEST_STATUS, KVM_SEV_DBG_DECRYPT, KVM_SEV_DBG_ENCRYPT,
+})
+"""What a mirror VM may issue (``is_cmd_allowed_from_mirror``): its own vCPUs' VMSAs (SEV-ES),
+the guest's status, debug access. Everything else, INIT included, is ``EINVAL``."""
 
 _CMD_NAMES = {v: k for k, v in list(globals().items()) if k.startswith("KVM_SEV_") and isinstance(v, int)}
 
@@ -240,6 +257,15 @@ class SevVm:
         self.translate = translate
         self.bind_asid = bind_asid
         self.state = SevState()
+        self.enc_context_owner: SevVm | None = None
+        """A mirror: the VM whose encryption context this one uses (``sev->enc_context_owner``)."""
+        self.mirror_vms: list[SevVm] = []
+        """An owner: the mirrors using its context (``sev->mirror_vms``)."""
+        self._released = False
+        """An owner: its VM was destroyed; the context lives on for its mirrors."""
+        self._refs = threading.Lock()
+        """Guards ``mirror_vms``, ``_released`` and the teardown they decide (the owner's
+        ``kvm->lock`` in ``sev_vm_destroy``); mirrors join and leave from their own threads."""
 
     def encrypt_op(self, payload: bytes) -> tuple[int, bytes]:
         """Returns (result, reply payload = ``struct kvm_sev_cmd`` with ``error`` + outputs)."""
@@ -256,6 +282,8 @@ class SevVm:
 
     def _dispatch(self, cmd_id: int, body: bytes) -> tuple[int, int, bytes]:
         s = self.state
+        if self.enc_context_owner is not None and cmd_id not in MIRROR_COMMANDS:
+            return -errno.EINVAL, SEV_RET_NO_FW_CALL, b""  # only the owner manages the context
         if cmd_id in (KVM_SEV_INIT, KVM_SEV_ES_INIT):
             return self._init(es=cmd_id == KVM_SEV_ES_INIT)
         if not s.active:
@@ -543,16 +571,54 @@ class SevVm:
             raise ProtocolError("zero length")
         return self.translate(gpa, length)
 
+    # --- mirror VMs -----------------------------------------------------------
+
+    def copy_enc_context_from(self, source: SevVm) -> int:
+        """``sev_vm_copy_enc_context_from``, with both VMs locked: this VM becomes a mirror of
+        ``source``, with its ASID, ES flag and handle. ``EINVAL`` (nothing changed) if this VM
+        is an SEV guest already (a mirror included) or has vCPUs (they were set up as plain
+        vCPUs), or if ``source`` is no SEV guest (no ``KVM_SEV_INIT``) or is itself a mirror."""
+        if self.state.active or (self.vcpus is not None and self.vcpus.vcpu_ids()):
+            return -errno.EINVAL
+        with source._refs:
+            # Under the owner's lock: its teardown, which clears its state, cannot interleave.
+            s = source.state
+            if not s.active or source.enc_context_owner is not None:
+                return -errno.EINVAL
+            source.mirror_vms.append(self)
+            self.state = SevState(active=True, es=s.es, asid=s.asid, handle=s.handle)
+            self.enc_context_owner = source
+        self.bind_asid(s.asid, s.es)  # for the vCPUs it creates from now on
+        return 0
+
     def destroy(self) -> None:
-        """VM teardown: DEACTIVATE, DECOMMISSION, free the ASID (``sev_vm_destroy``)."""
-        s = self.state
+        """VM teardown (``sev_vm_destroy``). A mirror leaves its owner's list and owns nothing
+        to tear down. An owner's context goes (DEACTIVATE, DECOMMISSION, the ASID freed) once
+        its VM and all its mirrors are destroyed, whichever goes last."""
+        owner = self.enc_context_owner
+        if owner is None:
+            self._put()
+            return
+        self.enc_context_owner, self.state = None, SevState()
+        owner._put(mirror=self)
+
+    def _put(self, *, mirror: SevVm | None = None) -> None:
+        """The owner's VM is gone (``mirror`` None) or one of its mirrors is: the last one out
+        tears the context down."""
+        with self._refs:
+            if mirror is None:
+                self._released = True
+            else:
+                self.mirror_vms.remove(mirror)
+            if not self._released or self.mirror_vms:
+                return
+            s, self.state = self.state, SevState()
         if s.handle:
             self.psp.deactivate(s.handle)
             self.psp.decommission(s.handle)
         if s.asid:
             self.psp.df_flush()  # a freed ASID is dirty until flushed (Linux flushes before reuse)
             self.asids.release(s.asid)
-        self.state = SevState()
 
 
 def issue_sev_cmd(psp: SecureProcessor, payload: bytes) -> tuple[int, bytes]:

@@ -4,7 +4,8 @@ Each emulated file descriptor (``/dev/kvm``, a VM fd, a vCPU fd) is a Unix
 stream socket to the host. A request is a fixed 16-byte header and a payload;
 the reply echoes the request number and sequence and carries the result (``>= 0``
 success, ``-errno`` failure) and a payload. File descriptors (RAM memfds, new VM
-and vCPU fds) ride as SCM_RIGHTS ancillary data on the header bytes.
+and vCPU fds, a VM fd named in ``KVM_ENABLE_CAP``) ride as SCM_RIGHTS ancillary
+data on the header bytes.
 
 Request numbers are the real KVM ioctl numbers (``_IOW(KVMIO, 0x46, ...)`` and
 so on); payloads are the real structs' little-endian layouts where one exists.
@@ -95,7 +96,16 @@ KVM_CAP_IMMEDIATE_EXIT: Final = 136
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: Final = 168
 KVM_CAP_X86_USER_SPACE_MSR: Final = 188
 KVM_CAP_X86_MSR_FILTER: Final = 189
+KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: Final = 197
+"""On the mirror VM, ``args[0]`` the source VM's fd: share its SEV encryption context."""
 KVM_CAP_EXIT_HYPERCALL: Final = 201
+KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: Final = 206
+"""On the target VM, ``args[0]`` the source VM's fd: take over its SEV encryption context."""
+CAP_NAMES: Final[dict[int, str]] = {
+    v: k for k, v in list(globals().items()) if k.startswith("KVM_CAP_") and isinstance(v, int)
+}
+"""Capability numbers are their own namespace (``KVM_CHECK_EXTENSION``, ``KVM_ENABLE_CAP``)."""
+
 # KVM_CAP_X86_USER_SPACE_MSR's argument: which failed MSR accesses exit to the VMM.
 KVM_MSR_EXIT_REASON_INVAL: Final = 1 << 0
 KVM_MSR_EXIT_REASON_UNKNOWN: Final = 1 << 1
@@ -140,6 +150,11 @@ HEADER_SIZE: Final = 16
 
 def name(request: int) -> str:
     return NAMES.get(request, f"ioctl {request:#x}")
+
+
+def cap_name(cap: int) -> str:
+    """``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM`` for 197: the name of a capability."""
+    return CAP_NAMES.get(cap, f"capability {cap}")
 
 
 @dataclass(frozen=True, slots=True)
