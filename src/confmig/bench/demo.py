@@ -25,15 +25,18 @@ from confmig.bench.lab import (
     size_option,
 )
 from confmig.bench.scenario import (
+    MH_TARGET_ARGS,
     SEV_ES_POLICY,
     SEV_POLICY,
     MigrationSettings,
+    mh_args,
     migrate,
     sev_args,
 )
 from confmig.common.errors import ConfigError
 from confmig.common.units import parse_size
-from confmig.owner import DISK_PASSPHRASE_GUID
+from confmig.owner import DISK_PASSPHRASE_GUID, MIGRATION_TRANSPORT_KEY_GUID
+from confmig.vmm.cmdline import MAX_MIRROR_VCPUS
 from confmig.vmm.migration.params import MAX_DOWNTIME_LIMIT_MS, MAX_MULTIFD_CHANNELS
 
 GUEST_READY_TIMEOUT = 600.0
@@ -50,7 +53,10 @@ class DemoOptions:
     max_bandwidth: int = 100 << 30
     channels: int = 1
     mode: str = "plain"
-    """``plain`` (an ordinary guest) or ``psp`` (an SEV guest, pages re-encrypted by the PSP)."""
+    """``plain`` (an ordinary guest), ``psp`` (an SEV guest, pages re-encrypted by the PSP) or
+    ``mh`` (an SEV guest, pages sealed by its own Migration Handler)."""
+    mh_vcpus: int = 1
+    """With ``mh``: the guest's Migration Handler vCPUs."""
     sev_es: bool = False
     keep: bool = False
     timeout: float = DEMO_TIMEOUT
@@ -68,9 +74,12 @@ class DemoOptions:
             raise ConfigError("--sev-es needs --mode psp (an SEV-ES guest is an SEV guest)")
         if not 1 <= self.channels <= MAX_MULTIFD_CHANNELS:
             raise ConfigError(f"--channels {self.channels}: 1 to {MAX_MULTIFD_CHANNELS}")
-        if self.mode == "psp" and self.channels > 1:
-            raise ConfigError("--channels: the PSP path sends every page on the main channel "
-                              "(multifd is for plain guests); leave --channels at 1 with --mode psp")
+        if self.mode in ("psp", "mh") and self.channels > 1:
+            raise ConfigError(f"--channels: the {self.mode.upper()} path sends every page on the main "
+                              f"channel (multifd is for plain guests); leave --channels at 1 with --mode "
+                              f"{self.mode}" + (" and use --mh-vcpus" if self.mode == "mh" else ""))
+        if not 1 <= self.mh_vcpus <= MAX_MIRROR_VCPUS:
+            raise ConfigError(f"--mh-vcpus {self.mh_vcpus}: 1 to {MAX_MIRROR_VCPUS}")
         if not 0 <= self.downtime_limit <= MAX_DOWNTIME_LIMIT_MS:
             raise ConfigError(f"--downtime-limit {self.downtime_limit}: 0 to {MAX_DOWNTIME_LIMIT_MS} ms")
         if self.max_bandwidth < 1:
@@ -105,7 +114,17 @@ def _pair(lab: Lab, opts: DemoOptions, audit: Callable[[Mapping[str, object]], N
     a, b = lab.start_hosts("hostA", "hostB")
     src_extra: list[str] = []
     dst_extra: list[str] = []
-    if opts.mode == "psp":
+    incoming: str | None = "defer"
+    if opts.mode == "mh":
+        # Both launches are attested by the owner, who gives both the same transport key;
+        # the target then runs only its Migration Handler (no -incoming: it boots first).
+        owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY, audit=audit,
+                          secrets=[(DISK_PASSPHRASE_GUID, os.urandom(32)),
+                                   (MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
+        src_extra += sev_args(SEV_POLICY, owner=owner.url) + mh_args(opts.mh_vcpus)
+        dst_extra += sev_args(SEV_POLICY, owner=owner.url) + mh_args(opts.mh_vcpus) + list(MH_TARGET_ARGS)
+        incoming = None
+    elif opts.mode == "psp":
         policy = SEV_ES_POLICY if opts.sev_es else SEV_POLICY
         owner = lab.owner(firmware=lab.bios, policy=policy, audit=audit,
                           secrets=[(DISK_PASSPHRASE_GUID, os.urandom(32))])
@@ -116,7 +135,7 @@ def _pair(lab: Lab, opts: DemoOptions, audit: Callable[[Mapping[str, object]], N
         dst_extra += lab.kv_device("dst")
     src, dst = lab.start_vms(
         VmSpec(name="src", host=a, ram=opts.ram, guest=opts.guest_arg(), extra=tuple(src_extra)),
-        VmSpec(name="dst", host=b, ram=opts.ram, guest=opts.guest_arg(), incoming="defer",
+        VmSpec(name="dst", host=b, ram=opts.ram, guest=opts.guest_arg(), incoming=incoming,
                extra=tuple(dst_extra)))
     return src, dst
 
@@ -126,20 +145,24 @@ def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
     halts or faults, or a step that outlives its bound, raises instead (a ConfmigError)."""
     total = opts.check()
     console = Console(stderr=as_json, quiet=False)
-    confidential = opts.mode == "psp"
+    confidential = opts.mode in ("psp", "mh")
     with Lab(keep=opts.keep, deadline=Deadline(opts.timeout)) as lab:
         settings = MigrationSettings(downtime_limit_ms=opts.downtime_limit,
                                      max_bandwidth=opts.max_bandwidth, channels=opts.channels,
-                                     sev_target_certs=confidential, amd_root=lab.amd_root)
+                                     sev_target_certs=opts.mode == "psp", amd_root=lab.amd_root,
+                                     confidential_backend=opts.mode if confidential else "")
         console.print(f"[bold]confmig demo[/]: two emulated hosts in {lab.root}")
         verdicts: list[Mapping[str, object]] = []
         src, dst = _pair(lab, opts, verdicts.append)
         if confidential:
             console.print("guest owner (in this process) attested the source's launch: "
                           + ", ".join(str(v["event"]) for v in verdicts))
-        kind = f"{'SEV-ES' if opts.sev_es else 'SEV'} guest (PSP migration)" if confidential else "guest"
+        kind = {"psp": f"{'SEV-ES' if opts.sev_es else 'SEV'} guest (PSP migration)",
+                "mh": f"SEV guest (Migration Handler migration, {opts.mh_vcpus} MH vCPU)",
+                }.get(opts.mode, "guest")
+        waiting = ("running only its Migration Handler" if opts.mode == "mh" else "waiting (-incoming defer)")
         console.print(f"source {kind} on hostA ({opts.ram}, workload: {opts.guest_arg()}); "
-                      "target on hostB waiting (-incoming defer)")
+                      f"target on hostB {waiting}")
         filling = " and filling its working set" if opts.guest == "dirty" else ""
         with console.status(f"booting the guest{filling}..."):
             ready = WORKING_SET_WRITTEN if opts.guest == "dirty" else WORKLOAD_STARTED[opts.guest]
@@ -216,9 +239,13 @@ def _print(console: Console, s: dict[str, Any]) -> None:
             f"{k} {v:.1f} ms" for k, v in s["downtime-breakdown-ms"].items())))
     if s.get("confidential"):
         c = s["confidential"]
+        if c["backend"] == "mh":
+            detail = (f"{c['mh-commands']} MH commands, {c['batches']} batches, "
+                      f"{c['zero-pages-elided']} zero pages elided, {c['mh-vcpus']} MH vCPUs")
+        else:
+            detail = f"{c['psp-commands']} PSP commands"
         rows.append((f"confidential ({c['backend']})",
-                     f"{c['private-pages']} private pages, {c['shared-pages']} shared pages, "
-                     f"{c['psp-commands']} PSP commands"))
+                     f"{c['private-pages']} private pages, {c['shared-pages']} shared pages, {detail}"))
     if s.get("selfcheck"):
         rows.append(("guest self-check", s["selfcheck"]))
     if s.get("console-tail"):

@@ -34,6 +34,8 @@ class MigrationSettings:
     target's ``query-sev-capabilities``) and the AMD chain, as libvirt does for an SEV guest."""
     amd_root: Path = Path()
     """With ``sev_target_certs``: the AMD root directory (the lab's ``amd_root``)."""
+    confidential_backend: str = ""
+    """``x-confidential-backend`` (empty: the guest's default)."""
 
 
 @dataclass
@@ -56,6 +58,8 @@ def configure(vm: VmProc, s: MigrationSettings) -> None:
     params: dict[str, Any] = {"downtime-limit": s.downtime_limit_ms, "max-bandwidth": s.max_bandwidth}
     if s.channels > 1:
         params["multifd-channels"] = s.channels
+    if s.confidential_backend:
+        params["x-confidential-backend"] = s.confidential_backend
     vm.qmp.execute("migrate-set-parameters", **params)
 
 
@@ -119,6 +123,16 @@ def sev_args(policy: int = SEV_POLICY, *, owner: str | None = None, extra: str =
     ``owner``: the guest owner's key broker that attests the launch."""
     obj = f"sev-guest,id=sev0,policy={policy:#x}" + (f",owner={owner}" if owner else "") + extra
     return ["-object", obj, "-machine", "q35,confidential-guest-support=sev0"]
+
+
+MH_TARGET_ARGS = ("-fw_cfg", "name=opt/ovmf/PcdSevIsMigrationTarget,string=1")
+"""A Migration Handler target: launched and attested like any SEV guest, its firmware runs
+only the MH until the stream arrives (the 2021 RFC's fw_cfg name)."""
+
+
+def mh_args(mh_vcpus: int, vcpus: int = 1) -> list[str]:
+    """``-smp`` with Migration Handler vCPUs (a mirror VM)."""
+    return ["-smp", f"{vcpus},mirrorvcpus={mh_vcpus}"]
 
 
 def wait_status(vm: VmProc, status: str, timeout: float = 30.0) -> None:

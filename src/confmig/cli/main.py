@@ -158,21 +158,25 @@ def firmware() -> None:
 @click.option("--downtime-limit", default=300, show_default=True, help="Milliseconds.")
 @click.option("--max-bandwidth", default=100 << 30, show_default=True, help="Bytes per second.")
 @click.option("--channels", default=1, show_default=True, help="1 = main channel; >1 = multifd.")
-@click.option("--mode", default="plain", show_default=True, type=click.Choice(["plain", "psp"]),
-              help="plain: an ordinary guest; psp: an SEV guest, its private pages re-encrypted by the PSP.")
+@click.option("--mode", default="plain", show_default=True, type=click.Choice(["plain", "psp", "mh"]),
+              help="plain: an ordinary guest; psp: an SEV guest, its private pages re-encrypted by the "
+                   "PSP; mh: an SEV guest, its private pages sealed by its own Migration Handler.")
+@click.option("--mh-vcpus", default=1, show_default=True, help="With --mode mh: Migration Handler vCPUs.")
 @click.option("--sev-es", is_flag=True, help="With --mode psp: an SEV-ES guest.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--keep", is_flag=True, help="Keep the lab directory (logs, consoles).")
 @click.option("--timeout", default=DEMO_TIMEOUT, show_default=True, type=_TIMEOUT,
               help="Seconds for the whole demo; past them it stops with an error.")
 def demo(ram: str, guest: str, dirty_rate: int, wss: str, downtime_limit: int, max_bandwidth: int,
-         channels: int, mode: str, sev_es: bool, as_json: bool, keep: bool, timeout: float) -> None:
+         channels: int, mode: str, mh_vcpus: int, sev_es: bool, as_json: bool, keep: bool,
+         timeout: float) -> None:
     """Start two hosts and two VMs here, live-migrate the running guest, report."""
     from confmig.bench.demo import DemoOptions, run_demo
 
     opts = DemoOptions(ram=ram, guest=guest, dirty_rate=dirty_rate, wss=wss,
                        downtime_limit=downtime_limit, max_bandwidth=max_bandwidth,
-                       channels=channels, mode=mode, sev_es=sev_es, keep=keep, timeout=timeout)
+                       channels=channels, mode=mode, mh_vcpus=mh_vcpus, sev_es=sev_es, keep=keep,
+                       timeout=timeout)
     _run_scenario(lambda: run_demo(opts, as_json=as_json))
 
 

@@ -171,11 +171,20 @@ def _sev_guest(opts: dict[str, str]) -> SevGuestConfig:
                           x_plain_copy=_bool(opts.get("x-plain-copy", "off"), "sev-guest x-plain-copy"))
 
 
+MAX_MIRROR_VCPUS = 4
+"""Migration Handler vCPUs a guest may have (the firmware's mailbox area serves 4)."""
+MH_TARGET_FW_CFG = "opt/ovmf/PcdSevIsMigrationTarget"
+"""``-fw_cfg name=opt/ovmf/PcdSevIsMigrationTarget,string=1``: the firmware boots only its
+Migration Handler and waits for an incoming migration (the 2021 RFC's name)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MachineConfig:
     host: str
     ram_size: int = DEFAULT_RAM
     smp: int = 1
+    mirror_vcpus: int = 0
+    """``-smp N,mirrorvcpus=M``: Migration Handler vCPUs, in a mirror VM of the SEV guest."""
     cpu: CpuConfig = field(default_factory=CpuConfig)
     name: str = "confmig"
     guest: GuestSpec = field(default_factory=lambda: GuestSpec(workload="idle"))
@@ -197,11 +206,16 @@ class MachineConfig:
     bios: str | None = None
     """``-bios PATH``: the firmware image (measured and encrypted for SEV guests)."""
 
+    @property
+    def mh_target(self) -> bool:
+        """Started as a Migration Handler target: the firmware runs only its MH."""
+        return self.fw_cfg_files.get(MH_TARGET_FW_CFG) == b"1"
+
 
 USAGE = """usage: confmig vm --host SOCKET [options]
   -m SIZE                   guest RAM (default 128M)
   -cpu MODEL[,-kvm-migration-control][,-kvm-hc-map-gpa-range]   hide KVM PV features
-  -smp N                    vCPUs
+  -smp N[,mirrorvcpus=M]    vCPUs (and M Migration Handler vCPUs for an SEV guest)
   -name NAME                VM name
   --guest WORKLOAD[,k=v]    idle | dirty[,rate=N,wss=SIZE,fill=random|zero,seed=N] | kv
                             (SEV guests: sev_migration=off keeps the kernel from allowing migration)
@@ -257,6 +271,13 @@ def parse(argv: list[str]) -> MachineConfig:
             if not 1 <= n <= 16:
                 raise ConfigError("-smp: between 1 and 16 vCPUs")
             kw["smp"] = n
+            try:
+                mirrors = int(s.get("mirrorvcpus", "0"))
+            except ValueError:
+                raise ConfigError(f"-smp: mirrorvcpus '{s.get('mirrorvcpus')}' is not a number") from None
+            if not 0 <= mirrors <= MAX_MIRROR_VCPUS:
+                raise ConfigError(f"-smp: mirrorvcpus between 0 and {MAX_MIRROR_VCPUS}")
+            kw["mirror_vcpus"] = mirrors
         elif o == "-cpu":
             kw["cpu"] = _cpu(value(opt))
         elif o == "-name":

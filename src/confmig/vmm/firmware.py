@@ -19,6 +19,11 @@ from confmig.common.units import PAGE_SIZE, GiB, MiB
 
 OVMF_TABLE_FOOTER_GUID = uuid.UUID("96b582de-1fb2-45f7-baea-a366c55a082d")
 SEV_SECRET_BLOCK_GUID = uuid.UUID("4c2eb361-7d9b-4cc3-8081-127c90d3d294")
+MIGRATION_HANDLER_BLOCK_GUID = uuid.UUID("6082373e-dfcc-471d-8e58-0008c522a071")
+"""confmig's entry: the Migration Handler's entry point and mailbox (the 2021 RFC left its
+discovery as a TODO and hard-coded 0x823000 and 0x820000)."""
+_MH_BLOCK = struct.Struct("<IIQQII")
+"""version, flags, entry rip, mailbox GPA, mailbox size, 0."""
 MAX_IMAGE_SIZE = 16 * MiB
 """QEMU's flash region below 4 GiB is bounded; so is ours."""
 _TAIL = 0x20
@@ -52,6 +57,30 @@ class FirmwareImage:
             return None
         base, size = struct.unpack_from("<II", entry)
         return base, size
+
+    def migration_handler(self) -> MigrationHandlerBlock | None:
+        """The Migration Handler the image declares, if any (version 0 or no entry: none)."""
+        return _migration_handler(self.table)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationHandlerBlock:
+    """Where the firmware's Migration Handler starts and where its mailbox is."""
+
+    version: int
+    entry: int
+    mailbox_gpa: int
+    mailbox_size: int
+
+
+def _migration_handler(table: dict[uuid.UUID, bytes]) -> MigrationHandlerBlock | None:
+    entry = table.get(MIGRATION_HANDLER_BLOCK_GUID)
+    if entry is None or len(entry) < _MH_BLOCK.size:
+        return None
+    version, _flags, rip, gpa, size, _ = _MH_BLOCK.unpack_from(entry)
+    if version == 0 or size == 0:
+        return None  # reserved: this image has no Migration Handler
+    return MigrationHandlerBlock(version=version, entry=rip, mailbox_gpa=gpa, mailbox_size=size)
 
 
 def parse_ovmf_table(image: bytes) -> dict[uuid.UUID, bytes]:

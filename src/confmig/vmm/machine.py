@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confmig.common.errors import StateError
+from confmig.common.errors import ConfigError, StateError
 from confmig.common.x86 import (
     ISA_DEBUG_EXIT_PORT,
     KVM_ENOSYS,
@@ -33,6 +33,7 @@ from confmig.vmm.devices.kv import KvDevice
 from confmig.vmm.devices.serial import Serial
 from confmig.vmm.firmware import FirmwareImage
 from confmig.vmm.memory import GuestMemory
+from confmig.vmm.mh import MigrationHandler
 from confmig.vmm.runstate import RunState, check_transition
 from confmig.vmm.sev import SecretArea, SevGuest
 
@@ -192,8 +193,31 @@ class Machine:
             if self.psp_guest is None or not config.incoming:
                 self._sev_launch(self.sev)
             # else: the guest context arrives with the stream (RECEIVE_START)
+        self.mh: MigrationHandler | None = None
+        """The Migration Handler's mirror VM (``-smp N,mirrorvcpus=M``)."""
+        if config.mirror_vcpus:
+            self.mh = self._migration_handler(config.mirror_vcpus)
         for v in self.vcpus:
             v.start()
+
+    def _migration_handler(self, nvcpus: int) -> MigrationHandler:
+        """The mirror VM: created once the guest's SEV context exists, before it runs."""
+        why = None
+        block = self.firmware.migration_handler() if self.firmware is not None else None
+        if self.sev is None or self.sev.config.x_plain_copy:
+            why = "they serve an SEV guest (-object sev-guest ... -machine confidential-guest-support=...)"
+        elif self.sev.config.es:
+            why = "the Migration Handler does not carry SEV-ES vCPU state yet"
+        elif self.config.incoming:
+            why = ("a mirror VM copies a launched guest's context; a Migration Handler target starts "
+                   "without -incoming, with -fw_cfg name=opt/ovmf/PcdSevIsMigrationTarget,string=1")
+        elif block is None:
+            why = "the firmware (-bios) declares no Migration Handler"
+        if why is not None:
+            raise ConfigError(f"-smp mirrorvcpus={nvcpus}: {why}")
+        assert block is not None
+        return MigrationHandler(self.kvm, self.vm, self.memory, block, nvcpus,
+                                lambda: self._slot_regions(0))
 
     def _sev_launch(self, sev: SevGuest) -> None:
         """Measure and encrypt the firmware, then let the owner check and provision."""
@@ -229,6 +253,10 @@ class Machine:
                 return
             if self._runstate in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
                 raise StateError("cont", self._runstate, "a VM that can run")
+            if self.mh is not None and self.mh.sent_away:
+                raise StateError("cont", self._runstate, "a guest that was not migrated away: its "
+                                 "Migration Handler sealed its final state for the target, so running "
+                                 "it here too would fork it")
             if self.sev is not None:
                 self.sev.receive_finish()  # an incoming SEV guest becomes RUNNING in the PSP
             self.set_runstate(RunState.RUNNING)
@@ -391,6 +419,8 @@ class Machine:
         for v in self.vcpus:
             v.join(2)
             v.fd.close()
+        if self.mh is not None:
+            self.mh.close()
         if self.kv is not None:
             self.kv.stop()
         self.vm.close()

@@ -88,6 +88,15 @@ class RamBlock:
         except OSError:  # kernels before 5.14: touch every page (the memory is still zero)
             self.pages[:, 0] = 0
 
+    def gpas(self, indices: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The guest-physical address of each page index (-1 where no region maps it)."""
+        out = np.full(len(indices), -1, dtype=np.int64)
+        offsets = indices << PAGE_SHIFT
+        for r in self.regions:
+            inside = (offsets >= r.offset) & (offsets < r.offset + r.size)
+            out[inside] = offsets[inside] - r.offset + r.gpa
+        return out
+
     def holes(self) -> npt.NDArray[np.bool_]:
         """Pages that were never written (holes of the memfd): zero without reading
         them. Reading a hole of shmem would allocate it, so this is cheaper twice over."""

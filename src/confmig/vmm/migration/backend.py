@@ -75,6 +75,9 @@ class IncomingBackend:
     counters: ConfidentialCounters | None = None
     receive_buffer: ClassVar[int] = 0
     """Bytes of socket receive buffer the main channel should have (0: the kernel's choice)."""
+    ram_starts_zero: ClassVar[bool] = True
+    """The target's guest RAM is blank until pages land (a VM started with ``-incoming``); False
+    for a target that ran before (its zero pages must be written)."""
 
     def record(self, subtype: ConfidentialSubtype, payload: bytes) -> None:
         """One CONFIDENTIAL record of the stream."""

@@ -3,45 +3,67 @@
 ``x-confidential-backend`` (a migration parameter, ours) picks the confidential
 backend of a confidential guest; empty means the guest's own default. A plain
 guest moves with the plain backend and refuses a confidential one. A new
-backend joins with a line in each of :data:`OUTGOING` and :data:`INCOMING`, and
-its name in ``params.CONFIDENTIAL_BACKENDS`` (the parameter's schema); the
-engine does not change.
+backend joins with an entry in :data:`BACKENDS` and its name in
+``params.CONFIDENTIAL_BACKENDS`` (the parameter's schema); the engine does not
+change.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, Protocol
+from dataclasses import dataclass
+from typing import Final
 
 from confmig.common.errors import MigrationError
 from confmig.vmm.machine import Machine
+from confmig.vmm.mh import MigrationHandler
 from confmig.vmm.migration.backend import IncomingBackend, OutgoingBackend
+from confmig.vmm.migration.mh import MhIncoming, MhOutgoing
 from confmig.vmm.migration.params import MigrationParameters
 from confmig.vmm.migration.plain import PlainIncoming, PlainOutgoing
 from confmig.vmm.migration.psp import PspIncoming, PspOutgoing
 from confmig.vmm.migration.ram import MainChannelSink, PageSink
 from confmig.vmm.sev import SevGuest
 
-DEFAULT_CONFIDENTIAL: Final = "psp"
-"""What a confidential guest uses when ``x-confidential-backend`` is empty."""
 
-class OutgoingFactory(Protocol):
-    """A confidential backend's source side: what it refuses up front, and how it is built."""
+@dataclass(frozen=True, slots=True)
+class ConfidentialBackend:
+    """One confidential backend: what it refuses up front, and how each side is built."""
 
-    def check(self, params: MigrationParameters) -> None: ...
-
-    def __call__(self, sev: SevGuest, params: MigrationParameters,
-                 out: MainChannelSink) -> OutgoingBackend: ...
+    check: Callable[[Machine, MigrationParameters], None]
+    outgoing: Callable[[Machine, SevGuest, MigrationParameters, MainChannelSink], OutgoingBackend]
+    incoming: Callable[[Machine, SevGuest], IncomingBackend]
 
 
-IncomingFactory = Callable[[SevGuest, Machine], IncomingBackend]
+def _mh(machine: Machine) -> MigrationHandler:
+    if machine.mh is None:
+        raise MigrationError("x-confidential-backend 'mh': the guest has no Migration Handler vCPU "
+                             "(-smp N,mirrorvcpus=M, and a firmware with a Migration Handler)")
+    return machine.mh
 
-OUTGOING: Final[dict[str, OutgoingFactory]] = {
-    "psp": PspOutgoing,
+
+def _check_mh(machine: Machine, params: MigrationParameters) -> None:
+    _mh(machine)
+    MhOutgoing.check(params)
+
+
+BACKENDS: Final[dict[str, ConfidentialBackend]] = {
+    "psp": ConfidentialBackend(
+        check=lambda _machine, params: PspOutgoing.check(params),
+        outgoing=lambda _machine, sev, params, out: PspOutgoing(sev, params, out),
+        incoming=lambda machine, sev: PspIncoming(sev, machine.memory, {v.fd.vcpu_id for v in machine.vcpus}),
+    ),
+    "mh": ConfidentialBackend(
+        check=_check_mh,
+        outgoing=lambda machine, sev, params, out: MhOutgoing(sev, _mh(machine), params, out),
+        incoming=lambda machine, sev: MhIncoming(sev, _mh(machine)),
+    ),
 }
-INCOMING: Final[dict[str, IncomingFactory]] = {
-    "psp": lambda sev, machine: PspIncoming(sev, machine.memory, {v.fd.vcpu_id for v in machine.vcpus}),
-}
+
+
+def default_confidential(machine: Machine) -> str:
+    """A guest with Migration Handler vCPUs uses them; any other SEV guest the PSP."""
+    return "mh" if machine.mh is not None else "psp"
 
 
 def _confidential(machine: Machine, params: MigrationParameters) -> tuple[str, SevGuest] | None:
@@ -55,14 +77,14 @@ def _confidential(machine: Machine, params: MigrationParameters) -> tuple[str, S
                    "-machine confidential-guest-support=...)")
             raise MigrationError(f"x-confidential-backend '{chosen}': {why}")
         return None
-    return chosen or DEFAULT_CONFIDENTIAL, sev
+    return chosen or default_confidential(machine), sev
 
 
 def check(machine: Machine, params: MigrationParameters) -> None:
     """Refuse, before anything starts, a backend this guest cannot use."""
     chosen = _confidential(machine, params)
     if chosen is not None:
-        OUTGOING[chosen[0]].check(params)
+        BACKENDS[chosen[0]].check(machine, params)
 
 
 def outgoing_backend(machine: Machine, params: MigrationParameters, out: MainChannelSink,
@@ -71,7 +93,7 @@ def outgoing_backend(machine: Machine, params: MigrationParameters, out: MainCha
     if chosen is None:
         return PlainOutgoing(pages)
     name, sev = chosen
-    return OUTGOING[name](sev, params, out)
+    return BACKENDS[name].outgoing(machine, sev, params, out)
 
 
 def incoming_backend(machine: Machine, params: MigrationParameters) -> IncomingBackend:
@@ -79,4 +101,4 @@ def incoming_backend(machine: Machine, params: MigrationParameters) -> IncomingB
     if chosen is None:
         return PlainIncoming()
     name, sev = chosen
-    return INCOMING[name](sev, machine)
+    return BACKENDS[name].incoming(machine, sev)

@@ -68,7 +68,7 @@ class IncomingMigration(threading.Thread):
         self.error: str | None = None
         self.listener = Listener(uri)  # bind now: a busy port is the caller's error
         self._main: Channel | None = None
-        self.landing = RamLanding(vm.memory)
+        self.landing = RamLanding(vm.memory, starts_zero=backend.ram_starts_zero)
         self._multifd: MultifdReceiver | None = None
 
     @property

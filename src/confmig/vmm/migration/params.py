@@ -17,10 +17,10 @@ MAX_THROTTLE = 128 << 20
 MAX_DOWNTIME_LIMIT_MS = 2_000_000
 MAX_MULTIFD_CHANNELS = 255
 
-CONFIDENTIAL_BACKENDS = ("psp",)
-"""Values of ``x-confidential-backend`` besides empty (the guest's default): the PSP
-today; the Migration Handler (``mh``) and intra-host (``local``) backends will join.
-``backends.OUTGOING`` and ``backends.INCOMING`` have one entry each."""
+CONFIDENTIAL_BACKENDS = ("psp", "mh")
+"""Values of ``x-confidential-backend`` besides empty (the guest's default): the PSP and
+the Migration Handler (``mh``); the intra-host (``local``) backend will join.
+``backends.BACKENDS`` has an entry for each."""
 
 CAPABILITIES = ("events", "multifd")
 """Capabilities confmig implements. ``events`` gates the MIGRATION and

@@ -55,16 +55,6 @@ def psp_counters() -> ConfidentialCounters:
     return ConfidentialCounters(backend="psp", commands_name="psp-commands")
 
 
-def block_gpas(block: RamBlock, indices: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """The guest-physical address of each page index of ``block``."""
-    gpas = np.full(len(indices), -1, dtype=np.int64)
-    offsets = indices << PAGE_SHIFT
-    for r in block.regions:
-        inside = (offsets >= r.offset) & (offsets < r.offset + r.size)
-        gpas[inside] = offsets[inside] - r.offset + r.gpa
-    return gpas
-
-
 class PspOutgoing(OutgoingBackend):
     """The source's side: SEND_START, a SEND_UPDATE_DATA per private page, the VMSAs and the
     shared-regions list at switch-over, SEND_FINISH, or SEND_CANCEL when the migration
@@ -107,7 +97,7 @@ class PspOutgoing(OutgoingBackend):
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         """Private pages through the PSP, one SEND_UPDATE_DATA each; shared ones as plain RAM."""
-        gpas = block_gpas(block, indices)
+        gpas = block.gpas(indices)
         shared = self.sev.shared.shared_mask(gpas >> PAGE_SHIFT)
         total = self.out.pages(block, indices[shared]) if shared.any() else RoundCounters()
         self.counters.shared_pages += int(np.count_nonzero(shared))

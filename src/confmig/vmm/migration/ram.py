@@ -208,11 +208,12 @@ class MainChannelSink:
 
 class RamLanding:
     """Where received pages go on the target. Guest RAM of an incoming VM starts
-    zero, so a zero page only needs writing where data landed before."""
+    zero, so a zero page only needs writing where data landed before (unless
+    ``starts_zero`` is False: a target that ran before)."""
 
-    def __init__(self, memory: GuestMemory) -> None:
+    def __init__(self, memory: GuestMemory, *, starts_zero: bool = True) -> None:
         self.blocks = {b.idstr: b for b in memory.blocks}
-        self._written = {b.idstr: np.zeros(b.npages, dtype=bool) for b in memory.blocks}
+        self._written = {b.idstr: np.full(b.npages, not starts_zero) for b in memory.blocks}
 
     def pages(self, block: str, indices: npt.NDArray[np.int64], data: npt.NDArray[np.uint8]) -> None:
         """Scatter a batch of received pages into guest RAM (one numpy copy)."""

@@ -93,8 +93,22 @@ class MigrationState:
         self.outgoing, self.incoming = mig, None
         mig.start()
 
+    def start_migration_handler(self) -> None:
+        """``start-migration-handler`` (the 2021 RFC's): the MH vCPUs at the MH's entry point."""
+        if self.machine.mh is None:
+            raise MigrationError("This guest has no Migration Handler vCPUs (-smp N,mirrorvcpus=M)")
+        self.machine.mh.start()
+
     def migrate_incoming(self, uri: str) -> str:
-        """Start listening; return the bound address (for ``tcp:...:0``)."""
+        """Start listening; return the bound address (for ``tcp:...:0``). A Migration Handler
+        target (``-fw_cfg name=opt/ovmf/PcdSevIsMigrationTarget,string=1``) runs its firmware
+        until now: its MH is started and its vCPUs stopped in ``inmigrate`` first (the RFC's
+        ``start-migration-handler`` and ``start-migrate-incoming``, done by either command)."""
+        m = self.machine
+        if (m.config.mh_target and m.mh is not None and not self._busy()
+                and m.runstate in (RunState.RUNNING, RunState.PAUSED)):
+            m.mh.start()
+            m.stop(RunState.INMIGRATE)
         with self._lock:
             if self.machine.runstate != RunState.INMIGRATE:
                 raise StateError("migrate-incoming", self.machine.runstate,

@@ -19,10 +19,12 @@ class ConfidentialCounters:
     """Firmware commands the backend issued (Secure Processor commands, Migration Handler requests)."""
     commands_name: str = "commands"
     """What ``commands`` is called in ``query-migrate``: the backend names it."""
+    extra: dict[str, int] = field(default_factory=dict)
+    """Counters only this backend has, by their ``query-migrate`` names."""
 
     def qmp(self) -> dict[str, object]:
         return {"backend": self.backend, "private-pages": self.private_pages,
-                "shared-pages": self.shared_pages, self.commands_name: self.commands}
+                "shared-pages": self.shared_pages, self.commands_name: self.commands, **self.extra}
 
 
 @dataclass

@@ -100,6 +100,14 @@ def register(
     def migrate_incoming(a: dict[str, object]) -> None:
         migration.migrate_incoming(str(a["uri"]))
 
+    @r.command("start-migration-handler")
+    def start_migration_handler(_a: dict[str, object]) -> None:
+        migration.start_migration_handler()
+
+    @r.command("start-migrate-incoming", args={"uri": Arg(str)})
+    def start_migrate_incoming(a: dict[str, object]) -> None:
+        migration.migrate_incoming(str(a["uri"]))
+
     @r.command("migrate_cancel")
     def migrate_cancel(_a: dict[str, object]) -> None:
         migration.cancel()

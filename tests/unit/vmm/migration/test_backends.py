@@ -13,14 +13,16 @@ from confmig.vmm.migration.params import CONFIDENTIAL_BACKENDS, MigrationParamet
 from confmig.vmm.migration.plain import PlainIncoming, PlainOutgoing
 
 
-def machine(*, sev: bool, plain_copy: bool = False) -> SimpleNamespace:
+def machine(*, sev: bool, plain_copy: bool = False, mh: bool = False) -> SimpleNamespace:
     config = SimpleNamespace(x_plain_copy=plain_copy, es=False)
-    return SimpleNamespace(sev=SimpleNamespace(config=config, receiving=False) if sev else None)
+    return SimpleNamespace(sev=SimpleNamespace(config=config, receiving=False) if sev else None,
+                           mh=SimpleNamespace() if mh else None)
 
 
 def test_every_named_backend_has_both_sides() -> None:
-    assert set(backends.OUTGOING) == set(backends.INCOMING) == set(CONFIDENTIAL_BACKENDS)
-    assert backends.DEFAULT_CONFIDENTIAL in CONFIDENTIAL_BACKENDS
+    assert set(backends.BACKENDS) == set(CONFIDENTIAL_BACKENDS)
+    assert backends.default_confidential(machine(sev=True)) == "psp"
+    assert backends.default_confidential(machine(sev=True, mh=True)) == "mh"
 
 
 def test_an_unknown_backend_is_refused_as_qapi_refuses_an_enum_value() -> None:

@@ -1,0 +1,161 @@
+"""The Migration Handler as the VMM sees it: a mirror VM, its vCPUs, and their mailboxes.
+
+``-smp N,mirrorvcpus=M`` gives an SEV guest M Migration Handler vCPUs, in a
+mirror VM: a second KVM VM that shares the guest's encryption context
+(``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM``) and the guest's memory slots, but has
+vCPUs of its own, so that the MH in the guest's firmware reads and writes
+private memory while the guest's own vCPUs are stopped. The firmware image
+says where the MH starts and where its mailbox is (its GUIDed table).
+
+The VMM drives the MH through the mailbox (:mod:`confmig.proto.mailbox`) in
+shared pages it reads directly: it writes a command, sets ``go`` and enters
+the MH vCPU with ``KVM_RUN``; the MH serves every slot whose ``go`` is set,
+sets ``done`` and halts back to the host. An idle MH costs nothing: it is a
+halted vCPU nobody enters (the reviewers' request to the 2021 RFC, whose MH
+spun). Every entry has a deadline: an MH that does not halt in time is kicked
+out and the command fails.
+
+The VMM never sees the transport key or a private page's plaintext: it hands
+the MH GPA lists and sealed records and gets sealed records and return codes.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from confmig.common.errors import MigrationError
+from confmig.kvm.client import Kvm, VcpuFd, VmFd
+from confmig.proto import ioctl
+from confmig.proto import mailbox as mb
+from confmig.vmm.firmware import MigrationHandlerBlock
+from confmig.vmm.memory import GuestMemory
+
+MH_TIMEOUT: Final = 30.0
+"""Seconds one entry of an MH vCPU may take (a full batch takes milliseconds)."""
+RFLAGS_RESERVED: Final = 0x2
+
+SlotRegions = Callable[[], Iterable[tuple[ioctl.UserspaceMemoryRegion, int]]]
+
+
+class MhError(MigrationError):
+    """The Migration Handler refused a command, or did not answer."""
+
+
+class MhVcpu:
+    """One MH vCPU and its mailbox (a window of guest RAM, shared pages)."""
+
+    def __init__(self, fd: VcpuFd, index: int, mailbox: memoryview, gpa: int) -> None:
+        self.fd = fd
+        self.index = index
+        self.mailbox = mailbox
+        self.gpa = gpa
+        self.lock = threading.Lock()
+        """One command at a time per MH vCPU (the slots of one vCPU share its entries)."""
+
+    def data(self, slot: int) -> memoryview:
+        """The data area of ``slot``."""
+        start = mb.slot_offset(slot) + mb.SLOT_HEADER
+        return self.mailbox[start : start + mb.SLOT_DATA]
+
+    def io_header(self, data: bytes) -> None:
+        """The v1 io header: ``u32 len`` and the bytes."""
+        if len(data) > mb.IO_HDR_MAX:
+            raise MhError(f"io header of {len(data)} bytes (at most {mb.IO_HDR_MAX})")
+        struct.pack_into(f"<I{len(data)}s", self.mailbox, mb.IO_HDR_OFFSET, len(data), data)
+
+    def command(self, cmd: mb.MhCommand, *, slot: int | None = None, npages: int = 0, length: int = 0,
+                epoch: int = 0, gpa: int = 0) -> mb.Command:
+        """Issue ``cmd`` in ``slot`` (None: the v1 block), enter the MH, return its answer."""
+        base = mb.CMD_OFFSET if slot is None else mb.slot_offset(slot)
+        with self.lock:
+            self.mailbox[base : base + mb.COMMAND.size + mb.V2_FIELDS.size] = mb.encode_request(
+                cmd, gpa=gpa, npages=npages, length=length, epoch=epoch)
+            struct.pack_into("<i", self.mailbox, base + mb.GO_OFFSET, 1)  # published last
+            self.enter()
+            answer = mb.decode_command(self.mailbox[base : base + mb.COMMAND.size + mb.V2_FIELDS.size])
+        if not answer.done or answer.go:
+            raise MhError(f"Migration Handler vCPU {self.index} did not complete {cmd.name} "
+                          f"(go={answer.go}, done={answer.done})")
+        return answer
+
+    def enter(self) -> None:
+        """KVM_RUN until the MH halts; kicked out after :data:`MH_TIMEOUT`."""
+        timer = threading.Timer(MH_TIMEOUT, self.fd.kick)
+        timer.daemon = True
+        timer.start()
+        try:
+            ex = self.fd.run()
+        finally:
+            timer.cancel()
+        match ex:
+            case ioctl.ExitHlt():
+                return
+            case ioctl.ExitIntr():
+                raise MhError(f"Migration Handler vCPU {self.index} did not halt within {MH_TIMEOUT:.0f} s")
+            case ioctl.ExitShutdown():
+                raise MhError(f"Migration Handler vCPU {self.index} shut down (the MH faulted)")
+            case ioctl.ExitFailEntry():
+                raise MhError(f"Migration Handler vCPU {self.index}: entry failed "
+                              f"(hardware error {ex.hardware_entry_failure_reason:#x})")
+            case _:
+                raise MhError(f"Migration Handler vCPU {self.index}: unexpected exit {type(ex).__name__}")
+
+
+class MigrationHandler:
+    """The mirror VM of one SEV guest and its MH vCPUs."""
+
+    def __init__(self, kvm: Kvm, guest_vm: VmFd, memory: GuestMemory, block: MigrationHandlerBlock,
+                 nvcpus: int, slot_regions: SlotRegions) -> None:
+        if nvcpus > mb.max_mh_vcpus(block.mailbox_size):
+            raise MhError(f"-smp mirrorvcpus={nvcpus}: the firmware's mailbox serves at most "
+                          f"{mb.max_mh_vcpus(block.mailbox_size)} Migration Handler vCPUs")
+        self.block = block
+        self.memory = memory
+        self.mirror = kvm.create_vm()
+        try:
+            self.mirror.enable_cap_fd(ioctl.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, guest_vm.fileno())
+            for region, fd in slot_regions():
+                self.mirror.set_user_memory_region(region, fd)
+            self.vcpus = [self._vcpu(i) for i in range(nvcpus)]
+        except BaseException:
+            self.mirror.close()
+            raise
+        self.started = False
+        self.sent_away = False
+        """The source MH sealed the guest's final state (FINISH): the guest may not run here."""
+
+    def _vcpu(self, i: int) -> MhVcpu:
+        gpa = mb.mailbox_base(self.block.mailbox_gpa, self.block.mailbox_size, i)
+        try:
+            ram, offset = self.memory.translate(gpa, mb.MAILBOX_STRIDE)
+        except ValueError:
+            raise MhError(f"the Migration Handler's mailbox at {gpa:#x} is not in guest RAM") from None
+        view = ram.bytes[offset : offset + mb.MAILBOX_STRIDE].data.cast("B")
+        return MhVcpu(self.mirror.create_vcpu(i), i, view, gpa)
+
+    @property
+    def area(self) -> tuple[int, int]:
+        """The MH's guest-physical area (GPA, size): mailboxes and its own state. Never migrated
+        as guest memory: each side's MH owns its own."""
+        return self.block.mailbox_gpa, self.block.mailbox_size
+
+    def start(self) -> None:
+        """``start-migration-handler``: every MH vCPU at the MH's entry point, entered once
+        (it finds no command and halts). Idempotent."""
+        if self.started:
+            return
+        for v in self.vcpus:
+            regs = [0] * (ioctl.REGS.size // 8)
+            regs[16], regs[17] = self.block.entry, RFLAGS_RESERVED  # rip, rflags
+            v.fd.set_regs(tuple(regs))
+            v.enter()
+        self.started = True
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.fd.close()
+        self.mirror.close()
+

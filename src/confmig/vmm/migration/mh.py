@@ -1,0 +1,304 @@
+"""The Migration Handler backend: SEV guests migrated the "fast", guest-assisted way.
+
+The guest's own firmware does the work (:mod:`confmig.vmm.mh` drives it): on the
+source each MH vCPU seals batches of private pages under the transport key the
+guest owner gave the guest, on the target the MH opens them and writes the
+pages under the target's memory key. The VMM moves sealed records it cannot
+read (``CONFIDENTIAL`` records of subtype ``MH_RECORD``, one per batch), sends
+shared pages itself as plain RAM records, and skips the MH's own area (each
+side's MH owns its mailboxes and state). The firmware image is not migrated:
+the target was launched from the same image, measured and checked by the
+owner.
+
+Order on the source: INIT of every MH vCPU (role source, a fresh migration
+id) before the first page; batches of every round in epoch 0; at switch-over
+epoch 1 begins; after the last pages FINISH seals the completion record (every
+stream's record and page counts), and from then on the source's guest refuses
+to run unless its MH opens an abort token from the target. On the target the
+first record names the migration; each stream's records go to the MH vCPU of
+the same number; ``verify`` hands the completion record to the MH (COMPLETE),
+which refuses unless every record and every private page arrived.
+
+Pipelining: the batches of one call of :meth:`MhOutgoing.pages` go round-robin
+to the MH vCPUs and alternate between each vCPU's two slots, so that the MH
+seals the next batches while the VMM sends the previous ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from confmig.common.errors import MigrationError, StreamError
+from confmig.common.units import PAGE_SHIFT
+from confmig.proto import mailbox as mb
+from confmig.proto.stream import shared_regions as shared_regions_record
+from confmig.proto.stream.format import ConfidentialSubtype
+from confmig.vmm.memory import RamBlock
+from confmig.vmm.mh import MhError, MhVcpu, MigrationHandler
+from confmig.vmm.migration.backend import IncomingBackend, OutgoingBackend
+from confmig.vmm.migration.params import MigrationParameters
+from confmig.vmm.migration.ram import MainChannelSink, RoundCounters
+from confmig.vmm.migration.stats import ConfidentialCounters
+from confmig.vmm.sev import SevGuest
+from confmig.vmm.shared_regions import SharedRegions
+
+SUBTYPE: Final = ConfidentialSubtype.MH_RECORD
+LIVE_EPOCH: Final = 0
+FINAL_EPOCH: Final = 1
+"""The guest is stopped: the stop-and-copy pages."""
+RAM_BLOCK: Final = "pc.ram"
+"""The one block whose pages migrate; the firmware's flash is the target's own, measured copy."""
+
+
+def mh_counters(nvcpus: int) -> ConfidentialCounters:
+    return ConfidentialCounters(backend="mh", commands_name="mh-commands",
+                                extra={"mh-vcpus": nvcpus, "batches": 0, "zero-pages-elided": 0})
+
+
+def _refused(what: str, ret: int) -> str:
+    try:
+        name = mb.MhReturn(ret).name
+    except ValueError:
+        name = str(ret)
+    return f"the Migration Handler refused {what} ({name})"
+
+
+class MhOutgoing(OutgoingBackend):
+    """The source's side: batches of private pages sealed by the MH, shared pages in the clear."""
+
+    name = "mh"
+    counters: ConfidentialCounters
+
+    @staticmethod
+    def check(params: MigrationParameters) -> None:
+        if "multifd" in params.capabilities:
+            raise MigrationError("multifd is not supported with x-confidential-backend 'mh': its "
+                                 "sealed records use the main channel (more MH vCPUs seal in parallel)")
+
+    def __init__(self, sev: SevGuest, mh: MigrationHandler, params: MigrationParameters,
+                 out: MainChannelSink) -> None:
+        self.check(params)
+        self.sev = sev
+        self.mh = mh
+        self.out = out
+        self.counters = mh_counters(len(mh.vcpus))
+        self.migration_id = os.urandom(mb.MIGRATION_ID_SIZE)
+        self.epoch = LIVE_EPOCH
+        self.finished = False
+        """FINISH succeeded: the source's guest may not run again here (without an abort token)."""
+        self._area = mh.area
+        self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"mh{v.index}") for v in mh.vcpus]
+        self._pending: deque[Future[bytes]] = deque()
+        self._submitted = 0
+
+    # --- the engine's hooks -------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Start the MH if nobody did (``start-migration-handler``), INIT every MH vCPU."""
+        self.mh.start()
+        for v in self.mh.vcpus:
+            v.io_header(mb.encode_init(mb.Role.SOURCE, self.migration_id))
+            self._check(v.command(mb.MhCommand.INIT).ret, f"INIT on MH vCPU {v.index}")
+
+    def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
+        return self._send(block, indices, zero=False)
+
+    def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
+        """Pages zero on the host's side: shared ones are zero pages; private ones are whatever
+        the guest reads there, which only its MH can say, so they go through it too."""
+        return self._send(block, indices, zero=True)
+
+    def switchover(self) -> None:
+        self.epoch = FINAL_EPOCH
+
+    def complete(self, vcpu_ids: list[int]) -> None:
+        """FINISH: the completion record, then the shared-regions list for the target's VMM."""
+        if self.sev.config.es:
+            raise MigrationError("the Migration Handler does not carry SEV-ES vCPU state yet")
+        v = self.mh.vcpus[0]
+        answer = v.command(mb.MhCommand.FINISH, slot=0, epoch=self.epoch)
+        self._check(answer.ret, "FINISH")
+        self.finished = True
+        self.mh.sent_away = True
+        self.counters.commands += 1
+        self.out.confidential(SUBTYPE, [self._record(v, 0, answer.length)])
+        self.out.confidential(shared_regions_record.SUBTYPE, [self.sev.shared.encode()])
+
+    def finish(self) -> None:
+        self._close()
+
+    def cancel(self) -> None:
+        """Before FINISH the MH just forgets the session (RESET). After it, the guest stays
+        stopped here: only an abort token from the target's MH could let it run (not wired yet)."""
+        self._drain(send=False)
+        self._close()
+        if not self.finished:
+            for v in self.mh.vcpus:
+                with contextlib.suppress(MhError):  # failed already: its next INIT resets it
+                    v.command(mb.MhCommand.RESET)
+
+    def _close(self) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=False)
+
+    # --- pages ----------------------------------------------------------------------------
+
+    def _send(self, block: RamBlock, indices: npt.NDArray[np.int64], *, zero: bool) -> RoundCounters:
+        if block.idstr != RAM_BLOCK:
+            return RoundCounters()
+        gpas = block.gpas(indices)
+        start, size = self._area
+        keep = (gpas >= 0) & ~((gpas >= start) & (gpas < start + size))
+        shared = keep & self.sev.shared.shared_mask(gpas >> PAGE_SHIFT)
+        total = RoundCounters()
+        if shared.any():
+            send = self.out.zeros if zero else self.out.pages
+            total += send(block, indices[shared])
+            self.counters.shared_pages += int(np.count_nonzero(shared))
+        private = gpas[keep & ~shared]
+        for first in range(0, len(private), mb.BATCH_PAGES):
+            total += self._submit(private[first : first + mb.BATCH_PAGES])
+        total += self._drain(send=True)
+        return total
+
+    def _submit(self, gpas: npt.NDArray[np.int64]) -> RoundCounters:
+        """Hand a batch to the next MH vCPU and slot; send what that slot held before."""
+        nvcpus = len(self.mh.vcpus)
+        sent = RoundCounters()
+        while len(self._pending) >= nvcpus * mb.SLOTS:
+            sent += self._drain_one(send=True)  # its slot is the one this batch reuses
+        i = self._submitted
+        self._submitted += 1
+        v, slot = self.mh.vcpus[i % nvcpus], (i // nvcpus) % mb.SLOTS
+        self._pending.append(self._pools[v.index].submit(self._export, v, slot, gpas, self.epoch))
+        return sent
+
+    def _export(self, v: MhVcpu, slot: int, gpas: npt.NDArray[np.int64], epoch: int) -> bytes:
+        data = v.data(slot)
+        n = len(gpas)
+        struct.pack_into(f"<{n}Q", data, 0, *gpas.tolist())
+        answer = v.command(mb.MhCommand.EXPORT, slot=slot, npages=n, epoch=epoch)
+        self._check(answer.ret, f"to export {n} pages from {int(gpas[0]):#x}")
+        return self._record(v, slot, answer.length)
+
+    def _drain(self, *, send: bool) -> RoundCounters:
+        total = RoundCounters()
+        while self._pending:
+            total += self._drain_one(send=send)
+        return total
+
+    def _drain_one(self, *, send: bool) -> RoundCounters:
+        fut = self._pending.popleft()
+        if not send:
+            fut.exception()  # wait; the migration failed already
+            return RoundCounters()
+        record = fut.result()
+        header = mb.decode_record_header(record)
+        sent = self.out.confidential(SUBTYPE, [record])
+        c = self.counters
+        c.private_pages += header.npages
+        c.commands += 1
+        c.extra["batches"] += 1
+        c.extra["zero-pages-elided"] += header.nzero
+        return RoundCounters(normal=header.npages - header.nzero, zero=header.nzero, bytes=sent)
+
+    @staticmethod
+    def _record(v: MhVcpu, slot: int, length: int) -> bytes:
+        # SECURITY: the length is the guest's word; the record is checked again by the target.
+        if not mb.RECORD_HEADER.size <= length <= mb.SLOT_DATA:
+            raise MhError(f"Migration Handler vCPU {v.index} answered a record of {length} bytes")
+        return bytes(v.data(slot)[:length])
+
+    @staticmethod
+    def _check(ret: int, what: str) -> None:
+        if ret != mb.MhReturn.SUCCESS:
+            raise MhError(_refused(what, ret))
+
+
+class MhIncoming(IncomingBackend):
+    """The target's side: each record to the MH vCPU of its stream; COMPLETE before the guest runs."""
+
+    name = "mh"
+    counters: ConfidentialCounters
+    ram_starts_zero = False  # the target was launched and booted its firmware: its RAM is not blank
+
+    def __init__(self, sev: SevGuest, mh: MigrationHandler) -> None:
+        self.sev = sev
+        self.mh = mh
+        self.counters = mh_counters(len(mh.vcpus))
+        self.migration_id: bytes | None = None
+        self._initialized: set[int] = set()
+        self._completion: bytes | None = None
+        self.shared_received = False
+
+    def record(self, subtype: ConfidentialSubtype, payload: bytes) -> None:
+        # SECURITY: everything here comes from the source host. Lengths are bounded by the
+        # codec; the MH checks each record's tag, sequence and GPAs before writing a page.
+        if subtype == ConfidentialSubtype.SHARED_REGIONS:
+            if self.shared_received:
+                raise StreamError("a second shared-regions list")
+            self.sev.shared = SharedRegions.decode(payload)
+            self.shared_received = True
+            return
+        if subtype != SUBTYPE:
+            raise StreamError(f"confidential record {subtype.name} is not for the Migration Handler path")
+        try:
+            header = mb.decode_record_header(payload)
+        except mb.MailboxError as exc:
+            raise StreamError(f"Migration Handler record: {exc}") from None
+        if self.migration_id is None:
+            self.migration_id = header.migration_id
+        elif header.migration_id != self.migration_id:
+            raise StreamError("Migration Handler records of two different migrations in one stream")
+        if header.kind == mb.RecordKind.COMPLETION:
+            if self._completion is not None:
+                raise StreamError("a second Migration Handler completion record")
+            self._completion = payload
+            return
+        if header.kind != mb.RecordKind.PAGES or self._completion is not None:
+            raise StreamError("a Migration Handler record that is not a page batch, or one after the end")
+        if header.stream >= len(self.mh.vcpus):
+            raise StreamError(f"Migration Handler stream {header.stream}: this target has "
+                              f"{len(self.mh.vcpus)} MH vCPUs (-smp ...,mirrorvcpus=)")
+        v = self.mh.vcpus[header.stream]
+        self._init(v)
+        self._import(v, mb.MhCommand.IMPORT, payload, header.epoch)
+        self.counters.private_pages += header.npages
+        self.counters.extra["batches"] += 1
+        self.counters.extra["zero-pages-elided"] += header.nzero
+
+    def verify(self) -> None:
+        """COMPLETE: the MH says whether every record and every private page arrived."""
+        if self._completion is None:
+            raise StreamError("the stream ended without the Migration Handler's completion record")
+        v = self.mh.vcpus[0]
+        self._init(v)
+        self._import(v, mb.MhCommand.COMPLETE, self._completion, FINAL_EPOCH)
+
+    def _init(self, v: MhVcpu) -> None:
+        if v.index in self._initialized:
+            return
+        assert self.migration_id is not None
+        self.mh.start()
+        v.io_header(mb.encode_init(mb.Role.TARGET, self.migration_id))
+        answer = v.command(mb.MhCommand.INIT)
+        if answer.ret != mb.MhReturn.SUCCESS:
+            raise StreamError(_refused(f"INIT on MH vCPU {v.index}", answer.ret))
+        self._initialized.add(v.index)
+
+    def _import(self, v: MhVcpu, cmd: mb.MhCommand, payload: bytes, epoch: int) -> None:
+        data = v.data(0)
+        data[: len(payload)] = payload
+        answer = v.command(cmd, slot=0, length=len(payload), epoch=epoch)
+        self.counters.commands += 1
+        if answer.ret != mb.MhReturn.SUCCESS:
+            raise StreamError(_refused(f"{cmd.name} of a record of stream "
+                                       f"{mb.decode_record_header(payload).stream}", answer.ret))

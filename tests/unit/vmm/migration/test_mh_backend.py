@@ -1,0 +1,233 @@
+"""The Migration Handler backend, both sides, against a fake MH: which pages go where, in which
+order, and what the target refuses before its MH sees a record.
+
+The MH itself (sealing, checks) is tested with guest code in ``tests/unit/guest``; the whole
+path between two hosts in ``tests/functional/test_mh_live_migration.py``."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from confmig.common.errors import MigrationError, StreamError
+from confmig.common.units import MiB
+from confmig.proto import mailbox as mb
+from confmig.proto.stream.format import ConfidentialSubtype
+from confmig.vmm.memory import GuestMemory, RamBlock
+from confmig.vmm.migration import mh
+from confmig.vmm.migration.params import MigrationParameters
+from confmig.vmm.migration.ram import RoundCounters
+from confmig.vmm.shared_regions import SharedRegions
+
+AREA = (8 * MiB, 4 * mb.MAILBOX_STRIDE)
+MID = b"m" * 16
+
+
+@dataclass
+class FakeVcpu:
+    """Answers EXPORT with a record naming the GPAs it was given (ciphertext: filler)."""
+
+    index: int
+    log: list[tuple[int, str, int]]
+    fail: set[mb.MhCommand] = field(default_factory=set)
+    area: bytearray = field(default_factory=lambda: bytearray(mb.SLOTS * mb.SLOT_DATA))
+    seq: int = 0
+    imported: list[bytes] = field(default_factory=list)
+
+    def data(self, slot: int) -> memoryview:
+        return memoryview(self.area)[slot * mb.SLOT_DATA : (slot + 1) * mb.SLOT_DATA]
+
+    def io_header(self, data: bytes) -> None:
+        self.init = data
+
+    def command(self, cmd: mb.MhCommand, *, slot: int | None = None, npages: int = 0, length: int = 0,
+                epoch: int = 0, gpa: int = 0) -> mb.Command:
+        self.log.append((self.index, cmd.name, epoch))
+        if cmd in self.fail:
+            return mb.Command(cmd, 0, mb.MhReturn.AUTH_ERR, 0, 1)
+        if cmd == mb.MhCommand.EXPORT:
+            assert slot is not None
+            gpas = struct.unpack_from(f"<{npages}Q", self.data(slot))
+            record = sealed(self.index, self.seq, gpas, epoch)
+            self.seq += 1
+            self.data(slot)[: len(record)] = record
+            return mb.Command(cmd, 0, 0, 0, 1, length=len(record))
+        if cmd == mb.MhCommand.FINISH:
+            record = sealed(0, 0, (), epoch, kind=mb.RecordKind.COMPLETION)
+            self.data(0)[: len(record)] = record
+            return mb.Command(cmd, 0, 0, 0, 1, length=len(record))
+        if cmd in (mb.MhCommand.IMPORT, mb.MhCommand.COMPLETE):
+            self.imported.append(bytes(self.data(0)[:length]))
+        return mb.Command(cmd, 0, 0, 0, 1)
+
+
+def sealed(stream: int, seq: int, gpas: tuple[int, ...], epoch: int,
+           kind: mb.RecordKind = mb.RecordKind.PAGES, mid: bytes = MID) -> bytes:
+    h = mb.RecordHeader(mb.RECORD_VERSION, mb.ALG_AES_256_GCM, kind, stream, seq, epoch, len(gpas), 0, 0, mid)
+    body = bytes(len(gpas) * 4096 + mb.TAG_SIZE)
+    return h.pack() + struct.pack(f"<{len(gpas)}Q", *gpas) + body
+
+
+@dataclass
+class FakeMh:
+    vcpus: list[FakeVcpu]
+    area: tuple[int, int] = AREA
+    started: bool = False
+    sent_away: bool = False
+
+    def start(self) -> None:
+        self.started = True
+
+
+@dataclass
+class FakeSev:
+    shared: SharedRegions = field(default_factory=SharedRegions)
+    config: object = field(default_factory=lambda: type("C", (), {"es": False})())
+
+
+@dataclass
+class Sink:
+    """The main channel's records as a backend writes them."""
+
+    records: list[tuple[str, object]] = field(default_factory=list)
+
+    def pages(self, block: RamBlock, indices: np.ndarray) -> RoundCounters:
+        self.records.append(("pages", block.gpas(indices).tolist()))
+        return RoundCounters(normal=len(indices))
+
+    def zeros(self, block: RamBlock, indices: np.ndarray) -> RoundCounters:
+        self.records.append(("zeros", block.gpas(indices).tolist()))
+        return RoundCounters(zero=len(indices))
+
+    def confidential(self, subtype: ConfidentialSubtype, payloads: list[bytes]) -> int:
+        for p in payloads:
+            self.records.append((subtype.name, p))
+        return sum(map(len, payloads))
+
+
+def source(nvcpus: int = 1) -> tuple[mh.MhOutgoing, FakeMh, Sink, GuestMemory, list[tuple[int, str, int]]]:
+    log: list[tuple[int, str, int]] = []
+    fake = FakeMh([FakeVcpu(i, log) for i in range(nvcpus)])
+    sev = FakeSev()
+    sev.shared.update(0x1000 >> 12, 1, shared=True)  # the fw_cfg bounce page
+    sink = Sink()
+    memory = GuestMemory.pc(32 * MiB)
+    backend = mh.MhOutgoing(sev, fake, MigrationParameters(), sink)  # type: ignore[arg-type]
+    return backend, fake, sink, memory, log
+
+
+def records_of(sink: Sink) -> list[mb.RecordHeader]:
+    return [mb.decode_record_header(p) for kind, p in sink.records if kind == "MH_RECORD"
+            and isinstance(p, bytes)]
+
+
+def test_private_pages_go_through_the_mh_shared_ones_in_the_clear_and_its_area_nowhere() -> None:
+    backend, fake, sink, memory, log = source()
+    backend.setup()
+    assert fake.started and mb.decode_init(fake.vcpus[0].init) == (mb.Role.SOURCE, backend.migration_id)
+    block = memory.blocks[0]
+    total = backend.pages(block, np.arange(block.npages, dtype=np.int64))
+    area_pages = AREA[1] // 4096
+    private = block.npages - 1 - area_pages
+    assert ("pages", [0x1000]) in sink.records
+    heads = records_of(sink)
+    gpas = [g for _, p in sink.records if isinstance(p, bytes)
+            for g in mb.gpa_list(p, mb.decode_record_header(p))]
+    assert len(gpas) == private == total.normal - 1
+    assert not [g for g in gpas if AREA[0] <= g < AREA[0] + AREA[1]] and 0x1000 not in gpas
+    assert [h.seq for h in heads] == list(range(len(heads)))  # in the order the MH sealed them
+    assert all(h.npages <= mb.BATCH_PAGES for h in heads)
+    assert backend.counters.extra["batches"] == len(heads)
+    assert {e for _, name, e in log if name == "EXPORT"} == {mh.LIVE_EPOCH}
+
+
+def test_several_mh_vcpus_seal_in_turn_and_each_stream_stays_in_order() -> None:
+    backend, _fake, sink, memory, _log = source(nvcpus=3)
+    backend.setup()
+    block = memory.blocks[0]
+    backend.pages(block, np.arange(block.npages, dtype=np.int64))
+    heads = records_of(sink)
+    for stream in range(3):
+        seqs = [h.seq for h in heads if h.stream == stream]
+        assert seqs == list(range(len(seqs))) and len(seqs) > 3
+
+
+def test_the_firmware_block_is_not_migrated() -> None:
+    backend, _fake, sink, memory, _log = source()
+    bios = memory.add_block("pc.bios", bytes(65536), gpa=(4 << 30) - 65536, slot=2)
+    assert backend.pages(bios, np.arange(16, dtype=np.int64)) == RoundCounters()
+    assert sink.records == []
+
+
+def test_the_final_epoch_ends_with_the_completion_record_then_the_shared_regions() -> None:
+    backend, fake, sink, memory, log = source()
+    backend.setup()
+    backend.switchover()
+    block = memory.blocks[0]
+    backend.pages(block, np.arange(4096, 4200, dtype=np.int64))
+    backend.complete([0])
+    assert sink.records[-1][0] == "SHARED_REGIONS"
+    last = sink.records[-2][1]
+    assert isinstance(last, bytes) and mb.decode_record_header(last).kind == mb.RecordKind.COMPLETION
+    assert fake.sent_away and backend.finished
+    assert {e for _, name, e in log if name == "EXPORT"} == {mh.FINAL_EPOCH}
+
+
+def test_a_refusal_by_the_mh_fails_the_migration() -> None:
+    backend, fake, _sink, memory, _log = source()
+    backend.setup()
+    fake.vcpus[0].fail.add(mb.MhCommand.EXPORT)
+    with pytest.raises(MigrationError, match=r"refused to export 128 pages.*AUTH_ERR"):
+        backend.pages(memory.blocks[0], np.arange(4096, 4400, dtype=np.int64))
+    backend.cancel()  # RESET, nothing pending
+    assert not fake.sent_away
+
+
+def test_multifd_is_refused_up_front() -> None:
+    with pytest.raises(MigrationError, match="multifd"):
+        mh.MhOutgoing.check(MigrationParameters(capabilities=frozenset({"multifd"})))
+
+
+def target(nvcpus: int = 1) -> tuple[mh.MhIncoming, FakeMh]:
+    log: list[tuple[int, str, int]] = []
+    fake = FakeMh([FakeVcpu(i, log) for i in range(nvcpus)])
+    return mh.MhIncoming(FakeSev(), fake), fake  # type: ignore[arg-type]
+
+
+def test_the_target_gives_each_stream_to_its_mh_vcpu_and_completes_last() -> None:
+    incoming, fake = target(nvcpus=2)
+    r0, r1 = sealed(0, 0, (0x10000,), 0), sealed(1, 0, (0x20000,), 0)
+    incoming.record(ConfidentialSubtype.MH_RECORD, r0)
+    incoming.record(ConfidentialSubtype.MH_RECORD, r1)
+    assert fake.vcpus[0].imported == [r0] and fake.vcpus[1].imported == [r1]
+    assert mb.decode_init(fake.vcpus[1].init) == (mb.Role.TARGET, MID)
+    with pytest.raises(StreamError, match="completion record"):
+        incoming.verify()
+    done = sealed(0, 0, (), 1, kind=mb.RecordKind.COMPLETION)
+    incoming.record(ConfidentialSubtype.MH_RECORD, done)
+    incoming.verify()
+    assert fake.vcpus[0].imported[-1] == done
+
+
+@pytest.mark.parametrize(("record", "error"), [
+    (sealed(3, 0, (0x1000,), 0), "stream 3: this target has 2 MH vCPUs"),
+    (sealed(0, 0, (0x1000,), 0, mid=b"x" * 16), "two different migrations"),
+    (sealed(0, 0, (0x1000,), 0)[:-1], "record of"),
+    (b"\x07" + sealed(0, 0, (0x1000,), 0)[1:], "record version 7"),
+])
+def test_the_target_refuses_what_no_mh_should_see(record: bytes, error: str) -> None:
+    incoming, fake = target(nvcpus=2)
+    incoming.record(ConfidentialSubtype.MH_RECORD, sealed(0, 0, (0x2000,), 0))
+    with pytest.raises(StreamError, match=error):
+        incoming.record(ConfidentialSubtype.MH_RECORD, record)
+    assert len(fake.vcpus[0].imported) == 1
+
+
+def test_a_refused_import_is_a_stream_error_naming_the_mh() -> None:
+    incoming, fake = target()
+    fake.vcpus[0].fail.add(mb.MhCommand.IMPORT)
+    with pytest.raises(StreamError, match="refused IMPORT of a record of stream 0 \\(AUTH_ERR\\)"):
+        incoming.record(ConfidentialSubtype.MH_RECORD, sealed(0, 0, (0x1000,), 0))
