@@ -109,7 +109,7 @@ def test_a_working_set_that_does_not_fit_is_refused_before_anything_starts(tag: 
     demo = start(tag, tmp_path, "demo", "--ram", "256M")  # the default working set is 256M
     _, err = demo.communicate(timeout=FAIL_FAST)
     assert demo.returncode == 1
-    assert "--wss 256M does not fit a guest with --ram 256M: use --wss 254M or less" in err
+    assert "--wss 256M does not fit a guest with --ram 256M: use --wss 239M or less" in err
 
 
 def test_the_demo_past_its_deadline_stops_with_an_error(tag: str, tmp_path: Path) -> None:

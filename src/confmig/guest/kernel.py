@@ -32,6 +32,14 @@ blocked, i.e. unacknowledged, until then); other vectors (the TSC-deadline
 timer, the kv device) only wake the vCPU. Then the tick: whenever the TSC has
 passed the next tick, count it. Workloads sleep with :func:`sleep_until`,
 which arms the TSC deadline no later than the next tick and halts.
+
+The run gate (:mod:`confmig.guest.gate`). An SEV guest's kernel checks the gate
+on every step before anything else: with the kernel data a workload step reads
+anyway, and on its own in the kernel's phases. A closed gate parks the vCPU
+(phase GATED, the interrupted ``rip`` kept in ``r12``): it prints why, once,
+then halts each time it is entered, dropping pending interrupts so that a halt
+never turns into a spin. When the gate opens again (RESUME on a source) the
+vCPU continues at the kept ``rip``.
 """
 
 from __future__ import annotations
@@ -42,9 +50,9 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from functools import partial
 
-from confmig.guest import mem_encrypt
+from confmig.guest import gate, mem_encrypt
 from confmig.guest.firmware import bootinfo, varstore
-from confmig.guest.layout import KERNEL_BASE, KERNEL_DATA_GPA, KERNEL_SIZE, WORKLOAD_CODE_SIZE
+from confmig.guest.layout import KERNEL_BASE, KERNEL_DATA_GPA, KERNEL_SIZE, RUN_GATE_GPA, WORKLOAD_CODE_SIZE
 from confmig.guest.phases import TaskProgram
 from confmig.platform.cpu.abi import (
     COM1_PORT,
@@ -63,6 +71,8 @@ PARAMS_MAX = 256
 """Room for a workload's encoded options in the kernel data page."""
 INTERRUPTS_PER_STEP = 8
 """Pending vectors acknowledged per step; bounds the work before the workload runs."""
+GATED_INTERRUPTS_MAX = 64
+"""Pending vectors a parked vCPU drops per step (more than the vectors a guest uses)."""
 DEFAULT_WORKLOAD = "idle"
 SEV_MIGRATION_OPTION = "sev_migration"
 """``sev_migration=on|off`` (default on): confmig's switch for the kernel's leg of the
@@ -80,6 +90,8 @@ class Phase(IntEnum):
     """After the write of MSR_KVM_MIGRATION_CONTROL: say so."""
     START = 0x30
     """Print the workload line and jump to it."""
+    GATED = 0x40
+    """The run gate is closed: halt until it opens, then continue at ``r12``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,6 +140,9 @@ KERNEL_MAGIC = b"CMKERN01"
 IN_NMI = 1 << 0
 _KDATA = struct.Struct("<8s16sIIQQQQQ")
 _PARAMS_OFFSET = 128
+_GATE_OFFSET = RUN_GATE_GPA - KERNEL_DATA_GPA
+_GATE_END = _GATE_OFFSET + gate.SIZE
+"""One read of the kernel data page covers the run gate too (one page, one decryption)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,18 +156,20 @@ class KernelData:
     nmi_rip: int
     """Where the workload resumes after the NMI handler."""
     nmis: int
+    gate: int = gate.OPEN
+    """The run gate, read with the rest; the kernel never writes it."""
 
 
 def load_data(cpu: GuestCpu, mask: int | None = None) -> KernelData:
     """The kernel data page (``mask``: the step's encryption mask; None finds it out)."""
-    magic, name, flags, plen, tick, next_tick, jiffies, nmi_rip, nmis = _KDATA.unpack(
-        cpu.read(mem_encrypt.private(cpu, KERNEL_DATA_GPA, mask), _KDATA.size)
-    )
+    raw = cpu.read(mem_encrypt.private(cpu, KERNEL_DATA_GPA, mask), _GATE_END)
+    magic, name, flags, plen, tick, next_tick, jiffies, nmi_rip, nmis = _KDATA.unpack_from(raw)
     if magic != KERNEL_MAGIC:
         raise GuestFault("kernel: data page lost its magic")
     return KernelData(
         workload=name.rstrip(b"\0").decode(), flags=flags, params_len=plen, tick_ns=tick,
         next_tick=next_tick, jiffies=jiffies, nmi_rip=nmi_rip, nmis=nmis,
+        gate=gate.decode(raw[_GATE_OFFSET:]),
     )
 
 
@@ -249,8 +266,7 @@ def missing_migration_legs(cpu: GuestCpu, info: bootinfo.BootInfo, cmdline: Cmdl
     return missing
 
 
-def _boot(workloads: Mapping[str, Workload], cpu: GuestCpu) -> None:
-    mask = mem_encrypt.encryption_mask(cpu)
+def _boot(workloads: Mapping[str, Workload], cpu: GuestCpu, mask: int) -> None:
     info = bootinfo.load(cpu, mask)
     try:
         cmdline = parse_cmdline(info.cmdline)
@@ -298,16 +314,39 @@ def _start(workloads: Mapping[str, Workload], cpu: GuestCpu, mask: int) -> None:
 
 def _kernel_step(workloads: Mapping[str, Workload], cpu: GuestCpu) -> None:
     phase = cpu.regs.rip - KERNEL_BASE
-    if phase == Phase.ENTRY:
-        _boot(workloads, cpu)
+    if phase == Phase.HALT:
+        cpu.hlt()
+        return
+    if phase not in (Phase.ENTRY, Phase.MIGRATION, Phase.START, Phase.GATED):
+        raise GuestFault(f"kernel: no instruction at {cpu.regs.rip:#x}")
+    mask = mem_encrypt.encryption_mask(cpu)
+    if phase == Phase.GATED:
+        _gated(cpu, mask)
+    elif mask and gate.closed(value := gate.load(cpu, mask)):
+        _close_gate(cpu, value)
+    elif phase == Phase.ENTRY:
+        _boot(workloads, cpu, mask)
     elif phase == Phase.MIGRATION:
         _migration_enabled(cpu)
-    elif phase == Phase.START:
-        _start(workloads, cpu, mem_encrypt.encryption_mask(cpu))
-    elif phase == Phase.HALT:
-        cpu.hlt()
     else:
-        raise GuestFault(f"kernel: no instruction at {cpu.regs.rip:#x}")
+        _start(workloads, cpu, mask)
+
+
+def _close_gate(cpu: GuestCpu, value: int) -> None:
+    """Park at GATED, keeping where this vCPU was; say why (once: this is the exit)."""
+    cpu.regs.r12 = cpu.regs.rip
+    cpu.regs.rip = KERNEL_BASE + Phase.GATED
+    console_write(cpu, gate.REASONS[value])
+
+
+def _gated(cpu: GuestCpu, mask: int) -> None:
+    if not gate.closed(gate.load(cpu, mask)):
+        cpu.regs.rip = cpu.regs.r12  # opened again: continue where the gate stopped us
+        return
+    for _ in range(GATED_INTERRUPTS_MAX):  # a pending interrupt would end every hlt at once
+        if cpu.pending_interrupt() is None:
+            break
+    cpu.hlt()
 
 
 def kernel_region(workloads: Mapping[str, Workload]) -> RomRegion:
@@ -322,6 +361,9 @@ def kernel_region(workloads: Mapping[str, Workload]) -> RomRegion:
 def _task_step(workload: Workload, cpu: GuestCpu) -> None:
     mask = mem_encrypt.encryption_mask(cpu)  # once per step: the workload gets it too
     before = k = load_data(cpu, mask)
+    if mask and gate.closed(k.gate):
+        _close_gate(cpu, k.gate)
+        return
     if not k.flags & IN_NMI:
         for _ in range(INTERRUPTS_PER_STEP):
             vector = cpu.pending_interrupt()

@@ -5,7 +5,8 @@ Code (instruction addresses, ``rip``). Each program is a RomRegion; inside it,
 state machine's state::
 
     firmware   0xFFFF_0000 .. 0xFFFF_FFFF      64 KiB below 4 GiB, like a flash BIOS;
-                                               RESET_VECTOR (0xFFFF_FFF0) is its entry
+                                               RESET_VECTOR (0xFFFF_FFF0) is its entry,
+                                               MH_ENTRY (0xFFFF_8000) the Migration Handler's
     kernel     0xFFFF_FFFF_8100_0000 + 4 KiB   Linux's __START_KERNEL
     workloads  0xFFFF_FFFF_C000_0000 + k MiB   one MiB of phases per workload
 
@@ -16,25 +17,35 @@ its registers (the guest-state rule)::
     0x0000_1000  4 KiB  fw_cfg DMA bounce buffer: FWCfgDmaAccess + data     SHARED  firmware <-> fw_cfg
     0x0000_2000  4 KiB  boot info: memory map, CPU count, command line, SEV firmware -> kernel
     0x0000_3000  4 KiB  kernel data: timer tick, NMI frame, workload params  kernel
+                        (+0xF00: the run gate, :mod:`confmig.guest.gate`)    MH -> kernel
     0x0000_4000  4 KiB  workload state: counters, cursors, self-check       workload
-    0x0000_5000  4 KiB  SEV secret area (OVMF table: SEV secret block)      PSP (LAUNCH_SECRET) -> firmware
+    0x0000_5000  4 KiB  SEV secret area (OVMF table: SEV secret block)      PSP -> firmware, MH
     0x0000_6000  4 KiB  UEFI variable store                                  firmware -> kernel
     0x0000_7000         reserved up to 1 MiB (firmware and kernel growth)
-    0x0010_0000         workload memory, up to the end of RAM in both RAM
+    0x0010_0000 512 KiB page-state list: 1 bit per GFN below 16 GiB,   mem_encrypt -> MH
+                        set = SHARED (the guest's own record of its C-bits)
+    0x0018_0000         reserved up to 8 MiB
+    0x0080_0000   8 MiB the Migration Handler's area (never migrated as guest memory):
+                        MH_VCPUS_MAX mailboxes (SHARED), then the MH's state: a
+                        session page, one page per MH vCPU, one imported-page
+                        bitmap per MH vCPU (512 KiB each); the rest unused
+    0x0100_0000         workload memory, up to the end of RAM in both RAM
                         regions (below 3 GiB and from 4 GiB): the kv queue
                         (SHARED) and hash table, the dirty workload's version
                         table and working set
     4 GiB - 64 KiB      the firmware image (``-bios``), as flash below 4 GiB
 
 In an SEV guest every page is private (accessed with the C-bit) except the
-ones marked SHARED: the host's devices read and write those.
+ones marked SHARED: the host's devices read and write those. A guest whose RAM
+ends below 16 MiB has no Migration Handler and no workload memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from confmig.common.units import PAGE_SIZE, GiB, Gpa, MemoryRange, MiB
+from confmig.common.units import PAGE_SIZE, GiB, Gpa, KiB, MemoryRange, MiB
+from confmig.proto.mailbox import MAILBOX_STRIDE
 
 # --- instruction addresses ---------------------------------------------------------------
 
@@ -44,6 +55,9 @@ KERNEL_BASE = 0xFFFF_FFFF_8100_0000
 KERNEL_SIZE = 0x1000
 WORKLOAD_CODE_BASE = 0xFFFF_FFFF_C000_0000
 WORKLOAD_CODE_SIZE = 0x10_0000
+MH_ENTRY = FIRMWARE_BASE + 0x8000
+"""Where an MH vCPU runs (:mod:`confmig.guest.firmware.mh`): a phase of the firmware's code,
+so the Migration Handler is measured with the firmware image. The image's table says so."""
 
 
 def workload_code(index: int) -> int:
@@ -69,12 +83,53 @@ SECRET_AREA_SIZE = PAGE_SIZE
 VARSTORE_GPA = 0x6000
 """The firmware's UEFI variable store, read by the kernel (EFI runtime services)."""
 VARSTORE_SIZE = PAGE_SIZE
-WORKLOAD_MEMORY_BASE = 1 * MiB
-"""Workload memory starts here; below it only firmware and kernel structures live."""
+RUN_GATE_GPA = KERNEL_DATA_GPA + 0xF00
+"""The run gate (:mod:`confmig.guest.gate`): in the kernel data page, which the kernel reads
+on every step anyway, at an offset the kernel's own data never reaches."""
+
+PAGE_STATE_GPA = 1 * MiB
+"""The page-state list: bit ``gfn % 8`` of byte ``gfn // 8`` is set when the page is shared."""
+PAGE_STATE_SIZE = 512 * KiB
+PAGE_STATE_LIMIT = PAGE_STATE_SIZE * 8 * PAGE_SIZE
+"""16 GiB: pages from here up are private and cannot be made shared; the Migration Handler
+neither exports nor imports them."""
+
+MH_AREA_GPA = 8 * MiB
+MH_AREA_SIZE = 8 * MiB
+"""The Migration Handler's area: each side's MH owns its own, so a VMM migrates none of it."""
+MH_VCPUS_MAX = 4
+"""MH vCPUs the firmware has mailboxes and state for."""
+MH_MAILBOX_GPA = MH_AREA_GPA
+MH_MAILBOX_SIZE = MH_VCPUS_MAX * MAILBOX_STRIDE
+MH_SESSION_GPA = MH_MAILBOX_GPA + MH_MAILBOX_SIZE
+"""The MH's session page (private): what the migration of this guest has come to."""
+MH_VCPU_STATE_GPA = MH_SESSION_GPA + PAGE_SIZE
+"""One private page per MH vCPU: its stream."""
+MH_IMPORTED_GPA = MH_VCPU_STATE_GPA + MH_VCPUS_MAX * PAGE_SIZE
+MH_IMPORTED_SIZE = PAGE_STATE_SIZE
+"""One private bitmap per MH vCPU, laid out as the page-state list: the pages its stream
+imported in this migration."""
+MH_STATE_END = MH_IMPORTED_GPA + MH_VCPUS_MAX * MH_IMPORTED_SIZE
+assert MH_MAILBOX_SIZE % PAGE_SIZE == 0 and MH_STATE_END <= MH_AREA_GPA + MH_AREA_SIZE
+
+
+def mh_vcpu_state(index: int) -> int:
+    """GPA of MH vCPU ``index``'s state page."""
+    return MH_VCPU_STATE_GPA + index * PAGE_SIZE
+
+
+def mh_imported(index: int) -> int:
+    """GPA of MH vCPU ``index``'s imported-page bitmap."""
+    return MH_IMPORTED_GPA + index * MH_IMPORTED_SIZE
+
+
+WORKLOAD_MEMORY_BASE = 16 * MiB
+"""Workload memory starts here; below it only firmware, kernel and Migration Handler
+structures live."""
 
 
 def workload_memory(ram: Iterable[MemoryRange]) -> list[MemoryRange]:
-    """The RAM a workload may use: the RAM ranges from 1 MiB up, whole pages, by address."""
+    """The RAM a workload may use: the RAM ranges from 16 MiB up, whole pages, by address."""
     free = []
     for r in sorted(ram, key=lambda r: r.start):
         start = (max(r.start, WORKLOAD_MEMORY_BASE) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)

@@ -19,11 +19,23 @@ address unchanged, so plain guests run exactly as before.
 Page-state reports (``KVM_HC_MAP_GPA_RANGE``) are made only by an SEV guest whose
 hypervisor advertises ``KVM_FEATURE_MIGRATION_CONTROL``, as Linux
 (``kvm_init_platform``) and OVMF (``MemEncryptSevLiveMigrationIsEnabled``) do.
+
+The page-state list. Every C-bit change of the guest goes through
+:func:`move_to_shared` and :func:`move_to_private`, which keep the guest's own
+record of it: a private bitmap at ``PAGE_STATE_GPA``, one bit per GFN below
+``PAGE_STATE_LIMIT`` (16 GiB), set when the page is shared. The firmware
+clears it at reset (:func:`clear_page_state`). It is what the Migration
+Handler believes, not the host's list: it migrates with the guest's memory like
+any private data, and pages above the limit can only be private.
 """
 
 from __future__ import annotations
 
-from confmig.common.units import PAGE_SIZE
+import numpy as np
+import numpy.typing as npt
+
+from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
+from confmig.guest.layout import PAGE_STATE_GPA, PAGE_STATE_LIMIT, PAGE_STATE_SIZE
 from confmig.platform.cpu.abi import (
     CPUID_AMD_SEV,
     KVM_CPUID_SIGNATURE,
@@ -96,13 +108,17 @@ def reports_page_state(cpu: GuestCpu, mask: int | None = None) -> bool:
     return bool(step_mask(cpu, mask)) and has_migration_control(cpu)
 
 
-def move_to_shared(cpu: GuestCpu, gpa: int, npages: int, mask: int | None = None) -> None:
-    """Make ``npages`` from ``gpa`` shared, keeping what the guest sees in them: the
-    host can read them from now on. No-op in a plain guest."""
+def move_to_shared(cpu: GuestCpu, gpa: int, npages: int, mask: int | None = None, *,
+                   zero: bool = False) -> None:
+    """Make ``npages`` from ``gpa`` shared, keeping what the guest sees in them (with
+    ``zero``: they read as zeros instead): the host can read them from now on. The
+    page-state list says so. No-op in a plain guest."""
     mask = step_mask(cpu, mask)
     if mask:
         _check_batch(gpa, npages)
-        cpu.write_pages(gpa, cpu.read_pages(gpa | mask, npages))
+        pages = np.zeros((npages, PAGE_SIZE), np.uint8) if zero else cpu.read_pages(gpa | mask, npages)
+        _mark(cpu, gpa >> PAGE_SHIFT, npages, shared=True, mask=mask)
+        cpu.write_pages(gpa, pages)
 
 
 def move_to_private(cpu: GuestCpu, gpa: int, npages: int, mask: int | None = None) -> None:
@@ -112,11 +128,59 @@ def move_to_private(cpu: GuestCpu, gpa: int, npages: int, mask: int | None = Non
     if mask:
         _check_batch(gpa, npages)
         cpu.write_pages(gpa | mask, cpu.read_pages(gpa, npages))
+        _mark(cpu, gpa >> PAGE_SHIFT, npages, shared=False, mask=mask)
 
 
 def _check_batch(gpa: int, npages: int) -> None:
     if gpa % PAGE_SIZE or not 0 < npages <= PAGE_STATE_BATCH:
         raise GuestFault(f"page-state change of {npages} pages at {gpa:#x}")
+    if gpa + npages * PAGE_SIZE > PAGE_STATE_LIMIT:
+        raise GuestFault(f"page-state change at {gpa:#x}: pages from {PAGE_STATE_LIMIT:#x} up "
+                         "stay private (the page-state list ends there)")
+
+
+# --- the page-state list -------------------------------------------------------------------
+
+
+def clear_page_state(cpu: GuestCpu, mask: int) -> None:
+    """Every page private (the firmware, at reset: RAM need not start zeroed)."""
+    cpu.write_pages(PAGE_STATE_GPA | mask, np.zeros((PAGE_STATE_SIZE // PAGE_SIZE, PAGE_SIZE), np.uint8))
+
+
+def _mark(cpu: GuestCpu, gfn: int, npages: int, *, shared: bool, mask: int) -> None:
+    first, last = gfn >> 3, (gfn + npages - 1) >> 3
+    at = (PAGE_STATE_GPA + first) | mask
+    bits = np.unpackbits(np.frombuffer(cpu.read(at, last - first + 1), np.uint8), bitorder="little")
+    bits[gfn - first * 8 : gfn - first * 8 + npages] = shared
+    cpu.write(at, np.packbits(bits, bitorder="little").tobytes())
+
+
+def shared_pages(cpu: GuestCpu, gfns: npt.NDArray[np.int64], mask: int) -> npt.NDArray[np.bool_]:
+    """Which of ``gfns`` (each below the limit) the page-state list says are shared; reads
+    only the list's pages those GFNs fall in."""
+    return bitmap_bits(cpu, PAGE_STATE_GPA, gfns, mask)
+
+
+def bitmap_bits(cpu: GuestCpu, base: int, gfns: npt.NDArray[np.int64], mask: int) -> npt.NDArray[np.bool_]:
+    """Bits ``gfns`` of the private bitmap at ``base`` (laid out as the page-state list)."""
+    out = np.zeros(len(gfns), np.bool_)
+    byte = gfns >> 3
+    for page in np.unique(byte >> PAGE_SHIFT).tolist():
+        data = np.frombuffer(cpu.read((base + (page << PAGE_SHIFT)) | mask, PAGE_SIZE), np.uint8)
+        here = (byte >> PAGE_SHIFT) == page
+        out[here] = (data[byte[here] & (PAGE_SIZE - 1)] >> (gfns[here] & 7)) & 1 == 1
+    return out
+
+
+def set_bitmap_bits(cpu: GuestCpu, base: int, gfns: npt.NDArray[np.int64], mask: int) -> None:
+    """Set bits ``gfns`` of the private bitmap at ``base``: one read and write per page of it."""
+    byte = gfns >> 3
+    for page in np.unique(byte >> PAGE_SHIFT).tolist():
+        at = (base + (page << PAGE_SHIFT)) | mask
+        data = np.frombuffer(cpu.read(at, PAGE_SIZE), np.uint8).copy()
+        here = (byte >> PAGE_SHIFT) == page
+        np.bitwise_or.at(data, byte[here] & (PAGE_SIZE - 1), (1 << (gfns[here] & 7)).astype(np.uint8))
+        cpu.write(at, data.tobytes())
 
 
 def map_gpa_range(cpu: GuestCpu, gpa: int, npages: int, *, encrypted: bool) -> None:

@@ -54,6 +54,24 @@ The AEAD's associated data is the header and the GPA list; the nonce is
 host sees how many pages a record holds, their GPAs and which are zero — what
 the page's address and the host's own dirty log already told it — never their
 contents.
+
+A version-1 record (ENCRYPT/DECRYPT) holds one page of stream
+:data:`V1_STREAM` and is never zero-elided (the RFC's io page always carries
+4096 bytes). It is split across the v1 area: the io header's data is the
+record's header, its GPA-list entry and its tag (:data:`V1_IO_HDR_LEN` = 80
+bytes, in that order); the io page is the page's 4096 bytes of ciphertext.
+:func:`split_v1_record` and :func:`join_v1_record` convert; a VMM that moves
+io header and io page as opaque bytes, as QEMU does, needs neither.
+
+Which MH vCPU serves what (the MH's side: :mod:`confmig.guest.firmware.mh`):
+INIT and RESET in the v1 block of every MH vCPU; ENCRYPT and DECRYPT in MH
+vCPU 0's v1 block; EXPORT and IMPORT in the slots of every MH vCPU, whose
+index is its stream number; FINISH, COMPLETE, ABORT and RESUME in MH vCPU 0's
+slots. A source's INIT answers with the session's migration id in the io
+header (:func:`decode_init` reads it): the source MH draws the id itself, at
+INIT of MH vCPU 0, and the other MH vCPUs join that session, whatever id the
+VMM asked for; a target's INIT takes the id the VMM gives (the source's, from
+the records).
 """
 
 from __future__ import annotations
@@ -120,6 +138,8 @@ SLOT_HEADER: Final = 0x1000
 V2_FIELDS: Final = struct.Struct("<IIQ")
 """npages, length, epoch: at +0x20 of a slot's command block."""
 V2_FIELDS_OFFSET: Final = COMMAND.size
+LENGTH_OFFSET: Final = V2_FIELDS_OFFSET + 4
+"""Where a slot's ``length`` sits: the MH writes it when it answers with a record."""
 RECORD_HEADER: Final = struct.Struct("<BBHIQQIII4x16s")
 """version, alg, kind, stream, seq, epoch, npages, nzero, body, migration id."""
 BODY_MAX: Final = 4096
@@ -137,6 +157,10 @@ ALG_AES_256_GCM: Final = 1
 RECORD_VERSION: Final = 2
 V1_STREAM: Final = 0xFFFF_FFFF
 """Stream number of records made by v1 commands (one page each)."""
+COMPLETION_STREAM: Final = 0xFFFF_FFFE
+"""Stream number of a completion record (sequence 0: one FINISH per migration id)."""
+ABORT_STREAM: Final = 0xFFFF_FFFD
+"""Stream number of an abort token (sequence 0; the target seals only this one record)."""
 
 
 class RecordKind(IntEnum):
@@ -244,7 +268,7 @@ def decode_record_header(data: bytes | memoryview, *, limit: int = SLOT_DATA) ->
         raise MailboxError(f"record of {h.npages} pages ({h.nzero} zero) at offset 24: "
                            f"at most {BATCH_PAGES}, zero ones among them")
     if h.body > BODY_MAX:
-        raise MailboxError(f"record body of {h.body} bytes at offset 40 (at most {BODY_MAX})")
+        raise MailboxError(f"record body of {h.body} bytes at offset 32 (at most {BODY_MAX})")
     if h.size > limit or h.size != len(data):
         raise MailboxError(f"record of {len(data)} bytes; its header says {h.size} (limit {limit})")
     return h
@@ -263,6 +287,27 @@ def associated_data(record: bytes | memoryview, header: RecordHeader) -> bytes:
 
 def nonce(stream: int, seq: int) -> bytes:
     return struct.pack("<IQ", stream, seq)
+
+
+V1_IO_HDR_LEN: Final = RECORD_HEADER.size + 8 + TAG_SIZE
+"""The io header's data of a version-1 record: header, one GPA-list entry, tag."""
+
+
+def split_v1_record(record: bytes | memoryview) -> tuple[bytes, bytes]:
+    """A one-page record as ENCRYPT leaves it: ``(io header data, io page)``."""
+    if len(record) != V1_IO_HDR_LEN + PAGE_SIZE:
+        raise MailboxError(f"a version-1 record is {V1_IO_HDR_LEN + PAGE_SIZE} bytes, got {len(record)}")
+    head = RECORD_HEADER.size + 8
+    return bytes(record[:head]) + bytes(record[-TAG_SIZE:]), bytes(record[head : head + PAGE_SIZE])
+
+
+def join_v1_record(io_header: bytes | memoryview, io_page: bytes | memoryview) -> bytes:
+    """The one-page record DECRYPT opens, from the io header's data and the io page."""
+    if len(io_header) != V1_IO_HDR_LEN or len(io_page) != PAGE_SIZE:
+        raise MailboxError(f"a version-1 record is an io header of {V1_IO_HDR_LEN} bytes and a "
+                           f"{PAGE_SIZE}-byte io page, got {len(io_header)} and {len(io_page)}")
+    head = RECORD_HEADER.size + 8
+    return bytes(io_header[:head]) + bytes(io_page) + bytes(io_header[head:])
 
 
 # --- INIT and the tokens' bodies -----------------------------------------------------------

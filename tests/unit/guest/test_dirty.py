@@ -8,6 +8,7 @@ import pytest
 from machine import Machine
 
 from confmig.common.units import PAGE_SIZE, GiB, Gpa, KiB, MiB
+from confmig.guest.layout import WORKLOAD_MEMORY_BASE
 from confmig.guest.workloads import dirty
 from confmig.platform.cpu.abi import TSC_HZ
 from confmig.vmm.memory import GuestMemory, RamBlock, RamRegion, pc_regions
@@ -175,12 +176,12 @@ def two_region_memory(low: int, high: int) -> GuestMemory:
 
 
 def test_wss_all_spans_both_ram_regions() -> None:
-    with start("workload=dirty rate=0 wss=all", memory=two_region_memory(8 * MiB, 8 * MiB)) as m:
+    with start("workload=dirty rate=0 wss=all", memory=two_region_memory(24 * MiB, 8 * MiB)) as m:
         m.run_until_line("dirty: working set")
         st = dirty.load_state(m.cpu)
-        free = (16 * MiB - 1 * MiB) // PAGE_SIZE
+        free = (24 * MiB - WORKLOAD_MEMORY_BASE + 8 * MiB) // PAGE_SIZE
         assert st.npages + st.table_pages == free and st.table_pages == 8
-        assert [start for start, _ in st.ranges] == [1 * MiB + 8 * PAGE_SIZE, 4 * GiB]
+        assert [start for start, _ in st.ranges] == [WORKLOAD_MEMORY_BASE + 8 * PAGE_SIZE, 4 * GiB]
         last = page_gpa(st, st.npages - 1)
         assert last == 4 * GiB + 8 * MiB - PAGE_SIZE
         assert int.from_bytes(ram(m, last, 8), "little") == last
@@ -190,7 +191,8 @@ def test_wss_all_spans_both_ram_regions() -> None:
 def test_a_working_set_larger_than_ram_halts_with_a_message() -> None:
     with Machine("workload=dirty wss=1G") as m:
         m.run(lambda _: False)
-        assert m.lines[-1] == "dirty: wss does not fit in 63 MiB (at most wss=64384K); halted"
+        # 48 MiB from 16 MiB up; 12288 pages hold 12264 and their 24-page version table
+        assert m.lines[-1] == "dirty: wss does not fit in 48 MiB (at most wss=49056K); halted"
 
 
 def test_the_largest_working_set_front_ends_are_told_of_fits_and_a_page_more_does_not() -> None:
@@ -199,7 +201,7 @@ def test_the_largest_working_set_front_ends_are_told_of_fits_and_a_page_more_doe
         assert dirty.load_state(m.cpu).npages == most // PAGE_SIZE
     with Machine(f"workload=dirty wss={(most + PAGE_SIZE) // KiB}K") as m:
         m.run(lambda _: False)
-        assert m.lines[-1] == f"dirty: wss does not fit in 63 MiB (at most wss={most // KiB}K); halted"
+        assert m.lines[-1] == f"dirty: wss does not fit in 48 MiB (at most wss={most // KiB}K); halted"
 
 
 def test_writing_and_verifying_are_fast() -> None:

@@ -17,6 +17,8 @@ from confmig.guest.firmware.boot import NO_MIGRATION_FILE
 from confmig.guest.layout import (
     FW_CFG_BOUNCE_GPA,
     KERNEL_BASE,
+    MH_MAILBOX_GPA,
+    MH_MAILBOX_SIZE,
     SECRET_AREA_GPA,
     SECRET_AREA_SIZE,
     VARSTORE_GPA,
@@ -42,6 +44,9 @@ NO_HYPERVISOR = "hypervisor: no KVM_FEATURE_MIGRATION_CONTROL"
 NO_VARIABLE = "firmware: SevLiveMigrationEnabled not set"
 KERNEL_OFF = "kernel: sev_migration=off"
 BOUNCE_GFN = FW_CFG_BOUNCE_GPA // PAGE_SIZE
+MAILBOX_GFNS = set(range(MH_MAILBOX_GPA // PAGE_SIZE, (MH_MAILBOX_GPA + MH_MAILBOX_SIZE) // PAGE_SIZE))
+"""The Migration Handler's mailboxes: shared by the firmware of every SEV guest."""
+FIRMWARE_SHARED = {BOUNCE_GFN} | MAILBOX_GFNS
 U64 = (1 << 64) - 1
 IDLE_WAIT = 0.002
 
@@ -54,6 +59,18 @@ def failure_lines(m: Machine) -> list[str]:
     return [line for line in m.lines if "KVM_HC_MAP_GPA_RANGE failed" in line]
 
 
+def mailbox_reports(batch: int = mem_encrypt.PAGE_STATE_BATCH) -> list[tuple[int, int, int, int, int]]:
+    """The firmware's reports of the mailboxes, ``batch`` pages at a time."""
+    n = MH_MAILBOX_SIZE // PAGE_SIZE
+    return [(KVM_HC_MAP_GPA_RANGE, MH_MAILBOX_GPA + i * PAGE_SIZE, min(batch, n - i), 0, 0)
+            for i in range(0, n, batch)]
+
+
+def workload_reports(m: Machine) -> list[tuple[int, int, int, int, int]]:
+    """The page-state reports made after the firmware's."""
+    return [hc for hc in m.cpu.hypercalls if hc[1] >= MH_MAILBOX_GPA + MH_MAILBOX_SIZE]
+
+
 # --- boot ---------------------------------------------------------------------------------------
 
 
@@ -61,8 +78,9 @@ def test_sev_boot_shares_and_reports_the_fw_cfg_bounce_page() -> None:
     with Machine("workload=idle", sev=True) as m:
         m.run_until_line(WORKLOAD_LINE)
         assert m.lines[0] == "confmig firmware 1.0: fw_cfg DMA, 1 CPU(s), RAM 64 MiB, SEV (C-bit 51)"
-        assert m.cpu.hypercalls == [(KVM_HC_MAP_GPA_RANGE, FW_CFG_BOUNCE_GPA, 1, 0, 0)]  # attrs 0: shared
-        assert m.cpu.shared_pages == {BOUNCE_GFN}
+        assert m.cpu.hypercalls == [(KVM_HC_MAP_GPA_RANGE, FW_CFG_BOUNCE_GPA, 1, 0, 0),  # attrs 0: shared
+                                    *mailbox_reports()]
+        assert m.cpu.shared_pages == FIRMWARE_SHARED
         platform = bootinfo.load(m.cpu).platform
         assert platform.sev and platform.c_bit_position == 51 and not platform.hypercall_error
         assert m.cpu.shutdown_reason is None
@@ -73,7 +91,7 @@ def test_kernel_and_dirty_data_reach_ram_only_as_ciphertext() -> None:
         m.run_until_line("dirty: working set written")
         m.cpu.inject(2)
         assert m.run_until_line(SELFCHECK) == f"{SELFCHECK}: PASS pages=256 writes=256"
-        assert m.cpu.shared_pages == {BOUNCE_GFN}  # nothing else was ever touched without the C-bit
+        assert m.cpu.shared_pages == FIRMWARE_SHARED  # nothing else was ever touched without the C-bit
         low = m.memory.read(0, 1 * MiB)  # boot info, kernel data, workload state, variable store
         for plaintext in (b"CMBOOT01", b"workload=dirty", b"CMKERN01", b"CMDIRTY1", b"CMVARS01",
                           varstore.SEV_LIVE_MIGRATION_ENABLED.encode("utf-16-le")):
@@ -130,9 +148,9 @@ def test_the_kv_queue_is_shared_and_reported_before_the_device_goes_live(tmp_pat
     with Machine("workload=kv slots=64", sev=True, kv_socket=tmp_path / "kv.sock",
                  idle_wait=IDLE_WAIT) as m:
         assert m.kv is not None
-        m.run(lambda c: len(c.hypercalls) == 2)
+        m.run(lambda c: len(c.hypercalls) == 2 + len(mailbox_reports()))
         queue = guest_kv.load_state(m.cpu).queue
-        assert m.cpu.hypercalls[1] == (KVM_HC_MAP_GPA_RANGE, queue, guest_kv.QUEUE_PAGES, 0, 0)
+        assert workload_reports(m) == [(KVM_HC_MAP_GPA_RANGE, queue, guest_kv.QUEUE_PAGES, 0, 0)]
         assert m.kv.io_in(KV_PORT_BASE + KV_REG_STATUS_CONTROL, 4) == bytes(4)  # not live yet
         m.run_until_line("kv: serving")
         m.kv.start()
@@ -142,7 +160,7 @@ def test_the_kv_queue_is_shared_and_reported_before_the_device_goes_live(tmp_pat
                 client.put(b"key-%d" % i, b"value-%d" % i)
             assert client.get(b"key-7") == b"value-7" and client.verify().ok
         st = guest_kv.load_state(m.cpu)
-        assert m.cpu.shared_pages == {BOUNCE_GFN} | queue_gfns(st.queue)
+        assert m.cpu.shared_pages == FIRMWARE_SHARED | queue_gfns(st.queue)
         table = m.memory.read(st.table, st.table_pages * PAGE_SIZE)
         assert b"key-1" not in table and b"value-1" not in table
         assert b"value-1" in m.cpu.read(st.table | C_BIT, st.table_pages * PAGE_SIZE)
@@ -156,7 +174,8 @@ def test_the_queue_is_shared_in_bounded_batches(monkeypatch: pytest.MonkeyPatch,
         m.run_until_line("kv: serving")
         queue = guest_kv.load_state(m.cpu).queue
         n = guest_kv.QUEUE_PAGES
-        assert m.cpu.hypercalls[1:] == [
+        assert m.cpu.hypercalls[1 : 1 + len(mailbox_reports(8))] == mailbox_reports(8)
+        assert workload_reports(m) == [
             (KVM_HC_MAP_GPA_RANGE, queue + i * PAGE_SIZE, min(8, n - i), 0, 0) for i in range(0, n, 8)
         ]
 
@@ -174,7 +193,8 @@ def test_a_host_without_hypercall_exits_gets_one_line_and_the_guest_carries_on(t
     with Machine("workload=kv slots=16", sev=True, kv_socket=tmp_path / "kv.sock",
                  hypercall_result=-KVM_ENOSYS) as m:
         m.run_until_line("kv: serving")
-        assert len(m.cpu.hypercalls) == 2  # the firmware's and the workload's: both tried
+        assert len(workload_reports(m)) == 1  # the firmware's and the workload's: all tried
+        assert len(m.cpu.hypercalls) == 2 + len(mailbox_reports())
         assert failure_lines(m) == [
             "confmig firmware: KVM_HC_MAP_GPA_RANGE failed with -1000 (KVM_CAP_EXIT_HYPERCALL not "
             "enabled); page-state changes are not reported to the host"
@@ -192,7 +212,7 @@ def test_a_refused_queue_report_is_printed_once_by_the_workload(monkeypatch: pyt
         m.run_until_line(WORKLOAD_LINE)
         m.cpu.hypercall_result = -22
         m.run_until_line("kv: serving")
-        assert len(m.cpu.hypercalls) == 6
+        assert len(workload_reports(m)) == 5
         assert failure_lines(m) == [
             "confmig kv: KVM_HC_MAP_GPA_RANGE failed with -22; page-state changes are not reported "
             "to the host"

@@ -13,7 +13,8 @@ from machine import Machine, MachineSnapshot
 from confmig.common.units import MiB
 
 CMDLINE = "workload=dirty rate=20000 wss=2M seed=3"
-RAM = 16 * MiB
+RAM = 24 * MiB
+"""The dirty workload's 2 MiB and its table fit above the firmware's and MH's 16 MiB."""
 TOTAL = 400
 NMI_AT = 250
 """An NMI arrives here, so the later cuts land inside the self-check."""

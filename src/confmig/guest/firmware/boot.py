@@ -4,16 +4,19 @@ A state machine whose state is ``rip``. Each phase consumes the result of the
 previous fw_cfg transfer from the bounce buffer, records it in the boot-info
 block, and starts the next transfer (one exiting ``out``)::
 
-    RESET_VECTOR  APs park. The BSP clears the boot info, finds out whether it
-                  runs as an SEV guest (CPUID 0x8000001F, MSR_AMD64_SEV) and
-                  what the hypervisor offers (CPUID 0x40000001), formats the
-                  variable store; in an SEV guest it makes the bounce buffer
-                  shared and reports it (KVM_HC_MAP_GPA_RANGE) -> BOUNCE;
-                  otherwise it reads the signature
+    RESET_VECTOR  APs park. An SEV guest whose run gate is closed (it migrated
+                  away, or its incoming migration was aborted) says so and parks.
+                  The BSP clears the boot info, finds out whether it runs as an
+                  SEV guest (CPUID 0x8000001F, MSR_AMD64_SEV) and what the
+                  hypervisor offers (CPUID 0x40000001), formats the variable
+                  store; in an SEV guest it opens the run gate, clears the
+                  page-state list, makes the bounce buffer shared and reports it
+                  (KVM_HC_MAP_GPA_RANGE) -> BOUNCE; otherwise it reads the signature
     BOUNCE        the report's result (a failure is remembered) -> read the signature
     SIGNATURE     "QEMU"?                          -> read the feature ID
     ID            DMA supported?                   -> read the file directory
-    FILE_DIR      find etc/e820 (and opt/confmig/no-migration) -> read etc/e820
+    FILE_DIR      find etc/e820 (and opt/confmig/no-migration; the selector of
+                  opt/ovmf/PcdSevIsMigrationTarget goes to r12) -> read etc/e820
     E820          store the memory map             -> read the command-line size
     CMDLINE_SIZE  fits in the boot info?           -> read the command line
     CMDLINE_DATA  store it                         -> read the CPU count
@@ -22,11 +25,27 @@ block, and starts the next transfer (one exiting ``out``)::
                   and sets SevLiveMigrationEnabled if the hypervisor offers
                   migration control (and fw_cfg does not opt out), then seals and
                   prints the banner -> SECRET
-    SECRET        print the launch secret's verdict -> HC_REPORT or the kernel
-    HC_REPORT     print that page-state reports fail (once) -> the kernel
-    PARK          hlt, forever (APs, and the BSP after a fatal error)
+    SECRET        print the launch secret's verdict -> MH_SHARE (RAM covers the
+                  Migration Handler's area) or AFTER_MH
+    MH_SHARE      make the next PAGE_STATE_BATCH mailbox pages shared (zeros; rbx
+                  counts them) and report them -> MH_SHARED; without reports, on
+                  to the next batch. After the last: zero the MH's state -> AFTER_MH
+    MH_SHARED     the report's result (a failure is remembered) -> MH_SHARE
+    AFTER_MH      page-state reports failed: HC_REPORT; else TARGET_READ
+    HC_REPORT     print that page-state reports fail (once) -> TARGET_READ
+    TARGET_READ   fw_cfg has opt/ovmf/PcdSevIsMigrationTarget: read it -> TARGET;
+                  else the kernel
+    TARGET        true ("1", "y", "yes", "true"): the guest's memory may be
+                  imported; print "Waiting for incoming confidential migration."
+                  -> PARK. Else the kernel
+    PARK          hlt, forever (APs, the BSP after a fatal error, a migration target)
 
-In an SEV guest every firmware data access but the bounce buffer's carries the
+A migration target's BSP parks without booting the kernel: the VMM replaces
+its registers when the migration ends, and the import overwrites its memory,
+so nothing it leaves there matters. The Migration Handler's entry, MH_ENTRY,
+is a phase of this program too (:mod:`confmig.guest.firmware.mh`).
+
+In an SEV guest every firmware data access but the shared pages' carries the
 C-bit (:func:`confmig.guest.mem_encrypt.private`); a plain guest boots exactly
 as it always did.
 """
@@ -36,9 +55,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from enum import IntEnum
 
-from confmig.common.units import Gpa, MemoryRange, MiB
-from confmig.guest import mem_encrypt
-from confmig.guest.firmware import bootinfo, fw_cfg, secret, varstore
+from confmig.common.units import PAGE_SIZE, Gpa, MemoryRange, MiB
+from confmig.guest import gate, mem_encrypt
+from confmig.guest.firmware import bootinfo, fw_cfg, mh, secret, varstore
 from confmig.guest.layout import (
     FIRMWARE_BASE,
     FIRMWARE_SIZE,
@@ -46,6 +65,11 @@ from confmig.guest.layout import (
     FW_CFG_BOUNCE_GPA,
     FW_CFG_DMA_DATA_MAX,
     KERNEL_BASE,
+    MH_AREA_GPA,
+    MH_AREA_SIZE,
+    MH_ENTRY,
+    MH_MAILBOX_GPA,
+    MH_MAILBOX_SIZE,
     SECRET_AREA_GPA,
     SECRET_AREA_SIZE,
     VARSTORE_GPA,
@@ -65,6 +89,13 @@ FIRMWARE_VERSION = "1.0"
 E820_FILE = "etc/e820"
 NO_MIGRATION_FILE = "opt/confmig/no-migration"
 """Present in fw_cfg: do not set SevLiveMigrationEnabled (tests the negotiation's firmware leg)."""
+MIGRATION_TARGET_FILE = "opt/ovmf/PcdSevIsMigrationTarget"
+"""True in fw_cfg: boot only as far as the Migration Handler and wait for an incoming
+migration (the 2021 RFC's name, as QEMU's ``-fw_cfg name=...,string=1`` gives it)."""
+TRUE_WORDS = frozenset({b"1", b"y", b"yes", b"true"})
+"""What the file may say for true (OVMF's ``QemuFwCfgParseBool``)."""
+WAITING_LINE = "Waiting for incoming confidential migration."
+MH_MAILBOX_PAGES = MH_MAILBOX_SIZE // PAGE_SIZE
 _E820_ENTRY_SIZE = 20
 
 
@@ -80,6 +111,12 @@ class Phase(IntEnum):
     BOUNCE = 0x90
     SECRET = 0xA0
     HC_REPORT = 0xB0
+    MH_SHARE = 0xC0
+    MH_SHARED = 0xD0
+    AFTER_MH = 0xE0
+    TARGET_READ = 0xF0
+    TARGET = 0x100
+    MH = MH_ENTRY - FIRMWARE_BASE
     RESET = RESET_VECTOR - FIRMWARE_BASE
 
 
@@ -102,9 +139,15 @@ def _reset(cpu: GuestCpu) -> None:
         _goto(cpu, Phase.PARK)
         cpu.hlt()
         return
-    bootinfo.clear(cpu)
     status = mem_encrypt.sev_status(cpu)
     sev = bool(status & MSR_AMD64_SEV_ENABLED)
+    mask = 1 << mem_encrypt.c_bit_position(cpu) if sev else 0
+    if sev and (value := gate.load(cpu, mask)) in (gate.MIGRATED_AWAY, gate.ABORTED):
+        _goto(cpu, Phase.PARK)  # a reboot does not make a second copy of a guest run
+        cpu.outs(COM1_PORT, (gate.REASONS[value] + "\n").encode())
+        return
+    cpu.regs.r12 = 0  # no target file seen yet
+    bootinfo.clear(cpu)
     migration_control = mem_encrypt.has_migration_control(cpu)
     flags = (
         (bootinfo.PLATFORM_SEV if sev else 0)
@@ -119,9 +162,11 @@ def _reset(cpu: GuestCpu) -> None:
     ))
     varstore.format_store(cpu, VARSTORE_GPA, VARSTORE_SIZE)
     if sev:
+        gate.store(cpu, gate.OPEN, mask)
+        mem_encrypt.clear_page_state(cpu, mask)
         # fw_cfg DMA goes through the bounce buffer: the device must read our requests
         # and we its data, so the page is shared (OVMF clears the C-bit in its PTE).
-        mem_encrypt.move_to_shared(cpu, FW_CFG_BOUNCE_GPA, 1)
+        mem_encrypt.move_to_shared(cpu, FW_CFG_BOUNCE_GPA, 1, mask)
         if mem_encrypt.reports_page_state(cpu):
             _goto(cpu, Phase.BOUNCE)
             mem_encrypt.map_gpa_range(cpu, FW_CFG_BOUNCE_GPA, 1, encrypted=False)
@@ -158,6 +203,9 @@ def _file_dir(cpu: GuestCpu) -> None:
         return
     if fw_cfg.find_file(directory, NO_MIGRATION_FILE) is not None:
         bootinfo.set_flags(cpu, bootinfo.PLATFORM_NO_MIGRATION)
+    target = fw_cfg.find_file(directory, MIGRATION_TARGET_FILE)
+    if target is not None:  # read after the banners, once the Migration Handler is ready
+        cpu.regs.r12 = target[0] << 32 | min(target[1], FW_CFG_DMA_DATA_MAX)
     selector, size = found
     _read(cpu, selector, min(size, bootinfo.E820_MAX * _E820_ENTRY_SIZE), then=Phase.E820)
 
@@ -252,19 +300,79 @@ def _secret(cpu: GuestCpu) -> None:
     platform = bootinfo.load_platform(cpu)
     table = secret.SecretTable(status=platform.secret_status, entries=platform.secret_entries,
                                detail=platform.secret_detail)
+    mh_area = MemoryRange(start=Gpa(MH_AREA_GPA), size=MH_AREA_SIZE)
+    if any(r.start <= mh_area.start and mh_area.end <= r.end for r in bootinfo.load(cpu).ram):
+        cpu.regs.rbx = 0  # mailbox pages shared so far
+        _goto(cpu, Phase.MH_SHARE)
+    else:
+        _goto(cpu, Phase.AFTER_MH)  # RAM ends below 16 MiB: no Migration Handler
+    cpu.outs(COM1_PORT, (table.line + "\n").encode())
+
+
+def _mh_share(cpu: GuestCpu) -> None:
+    """The Migration Handler's mailboxes become shared, zeroed, one reported batch a step."""
+    mask = mem_encrypt.encryption_mask(cpu)
+    done = cpu.regs.rbx
+    n = min(mem_encrypt.PAGE_STATE_BATCH, MH_MAILBOX_PAGES - done)
+    gpa = MH_MAILBOX_GPA + done * PAGE_SIZE
+    mem_encrypt.move_to_shared(cpu, gpa, n, mask, zero=True)
+    cpu.regs.rbx = done + n
+    if mem_encrypt.reports_page_state(cpu, mask):
+        _goto(cpu, Phase.MH_SHARED)
+        mem_encrypt.map_gpa_range(cpu, gpa, n, encrypted=False)
+    elif cpu.regs.rbx == MH_MAILBOX_PAGES:
+        _mh_ready(cpu, mask)
+
+
+def _mh_shared(cpu: GuestCpu) -> None:
+    if mem_encrypt.hypercall_error(cpu.regs.rax):
+        bootinfo.store_hypercall_error(cpu, cpu.regs.rax)  # reported on the console later
+    if cpu.regs.rbx == MH_MAILBOX_PAGES:
+        _mh_ready(cpu, mem_encrypt.encryption_mask(cpu))
+    else:
+        _mh_share(cpu)
+
+
+def _mh_ready(cpu: GuestCpu, mask: int) -> None:
+    mh.prepare(cpu, mask)
+    bootinfo.set_flags(cpu, bootinfo.PLATFORM_MIGRATION_HANDLER, mask)
+    _goto(cpu, Phase.AFTER_MH)
+
+
+def _after_mh(cpu: GuestCpu) -> None:
+    platform = bootinfo.load_platform(cpu)
     if platform.hypercall_error and not platform.flags & bootinfo.PLATFORM_HYPERCALL_REPORTED:
         _goto(cpu, Phase.HC_REPORT)
     else:
-        cpu.regs.rip = KERNEL_BASE
-    cpu.outs(COM1_PORT, (table.line + "\n").encode())
+        _goto(cpu, Phase.TARGET_READ)
 
 
 def _hc_report(cpu: GuestCpu) -> None:
     platform = bootinfo.load_platform(cpu)
     bootinfo.set_flags(cpu, bootinfo.PLATFORM_HYPERCALL_REPORTED)
-    cpu.regs.rip = KERNEL_BASE
+    _goto(cpu, Phase.TARGET_READ)
     line = mem_encrypt.hypercall_failure_line("firmware", platform.hypercall_error)
     cpu.outs(COM1_PORT, (line + "\n").encode())
+
+
+def _target_read(cpu: GuestCpu) -> None:
+    if not cpu.regs.r12:
+        cpu.regs.rip = KERNEL_BASE
+        return
+    _read(cpu, cpu.regs.r12 >> 32, cpu.regs.r12 & 0xFFFF_FFFF, then=Phase.TARGET)
+
+
+def _target(cpu: GuestCpu) -> None:
+    data = fw_cfg.finish_read(cpu) or b""
+    if data.rstrip(b"\0 \n").lower() not in TRUE_WORDS:
+        cpu.regs.rip = KERNEL_BASE
+        return
+    mask = mem_encrypt.encryption_mask(cpu)
+    platform = bootinfo.set_flags(cpu, bootinfo.PLATFORM_MIGRATION_TARGET, mask)
+    if platform & bootinfo.PLATFORM_MIGRATION_HANDLER:
+        mh.await_incoming(cpu, mask)
+    _goto(cpu, Phase.PARK)
+    cpu.outs(COM1_PORT, (WAITING_LINE + "\n").encode())
 
 
 def _park(cpu: GuestCpu) -> None:
@@ -283,7 +391,13 @@ _PHASES: dict[int, Callable[[GuestCpu], None]] = {
     Phase.PARK: _park,
     Phase.BOUNCE: _bounce,
     Phase.SECRET: _secret,
+    Phase.MH_SHARE: _mh_share,
+    Phase.MH_SHARED: _mh_shared,
+    Phase.AFTER_MH: _after_mh,
     Phase.HC_REPORT: _hc_report,
+    Phase.TARGET_READ: _target_read,
+    Phase.TARGET: _target,
+    Phase.MH: mh.step,
 }
 
 

@@ -54,6 +54,11 @@ PLATFORM_MIGRATION_VARIABLE = 1 << 4
 """The firmware set ``SevLiveMigrationEnabled``."""
 PLATFORM_HYPERCALL_REPORTED = 1 << 5
 """A failed ``KVM_HC_MAP_GPA_RANGE`` was reported on the console (report it once per boot)."""
+PLATFORM_MIGRATION_HANDLER = 1 << 6
+"""The firmware prepared the Migration Handler's area (an SEV guest with RAM up to 16 MiB)."""
+PLATFORM_MIGRATION_TARGET = 1 << 7
+"""fw_cfg ``opt/ovmf/PcdSevIsMigrationTarget`` is true: the firmware waits for an incoming
+migration instead of booting the kernel."""
 
 _HEADER = struct.Struct("<8sIII")
 _E820 = struct.Struct("<QQII")

@@ -18,16 +18,23 @@ SEV areas: OVMF's GUIDed table, just below the reset vector
     end-0x20-N   the GUIDed table, N bytes, read backwards from its footer:
              SEV secret block:       le32 base | le32 size | le16 26 | GUID 4c2eb361-...
              migration handler block: le32 version | le32 flags | le64 entry rip
-                                     | le64 mailbox GPA | le32 mailbox size | le32 0
-                                     | le16 50 | GUID 6082373e-...
+                                     | le64 mailbox GPA | le32 mailbox size
+                                     | le32 area size | le16 50 | GUID 6082373e-...
              footer:                 le16 N | GUID 96b582de-1fb2-45f7-baea-a366c55a082d
     end-0x20 0x20 bytes where OVMF has its AP entry and reset vector; here hlt
              (0xF4): the reset vector is the ROM's, these bytes are never fetched
 
 Every entry ends with its length (u16, covering data, length and GUID) and its
 GUID (EFI byte order); the footer's length covers the whole table including the
-footer. The migration handler block is reserved: version 0 and zeros mean "no
-Migration Handler in this image" (a later issue fills it).
+footer.
+
+The migration handler block (version 2; version 0 and zeros would mean "no
+Migration Handler in this image"): an MH vCPU starts at ``entry rip``
+(:data:`~confmig.guest.layout.MH_ENTRY`, a phase of the firmware's code);
+MH vCPU ``i``'s mailbox is at ``mailbox GPA + i * MAILBOX_STRIDE``, for
+``i < mailbox size / MAILBOX_STRIDE``; ``[mailbox GPA, mailbox GPA + area
+size)`` is the MH's whole area (mailboxes, then its private state), which a
+VMM migrates none of: each side's MH owns its own. Flags are 0.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ from confmig.guest.layout import (
     FIRMWARE_BASE,
     FIRMWARE_IMAGE_SIZE,
     FLASH_TOP,
+    MH_AREA_SIZE,
+    MH_ENTRY,
+    MH_MAILBOX_GPA,
+    MH_MAILBOX_SIZE,
     SECRET_AREA_GPA,
     SECRET_AREA_SIZE,
 )
@@ -64,7 +75,8 @@ _HEADER: Final = struct.Struct("<8sHHI16s32sII8x")
 _GUID_AND_LENGTH: Final = 18
 _SEV_SECRET_BLOCK: Final = struct.Struct("<II")
 MIGRATION_HANDLER_BLOCK: Final = struct.Struct("<IIQQII")
-"""version, flags, entry rip, mailbox GPA, mailbox size, 0."""
+"""version, flags, entry rip, mailbox GPA, mailbox size, area size."""
+MIGRATION_HANDLER_VERSION: Final = 2
 _HLT: Final = 0xF4
 
 
@@ -118,7 +130,8 @@ def build_firmware_image() -> bytes:
     """The ``-bios`` image of this guest code: 64 KiB, mapped to end at 4 GiB."""
     table = guided_table([
         (SEV_SECRET_BLOCK_GUID, _SEV_SECRET_BLOCK.pack(SECRET_AREA_GPA, SECRET_AREA_SIZE)),
-        (MIGRATION_HANDLER_BLOCK_GUID, MIGRATION_HANDLER_BLOCK.pack(0, 0, 0, 0, 0, 0)),
+        (MIGRATION_HANDLER_BLOCK_GUID, MIGRATION_HANDLER_BLOCK.pack(
+            MIGRATION_HANDLER_VERSION, 0, MH_ENTRY, MH_MAILBOX_GPA, MH_MAILBOX_SIZE, MH_AREA_SIZE)),
     ])
     table_offset = FIRMWARE_IMAGE_SIZE - RESET_VECTOR_TAIL - len(table)
     header = _HEADER.pack(

@@ -1,0 +1,772 @@
+"""The Migration Handler: the firmware's code that moves private pages for a VMM.
+
+It runs on the vCPUs of a mirror VM (``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM``): same
+ASID as the guest, so ``gpa | C-bit`` reaches the guest's private plaintext,
+while the guest's own vCPUs stay stopped. MH vCPU ``i`` (``cpu.vcpu_id``)
+serves the mailbox at ``MH_MAILBOX_GPA + i * MAILBOX_STRIDE`` (shared pages:
+read and written without the C-bit); the wire formats are
+:mod:`confmig.proto.mailbox`'s.
+
+Entry. A VMM starts an MH vCPU at ``MH_ENTRY`` (the image's table says where)
+and enters it with ``KVM_RUN`` whenever it published a command. Each entry is
+one step: it serves every block of its mailbox whose ``go`` is 1 (the v1
+block, then the slots), writes the outputs and ``ret``, then ``go = 0``, then
+``done = 1``, and halts to the host; an idle MH never spins. Nothing is kept
+in Python between steps: the MH's state is in its private pages (below).
+
+Who serves what::
+
+    v1 block, every MH vCPU      INIT, RESET
+    v1 block, MH vCPU 0          ENCRYPT, DECRYPT (version 1: one page, stream V1_STREAM)
+    slots, every MH vCPU         EXPORT, IMPORT (stream = the MH vCPU's index)
+    slots, MH vCPU 0             FINISH, COMPLETE, ABORT, RESUME
+
+Anything else, and any command in a state that does not allow it, returns -1.
+MH vCPU 0 is the only writer of the session page, MH vCPU ``i`` the only
+writer of its own state page and imported-page bitmap: the engine's
+read-modify-write of a private page is not atomic between vCPUs, so no page
+has two writers.
+
+State (private, in the MH's area, zeroed by the firmware at boot)::
+
+    session page   8s magic "CMMHSES1" | le32 phase | le32 0 | 16s migration id
+                   RUNNING   the guest runs here; it may migrate out. A source's
+                             session id is drawn by INIT on MH vCPU 0.
+                   SENT      FINISH sealed the guest's state for a target: the run
+                             gate is closed, only RESUME reopens it
+                   AWAITING  a target-mode boot: the guest has not run here and may
+                             be imported (nothing else may be)
+                   ABORTED   ABORT sealed a token: the guest never runs here
+    vCPU page i    le32 role | le32 flags | 16s migration id | le64 records
+                   | le64 pages | le64 epoch: stream i's count of records and
+                   pages, and its last epoch, under that migration id
+    bitmap i       the pages stream i imported under its migration id (one bit
+                   per GFN below 16 GiB, as the page-state list)
+
+Keys and nonces. The transport key is HKDF-SHA256 of the master key (secret
+entry ``MIGRATION_TRANSPORT_KEY_GUID``, 32 bytes, read from the secret area on
+every command) with the migration id as salt. A nonce (stream, seq) is never
+used twice under one key: a stream's counters start at 0 only when its
+migration id changes, and a source's ids are random (drawn by the MH: an id a
+host chose could be chosen twice, with different memory under the same
+nonces); the sequence number is stored before the ciphertext leaves. A
+completion record is sealed once per id (FINISH is refused in SENT, and
+RESUME ends the session); an abort token's contents are fixed.
+
+What a target accepts. On stream ``i``, records of stream ``i`` only, with the
+next sequence number, an epoch no older than the last, the stream's migration
+id, a tag that verifies, and page-aligned GPAs in RAM (the boot info's map),
+below 16 GiB and outside the MH's area, none twice; any failure is -2 and
+nothing is written. COMPLETE accepts the source's completion record only if
+every stream's records and pages match and every private page (the
+page-state list as imported, RAM but the MH's area) was imported in this
+migration.
+
+Limits, honestly. The MH cannot see which pages the guest dirtied: a host that
+skips a page's re-export, or imports two streams' versions of one page in the
+wrong order, leaves the target an older version of that page (the guarantee is
+authenticity, binding to GPA, per-stream order and that every private page
+arrived). Version 1 has no completion record and no run gate: a host that
+chooses it can start a target with pages missing, as under the RFC. The abort
+token binds the migration id, not a target instance: a host that launches two
+targets with the same transport key can abort one and complete the other
+(a key per target, PROTOCOLS.md §6.2, closes that). RESET on a version-1
+target that imported a page ends the import (the RFC's cleanup): the guest may
+run from then on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import IntEnum
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from confmig.common.units import PAGE_SHIFT, PAGE_SIZE, MemoryRange
+from confmig.guest import gate, mem_encrypt
+from confmig.guest.firmware import bootinfo, secret
+from confmig.guest.layout import (
+    MH_AREA_GPA,
+    MH_AREA_SIZE,
+    MH_ENTRY,
+    MH_IMPORTED_SIZE,
+    MH_MAILBOX_GPA,
+    MH_SESSION_GPA,
+    MH_STATE_END,
+    MH_VCPUS_MAX,
+    PAGE_STATE_GPA,
+    PAGE_STATE_LIMIT,
+    RUN_GATE_GPA,
+    SECRET_AREA_GPA,
+    SECRET_AREA_SIZE,
+    mh_imported,
+    mh_vcpu_state,
+)
+from confmig.platform.cpu.abi import GuestCpu, GuestFault
+from confmig.proto import mailbox as mb
+
+TRANSPORT_KEY_SIZE: Final = 32
+KDF_INFO: Final = b"confmig mh transport v2"
+SESSION_MAGIC: Final = b"CMMHSES1"
+NO_ID: Final = bytes(mb.MIGRATION_ID_SIZE)
+_SESSION: Final = struct.Struct("<8sII16s")
+_STREAM: Final = struct.Struct("<II16sQQQ")
+_BLOCK: Final = mb.COMMAND.size + mb.V2_FIELDS.size
+_U32: Final = struct.Struct("<I")
+_I32: Final = struct.Struct("<i")
+_PAGE_MASK: Final = np.uint64(PAGE_SIZE - 1)
+_GATE_PAGE: Final = RUN_GATE_GPA & ~(PAGE_SIZE - 1)
+_OK: Final = int(mb.MhReturn.SUCCESS)
+_INVALID: Final = int(mb.MhReturn.INVALID_FUNC)
+_REFUSED: Final = int(mb.MhReturn.AUTH_ERR)
+
+
+class SessionPhase(IntEnum):
+    RUNNING = 1
+    SENT = 2
+    AWAITING = 3
+    ABORTED = 4
+
+
+class StreamRole(IntEnum):
+    NONE = 0
+    V1_SOURCE = 1
+    V1_TARGET = 2
+    SOURCE = 3
+    TARGET = 4
+
+
+ID_ADOPTED: Final = 1 << 0
+"""A version-1 target's stream took its migration id from the first record it opened."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Session:
+    phase: SessionPhase
+    migration_id: bytes = NO_ID
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stream:
+    role: StreamRole = StreamRole.NONE
+    flags: int = 0
+    migration_id: bytes = NO_ID
+    records: int = 0
+    """Records sealed (source) or opened (target): the next sequence number."""
+    pages: int = 0
+    epoch: int = 0
+    """The last record's epoch."""
+
+
+# --- the firmware's part: preparing the area ------------------------------------------------------
+
+
+def prepare(cpu: GuestCpu, mask: int) -> None:
+    """At boot, after the mailboxes were made shared: every MH state page zero, the session
+    RUNNING (RAM need not start zeroed, and a reboot finds the old state)."""
+    npages = (MH_STATE_END - MH_SESSION_GPA) // PAGE_SIZE
+    cpu.write_pages(MH_SESSION_GPA | mask, np.zeros((npages, PAGE_SIZE), np.uint8))
+    _store_session(cpu, Session(phase=SessionPhase.RUNNING), mask)
+
+
+def await_incoming(cpu: GuestCpu, mask: int) -> None:
+    """Target mode: this guest's memory may be imported, once (until COMPLETE or ABORT)."""
+    _store_session(cpu, Session(phase=SessionPhase.AWAITING), mask)
+
+
+def load_session(cpu: GuestCpu, mask: int) -> Session | None:
+    """The session page; None if the firmware never prepared one."""
+    magic, phase, _, migration_id = _SESSION.unpack(cpu.read(MH_SESSION_GPA | mask, _SESSION.size))
+    if magic != SESSION_MAGIC or phase not in SessionPhase.__members__.values():
+        return None
+    return Session(phase=SessionPhase(phase), migration_id=migration_id)
+
+
+def _store_session(cpu: GuestCpu, s: Session, mask: int) -> None:
+    cpu.write(MH_SESSION_GPA | mask, _SESSION.pack(SESSION_MAGIC, s.phase, 0, s.migration_id))
+
+
+def load_stream(cpu: GuestCpu, index: int, mask: int) -> Stream:
+    role, flags, migration_id, records, pages, epoch = _STREAM.unpack(
+        cpu.read(mh_vcpu_state(index) | mask, _STREAM.size))
+    if role not in StreamRole.__members__.values():
+        role = StreamRole.NONE
+    return Stream(role=StreamRole(role), flags=flags, migration_id=migration_id, records=records,
+                  pages=pages, epoch=epoch)
+
+
+def _store_stream(cpu: GuestCpu, index: int, st: Stream, mask: int) -> None:
+    cpu.write(mh_vcpu_state(index) | mask,
+              _STREAM.pack(st.role, st.flags, st.migration_id, st.records, st.pages, st.epoch))
+
+
+# --- one entry ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Call:
+    """One command being served: where, by which MH vCPU, with which mask."""
+
+    cpu: GuestCpu
+    index: int
+    mailbox: int
+    block: int
+    mask: int
+    cmd: mb.Command
+    session: Session
+    """As the step found it (only MH vCPU 0 changes it, in its own commands)."""
+
+    @property
+    def data(self) -> int:
+        """GPA of the slot's data area."""
+        return self.mailbox + self.block + mb.SLOT_HEADER
+
+    def stream(self, index: int | None = None) -> Stream:
+        return load_stream(self.cpu, self.index if index is None else index, self.mask)
+
+    def set_stream(self, st: Stream) -> None:
+        _store_stream(self.cpu, self.index, st, self.mask)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    ret: int
+    length: int | None = None
+    """A record's length in the slot's data area, when the command answers with one."""
+
+
+def step(cpu: GuestCpu) -> None:
+    """One entry of an MH vCPU: serve every block whose ``go`` is set, then halt."""
+    index = cpu.vcpu_id
+    cpu.regs.rip = MH_ENTRY
+    if 0 <= index < MH_VCPUS_MAX:
+        mask = mem_encrypt.encryption_mask(cpu)
+        mailbox = MH_MAILBOX_GPA + index * mb.MAILBOX_STRIDE
+        for block in (mb.CMD_OFFSET, *(mb.slot_offset(j) for j in range(mb.SLOTS))):
+            _serve(cpu, index, mailbox, block, mask)
+    cpu.hlt()  # the VMM enters us again when it has published a command
+
+
+def _serve(cpu: GuestCpu, index: int, mailbox: int, block: int, mask: int) -> None:
+    at = mailbox + block
+    # SECURITY: the command block is the host's: every field is checked where it is used.
+    cmd = mb.decode_command(cpu.read(at, _BLOCK))
+    if cmd.go != 1:
+        return
+    reply = _dispatch(cpu, index, mailbox, block, mask, cmd)
+    if reply.length is not None:
+        cpu.write(at + mb.LENGTH_OFFSET, _U32.pack(reply.length))
+    cpu.write(at + mb.RET_OFFSET, _I32.pack(reply.ret))
+    cpu.write(at + mb.GO_OFFSET, _I32.pack(0))
+    cpu.write(at + mb.DONE_OFFSET, _I32.pack(1))  # last: the VMM reads the answer after it
+
+
+def _dispatch(cpu: GuestCpu, index: int, mailbox: int, block: int, mask: int,
+              cmd: mb.Command) -> _Reply:
+    session = load_session(cpu, mask) if mask else None
+    if session is None:
+        return _Reply(_INVALID)  # not an SEV guest, or a firmware that prepared no MH
+    entry = (_V1_BLOCK if block == mb.CMD_OFFSET else _SLOTS).get(cmd.cmd)
+    if entry is None:
+        return _Reply(_INVALID)
+    handler, control = entry
+    if control and index != 0:
+        return _Reply(_INVALID)
+    return handler(_Call(cpu=cpu, index=index, mailbox=mailbox, block=block, mask=mask, cmd=cmd,
+                         session=session))
+
+
+# --- keys and records ----------------------------------------------------------------------------
+
+
+def _transport_key(call: _Call, migration_id: bytes) -> AESGCM | None:
+    """The migration's AEAD, derived afresh (no key survives the command in Python)."""
+    area = call.cpu.read(SECRET_AREA_GPA | call.mask, SECRET_AREA_SIZE)
+    table = secret.parse_secret_table(area)
+    entry = secret.find_entry(table, secret.MIGRATION_TRANSPORT_KEY_GUID)
+    if entry is None or entry.length != TRANSPORT_KEY_SIZE:
+        return None
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id, info=KDF_INFO)
+    return AESGCM(hkdf.derive(secret.entry_data(area, entry)))
+
+
+def _header(kind: mb.RecordKind, *, stream: int, seq: int, migration_id: bytes, epoch: int = 0,
+            npages: int = 0, nzero: int = 0, body: int = 0) -> mb.RecordHeader:
+    return mb.RecordHeader(mb.RECORD_VERSION, mb.ALG_AES_256_GCM, kind, stream, seq, epoch, npages,
+                           nzero, body, migration_id)
+
+
+def _seal(aead: AESGCM, header: mb.RecordHeader, entries: npt.NDArray[np.uint64],
+          plaintext: bytes) -> bytes:
+    head = header.pack() + entries.astype("<u8").tobytes()
+    return head + aead.encrypt(mb.nonce(header.stream, header.seq), plaintext, head)
+
+
+def _unseal(aead: AESGCM, record: bytes, header: mb.RecordHeader) -> bytes | None:
+    aad = mb.associated_data(record, header)
+    try:
+        return aead.decrypt(mb.nonce(header.stream, header.seq), record[len(aad) :], aad)
+    except InvalidTag:
+        return None
+
+
+def _token(call: _Call, record: bytes, kind: mb.RecordKind, stream: int,
+           migration_id: bytes) -> bytes | None:
+    """The body of a token (a record without pages), if it is the one expected and genuine."""
+    try:
+        header = mb.decode_record_header(record)
+    except mb.MailboxError:
+        return None
+    if (header.kind != kind or header.stream != stream or header.seq != 0 or header.npages != 0
+            or header.migration_id != migration_id):
+        return None
+    aead = _transport_key(call, migration_id)
+    return None if aead is None else _unseal(aead, record, header)
+
+
+def _read_record(call: _Call) -> bytes | None:
+    """The record the host put in the slot's data area, copied once (what is checked is what
+    is used)."""
+    # SECURITY: the length is the host's; a record is at least a header and fits the area.
+    if not mb.RECORD_HEADER.size <= call.cmd.length <= mb.SLOT_DATA:
+        return None
+    return call.cpu.read(call.data, call.cmd.length)
+
+
+# --- addresses -----------------------------------------------------------------------------------
+
+
+def _ram(call: _Call) -> list[MemoryRange] | None:
+    try:
+        return bootinfo.load(call.cpu, call.mask).ram
+    except GuestFault:
+        return None  # no sealed boot info: the guest knows no RAM map
+
+
+def _valid_gpas(gpas: npt.NDArray[np.uint64], ram: list[MemoryRange]) -> bool:
+    """Whole pages of RAM below 16 GiB, outside the MH's area, none twice."""
+    # SECURITY: GPAs come from the host (EXPORT) or from the stream (IMPORT).
+    if len(gpas) == 0 or (gpas & _PAGE_MASK).any() or (gpas >= PAGE_STATE_LIMIT).any():
+        return False
+    if ((gpas >= MH_AREA_GPA) & (gpas < MH_AREA_GPA + MH_AREA_SIZE)).any():
+        return False
+    inside = np.zeros(len(gpas), np.bool_)
+    for r in ram:
+        inside |= (gpas >= r.start) & (gpas + PAGE_SIZE <= r.end)
+    return bool(inside.all()) and len(np.unique(gpas)) == len(gpas)
+
+
+def _runs(gpas: npt.NDArray[np.int64], ram: list[MemoryRange]) -> list[tuple[int, int]]:
+    """``(first index, count)`` of the list's runs of consecutive pages within one RAM range."""
+    starts = {r.start for r in ram}
+    breaks = [0]
+    for i in range(1, len(gpas)):
+        if gpas[i] != gpas[i - 1] + PAGE_SIZE or int(gpas[i]) in starts:
+            breaks.append(i)
+    breaks.append(len(gpas))
+    return [(a, b - a) for a, b in itertools.pairwise(breaks)]
+
+
+def _read_pages(call: _Call, gpas: npt.NDArray[np.int64], ram: list[MemoryRange]) -> npt.NDArray[np.uint8]:
+    pages = np.empty((len(gpas), PAGE_SIZE), np.uint8)
+    for first, n in _runs(gpas, ram):
+        pages[first : first + n] = call.cpu.read_pages(int(gpas[first]) | call.mask, n)
+    return pages
+
+
+def _write_pages(call: _Call, gpas: npt.NDArray[np.int64], pages: npt.NDArray[np.uint8],
+                 ram: list[MemoryRange]) -> None:
+    for first, n in _runs(gpas, ram):
+        call.cpu.write_pages(int(gpas[first]) | call.mask, pages[first : first + n])
+
+
+# --- INIT and RESET ------------------------------------------------------------------------------
+
+
+def _init(call: _Call) -> _Reply:
+    s = call.session
+    hdr = call.mailbox + mb.IO_HDR_OFFSET
+    (length,) = _U32.unpack(call.cpu.read(hdr, 4))
+    # SECURITY: the io header's length is the host's.
+    if length > mb.IO_HDR_MAX:
+        return _Reply(_INVALID)
+    # A version-1 client never writes the io header before INIT: what it holds then (an
+    # earlier ENCRYPT's record) is not parameters. Only the v2 parameters' size is read as such.
+    params = call.cpu.read(hdr + 4, length) if length == mb.INIT_PARAMS.size else b""
+    try:
+        role, migration_id = mb.decode_init(params)
+    except mb.MailboxError:
+        return _Reply(_INVALID)
+    st = call.stream()
+    if role == mb.Role.V1:
+        return _init_v1(call, s, st)
+    if role == mb.Role.SOURCE:
+        if s.phase != SessionPhase.RUNNING:
+            return _Reply(_INVALID)
+        if call.index == 0:
+            migration_id = secrets.token_bytes(mb.MIGRATION_ID_SIZE)  # RDRAND on hardware
+        elif s.migration_id == NO_ID:
+            return _Reply(_INVALID)  # MH vCPU 0 opens a source's session; the others join it
+        else:
+            migration_id = s.migration_id
+        if _transport_key(call, migration_id) is None:
+            return _Reply(_REFUSED)
+        if call.index == 0:
+            _store_session(call.cpu, Session(phase=SessionPhase.RUNNING, migration_id=migration_id),
+                           call.mask)
+        call.set_stream(_adopt(st, StreamRole.SOURCE, migration_id))
+        reply = mb.encode_init(mb.Role.SOURCE, migration_id)
+        call.cpu.write(hdr, _U32.pack(len(reply)) + reply)
+        return _Reply(_OK)
+    if s.phase != SessionPhase.AWAITING:
+        return _Reply(_INVALID)  # only a target-mode guest, which never ran, is imported into
+    if _transport_key(call, migration_id) is None:
+        return _Reply(_REFUSED)
+    if st.migration_id != migration_id:
+        _clear_imported(call)
+    call.set_stream(_adopt(st, StreamRole.TARGET, migration_id))
+    return _Reply(_OK)
+
+
+def _init_v1(call: _Call, s: Session, st: Stream) -> _Reply:
+    """The RFC's INIT: a source if the guest runs here, a target if it awaits its import."""
+    if call.index != 0:
+        return _Reply(_INVALID)
+    if s.phase == SessionPhase.RUNNING:
+        migration_id = secrets.token_bytes(mb.MIGRATION_ID_SIZE)
+        if _transport_key(call, migration_id) is None:
+            return _Reply(_REFUSED)
+        call.set_stream(Stream(role=StreamRole.V1_SOURCE, migration_id=migration_id))
+        return _Reply(_OK)
+    if s.phase == SessionPhase.AWAITING:
+        if _transport_key(call, NO_ID) is None:
+            return _Reply(_REFUSED)
+        call.set_stream(Stream(role=StreamRole.V1_TARGET))  # the first record names the migration
+        return _Reply(_OK)
+    return _Reply(_INVALID)
+
+
+def _adopt(st: Stream, role: StreamRole, migration_id: bytes) -> Stream:
+    """The stream under ``migration_id``: its counters go on if it was already that
+    migration's (a nonce is never reused, a record never opened twice), else start at 0."""
+    if st.migration_id == migration_id:
+        return replace(st, role=role)
+    return Stream(role=role, migration_id=migration_id)
+
+
+def _clear_imported(call: _Call) -> None:
+    npages = MH_IMPORTED_SIZE // PAGE_SIZE
+    call.cpu.write_pages(mh_imported(call.index) | call.mask, np.zeros((npages, PAGE_SIZE), np.uint8))
+
+
+def _reset(call: _Call) -> _Reply:
+    """The RFC's cleanup: this MH vCPU leaves the session. A version-1 target that imported
+    a page has finished its import (the RFC has no other end). The counters stay."""
+    s = call.session
+    st = call.stream()
+    if (st.role == StreamRole.V1_TARGET and st.flags & ID_ADOPTED
+            and s.phase == SessionPhase.AWAITING):
+        _store_session(call.cpu, Session(phase=SessionPhase.RUNNING), call.mask)
+    call.set_stream(replace(st, role=StreamRole.NONE))
+    return _Reply(_OK)
+
+
+# --- version 1: one page through the io header and io page ---------------------------------------
+
+
+def _encrypt(call: _Call) -> _Reply:
+    s = call.session
+    st = call.stream()
+    if s.phase != SessionPhase.RUNNING or st.role != StreamRole.V1_SOURCE:
+        return _Reply(_INVALID)
+    gpas = np.array([call.cmd.gpa], np.uint64)
+    ram = _ram(call)
+    if ram is None or not _valid_gpas(gpas, ram) or _shared(call, gpas):
+        return _Reply(_REFUSED)
+    aead = _transport_key(call, st.migration_id)
+    if aead is None:
+        return _Reply(_REFUSED)
+    page = call.cpu.read_pages(call.cmd.gpa | call.mask, 1)
+    header = _header(mb.RecordKind.PAGES, stream=mb.V1_STREAM, seq=st.records,
+                     migration_id=st.migration_id, npages=1)
+    call.set_stream(replace(st, records=st.records + 1, pages=st.pages + 1))  # the nonce is spent
+    io_header, io_page = mb.split_v1_record(_seal(aead, header, gpas, page.tobytes()))
+    call.cpu.write(call.mailbox + mb.IO_HDR_OFFSET, _U32.pack(len(io_header)) + io_header)
+    call.cpu.write(call.mailbox + mb.IO_PAGE_OFFSET, io_page)
+    return _Reply(_OK)
+
+
+def _decrypt(call: _Call) -> _Reply:
+    s = call.session
+    st = call.stream()
+    if s.phase != SessionPhase.AWAITING or st.role != StreamRole.V1_TARGET:
+        return _Reply(_INVALID)
+    hdr = call.mailbox + mb.IO_HDR_OFFSET
+    (length,) = _U32.unpack(call.cpu.read(hdr, 4))
+    # SECURITY: the io header's length is the host's.
+    if length > mb.IO_HDR_MAX:
+        return _Reply(_INVALID)
+    if length != mb.V1_IO_HDR_LEN:
+        return _Reply(_REFUSED)
+    record = mb.join_v1_record(call.cpu.read(hdr + 4, length),
+                               call.cpu.read(call.mailbox + mb.IO_PAGE_OFFSET, PAGE_SIZE))
+    adopted = bool(st.flags & ID_ADOPTED)
+    opened = _open_pages(call, record, st, stream=mb.V1_STREAM,
+                         migration_id=st.migration_id if adopted else None)
+    if opened is None:
+        return _Reply(_REFUSED)
+    header, gpas, pages, ram = opened
+    if header.npages != 1 or header.nzero != 0 or int(gpas[0]) != call.cmd.gpa:
+        return _Reply(_REFUSED)  # the record is for another page: a swap
+    _write_pages(call, gpas, pages, ram)
+    call.set_stream(replace(st, flags=st.flags | ID_ADOPTED, migration_id=header.migration_id,
+                            records=st.records + 1, pages=st.pages + 1, epoch=header.epoch))
+    return _Reply(_OK)
+
+
+# --- version 2: batches --------------------------------------------------------------------------
+
+
+def _shared(call: _Call, gpas: npt.NDArray[np.uint64]) -> bool:
+    gfns = (gpas >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    return bool(mem_encrypt.shared_pages(call.cpu, gfns, call.mask).any())
+
+
+def _export(call: _Call) -> _Reply:
+    s = call.session
+    st = call.stream()
+    cmd = call.cmd
+    if (s.phase != SessionPhase.RUNNING or st.role != StreamRole.SOURCE
+            or st.migration_id != s.migration_id):
+        return _Reply(_INVALID)  # no session, an old one, or the guest's state already sealed
+    # SECURITY: npages and epoch are the host's.
+    if not 0 < cmd.npages <= mb.BATCH_PAGES or cmd.epoch < st.epoch:
+        return _Reply(_INVALID)
+    gpas = np.frombuffer(call.cpu.read(call.data, 8 * cmd.npages), "<u8").astype(np.uint64)
+    ram = _ram(call)
+    # A host that calls a private page shared, or asks for the MH's own, gets a refusal.
+    if ram is None or not _valid_gpas(gpas, ram) or _shared(call, gpas):
+        return _Reply(_REFUSED)
+    aead = _transport_key(call, st.migration_id)
+    if aead is None:
+        return _Reply(_REFUSED)
+    addresses = gpas.astype(np.int64)
+    pages = _read_pages(call, addresses, ram)
+    zero = ~pages.any(axis=1)
+    entries = gpas | zero.astype(np.uint64) * np.uint64(mb.ZERO_FLAG)
+    header = _header(mb.RecordKind.PAGES, stream=call.index, seq=st.records,
+                     migration_id=st.migration_id, epoch=cmd.epoch, npages=cmd.npages,
+                     nzero=int(zero.sum()))
+    call.set_stream(replace(st, records=st.records + 1, pages=st.pages + cmd.npages, epoch=cmd.epoch))
+    record = _seal(aead, header, entries, pages[~zero].tobytes())  # the sequence number is spent
+    call.cpu.write(call.data, record)
+    return _Reply(_OK, len(record))
+
+
+_Opened = tuple[mb.RecordHeader, npt.NDArray[np.int64], npt.NDArray[np.uint8], list[MemoryRange]]
+
+
+def _open_pages(call: _Call, record: bytes, st: Stream, *, stream: int,
+                migration_id: bytes | None) -> _Opened | None:
+    """A page record checked whole before anything is written: ``(header, GPAs, pages, RAM)``.
+    ``migration_id`` None: a version-1 target's first record, which names the migration."""
+    try:
+        header = mb.decode_record_header(record)
+    except mb.MailboxError:
+        return None
+    if (header.kind != mb.RecordKind.PAGES or header.stream != stream or header.body != 0
+            or header.npages == 0 or header.seq != st.records or header.epoch < st.epoch):
+        return None  # another stream's, a replay, a reordering, a drop, or an old epoch
+    if migration_id is not None and header.migration_id != migration_id:
+        return None
+    entries = np.array(mb.gpa_list(record, header), np.uint64)
+    flags = entries & _PAGE_MASK
+    if (flags & ~np.uint64(mb.ZERO_FLAG)).any():
+        return None
+    zero = flags == np.uint64(mb.ZERO_FLAG)
+    gpas = entries & ~_PAGE_MASK
+    ram = _ram(call)
+    if int(zero.sum()) != header.nzero or ram is None or not _valid_gpas(gpas, ram):
+        return None
+    aead = _transport_key(call, header.migration_id)
+    plain = None if aead is None else _unseal(aead, record, header)
+    if plain is None or len(plain) != header.data_pages * PAGE_SIZE:
+        return None
+    pages = np.zeros((header.npages, PAGE_SIZE), np.uint8)
+    pages[~zero] = np.frombuffer(plain, np.uint8).reshape(-1, PAGE_SIZE)
+    return header, gpas.astype(np.int64), pages, ram
+
+
+def _import(call: _Call) -> _Reply:
+    s = call.session
+    st = call.stream()
+    if s.phase != SessionPhase.AWAITING or st.role != StreamRole.TARGET:
+        return _Reply(_INVALID)  # before INIT, after COMPLETE or ABORT, or into a running guest
+    record = _read_record(call)
+    if record is None:
+        return _Reply(_INVALID)
+    opened = _open_pages(call, record, st, stream=call.index, migration_id=st.migration_id)
+    if opened is None:
+        return _Reply(_REFUSED)
+    header, gpas, pages, ram = opened
+    _write_pages(call, gpas, pages, ram)
+    mem_encrypt.set_bitmap_bits(call.cpu, mh_imported(call.index), gpas >> PAGE_SHIFT, call.mask)
+    if (gpas == _GATE_PAGE).any():
+        gate.store(call.cpu, gate.INCOMING, call.mask)  # not the guest's until COMPLETE
+    call.set_stream(replace(st, records=st.records + 1, pages=st.pages + header.npages,
+                            epoch=header.epoch))
+    return _Reply(_OK)
+
+
+# --- the end of a migration ----------------------------------------------------------------------
+
+
+def _totals(call: _Call, migration_id: bytes) -> list[mb.StreamTotal]:
+    totals = []
+    for i in range(MH_VCPUS_MAX):
+        st = call.stream(i)
+        mine = st.migration_id == migration_id
+        totals.append(mb.StreamTotal(stream=i, records=st.records if mine else 0,
+                                     pages=st.pages if mine else 0))
+    return totals
+
+
+def _finish(call: _Call) -> _Reply:
+    s = call.session
+    st = call.stream()
+    if (s.phase != SessionPhase.RUNNING or st.role != StreamRole.SOURCE
+            or st.migration_id != s.migration_id):
+        return _Reply(_INVALID)
+    aead = _transport_key(call, s.migration_id)
+    if aead is None:
+        return _Reply(_REFUSED)
+    body = mb.encode_completion(_totals(call, s.migration_id))
+    header = _header(mb.RecordKind.COMPLETION, stream=mb.COMPLETION_STREAM, seq=0,
+                     migration_id=s.migration_id, body=len(body))
+    # The guest stops here before its sealed state can leave: no fork.
+    _store_session(call.cpu, replace(s, phase=SessionPhase.SENT), call.mask)
+    gate.store(call.cpu, gate.MIGRATED_AWAY, call.mask)
+    record = _seal(aead, header, np.zeros(0, np.uint64), body)
+    call.cpu.write(call.data, record)
+    return _Reply(_OK, len(record))
+
+
+def _complete(call: _Call) -> _Reply:
+    s = call.session
+    st = call.stream()
+    if s.phase != SessionPhase.AWAITING or st.role != StreamRole.TARGET:
+        return _Reply(_INVALID)
+    record = _read_record(call)
+    if record is None:
+        return _Reply(_INVALID)
+    body = _token(call, record, mb.RecordKind.COMPLETION, mb.COMPLETION_STREAM, st.migration_id)
+    if body is None:
+        return _Reply(_REFUSED)
+    try:
+        sent = mb.decode_completion(body)
+    except mb.MailboxError:
+        return _Reply(_REFUSED)
+    want = {t.stream: (t.records, t.pages) for t in sent}
+    if len(want) != len(sent) or any(want[i] != (0, 0) for i in want if i >= MH_VCPUS_MAX):
+        return _Reply(_REFUSED)
+    have = _totals(call, st.migration_id)
+    if any(want.get(t.stream, (0, 0)) != (t.records, t.pages) for t in have):
+        return _Reply(_REFUSED)  # a record dropped, or one the source never counted
+    if not _every_private_page_imported(call, st.migration_id):
+        return _Reply(_REFUSED)
+    _store_session(call.cpu, Session(phase=SessionPhase.RUNNING), call.mask)
+    gate.store(call.cpu, gate.OPEN, call.mask)  # whatever the imported copy of its page said
+    return _Reply(_OK)
+
+
+def _every_private_page_imported(call: _Call, migration_id: bytes) -> bool:
+    """Every page of RAM that the page-state list (as imported) calls private, but the MH's
+    area, was imported in this migration by one stream or another."""
+    ram = _ram(call)
+    if not ram:
+        return False
+    top = max(r.end for r in ram)
+    if top > PAGE_STATE_LIMIT:
+        return False  # pages the MH never moves: it cannot vouch for them
+    ngfns = -(-top // PAGE_SIZE)
+    nbytes = -(-ngfns // 8)
+    span = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
+
+    def bits(base: int) -> npt.NDArray[np.bool_]:
+        raw = np.frombuffer(call.cpu.read(base | call.mask, span), np.uint8)
+        return np.unpackbits(raw, bitorder="little")[:ngfns].astype(np.bool_)
+
+    need = np.zeros(ngfns, np.bool_)
+    for r in ram:
+        need[r.start >> PAGE_SHIFT : r.end >> PAGE_SHIFT] = True
+    need[MH_AREA_GPA >> PAGE_SHIFT : (MH_AREA_GPA + MH_AREA_SIZE) >> PAGE_SHIFT] = False
+    need &= ~bits(PAGE_STATE_GPA)
+    for i in range(MH_VCPUS_MAX):
+        if call.stream(i).migration_id == migration_id:
+            need &= ~bits(mh_imported(i))
+    return not need.any()
+
+
+def _abort(call: _Call) -> _Reply:
+    s = call.session
+    st = call.stream()
+    if st.role != StreamRole.TARGET:
+        return _Reply(_INVALID)
+    again = s.phase == SessionPhase.ABORTED and s.migration_id == st.migration_id
+    if s.phase != SessionPhase.AWAITING and not again:
+        return _Reply(_INVALID)  # the guest may run here (COMPLETE), or another migration's
+    aead = _transport_key(call, st.migration_id)
+    if aead is None:
+        return _Reply(_REFUSED)
+    _store_session(call.cpu, Session(phase=SessionPhase.ABORTED, migration_id=st.migration_id),
+                   call.mask)
+    gate.store(call.cpu, gate.ABORTED, call.mask)
+    header = _header(mb.RecordKind.ABORT, stream=mb.ABORT_STREAM, seq=0,
+                     migration_id=st.migration_id, body=len(mb.ABORT_NEVER_RAN))
+    token = _seal(aead, header, np.zeros(0, np.uint64), mb.ABORT_NEVER_RAN)  # the same every time
+    call.cpu.write(call.data, token)
+    return _Reply(_OK, len(token))
+
+
+def _resume(call: _Call) -> _Reply:
+    s = call.session
+    if s.phase != SessionPhase.SENT:
+        return _Reply(_INVALID)
+    record = _read_record(call)
+    if record is None:
+        return _Reply(_INVALID)
+    body = _token(call, record, mb.RecordKind.ABORT, mb.ABORT_STREAM, s.migration_id)
+    if body != mb.ABORT_NEVER_RAN:
+        return _Reply(_REFUSED)
+    _store_session(call.cpu, Session(phase=SessionPhase.RUNNING), call.mask)  # this session is over
+    gate.store(call.cpu, gate.OPEN, call.mask)
+    call.set_stream(replace(call.stream(), role=StreamRole.NONE))
+    return _Reply(_OK)
+
+
+_Handler = Callable[[_Call], _Reply]
+_V1_BLOCK: Final[dict[int, tuple[_Handler, bool]]] = {
+    mb.MhCommand.INIT: (_init, False),
+    mb.MhCommand.RESET: (_reset, False),
+    mb.MhCommand.ENCRYPT: (_encrypt, True),
+    mb.MhCommand.DECRYPT: (_decrypt, True),
+}
+"""Commands of the v1 block: handler, and whether only MH vCPU 0 serves it."""
+_SLOTS: Final[dict[int, tuple[_Handler, bool]]] = {
+    mb.MhCommand.EXPORT: (_export, False),
+    mb.MhCommand.IMPORT: (_import, False),
+    mb.MhCommand.FINISH: (_finish, True),
+    mb.MhCommand.COMPLETE: (_complete, True),
+    mb.MhCommand.ABORT: (_abort, True),
+    mb.MhCommand.RESUME: (_resume, True),
+}

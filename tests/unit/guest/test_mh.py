@@ -1,0 +1,503 @@
+"""The Migration Handler on real cores and engines: a guest's private pages sealed by its MH
+on one host and opened by its MH on another (other system-physical addresses, another VEK),
+and everything a host may do to the records or the mailbox refused with nothing written.
+
+The test is both VMMs (:mod:`mhhost`). The firmware's part (shared mailboxes, target mode)
+and the kernel's run gate are in ``test_mh_guest.py``."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from mhhost import RAM_SIZE, Guest, seal, transport_key
+
+from confmig.common.units import PAGE_SIZE, GiB
+from confmig.guest import gate
+from confmig.guest.firmware import mh
+from confmig.guest.layout import (
+    FW_CFG_BOUNCE_GPA,
+    KERNEL_DATA_GPA,
+    MH_AREA_GPA,
+    MH_AREA_SIZE,
+    MH_MAILBOX_GPA,
+    MH_SESSION_GPA,
+    MH_VCPUS_MAX,
+    PAGE_STATE_LIMIT,
+    SECRET_AREA_GPA,
+)
+from confmig.platform.cpu.abi import C_BIT
+from confmig.proto import mailbox as mb
+
+KEY = os.urandom(32)
+SRC_SPA = 0x1_0000_0000
+DST_SPA = 0x7_4000_0000
+HIGH = MH_AREA_GPA + MH_AREA_SIZE
+"""The first page above the MH's area: the guest's own data from here."""
+OK, INVALID, REFUSED = (int(r) for r in (mb.MhReturn.SUCCESS, mb.MhReturn.INVALID_FUNC,
+                                         mb.MhReturn.AUTH_ERR))
+Cmd = mb.MhCommand
+
+
+@pytest.fixture
+def src() -> Iterator[Guest]:
+    g = Guest(spa=SRC_SPA, master=KEY, seed=1)
+    yield g
+    g.close()
+
+
+@pytest.fixture
+def dst() -> Iterator[Guest]:
+    g = Guest(spa=DST_SPA, master=KEY, target=True, seed=2)
+    yield g
+    g.close()
+
+
+def start(src: Guest, dst: Guest, nvcpus: int = 1) -> bytes:
+    """INIT every MH vCPU of both sides; the source's migration id."""
+    ret, mid = src.init(0, mb.Role.SOURCE)
+    assert ret == OK
+    for i in range(1, nvcpus):
+        assert src.init(i, mb.Role.SOURCE) == (OK, mid)
+    for i in range(nvcpus):
+        assert dst.init(i, mb.Role.TARGET, mid)[0] == OK
+    return mid
+
+
+def batches(gpas: list[int], n: int = mb.BATCH_PAGES) -> list[list[int]]:
+    return [gpas[i : i + n] for i in range(0, len(gpas), n)]
+
+
+def send(src: Guest, dst: Guest, gpas: list[int], nvcpus: int = 1, epoch: int = 0) -> None:
+    """Export ``gpas`` batch by batch, round-robin over the MH vCPUs, importing each."""
+    for k, batch in enumerate(batches(gpas)):
+        i = k % nvcpus
+        ret, record = src.export(i, batch, slot=k % mb.SLOTS, epoch=epoch)
+        assert ret == OK
+        assert dst.import_(i, record, slot=k % mb.SLOTS) == OK
+
+
+def migrate(src: Guest, dst: Guest, nvcpus: int = 1) -> bytes:
+    """A whole migration: every private page, FINISH, COMPLETE. The completion record."""
+    start(src, dst, nvcpus)
+    send(src, dst, src.private_gpas(), nvcpus)
+    ret, completion = src.token(Cmd.FINISH)
+    assert ret == OK
+    assert dst.token(Cmd.COMPLETE, completion)[0] == OK
+    return completion
+
+
+def session(g: Guest) -> mh.Session:
+    s = mh.load_session(g.view, C_BIT)
+    assert s is not None
+    return s
+
+
+def run_gate(g: Guest) -> int:
+    return gate.load(g.view, C_BIT)
+
+
+# --- pages: sealed on one host, opened on another ---------------------------------------------------
+
+
+@pytest.mark.parametrize("nvcpus", [1, 2, MH_VCPUS_MAX])
+def test_pages_sealed_on_one_host_open_on_another_to_the_same_plaintext(src: Guest, dst: Guest,
+                                                                        nvcpus: int) -> None:
+    gpas = src.private_gpas()
+    assert len(gpas) == RAM_SIZE // PAGE_SIZE - MH_AREA_SIZE // PAGE_SIZE - 1  # all but the bounce page
+    before = dst.read_pages(HIGH, 16)
+    migrate(src, dst, nvcpus)
+    for first, n in ((0, MH_AREA_GPA // PAGE_SIZE), (HIGH, (RAM_SIZE - HIGH) // PAGE_SIZE)):
+        ours, theirs = src.read_pages(first, n), dst.read_pages(first, n)
+        if first == 0:  # the source's run gate closed after its page left; the bounce page is shared
+            ours[KERNEL_DATA_GPA // PAGE_SIZE, 0xF00:0xF08] = 0
+            theirs[FW_CFG_BOUNCE_GPA // PAGE_SIZE] = ours[FW_CFG_BOUNCE_GPA // PAGE_SIZE]
+        assert (ours == theirs).all()
+    assert not (before == dst.read_pages(HIGH, 16)).all()  # the target's own pages were replaced
+    assert src.ram.load(HIGH, PAGE_SIZE) != dst.ram.load(HIGH, PAGE_SIZE)  # under another key, address
+    assert session(dst).phase == mh.SessionPhase.RUNNING and run_gate(dst) == gate.OPEN
+    assert session(src).phase == mh.SessionPhase.SENT and run_gate(src) == gate.MIGRATED_AWAY
+
+
+def test_zero_pages_travel_as_a_flag_and_arrive_as_zeros(src: Guest, dst: Guest) -> None:
+    start(src, dst)
+    gpas = [HIGH + i * PAGE_SIZE for i in range(8)]
+    for i in (1, 2, 6):
+        src.write_pages(gpas[i], np.zeros((1, PAGE_SIZE), np.uint8))
+    ret, record = src.export(0, gpas)
+    header = mb.decode_record_header(record)
+    assert ret == OK and header.npages == 8 and header.nzero == 3
+    assert len(record) == mb.record_size(8, 3)  # five pages of ciphertext, not eight
+    assert [e & mb.ZERO_FLAG for e in mb.gpa_list(record, header)] == [0, 1, 1, 0, 0, 0, 1, 0]
+    assert dst.read_pages(gpas[1], 1).any()
+    assert dst.import_(0, record) == OK
+    assert (dst.read_pages(gpas[0], 8) == src.read_pages(gpas[0], 8)).all()
+    assert not dst.read_pages(gpas[1], 2).any() and not dst.read_pages(gpas[6], 1).any()
+
+
+def test_each_stream_numbers_its_records_and_counts_its_pages(src: Guest, dst: Guest) -> None:
+    start(src, dst, nvcpus=2)
+    headers = [mb.decode_record_header(src.export(i, [HIGH + (4 * k + i) * PAGE_SIZE])[1])
+               for k in range(3) for i in (0, 1)]
+    assert [(h.stream, h.seq) for h in headers] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    assert mh.load_stream(src.view, 1, C_BIT).pages == 3
+
+
+# --- what a host may do to records ---------------------------------------------------------------
+
+
+def flip(record: bytes, offset: int, bit: int = 1) -> bytes:
+    b = bytearray(record)
+    b[offset] ^= bit
+    return bytes(b)
+
+
+GPA_LIST = mb.RECORD_HEADER.size
+TAMPERING: dict[str, Callable[[list[bytes], bytes], list[tuple[int, bytes]]]] = {
+    # each: the records of streams 0 (r[0], r[1], r[2]) and 1 (other) -> imports (vCPU, record)
+    "swapped-stream": lambda r, other: [(0, other)],
+    "reordered": lambda r, other: [(0, r[1])],
+    "dropped": lambda r, other: [(0, r[0]), (0, r[2])],
+    "replayed": lambda r, other: [(0, r[0]), (0, r[1]), (0, r[0])],
+    "duplicated": lambda r, other: [(0, r[0]), (0, r[0])],
+    "forged": lambda r, other: [(0, seal(os.urandom(32), mb.decode_record_header(r[0]).migration_id,
+                                         stream=0, seq=0, gpas=[HIGH]))],
+    "ciphertext-bit": lambda r, other: [(0, flip(r[0], GPA_LIST + 4 * 8 + 100))],
+    "tag-bit": lambda r, other: [(0, flip(r[0], len(r[0]) - 1))],
+    "gpa-bit": lambda r, other: [(0, flip(r[0], GPA_LIST + 1, 0x10))],  # the first page, 4 KiB on
+    "zero-flag-bit": lambda r, other: [(0, flip(r[0], GPA_LIST + 8))],
+    "sequence-bit": lambda r, other: [(0, r[0]), (0, flip(r[2], 8, 0x03))],  # seq 2 claims 1
+    "epoch-bit": lambda r, other: [(0, flip(r[0], 16))],
+    "migration-id-bit": lambda r, other: [(0, flip(r[0], 40))],
+    "stream-bit": lambda r, other: [(1, flip(r[0], 4))],  # stream 0's record claims stream 1
+    "truncated": lambda r, other: [(0, r[0][:-1])],
+    "garbage": lambda r, other: [(0, os.urandom(len(r[0])))],
+}
+
+
+@pytest.mark.parametrize("case", TAMPERING)
+def test_tampered_records_are_refused_and_nothing_is_written(src: Guest, dst: Guest, case: str) -> None:
+    start(src, dst, nvcpus=2)
+    records = [src.export(0, [HIGH + (4 * k + j) * PAGE_SIZE for j in range(4)])[1] for k in range(3)]
+    other = src.export(1, [HIGH + 64 * PAGE_SIZE])[1]
+    *good, (vcpu, bad) = TAMPERING[case](records, other)
+    for i, record in good:
+        assert dst.import_(i, record) == OK
+    before = dst.outside_mailboxes()
+    assert dst.import_(vcpu, bad) == REFUSED
+    assert dst.outside_mailboxes() == before  # no page, no counter, no bitmap bit
+    n = len(good)
+    if all(rec is records[k] for k, (_, rec) in enumerate(good)):
+        assert dst.import_(0, records[n]) == OK  # the genuine next record still goes in
+
+
+BAD_TARGET_GPAS = {
+    "mh-session-page": [MH_SESSION_GPA],
+    "mailbox": [MH_MAILBOX_GPA],
+    "mh-area-last-page": [MH_AREA_GPA + MH_AREA_SIZE - PAGE_SIZE],
+    "outside-ram": [RAM_SIZE],
+    "above-16-GiB": [PAGE_STATE_LIMIT + HIGH],
+    "unaligned": [HIGH + 0x10],
+    "twice": [HIGH, HIGH],
+}
+
+
+@pytest.mark.parametrize("gpas", BAD_TARGET_GPAS.values(), ids=BAD_TARGET_GPAS.keys())
+def test_a_genuine_record_naming_a_page_the_mh_must_not_write_is_refused(src: Guest, dst: Guest,
+                                                                        gpas: list[int]) -> None:
+    mid = start(src, dst)
+    before = dst.outside_mailboxes()
+    assert dst.import_(0, seal(KEY, mid, stream=0, seq=0, gpas=[HIGH + PAGE_SIZE, *gpas])) == REFUSED
+    assert dst.outside_mailboxes() == before
+    assert dst.import_(0, seal(KEY, mid, stream=0, seq=0, gpas=[HIGH])) == OK  # the key was right
+
+
+BAD_SOURCE_GPAS = {
+    "shared": [FW_CFG_BOUNCE_GPA],
+    "mh-session-page": [MH_SESSION_GPA],
+    "mailbox": [MH_MAILBOX_GPA + PAGE_SIZE],
+    "outside-ram": [RAM_SIZE],
+    "above-16-GiB": [16 * GiB],
+    "unaligned": [HIGH + 8],
+    "twice": [HIGH, HIGH],
+}
+
+
+@pytest.mark.parametrize("gpas", BAD_SOURCE_GPAS.values(), ids=BAD_SOURCE_GPAS.keys())
+def test_the_source_refuses_to_export_what_it_must_not(src: Guest, dst: Guest, gpas: list[int]) -> None:
+    start(src, dst)
+    assert src.export(0, [HIGH, *gpas])[0] == REFUSED
+    assert mh.load_stream(src.view, 0, C_BIT).records == 0  # no sequence number spent
+
+
+def test_batch_sizes_and_epochs_the_mailbox_cannot_carry_are_invalid(src: Guest, dst: Guest) -> None:
+    start(src, dst)
+    assert src.command(0, Cmd.EXPORT, slot=0, npages=0).ret == INVALID
+    assert src.command(0, Cmd.EXPORT, slot=0, npages=mb.BATCH_PAGES + 1).ret == INVALID
+    assert src.export(0, [HIGH], epoch=3)[0] == OK
+    assert src.export(0, [HIGH], epoch=2)[0] == INVALID  # epochs never go back on a stream
+    assert dst.command(0, Cmd.IMPORT, slot=0, length=mb.SLOT_DATA + 1).ret == INVALID
+    assert dst.command(0, Cmd.IMPORT, slot=0, length=10).ret == INVALID
+    full = src.export(0, [HIGH + i * PAGE_SIZE for i in range(mb.BATCH_PAGES)], epoch=3)[1]
+    assert len(full) == mb.SLOT_DATA  # a full batch of non-zero pages fills the data area exactly
+
+
+# --- the end of a migration ------------------------------------------------------------------------
+
+
+def test_complete_refuses_a_migration_that_missed_a_private_page(src: Guest, dst: Guest) -> None:
+    start(src, dst)
+    gpas = src.private_gpas()
+    send(src, dst, gpas[:100] + gpas[101:])  # the VMM "forgot" one: every record arrives
+    ret, completion = src.token(Cmd.FINISH)
+    assert ret == OK
+    assert dst.token(Cmd.COMPLETE, completion)[0] == REFUSED
+    assert session(dst).phase == mh.SessionPhase.AWAITING and run_gate(dst) == gate.INCOMING
+    assert dst.token(Cmd.ABORT)[0] == OK  # the target may still give up
+
+
+def test_complete_refuses_when_a_streams_totals_differ(src: Guest, dst: Guest) -> None:
+    start(src, dst)
+    send(src, dst, src.private_gpas())
+    ret, late = src.export(0, [HIGH])  # a page dirtied again, its record never delivered
+    assert ret == OK
+    completion = src.token(Cmd.FINISH)[1]
+    assert dst.token(Cmd.COMPLETE, completion)[0] == REFUSED
+    assert dst.import_(0, late) == OK
+    assert dst.token(Cmd.COMPLETE, completion)[0] == OK
+
+
+def test_complete_refuses_a_completion_record_that_is_not_the_sources(src: Guest, dst: Guest) -> None:
+    start(src, dst)
+    send(src, dst, src.private_gpas())
+    completion = src.token(Cmd.FINISH)[1]
+    for bad in (flip(completion, len(completion) - 20), flip(completion, 12), completion[:-1]):
+        assert dst.token(Cmd.COMPLETE, bad)[0] == REFUSED
+    assert dst.token(Cmd.COMPLETE, completion)[0] == OK
+
+
+def test_after_finish_nothing_leaves_the_source_and_its_gate_stays_closed(src: Guest, dst: Guest) -> None:
+    start(src, dst)
+    assert src.token(Cmd.FINISH)[0] == OK
+    assert run_gate(src) == gate.MIGRATED_AWAY
+    assert src.export(0, [HIGH])[0] == INVALID
+    assert src.token(Cmd.FINISH)[0] == INVALID  # one completion record per migration id
+    assert src.init(0, mb.Role.SOURCE)[0] == INVALID
+    assert src.command(0, Cmd.RESET).ret == OK  # the RFC's cleanup answers, and changes nothing
+    assert session(src).phase == mh.SessionPhase.SENT and run_gate(src) == gate.MIGRATED_AWAY
+
+
+def test_the_run_gate_the_target_imports_is_closed_until_complete_opens_it(src: Guest, dst: Guest) -> None:
+    start(src, dst)
+    gate.store(src.view, gate.MIGRATED_AWAY, C_BIT)  # a copy sealed as FINISH closed the gate
+    gpas = src.private_gpas()
+    send(src, dst, gpas)
+    assert run_gate(dst) == gate.INCOMING  # imported: not the guest's until COMPLETE
+    completion = src.token(Cmd.FINISH)[1]
+    assert dst.token(Cmd.COMPLETE, completion)[0] == OK
+    assert run_gate(dst) == gate.OPEN
+    data = dst.read_pages(KERNEL_DATA_GPA, 1)
+    assert (data[0, :0xF00] == src.read_pages(KERNEL_DATA_GPA, 1)[0, :0xF00]).all()
+
+
+def test_an_abort_token_resumes_the_source_and_closes_the_target_for_good(src: Guest, dst: Guest) -> None:
+    mid = start(src, dst)
+    gpas = src.private_gpas()
+    send(src, dst, gpas[:300])
+    assert src.token(Cmd.FINISH)[0] == OK
+    ret, token = dst.token(Cmd.ABORT)
+    assert ret == OK and mb.decode_record_header(token).kind == mb.RecordKind.ABORT
+    assert session(dst).phase == mh.SessionPhase.ABORTED and run_gate(dst) == gate.ABORTED
+    assert dst.token(Cmd.ABORT) == (OK, token)  # the same token again, if it got lost
+    assert dst.import_(0, seal(KEY, mid, stream=0, seq=3, gpas=[HIGH])) == INVALID
+    assert dst.init(0, mb.Role.TARGET, mid)[0] == INVALID
+    assert dst.token(Cmd.COMPLETE, token)[0] == INVALID
+    assert src.token(Cmd.RESUME, token)[0] == OK
+    assert session(src).phase == mh.SessionPhase.RUNNING and run_gate(src) == gate.OPEN
+    assert src.token(Cmd.RESUME, token)[0] == INVALID
+    assert src.export(0, [HIGH])[0] == INVALID  # that migration is over
+    ret, again = src.init(0, mb.Role.SOURCE)
+    assert ret == OK and again != mid
+
+
+def test_resume_opens_only_the_targets_abort_token_for_this_migration(src: Guest, dst: Guest) -> None:
+    start(src, dst)
+    completion = src.token(Cmd.FINISH)[1]
+    token = dst.token(Cmd.ABORT)[1]
+    other = Guest(spa=DST_SPA, master=KEY, target=True)
+    try:
+        assert other.init(0, mb.Role.TARGET, os.urandom(16))[0] == OK
+        foreign = other.token(Cmd.ABORT)[1]
+    finally:
+        other.close()
+    for bad in (flip(token, len(token) - 1), flip(token, 60), completion, foreign):
+        assert src.token(Cmd.RESUME, bad)[0] == REFUSED
+    assert run_gate(src) == gate.MIGRATED_AWAY
+    assert src.token(Cmd.RESUME, token)[0] == OK
+
+
+# --- sessions ---------------------------------------------------------------------------------------
+
+
+def test_the_source_draws_the_migration_id_and_its_vcpus_join_it(src: Guest) -> None:
+    assert src.init(1, mb.Role.SOURCE)[0] == INVALID  # MH vCPU 0 opens the session
+    asked = b"a" * 16
+    ret, mid = src.init(0, mb.Role.SOURCE, asked)
+    assert ret == OK and mid != asked
+    assert src.init(1, mb.Role.SOURCE, b"b" * 16) == (OK, mid)
+    assert src.export(1, [HIGH])[0] == OK
+    ret, new = src.init(0, mb.Role.SOURCE, mid)
+    assert ret == OK and new != mid
+    assert src.export(1, [HIGH])[0] == INVALID  # vCPU 1 still serves the old session
+    assert src.init(1, mb.Role.SOURCE) == (OK, new)
+    assert mb.decode_record_header(src.export(1, [HIGH])[1]).seq == 0
+
+
+def test_a_target_that_inits_again_keeps_its_place_in_the_stream(src: Guest, dst: Guest) -> None:
+    mid = start(src, dst)
+    r0, r1 = (src.export(0, [HIGH + k * PAGE_SIZE])[1] for k in range(2))
+    assert dst.import_(0, r0) == OK
+    assert dst.command(0, Cmd.RESET).ret == OK
+    assert dst.import_(0, r1) == INVALID  # left the session
+    assert dst.init(0, mb.Role.TARGET, mid)[0] == OK
+    assert dst.import_(0, r0) == REFUSED
+    assert dst.import_(0, r1) == OK
+
+
+def test_a_running_guest_is_never_a_target(src: Guest) -> None:
+    assert src.init(0, mb.Role.TARGET, os.urandom(16))[0] == INVALID
+
+
+def test_without_a_transport_key_init_is_refused() -> None:
+    for target in (False, True):
+        g = Guest(spa=SRC_SPA, master=None, target=target)
+        try:
+            assert g.init(0, mb.Role.TARGET if target else mb.Role.SOURCE)[0] == REFUSED
+            assert g.export(0, [HIGH])[0] == INVALID
+        finally:
+            g.close()
+
+
+def test_commands_in_the_wrong_place_are_invalid(src: Guest, dst: Guest) -> None:
+    start(src, dst, nvcpus=2)
+    assert src.command(0, Cmd.EXPORT, npages=1).ret == INVALID  # the v1 block has no data area
+    assert src.command(0, Cmd.INIT, slot=1).ret == INVALID
+    assert src.command(1, Cmd.FINISH, slot=0).ret == INVALID  # control commands are vCPU 0's
+    assert src.command(1, Cmd.ENCRYPT, gpa=HIGH).ret == INVALID
+    assert src.command(0, 99).ret == INVALID
+    assert dst.export(0, [HIGH])[0] == INVALID  # a target exports nothing
+    assert src.import_(0, src.export(0, [HIGH])[1]) == INVALID  # a source imports nothing
+    src.io_header(0, bytes(mb.IO_HDR_MAX + 1))
+    assert src.command(0, Cmd.INIT).ret == INVALID
+
+
+def test_an_idle_mh_halts_without_touching_its_mailbox(src: Guest) -> None:
+    for index in (0, MH_VCPUS_MAX - 1, MH_VCPUS_MAX):  # the last: a vCPU without a mailbox
+        before = src.ram.bytes.copy()
+        src.enter(index)
+        assert (src.ram.bytes == before).all()
+        assert src.core(index).halted
+
+
+# --- version 1: the RFC's client ----------------------------------------------------------------------
+
+RFC_CMD = struct.Struct("<QQiiii")
+"""``CGSMigHelperCmdParams``: cmd_type, gpa, prefetch, ret, go, done."""
+
+
+def rfc_command(g: Guest, cmd: int, gpa: int = 0) -> int:
+    """QEMU's ``send_command_to_cgs_mig_helper``, on MH vCPU 0's mailbox."""
+    base = g.mailbox(0)
+    g.ram.store(base, RFC_CMD.pack(cmd, gpa, 0, -1, 0, 0))
+    g.ram.store(base + 0x18, struct.pack("<i", 1))  # go, after the parameters
+    g.enter(0)
+    _, _, _, ret, go, done = RFC_CMD.unpack(g.ram.load(base, RFC_CMD.size))
+    assert go == 0 and done == 1
+    return int(ret)
+
+
+def test_a_client_of_the_rfcs_mailbox_moves_pages_sealed(src: Guest, dst: Guest) -> None:
+    page = HIGH + 5 * PAGE_SIZE
+    src.write_pages(page, np.frombuffer(b"CANARY-v1-" * 409 + bytes(6), np.uint8).reshape(1, PAGE_SIZE))
+    assert rfc_command(src, 0) == OK  # INIT: the io header says nothing
+    assert rfc_command(dst, 0) == OK
+    hdrs, pages = [], []
+    for gpa in (page, page + PAGE_SIZE, FW_CFG_BOUNCE_GPA):
+        ret = rfc_command(src, 1, gpa)  # ENCRYPT
+        if gpa == FW_CFG_BOUNCE_GPA:
+            assert ret == REFUSED  # shared: the VMM sends it itself
+            continue
+        base = src.mailbox(0)
+        (n,) = struct.unpack("<I", src.ram.load(base + 0x800, 4))
+        assert ret == OK and n == mb.V1_IO_HDR_LEN
+        hdrs.append(src.ram.load(base + 0x804, n))
+        pages.append(src.ram.load(base + 0x1000, PAGE_SIZE))
+        assert b"CANARY" not in pages[-1]
+    header = mb.decode_record_header(mb.join_v1_record(hdrs[0], pages[0]))
+    assert (header.stream, header.seq, header.npages) == (mb.V1_STREAM, 0, 1)
+
+    def put(k: int) -> None:
+        base = dst.mailbox(0)
+        dst.ram.store(base + 0x800, struct.pack("<I", len(hdrs[k])) + hdrs[k])
+        dst.ram.store(base + 0x1000, pages[k])
+
+    put(0)
+    assert rfc_command(dst, 2, page + PAGE_SIZE) == REFUSED  # DECRYPT to another GPA: a swap
+    assert rfc_command(dst, 2, page) == OK
+    assert rfc_command(dst, 2, page) == REFUSED  # a replay
+    put(1)
+    assert rfc_command(dst, 2, page + PAGE_SIZE) == OK
+    assert (dst.read_pages(page, 2) == src.read_pages(page, 2)).all()
+    assert rfc_command(dst, 3) == OK and rfc_command(src, 3) == OK  # RESET: the import is over
+    assert session(dst).phase == mh.SessionPhase.RUNNING
+    assert rfc_command(dst, 2, page) == INVALID
+    assert rfc_command(src, 0) == OK  # a later migration: INIT finds the old record in the header
+    assert rfc_command(src, 1, page) == OK
+    later = mb.join_v1_record(src.ram.load(src.mailbox(0) + 0x804, mb.V1_IO_HDR_LEN),
+                              src.ram.load(src.mailbox(0) + 0x1000, PAGE_SIZE))
+    assert mb.decode_record_header(later).migration_id != header.migration_id  # a fresh key
+
+
+def test_v1_records_split_and_join() -> None:
+    record = bytes(range(256)) * 16 + os.urandom(mb.V1_IO_HDR_LEN)
+    hdr, page = mb.split_v1_record(record)
+    assert len(hdr) == mb.V1_IO_HDR_LEN and len(page) == PAGE_SIZE
+    assert mb.join_v1_record(hdr, page) == record
+    with pytest.raises(mb.MailboxError):
+        mb.split_v1_record(record[:-1])
+    with pytest.raises(mb.MailboxError):
+        mb.join_v1_record(hdr[:-1], page)
+
+
+# --- what the host can see ------------------------------------------------------------------------
+
+
+def test_neither_the_key_nor_private_plaintext_reaches_shared_memory(src: Guest, dst: Guest) -> None:
+    canary = b"PRIVATE-CANARY:" + os.urandom(8).hex().encode()
+    src.write_pages(HIGH + 7 * PAGE_SIZE,
+                    np.frombuffer(canary.ljust(PAGE_SIZE, b"\0"), np.uint8).reshape(1, PAGE_SIZE))
+    completion = migrate(src, dst, nvcpus=2)
+    mid = mb.decode_record_header(completion).migration_id
+    derived = transport_key(KEY, mid)
+    assert canary in dst.view.read(HIGH + 7 * PAGE_SIZE | C_BIT, len(canary))
+    secret_page = src.view.read(SECRET_AREA_GPA | C_BIT, PAGE_SIZE)
+    assert KEY in secret_page  # where the owner put it: in private memory
+    for g in (src, dst):
+        host = g.ram.bytes.tobytes()  # everything the host can read: shared pages, ciphertext
+        assert KEY not in host and canary not in host and b"PRIVATE-CANARY" not in host
+    assert derived.encrypt(bytes(12), b"x", None) != transport_key(os.urandom(32), mid).encrypt(
+        bytes(12), b"x", None)
+
+
+def test_the_mh_keeps_nothing_in_the_core_between_entries(src: Guest, dst: Guest) -> None:
+    """Each command may run on a fresh core: the MH's state is in guest RAM."""
+    mid = start(src, dst)
+    record = src.export(0, [HIGH])[1]
+    dst.cores.pop(0)
+    assert dst.import_(0, record) == OK
+    src.cores.pop(0)
+    assert mb.decode_record_header(src.export(0, [HIGH])[1]).seq == 1
+    assert mb.decode_record_header(record).migration_id == mid
