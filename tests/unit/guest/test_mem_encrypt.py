@@ -9,7 +9,7 @@ import pytest
 from fakecpu import MIGRATION_FEATURES, FakeCpu
 
 from confmig.common.units import PAGE_SIZE, MiB
-from confmig.guest import mem_encrypt
+from confmig.guest import layout, mem_encrypt
 from confmig.platform.cpu.abi import (
     C_BIT,
     CPUID_AMD_SEV,
@@ -135,6 +135,29 @@ def test_page_state_changes_are_no_ops_in_a_plain_guest() -> None:
         mem_encrypt.move_to_shared(cpu, GPA, 1)
         mem_encrypt.move_to_private(cpu, GPA, 1)
         assert cpu.memory.read(GPA, 5) == b"plain"
+
+
+def test_the_page_state_list_follows_every_change() -> None:
+    with bare_cpu(sev=True) as cpu:
+        mem_encrypt.clear_page_state(cpu, C_BIT)
+        gfn = GPA // PAGE_SIZE + 6  # the run crosses a byte of the list
+        mem_encrypt.move_to_shared(cpu, gfn * PAGE_SIZE, 5, C_BIT)
+        mem_encrypt.move_to_private(cpu, (gfn + 2) * PAGE_SIZE, 1, C_BIT)
+        around = np.arange(gfn - 2, gfn + 8, dtype=np.int64)
+        assert mem_encrypt.shared_pages(cpu, around, C_BIT).tolist() == [
+            False, False, True, True, False, True, True, False, False, False]
+        assert cpu.memory.read(layout.PAGE_STATE_GPA, layout.PAGE_STATE_SIZE) != bytes(
+            layout.PAGE_STATE_SIZE)  # the list itself is private: the host sees ciphertext
+
+
+def test_pages_shared_with_zero_read_as_zeros_and_pages_from_16_gib_stay_private() -> None:
+    with bare_cpu(sev=True) as cpu:
+        mem_encrypt.clear_page_state(cpu, C_BIT)
+        cpu.write(GPA | C_BIT, b"old contents")
+        mem_encrypt.move_to_shared(cpu, GPA, 1, C_BIT, zero=True)
+        assert cpu.memory.read(GPA, PAGE_SIZE) == bytes(PAGE_SIZE)
+        with pytest.raises(GuestFault, match="stay private"):
+            mem_encrypt.move_to_shared(cpu, layout.PAGE_STATE_LIMIT - PAGE_SIZE, 2, C_BIT)
 
 
 @pytest.mark.parametrize(

@@ -448,6 +448,8 @@ def test_a_client_of_the_rfcs_mailbox_moves_pages_sealed(src: Guest, dst: Guest)
     assert rfc_command(dst, 2, page + PAGE_SIZE) == REFUSED  # DECRYPT to another GPA: a swap
     assert rfc_command(dst, 2, page) == OK
     assert rfc_command(dst, 2, page) == REFUSED  # a replay
+    assert rfc_command(dst, 0) == OK  # INIT again: the stream keeps its place
+    assert rfc_command(dst, 2, page) == REFUSED
     put(1)
     assert rfc_command(dst, 2, page + PAGE_SIZE) == OK
     assert (dst.read_pages(page, 2) == src.read_pages(page, 2)).all()

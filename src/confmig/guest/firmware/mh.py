@@ -22,6 +22,14 @@ Who serves what::
     slots, MH vCPU 0             FINISH, COMPLETE, ABORT, RESUME
 
 Anything else, and any command in a state that does not allow it, returns -1.
+INIT reads the io header as version-2 parameters only when it holds exactly
+their 24 bytes (a version-1 client never writes it before INIT, and it may
+still hold an ENCRYPT's record); a target's INIT empties it, a source's leaves
+its answer there (the session's migration id).
+
+A VMM starts an MH vCPU with ``rip`` at the table's entry, ``rflags`` 2 and
+every other register 0 (the MH reads none of them); ``cpu.vcpu_id`` is the MH
+vCPU's index. MH vCPUs from ``MH_VCPUS_MAX`` up have no mailbox and only halt.
 MH vCPU 0 is the only writer of the session page, MH vCPU ``i`` the only
 writer of its own state page and imported-page bitmap: the engine's
 read-modify-write of a private page is not atomic between vCPUs, so no page
@@ -42,6 +50,16 @@ State (private, in the MH's area, zeroed by the firmware at boot)::
                    pages, and its last epoch, under that migration id
     bitmap i       the pages stream i imported under its migration id (one bit
                    per GFN below 16 GiB, as the page-state list)
+
+The session's phases, and the commands each allows (:data:`_COMMANDS` is the
+table; the first phase is the firmware's: RUNNING, or AWAITING in target mode)::
+
+    RUNNING   INIT (source, v1 source), ENCRYPT, EXPORT, FINISH -> SENT
+    SENT      RESUME -> RUNNING (a new INIT starts the next migration)
+    AWAITING  INIT (target, v1 target), DECRYPT, IMPORT, COMPLETE -> RUNNING,
+              ABORT -> ABORTED, RESET of a v1 target that imported -> RUNNING
+    ABORTED   ABORT (the same token again)
+    any       RESET (this MH vCPU leaves the session)
 
 Keys and nonces. The transport key is HKDF-SHA256 of the master key (secret
 entry ``MIGRATION_TRANSPORT_KEY_GUID``, 32 bytes, read from the secret area on
@@ -276,14 +294,11 @@ def _dispatch(cpu: GuestCpu, index: int, mailbox: int, block: int, mask: int,
     session = load_session(cpu, mask) if mask else None
     if session is None:
         return _Reply(_INVALID)  # not an SEV guest, or a firmware that prepared no MH
-    entry = (_V1_BLOCK if block == mb.CMD_OFFSET else _SLOTS).get(cmd.cmd)
-    if entry is None:
+    rule = _COMMANDS.get((block == mb.CMD_OFFSET, cmd.cmd))
+    if rule is None or (rule.control and index != 0) or session.phase not in rule.phases:
         return _Reply(_INVALID)
-    handler, control = entry
-    if control and index != 0:
-        return _Reply(_INVALID)
-    return handler(_Call(cpu=cpu, index=index, mailbox=mailbox, block=block, mask=mask, cmd=cmd,
-                         session=session))
+    return rule.handler(_Call(cpu=cpu, index=index, mailbox=mailbox, block=block, mask=mask, cmd=cmd,
+                              session=session))
 
 
 # --- keys and records ----------------------------------------------------------------------------
@@ -435,6 +450,7 @@ def _init(call: _Call) -> _Reply:
     if st.migration_id != migration_id:
         _clear_imported(call)
     call.set_stream(_adopt(st, StreamRole.TARGET, migration_id))
+    call.cpu.write(hdr, _U32.pack(0))  # consumed: a later version-1 INIT must not find it
     return _Reply(_OK)
 
 
@@ -451,7 +467,10 @@ def _init_v1(call: _Call, s: Session, st: Stream) -> _Reply:
     if s.phase == SessionPhase.AWAITING:
         if _transport_key(call, NO_ID) is None:
             return _Reply(_REFUSED)
-        call.set_stream(Stream(role=StreamRole.V1_TARGET))  # the first record names the migration
+        if st.flags & ID_ADOPTED:  # named by a record already: its counters go on
+            call.set_stream(replace(st, role=StreamRole.V1_TARGET))
+        else:
+            call.set_stream(Stream(role=StreamRole.V1_TARGET))  # the first record names the migration
         return _Reply(_OK)
     return _Reply(_INVALID)
 
@@ -485,9 +504,8 @@ def _reset(call: _Call) -> _Reply:
 
 
 def _encrypt(call: _Call) -> _Reply:
-    s = call.session
     st = call.stream()
-    if s.phase != SessionPhase.RUNNING or st.role != StreamRole.V1_SOURCE:
+    if st.role != StreamRole.V1_SOURCE:
         return _Reply(_INVALID)
     gpas = np.array([call.cmd.gpa], np.uint64)
     ram = _ram(call)
@@ -507,9 +525,8 @@ def _encrypt(call: _Call) -> _Reply:
 
 
 def _decrypt(call: _Call) -> _Reply:
-    s = call.session
     st = call.stream()
-    if s.phase != SessionPhase.AWAITING or st.role != StreamRole.V1_TARGET:
+    if st.role != StreamRole.V1_TARGET:
         return _Reply(_INVALID)
     hdr = call.mailbox + mb.IO_HDR_OFFSET
     (length,) = _U32.unpack(call.cpu.read(hdr, 4))
@@ -546,9 +563,8 @@ def _export(call: _Call) -> _Reply:
     s = call.session
     st = call.stream()
     cmd = call.cmd
-    if (s.phase != SessionPhase.RUNNING or st.role != StreamRole.SOURCE
-            or st.migration_id != s.migration_id):
-        return _Reply(_INVALID)  # no session, an old one, or the guest's state already sealed
+    if st.role != StreamRole.SOURCE or st.migration_id != s.migration_id:
+        return _Reply(_INVALID)  # no session, or an old one
     # SECURITY: npages and epoch are the host's.
     if not 0 < cmd.npages <= mb.BATCH_PAGES or cmd.epoch < st.epoch:
         return _Reply(_INVALID)
@@ -580,6 +596,8 @@ def _open_pages(call: _Call, record: bytes, st: Stream, *, stream: int,
                 migration_id: bytes | None) -> _Opened | None:
     """A page record checked whole before anything is written: ``(header, GPAs, pages, RAM)``.
     ``migration_id`` None: a version-1 target's first record, which names the migration."""
+    # SECURITY: the record is the host's until its tag verifies, and its GPAs are checked
+    # even then (a source MH checks them too, but the target trusts no other machine).
     try:
         header = mb.decode_record_header(record)
     except mb.MailboxError:
@@ -608,10 +626,9 @@ def _open_pages(call: _Call, record: bytes, st: Stream, *, stream: int,
 
 
 def _import(call: _Call) -> _Reply:
-    s = call.session
     st = call.stream()
-    if s.phase != SessionPhase.AWAITING or st.role != StreamRole.TARGET:
-        return _Reply(_INVALID)  # before INIT, after COMPLETE or ABORT, or into a running guest
+    if st.role != StreamRole.TARGET:
+        return _Reply(_INVALID)  # before INIT
     record = _read_record(call)
     if record is None:
         return _Reply(_INVALID)
@@ -644,8 +661,7 @@ def _totals(call: _Call, migration_id: bytes) -> list[mb.StreamTotal]:
 def _finish(call: _Call) -> _Reply:
     s = call.session
     st = call.stream()
-    if (s.phase != SessionPhase.RUNNING or st.role != StreamRole.SOURCE
-            or st.migration_id != s.migration_id):
+    if st.role != StreamRole.SOURCE or st.migration_id != s.migration_id:
         return _Reply(_INVALID)
     aead = _transport_key(call, s.migration_id)
     if aead is None:
@@ -662,9 +678,8 @@ def _finish(call: _Call) -> _Reply:
 
 
 def _complete(call: _Call) -> _Reply:
-    s = call.session
     st = call.stream()
-    if s.phase != SessionPhase.AWAITING or st.role != StreamRole.TARGET:
+    if st.role != StreamRole.TARGET:
         return _Reply(_INVALID)
     record = _read_record(call)
     if record is None:
@@ -722,9 +737,8 @@ def _abort(call: _Call) -> _Reply:
     st = call.stream()
     if st.role != StreamRole.TARGET:
         return _Reply(_INVALID)
-    again = s.phase == SessionPhase.ABORTED and s.migration_id == st.migration_id
-    if s.phase != SessionPhase.AWAITING and not again:
-        return _Reply(_INVALID)  # the guest may run here (COMPLETE), or another migration's
+    if s.phase == SessionPhase.ABORTED and s.migration_id != st.migration_id:
+        return _Reply(_INVALID)  # another migration's token
     aead = _transport_key(call, st.migration_id)
     if aead is None:
         return _Reply(_REFUSED)
@@ -740,8 +754,6 @@ def _abort(call: _Call) -> _Reply:
 
 def _resume(call: _Call) -> _Reply:
     s = call.session
-    if s.phase != SessionPhase.SENT:
-        return _Reply(_INVALID)
     record = _read_record(call)
     if record is None:
         return _Reply(_INVALID)
@@ -754,19 +766,30 @@ def _resume(call: _Call) -> _Reply:
     return _Reply(_OK)
 
 
-_Handler = Callable[[_Call], _Reply]
-_V1_BLOCK: Final[dict[int, tuple[_Handler, bool]]] = {
-    mb.MhCommand.INIT: (_init, False),
-    mb.MhCommand.RESET: (_reset, False),
-    mb.MhCommand.ENCRYPT: (_encrypt, True),
-    mb.MhCommand.DECRYPT: (_decrypt, True),
-}
-"""Commands of the v1 block: handler, and whether only MH vCPU 0 serves it."""
-_SLOTS: Final[dict[int, tuple[_Handler, bool]]] = {
-    mb.MhCommand.EXPORT: (_export, False),
-    mb.MhCommand.IMPORT: (_import, False),
-    mb.MhCommand.FINISH: (_finish, True),
-    mb.MhCommand.COMPLETE: (_complete, True),
-    mb.MhCommand.ABORT: (_abort, True),
-    mb.MhCommand.RESUME: (_resume, True),
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Rule:
+    handler: Callable[[_Call], _Reply]
+    phases: frozenset[SessionPhase]
+    """The session phases in which the command may run (else -1)."""
+    control: bool = False
+    """Only MH vCPU 0 serves it: it writes the session page."""
+
+
+_ANY: Final = frozenset(SessionPhase)
+_RUNNING: Final = frozenset({SessionPhase.RUNNING})
+_AWAITING: Final = frozenset({SessionPhase.AWAITING})
+_COMMANDS: Final[dict[tuple[bool, int], _Rule]] = {
+    # (in the v1 block?, command): the rule
+    (True, mb.MhCommand.INIT): _Rule(handler=_init, phases=_RUNNING | _AWAITING),
+    (True, mb.MhCommand.RESET): _Rule(handler=_reset, phases=_ANY),
+    (True, mb.MhCommand.ENCRYPT): _Rule(handler=_encrypt, phases=_RUNNING, control=True),
+    (True, mb.MhCommand.DECRYPT): _Rule(handler=_decrypt, phases=_AWAITING, control=True),
+    (False, mb.MhCommand.EXPORT): _Rule(handler=_export, phases=_RUNNING),
+    (False, mb.MhCommand.IMPORT): _Rule(handler=_import, phases=_AWAITING),
+    (False, mb.MhCommand.FINISH): _Rule(handler=_finish, phases=_RUNNING, control=True),
+    (False, mb.MhCommand.COMPLETE): _Rule(handler=_complete, phases=_AWAITING, control=True),
+    (False, mb.MhCommand.ABORT): _Rule(
+        handler=_abort, phases=_AWAITING | {SessionPhase.ABORTED}, control=True),
+    (False, mb.MhCommand.RESUME): _Rule(handler=_resume, phases=frozenset({SessionPhase.SENT}),
+                                        control=True),
 }

@@ -1,0 +1,226 @@
+"""The Migration Handler inside a whole guest on the fake vCPU: what the firmware prepares,
+target mode, the kernel's run gate, and a guest that migrates through its MH and runs on.
+
+The MH vCPUs are fake vCPUs beside the guest's own, on the same RAM and memory key (a
+mirror VM); the test is the VMM of both sides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from fakecpu import MIGRATION_FEATURES, FakeCpu
+from machine import ROM, Machine
+from mhhost import MhDriver, secret_table
+
+from confmig.common.units import PAGE_SIZE, MiB
+from confmig.guest import gate, kernel, mem_encrypt
+from confmig.guest.firmware import bootinfo, mh, secret
+from confmig.guest.firmware.boot import MIGRATION_TARGET_FILE, WAITING_LINE, Phase
+from confmig.guest.firmware.image import (
+    MIGRATION_HANDLER_BLOCK,
+    MIGRATION_HANDLER_BLOCK_GUID,
+    build_firmware_image,
+    parse_guided_table,
+)
+from confmig.guest.layout import (
+    FIRMWARE_BASE,
+    FW_CFG_BOUNCE_GPA,
+    MH_AREA_GPA,
+    MH_AREA_SIZE,
+    MH_ENTRY,
+    MH_MAILBOX_GPA,
+    MH_MAILBOX_SIZE,
+    SECRET_AREA_GPA,
+    SECRET_AREA_SIZE,
+)
+from confmig.platform.cpu.abi import C_BIT, NMI_VECTOR, RESET_VECTOR, Registers
+from confmig.proto import mailbox as mb
+
+KEY = os.urandom(32)
+RAM = 24 * MiB
+DIRTY = "workload=dirty rate=0 wss=1M seed=9"
+WRITTEN = "dirty: working set written"
+SELFCHECK = "confmig-selfcheck"
+AWAY = gate.REASONS[gate.MIGRATED_AWAY]
+TARGET = {MIGRATION_TARGET_FILE: b"1"}
+
+
+class Mirror(MhDriver):
+    """MH vCPUs of a machine: fake vCPUs on its RAM, with its memory key."""
+
+    def __init__(self, m: Machine) -> None:
+        self.m = m
+        self.cpus: dict[int, FakeCpu] = {}
+
+    def store(self, gpa: int, data: bytes) -> None:
+        self.m.memory.write(gpa, data)
+
+    def load(self, gpa: int, size: int) -> bytes:
+        return self.m.memory.read(gpa, size)
+
+    def enter(self, index: int) -> None:
+        if index not in self.cpus:
+            self.cpus[index] = FakeCpu(self.m.memory, [], vcpu_id=index, sev=True,
+                                       kvm_features=MIGRATION_FEATURES)
+            self.cpus[index].regs.rip = MH_ENTRY
+        cpu = self.cpus[index]
+        cpu.step(ROM)
+        assert cpu.shutdown_reason is None and cpu.halted and cpu.regs.rip == MH_ENTRY
+
+
+@contextmanager
+def guest(cmdline: str = DIRTY, *, key: bytes | None = KEY, **kwargs: object) -> Iterator[Machine]:
+    """An SEV machine whose owner injected ``key`` as the transport key."""
+    with Machine(cmdline, ram_size=RAM, sev=True, **kwargs) as m:  # type: ignore[arg-type]
+        if key is not None:
+            area = secret_table((secret.MIGRATION_TRANSPORT_KEY_GUID, key))
+            m.cpu.write(SECRET_AREA_GPA | C_BIT, area.ljust(SECRET_AREA_SIZE, b"\0"))
+        yield m
+
+
+def session(m: Machine) -> mh.Session | None:
+    return mh.load_session(m.cpu, C_BIT)
+
+
+def private_gpas(m: Machine) -> list[int]:
+    """What a VMM migrates through the MH: every page but shared ones and the MH's area."""
+    gfns = np.arange(m.memory.ram_size // PAGE_SIZE, dtype=np.int64)
+    shared = mem_encrypt.shared_pages(m.cpu, gfns, C_BIT)
+    area = (gfns >= MH_AREA_GPA // PAGE_SIZE) & (gfns < (MH_AREA_GPA + MH_AREA_SIZE) // PAGE_SIZE)
+    return [int(g) * PAGE_SIZE for g in gfns[~shared & ~area]]
+
+
+# --- what the firmware prepares ----------------------------------------------------------------------
+
+
+def test_an_sev_guests_firmware_shares_the_mailboxes_and_prepares_the_mh() -> None:
+    with guest() as m:
+        m.run_until_line(WRITTEN)
+        platform = bootinfo.load(m.cpu).platform
+        assert platform.flags & bootinfo.PLATFORM_MIGRATION_HANDLER
+        assert not platform.flags & bootinfo.PLATFORM_MIGRATION_TARGET
+        assert session(m) == mh.Session(phase=mh.SessionPhase.RUNNING)
+        gfns = np.arange(RAM // PAGE_SIZE, dtype=np.int64)
+        shared = set(gfns[mem_encrypt.shared_pages(m.cpu, gfns, C_BIT)].tolist())
+        mailboxes = set(range(MH_MAILBOX_GPA // PAGE_SIZE, (MH_MAILBOX_GPA + MH_MAILBOX_SIZE) // PAGE_SIZE))
+        assert shared == {FW_CFG_BOUNCE_GPA // PAGE_SIZE} | mailboxes  # the guest's own page-state list
+        assert m.memory.read(MH_MAILBOX_GPA, MH_MAILBOX_SIZE) == bytes(MH_MAILBOX_SIZE)
+        assert gate.load(m.cpu, C_BIT) == gate.OPEN
+
+
+def test_a_guest_without_room_for_the_mh_boots_without_one() -> None:
+    with Machine("workload=idle", ram_size=12 * MiB, sev=True) as m:
+        m.run_until_line("confmig kernel: workload")
+        assert not bootinfo.load(m.cpu).platform.flags & bootinfo.PLATFORM_MIGRATION_HANDLER
+    with Machine("workload=idle") as m:  # a plain guest has no MH to prepare
+        m.run_until_line("confmig kernel: workload")
+        assert not bootinfo.load(m.cpu).platform.flags & bootinfo.PLATFORM_MIGRATION_HANDLER
+
+
+def test_the_image_says_where_the_mh_starts_and_what_the_vmm_must_not_migrate() -> None:
+    block = parse_guided_table(build_firmware_image())[MIGRATION_HANDLER_BLOCK_GUID]
+    version, flags, entry, gpa, size, area = MIGRATION_HANDLER_BLOCK.unpack(block)
+    assert (version, flags, entry) == (2, 0, FIRMWARE_BASE + Phase.MH) and entry == MH_ENTRY
+    assert (gpa, size, area) == (MH_MAILBOX_GPA, 4 * mb.MAILBOX_STRIDE, MH_AREA_SIZE)
+    assert mb.max_mh_vcpus(size) == 4 and gpa == MH_AREA_GPA
+
+
+@pytest.mark.parametrize("value", [b"1", b"yes", b"TRUE"])
+def test_a_migration_target_waits_with_only_its_mh(value: bytes) -> None:
+    with guest(fw_cfg_files={MIGRATION_TARGET_FILE: value}) as m:
+        m.run(lambda _: False)  # until it halts for good
+        assert m.lines[-1] == WAITING_LINE
+        assert not any(line.startswith("confmig kernel") for line in m.lines)
+        assert m.cpu.halted and m.cpu.regs.rip == FIRMWARE_BASE + Phase.PARK
+        assert session(m) == mh.Session(phase=mh.SessionPhase.AWAITING)
+        assert bootinfo.load(m.cpu).platform.flags & bootinfo.PLATFORM_MIGRATION_TARGET
+
+
+def test_a_false_target_flag_boots_the_kernel() -> None:
+    with guest(fw_cfg_files={MIGRATION_TARGET_FILE: b"0"}) as m:
+        m.run_until_line(WRITTEN)
+        assert WAITING_LINE not in m.lines and session(m) == mh.Session(phase=mh.SessionPhase.RUNNING)
+
+
+# --- the run gate ------------------------------------------------------------------------------------
+
+
+def test_after_finish_the_guest_parks_and_an_abort_token_lets_it_run_on() -> None:
+    with guest() as src, guest(fw_cfg_files=TARGET) as dst:
+        src.run_until_line(WRITTEN)
+        dst.run_until_line(WAITING_LINE)
+        smh, dmh = Mirror(src), Mirror(dst)
+        ret, mid = smh.init(0, mb.Role.SOURCE)
+        assert ret == 0 and smh.token(mb.MhCommand.FINISH)[0] == 0
+        src.cpu.inject(NMI_VECTOR)
+        src.run(lambda _: False)  # until it halts for good
+        assert src.lines[-1] == AWAY and src.lines.count(AWAY) == 1
+        assert not any(line.startswith(SELFCHECK) for line in src.lines)
+        assert src.cpu.regs.rip == kernel.KERNEL_BASE + kernel.Phase.GATED
+        src.cpu.inject(NMI_VECTOR)  # still parked: it halts again, silently
+        src.run(lambda _: False)
+        assert src.lines.count(AWAY) == 1 and src.cpu.halted
+
+        assert dmh.init(0, mb.Role.TARGET, mid)[0] == 0
+        ret, token = dmh.token(mb.MhCommand.ABORT)
+        assert ret == 0 and gate.load(dst.cpu, C_BIT) == gate.ABORTED
+        assert smh.token(mb.MhCommand.RESUME, token)[0] == 0
+        src.cpu.inject(NMI_VECTOR)
+        assert src.run_until_line(SELFCHECK) == f"{SELFCHECK}: PASS pages=256 writes=256"
+
+
+def test_a_guest_that_migrated_away_does_not_boot_again() -> None:
+    with guest() as m:
+        m.run_until_line(WRITTEN)
+        smh = Mirror(m)
+        assert smh.init(0, mb.Role.SOURCE)[0] == 0 and smh.token(mb.MhCommand.FINISH)[0] == 0
+        banners = sum(line.startswith("confmig firmware 1.0") for line in m.lines)
+        m.cpu.regs = Registers()
+        m.cpu.regs.rip = RESET_VECTOR
+        m.cpu.halted = False
+        m.run(lambda _: False)
+        assert m.lines[-1] == AWAY
+        assert sum(line.startswith("confmig firmware 1.0") for line in m.lines) == banners
+
+
+# --- a whole migration --------------------------------------------------------------------------------
+
+
+def test_a_guest_migrates_through_its_mh_and_runs_on_at_the_target() -> None:
+    with guest() as src, guest(fw_cfg_files=TARGET) as dst:
+        src.run_until_line(WRITTEN)
+        dst.run_until_line(WAITING_LINE)
+        smh, dmh = Mirror(src), Mirror(dst)
+        ret, mid = smh.init(0, mb.Role.SOURCE)
+        assert smh.init(1, mb.Role.SOURCE) == (0, mid)
+        gpas = private_gpas(src)
+        for k in range(0, len(gpas), mb.BATCH_PAGES):  # the source's vCPU is stopped
+            i, slot = (k // mb.BATCH_PAGES) % 2, (k // mb.BATCH_PAGES // 2) % mb.SLOTS
+            ret, record = smh.export(i, gpas[k : k + mb.BATCH_PAGES], slot=slot)
+            assert ret == 0
+            if i not in dmh.cpus:
+                assert dmh.init(i, mb.Role.TARGET, mb.decode_record_header(record).migration_id)[0] == 0
+            assert dmh.import_(i, record, slot=slot) == 0
+        ret, completion = smh.token(mb.MhCommand.FINISH)
+        assert ret == 0
+        assert gate.load(dst.cpu, C_BIT) == gate.INCOMING
+        assert dmh.token(mb.MhCommand.COMPLETE, completion)[0] == 0
+        assert gate.load(dst.cpu, C_BIT) == gate.OPEN
+        dst.memory.write(FW_CFG_BOUNCE_GPA, src.memory.read(FW_CFG_BOUNCE_GPA, PAGE_SIZE))  # shared
+        snap = src.snapshot()
+        for device in dst.devices:
+            device.load_state(snap.devices[device.vmsd_name])
+        dst.cpu.restore(snap.cpu)  # SEV: the VMM sets the registers of the parked vCPU
+
+        dst.cpu.inject(NMI_VECTOR)
+        assert dst.run_until_line(SELFCHECK) == f"{SELFCHECK}: PASS pages=256 writes=256"
+        assert AWAY not in dst.lines
+        src.cpu.inject(NMI_VECTOR)
+        src.run(lambda _: False)
+        assert src.lines[-1] == AWAY and not any(line.startswith(SELFCHECK) for line in src.lines)
+        for canary in (KEY, b"CMKERN01", b"CMDIRTY1"):
+            assert canary not in src.memory.read(0, RAM) and canary not in dst.memory.read(0, RAM)
