@@ -23,7 +23,8 @@ MIGRATION_HANDLER_BLOCK_GUID = uuid.UUID("6082373e-dfcc-471d-8e58-0008c522a071")
 """confmig's entry: the Migration Handler's entry point and mailbox (the 2021 RFC left its
 discovery as a TODO and hard-coded 0x823000 and 0x820000)."""
 _MH_BLOCK = struct.Struct("<IIQQII")
-"""version, flags, entry rip, mailbox GPA, mailbox size, 0."""
+"""version, flags, entry rip, mailbox GPA, mailbox size, MH area size (from the mailbox GPA on:
+the mailboxes, then the MH's own state)."""
 MAX_IMAGE_SIZE = 16 * MiB
 """QEMU's flash region below 4 GiB is bounded; so is ours."""
 _TAIL = 0x20
@@ -71,16 +72,19 @@ class MigrationHandlerBlock:
     entry: int
     mailbox_gpa: int
     mailbox_size: int
+    area_size: int
+    """The whole area the MH owns, from ``mailbox_gpa``: never migrated as guest memory."""
 
 
 def _migration_handler(table: dict[uuid.UUID, bytes]) -> MigrationHandlerBlock | None:
     entry = table.get(MIGRATION_HANDLER_BLOCK_GUID)
     if entry is None or len(entry) < _MH_BLOCK.size:
         return None
-    version, _flags, rip, gpa, size, _ = _MH_BLOCK.unpack_from(entry)
+    version, _flags, rip, gpa, size, area = _MH_BLOCK.unpack_from(entry)
     if version == 0 or size == 0:
         return None  # reserved: this image has no Migration Handler
-    return MigrationHandlerBlock(version=version, entry=rip, mailbox_gpa=gpa, mailbox_size=size)
+    return MigrationHandlerBlock(version=version, entry=rip, mailbox_gpa=gpa, mailbox_size=size,
+                                 area_size=max(area, size))
 
 
 def parse_ovmf_table(image: bytes) -> dict[uuid.UUID, bytes]:

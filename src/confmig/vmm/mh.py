@@ -66,6 +66,13 @@ class MhVcpu:
             raise MhError(f"io header of {len(data)} bytes (at most {mb.IO_HDR_MAX})")
         struct.pack_into(f"<I{len(data)}s", self.mailbox, mb.IO_HDR_OFFSET, len(data), data)
 
+    def read_io_header(self) -> bytes:
+        """What the MH left in the v1 io header (bounded: the guest wrote the length)."""
+        (n,) = struct.unpack_from("<I", self.mailbox, mb.IO_HDR_OFFSET)
+        if n > mb.IO_HDR_MAX:
+            raise MhError(f"Migration Handler vCPU {self.index} left an io header of {n} bytes")
+        return bytes(self.mailbox[mb.IO_HDR_OFFSET + 4 : mb.IO_HDR_OFFSET + 4 + n])
+
     def command(self, cmd: mb.MhCommand, *, slot: int | None = None, npages: int = 0, length: int = 0,
                 epoch: int = 0, gpa: int = 0) -> mb.Command:
         """Issue ``cmd`` in ``slot`` (None: the v1 block), enter the MH, return its answer."""
@@ -140,7 +147,7 @@ class MigrationHandler:
     def area(self) -> tuple[int, int]:
         """The MH's guest-physical area (GPA, size): mailboxes and its own state. Never migrated
         as guest memory: each side's MH owns its own."""
-        return self.block.mailbox_gpa, self.block.mailbox_size
+        return self.block.mailbox_gpa, self.block.area_size
 
     def start(self) -> None:
         """``start-migration-handler``: every MH vCPU at the MH's entry point, entered once

@@ -27,7 +27,6 @@ seals the next batches while the VMM sends the previous ones.
 from __future__ import annotations
 
 import contextlib
-import os
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -90,7 +89,8 @@ class MhOutgoing(OutgoingBackend):
         self.mh = mh
         self.out = out
         self.counters = mh_counters(len(mh.vcpus))
-        self.migration_id = os.urandom(mb.MIGRATION_ID_SIZE)
+        self.migration_id = b""
+        """The source MH draws it at the first INIT and says it in the io header."""
         self.epoch = LIVE_EPOCH
         self.finished = False
         """FINISH succeeded: the source's guest may not run again here (without an abort token)."""
@@ -105,8 +105,12 @@ class MhOutgoing(OutgoingBackend):
         """Start the MH if nobody did (``start-migration-handler``), INIT every MH vCPU."""
         self.mh.start()
         for v in self.mh.vcpus:
-            v.io_header(mb.encode_init(mb.Role.SOURCE, self.migration_id))
+            v.io_header(mb.encode_init(mb.Role.SOURCE, bytes(mb.MIGRATION_ID_SIZE)))
             self._check(v.command(mb.MhCommand.INIT).ret, f"INIT on MH vCPU {v.index}")
+            try:
+                _role, self.migration_id = mb.decode_init(v.read_io_header())
+            except mb.MailboxError as exc:
+                raise MhError(f"Migration Handler vCPU {v.index} answered INIT with {exc}") from None
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         return self._send(block, indices, zero=False)

@@ -1,0 +1,200 @@
+"""Migration Handler live migration of SEV guests between two emulated hosts (issue 11).
+
+Both guests are launched and attested by their owner, who gives both the same
+transport key; the target's firmware runs only its Migration Handler. Private
+pages travel as records sealed by the source's MH and opened by the target's;
+the VMMs see GPAs and ciphertext. The relay in the middle records, corrupts or
+cuts the stream.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+
+import pytest
+from relay import Relay
+
+from confmig.bench.lab import WORKING_SET_WRITTEN, HostProc, Lab, VmProc, VmSpec
+from confmig.bench.scenario import (
+    MH_TARGET_ARGS,
+    SEV_POLICY,
+    MigrationSettings,
+    configure,
+    incoming_uri,
+    mh_args,
+    migrate,
+    sev_args,
+    wait_status,
+)
+from confmig.owner import MIGRATION_TRANSPORT_KEY_GUID
+from confmig.vmm.qmp.client import QmpCommandError
+
+DIRTY = "dirty,rate=300,wss=2M,prefill=on"
+PRIVATE_MAGICS = (b"CMKERN01", b"CMBOOT01", b"CMVARS01")
+MH_PAGE_RECORD = re.compile(re.escape(bytes.fromhex("0000000000000800") + b"\x03") + b"....\x02\x01\x01\x00",
+                            re.S)
+"""A CONFIDENTIAL record (flag 0x800), subtype MH_RECORD, a sealed record of kind PAGES."""
+RECORD_PAYLOAD = 8 + 1 + 4
+"""Where the sealed record starts in such a stream record."""
+TARGET_WAITING = re.compile(rb"Waiting for incoming confidential migration")
+
+
+def mh_pair(lab: Lab, hosts: tuple[HostProc, HostProc], *, guest: str = DIRTY, mh_vcpus: int = 1,
+            key: bytes | None = None) -> tuple[VmProc, VmProc]:
+    """A running SEV guest with MH vCPUs on hostA; on hostB its target, launched by the same
+    owner and running only its Migration Handler."""
+    a, b = hosts
+    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
+                      secrets=[(MIGRATION_TRANSPORT_KEY_GUID, key or os.urandom(32))])
+    common = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(mh_vcpus))
+    src, dst = lab.start_vms(VmSpec(name="src", host=a, ram="64M", guest=guest, extra=common),
+                             VmSpec(name="dst", host=b, ram="64M", guest=guest,
+                                    extra=(*common, *MH_TARGET_ARGS)))
+    src.wait_console(WORKING_SET_WRITTEN)
+    dst.wait_console(TARGET_WAITING)
+    return src, dst
+
+
+SETTINGS = MigrationSettings(downtime_limit_ms=300, confidential_backend="mh")
+
+
+def through(relay_factory: Callable[..., Relay], dst: VmProc, **relay: object) -> tuple[str, Relay]:
+    """Start the target listening; return a URI that reaches it through a relay."""
+    configure(dst, SETTINGS)
+    host, port = incoming_uri(dst).removeprefix("tcp:").rsplit(":", 1)
+    r = relay_factory((host, int(port)), **relay)
+    return r.uri, r
+
+
+@pytest.mark.parametrize("mh_vcpus", [1, 2])
+def test_a_running_sev_guest_migrates_through_its_migration_handler(
+        lab: Lab, hosts: tuple[HostProc, HostProc], mh_vcpus: int) -> None:
+    src, dst = mh_pair(lab, hosts, mh_vcpus=mh_vcpus)
+    result = migrate(src, dst, settings=SETTINGS)
+    assert result.status == "completed", result.info.get("error-desc")
+    c = result.info["x-confmig"]["confidential"]
+    assert c["backend"] == "mh" and c["mh-vcpus"] == mh_vcpus
+    assert c["private-pages"] >= 64 * 256 - 2048 - 16  # all of RAM but the MH's area and shared pages
+    assert c["batches"] >= c["private-pages"] // 128 and c["shared-pages"] >= 1
+    assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_the_source_refuses_to_run_again_after_its_guest_left(lab: Lab,
+                                                             hosts: tuple[HostProc, HostProc]) -> None:
+    src, dst = mh_pair(lab, hosts)
+    assert migrate(src, dst, settings=SETTINGS).status == "completed"
+    with pytest.raises(QmpCommandError, match="migrated away"):
+        src.qmp.execute("cont")
+    assert src.qmp.execute("query-status")["status"] == "postmigrate"
+    assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_the_rfcs_qmp_commands_start_the_handler_and_the_incoming_side(
+        lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+    src, dst = mh_pair(lab, hosts)
+    configure(dst, SETTINGS)
+    configure(src, SETTINGS)
+    dst.qmp.execute("start-migration-handler")
+    src.qmp.execute("start-migration-handler")
+    dst.qmp.execute("start-migrate-incoming", uri="tcp:127.0.0.1:0")
+    assert dst.qmp.execute("query-status")["status"] == "inmigrate"
+    a = dst.qmp.execute("query-migrate")["socket-address"][0]
+    result = migrate(src, None, f"tcp:{a['host']}:{a['port']}", settings=SETTINGS)
+    assert result.status == "completed", result.info.get("error-desc")
+    wait_status(dst, "running")
+    assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_the_stream_carries_no_plaintext_and_no_key(lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+    key = os.urandom(32)
+    src, dst = mh_pair(lab, hosts, key=key)
+    uri, relay = through(Relay, dst)
+    result = migrate(src, None, uri, settings=SETTINGS)
+    assert result.status == "completed", result.info.get("error-desc")
+    stream = bytes(relay.seen)
+    assert len(MH_PAGE_RECORD.findall(stream)) >= 100
+    for canary in (key, *PRIVATE_MAGICS):
+        assert canary not in stream
+    wait_status(dst, "running")
+    assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+class RecordTamper(Relay):
+    """Changes the Nth MH page record it forwards: ``edit`` says how."""
+
+    NTH = 30
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.window = bytearray()
+        self.window_start = 0
+        self.found = 0
+        self.last = -1
+        self.edit_at: int | None = None
+        self.edit_bytes = b""
+        super().__init__(target, tamper=self._tamper)
+
+    def edit(self, record: int) -> tuple[int, bytes]:
+        """(absolute offset, bytes XORed in there) for the record starting at ``record``."""
+        raise NotImplementedError
+
+    def _tamper(self, chunk: bytearray, offset: int) -> None:
+        if self.edit_at is None:
+            self.window += chunk
+            for m in MH_PAGE_RECORD.finditer(self.window):
+                start = self.window_start + m.start()
+                if start <= self.last:
+                    continue
+                self.last = start
+                self.found += 1
+                if self.found == self.NTH:
+                    self.edit_at, self.edit_bytes = self.edit(start + RECORD_PAYLOAD)
+                    break
+            keep = 32
+            self.window_start += max(0, len(self.window) - keep)
+            self.window = self.window[-keep:]
+        if self.edit_at is None:
+            return
+        for i, b in enumerate(self.edit_bytes):
+            pos = self.edit_at + i - offset
+            if 0 <= pos < len(chunk):
+                chunk[pos] ^= b
+
+
+class FlipCiphertext(RecordTamper):
+    def edit(self, record: int) -> tuple[int, bytes]:
+        return record + 56 + 8 * 128 + 100, b"\x01"  # inside the first page's ciphertext
+
+
+class FlipSequence(RecordTamper):
+    def edit(self, record: int) -> tuple[int, bytes]:
+        return record + 8, b"\x01"  # the sequence number: a reordered record
+
+
+class FlipGpa(RecordTamper):
+    def edit(self, record: int) -> tuple[int, bytes]:
+        return record + 56 + 1, b"\x10"  # the first GPA, 4 KiB further: a swapped page
+
+
+@pytest.mark.parametrize("tamper", [FlipCiphertext, FlipSequence, FlipGpa], ids=["ciphertext", "seq", "gpa"])
+def test_a_tampered_record_is_refused_and_the_source_runs_on(
+        lab: Lab, hosts: tuple[HostProc, HostProc], tamper: type[RecordTamper]) -> None:
+    src, dst = mh_pair(lab, hosts)
+    uri, relay = through(tamper, dst)
+    result = migrate(src, None, uri, settings=SETTINGS)
+    assert isinstance(relay, RecordTamper) and relay.edit_at is not None
+    assert result.status == "failed"
+    target_error = dst.qmp.execute("query-migrate").get("error-desc", "")
+    assert "Migration Handler refused" in target_error and "AUTH_ERR" in target_error
+    assert src.qmp.execute("query-status")["status"] == "running"
+    assert src.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_a_truncated_stream_fails_and_the_source_runs_on(lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+    src, dst = mh_pair(lab, hosts)
+    uri, _relay = through(Relay, dst, cut_after=3_000_000)
+    result = migrate(src, None, uri, settings=SETTINGS)
+    assert result.status == "failed"
+    assert src.qmp.execute("query-status")["status"] == "running"
+    assert src.selfcheck().startswith("confmig-selfcheck: PASS")
