@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow bench bench-psp lint clean
+.PHONY: demo test test-slow bench bench-psp bench-mh lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: $(VENV)/.runtime
 
 bench-psp: $(VENV)/.runtime
 	$(BIN)/confmig bench --suite psp --save benchmarks/
+
+bench-mh: $(VENV)/.runtime
+	$(BIN)/confmig bench --suite mh --save benchmarks/
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

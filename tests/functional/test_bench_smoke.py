@@ -23,12 +23,17 @@ def test_quick_benchmark_completes_and_saves(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_psp_benchmark_completes_and_saves(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mh", [False, True], ids=["psp", "mh"])
+def test_confidential_benchmark_completes_and_saves(tmp_path: Path, mh: bool) -> None:
     from confmig.bench.confidential import run_psp_benchmark
 
-    report = run_psp_benchmark(save_dir=str(tmp_path), ram="64M")
-    plain, psp = report["runs"]
-    assert plain["status"] == psp["status"] == "completed"
-    assert psp["private_pages"] > 0 and psp["psp_commands"] >= psp["private_pages"]
-    assert "PASS" in plain["selfcheck"] and "PASS" in psp["selfcheck"]
-    assert (tmp_path / "psp-latest.md").exists() and list(tmp_path.glob("psp-*.json"))
+    report = run_psp_benchmark(save_dir=str(tmp_path), ram="64M", mh=mh)
+    _plain, psp, *mhs = report["runs"]
+    assert [r["kind"] for r in mhs] == (["mh-1", "mh-2", "mh-4"] if mh else [])
+    assert all(r["status"] == "completed" and "PASS" in r["selfcheck"] for r in report["runs"])
+    assert psp["private_pages"] > 0 and psp["commands"] >= psp["private_pages"]
+    for r in mhs:
+        assert r["private_pages"] > 0 and r["commands"] >= r["private_pages"] // 128
+        assert set(report["ratios"][r["kind"]]) == {"over_plain", "over_psp"}
+    suite = report["suite"]
+    assert (tmp_path / f"{suite}-latest.md").exists() and list(tmp_path.glob(f"{suite}-*.svg"))

@@ -26,6 +26,7 @@ from confmig.bench.lab import (
 )
 from confmig.bench.scenario import (
     MH_TARGET_ARGS,
+    MH_TARGET_READY,
     SEV_ES_POLICY,
     SEV_POLICY,
     MigrationSettings,
@@ -167,6 +168,8 @@ def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
         with console.status(f"booting the guest{filling}..."):
             ready = WORKING_SET_WRITTEN if opts.guest == "dirty" else WORKLOAD_STARTED[opts.guest]
             src.wait_console(ready, timeout=GUEST_READY_TIMEOUT)
+            if opts.mode == "mh":
+                dst.wait_console(MH_TARGET_READY, timeout=GUEST_READY_TIMEOUT)
         with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
                       TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
                       console=console, transient=False) as bar:

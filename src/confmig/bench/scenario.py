@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ def sev_args(policy: int = SEV_POLICY, *, owner: str | None = None, extra: str =
 
 
 MH_TARGET_ARGS = ("-fw_cfg", "name=opt/ovmf/PcdSevIsMigrationTarget,string=1")
+MH_TARGET_READY = re.compile(rb"Waiting for incoming confidential migration")
+"""What an MH target's firmware prints once its Migration Handler is ready."""
 """A Migration Handler target: launched and attested like any SEV guest, its firmware runs
 only the MH until the stream arrives (the 2021 RFC's fw_cfg name)."""
 
