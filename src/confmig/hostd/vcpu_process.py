@@ -8,6 +8,7 @@ import signal
 import socket
 from collections.abc import Callable, Sequence
 
+from confmig.common.malloc import keep_large_allocations
 from confmig.common.pdeathsig import die_with_parent
 from confmig.kvm.vcpu import SlotMemory, Vcpu
 from confmig.platform.cpu.abi import RESET_VECTOR, RomRegion
@@ -35,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     die_with_parent(args.parent)  # a host that dies unwinding nothing leaves no vCPU behind
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host, not the terminal, ends vCPUs
+    keep_large_allocations()  # a Migration Handler's batches reuse their buffers
     rom = load_rom(args.rom)
     mee = MemoryEncryptionEngine(KeySlots(args.key_slots)) if args.key_slots is not None else None
     tmr = TmrMemory(args.tmr) if args.tmr is not None else None

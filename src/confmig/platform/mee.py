@@ -24,9 +24,10 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+from collections.abc import Callable
 from typing import NoReturn
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from confmig.common.units import PAGE_SIZE
 
@@ -110,22 +111,54 @@ def _tweak(spa: int) -> bytes:
     return spa.to_bytes(16, "little")
 
 
+XtsContext = Callable[[algorithms.AES, modes.XTS], CipherContext]
+
+
+def _context_factories() -> tuple[XtsContext, XtsContext]:
+    """How a per-page XTS context is made. ``Cipher(...).encryptor()`` checks its arguments in
+    Python on every call, about as long as the AES work for one page; the library's own
+    constructor behind it skips those checks (the engine's key and tweaks are always valid).
+    Used when this version of ``cryptography`` has it and agrees with the public way."""
+    def public_enc(a: algorithms.AES, m: modes.XTS) -> CipherContext:
+        return Cipher(a, m).encryptor()
+
+    def public_dec(a: algorithms.AES, m: modes.XTS) -> CipherContext:
+        return Cipher(a, m).decryptor()
+
+    try:
+        from cryptography.hazmat.bindings._rust import openssl as rust
+
+        enc: XtsContext = rust.ciphers.create_encryption_ctx
+        dec: XtsContext = rust.ciphers.create_decryption_ctx
+        probe = algorithms.AES(bytes(range(32))), modes.XTS(bytes(range(16)))
+        page = bytes(range(256)) * (PAGE_SIZE // 256)
+        if (enc(*probe).update(page) != public_enc(*probe).update(page)
+                or dec(*probe).update(page) != public_dec(*probe).update(page)):
+            raise ImportError("the library's XTS contexts disagree with the public ones")
+        return enc, dec
+    except (ImportError, AttributeError, TypeError):
+        return public_enc, public_dec
+
+
+_ENCRYPTOR, _DECRYPTOR = _context_factories()
+
+
 class MemoryEncryptionEngine:
     """Encrypts and decrypts whole pages for an ASID at system-physical addresses."""
 
     def __init__(self, slots: KeySlots) -> None:
         self.slots = slots
         """Where the keys come from (and the PSP's word on which ASIDs may run)."""
-        self._cache: dict[int, tuple[bytes, bytes]] = {}
+        self._cache: dict[int, tuple[bytes, algorithms.AES]] = {}
 
-    def _key(self, asid: int) -> bytes:
+    def _key(self, asid: int) -> algorithms.AES:
         vek = self.slots.vek(asid)
         if vek is None:
             # An inactive slot: real hardware would produce garbage; failing loudly is kinder.
             raise PermissionError(f"no key installed for ASID {asid}")
         cached = self._cache.get(asid)
         if cached is None or cached[0] != vek:
-            cached = (vek, _xts_key(vek))
+            cached = (vek, algorithms.AES(_xts_key(vek)))
             self._cache[asid] = cached
         return cached[1]
 
@@ -140,9 +173,10 @@ class MemoryEncryptionEngine:
         if spa % PAGE_SIZE or len(view) % PAGE_SIZE:
             raise ValueError("the engine works on whole, aligned pages")
         key = self._key(asid)
-        out = bytearray(len(view))
-        for off in range(0, len(view), PAGE_SIZE):  # one tweak per page, as the UMC's per-address tweak
-            cipher = Cipher(algorithms.AES(key), modes.XTS(_tweak(spa + off)))
-            ctx = cipher.encryptor() if encrypt else cipher.decryptor()
-            out[off : off + PAGE_SIZE] = ctx.update(view[off : off + PAGE_SIZE]) + ctx.finalize()
-        return bytes(out)
+        context = _ENCRYPTOR if encrypt else _DECRYPTOR
+        if len(view) == PAGE_SIZE:
+            return context(key, modes.XTS(_tweak(spa))).update(view)
+        # One tweak per page, as the UMC's per-address tweak. XTS has no state to finalize: a
+        # data unit is done when its one update returns.
+        return b"".join(context(key, modes.XTS(_tweak(spa + off))).update(view[off : off + PAGE_SIZE])
+                        for off in range(0, len(view), PAGE_SIZE))

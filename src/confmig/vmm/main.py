@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from confmig.common.errors import ConfmigError
+from confmig.common.malloc import keep_large_allocations
 from confmig.vmm import cmdline
 from confmig.vmm.machine import Machine
 from confmig.vmm.migration.state import MigrationState
@@ -79,6 +80,7 @@ async def serve(config: cmdline.MachineConfig, ready: Callable[[], None] = lambd
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=os.environ.get("CONFMIG_LOG", "WARNING"),
                         format="%(asctime)s vm[%(process)d] %(levelname)s %(message)s")
+    keep_large_allocations()  # migration batches reuse their buffers
     try:
         config = cmdline.parse(argv)
     except ConfmigError as exc:

@@ -383,12 +383,9 @@ def _valid_gpas(gpas: npt.NDArray[np.uint64], ram: list[MemoryRange]) -> bool:
 
 def _runs(gpas: npt.NDArray[np.int64], ram: list[MemoryRange]) -> list[tuple[int, int]]:
     """``(first index, count)`` of the list's runs of consecutive pages within one RAM range."""
-    starts = {r.start for r in ram}
-    breaks = [0]
-    for i in range(1, len(gpas)):
-        if gpas[i] != gpas[i - 1] + PAGE_SIZE or int(gpas[i]) in starts:
-            breaks.append(i)
-    breaks.append(len(gpas))
+    starts = np.array([r.start for r in ram], np.int64)
+    cut = (np.diff(gpas) != PAGE_SIZE) | np.isin(gpas[1:], starts)
+    breaks = [0, *(np.flatnonzero(cut) + 1).tolist(), len(gpas)]
     return [(a, b - a) for a, b in itertools.pairwise(breaks)]
 
 
