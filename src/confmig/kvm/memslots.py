@@ -51,6 +51,10 @@ def counters_size(npages: int) -> int:
     return KVM_MAX_VCPUS * npages * 4
 
 
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+"""Linux 5.14+; Python names it only from 3.12 on."""
+
+
 class MappedSlot:
     """A slot mapped into this process: its RAM and its dirty counters."""
 
@@ -67,10 +71,33 @@ class MappedSlot:
         except BaseException:
             self._ram_map.close()
             raise
+        self._populate_allocated()
         self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._ram_map, dtype=np.uint8)
         self.pages = self.bytes.reshape(layout.npages, PAGE_SIZE)
         self.counters: npt.NDArray[np.uint32] = np.frombuffer(
             self._cnt_map, dtype=np.uint32).reshape(KVM_MAX_VCPUS, layout.npages)
+
+    def _populate_allocated(self) -> None:
+        """Fill this process's page tables for the slot's pages that already exist in the file
+        (a target VMM preallocates all of them), never for holes (populating allocates). The
+        kernel does the same work at each page's first touch otherwise: a Migration Handler
+        writing a target's pages took a page fault per page during the migration."""
+        start, end = self.layout.offset, self.layout.offset + self.layout.size
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self.ram_fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data from pos on
+                return
+            if data >= end:
+                return
+            hole = min(os.lseek(self.ram_fd, data, os.SEEK_HOLE), end)
+            first = data & ~(PAGE_SIZE - 1)
+            try:
+                self._ram_map.madvise(MADV_POPULATE_WRITE, first - start, hole - first)
+            except OSError:  # kernels before 5.14: pages fault in as they are touched
+                return
+            pos = hole
 
     def close(self) -> None:
         del self.bytes, self.pages, self.counters

@@ -164,7 +164,7 @@ class Machine:
         self.firmware = FirmwareImage.load(config.bios) if config.bios else None
         if self.firmware is not None:
             self.memory.add_block("pc.bios", self.firmware.data, gpa=self.firmware.gpa, slot=2)
-        if config.prealloc or config.incoming:
+        if config.prealloc or config.incoming or config.mh_target:
             for block in self.memory.blocks:
                 block.prealloc()  # an incoming migration must not pay first-touch costs
         self._dirty_logging = False
