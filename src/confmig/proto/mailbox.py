@@ -67,11 +67,13 @@ Which MH vCPU serves what (the MH's side: :mod:`confmig.guest.firmware.mh`):
 INIT and RESET in the v1 block of every MH vCPU; ENCRYPT and DECRYPT in MH
 vCPU 0's v1 block; EXPORT and IMPORT in the slots of every MH vCPU, whose
 index is its stream number; FINISH, COMPLETE, ABORT and RESUME in MH vCPU 0's
-slots. A source's INIT answers with the session's migration id in the io
-header (:func:`decode_init` reads it): the source MH draws the id itself, at
-INIT of MH vCPU 0, and the other MH vCPUs join that session, whatever id the
-VMM asked for; a target's INIT takes the id the VMM gives (the source's, from
-the records).
+slots. FINISH takes the target's challenge (:data:`CHALLENGE_SIZE` bytes, which the
+target MH published at :data:`CHALLENGE_OFFSET` of its vCPU 0 mailbox) in slot 0's data
+area, with ``length`` = 16, and seals it into the completion record. A source's INIT
+answers with the session's migration id in the io header (:func:`decode_init` reads
+it): the source MH draws the id itself, at INIT of MH vCPU 0, and the other MH vCPUs
+join that session, whatever id the VMM asked for; a target's INIT takes the id the
+VMM gives (the source's, from the records).
 """
 
 from __future__ import annotations
@@ -358,24 +360,43 @@ class StreamTotal:
     pages: int
 
 
-def encode_completion(totals: list[StreamTotal]) -> bytes:
-    if len(totals) > MAX_STREAMS:
-        raise MailboxError(f"{len(totals)} streams (at most {MAX_STREAMS})")
-    return struct.pack("<I", len(totals)) + b"".join(
-        STREAM_TOTAL.pack(t.stream, 0, t.records, t.pages) for t in totals)
+CHALLENGE_SIZE: Final = 16
+CHALLENGE_OFFSET: Final = 0x100
+"""Where a target MH publishes its challenge: in MH vCPU 0's mailbox, between the v1 command
+block and the io header (shared: the host reads it and hands it to the source)."""
 
 
-def decode_completion(body: bytes | memoryview) -> list[StreamTotal]:
-    if len(body) < 4:
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A completion record's body: the target it is for, and every stream's totals."""
+
+    challenge: bytes
+    """The target MH's challenge, as the source's VMM gave it to FINISH: only that target's
+    COMPLETE accepts this record, so a recorded stream completes on no other target."""
+    totals: list[StreamTotal]
+
+
+def encode_completion(c: Completion) -> bytes:
+    if len(c.challenge) != CHALLENGE_SIZE:
+        raise MailboxError(f"a challenge is {CHALLENGE_SIZE} bytes, got {len(c.challenge)}")
+    if len(c.totals) > MAX_STREAMS:
+        raise MailboxError(f"{len(c.totals)} streams (at most {MAX_STREAMS})")
+    return c.challenge + struct.pack("<I", len(c.totals)) + b"".join(
+        STREAM_TOTAL.pack(t.stream, 0, t.records, t.pages) for t in c.totals)
+
+
+def decode_completion(body: bytes | memoryview) -> Completion:
+    head = CHALLENGE_SIZE + 4
+    if len(body) < head:
         raise MailboxError(f"completion body of {len(body)} bytes")
-    (n,) = struct.unpack_from("<I", body, 0)
-    if n > MAX_STREAMS or len(body) != 4 + n * STREAM_TOTAL.size:
+    (n,) = struct.unpack_from("<I", body, CHALLENGE_SIZE)
+    if n > MAX_STREAMS or len(body) != head + n * STREAM_TOTAL.size:
         raise MailboxError(f"completion body of {len(body)} bytes for {n} streams")
-    out = []
+    totals = []
     for i in range(n):
-        stream, _, records, pages = STREAM_TOTAL.unpack_from(body, 4 + i * STREAM_TOTAL.size)
-        out.append(StreamTotal(stream, records, pages))
-    return out
+        stream, _, records, pages = STREAM_TOTAL.unpack_from(body, head + i * STREAM_TOTAL.size)
+        totals.append(StreamTotal(stream, records, pages))
+    return Completion(bytes(body[:CHALLENGE_SIZE]), totals)
 
 
 ABORT_NEVER_RAN: Final = b"confmig-mh-abort: the target never ran and never will\0"
