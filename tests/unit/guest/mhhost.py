@@ -155,11 +155,18 @@ class MhDriver:
     def import_(self, index: int, record: bytes, *, slot: int = 0) -> int:
         return self.put_record(index, mb.MhCommand.IMPORT, record, slot=slot).ret
 
-    def token(self, cmd: int, record: bytes = b"") -> tuple[int, bytes]:
-        """FINISH, ABORT (no input) or COMPLETE, RESUME (a token in): answer and token out."""
-        answer = self.put_record(0, cmd, record) if record else self.command(0, cmd, slot=0)
-        out = self.load(self.data(0, 0), answer.length) if answer.ret == 0 and not record else b""
+    def token(self, cmd: int, data: bytes = b"") -> tuple[int, bytes]:
+        """A control command in MH vCPU 0's slot 0: FINISH (the target's challenge in), ABORT
+        (nothing in), COMPLETE, RESUME (a token in). The answer, and the record FINISH or ABORT
+        wrote back."""
+        answer = self.put_record(0, cmd, data) if data else self.command(0, cmd, slot=0)
+        sealed = cmd in (mb.MhCommand.FINISH, mb.MhCommand.ABORT)
+        out = self.load(self.data(0, 0), answer.length) if answer.ret == 0 and sealed else b""
         return answer.ret, out
+
+    def challenge(self) -> bytes:
+        """What a target MH published in its vCPU 0 mailbox for the source's FINISH."""
+        return self.load(self.mailbox(0) + mb.CHALLENGE_OFFSET, mb.CHALLENGE_SIZE)
 
 
 class Guest(MhDriver):

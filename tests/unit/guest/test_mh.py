@@ -35,6 +35,7 @@ from confmig.proto import mailbox as mb
 KEY = os.urandom(32)
 SRC_SPA = 0x1_0000_0000
 DST_SPA = 0x7_4000_0000
+CLONE_SPA = 0x9_0000_0000
 HIGH = MH_AREA_GPA + MH_AREA_SIZE
 """The first page above the MH's area: the guest's own data from here."""
 OK, INVALID, REFUSED = (int(r) for r in (mb.MhReturn.SUCCESS, mb.MhReturn.INVALID_FUNC,
@@ -84,7 +85,7 @@ def migrate(src: Guest, dst: Guest, nvcpus: int = 1) -> bytes:
     """A whole migration: every private page, FINISH, COMPLETE. The completion record."""
     start(src, dst, nvcpus)
     send(src, dst, src.private_gpas(), nvcpus)
-    ret, completion = src.token(Cmd.FINISH)
+    ret, completion = src.token(Cmd.FINISH, dst.challenge())
     assert ret == OK
     assert dst.token(Cmd.COMPLETE, completion)[0] == OK
     return completion
@@ -252,7 +253,7 @@ def test_complete_refuses_a_migration_that_missed_a_private_page(src: Guest, dst
     start(src, dst)
     gpas = src.private_gpas()
     send(src, dst, gpas[:100] + gpas[101:])  # the VMM "forgot" one: every record arrives
-    ret, completion = src.token(Cmd.FINISH)
+    ret, completion = src.token(Cmd.FINISH, dst.challenge())
     assert ret == OK
     assert dst.token(Cmd.COMPLETE, completion)[0] == REFUSED
     assert session(dst).phase == mh.SessionPhase.AWAITING and run_gate(dst) == gate.INCOMING
@@ -264,7 +265,7 @@ def test_complete_refuses_when_a_streams_totals_differ(src: Guest, dst: Guest) -
     send(src, dst, src.private_gpas())
     ret, late = src.export(0, [HIGH])  # a page dirtied again, its record never delivered
     assert ret == OK
-    completion = src.token(Cmd.FINISH)[1]
+    completion = src.token(Cmd.FINISH, dst.challenge())[1]
     assert dst.token(Cmd.COMPLETE, completion)[0] == REFUSED
     assert dst.import_(0, late) == OK
     assert dst.token(Cmd.COMPLETE, completion)[0] == OK
@@ -273,18 +274,108 @@ def test_complete_refuses_when_a_streams_totals_differ(src: Guest, dst: Guest) -
 def test_complete_refuses_a_completion_record_that_is_not_the_sources(src: Guest, dst: Guest) -> None:
     start(src, dst)
     send(src, dst, src.private_gpas())
-    completion = src.token(Cmd.FINISH)[1]
+    completion = src.token(Cmd.FINISH, dst.challenge())[1]
     for bad in (flip(completion, len(completion) - 20), flip(completion, 12), completion[:-1]):
         assert dst.token(Cmd.COMPLETE, bad)[0] == REFUSED
     assert dst.token(Cmd.COMPLETE, completion)[0] == OK
 
 
+def opened_completion(completion: bytes) -> mb.Completion:
+    """What a completion record says (the test holds the master key)."""
+    header = mb.decode_record_header(completion)
+    aad = mb.associated_data(completion, header)
+    body = transport_key(KEY, header.migration_id).decrypt(
+        mb.nonce(header.stream, header.seq), completion[len(aad) :], aad)
+    return mb.decode_completion(body)
+
+
+def test_a_target_publishes_a_challenge_of_its_own_that_commands_leave_alone(src: Guest, dst: Guest) -> None:
+    challenge = dst.challenge()
+    assert challenge != bytes(mb.CHALLENGE_SIZE) and session(dst).challenge == challenge
+    assert src.challenge() == bytes(mb.CHALLENGE_SIZE)  # a running guest publishes none
+    assert session(src).challenge == bytes(mb.CHALLENGE_SIZE)
+    other = Guest(spa=CLONE_SPA, master=KEY, target=True, seed=2)
+    try:
+        assert other.challenge() not in (bytes(mb.CHALLENGE_SIZE), challenge)
+    finally:
+        other.close()
+    mid = start(src, dst, nvcpus=2)
+    send(src, dst, src.private_gpas()[:300], nvcpus=2)
+    assert dst.command(1, Cmd.RESET).ret == OK
+    assert dst.init(1, mb.Role.TARGET, mid)[0] == OK
+    assert dst.command(0, Cmd.COMPLETE, slot=1, length=3).ret == INVALID
+    assert dst.challenge() == challenge and session(dst).challenge == challenge
+
+
+def test_finish_seals_the_challenge_it_was_given_and_that_target_completes(src: Guest, dst: Guest) -> None:
+    completion = migrate(src, dst, nvcpus=2)
+    sent = opened_completion(completion)
+    assert sent.challenge == dst.challenge()
+    assert [t.stream for t in sent.totals] == list(range(MH_VCPUS_MAX))
+    assert session(dst).phase == mh.SessionPhase.RUNNING and run_gate(dst) == gate.OPEN
+
+
+@pytest.mark.parametrize("length", [0, mb.CHALLENGE_SIZE - 1, mb.CHALLENGE_SIZE + 1, mb.SLOT_DATA])
+def test_finish_without_a_challenge_of_16_bytes_is_invalid_and_the_source_runs_on(
+        src: Guest, dst: Guest, length: int) -> None:
+    start(src, dst)
+    send(src, dst, src.private_gpas()[:200])
+    src.store(src.data(0, 0), dst.challenge().ljust(length, b"\xa5")[:length])
+    before = src.outside_mailboxes()
+    assert src.command(0, Cmd.FINISH, slot=0, length=length).ret == INVALID
+    assert src.outside_mailboxes() == before  # no session change, no gate change, no record
+    assert session(src).phase == mh.SessionPhase.RUNNING and run_gate(src) == gate.OPEN
+    assert src.export(0, [HIGH])[0] == OK  # the migration goes on
+    assert src.token(Cmd.FINISH, dst.challenge())[0] == OK
+
+
+@pytest.mark.parametrize("replay", ["another-target", "same-target-booted-again"])
+def test_a_recorded_stream_completes_on_no_target_but_the_one_finish_was_given(
+        src: Guest, dst: Guest, replay: str) -> None:
+    mid = start(src, dst)
+    recorded = []
+    for batch in batches(src.private_gpas()):
+        ret, record = src.export(0, batch)
+        assert ret == OK and dst.import_(0, record) == OK
+        recorded.append(record)
+    ret, completion = src.token(Cmd.FINISH, dst.challenge())
+    assert ret == OK
+    if replay == "another-target":  # a clone: the same records and completion, another target
+        assert dst.token(Cmd.COMPLETE, completion)[0] == OK
+        clone = Guest(spa=CLONE_SPA, master=KEY, target=True, seed=3)
+    else:  # the stream saved, the target (never completed) booted again in target mode
+        old = dst.challenge()
+        mh.prepare(dst.view, C_BIT)
+        mh.await_incoming(dst.view, C_BIT)
+        assert dst.challenge() != old
+        clone = dst
+    try:
+        assert clone.init(0, mb.Role.TARGET, mid)[0] == OK
+        for record in recorded:
+            assert clone.import_(0, record) == OK  # genuine records: every one opens
+        assert clone.token(Cmd.COMPLETE, completion)[0] == REFUSED
+        assert session(clone).phase == mh.SessionPhase.AWAITING and run_gate(clone) == gate.INCOMING
+        assert clone.token(Cmd.COMPLETE, completion)[0] == REFUSED  # and again
+        assert clone.token(Cmd.ABORT)[0] == OK
+    finally:
+        if clone is not dst:
+            clone.close()
+
+
+def test_complete_refuses_a_completion_sealed_for_a_challenge_no_target_drew(src: Guest, dst: Guest) -> None:
+    start(src, dst)
+    send(src, dst, src.private_gpas())
+    completion = src.token(Cmd.FINISH, bytes(mb.CHALLENGE_SIZE))[1]  # read before the target drew one
+    assert dst.token(Cmd.COMPLETE, completion)[0] == REFUSED
+    assert session(dst).phase == mh.SessionPhase.AWAITING and run_gate(dst) == gate.INCOMING
+
+
 def test_after_finish_nothing_leaves_the_source_and_its_gate_stays_closed(src: Guest, dst: Guest) -> None:
     start(src, dst)
-    assert src.token(Cmd.FINISH)[0] == OK
+    assert src.token(Cmd.FINISH, dst.challenge())[0] == OK
     assert run_gate(src) == gate.MIGRATED_AWAY
     assert src.export(0, [HIGH])[0] == INVALID
-    assert src.token(Cmd.FINISH)[0] == INVALID  # one completion record per migration id
+    assert src.token(Cmd.FINISH, dst.challenge())[0] == INVALID  # one completion record per migration id
     assert src.init(0, mb.Role.SOURCE)[0] == INVALID
     assert src.command(0, Cmd.RESET).ret == OK  # the RFC's cleanup answers, and changes nothing
     assert session(src).phase == mh.SessionPhase.SENT and run_gate(src) == gate.MIGRATED_AWAY
@@ -296,7 +387,7 @@ def test_the_run_gate_the_target_imports_is_closed_until_complete_opens_it(src: 
     gpas = src.private_gpas()
     send(src, dst, gpas)
     assert run_gate(dst) == gate.INCOMING  # imported: not the guest's until COMPLETE
-    completion = src.token(Cmd.FINISH)[1]
+    completion = src.token(Cmd.FINISH, dst.challenge())[1]
     assert dst.token(Cmd.COMPLETE, completion)[0] == OK
     assert run_gate(dst) == gate.OPEN
     data = dst.read_pages(KERNEL_DATA_GPA, 1)
@@ -307,7 +398,7 @@ def test_an_abort_token_resumes_the_source_and_closes_the_target_for_good(src: G
     mid = start(src, dst)
     gpas = src.private_gpas()
     send(src, dst, gpas[:300])
-    assert src.token(Cmd.FINISH)[0] == OK
+    assert src.token(Cmd.FINISH, dst.challenge())[0] == OK
     ret, token = dst.token(Cmd.ABORT)
     assert ret == OK and mb.decode_record_header(token).kind == mb.RecordKind.ABORT
     assert session(dst).phase == mh.SessionPhase.ABORTED and run_gate(dst) == gate.ABORTED
@@ -325,7 +416,7 @@ def test_an_abort_token_resumes_the_source_and_closes_the_target_for_good(src: G
 
 def test_resume_opens_only_the_targets_abort_token_for_this_migration(src: Guest, dst: Guest) -> None:
     start(src, dst)
-    completion = src.token(Cmd.FINISH)[1]
+    completion = src.token(Cmd.FINISH, dst.challenge())[1]
     token = dst.token(Cmd.ABORT)[1]
     other = Guest(spa=DST_SPA, master=KEY, target=True)
     try:

@@ -136,7 +136,10 @@ def test_a_migration_target_waits_with_only_its_mh(value: bytes) -> None:
         assert m.lines[-1] == WAITING_LINE
         assert not any(line.startswith("confmig kernel") for line in m.lines)
         assert m.cpu.halted and m.cpu.regs.rip == FIRMWARE_BASE + Phase.PARK
-        assert session(m) == mh.Session(phase=mh.SessionPhase.AWAITING)
+        s = session(m)
+        assert s is not None and s.phase == mh.SessionPhase.AWAITING
+        assert s.challenge != bytes(mb.CHALLENGE_SIZE)  # drawn after the mailboxes were zeroed
+        assert Mirror(m).challenge() == s.challenge
         assert bootinfo.load(m.cpu).platform.flags & bootinfo.PLATFORM_MIGRATION_TARGET
 
 
@@ -155,7 +158,7 @@ def test_after_finish_the_guest_parks_and_an_abort_token_lets_it_run_on() -> Non
         dst.run_until_line(WAITING_LINE)
         smh, dmh = Mirror(src), Mirror(dst)
         ret, mid = smh.init(0, mb.Role.SOURCE)
-        assert ret == 0 and smh.token(mb.MhCommand.FINISH)[0] == 0
+        assert ret == 0 and smh.token(mb.MhCommand.FINISH, dmh.challenge())[0] == 0
         src.cpu.inject(NMI_VECTOR)
         src.run(lambda _: False)  # until it halts for good
         assert src.lines[-1] == AWAY and src.lines.count(AWAY) == 1
@@ -177,7 +180,8 @@ def test_a_guest_that_migrated_away_does_not_boot_again() -> None:
     with guest() as m:
         m.run_until_line(WRITTEN)
         smh = Mirror(m)
-        assert smh.init(0, mb.Role.SOURCE)[0] == 0 and smh.token(mb.MhCommand.FINISH)[0] == 0
+        assert smh.init(0, mb.Role.SOURCE)[0] == 0
+        assert smh.token(mb.MhCommand.FINISH, os.urandom(mb.CHALLENGE_SIZE))[0] == 0
         banners = sum(line.startswith("confmig firmware 1.0") for line in m.lines)
         m.cpu.regs = Registers()
         m.cpu.regs.rip = RESET_VECTOR
@@ -205,7 +209,7 @@ def test_a_guest_migrates_through_its_mh_and_runs_on_at_the_target() -> None:
             if i not in dmh.cpus:
                 assert dmh.init(i, mb.Role.TARGET, mb.decode_record_header(record).migration_id)[0] == 0
             assert dmh.import_(i, record, slot=slot) == 0
-        ret, completion = smh.token(mb.MhCommand.FINISH)
+        ret, completion = smh.token(mb.MhCommand.FINISH, dmh.challenge())
         assert ret == 0
         assert gate.load(dst.cpu, C_BIT) == gate.INCOMING
         assert dmh.token(mb.MhCommand.COMPLETE, completion)[0] == 0

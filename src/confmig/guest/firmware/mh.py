@@ -37,13 +37,18 @@ has two writers.
 
 State (private, in the MH's area, zeroed by the firmware at boot)::
 
-    session page   8s magic "CMMHSES1" | le32 phase | le32 0 | 16s migration id
+    session page   8s magic "CMMHSES2" | le32 phase | le32 0 | 16s migration id
+                   | 16s challenge (a target's own, in AWAITING; else zero)
                    RUNNING   the guest runs here; it may migrate out. A source's
                              session id is drawn by INIT on MH vCPU 0.
                    SENT      FINISH sealed the guest's state for a target: the run
                              gate is closed, only RESUME reopens it
                    AWAITING  a target-mode boot: the guest has not run here and may
-                             be imported (nothing else may be)
+                             be imported (nothing else may be). Entering it draws
+                             the target's challenge (16 random bytes), stored here
+                             and published in MH vCPU 0's mailbox at
+                             CHALLENGE_OFFSET (shared; the firmware zeroed the
+                             mailboxes before, and no command writes there)
                    ABORTED   ABORT sealed a token: the guest never runs here
     vCPU page i    le32 role | le32 flags | 16s migration id | le64 records
                    | le64 pages | le64 epoch: stream i's count of records and
@@ -71,14 +76,21 @@ nonces); the sequence number is stored before the ciphertext leaves. A
 completion record is sealed once per id (FINISH is refused in SENT, and
 RESUME ends the session); an abort token's contents are fixed.
 
+FINISH takes the target's challenge in its slot's data area, ``length`` =
+``CHALLENGE_SIZE`` (16; any other length is -1 and changes nothing), and seals
+it with every stream's totals into the completion record. The source cannot
+check the challenge: whatever 16 bytes the host gives are sealed.
+
 What a target accepts. On stream ``i``, records of stream ``i`` only, with the
 next sequence number, an epoch no older than the last, the stream's migration
 id, a tag that verifies, and page-aligned GPAs in RAM (the boot info's map),
 below 16 GiB and outside the MH's area, none twice; any failure is -2 and
 nothing is written. COMPLETE accepts the source's completion record only if
-every stream's records and pages match and every private page (the
-page-state list as imported, RAM but the MH's area) was imported in this
-migration.
+it was sealed for this target's challenge (the session page's: the
+completion of a recorded stream replayed to another target, or to this one
+after it booted again, names another), every stream's records and pages match
+and every private page (the page-state list as imported, RAM but the MH's
+area) was imported in this migration.
 
 Limits, honestly. The MH cannot see which pages the guest dirtied: a host that
 skips a page's re-export, or imports two streams' versions of one page in the
@@ -88,9 +100,12 @@ arrived). Version 1 has no completion record and no run gate: a host that
 chooses it can start a target with pages missing, as under the RFC. The abort
 token binds the migration id, not a target instance: a host that launches two
 targets with the same transport key can abort one and complete the other
-(a key per target, PROTOCOLS.md §6.2, closes that). RESET on a version-1
-target that imported a page ends the import (the RFC's cleanup): the guest may
-run from then on.
+(a key per target, PROTOCOLS.md §6.2, closes that; the challenge does not, as
+ABORT does not seal it and RESUME does not check it). The challenge is in
+private memory that plain SEV does not protect from replay: a host that puts
+back an older ciphertext of the session page puts back an older challenge.
+RESET on a version-1 target that imported a page ends the import (the RFC's
+cleanup): the guest may run from then on.
 """
 
 from __future__ import annotations
@@ -135,9 +150,10 @@ from confmig.proto import mailbox as mb
 
 TRANSPORT_KEY_SIZE: Final = 32
 KDF_INFO: Final = b"confmig mh transport v2"
-SESSION_MAGIC: Final = b"CMMHSES1"
+SESSION_MAGIC: Final = b"CMMHSES2"
 NO_ID: Final = bytes(mb.MIGRATION_ID_SIZE)
-_SESSION: Final = struct.Struct("<8sII16s")
+NO_CHALLENGE: Final = bytes(mb.CHALLENGE_SIZE)
+_SESSION: Final = struct.Struct(f"<8sII{mb.MIGRATION_ID_SIZE}s{mb.CHALLENGE_SIZE}s")
 _STREAM: Final = struct.Struct("<II16sQQQ")
 _BLOCK: Final = mb.COMMAND.size + mb.V2_FIELDS.size
 _U32: Final = struct.Struct("<I")
@@ -172,6 +188,9 @@ ID_ADOPTED: Final = 1 << 0
 class Session:
     phase: SessionPhase
     migration_id: bytes = NO_ID
+    challenge: bytes = NO_CHALLENGE
+    """A target's own challenge (AWAITING; drawn by :func:`await_incoming`): the only one its
+    COMPLETE accepts. All zero in every other phase."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,20 +217,28 @@ def prepare(cpu: GuestCpu, mask: int) -> None:
 
 
 def await_incoming(cpu: GuestCpu, mask: int) -> None:
-    """Target mode: this guest's memory may be imported, once (until COMPLETE or ABORT)."""
-    _store_session(cpu, Session(phase=SessionPhase.AWAITING), mask)
+    """Target mode: this guest's memory may be imported, once (until COMPLETE or ABORT).
+
+    Draws the target's challenge, keeps it in the session page and publishes it in MH vCPU 0's
+    mailbox at :data:`~confmig.proto.mailbox.CHALLENGE_OFFSET` (shared), for the host to hand
+    to the source's FINISH. Called after the mailboxes were made shared and zeroed."""
+    challenge = secrets.token_bytes(mb.CHALLENGE_SIZE)  # RDRAND on hardware
+    _store_session(cpu, Session(phase=SessionPhase.AWAITING, challenge=challenge), mask)
+    cpu.write(MH_MAILBOX_GPA + mb.CHALLENGE_OFFSET, challenge)  # shared: no C-bit
 
 
 def load_session(cpu: GuestCpu, mask: int) -> Session | None:
     """The session page; None if the firmware never prepared one."""
-    magic, phase, _, migration_id = _SESSION.unpack(cpu.read(MH_SESSION_GPA | mask, _SESSION.size))
+    magic, phase, _, migration_id, challenge = _SESSION.unpack(
+        cpu.read(MH_SESSION_GPA | mask, _SESSION.size))
     if magic != SESSION_MAGIC or phase not in SessionPhase.__members__.values():
         return None
-    return Session(phase=SessionPhase(phase), migration_id=migration_id)
+    return Session(phase=SessionPhase(phase), migration_id=migration_id, challenge=challenge)
 
 
 def _store_session(cpu: GuestCpu, s: Session, mask: int) -> None:
-    cpu.write(MH_SESSION_GPA | mask, _SESSION.pack(SESSION_MAGIC, s.phase, 0, s.migration_id))
+    cpu.write(MH_SESSION_GPA | mask,
+              _SESSION.pack(SESSION_MAGIC, s.phase, 0, s.migration_id, s.challenge))
 
 
 def load_stream(cpu: GuestCpu, index: int, mask: int) -> Stream:
@@ -660,10 +687,15 @@ def _finish(call: _Call) -> _Reply:
     st = call.stream()
     if st.role != StreamRole.SOURCE or st.migration_id != s.migration_id:
         return _Reply(_INVALID)
+    # SECURITY: the length is the host's; the challenge's bytes are whatever the host says
+    # (a target accepts only its own).
+    if call.cmd.length != mb.CHALLENGE_SIZE:
+        return _Reply(_INVALID)
+    challenge = call.cpu.read(call.data, mb.CHALLENGE_SIZE)  # copied once: what is sealed
     aead = _transport_key(call, s.migration_id)
     if aead is None:
         return _Reply(_REFUSED)
-    body = mb.encode_completion(_totals(call, s.migration_id))
+    body = mb.encode_completion(mb.Completion(challenge, _totals(call, s.migration_id)))
     header = _header(mb.RecordKind.COMPLETION, stream=mb.COMPLETION_STREAM, seq=0,
                      migration_id=s.migration_id, body=len(body))
     # The guest stops here before its sealed state can leave: no fork.
@@ -675,6 +707,7 @@ def _finish(call: _Call) -> _Reply:
 
 
 def _complete(call: _Call) -> _Reply:
+    s = call.session
     st = call.stream()
     if st.role != StreamRole.TARGET:
         return _Reply(_INVALID)
@@ -688,8 +721,10 @@ def _complete(call: _Call) -> _Reply:
         sent = mb.decode_completion(body)
     except mb.MailboxError:
         return _Reply(_REFUSED)
-    want = {t.stream: (t.records, t.pages) for t in sent}
-    if len(want) != len(sent) or any(want[i] != (0, 0) for i in want if i >= MH_VCPUS_MAX):
+    if s.challenge == NO_CHALLENGE or sent.challenge != s.challenge:
+        return _Reply(_REFUSED)  # sealed for another target (or another boot of this one)
+    want = {t.stream: (t.records, t.pages) for t in sent.totals}
+    if len(want) != len(sent.totals) or any(want[i] != (0, 0) for i in want if i >= MH_VCPUS_MAX):
         return _Reply(_REFUSED)
     have = _totals(call, st.migration_id)
     if any(want.get(t.stream, (0, 0)) != (t.records, t.pages) for t in have):
