@@ -22,6 +22,8 @@ class Relay:
         """Close both sides once this many client -> server bytes have passed."""
         self.seen = bytearray()
         """Every byte, both directions, in arrival order."""
+        self.sent = bytearray()
+        """The bytes forwarded client -> server (the migration stream, as the target got it)."""
         self.forwarded = 0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -60,6 +62,7 @@ class Relay:
                         if self.cut_after is not None and self.forwarded + len(chunk) > self.cut_after:
                             chunk = chunk[: max(0, self.cut_after - self.forwarded)]
                         self.forwarded += len(chunk)
+                        self.sent += chunk
                     self.seen += chunk
                 if chunk:
                     dst.sendall(chunk)

@@ -24,6 +24,7 @@ from confmig.bench.scenario import (
     configure,
     incoming_uri,
     mh_args,
+    mh_target_challenge,
     migrate,
     sev_args,
     wait_status,
@@ -60,10 +61,12 @@ def mh_pair(lab: Lab, hosts: tuple[HostProc, HostProc], *, guest: str = DIRTY, m
 SETTINGS = MigrationSettings(downtime_limit_ms=300, confidential_backend="mh")
 
 
-def through(relay_factory: Callable[..., Relay], dst: VmProc, **relay: object) -> tuple[str, Relay]:
+def through(relay_factory: Callable[..., Relay], src: VmProc, dst: VmProc,
+            **relay: object) -> tuple[str, Relay]:
     """Start the target listening; return a URI that reaches it through a relay."""
     configure(dst, SETTINGS)
     host, port = incoming_uri(dst).removeprefix("tcp:").rsplit(":", 1)
+    src.qmp.execute("migrate-set-parameters", **mh_target_challenge(dst))
     r = relay_factory((host, int(port)), **relay)
     return r.uri, r
 
@@ -101,6 +104,7 @@ def test_the_rfcs_qmp_commands_start_the_handler_and_the_incoming_side(
     dst.qmp.execute("start-migrate-incoming", uri="tcp:127.0.0.1:0")
     assert dst.qmp.execute("query-status")["status"] == "inmigrate"
     a = dst.qmp.execute("query-migrate")["socket-address"][0]
+    src.qmp.execute("migrate-set-parameters", **mh_target_challenge(dst))
     result = migrate(src, None, f"tcp:{a['host']}:{a['port']}", settings=SETTINGS)
     assert result.status == "completed", result.info.get("error-desc")
     wait_status(dst, "running")
@@ -110,7 +114,7 @@ def test_the_rfcs_qmp_commands_start_the_handler_and_the_incoming_side(
 def test_the_stream_carries_no_plaintext_and_no_key(lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
     key = os.urandom(32)
     src, dst = mh_pair(lab, hosts, key=key)
-    uri, relay = through(Relay, dst)
+    uri, relay = through(Relay, src, dst)
     result = migrate(src, None, uri, settings=SETTINGS)
     assert result.status == "completed", result.info.get("error-desc")
     stream = bytes(relay.seen)
@@ -181,7 +185,7 @@ class FlipGpa(RecordTamper):
 def test_a_tampered_record_is_refused_and_the_source_runs_on(
         lab: Lab, hosts: tuple[HostProc, HostProc], tamper: type[RecordTamper]) -> None:
     src, dst = mh_pair(lab, hosts)
-    uri, relay = through(tamper, dst)
+    uri, relay = through(tamper, src, dst)
     result = migrate(src, None, uri, settings=SETTINGS)
     assert isinstance(relay, RecordTamper) and relay.edit_at is not None
     assert result.status == "failed"
@@ -193,7 +197,7 @@ def test_a_tampered_record_is_refused_and_the_source_runs_on(
 
 def test_a_truncated_stream_fails_and_the_source_runs_on(lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
     src, dst = mh_pair(lab, hosts)
-    uri, _relay = through(Relay, dst, cut_after=3_000_000)
+    uri, _relay = through(Relay, src, dst, cut_after=3_000_000)
     result = migrate(src, None, uri, settings=SETTINGS)
     assert result.status == "failed"
     assert src.qmp.execute("query-status")["status"] == "running"
@@ -258,3 +262,96 @@ def test_kv_keeps_every_acknowledged_write_across_an_mh_migration(
     assert check.keys == 300
     assert "PASS" in dst.selfcheck()
     client.close()
+
+
+def test_a_recorded_stream_replayed_to_a_second_target_never_runs_there(
+        lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+    """The host records a completed migration and plays it to another attested target with the
+    same transport key (a clone): every record opens, but the completion record was sealed for
+    the first target's challenge, so the second target's MH refuses COMPLETE."""
+    import socket
+    import time
+
+    a, b = hosts
+    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
+                      secrets=[(MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
+    common = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(1))
+    src, first, second = lab.start_vms(
+        VmSpec(name="src", host=a, ram="64M", guest=DIRTY, extra=common),
+        VmSpec(name="first", host=b, ram="64M", guest=DIRTY, extra=(*common, *MH_TARGET_ARGS)),
+        VmSpec(name="second", host=b, ram="64M", guest=DIRTY, extra=(*common, *MH_TARGET_ARGS)))
+    src.wait_console(WORKING_SET_WRITTEN)
+    for t in (first, second):
+        t.wait_console(TARGET_WAITING)
+    challenges = {mh_target_challenge(t)["x-mh-target-challenge"] for t in (first, second)}
+    assert len(challenges) == 2 and bytes(16).hex() not in challenges
+    uri, relay = through(Relay, src, first)
+    assert migrate(src, None, uri, settings=SETTINGS).status == "completed"
+    wait_status(first, "running")
+
+    configure(second, SETTINGS)
+    host, port = incoming_uri(second).removeprefix("tcp:").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as replay:
+        replay.sendall(bytes(relay.sent))
+        deadline = time.monotonic() + 60
+        while second.qmp.execute("query-migrate").get("status") not in ("failed", "completed"):
+            assert time.monotonic() < deadline, "the replayed stream was neither loaded nor refused"
+            time.sleep(0.1)
+    info = second.qmp.execute("query-migrate")
+    assert info["status"] == "failed"
+    assert "refused COMPLETE" in info.get("error-desc", "")
+    assert second.qmp.execute("query-status")["status"] != "running"
+    assert first.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_migrate_without_the_targets_challenge_is_refused_up_front(
+        lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+    src, _dst = mh_pair(lab, hosts)
+    configure(src, SETTINGS)
+    with pytest.raises(QmpCommandError, match="x-mh-target-challenge"):
+        src.qmp.execute("migrate", uri="tcp:127.0.0.1:9")
+    assert src.qmp.execute("query-status")["status"] == "running"
+
+
+MH_COMPLETION_RECORD = re.compile(re.escape(bytes.fromhex("0000000000000800") + b"\x03")
+                                  + b"....\x02\x01\x02\x00", re.S)
+"""A CONFIDENTIAL record of subtype MH_RECORD holding the source MH's completion record."""
+
+
+class BreakCompletion(Relay):
+    """Flips a bit in the completion record's tag: the target's MH refuses COMPLETE."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.window = bytearray()
+        self.broken = False
+        super().__init__(target, tamper=self._tamper)
+
+    def _tamper(self, chunk: bytearray, offset: int) -> None:
+        if self.broken:
+            return
+        start = len(self.window)
+        self.window += chunk
+        m = MH_COMPLETION_RECORD.search(self.window)
+        if m is None:
+            del self.window[: max(0, len(self.window) - 64)]
+            return
+        length = int.from_bytes(self.window[m.start() + 9 : m.start() + 13], "big")
+        last = m.start() + RECORD_PAYLOAD + length - 1  # the tag's last byte, in the window
+        pos = last - start
+        if 0 <= pos < len(chunk):
+            chunk[pos] ^= 1
+            self.broken = True
+
+
+def test_a_failure_after_finish_resumes_the_source_with_the_targets_abort_token(
+        lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+    src, dst = mh_pair(lab, hosts)
+    uri, relay = through(BreakCompletion, src, dst)
+    result = migrate(src, None, uri, settings=SETTINGS)
+    assert isinstance(relay, BreakCompletion) and relay.broken
+    assert result.status == "failed"
+    assert "refused COMPLETE" in dst.qmp.execute("query-migrate").get("error-desc", "")
+    assert dst.qmp.execute("query-status")["status"] != "running"
+    wait_status(src, "running")  # the source's MH opened the target's abort token
+    assert not src.qmp.execute("x-query-migration-handler")["sent-away"]
+    assert src.selfcheck().startswith("confmig-selfcheck: PASS")

@@ -177,6 +177,9 @@ class RecordingBackend(OutgoingBackend):
     def cancel(self) -> None:
         self._call("cancel")
 
+    def from_target(self, payload: bytes) -> None:
+        self._call(f"from_target:{payload.decode()}")
+
 
 @dataclass
 class Run:

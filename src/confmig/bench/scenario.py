@@ -83,6 +83,8 @@ def migrate(src: VmProc, dst: VmProc | None, uri: str | None = None, *,
         if settings.sev_target_certs:
             src.qmp.execute("migrate-set-parameters", **sev_target_certificates(dst, settings.amd_root))
         uri = incoming_uri(dst)
+        if settings.confidential_backend == "mh":
+            src.qmp.execute("migrate-set-parameters", **mh_target_challenge(dst))
     assert uri is not None
     t0 = time.monotonic()
     src.qmp.execute("migrate", uri=uri)
@@ -136,6 +138,13 @@ only the MH until the stream arrives (the 2021 RFC's fw_cfg name)."""
 def mh_args(mh_vcpus: int, vcpus: int = 1) -> list[str]:
     """``-smp`` with Migration Handler vCPUs (a mirror VM)."""
     return ["-smp", f"{vcpus},mirrorvcpus={mh_vcpus}"]
+
+
+def mh_target_challenge(dst: VmProc) -> dict[str, str]:
+    """The source's parameter naming the target MH it may complete on, read from the target as
+    a management layer would (once the target's firmware is ready)."""
+    info = dst.qmp.execute("x-query-migration-handler")
+    return {"x-mh-target-challenge": str(info["target-challenge"])}
 
 
 def wait_status(vm: VmProc, status: str, timeout: float = 30.0) -> None:

@@ -149,6 +149,22 @@ class MigrationHandler:
         as guest memory: each side's MH owns its own."""
         return self.block.mailbox_gpa, self.block.area_size
 
+    def target_challenge(self) -> bytes:
+        """What a target MH published for the source's FINISH (zeros before its firmware is
+        ready, or on a guest that is no target)."""
+        box = self.vcpus[0].mailbox
+        return bytes(box[mb.CHALLENGE_OFFSET : mb.CHALLENGE_OFFSET + mb.CHALLENGE_SIZE])
+
+    def query(self, *, target: bool) -> dict[str, object]:
+        """``x-query-migration-handler``."""
+        info: dict[str, object] = {
+            "mh-vcpus": len(self.vcpus), "started": self.started, "sent-away": self.sent_away,
+            "mailbox": {"gpa": self.block.mailbox_gpa, "size": self.block.mailbox_size},
+        }
+        if target:
+            info["target-challenge"] = self.target_challenge().hex()
+        return info
+
     def start(self) -> None:
         """``start-migration-handler``: every MH vCPU at the MH's entry point, entered once
         (it finds no command and halts). Idempotent."""

@@ -20,7 +20,7 @@ from confmig.common.errors import StreamError
 from confmig.common.units import PAGE_SIZE
 from confmig.proto.stream import psp, shared_regions
 from confmig.proto.stream import return_path as rp
-from confmig.proto.stream.decoder import NEED_DATA
+from confmig.proto.stream.decoder import NEED_DATA, End
 
 HDR = bytes(range(52))
 TRANS = bytes(i % 251 for i in range(PAGE_SIZE))
@@ -177,7 +177,8 @@ def rp_decode(data: bytes) -> rp.ReturnPathEvent:
 
 
 @given(st.one_of(st.builds(rp.Shut, status=st.integers(0, 2**32 - 1)),
-                 st.builds(rp.Pong, value=st.integers(0, 2**32 - 1))))
+                 st.builds(rp.Pong, value=st.integers(0, 2**32 - 1)),
+                 st.builds(rp.Confidential, payload=st.binary(min_size=1, max_size=300))))
 def test_return_path_messages_round_trip_in_any_chunking(message: rp.ReturnPathEvent) -> None:
     wire = rp.encode(message)
     assert rp_decode(wire) == message
@@ -198,10 +199,37 @@ def test_every_truncation_and_single_byte_change_of_a_shut() -> None:
             exact_or_refused(rp_decode, rp.encode, wire[:pos] + bytes([byte]) + wire[pos + 1 :])  # type: ignore[arg-type]
 
 
+def rp_decode_all(data: bytes) -> list[rp.ReturnPathEvent]:
+    """Every message in ``data`` (a shorter length leaves bytes that frame the next one)."""
+    d = rp.ReturnPathDecoder()
+    d.receive_data(data)
+    d.feed_eof()
+    out = []
+    while not isinstance(ev := d.next_event(), End):
+        assert ev is not NEED_DATA
+        out.append(ev)
+    return out
+
+
+def test_every_truncation_and_single_byte_change_of_a_confidential_message() -> None:
+    wire = rp.encode(rp.Confidential(payload=b"token"))
+    for cut in range(len(wire)):
+        with pytest.raises(StreamError, match="truncated"):
+            rp_decode(wire[:cut])
+    for pos in range(len(wire)):
+        for byte in range(256):
+            exact_or_refused(rp_decode_all, lambda events: b"".join(map(rp.encode, events)),  # type: ignore
+                             wire[:pos] + bytes([byte]) + wire[pos + 1 :])
+    with pytest.raises(ValueError, match="X_CONFIDENTIAL body of 0 bytes"):
+        rp.encode(rp.Confidential(payload=b""))
+
+
 @pytest.mark.parametrize("wire, message", [
     (b"\x00\x09\x00\x04", "unknown return-path message 0x0009"),
     (b"\x00\x04\x00\x0c", "REQ_PAGES is not used by a precopy migration"),
     (b"\x00\x01\xff\xff", "SHUT of 65535 bytes"),
+    (b"\x7f\x01\x10\x01", "X_CONFIDENTIAL of 4097 bytes"),
+    (b"\x7f\x01\x00\x00", "X_CONFIDENTIAL of 0 bytes"),
 ])
 def test_a_bad_header_is_refused_before_its_body_arrives(wire: bytes, message: str) -> None:
     d = rp.ReturnPathDecoder()

@@ -2,8 +2,10 @@
 
 QEMU's ``mig_rp_message_type`` framing (migration.c): u16 type, u16 length, then the
 body, big-endian. We speak the messages a precopy migration needs: SHUT (the target
-is done; u32 0 on success) and PONG (an answer to a PING, u32 echoed). Every other
-type is known by name so that an error can say what a peer sent, and refused.
+is done; u32 0 on success) and PONG (an answer to a PING, u32 echoed); and one of
+ours, X_CONFIDENTIAL (an opaque payload for the source's confidential backend, e.g. a
+Migration Handler's abort token, sent before SHUT). Every other type is known by name
+so that an error can say what a peer sent, and refused.
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ class RpMessage(IntEnum):
     RECV_BITMAP = 5
     RESUME_ACK = 6
     SWITCHOVER_ACK = 7
+    X_CONFIDENTIAL = 0x7F01
+    """Ours, far from QEMU's numbers: a payload for the source's confidential backend."""
 
 
 BODY_SIZE: Final = {RpMessage.SHUT: 4, RpMessage.PONG: 4}
 """The messages we accept and their fixed body sizes (QEMU's ``rp_cmd_args``)."""
+CONFIDENTIAL_MAX: Final = 4096
+"""Most bytes of an X_CONFIDENTIAL body (an abort token is under 200)."""
 HEADER: Final = struct.Struct(">HH")
 _U32: Final = struct.Struct(">I")
 
@@ -51,10 +57,22 @@ class Pong:
     value: int
 
 
-ReturnPathEvent = Shut | Pong
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Confidential:
+    """A payload for the source's confidential backend (opaque to the engine)."""
+
+    payload: bytes
+
+
+ReturnPathEvent = Shut | Pong | Confidential
 
 
 def encode(message: ReturnPathEvent) -> bytes:
+    if isinstance(message, Confidential):
+        if not 0 < len(message.payload) <= CONFIDENTIAL_MAX:
+            raise ValueError(f"X_CONFIDENTIAL body of {len(message.payload)} bytes "
+                             f"(1 to {CONFIDENTIAL_MAX})")
+        return HEADER.pack(RpMessage.X_CONFIDENTIAL, len(message.payload)) + message.payload
     kind = RpMessage.SHUT if isinstance(message, Shut) else RpMessage.PONG
     value = message.status if isinstance(message, Shut) else message.value
     return HEADER.pack(kind, BODY_SIZE[kind]) + _U32.pack(value)
@@ -64,7 +82,7 @@ class ReturnPathDecoder(ReceiveBuffer[ReturnPathEvent]):
     """Bytes from the target to :data:`ReturnPathEvent` values (``NEED_DATA`` until complete)."""
 
     def __init__(self) -> None:
-        super().__init__(64)
+        super().__init__(HEADER.size + CONFIDENTIAL_MAX)
 
     def _step(self) -> ReturnPathEvent | NeedData:
         p, avail = self._start, self._end - self._start
@@ -77,6 +95,14 @@ class ReturnPathDecoder(ReceiveBuffer[ReturnPathEvent]):
             name = RpMessage(kind).name
         except ValueError:
             self._fail(f"unknown return-path message {kind:#06x}", p)
+        if kind == RpMessage.X_CONFIDENTIAL:
+            if not 0 < length <= CONFIDENTIAL_MAX:
+                self._fail(f"return-path message X_CONFIDENTIAL of {length} bytes "
+                           f"(1 to {CONFIDENTIAL_MAX})", p + 2)
+            if avail < HEADER.size + length:
+                return self._wait(HEADER.size + length, "return-path message X_CONFIDENTIAL")
+            self._start = p + HEADER.size + length
+            return Confidential(payload=bytes(self._buf[p + HEADER.size : p + HEADER.size + length]))
         if kind not in BODY_SIZE:
             self._fail(f"return-path message {name} is not used by a precopy migration", p)
         if length != BODY_SIZE[RpMessage(kind)]:

@@ -17,6 +17,7 @@ source::
     pages / zeros                   for every batch of every round (also the final one)
     switchover()                    the guest is stopped; before the final pages
     complete(out, vcpu_ids)         inside the final part, after the last pages
+    from_target(payload)            a return-path message from the target's backend (its abort)
     finish()                        the target confirmed: the guest now lives there
     cancel()                        the migration did not complete (any phase after setup)
 """
@@ -67,6 +68,11 @@ class OutgoingBackend:
     def cancel(self) -> None:
         """Undo setup: the source keeps the guest."""
 
+    def from_target(self, payload: bytes) -> None:
+        """A return-path message for this backend (the target's, e.g. an abort token); it
+        arrives before the target's verdict."""
+        raise StreamError(f"the {self.name} backend expects no message from the target")
+
 
 class IncomingBackend:
     """The target's side of one kind of guest."""
@@ -87,3 +93,8 @@ class IncomingBackend:
     def verify(self) -> None:
         """Everything the guest needs arrived: raise :class:`StreamError` if not. The guest
         does not run before this returns."""
+
+    def abort(self) -> bytes:
+        """The load failed and the guest never ran here: what the source's backend should get
+        (sent on the return path before the failure), or nothing."""
+        return b""

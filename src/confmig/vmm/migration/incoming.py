@@ -177,11 +177,21 @@ class IncomingMigration(threading.Thread):
         log.debug("incoming migration finished")
 
     def _reply(self, ok: bool) -> None:
-        """Tell the source (return path) whether we loaded and resumed."""
+        """Tell the source (return path) whether we loaded and resumed; after a failure, first
+        whatever the backend has for the source (an abort token that lets its guest run on)."""
         if self._main is None or self._main.sock is None:
             return
+        message = b""
+        if not ok:
+            try:
+                token = self.backend.abort()
+            except ConfmigError as exc:
+                log.error("%s backend: abort failed: %s", self.backend.name, exc)
+                token = b""
+            if token:
+                message = rp.encode(rp.Confidential(payload=token))
         with contextlib.suppress(OSError, ConfmigError):
-            self._main.send_all(rp.encode(rp.Shut(status=0 if ok else 1)))
+            self._main.send_all(message + rp.encode(rp.Shut(status=0 if ok else 1)))
 
     def close(self) -> None:
         self.listener.close()

@@ -27,6 +27,7 @@ seals the next batches while the VMM sends the previous ones.
 from __future__ import annotations
 
 import contextlib
+import logging
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +49,8 @@ from confmig.vmm.migration.ram import MainChannelSink, RoundCounters
 from confmig.vmm.migration.stats import ConfidentialCounters
 from confmig.vmm.sev import SevGuest
 from confmig.vmm.shared_regions import SharedRegions
+
+log = logging.getLogger(__name__)
 
 SUBTYPE: Final = ConfidentialSubtype.MH_RECORD
 LIVE_EPOCH: Final = 0
@@ -81,6 +84,10 @@ class MhOutgoing(OutgoingBackend):
         if "multifd" in params.capabilities:
             raise MigrationError("multifd is not supported with x-confidential-backend 'mh': its "
                                  "sealed records use the main channel (more MH vCPUs seal in parallel)")
+        if not params.x_mh_target_challenge:
+            raise MigrationError("Migration Handler: set the migration parameter x-mh-target-challenge "
+                                 "to the target's 'target-challenge' (x-query-migration-handler on the "
+                                 "target): the completion record opens on that target only")
 
     def __init__(self, sev: SevGuest, mh: MigrationHandler, params: MigrationParameters,
                  out: MainChannelSink) -> None:
@@ -88,12 +95,14 @@ class MhOutgoing(OutgoingBackend):
         self.sev = sev
         self.mh = mh
         self.out = out
+        self.challenge = bytes.fromhex(params.x_mh_target_challenge)
         self.counters = mh_counters(len(mh.vcpus))
         self.migration_id = b""
         """The source MH draws it at the first INIT and says it in the io header."""
         self.epoch = LIVE_EPOCH
         self.finished = False
         """FINISH succeeded: the source's guest may not run again here (without an abort token)."""
+        self.abort_token: bytes | None = None
         self._area = mh.area
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"mh{v.index}") for v in mh.vcpus]
         self._pending: deque[Future[bytes]] = deque()
@@ -128,7 +137,8 @@ class MhOutgoing(OutgoingBackend):
         if self.sev.config.es:
             raise MigrationError("the Migration Handler does not carry SEV-ES vCPU state yet")
         v = self.mh.vcpus[0]
-        answer = v.command(mb.MhCommand.FINISH, slot=0, epoch=self.epoch)
+        v.data(0)[: mb.CHALLENGE_SIZE] = self.challenge
+        answer = v.command(mb.MhCommand.FINISH, slot=0, length=mb.CHALLENGE_SIZE, epoch=self.epoch)
         self._check(answer.ret, "FINISH")
         self.finished = True
         self.mh.sent_away = True
@@ -139,15 +149,41 @@ class MhOutgoing(OutgoingBackend):
     def finish(self) -> None:
         self._close()
 
+    def from_target(self, payload: bytes) -> None:
+        """The target MH's abort token (its guest never ran and never will): kept for cancel."""
+        # SECURITY: the target host's bytes; only the source MH can tell a genuine token.
+        if not self.finished or self.abort_token is not None:
+            raise StreamError("an abort token from the target before FINISH, or a second one")
+        self.abort_token = payload
+
     def cancel(self) -> None:
-        """Before FINISH the MH just forgets the session (RESET). After it, the guest stays
-        stopped here: only an abort token from the target's MH could let it run (not wired yet)."""
+        """Before FINISH the MH just forgets the session (RESET). After it, the guest may run
+        here again only if the target's MH sent an abort token that this MH opens (RESUME);
+        without one (the target died, or the link did) it stays stopped: it may run there."""
         self._drain(send=False)
         self._close()
-        if not self.finished:
-            for v in self.mh.vcpus:
-                with contextlib.suppress(MhError):  # failed already: its next INIT resets it
-                    v.command(mb.MhCommand.RESET)
+        if self.finished:
+            self._resume()
+            return
+        for v in self.mh.vcpus:
+            with contextlib.suppress(MhError):  # failed already: its next INIT resets it
+                v.command(mb.MhCommand.RESET)
+
+    def _resume(self) -> None:
+        token = self.abort_token
+        if token is None:
+            log.error("Migration Handler: the migration failed after FINISH and the target sent no "
+                      "abort token: the guest stays stopped here (it may be running there)")
+            return
+        v = self.mh.vcpus[0]
+        if not 0 < len(token) <= mb.SLOT_DATA:
+            raise MhError(f"an abort token of {len(token)} bytes")
+        v.data(0)[: len(token)] = token
+        answer = v.command(mb.MhCommand.RESUME, slot=0, length=len(token))
+        self.counters.commands += 1
+        self._check(answer.ret, "RESUME with the target's abort token")
+        self.finished = False
+        self.mh.sent_away = False
 
     def _close(self) -> None:
         for pool in self._pools:
@@ -278,6 +314,21 @@ class MhIncoming(IncomingBackend):
         self.counters.private_pages += header.npages
         self.counters.extra["batches"] += 1
         self.counters.extra["zero-pages-elided"] += header.nzero
+
+    def abort(self) -> bytes:
+        """ABORT: the target MH seals its word that this guest never ran here and never will,
+        for the source's MH (RESUME). Nothing if no record named the migration."""
+        if self.migration_id is None:
+            return b""
+        v = self.mh.vcpus[0]
+        self._init(v)
+        answer = v.command(mb.MhCommand.ABORT, slot=0)
+        self.counters.commands += 1
+        if answer.ret != mb.MhReturn.SUCCESS:
+            raise MhError(_refused("ABORT", answer.ret))
+        if not mb.RECORD_HEADER.size <= answer.length <= mb.SLOT_DATA:
+            raise MhError(f"Migration Handler vCPU 0 answered ABORT with {answer.length} bytes")
+        return bytes(v.data(0)[: answer.length])
 
     def verify(self) -> None:
         """COMPLETE: the MH says whether every record and every private page arrived."""

@@ -177,7 +177,11 @@ class OutgoingMigration(threading.Thread):
                 self.backend.cancel()
             except ConfmigError as exc:
                 log.error("%s backend: cancel failed: %s", self.backend.name, exc)
-        self.vm.recover()
+        try:
+            self.vm.recover()
+        except ConfmigError as exc:  # e.g. a guest its backend sent away and got no abort for
+            log.error("the source guest stays stopped: %s", exc)
+            self.error = f"{self.error}; the source guest stays stopped: {exc}" if self.error else str(exc)
 
     # --- phases ------------------------------------------------------------------------
 
@@ -323,7 +327,12 @@ class OutgoingMigration(threading.Thread):
         deadline = self.clock.monotonic() + RETURN_PATH_TIMEOUT
         decoder = rp.ReturnPathDecoder()
         try:
-            while (event := decoder.next_event()) is NEED_DATA:
+            while (event := decoder.next_event()) is NEED_DATA or isinstance(event, rp.Confidential):
+                if isinstance(event, rp.Confidential):
+                    if self.backend is None:
+                        raise StreamError("a confidential return-path message before any backend")
+                    self.backend.from_target(event.payload)
+                    continue
                 left = deadline - self.clock.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no verdict within {RETURN_PATH_TIMEOUT:.0f} s")

@@ -44,6 +44,10 @@ class MigrationParameters:
     """The AMD chain ASK || ARK, base64 (``confmig amd-certs``; on real hosts, from AMD's KDS)."""
     x_confidential_backend: str = ""
     """How a confidential guest's private pages move (ours); empty: the guest's default."""
+    x_mh_target_challenge: str = ""
+    """The target Migration Handler's challenge, hex (its ``x-query-migration-handler``
+    ``target-challenge``): the source's MH seals it into the completion record, which then
+    opens on that target only (ours)."""
     capabilities: frozenset[str] = field(default_factory=frozenset)
 
     def qmp_parameters(self) -> dict[str, object]:
@@ -57,6 +61,7 @@ class MigrationParameters:
             "sev-plat-cert": self.sev_plat_cert,
             "sev-amd-cert": self.sev_amd_cert,
             "x-confidential-backend": self.x_confidential_backend,
+            "x-mh-target-challenge": self.x_mh_target_challenge,
         }
 
     def qmp_capabilities(self) -> list[dict[str, object]]:
@@ -78,6 +83,9 @@ class MigrationParameters:
                 continue
             if key == "x-confidential-backend":
                 changes[names[key]] = _backend_parameter(key, value)
+                continue
+            if key == "x-mh-target-challenge":
+                changes[names[key]] = _challenge_parameter(key, value)
                 continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"Invalid parameter type for '{key}', expected: integer")
@@ -118,6 +126,18 @@ def _backend_parameter(key: str, value: object) -> str:
         # QAPI's wording for an enum value it does not know
         raise ConfigError(f"Parameter '{key}' does not accept value '{value}'")
     return value
+
+
+MH_CHALLENGE_HEX = 32
+"""Hex digits of a Migration Handler target challenge (16 bytes)."""
+
+
+def _challenge_parameter(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"Invalid parameter type for '{key}', expected: string")
+    if value and (len(value) != MH_CHALLENGE_HEX or any(c not in "0123456789abcdefABCDEF" for c in value)):
+        raise ConfigError(f"Parameter '{key}' expects {MH_CHALLENGE_HEX} hex digits (16 bytes)")
+    return value.lower()
 
 
 def _check_range(key: str, value: int) -> None:

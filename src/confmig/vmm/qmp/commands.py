@@ -21,6 +21,7 @@ MIGRATION_PARAMETERS = {
     "sev-plat-cert": Arg(str, optional=True),
     "sev-amd-cert": Arg(str, optional=True),
     "x-confidential-backend": Arg(str, optional=True),
+    "x-mh-target-challenge": Arg(str, optional=True),
 }
 
 
@@ -103,6 +104,12 @@ def register(
     @r.command("start-migration-handler")
     def start_migration_handler(_a: dict[str, object]) -> None:
         migration.start_migration_handler()
+
+    @r.command("x-query-migration-handler")
+    def query_migration_handler(_a: dict[str, object]) -> object:
+        if machine.mh is None:
+            raise QmpError("This guest has no Migration Handler vCPUs (-smp N,mirrorvcpus=M)")
+        return machine.mh.query(target=machine.config.mh_target)
 
     @r.command("start-migrate-incoming", args={"uri": Arg(str)})
     def start_migrate_incoming(a: dict[str, object]) -> None:

@@ -24,6 +24,8 @@ from confmig.vmm.shared_regions import SharedRegions
 
 AREA = (8 * MiB, 4 * mb.MAILBOX_STRIDE)
 MID = b"m" * 16
+CHALLENGE = bytes(range(16))
+PARAMS = MigrationParameters(x_mh_target_challenge=CHALLENGE.hex())
 
 
 @dataclass
@@ -36,6 +38,7 @@ class FakeVcpu:
     area: bytearray = field(default_factory=lambda: bytearray(mb.SLOTS * mb.SLOT_DATA))
     seq: int = 0
     imported: list[bytes] = field(default_factory=list)
+    challenge: bytes = b""
 
     def data(self, slot: int) -> memoryview:
         return memoryview(self.area)[slot * mb.SLOT_DATA : (slot + 1) * mb.SLOT_DATA]
@@ -60,11 +63,17 @@ class FakeVcpu:
             self.data(slot)[: len(record)] = record
             return mb.Command(cmd, 0, 0, 0, 1, length=len(record))
         if cmd == mb.MhCommand.FINISH:
+            assert length == mb.CHALLENGE_SIZE
+            self.challenge = bytes(self.data(0)[:length])
             record = sealed(0, 0, (), epoch, kind=mb.RecordKind.COMPLETION)
             self.data(0)[: len(record)] = record
             return mb.Command(cmd, 0, 0, 0, 1, length=len(record))
-        if cmd in (mb.MhCommand.IMPORT, mb.MhCommand.COMPLETE):
+        if cmd in (mb.MhCommand.IMPORT, mb.MhCommand.COMPLETE, mb.MhCommand.RESUME):
             self.imported.append(bytes(self.data(0)[:length]))
+        if cmd == mb.MhCommand.ABORT:
+            token = sealed(0, 0, (), epoch, kind=mb.RecordKind.ABORT)
+            self.data(0)[: len(token)] = token
+            return mb.Command(cmd, 0, 0, 0, 1, length=len(token))
         return mb.Command(cmd, 0, 0, 0, 1)
 
 
@@ -119,7 +128,7 @@ def source(nvcpus: int = 1) -> tuple[mh.MhOutgoing, FakeMh, Sink, GuestMemory, l
     sev.shared.update(0x1000 >> 12, 1, shared=True)  # the fw_cfg bounce page
     sink = Sink()
     memory = GuestMemory.pc(32 * MiB)
-    backend = mh.MhOutgoing(sev, fake, MigrationParameters(), sink)  # type: ignore[arg-type]
+    backend = mh.MhOutgoing(sev, fake, PARAMS, sink)  # type: ignore[arg-type]
     return backend, fake, sink, memory, log
 
 
@@ -178,6 +187,7 @@ def test_the_final_epoch_ends_with_the_completion_record_then_the_shared_regions
     last = sink.records[-2][1]
     assert isinstance(last, bytes) and mb.decode_record_header(last).kind == mb.RecordKind.COMPLETION
     assert fake.sent_away and backend.finished
+    assert fake.vcpus[0].challenge == CHALLENGE  # the target's, handed to FINISH
     assert {e for _, name, e in log if name == "EXPORT"} == {mh.FINAL_EPOCH}
 
 
@@ -191,9 +201,22 @@ def test_a_refusal_by_the_mh_fails_the_migration() -> None:
     assert not fake.sent_away
 
 
-def test_multifd_is_refused_up_front() -> None:
+def test_multifd_and_a_missing_target_challenge_are_refused_up_front() -> None:
     with pytest.raises(MigrationError, match="multifd"):
         mh.MhOutgoing.check(MigrationParameters(capabilities=frozenset({"multifd"})))
+    with pytest.raises(MigrationError, match="x-mh-target-challenge"):
+        mh.MhOutgoing.check(MigrationParameters())
+    mh.MhOutgoing.check(PARAMS)
+
+
+@pytest.mark.parametrize("value", ["00" * 15, "zz" * 16, 5])
+def test_the_target_challenge_parameter_is_16_bytes_of_hex(value: object) -> None:
+    from confmig.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="x-mh-target-challenge"):
+        MigrationParameters().with_parameters({"x-mh-target-challenge": value})
+    p = MigrationParameters().with_parameters({"x-mh-target-challenge": "AB" * 16})
+    assert p.qmp_parameters()["x-mh-target-challenge"] == "ab" * 16
 
 
 def target(nvcpus: int = 1) -> tuple[mh.MhIncoming, FakeMh]:
@@ -236,3 +259,51 @@ def test_a_refused_import_is_a_stream_error_naming_the_mh() -> None:
     fake.vcpus[0].fail.add(mb.MhCommand.IMPORT)
     with pytest.raises(StreamError, match="refused IMPORT of a record of stream 0 \\(AUTH_ERR\\)"):
         incoming.record(ConfidentialSubtype.MH_RECORD, sealed(0, 0, (0x1000,), 0))
+
+
+def finished_source() -> tuple[mh.MhOutgoing, FakeMh, list[tuple[int, str, int]]]:
+    backend, fake, _sink, memory, log = source()
+    backend.setup()
+    backend.switchover()
+    backend.pages(memory.blocks[0], np.arange(4096, 4100, dtype=np.int64))
+    backend.complete([0])
+    return backend, fake, log
+
+
+def test_an_abort_token_after_finish_lets_the_source_guest_run_again() -> None:
+    backend, fake, log = finished_source()
+    token = sealed(0, 0, (), 1, kind=mb.RecordKind.ABORT)
+    backend.from_target(token)
+    backend.cancel()
+    assert log[-1][1] == "RESUME" and fake.vcpus[0].imported[-1] == token
+    assert not fake.sent_away and not backend.finished
+
+
+def test_without_an_abort_token_a_guest_sent_away_stays_stopped() -> None:
+    backend, fake, log = finished_source()
+    backend.cancel()
+    assert fake.sent_away and "RESUME" not in [name for _, name, _ in log]
+
+
+def test_a_refused_abort_token_keeps_the_guest_stopped() -> None:
+    backend, fake, _log = finished_source()
+    fake.vcpus[0].fail.add(mb.MhCommand.RESUME)
+    backend.from_target(b"forged")
+    with pytest.raises(MigrationError, match="refused RESUME"):
+        backend.cancel()
+    assert fake.sent_away
+
+
+def test_an_abort_token_before_finish_is_refused() -> None:
+    backend, _fake, _sink, _memory, _log = source()
+    backend.setup()
+    with pytest.raises(StreamError, match="abort token"):
+        backend.from_target(b"token")
+
+
+def test_the_target_seals_an_abort_token_only_for_a_migration_it_saw() -> None:
+    incoming, _fake = target()
+    assert incoming.abort() == b""  # no record named a migration: nothing to abort
+    incoming.record(ConfidentialSubtype.MH_RECORD, sealed(0, 0, (0x2000,), 0))
+    token = incoming.abort()
+    assert mb.decode_record_header(token).kind == mb.RecordKind.ABORT

@@ -129,6 +129,15 @@ def test_a_target_that_failed_to_load_fails_the_migration() -> None:
     assert "recover" in run.vm.events
 
 
+def test_a_message_for_the_backend_reaches_it_before_the_verdict() -> None:
+    """The target's backend speaks to ours (a Migration Handler's abort token) before SHUT;
+    the engine hands it over without reading it, then cancels as for any failure."""
+    run = run_engine(reply=rp.encode(rp.Confidential(payload=b"token")) + rp.encode(rp.Shut(status=1)))
+    assert run.backend is not None
+    assert run.backend.calls[-2:] == ["from_target:token", "cancel"]
+    assert run.statuses[-1] == S.FAILED and "recover" in run.vm.events
+
+
 def test_garbage_on_the_return_path_is_refused_without_waiting() -> None:
     run = run_engine(reply=b"\x00\x09\xff\xff")
     assert run.statuses[-1] == S.FAILED and "unknown return-path message" in (run.mig.error or "")
