@@ -400,4 +400,14 @@ def decode_completion(body: bytes | memoryview) -> Completion:
 
 
 ABORT_NEVER_RAN: Final = b"confmig-mh-abort: the target never ran and never will\0"
-"""An abort token's body: the target MH's word, sealed under the migration's key."""
+"""An abort token's body starts with the target MH's word, sealed under the migration's key,
+and ends with the target's challenge (:func:`abort_body`)."""
+
+
+def abort_body(challenge: bytes) -> bytes:
+    """What an abort token says: this target (its challenge) never ran the guest and never
+    will. The source's MH opens only a token naming the challenge it sealed at FINISH, so a
+    host cannot abort one target and complete another."""
+    if len(challenge) != CHALLENGE_SIZE:
+        raise MailboxError(f"a challenge is {CHALLENGE_SIZE} bytes, got {len(challenge)}")
+    return ABORT_NEVER_RAN + challenge

@@ -430,6 +430,25 @@ def test_resume_opens_only_the_targets_abort_token_for_this_migration(src: Guest
     assert src.token(Cmd.RESUME, token)[0] == OK
 
 
+def test_resume_opens_only_the_token_of_the_target_finish_was_sealed_for(src: Guest, dst: Guest) -> None:
+    """Two attested targets with the same transport key in one migration: the host FINISHes for
+    one and aborts the other. The other's token is genuine, same migration id, but names
+    another challenge, so the source stays stopped: the guest runs on one host at most."""
+    mid = start(src, dst)
+    other = Guest(spa=DST_SPA, master=KEY, target=True, seed=2)
+    try:
+        assert other.init(0, mb.Role.TARGET, mid)[0] == OK
+        assert src.token(Cmd.FINISH, dst.challenge())[0] == OK
+        ret, decoy = other.token(Cmd.ABORT)
+        assert ret == OK and mb.decode_record_header(decoy).migration_id == mid
+    finally:
+        other.close()
+    assert src.token(Cmd.RESUME, decoy)[0] == REFUSED
+    assert run_gate(src) == gate.MIGRATED_AWAY
+    ret, token = dst.token(Cmd.ABORT)  # the target FINISH named gives the guest back
+    assert ret == OK and src.token(Cmd.RESUME, token)[0] == OK and run_gate(src) == gate.OPEN
+
+
 # --- sessions ---------------------------------------------------------------------------------------
 
 

@@ -38,7 +38,8 @@ has two writers.
 State (private, in the MH's area, zeroed by the firmware at boot)::
 
     session page   8s magic "CMMHSES2" | le32 phase | le32 0 | 16s migration id
-                   | 16s challenge (a target's own, in AWAITING; else zero)
+                   | 16s challenge (a target's own, in AWAITING; in SENT, the one
+                   FINISH sealed; else zero)
                    RUNNING   the guest runs here; it may migrate out. A source's
                              session id is drawn by INIT on MH vCPU 0.
                    SENT      FINISH sealed the guest's state for a target: the run
@@ -78,8 +79,11 @@ RESUME ends the session); an abort token's contents are fixed.
 
 FINISH takes the target's challenge in its slot's data area, ``length`` =
 ``CHALLENGE_SIZE`` (16; any other length is -1 and changes nothing), and seals
-it with every stream's totals into the completion record. The source cannot
-check the challenge: whatever 16 bytes the host gives are sealed.
+it with every stream's totals into the completion record, and keeps it in the
+session page (SENT). The source cannot check the challenge: whatever 16 bytes
+the host gives are sealed. An abort token names the aborting target's
+challenge; RESUME opens only a token naming the challenge FINISH sealed, so a
+host cannot abort one target and complete another.
 
 What a target accepts. On stream ``i``, records of stream ``i`` only, with the
 next sequence number, an epoch no older than the last, the stream's migration
@@ -97,11 +101,7 @@ skips a page's re-export, or imports two streams' versions of one page in the
 wrong order, leaves the target an older version of that page (the guarantee is
 authenticity, binding to GPA, per-stream order and that every private page
 arrived). Version 1 has no completion record and no run gate: a host that
-chooses it can start a target with pages missing, as under the RFC. The abort
-token binds the migration id, not a target instance: a host that launches two
-targets with the same transport key can abort one and complete the other
-(a key per target, PROTOCOLS.md §6.2, closes that; the challenge does not, as
-ABORT does not seal it and RESUME does not check it). The challenge is in
+chooses it can start a target with pages missing, as under the RFC. The challenge is in
 private memory that plain SEV does not protect from replay: a host that puts
 back an older ciphertext of the session page puts back an older challenge.
 RESET on a version-1 target that imported a page ends the import (the RFC's
@@ -698,8 +698,9 @@ def _finish(call: _Call) -> _Reply:
     body = mb.encode_completion(mb.Completion(challenge, _totals(call, s.migration_id)))
     header = _header(mb.RecordKind.COMPLETION, stream=mb.COMPLETION_STREAM, seq=0,
                      migration_id=s.migration_id, body=len(body))
-    # The guest stops here before its sealed state can leave: no fork.
-    _store_session(call.cpu, replace(s, phase=SessionPhase.SENT), call.mask)
+    # The guest stops here before its sealed state can leave: no fork. The challenge stays,
+    # for RESUME: only that target's abort token lets the guest run here again.
+    _store_session(call.cpu, replace(s, phase=SessionPhase.SENT, challenge=challenge), call.mask)
     gate.store(call.cpu, gate.MIGRATED_AWAY, call.mask)
     record = _seal(aead, header, np.zeros(0, np.uint64), body)
     call.cpu.write(call.data, record)
@@ -774,12 +775,13 @@ def _abort(call: _Call) -> _Reply:
     aead = _transport_key(call, st.migration_id)
     if aead is None:
         return _Reply(_REFUSED)
-    _store_session(call.cpu, Session(phase=SessionPhase.ABORTED, migration_id=st.migration_id),
-                   call.mask)
+    _store_session(call.cpu, Session(phase=SessionPhase.ABORTED, migration_id=st.migration_id,
+                                     challenge=s.challenge), call.mask)  # the same token again
     gate.store(call.cpu, gate.ABORTED, call.mask)
+    body = mb.abort_body(s.challenge)
     header = _header(mb.RecordKind.ABORT, stream=mb.ABORT_STREAM, seq=0,
-                     migration_id=st.migration_id, body=len(mb.ABORT_NEVER_RAN))
-    token = _seal(aead, header, np.zeros(0, np.uint64), mb.ABORT_NEVER_RAN)  # the same every time
+                     migration_id=st.migration_id, body=len(body))
+    token = _seal(aead, header, np.zeros(0, np.uint64), body)  # the same every time
     call.cpu.write(call.data, token)
     return _Reply(_OK, len(token))
 
@@ -790,7 +792,9 @@ def _resume(call: _Call) -> _Reply:
     if record is None:
         return _Reply(_INVALID)
     body = _token(call, record, mb.RecordKind.ABORT, mb.ABORT_STREAM, s.migration_id)
-    if body != mb.ABORT_NEVER_RAN:
+    # Only the target FINISH sealed the guest for may give it back: another target's token
+    # (same key, same migration) would let a host abort one and complete the other.
+    if s.challenge == NO_CHALLENGE or body != mb.abort_body(s.challenge):
         return _Reply(_REFUSED)
     _store_session(call.cpu, Session(phase=SessionPhase.RUNNING), call.mask)  # this session is over
     gate.store(call.cpu, gate.OPEN, call.mask)
