@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 
 import pytest
+from kv_load import KvLoad
 from relay import Relay
 
 from confmig.bench.lab import WORKING_SET_WRITTEN, HostProc, Lab, VmProc, VmSpec
@@ -207,11 +208,6 @@ def test_a_truncated_stream_fails_and_the_source_runs_on(lab: Lab, hosts: tuple[
 def test_kv_keeps_every_acknowledged_write_across_an_mh_migration(
         lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
     """A client writes all along: its table is private (sealed by the MH), its ring shared."""
-    import threading
-    import time
-
-    from confmig.bench.kv_client import KvClient
-
     a, b = hosts
     owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
                       secrets=[(MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
@@ -224,35 +220,11 @@ def test_kv_keeps_every_acknowledged_write_across_an_mh_migration(
                extra=(*common, *MH_TARGET_ARGS, "-device", f"confmig-kv,path={dst_sock}")))
     src.wait_console(re.compile(rb"confmig kernel: workload kv"))
     dst.wait_console(TARGET_WAITING)
-    client = KvClient(src_sock)
-    stop, moved = threading.Event(), threading.Event()
-    puts = {"before": 0, "after": 0}
-    errors: list[BaseException] = []
-
-    def load() -> None:
-        i = 0
-        try:
-            while not stop.is_set():
-                try:
-                    client.put(f"key{i % 300}".encode(), f"value{i}".encode())
-                    puts["after" if moved.is_set() else "before"] += 1
-                    i += 1
-                except (ConnectionError, TimeoutError, OSError):
-                    client.reconnect(dst_sock)  # the source stopped serving: follow the VM
-                    moved.set()
-        except BaseException as exc:  # surfaced by the assertion below
-            errors.append(exc)
-
-    worker = threading.Thread(target=load)
-    worker.start()
-    while puts["before"] < 200 and not errors:
-        time.sleep(0.01)
+    load = KvLoad(src_sock, dst_sock)
+    load.start()
     result = migrate(src, dst, settings=SETTINGS)
-    deadline = time.monotonic() + 60
-    while puts["after"] < 200 and time.monotonic() < deadline and not errors:
-        time.sleep(0.05)
-    stop.set()
-    worker.join(30)
+    load.finish()
+    client, errors, puts = load.client, load.errors, load.puts
     assert not errors, errors
     assert result.status == "completed", result.info.get("error-desc")
     assert result.info["x-confmig"]["confidential"]["shared-pages"] >= 2  # bounce page and ring

@@ -532,12 +532,10 @@ def _encrypt(call: _Call) -> _Reply:
     if st.role != StreamRole.V1_SOURCE:
         return _Reply(_INVALID)
     gpas = np.array([call.cmd.gpa], np.uint64)
-    ram = _ram(call)
-    if ram is None or not _valid_gpas(gpas, ram) or _shared(call, gpas):
+    sealer = _sealer(call, gpas, st)
+    if sealer is None:
         return _Reply(_REFUSED)
-    aead = _transport_key(call, st.migration_id)
-    if aead is None:
-        return _Reply(_REFUSED)
+    aead, _ram_map = sealer
     page = call.cpu.read_pages(call.cmd.gpa | call.mask, 1)
     header = _header(mb.RecordKind.PAGES, stream=mb.V1_STREAM, seq=st.records,
                      migration_id=st.migration_id, npages=1)
@@ -583,6 +581,18 @@ def _shared(call: _Call, gpas: npt.NDArray[np.uint64]) -> bool:
     return bool(mem_encrypt.shared_pages(call.cpu, gfns, call.mask).any())
 
 
+def _sealer(call: _Call, gpas: npt.NDArray[np.uint64],
+            st: Stream) -> tuple[AESGCM, list[MemoryRange]] | None:
+    """The migration's AEAD and the RAM map, if every page of ``gpas`` may leave: RAM the guest
+    keeps private, not the MH's own. A host that calls a private page shared, or asks for the
+    MH's area, gets a refusal."""
+    ram = _ram(call)
+    if ram is None or not _valid_gpas(gpas, ram) or _shared(call, gpas):
+        return None
+    aead = _transport_key(call, st.migration_id)
+    return None if aead is None else (aead, ram)
+
+
 def _export(call: _Call) -> _Reply:
     s = call.session
     st = call.stream()
@@ -593,13 +603,10 @@ def _export(call: _Call) -> _Reply:
     if not 0 < cmd.npages <= mb.BATCH_PAGES or cmd.epoch < st.epoch:
         return _Reply(_INVALID)
     gpas = np.frombuffer(call.cpu.read(call.data, 8 * cmd.npages), "<u8").astype(np.uint64)
-    ram = _ram(call)
-    # A host that calls a private page shared, or asks for the MH's own, gets a refusal.
-    if ram is None or not _valid_gpas(gpas, ram) or _shared(call, gpas):
+    sealer = _sealer(call, gpas, st)
+    if sealer is None:
         return _Reply(_REFUSED)
-    aead = _transport_key(call, st.migration_id)
-    if aead is None:
-        return _Reply(_REFUSED)
+    aead, ram = sealer
     addresses = gpas.astype(np.int64)
     pages = _read_pages(call, addresses, ram)
     zero = ~pages.any(axis=1)
