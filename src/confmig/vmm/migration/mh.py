@@ -92,6 +92,8 @@ class MhOutgoing(OutgoingBackend):
     def __init__(self, sev: SevGuest, mh: MigrationHandler, params: MigrationParameters,
                  out: MainChannelSink) -> None:
         self.check(params)
+        if sev.config.es:  # the machine refuses MH vCPUs for SEV-ES guests; say so here too
+            raise MigrationError("the Migration Handler does not carry SEV-ES vCPU state yet")
         self.sev = sev
         self.mh = mh
         self.out = out
@@ -134,8 +136,6 @@ class MhOutgoing(OutgoingBackend):
 
     def complete(self, vcpu_ids: list[int]) -> None:
         """FINISH: the completion record, then the shared-regions list for the target's VMM."""
-        if self.sev.config.es:
-            raise MigrationError("the Migration Handler does not carry SEV-ES vCPU state yet")
         v = self.mh.vcpus[0]
         v.data(0)[: mb.CHALLENGE_SIZE] = self.challenge
         answer = v.command(mb.MhCommand.FINISH, slot=0, length=mb.CHALLENGE_SIZE, epoch=self.epoch)
