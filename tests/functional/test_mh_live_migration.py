@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 from kv_load import KvLoad
+from procmem import process_memory
 from relay import Relay
 
 from confmig.bench.lab import WORKING_SET_WRITTEN, HostProc, Lab, VmProc, VmSpec
@@ -112,7 +113,8 @@ def test_the_rfcs_qmp_commands_start_the_handler_and_the_incoming_side(
     assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
 
 
-def test_the_stream_carries_no_plaintext_and_no_key(lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+def test_no_plaintext_and_no_key_in_the_stream_the_vmms_or_their_files(
+        lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
     key = os.urandom(32)
     src, dst = mh_pair(lab, hosts, key=key)
     uri, relay = through(Relay, src, dst)
@@ -123,6 +125,13 @@ def test_the_stream_carries_no_plaintext_and_no_key(lab: Lab, hosts: tuple[HostP
     for canary in (key, *PRIVATE_MAGICS):
         assert canary not in stream
     wait_status(dst, "running")
+    for vm in (src, dst):  # both VMMs, guest RAM and mailboxes included
+        for region in process_memory(vm.proc.pid):
+            for canary in (key, *PRIVATE_MAGICS):
+                assert canary not in region, f"{vm.name}'s VMM holds {canary[:8]!r}"
+    for path in lab.root.rglob("*"):  # what the VMMs and hosts wrote: consoles, logs, sockets
+        if path.is_file() and not path.is_relative_to(lab.amd_root):
+            assert key not in path.read_bytes(), f"{path.name} holds the transport key"
     assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
 
 

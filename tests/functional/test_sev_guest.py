@@ -11,9 +11,10 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import pytest
+from procmem import process_memory
 from relay import Relay
 
 from confmig.bench.firmware import default_bios
@@ -35,21 +36,6 @@ BLOCKER_MSR = "MSR_KVM_MIGRATION_CONTROL"
 PRIVATE_MAGICS = (b"CMKERN01", b"CMBOOT01", b"CMVARS01")
 """The magics of the kernel data page, the boot info and the variable store: all three
 live in private pages of an SEV guest, so the host must never see them in plaintext."""
-
-
-def process_memory(pid: int) -> Iterator[bytes]:
-    """Every readable mapping of a process, as a debugger (or the host's admin) reads it."""
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-        for line in maps:
-            addresses, perms = line.split()[:2]
-            if not perms.startswith("r") or line.rstrip().endswith("[vvar]"):
-                continue
-            start, end = (int(x, 16) for x in addresses.split("-"))
-            try:
-                mem.seek(start)
-                yield mem.read(end - start)
-            except (OSError, ValueError, OverflowError):
-                continue  # e.g. [vsyscall]
 
 
 def vmm_pid(vm: VmProc) -> int:
