@@ -336,3 +336,48 @@ def test_a_failure_after_finish_resumes_the_source_with_the_targets_abort_token(
     wait_status(src, "running")  # the source's MH opened the target's abort token
     assert not src.qmp.execute("x-query-migration-handler")["sent-away"]
     assert src.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_a_saved_stream_restores_only_on_the_target_it_was_sealed_for(
+        lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+    """``migrate file:`` saves the guest sealed for one target's challenge; restoring the file on
+    another attested target (a clone, or a rollback to a saved state) is refused at COMPLETE."""
+    a, b = hosts
+    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
+                      secrets=[(MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
+    common = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(1))
+    src, named, other = lab.start_vms(
+        VmSpec(name="src", host=a, ram="64M", guest=DIRTY, extra=common),
+        VmSpec(name="named", host=b, ram="64M", guest=DIRTY, extra=(*common, *MH_TARGET_ARGS)),
+        VmSpec(name="other", host=b, ram="64M", guest=DIRTY, extra=(*common, *MH_TARGET_ARGS)))
+    src.wait_console(WORKING_SET_WRITTEN)
+    for t in (named, other):
+        t.wait_console(TARGET_WAITING)
+    configure(src, SETTINGS)
+    src.qmp.execute("migrate-set-parameters", **mh_target_challenge(named))
+    saved = lab.root / "guest.mig"
+    assert migrate(src, None, f"file:{saved}", settings=SETTINGS).status == "completed"
+    with pytest.raises(QmpCommandError, match="migrated away"):
+        src.qmp.execute("cont")  # saved for a target: it does not run here any more
+
+    configure(other, SETTINGS)
+    other.qmp.execute("migrate-incoming", uri=f"file:{saved}")
+    wait_migration(other, "failed")
+    assert "refused COMPLETE" in other.qmp.execute("query-migrate").get("error-desc", "")
+    assert other.qmp.execute("query-status")["status"] != "running"
+
+    configure(named, SETTINGS)
+    named.qmp.execute("migrate-incoming", uri=f"file:{saved}")
+    wait_migration(named, "completed")
+    wait_status(named, "running")
+    assert named.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def wait_migration(vm: VmProc, status: str, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (now := vm.qmp.execute("query-migrate").get("status")) != status:
+        assert now not in ("failed", "completed", "cancelled"), f"{vm.name}: {now}"
+        assert time.monotonic() < deadline, f"{vm.name} never reached {status}"
+        time.sleep(0.1)
