@@ -10,12 +10,15 @@ configured). The Migration Handler path (``--suite mh``, which also runs the
 other two) has the guest's own firmware seal batches of pages on 1, 2 and 4 MH
 vCPUs. Reported: total time, downtime, guest throughput, firmware commands per
 second, and each path's throughput against plain and PSP.
+
+``--suite mh`` then runs the scenarios of :mod:`confmig.bench.mh_suite` in the same run: a
+guest dirtying 1, 5 and 10 % of its pages per second, and a host evacuated of four SEV guests
+at once through each path; ``--quick`` makes those small.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,61 +26,27 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from confmig.bench import mh_suite
 from confmig.bench.chart import Bar, bar_chart
 from confmig.bench.deadline import NO_DEADLINE, Deadline
-from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, VmProc, VmSpec, check_host_memory, check_vm
+from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, check_host_memory, check_vm
+from confmig.bench.mh_suite import GUEST_TIMEOUT, MhScenarios, settings_for, start_sources, start_targets
 from confmig.bench.perf import RANDOM_GUEST, machine_info
-from confmig.bench.scenario import (
-    MH_TARGET_ARGS,
-    MH_TARGET_READY,
-    SEV_POLICY,
-    MigrationSettings,
-    mh_args,
-    migrate,
-    sev_args,
-)
+from confmig.bench.scenario import migrate, sev_args
 from confmig.common.units import GiB, parse_size
 
 GUEST = RANDOM_GUEST
-GUEST_TIMEOUT = 900.0
-"""Seconds to fill, or to self-check, a 1 GiB SEV guest's RAM (every page through the core's MEE)."""
-
-
 MH_VCPUS = (1, 2, 4)
 
 
-def _mh_pair(lab: Lab, ram: str, mh_vcpus: int) -> tuple[VmProc, VmProc]:
-    """An SEV guest with MH vCPUs and its MH target, both launched by one owner who gives both
-    the same transport key."""
-    from confmig.owner import MIGRATION_TRANSPORT_KEY_GUID
-
-    a, b = lab.start_hosts("hostA", "hostB")
-    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
-                      secrets=[(MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
-    common = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(mh_vcpus))
-    src, dst = lab.start_vms(VmSpec(name="src", host=a, ram=ram, guest=GUEST, extra=common),
-                             VmSpec(name="dst", host=b, ram=ram, guest=GUEST,
-                                    extra=(*common, *MH_TARGET_ARGS)))
-    dst.wait_console(MH_TARGET_READY)
-    return src, dst
-
-
 def _one(kind: str, ram: str, log: Any, deadline: Deadline) -> dict[str, Any]:
-    mh_vcpus = int(kind.removeprefix("mh-")) if kind.startswith("mh-") else 0
     with Lab(deadline=deadline) as lab:
-        if mh_vcpus:
-            src, dst = _mh_pair(lab, ram, mh_vcpus)
-            settings = MigrationSettings(confidential_backend="mh")
-        else:
-            extra = sev_args() if kind == "psp" else []
-            a, b = lab.start_hosts("hostA", "hostB")
-            src = lab.vm("src", a, ram=ram, guest=GUEST, extra=extra)
-            settings = MigrationSettings(sev_target_certs=kind == "psp", amd_root=lab.amd_root)
+        hosts = lab.start_hosts("hostA", "hostB")
+        (src,), targets = start_sources(lab, kind, hosts, ram, GUEST, ["src"])
         log(f"{kind}: writing random contents into all {ram} of guest RAM ...")
         src.wait_console(WORKING_SET_WRITTEN, timeout=GUEST_TIMEOUT)
-        if not mh_vcpus:
-            dst = lab.vm("dst", b, ram=ram, guest=GUEST, incoming="defer", extra=extra)
-        result = migrate(src, dst, settings=settings)
+        (dst,) = targets or start_targets(lab, kind, hosts[1], ram, GUEST, ["src"])
+        result = migrate(src, dst, settings=settings_for(kind, lab))
         verdict = dst.selfcheck(timeout=GUEST_TIMEOUT) if result.status == "completed" else ""
     info = result.info
     total_ms = max(int(info.get("total-time", 0)), 1)
@@ -103,11 +72,18 @@ def _one(kind: str, ram: str, log: Any, deadline: Deadline) -> dict[str, Any]:
     return row
 
 
-def run_psp_benchmark(*, save_dir: str | None, ram: str = "1G", mh: bool = False,
+def run_psp_benchmark(*, save_dir: str | None, ram: str = "1G", mh: bool = False, quick: bool = False,
                       deadline: Deadline = NO_DEADLINE) -> dict[str, Any]:
-    """``mh``: also the Migration Handler with 1, 2 and 4 MH vCPUs (``--suite mh``)."""
+    """``mh``: also the Migration Handler with 1, 2 and 4 MH vCPUs (``--suite mh``), then the
+    dirty-rate and evacuation scenarios (small ones with ``quick``). ``ram``: the random guest's."""
+    scenarios = mh_suite.QUICK if quick else mh_suite.FULL
     config = check_vm(ram, GUEST, tuple(sev_args()))
-    check_host_memory(2 * config.ram_size, f"--ram {ram}")  # the target preallocates, the source fills
+    need = 2 * config.ram_size  # the target preallocates, the source fills
+    if mh:  # refuse options a later scenario could not run with before the first starts
+        dirty = check_vm(scenarios.dirty_ram, scenarios.dirty_guest(1), tuple(sev_args()))
+        evac = check_vm(scenarios.evac_ram, scenarios.evac_guest(), tuple(sev_args()))
+        need = max(need, 2 * dirty.ram_size, 2 * scenarios.evac_guests * evac.ram_size)
+    check_host_memory(need, f"--ram {ram}" + (" and the mh suite's guests" if mh else ""))
     console = Console(width=max(Console().width, 130))
     t0 = time.time()
     kinds = ["plain", "psp", *(f"mh-{n}" for n in (MH_VCPUS if mh else ()))]
@@ -121,6 +97,7 @@ def run_psp_benchmark(*, save_dir: str | None, ram: str = "1G", mh: bool = False
         "suite": "mh" if mh else "psp",
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)),
         "machine": machine_info(),
+        "quick": quick,
         "ram_gib": parse_size(ram) / GiB,
         "guest": GUEST,
         "psp_cost_model": "none (the structural cost: one command per page through KVM to the PSP)",
@@ -128,12 +105,37 @@ def run_psp_benchmark(*, save_dir: str | None, ram: str = "1G", mh: bool = False
         "psp_over_plain_throughput": ratio("psp", "plain"),
         "ratios": {r["kind"]: {"over_plain": ratio(r["kind"], "plain"), "over_psp": ratio(r["kind"], "psp")}
                    for r in rows if r["kind"].startswith("mh-")},
-        "duration_s": time.time() - t0,
     }
+    if mh:
+        report["scenarios"] = _scenario_sizes(scenarios)
+        report["dirty"] = mh_suite.dirty_rates(scenarios, console.print, deadline)
+        report["evacuation"] = mh_suite.evacuation(scenarios, console.print, deadline)
+    report["bars"] = _bars(report)
+    report["duration_s"] = time.time() - t0
     _print(console, report)
     if save_dir:
         _save(Path(save_dir), report)
     return report
+
+
+def _scenario_sizes(sc: MhScenarios) -> dict[str, Any]:
+    return {"quick": sc.quick, "dirty_ram": sc.dirty_ram, "rates_pct": list(sc.rates_pct),
+            "dirty_kinds": list(sc.dirty_kinds), "dirty_limit_s": sc.dirty_limit_s,
+            "evac_guests": sc.evac_guests, "evac_ram": sc.evac_ram, "evac_guest": sc.evac_guest(),
+            "evac_kinds": list(sc.evac_kinds), "evac_limit_s": sc.evac_limit_s}
+
+
+def _bars(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every bar of the run, each judged on numbers of this run."""
+    bars: list[dict[str, Any]] = []
+    for kind, q in report["ratios"].items():
+        bars.append({"bar": f"{kind} / plain, guest MB/s ({report['ram_gib']:g} GiB random guest)",
+                     "value": round(q["over_plain"], 3), "target": ">= 0.5", "met": q["over_plain"] >= 0.5})
+        bars.append({"bar": f"{kind} / PSP, guest MB/s ({report['ram_gib']:g} GiB random guest)",
+                     "value": round(q["over_psp"], 1), "target": ">= 5", "met": q["over_psp"] >= 5})
+    if "dirty" in report:
+        bars += mh_suite.downtime_bars(report["dirty"])
+    return bars
 
 
 def _print(console: Console, report: dict[str, Any]) -> None:
@@ -147,8 +149,14 @@ def _print(console: Console, report: dict[str, Any]) -> None:
                   str(r["commands"]), f"{r['commands_per_s']:.0f}", r["selfcheck"][:40])
     console.print(t)
     console.print(f"PSP / plain throughput: {report['psp_over_plain_throughput']:.3f}")
-    for kind, q in report["ratios"].items():
-        console.print(f"{kind} / plain: {q['over_plain']:.3f}, {kind} / PSP: {q['over_psp']:.1f}")
+    mh_suite.print_tables(console, report.get("dirty"), report.get("evacuation"))
+    if report["bars"]:
+        b = Table(title="bars (measured in this run)")
+        for col in ("bar", "value", "target", "met"):
+            b.add_column(col)
+        for bar in report["bars"]:
+            b.add_row(bar["bar"], str(bar["value"]), bar["target"], "yes" if bar["met"] else "NO")
+        console.print(b)
 
 
 def _save(directory: Path, report: dict[str, Any]) -> None:
@@ -156,13 +164,20 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     name = f"{report['suite']}-{stamp}"
     (directory / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    title = "Plain vs PSP vs Migration Handler" if report["suite"] == "mh" else "Plain vs PSP"
+    mh = report["suite"] == "mh"
+    title = "Plain vs PSP vs Migration Handler" if mh else "Plain vs PSP"
     lines = [f"# {title} migration, {report['date']}", "",
-             f"Machine: {report['machine']}. Guest: {report['ram_gib']:g} GiB, `{report['guest']}` "
-             f"(every page random). PSP cost model: {report['psp_cost_model']}.", "",
-             "| path | status | total ms | downtime ms | guest MB/s | private pages | shared pages "
-             "| firmware commands | commands/s | target self-check |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Machine: {report['machine']}. PSP cost model: {report['psp_cost_model']}. "
+             f"Whole run: {report['duration_s'] / 60:.1f} min, every number below from it."
+             + (" **Quick run**: small guests (`--quick`), not the sizes the bars are about."
+                if report["quick"] and mh else ""), ""]
+    if mh:
+        lines += [f"## 1. Random guest: {report['ram_gib']:g} GiB, every page random", ""]
+    lines += [f"Guest: {report['ram_gib']:g} GiB, `{report['guest']}` (every page written once with random "
+              "contents, then idle), migrated once by each path with the default settings.", "",
+              "| path | status | total ms | downtime ms | guest MB/s | private pages | shared pages "
+              "| firmware commands | commands/s | target self-check |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['kind']} | {r['status']} | {r['total_ms']} | {r['downtime_ms']} | "
                      f"{r['guest_MBps']:.0f} | {r['private_pages']} | {r['shared_pages']} | "
@@ -177,12 +192,28 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
     lines += ["", "Firmware commands are counted on the source: PSP commands (SEND_*; the target issues "
               "as many RECEIVE_*), or Migration Handler mailbox commands (one per batch of up to 128 "
               "pages; the target issues as many).",
-              "", f"![guest RAM throughput of each path]({name}.svg)",
-              "", f"Reproduce: `make bench-{report['suite']}` (or `confmig bench --suite {report['suite']} "
-              "--save benchmarks/`)."]
+              "", f"![guest RAM throughput of each path]({name}.svg)"]
     (directory / f"{name}.svg").write_text(bar_chart(
         f"guest RAM MB/s, {report['ram_gib']:g} GiB random guest",
         [Bar(label=r["kind"], value=r["guest_MBps"], text=f"{r['guest_MBps']:.0f} MB/s")
          for r in report["runs"]]))
+    if "dirty" in report:
+        chart = f"{name}-dirty.svg"
+        rates = " and ".join(", ".join(f"{p}%" for p in report["dirty"]["rates_pct"]).rsplit(", ", 1))
+        lines += ["", f"## 2. Dirty guest: {rates} of its pages rewritten per second", "",
+                  *mh_suite.dirty_markdown(report["dirty"], chart)]
+        (directory / chart).write_text(mh_suite.dirty_chart(report["dirty"]))
+    if "evacuation" in report:
+        chart = f"{name}-evacuation.svg"
+        lines += ["", "## 3. Evacuating a host", "",
+                  *mh_suite.evacuation_markdown(report["evacuation"], chart)]
+        (directory / chart).write_text(mh_suite.evacuation_chart(report["evacuation"]))
+    if report["bars"]:
+        lines += ["", "## Bars", "", "| bar | value | target | met |", "|---|---|---|---|"]
+        for bar in report["bars"]:
+            met = "yes" if bar["met"] else "NO"
+            lines.append(f"| {bar['bar']} | {bar['value']} | {bar['target']} | {met} |")
+    lines += ["", f"Reproduce: `make bench-{report['suite']}` (or `confmig bench --suite {report['suite']} "
+              "--save benchmarks/`)."]
     (directory / f"{name}.md").write_text("\n".join(lines) + "\n")
     (directory / f"{report['suite']}-latest.md").write_text("\n".join(lines) + "\n")

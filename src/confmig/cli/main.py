@@ -197,13 +197,16 @@ def analyze(path: str, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--save", default=None, help="Directory to save results into (JSON + Markdown).")
-@click.option("--quick", is_flag=True, help="Smaller sizes, fewer repetitions (a smoke run).")
+@click.option("--quick", is_flag=True, help="Smaller sizes, fewer repetitions (a smoke run); with --suite "
+                                             "mh: small dirty-rate and evacuation guests, one rate.")
 @click.option("--suite", default="plain", show_default=True,
               type=click.Choice(["plain", "psp", "mh", "demo"]),
               help="plain: plain migration against this machine's limits; psp: plain vs PSP migration; "
-                   "mh: plain vs PSP vs Migration Handler (1, 2, 4 MH vCPUs); demo: the default demo's "
-                   "wall time.")
-@click.option("--ram", default="1G", show_default=True, help="With --suite psp or mh: the guest's RAM.")
+                   "mh: plain vs PSP vs Migration Handler (1, 2, 4 MH vCPUs), then a guest dirtying 1, 5 "
+                   "and 10% of its pages/s and a host evacuated of four SEV guests; demo: the default "
+                   "demo's wall time.")
+@click.option("--ram", default="1G", show_default=True,
+              help="With --suite psp or mh: the random guest's RAM.")
 @click.option("--timeout", default=BENCH_TIMEOUT, show_default=True, type=_TIMEOUT,
               help="Seconds for the whole run; past them it stops with an error.")
 def bench(save: str | None, quick: bool, suite: str, ram: str, timeout: float) -> None:
@@ -215,7 +218,7 @@ def bench(save: str | None, quick: bool, suite: str, ram: str, timeout: float) -
         if suite in ("psp", "mh"):
             from confmig.bench.confidential import run_psp_benchmark
 
-            run_psp_benchmark(save_dir=save, ram=ram, mh=suite == "mh", deadline=deadline)
+            run_psp_benchmark(save_dir=save, ram=ram, mh=suite == "mh", quick=quick, deadline=deadline)
         elif suite == "demo":
             from confmig.bench.demo_time import run_demo_benchmark
 
