@@ -53,7 +53,9 @@ class MhVcpu:
         self.mailbox = mailbox
         self.gpa = gpa
         self.lock = threading.Lock()
-        """One command at a time per MH vCPU (the slots of one vCPU share its entries)."""
+        """One entry at a time per MH vCPU (the slots of one vCPU share its entries)."""
+        self.broken: str | None = None
+        """Why an entry failed: the MH's state is unknown, no command is sent to it again."""
 
     def data(self, slot: int) -> memoryview:
         """The data area of ``slot``."""
@@ -78,10 +80,18 @@ class MhVcpu:
         """Issue ``cmd`` in ``slot`` (None: the v1 block), enter the MH, return its answer."""
         base = mb.CMD_OFFSET if slot is None else mb.slot_offset(slot)
         with self.lock:
+            if self.broken is not None:
+                raise MhError(f"Migration Handler vCPU {self.index} failed earlier ({self.broken})")
             self.mailbox[base : base + mb.COMMAND.size + mb.V2_FIELDS.size] = mb.encode_request(
                 cmd, gpa=gpa, npages=npages, length=length, epoch=epoch)
             struct.pack_into("<i", self.mailbox, base + mb.GO_OFFSET, 1)  # published last
-            self.enter()
+            try:
+                self._enter()
+            except MhError as exc:
+                # A command the MH did not serve must not run at its next entry.
+                struct.pack_into("<i", self.mailbox, base + mb.GO_OFFSET, 0)
+                self.broken = str(exc)
+                raise
             answer = mb.decode_command(self.mailbox[base : base + mb.COMMAND.size + mb.V2_FIELDS.size])
         if not answer.done or answer.go:
             raise MhError(f"Migration Handler vCPU {self.index} did not complete {cmd.name} "
@@ -89,6 +99,11 @@ class MhVcpu:
         return answer
 
     def enter(self) -> None:
+        """An entry with no command: the MH finds nothing to serve and halts."""
+        with self.lock:
+            self._enter()
+
+    def _enter(self) -> None:
         """KVM_RUN until the MH halts; kicked out after :data:`MH_TIMEOUT`."""
         timer = threading.Timer(MH_TIMEOUT, self.fd.kick)
         timer.daemon = True
@@ -122,14 +137,17 @@ class MigrationHandler:
         self.block = block
         self.memory = memory
         self.mirror = kvm.create_vm()
+        self.vcpus: list[MhVcpu] = []
         try:
             self.mirror.enable_cap_fd(ioctl.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, guest_vm.fileno())
             for region, fd in slot_regions():
                 self.mirror.set_user_memory_region(region, fd)
-            self.vcpus = [self._vcpu(i) for i in range(nvcpus)]
+            for i in range(nvcpus):
+                self.vcpus.append(self._vcpu(i))
         except BaseException:
-            self.mirror.close()
+            self.close()
             raise
+        self._start_lock = threading.Lock()
         self.started = False
         self.sent_away = False
         """The source MH sealed the guest's final state (FINISH): the guest may not run here."""
@@ -168,14 +186,16 @@ class MigrationHandler:
     def start(self) -> None:
         """``start-migration-handler``: every MH vCPU at the MH's entry point, entered once
         (it finds no command and halts). Idempotent."""
-        if self.started:
-            return
-        for v in self.vcpus:
-            regs = [0] * (ioctl.REGS.size // 8)
-            regs[16], regs[17] = self.block.entry, RFLAGS_RESERVED  # rip, rflags
-            v.fd.set_regs(tuple(regs))
-            v.enter()
-        self.started = True
+        with self._start_lock:  # QMP's start-migration-handler may race a migration's setup
+            if self.started:
+                return
+            for v in self.vcpus:
+                regs = [0] * (ioctl.REGS.size // 8)
+                regs[16], regs[17] = self.block.entry, RFLAGS_RESERVED  # rip, rflags
+                with v.lock:
+                    v.fd.set_regs(tuple(regs))
+                v.enter()
+            self.started = True
 
     def close(self) -> None:
         for v in self.vcpus:

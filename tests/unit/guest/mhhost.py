@@ -173,7 +173,7 @@ class Guest(MhDriver):
     """An SEV guest on one host, its firmware's preparation done, its MH vCPUs at hand."""
 
     def __init__(self, *, spa: int, master: bytes | None, target: bool = False,
-                 ram_size: int = RAM_SIZE, seed: int = 0) -> None:
+                 ram_size: int = RAM_SIZE, seed: int = 0, v1: bool = False) -> None:
         self.ram = FlatRam(ram_size, spa)
         self.slots = KeySlots()
         self.slots.install(ASID, os.urandom(16))
@@ -185,7 +185,10 @@ class Guest(MhDriver):
         bootinfo.store_e820(cpu, [bootinfo.E820Entry(address=0, length=ram_size, type=bootinfo.E820_RAM)])
         bootinfo.seal(cpu, 1)
         if master is not None:
-            area = secret_table((secret.MIGRATION_TRANSPORT_KEY_GUID, master))
+            entries = [(secret.MIGRATION_TRANSPORT_KEY_GUID, master)]
+            if v1:  # the owner accepts version 1's missing guarantees
+                entries.append((secret.MIGRATION_V1_ALLOWED_GUID, b"\x01"))
+            area = secret_table(*entries)
             cpu.write(SECRET_AREA_GPA | mask, area.ljust(SECRET_AREA_SIZE, b"\0"))
         gate.store(cpu, gate.OPEN, mask)
         mem_encrypt.clear_page_state(cpu, mask)

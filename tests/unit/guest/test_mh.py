@@ -449,6 +449,42 @@ def test_resume_opens_only_the_token_of_the_target_finish_was_sealed_for(src: Gu
     assert ret == OK and src.token(Cmd.RESUME, token)[0] == OK and run_gate(src) == gate.OPEN
 
 
+def test_two_targets_of_one_migration_never_seal_under_one_key_and_nonce(src: Guest, dst: Guest) -> None:
+    """Abort tokens have a fixed nonce; each target's has a key of its own (its challenge), so
+    a host that collects two tokens learns nothing from their XOR (a nonce reused under one
+    GCM key would give it the plaintexts' XOR and the authentication key)."""
+    mid = start(src, dst)
+    other = Guest(spa=DST_SPA, master=KEY, target=True, seed=3)
+    try:
+        assert other.init(0, mb.Role.TARGET, mid)[0] == OK
+        t1, t2 = dst.token(Cmd.ABORT)[1], other.token(Cmd.ABORT)[1]
+    finally:
+        other.close()
+    h1, h2 = mb.decode_record_header(t1), mb.decode_record_header(t2)
+    assert (h1.stream, h1.seq) == (h2.stream, h2.seq) and h1.migration_id == h2.migration_id == mid
+    head = mb.RECORD_HEADER.size
+    body1, body2 = mb.abort_body(dst.challenge()), mb.abort_body(bytes(16))  # any body of that length
+    c1, c2 = t1[head : head + len(body1)], t2[head : head + len(body2)]
+    p_xor = bytes(a ^ b for a, b in zip(body1[: len(mb.ABORT_NEVER_RAN)], mb.ABORT_NEVER_RAN, strict=True))
+    c_xor = bytes(a ^ b for a, b in zip(c1, c2, strict=True))[: len(mb.ABORT_NEVER_RAN)]
+    assert p_xor == bytes(len(mb.ABORT_NEVER_RAN))  # same words in both bodies ...
+    assert c_xor != p_xor  # ... yet different ciphertext: two keystreams, not one
+
+
+def test_a_target_imports_one_migration_only(src: Guest, dst: Guest) -> None:
+    """MH vCPU 0's first INIT names the target's migration; another id (an old or a throwaway
+    session of the same source, whose records also open under the key) is refused on every MH
+    vCPU, so no stream can mix in a page of another migration."""
+    ret, mid = src.init(0, mb.Role.SOURCE)
+    assert ret == OK
+    assert dst.init(1, mb.Role.TARGET, mid)[0] == INVALID  # MH vCPU 0 names it first
+    assert dst.init(0, mb.Role.TARGET, mid)[0] == OK
+    assert session(dst).migration_id == mid
+    for i in (0, 1):
+        assert dst.init(i, mb.Role.TARGET, os.urandom(16))[0] == INVALID
+    assert dst.init(1, mb.Role.TARGET, mid)[0] == OK  # the same migration: joined
+
+
 # --- sessions ---------------------------------------------------------------------------------------
 
 
@@ -529,7 +565,30 @@ def rfc_command(g: Guest, cmd: int, gpa: int = 0) -> int:
     return int(ret)
 
 
-def test_a_client_of_the_rfcs_mailbox_moves_pages_sealed(src: Guest, dst: Guest) -> None:
+@pytest.fixture
+def v1_src() -> Iterator[Guest]:
+    g = Guest(spa=SRC_SPA, master=KEY, seed=1, v1=True)
+    yield g
+    g.close()
+
+
+@pytest.fixture
+def v1_dst() -> Iterator[Guest]:
+    g = Guest(spa=DST_SPA, master=KEY, target=True, seed=2, v1=True)
+    yield g
+    g.close()
+
+
+def test_version_1_needs_the_owners_opt_in(src: Guest, dst: Guest) -> None:
+    """Version 1 has no completion record and no run gate: without the owner's secret entry
+    saying it accepts that, neither side speaks it."""
+    assert rfc_command(src, 0) == REFUSED
+    assert rfc_command(dst, 0) == REFUSED
+    assert session(dst).phase == mh.SessionPhase.AWAITING and run_gate(src) == gate.OPEN
+
+
+def test_a_client_of_the_rfcs_mailbox_moves_pages_sealed(v1_src: Guest, v1_dst: Guest) -> None:
+    src, dst = v1_src, v1_dst
     page = HIGH + 5 * PAGE_SIZE
     src.write_pages(page, np.frombuffer(b"CANARY-v1-" * 409 + bytes(6), np.uint8).reshape(1, PAGE_SIZE))
     assert rfc_command(src, 0) == OK  # INIT: the io header says nothing

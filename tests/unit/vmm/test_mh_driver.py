@@ -92,3 +92,14 @@ def test_the_io_header_is_bounded_both_ways() -> None:
     struct.pack_into("<I", v.mailbox, mb.IO_HDR_OFFSET, 5000)  # what a hostile guest could leave
     with pytest.raises(MhError, match="left an io header of 5000 bytes"):
         v.read_io_header()
+
+
+def test_after_a_failed_entry_the_command_is_withdrawn_and_the_vcpu_is_not_used_again() -> None:
+    """A command the MH did not serve would run at its next entry (a stale EXPORT spends a
+    sequence number): its go is cleared, and the MH vCPU takes no further command."""
+    v = vcpu(lambda box: ioctl.ExitShutdown())
+    with pytest.raises(MhError, match="shut down"):
+        v.command(mb.MhCommand.EXPORT, slot=1)
+    assert struct.unpack_from("<i", v.mailbox, mb.slot_offset(1) + mb.GO_OFFSET)[0] == 0
+    with pytest.raises(MhError, match="failed earlier"):
+        v.command(mb.MhCommand.RESET)

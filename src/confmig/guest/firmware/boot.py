@@ -142,8 +142,9 @@ def _reset(cpu: GuestCpu) -> None:
     status = mem_encrypt.sev_status(cpu)
     sev = bool(status & MSR_AMD64_SEV_ENABLED)
     mask = 1 << mem_encrypt.c_bit_position(cpu) if sev else 0
-    if sev and (value := gate.load(cpu, mask)) in (gate.MIGRATED_AWAY, gate.ABORTED):
-        _goto(cpu, Phase.PARK)  # a reboot does not make a second copy of a guest run
+    if sev and (value := gate.load(cpu, mask)) in (gate.MIGRATED_AWAY, gate.ABORTED, gate.INCOMING):
+        # A reboot does not make a second copy of a guest run, nor boot a half-imported one.
+        _goto(cpu, Phase.PARK)
         cpu.outs(COM1_PORT, (gate.REASONS[value] + "\n").encode())
         return
     cpu.regs.r12 = 0  # no target file seen yet

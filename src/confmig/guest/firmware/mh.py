@@ -75,7 +75,16 @@ migration id changes, and a source's ids are random (drawn by the MH: an id a
 host chose could be chosen twice, with different memory under the same
 nonces); the sequence number is stored before the ciphertext leaves. A
 completion record is sealed once per id (FINISH is refused in SENT, and
-RESUME ends the session); an abort token's contents are fixed.
+RESUME ends the session). An abort token has a fixed nonce but a key of its
+own, derived with the aborting target's challenge: two targets of one
+migration never seal under the same key and nonce, and one target's token is
+the same bytes however often it is asked for.
+
+One migration per target: the first target INIT, on MH vCPU 0, writes the
+migration id into the session page; INIT with any other id, or on another MH
+vCPU first, is -1. Version 1 needs the owner's opt-in (the secret entry
+``MIGRATION_V1_ALLOWED_GUID``, one byte 1): without it a version-1 INIT is -2,
+since version 1 has neither completion record nor run gate.
 
 FINISH takes the target's challenge in its slot's data area, ``length`` =
 ``CHALLENGE_SIZE`` (16; any other length is -1 and changes nothing), and seals
@@ -100,10 +109,14 @@ Limits, honestly. The MH cannot see which pages the guest dirtied: a host that
 skips a page's re-export, or imports two streams' versions of one page in the
 wrong order, leaves the target an older version of that page (the guarantee is
 authenticity, binding to GPA, per-stream order and that every private page
-arrived). Version 1 has no completion record and no run gate: a host that
-chooses it can start a target with pages missing, as under the RFC. The challenge is in
+arrived). Version 1, where the owner allows it, has no completion record and
+no run gate: a host that chooses it can start a target with pages missing, or
+several targets, as under the RFC. The challenge is in
 private memory that plain SEV does not protect from replay: a host that puts
-back an older ciphertext of the session page puts back an older challenge.
+back an older ciphertext of the session page puts back an older challenge, and
+one that puts back a completed target's AWAITING session page gets that
+target's abort token, which resumes the source while the target runs: plain
+SEV cannot stop a fork by memory replay (SEV-SNP's RMP can).
 RESET on a version-1 target that imported a page ends the import (the RFC's
 cleanup): the guest may run from then on.
 """
@@ -331,15 +344,30 @@ def _dispatch(cpu: GuestCpu, index: int, mailbox: int, block: int, mask: int,
 # --- keys and records ----------------------------------------------------------------------------
 
 
-def _transport_key(call: _Call, migration_id: bytes) -> AESGCM | None:
-    """The migration's AEAD, derived afresh (no key survives the command in Python)."""
+def _transport_key(call: _Call, migration_id: bytes, *, purpose: bytes = b"") -> AESGCM | None:
+    """The migration's AEAD, derived afresh (no key survives the command in Python); a
+    ``purpose`` derives a key of its own (an abort token's names the target's challenge)."""
     area = call.cpu.read(SECRET_AREA_GPA | call.mask, SECRET_AREA_SIZE)
     table = secret.parse_secret_table(area)
     entry = secret.find_entry(table, secret.MIGRATION_TRANSPORT_KEY_GUID)
     if entry is None or entry.length != TRANSPORT_KEY_SIZE:
         return None
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id, info=KDF_INFO)
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id, info=KDF_INFO + purpose)
     return AESGCM(hkdf.derive(secret.entry_data(area, entry)))
+
+
+def _abort_purpose(challenge: bytes) -> bytes:
+    """An abort token's key is the aborting target's own: every target of one migration seals
+    its token (fixed nonce, its own challenge in the body) under a different key, so no two
+    tokens ever share a key and nonce."""
+    return b" abort " + challenge
+
+
+def _v1_allowed(call: _Call) -> bool:
+    """The owner's opt-in to the RFC's version 1 (a secret-table entry; never the host's word)."""
+    area = call.cpu.read(SECRET_AREA_GPA | call.mask, SECRET_AREA_SIZE)
+    entry = secret.find_entry(secret.parse_secret_table(area), secret.MIGRATION_V1_ALLOWED_GUID)
+    return entry is not None and secret.entry_data(area, entry) == b"\x01"
 
 
 def _header(kind: mb.RecordKind, *, stream: int, seq: int, migration_id: bytes, epoch: int = 0,
@@ -363,7 +391,7 @@ def _unseal(aead: AESGCM, record: bytes, header: mb.RecordHeader) -> bytes | Non
 
 
 def _token(call: _Call, record: bytes, kind: mb.RecordKind, stream: int,
-           migration_id: bytes) -> bytes | None:
+           migration_id: bytes, *, purpose: bytes = b"") -> bytes | None:
     """The body of a token (a record without pages), if it is the one expected and genuine."""
     try:
         header = mb.decode_record_header(record)
@@ -372,7 +400,7 @@ def _token(call: _Call, record: bytes, kind: mb.RecordKind, stream: int,
     if (header.kind != kind or header.stream != stream or header.seq != 0 or header.npages != 0
             or header.migration_id != migration_id):
         return None
-    aead = _transport_key(call, migration_id)
+    aead = _transport_key(call, migration_id, purpose=purpose)
     return None if aead is None else _unseal(aead, record, header)
 
 
@@ -469,8 +497,16 @@ def _init(call: _Call) -> _Reply:
         return _Reply(_OK)
     if s.phase != SessionPhase.AWAITING:
         return _Reply(_INVALID)  # only a target-mode guest, which never ran, is imported into
+    # One migration per target: MH vCPU 0's INIT names it (the session page), the others join
+    # it. Streams of two migrations could otherwise mix an old page into a later one.
+    if s.migration_id != NO_ID and s.migration_id != migration_id:
+        return _Reply(_INVALID)
+    if s.migration_id == NO_ID and call.index != 0:
+        return _Reply(_INVALID)  # MH vCPU 0 names the target's migration; the others join it
     if _transport_key(call, migration_id) is None:
         return _Reply(_REFUSED)
+    if s.migration_id == NO_ID:
+        _store_session(call.cpu, replace(s, migration_id=migration_id), call.mask)
     if st.migration_id != migration_id:
         _clear_imported(call)
     call.set_stream(_adopt(st, StreamRole.TARGET, migration_id))
@@ -482,6 +518,10 @@ def _init_v1(call: _Call, s: Session, st: Stream) -> _Reply:
     """The RFC's INIT: a source if the guest runs here, a target if it awaits its import."""
     if call.index != 0:
         return _Reply(_INVALID)
+    if not _v1_allowed(call):
+        return _Reply(_REFUSED)  # the owner did not accept version 1's missing guarantees
+    if s.phase == SessionPhase.AWAITING and s.migration_id != NO_ID:
+        return _Reply(_INVALID)  # a version-2 migration named this target already
     if s.phase == SessionPhase.RUNNING:
         migration_id = secrets.token_bytes(mb.MIGRATION_ID_SIZE)
         if _transport_key(call, migration_id) is None:
@@ -779,7 +819,7 @@ def _abort(call: _Call) -> _Reply:
         return _Reply(_INVALID)
     if s.phase == SessionPhase.ABORTED and s.migration_id != st.migration_id:
         return _Reply(_INVALID)  # another migration's token
-    aead = _transport_key(call, st.migration_id)
+    aead = _transport_key(call, st.migration_id, purpose=_abort_purpose(s.challenge))
     if aead is None:
         return _Reply(_REFUSED)
     _store_session(call.cpu, Session(phase=SessionPhase.ABORTED, migration_id=st.migration_id,
@@ -798,7 +838,8 @@ def _resume(call: _Call) -> _Reply:
     record = _read_record(call)
     if record is None:
         return _Reply(_INVALID)
-    body = _token(call, record, mb.RecordKind.ABORT, mb.ABORT_STREAM, s.migration_id)
+    body = _token(call, record, mb.RecordKind.ABORT, mb.ABORT_STREAM, s.migration_id,
+                  purpose=_abort_purpose(s.challenge))
     # Only the target FINISH sealed the guest for may give it back: another target's token
     # (same key, same migration) would let a host abort one and complete the other.
     if s.challenge == NO_CHALLENGE or body != mb.abort_body(s.challenge):

@@ -31,6 +31,10 @@ from typing import Final
 SECRET_TABLE_HEADER_GUID: Final = uuid.UUID("1e74f542-71dd-4d66-963e-ef4287ff173b")
 MIGRATION_TRANSPORT_KEY_GUID: Final = uuid.UUID("6845d1fd-39d8-45ee-b008-6e296a740351")
 """confmig's entry: the transport key the Migration Handlers of a migrating guest share."""
+MIGRATION_V1_ALLOWED_GUID: Final = uuid.UUID("d5b06470-c9eb-4c99-9417-3fecd60130a0")
+"""confmig's entry: present (one byte, 1), the owner lets the Migration Handler speak the 2021
+RFC's version 1, which has no completion record and no run gate: a host that chooses it can
+run a target with pages missing, or more than one. Absent, version-1 INIT is refused."""
 DISK_PASSPHRASE_GUID: Final = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
 """The entry GRUB's ``efisecret`` reads as the disk passphrase (for reference)."""
 NULL_GUID: Final = uuid.UUID(int=0)

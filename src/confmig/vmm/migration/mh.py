@@ -339,9 +339,13 @@ class MhIncoming(IncomingBackend):
         self._import(v, mb.MhCommand.COMPLETE, self._completion, FINAL_EPOCH)
 
     def _init(self, v: MhVcpu) -> None:
+        """INIT ``v`` as a target of this migration; MH vCPU 0 first, which names the migration
+        for the whole target (the others only join it)."""
         if v.index in self._initialized:
             return
         assert self.migration_id is not None
+        if v.index != 0:
+            self._init(self.mh.vcpus[0])
         self.mh.start()
         v.io_header(mb.encode_init(mb.Role.TARGET, self.migration_id))
         answer = v.command(mb.MhCommand.INIT)
