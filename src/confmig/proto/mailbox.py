@@ -43,7 +43,7 @@ record is what travels in the migration stream, opaque to the host::
 
     header, 56 bytes: u8 version (2) | u8 alg (1: AES-256-GCM) | u16 kind
         | u32 stream | u64 seq | u64 epoch | u32 npages | u32 nzero
-        | u32 body | u32 0 | 16 bytes migration id
+        | u32 body | u32 nstreams | 16 bytes migration id
     npages entries u64: GPA | 1 if the page is zero (then it carries no data)
     ciphertext: the non-zero pages in list order, then ``body`` bytes (a
         token's contents: :class:`RecordKind`)
@@ -142,8 +142,8 @@ V2_FIELDS: Final = struct.Struct("<IIQ")
 V2_FIELDS_OFFSET: Final = COMMAND.size
 LENGTH_OFFSET: Final = V2_FIELDS_OFFSET + 4
 """Where a slot's ``length`` sits: the MH writes it when it answers with a record."""
-RECORD_HEADER: Final = struct.Struct("<BBHIQQIII4x16s")
-"""version, alg, kind, stream, seq, epoch, npages, nzero, body, migration id."""
+RECORD_HEADER: Final = struct.Struct("<BBHIQQIIII16s")
+"""version, alg, kind, stream, seq, epoch, npages, nzero, body, nstreams, migration id."""
 BODY_MAX: Final = 4096
 """Most bytes of a token's body."""
 TAG_SIZE: Final = 16
@@ -234,11 +234,15 @@ class RecordHeader:
     npages: int
     nzero: int
     body: int
+    nstreams: int
+    """How many streams the migration has: a page of GFN ``g`` travels on stream
+    ``g % nstreams`` only, so each page's versions are ordered by its stream's sequence."""
     migration_id: bytes
 
     def pack(self) -> bytes:
         return RECORD_HEADER.pack(self.version, self.alg, self.kind, self.stream, self.seq,
-                                  self.epoch, self.npages, self.nzero, self.body, self.migration_id)
+                                  self.epoch, self.npages, self.nzero, self.body, self.nstreams,
+                                  self.migration_id)
 
     @property
     def data_pages(self) -> int:
@@ -324,28 +328,38 @@ class Role(IntEnum):
     TARGET = 2
 
 
-INIT_PARAMS: Final = struct.Struct("<II16s")
-"""v2 INIT's io header: protocol version, role, migration id."""
+INIT_PARAMS: Final = struct.Struct("<III16s")
+"""v2 INIT's io header: protocol version, role, streams (a source's MH vCPUs), migration id."""
 
 
-def encode_init(role: Role, migration_id: bytes) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Init:
+    role: Role
+    migration_id: bytes
+    nstreams: int = 1
+    """A source's number of streams (its MH vCPUs); a target takes it from the records."""
+
+
+def encode_init(role: Role, migration_id: bytes, nstreams: int = 1) -> bytes:
     if len(migration_id) != MIGRATION_ID_SIZE:
         raise MailboxError(f"a migration id is {MIGRATION_ID_SIZE} bytes, got {len(migration_id)}")
-    return INIT_PARAMS.pack(PROTOCOL_VERSION, role, migration_id)
+    return INIT_PARAMS.pack(PROTOCOL_VERSION, role, nstreams, migration_id)
 
 
-def decode_init(io_header: bytes | memoryview) -> tuple[Role, bytes]:
+def decode_init(io_header: bytes | memoryview) -> Init:
     """INIT's parameters from the io header's data (empty: a v1 INIT)."""
     if len(io_header) == 0:
-        return Role.V1, bytes(MIGRATION_ID_SIZE)
+        return Init(Role.V1, bytes(MIGRATION_ID_SIZE))
     if len(io_header) != INIT_PARAMS.size:
         raise MailboxError(f"INIT parameters of {len(io_header)} bytes (expected 0 or {INIT_PARAMS.size})")
-    version, role, migration_id = INIT_PARAMS.unpack(io_header)
+    version, role, nstreams, migration_id = INIT_PARAMS.unpack(io_header)
     if version != PROTOCOL_VERSION:
         raise MailboxError(f"INIT protocol version {version} (this MH speaks {PROTOCOL_VERSION})")
     if role not in (Role.SOURCE, Role.TARGET):
         raise MailboxError(f"INIT role {role} at offset 4")
-    return Role(role), migration_id
+    if not 1 <= nstreams <= MAX_STREAMS:
+        raise MailboxError(f"INIT of {nstreams} streams at offset 8 (1 to {MAX_STREAMS})")
+    return Init(Role(role), migration_id, nstreams)
 
 
 STREAM_TOTAL: Final = struct.Struct("<IIQQ")

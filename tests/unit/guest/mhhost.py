@@ -88,12 +88,12 @@ def transport_key(master: bytes, migration_id: bytes) -> AESGCM:
 
 
 def seal(master: bytes, migration_id: bytes, *, stream: int, seq: int, gpas: Iterable[int],
-         pages: npt.NDArray[np.uint8] | None = None, epoch: int = 0) -> bytes:
+         pages: npt.NDArray[np.uint8] | None = None, epoch: int = 0, nstreams: int = 1) -> bytes:
     """A page record sealed with the real key, as only an MH could make one."""
     entries = list(gpas)
     data = pages if pages is not None else np.ones((len(entries), PAGE_SIZE), np.uint8)
     h = mb.RecordHeader(mb.RECORD_VERSION, mb.ALG_AES_256_GCM, mb.RecordKind.PAGES, stream, seq, epoch,
-                        len(entries), 0, 0, migration_id)
+                        len(entries), 0, 0, nstreams, migration_id)
     head = h.pack() + struct.pack(f"<{len(entries)}Q", *entries)
     return head + transport_key(master, migration_id).encrypt(mb.nonce(stream, seq), data.tobytes(), head)
 
@@ -136,11 +136,12 @@ class MhDriver:
         (n,) = struct.unpack("<I", self.load(at, 4))
         return self.load(at + 4, n)
 
-    def init(self, index: int, role: mb.Role, migration_id: bytes = bytes(16)) -> tuple[int, bytes]:
+    def init(self, index: int, role: mb.Role, migration_id: bytes = bytes(16),
+             nstreams: int = 1) -> tuple[int, bytes]:
         """INIT; the answer and the migration id the io header holds after it."""
-        self.io_header(index, mb.encode_init(role, migration_id))
+        self.io_header(index, mb.encode_init(role, migration_id, nstreams))
         ret = self.command(index, mb.MhCommand.INIT).ret
-        return ret, mb.decode_init(self.read_io_header(index))[1]
+        return ret, mb.decode_init(self.read_io_header(index)).migration_id
 
     def export(self, index: int, gpas: Iterable[int], *, slot: int = 0, epoch: int = 0) -> tuple[int, bytes]:
         entries = list(gpas)

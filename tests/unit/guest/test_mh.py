@@ -59,10 +59,10 @@ def dst() -> Iterator[Guest]:
 
 def start(src: Guest, dst: Guest, nvcpus: int = 1) -> bytes:
     """INIT every MH vCPU of both sides; the source's migration id."""
-    ret, mid = src.init(0, mb.Role.SOURCE)
+    ret, mid = src.init(0, mb.Role.SOURCE, nstreams=nvcpus)
     assert ret == OK
     for i in range(1, nvcpus):
-        assert src.init(i, mb.Role.SOURCE) == (OK, mid)
+        assert src.init(i, mb.Role.SOURCE, nstreams=nvcpus) == (OK, mid)
     for i in range(nvcpus):
         assert dst.init(i, mb.Role.TARGET, mid)[0] == OK
     return mid
@@ -73,12 +73,13 @@ def batches(gpas: list[int], n: int = mb.BATCH_PAGES) -> list[list[int]]:
 
 
 def send(src: Guest, dst: Guest, gpas: list[int], nvcpus: int = 1, epoch: int = 0) -> None:
-    """Export ``gpas`` batch by batch, round-robin over the MH vCPUs, importing each."""
-    for k, batch in enumerate(batches(gpas)):
-        i = k % nvcpus
-        ret, record = src.export(i, batch, slot=k % mb.SLOTS, epoch=epoch)
-        assert ret == OK
-        assert dst.import_(i, record, slot=k % mb.SLOTS) == OK
+    """Export ``gpas`` batch by batch, each page on its stream (GFN % MH vCPUs), importing each."""
+    for i in range(nvcpus):
+        mine = [g for g in gpas if (g // PAGE_SIZE) % nvcpus == i]
+        for k, batch in enumerate(batches(mine)):
+            ret, record = src.export(i, batch, slot=k % mb.SLOTS, epoch=epoch)
+            assert ret == OK
+            assert dst.import_(i, record, slot=k % mb.SLOTS) == OK
 
 
 def migrate(src: Guest, dst: Guest, nvcpus: int = 1) -> bytes:
@@ -182,8 +183,9 @@ TAMPERING: dict[str, Callable[[list[bytes], bytes], list[tuple[int, bytes]]]] = 
 @pytest.mark.parametrize("case", TAMPERING)
 def test_tampered_records_are_refused_and_nothing_is_written(src: Guest, dst: Guest, case: str) -> None:
     start(src, dst, nvcpus=2)
-    records = [src.export(0, [HIGH + (4 * k + j) * PAGE_SIZE for j in range(4)])[1] for k in range(3)]
-    other = src.export(1, [HIGH + 64 * PAGE_SIZE])[1]
+    assert (HIGH // PAGE_SIZE) % 2 == 0  # stream 0 takes even GFNs, stream 1 odd ones
+    records = [src.export(0, [HIGH + 2 * (4 * k + j) * PAGE_SIZE for j in range(4)])[1] for k in range(3)]
+    other = src.export(1, [HIGH + 65 * PAGE_SIZE])[1]
     *good, (vcpu, bad) = TAMPERING[case](records, other)
     for i, record in good:
         assert dst.import_(i, record) == OK
@@ -193,6 +195,20 @@ def test_tampered_records_are_refused_and_nothing_is_written(src: Guest, dst: Gu
     n = len(good)
     if all(rec is records[k] for k, (_, rec) in enumerate(good)):
         assert dst.import_(0, records[n]) == OK  # the genuine next record still goes in
+
+
+def test_a_page_travels_on_its_own_stream_only(src: Guest, dst: Guest) -> None:
+    """Two streams each ordered by their sequence numbers could still deliver a page's old
+    version after its new one if the page travelled on both; so a page's stream is its GFN
+    modulo the streams, sealed in every record, and the target refuses any other."""
+    mid = start(src, dst, nvcpus=2)
+    even, odd = HIGH, HIGH + PAGE_SIZE
+    assert src.export(0, [odd])[0] == REFUSED and src.export(1, [even])[0] == REFUSED
+    before = dst.outside_mailboxes()
+    for stream, gpa in ((0, odd), (1, even)):  # genuine records (the key), wrong stream
+        assert dst.import_(stream, seal(KEY, mid, stream=stream, seq=0, gpas=[gpa], nstreams=2)) == REFUSED
+    assert dst.outside_mailboxes() == before
+    assert dst.import_(0, seal(KEY, mid, stream=0, seq=0, gpas=[even], nstreams=2)) == OK
 
 
 BAD_TARGET_GPAS = {
@@ -491,15 +507,19 @@ def test_a_target_imports_one_migration_only(src: Guest, dst: Guest) -> None:
 def test_the_source_draws_the_migration_id_and_its_vcpus_join_it(src: Guest) -> None:
     assert src.init(1, mb.Role.SOURCE)[0] == INVALID  # MH vCPU 0 opens the session
     asked = b"a" * 16
-    ret, mid = src.init(0, mb.Role.SOURCE, asked)
+    odd = HIGH + PAGE_SIZE  # stream 1 of 2 takes odd GFNs
+    ret, mid = src.init(0, mb.Role.SOURCE, asked, nstreams=2)
     assert ret == OK and mid != asked
-    assert src.init(1, mb.Role.SOURCE, b"b" * 16) == (OK, mid)
-    assert src.export(1, [HIGH])[0] == OK
-    ret, new = src.init(0, mb.Role.SOURCE, mid)
+    assert src.init(1, mb.Role.SOURCE, b"b" * 16, nstreams=7) == (OK, mid)  # the session's count
+    assert src.init(2, mb.Role.SOURCE) == (INVALID, bytes(16))  # no stream 2 in a session of 2
+    assert src.export(1, [odd])[0] == OK
+    assert mb.decode_record_header(src.export(1, [odd + 2 * PAGE_SIZE])[1]).nstreams == 2
+    assert src.export(1, [HIGH])[0] == REFUSED  # an even GFN is stream 0's
+    ret, new = src.init(0, mb.Role.SOURCE, mid, nstreams=2)
     assert ret == OK and new != mid
-    assert src.export(1, [HIGH])[0] == INVALID  # vCPU 1 still serves the old session
+    assert src.export(1, [odd])[0] == INVALID  # vCPU 1 still serves the old session
     assert src.init(1, mb.Role.SOURCE) == (OK, new)
-    assert mb.decode_record_header(src.export(1, [HIGH])[1]).seq == 0
+    assert mb.decode_record_header(src.export(1, [odd])[1]).seq == 0
 
 
 def test_a_target_that_inits_again_keeps_its_place_in_the_stream(src: Guest, dst: Guest) -> None:

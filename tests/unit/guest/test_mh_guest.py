@@ -199,16 +199,18 @@ def test_a_guest_migrates_through_its_mh_and_runs_on_at_the_target() -> None:
         src.run_until_line(WRITTEN)
         dst.run_until_line(WAITING_LINE)
         smh, dmh = Mirror(src), Mirror(dst)
-        ret, mid = smh.init(0, mb.Role.SOURCE)
+        ret, mid = smh.init(0, mb.Role.SOURCE, nstreams=2)
         assert smh.init(1, mb.Role.SOURCE) == (0, mid)
+        assert dmh.init(0, mb.Role.TARGET, mid)[0] == 0  # MH vCPU 0 names the target's migration
+        assert dmh.init(1, mb.Role.TARGET, mid)[0] == 0
         gpas = private_gpas(src)
-        for k in range(0, len(gpas), mb.BATCH_PAGES):  # the source's vCPU is stopped
-            i, slot = (k // mb.BATCH_PAGES) % 2, (k // mb.BATCH_PAGES // 2) % mb.SLOTS
-            ret, record = smh.export(i, gpas[k : k + mb.BATCH_PAGES], slot=slot)
-            assert ret == 0
-            if i not in dmh.cpus:
-                assert dmh.init(i, mb.Role.TARGET, mb.decode_record_header(record).migration_id)[0] == 0
-            assert dmh.import_(i, record, slot=slot) == 0
+        for i in (0, 1):  # the source's vCPU is stopped; a page travels on stream GFN % 2
+            mine = [g for g in gpas if (g // 4096) % 2 == i]
+            for k in range(0, len(mine), mb.BATCH_PAGES):
+                slot = (k // mb.BATCH_PAGES) % mb.SLOTS
+                ret, record = smh.export(i, mine[k : k + mb.BATCH_PAGES], slot=slot)
+                assert ret == 0
+                assert dmh.import_(i, record, slot=slot) == 0
         ret, completion = smh.token(mb.MhCommand.FINISH, dmh.challenge())
         assert ret == 0
         assert gate.load(dst.cpu, C_BIT) == gate.INCOMING

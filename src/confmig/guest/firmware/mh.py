@@ -37,7 +37,7 @@ has two writers.
 
 State (private, in the MH's area, zeroed by the firmware at boot)::
 
-    session page   8s magic "CMMHSES2" | le32 phase | le32 0 | 16s migration id
+    session page   8s magic "CMMHSES2" | le32 phase | le32 streams | 16s migration id
                    | 16s challenge (a target's own, in AWAITING; in SENT, the one
                    FINISH sealed; else zero)
                    RUNNING   the guest runs here; it may migrate out. A source's
@@ -97,19 +97,23 @@ host cannot abort one target and complete another.
 What a target accepts. On stream ``i``, records of stream ``i`` only, with the
 next sequence number, an epoch no older than the last, the stream's migration
 id, a tag that verifies, and page-aligned GPAs in RAM (the boot info's map),
-below 16 GiB and outside the MH's area, none twice; any failure is -2 and
-nothing is written. COMPLETE accepts the source's completion record only if
-it was sealed for this target's challenge (the session page's: the
-completion of a recorded stream replayed to another target, or to this one
-after it booted again, names another), every stream's records and pages match
-and every private page (the page-state list as imported, RAM but the MH's
-area) was imported in this migration.
+below 16 GiB and outside the MH's area, none twice, each on its own stream
+(GFN % streams: the count the source's MH vCPU 0 was INITed with, sealed in
+every record; one source session seals every record of a migration and a
+target imports one migration, so the count is the same in all of them). Any
+failure is -2 and nothing is written. A page has one stream, so its versions
+arrive in its stream's order: a host cannot import an older version after a
+newer one. COMPLETE accepts the source's completion record only if it was
+sealed for this target's challenge (the session page's: the completion of a
+recorded stream replayed to another target, or to this one after it booted
+again, names another), every stream's records and pages match and every
+private page (the page-state list as imported, RAM but the MH's area) was
+imported in this migration.
 
 Limits, honestly. The MH cannot see which pages the guest dirtied: a host that
-skips a page's re-export, or imports two streams' versions of one page in the
-wrong order, leaves the target an older version of that page (the guarantee is
-authenticity, binding to GPA, per-stream order and that every private page
-arrived). Version 1, where the owner allows it, has no completion record and
+skips a page's re-export leaves the target an older version of that page (the
+guarantee is authenticity, binding to GPA, per-page order and that every
+private page arrived). Version 1, where the owner allows it, has no completion record and
 no run gate: a host that chooses it can start a target with pages missing, or
 several targets, as under the RFC. The challenge is in
 private memory that plain SEV does not protect from replay: a host that puts
@@ -202,6 +206,9 @@ class Session:
     phase: SessionPhase
     migration_id: bytes = NO_ID
     challenge: bytes = NO_CHALLENGE
+    nstreams: int = 1
+    """A source's streams (MH vCPU 0's INIT says how many): GFN ``g`` leaves on stream
+    ``g % nstreams`` only."""
     """A target's own challenge (AWAITING; drawn by :func:`await_incoming`): the only one its
     COMPLETE accepts. All zero in every other phase."""
 
@@ -242,16 +249,17 @@ def await_incoming(cpu: GuestCpu, mask: int) -> None:
 
 def load_session(cpu: GuestCpu, mask: int) -> Session | None:
     """The session page; None if the firmware never prepared one."""
-    magic, phase, _, migration_id, challenge = _SESSION.unpack(
+    magic, phase, nstreams, migration_id, challenge = _SESSION.unpack(
         cpu.read(MH_SESSION_GPA | mask, _SESSION.size))
     if magic != SESSION_MAGIC or phase not in SessionPhase.__members__.values():
         return None
-    return Session(phase=SessionPhase(phase), migration_id=migration_id, challenge=challenge)
+    return Session(phase=SessionPhase(phase), migration_id=migration_id, challenge=challenge,
+                   nstreams=max(nstreams, 1))
 
 
 def _store_session(cpu: GuestCpu, s: Session, mask: int) -> None:
     cpu.write(MH_SESSION_GPA | mask,
-              _SESSION.pack(SESSION_MAGIC, s.phase, 0, s.migration_id, s.challenge))
+              _SESSION.pack(SESSION_MAGIC, s.phase, s.nstreams, s.migration_id, s.challenge))
 
 
 def load_stream(cpu: GuestCpu, index: int, mask: int) -> Stream:
@@ -371,9 +379,17 @@ def _v1_allowed(call: _Call) -> bool:
 
 
 def _header(kind: mb.RecordKind, *, stream: int, seq: int, migration_id: bytes, epoch: int = 0,
-            npages: int = 0, nzero: int = 0, body: int = 0) -> mb.RecordHeader:
+            npages: int = 0, nzero: int = 0, body: int = 0, nstreams: int = 1) -> mb.RecordHeader:
     return mb.RecordHeader(mb.RECORD_VERSION, mb.ALG_AES_256_GCM, kind, stream, seq, epoch, npages,
-                           nzero, body, migration_id)
+                           nzero, body, nstreams, migration_id)
+
+
+def _on_stream(gpas: npt.NDArray[np.uint64], stream: int, nstreams: int) -> bool:
+    """Every page's GFN belongs to ``stream``: a page has one stream, whose sequence orders its
+    versions (two streams could otherwise deliver an old version after a new one)."""
+    if not 0 <= stream < nstreams:
+        return False
+    return bool(((gpas >> np.uint64(PAGE_SHIFT)) % np.uint64(nstreams) == np.uint64(stream)).all())
 
 
 def _seal(aead: AESGCM, header: mb.RecordHeader, entries: npt.NDArray[np.uint64],
@@ -471,9 +487,10 @@ def _init(call: _Call) -> _Reply:
     # earlier ENCRYPT's record) is not parameters. Only the v2 parameters' size is read as such.
     params = call.cpu.read(hdr + 4, length) if length == mb.INIT_PARAMS.size else b""
     try:
-        role, migration_id = mb.decode_init(params)
+        init = mb.decode_init(params)
     except mb.MailboxError:
         return _Reply(_INVALID)
+    role, migration_id = init.role, init.migration_id
     st = call.stream()
     if role == mb.Role.V1:
         return _init_v1(call, s, st)
@@ -489,10 +506,15 @@ def _init(call: _Call) -> _Reply:
         if _transport_key(call, migration_id) is None:
             return _Reply(_REFUSED)
         if call.index == 0:
-            _store_session(call.cpu, Session(phase=SessionPhase.RUNNING, migration_id=migration_id),
-                           call.mask)
+            _store_session(call.cpu, Session(phase=SessionPhase.RUNNING, migration_id=migration_id,
+                                             nstreams=init.nstreams), call.mask)
+            nstreams = init.nstreams
+        else:
+            nstreams = s.nstreams  # the session's, whatever this INIT said
+        if call.index >= nstreams:
+            return _Reply(_INVALID)  # no stream of this session
         call.set_stream(_adopt(st, StreamRole.SOURCE, migration_id))
-        reply = mb.encode_init(mb.Role.SOURCE, migration_id)
+        reply = mb.encode_init(mb.Role.SOURCE, migration_id, nstreams)
         call.cpu.write(hdr, _U32.pack(len(reply)) + reply)
         return _Reply(_OK)
     if s.phase != SessionPhase.AWAITING:
@@ -643,7 +665,7 @@ def _export(call: _Call) -> _Reply:
     if not 0 < cmd.npages <= mb.BATCH_PAGES or cmd.epoch < st.epoch:
         return _Reply(_INVALID)
     gpas = np.frombuffer(call.cpu.read(call.data, 8 * cmd.npages), "<u8").astype(np.uint64)
-    sealer = _sealer(call, gpas, st)
+    sealer = _sealer(call, gpas, st) if _on_stream(gpas, call.index, s.nstreams) else None
     if sealer is None:
         return _Reply(_REFUSED)
     aead, ram = sealer
@@ -653,7 +675,7 @@ def _export(call: _Call) -> _Reply:
     entries = gpas | zero.astype(np.uint64) * np.uint64(mb.ZERO_FLAG)
     header = _header(mb.RecordKind.PAGES, stream=call.index, seq=st.records,
                      migration_id=st.migration_id, epoch=cmd.epoch, npages=cmd.npages,
-                     nzero=int(zero.sum()))
+                     nzero=int(zero.sum()), nstreams=s.nstreams)
     call.set_stream(replace(st, records=st.records + 1, pages=st.pages + cmd.npages, epoch=cmd.epoch))
     record = _seal(aead, header, entries, pages[~zero].tobytes())  # the sequence number is spent
     call.cpu.write(call.data, record)
@@ -684,6 +706,8 @@ def _open_pages(call: _Call, record: bytes, st: Stream, *, stream: int,
         return None
     zero = flags == np.uint64(mb.ZERO_FLAG)
     gpas = entries & ~_PAGE_MASK
+    if stream != mb.V1_STREAM and not _on_stream(gpas, stream, header.nstreams):
+        return None  # a page on a stream that is not its own
     ram = _ram(call)
     if int(zero.sum()) != header.nzero or ram is None or not _valid_gpas(gpas, ram):
         return None

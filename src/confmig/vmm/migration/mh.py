@@ -107,21 +107,27 @@ class MhOutgoing(OutgoingBackend):
         self.abort_token: bytes | None = None
         self._area = mh.area
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"mh{v.index}") for v in mh.vcpus]
-        self._pending: deque[Future[bytes]] = deque()
-        self._submitted = 0
+        self._pending: deque[tuple[MhVcpu, Future[bytes]]] = deque()
+        self._submitted = [0] * len(mh.vcpus)
+        """Batches given to each MH vCPU: which of its slots the next one uses."""
 
     # --- the engine's hooks -------------------------------------------------------------
 
     def setup(self) -> None:
         """Start the MH if nobody did (``start-migration-handler``), INIT every MH vCPU."""
         self.mh.start()
-        for v in self.mh.vcpus:
-            v.io_header(mb.encode_init(mb.Role.SOURCE, bytes(mb.MIGRATION_ID_SIZE)))
+        nstreams = len(self.mh.vcpus)
+        for v in self.mh.vcpus:  # MH vCPU 0 first: it opens the session the others join
+            v.io_header(mb.encode_init(mb.Role.SOURCE, bytes(mb.MIGRATION_ID_SIZE), nstreams))
             self._check(v.command(mb.MhCommand.INIT).ret, f"INIT on MH vCPU {v.index}")
             try:
-                _role, self.migration_id = mb.decode_init(v.read_io_header())
+                init = mb.decode_init(v.read_io_header())
             except mb.MailboxError as exc:
                 raise MhError(f"Migration Handler vCPU {v.index} answered INIT with {exc}") from None
+            if init.nstreams != nstreams:
+                raise MhError(f"Migration Handler vCPU {v.index} joined a session of {init.nstreams} "
+                              f"streams, not {nstreams}")
+            self.migration_id = init.migration_id
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         return self._send(block, indices, zero=False)
@@ -204,21 +210,27 @@ class MhOutgoing(OutgoingBackend):
             total += send(block, indices[shared])
             self.counters.shared_pages += int(np.count_nonzero(shared))
         private = gpas[keep & ~shared]
-        for first in range(0, len(private), mb.BATCH_PAGES):
-            total += self._submit(private[first : first + mb.BATCH_PAGES])
+        # A page has one stream (its GFN modulo the MH vCPUs): the MH refuses any other, so that
+        # each page's versions are ordered by one stream's sequence numbers.
+        nvcpus = len(self.mh.vcpus)
+        streams = [private[(private >> PAGE_SHIFT) % nvcpus == i] for i in range(nvcpus)]
+        batches = max((len(g) + mb.BATCH_PAGES - 1) // mb.BATCH_PAGES for g in streams)
+        for b in range(batches):  # round-robin over the streams: every MH vCPU works
+            for v, g in zip(self.mh.vcpus, streams, strict=True):
+                chunk = g[b * mb.BATCH_PAGES : (b + 1) * mb.BATCH_PAGES]
+                if len(chunk):
+                    total += self._submit(v, chunk)
         total += self._drain(send=True)
         return total
 
-    def _submit(self, gpas: npt.NDArray[np.int64]) -> RoundCounters:
-        """Hand a batch to the next MH vCPU and slot; send what that slot held before."""
-        nvcpus = len(self.mh.vcpus)
+    def _submit(self, v: MhVcpu, gpas: npt.NDArray[np.int64]) -> RoundCounters:
+        """Hand a batch to MH vCPU ``v``'s next slot; first send what that slot held before."""
         sent = RoundCounters()
-        while len(self._pending) >= nvcpus * mb.SLOTS:
-            sent += self._drain_one(send=True)  # its slot is the one this batch reuses
-        i = self._submitted
-        self._submitted += 1
-        v, slot = self.mh.vcpus[i % nvcpus], (i // nvcpus) % mb.SLOTS
-        self._pending.append(self._pools[v.index].submit(self._export, v, slot, gpas, self.epoch))
+        while sum(1 for owner, _ in self._pending if owner is v) >= mb.SLOTS:
+            sent += self._drain_one(send=True)  # in order: the oldest, up to v's in that slot
+        slot = self._submitted[v.index] % mb.SLOTS
+        self._submitted[v.index] += 1
+        self._pending.append((v, self._pools[v.index].submit(self._export, v, slot, gpas, self.epoch)))
         return sent
 
     def _export(self, v: MhVcpu, slot: int, gpas: npt.NDArray[np.int64], epoch: int) -> bytes:
@@ -236,7 +248,7 @@ class MhOutgoing(OutgoingBackend):
         return total
 
     def _drain_one(self, *, send: bool) -> RoundCounters:
-        fut = self._pending.popleft()
+        _owner, fut = self._pending.popleft()
         if not send:
             fut.exception()  # wait; the migration failed already
             return RoundCounters()

@@ -47,8 +47,8 @@ class FakeVcpu:
         self.init = data
 
     def read_io_header(self) -> bytes:
-        """A source MH answers INIT with the migration id it drew."""
-        return mb.encode_init(mb.Role.SOURCE, MID)
+        """A source MH answers INIT with the migration id it drew (and its session's streams)."""
+        return mb.encode_init(mb.Role.SOURCE, MID, mb.decode_init(self.init).nstreams)
 
     def command(self, cmd: mb.MhCommand, *, slot: int | None = None, npages: int = 0, length: int = 0,
                 epoch: int = 0, gpa: int = 0) -> mb.Command:
@@ -79,7 +79,8 @@ class FakeVcpu:
 
 def sealed(stream: int, seq: int, gpas: tuple[int, ...], epoch: int,
            kind: mb.RecordKind = mb.RecordKind.PAGES, mid: bytes = MID) -> bytes:
-    h = mb.RecordHeader(mb.RECORD_VERSION, mb.ALG_AES_256_GCM, kind, stream, seq, epoch, len(gpas), 0, 0, mid)
+    h = mb.RecordHeader(mb.RECORD_VERSION, mb.ALG_AES_256_GCM, kind, stream, seq, epoch, len(gpas), 0, 0,
+                        1, mid)
     body = bytes(len(gpas) * 4096 + mb.TAG_SIZE)
     return h.pack() + struct.pack(f"<{len(gpas)}Q", *gpas) + body
 
@@ -140,7 +141,7 @@ def records_of(sink: Sink) -> list[mb.RecordHeader]:
 def test_private_pages_go_through_the_mh_shared_ones_in_the_clear_and_its_area_nowhere() -> None:
     backend, fake, sink, memory, log = source()
     backend.setup()
-    assert fake.started and mb.decode_init(fake.vcpus[0].init)[0] == mb.Role.SOURCE
+    assert fake.started and mb.decode_init(fake.vcpus[0].init).role == mb.Role.SOURCE
     assert backend.migration_id == MID
     block = memory.blocks[0]
     total = backend.pages(block, np.arange(block.npages, dtype=np.int64))
@@ -158,15 +159,21 @@ def test_private_pages_go_through_the_mh_shared_ones_in_the_clear_and_its_area_n
     assert {e for _, name, e in log if name == "EXPORT"} == {mh.LIVE_EPOCH}
 
 
-def test_several_mh_vcpus_seal_in_turn_and_each_stream_stays_in_order() -> None:
-    backend, _fake, sink, memory, _log = source(nvcpus=3)
+def test_several_mh_vcpus_seal_in_turn_each_page_on_its_own_stream_in_order() -> None:
+    backend, fake, sink, memory, _log = source(nvcpus=3)
     backend.setup()
+    assert all(mb.decode_init(v.init).nstreams == 3 for v in fake.vcpus)
     block = memory.blocks[0]
     backend.pages(block, np.arange(block.npages, dtype=np.int64))
     heads = records_of(sink)
     for stream in range(3):
         seqs = [h.seq for h in heads if h.stream == stream]
         assert seqs == list(range(len(seqs))) and len(seqs) > 3
+    for _, p in sink.records:
+        if isinstance(p, bytes):
+            h = mb.decode_record_header(p)
+            assert all((g >> 12) % 3 == h.stream for g in mb.gpa_list(p, h))
+    assert [h.stream for h in heads[:3]] == [0, 1, 2]  # round-robin: every MH vCPU works
 
 
 def test_the_firmware_block_is_not_migrated() -> None:
@@ -231,7 +238,7 @@ def test_the_target_gives_each_stream_to_its_mh_vcpu_and_completes_last() -> Non
     incoming.record(ConfidentialSubtype.MH_RECORD, r0)
     incoming.record(ConfidentialSubtype.MH_RECORD, r1)
     assert fake.vcpus[0].imported == [r0] and fake.vcpus[1].imported == [r1]
-    assert mb.decode_init(fake.vcpus[1].init) == (mb.Role.TARGET, MID)
+    assert mb.decode_init(fake.vcpus[1].init) == mb.Init(mb.Role.TARGET, MID)
     with pytest.raises(StreamError, match="completion record"):
         incoming.verify()
     done = sealed(0, 0, (), 1, kind=mb.RecordKind.COMPLETION)
