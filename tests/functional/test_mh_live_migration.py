@@ -229,6 +229,7 @@ def test_kv_keeps_every_acknowledged_write_across_an_mh_migration(
                extra=(*common, *MH_TARGET_ARGS, "-device", f"confmig-kv,path={dst_sock}")))
     src.wait_console(re.compile(rb"confmig kernel: workload kv"))
     dst.wait_console(TARGET_WAITING)
+    assert not os.path.exists(dst_sock)  # the target serves nobody before its guest arrives
     load = KvLoad(src_sock, dst_sock)
     load.start()
     result = migrate(src, dst, settings=SETTINGS)

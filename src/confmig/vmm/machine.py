@@ -195,6 +195,8 @@ class Machine:
             # else: the guest context arrives with the stream (RECEIVE_START)
         self.mh: MigrationHandler | None = None
         """The Migration Handler's mirror VM (``-smp N,mirrorvcpus=M``)."""
+        self.awaiting_guest = config.mh_target
+        """An MH target whose guest has not arrived yet: its devices do not serve."""
         if config.mirror_vcpus:
             self.mh = self._migration_handler(config.mirror_vcpus)
         for v in self.vcpus:
@@ -286,7 +288,10 @@ class Machine:
             self.kv.stop()
 
     def resume_devices(self) -> None:
-        """Undo :meth:`quiesce_devices` (the VM stays here after all)."""
+        """Undo :meth:`quiesce_devices` (the VM stays here after all). A Migration Handler target
+        serves nobody before its guest arrived: its firmware runs, but the guest is not there."""
+        if self.awaiting_guest:
+            return
         if self.kv is not None and not self.kv.listening:
             self.kv.start()
 

@@ -116,6 +116,7 @@ class MachineVm:
             raise StreamError(f"stream has state for vCPUs {sorted(self._cpus)}, this VM has {len(m.vcpus)}")
         for v in m.vcpus:
             m.load_cpu(v, self._cpus[v.fd.vcpu_id])
+        m.awaiting_guest = False  # its devices' state is loaded: they serve once it runs
 
     def resume(self) -> None:
         """Run the loaded guest, unless ``-S`` or a ``stop`` said otherwise."""
