@@ -60,6 +60,21 @@ def mh_pair(lab: Lab, hosts: tuple[HostProc, HostProc], *, guest: str = DIRTY, m
     return src, dst
 
 
+def two_targets(lab: Lab, hosts: tuple[HostProc, HostProc], *names: str) -> tuple[VmProc, VmProc, VmProc]:
+    """A running source and two attested MH targets of it, launched by one owner (one key)."""
+    a, b = hosts
+    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
+                      secrets=[(MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
+    common = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(1))
+    src, t1, t2 = lab.start_vms(
+        VmSpec(name="src", host=a, ram="64M", guest=DIRTY, extra=common),
+        *(VmSpec(name=n, host=b, ram="64M", guest=DIRTY, extra=(*common, *MH_TARGET_ARGS)) for n in names))
+    src.wait_console(WORKING_SET_WRITTEN)
+    for t in (t1, t2):
+        t.wait_console(TARGET_WAITING)
+    return src, t1, t2
+
+
 SETTINGS = MigrationSettings(downtime_limit_ms=300, confidential_backend="mh")
 
 
@@ -254,17 +269,7 @@ def test_a_recorded_stream_replayed_to_a_second_target_never_runs_there(
     import socket
     import time
 
-    a, b = hosts
-    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
-                      secrets=[(MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
-    common = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(1))
-    src, first, second = lab.start_vms(
-        VmSpec(name="src", host=a, ram="64M", guest=DIRTY, extra=common),
-        VmSpec(name="first", host=b, ram="64M", guest=DIRTY, extra=(*common, *MH_TARGET_ARGS)),
-        VmSpec(name="second", host=b, ram="64M", guest=DIRTY, extra=(*common, *MH_TARGET_ARGS)))
-    src.wait_console(WORKING_SET_WRITTEN)
-    for t in (first, second):
-        t.wait_console(TARGET_WAITING)
+    src, first, second = two_targets(lab, hosts, "first", "second")
     challenges = {mh_target_challenge(t)["x-mh-target-challenge"] for t in (first, second)}
     assert len(challenges) == 2 and bytes(16).hex() not in challenges
     uri, relay = through(Relay, src, first)
@@ -343,17 +348,7 @@ def test_a_saved_stream_restores_only_on_the_target_it_was_sealed_for(
         lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
     """``migrate file:`` saves the guest sealed for one target's challenge; restoring the file on
     another attested target (a clone, or a rollback to a saved state) is refused at COMPLETE."""
-    a, b = hosts
-    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
-                      secrets=[(MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
-    common = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(1))
-    src, named, other = lab.start_vms(
-        VmSpec(name="src", host=a, ram="64M", guest=DIRTY, extra=common),
-        VmSpec(name="named", host=b, ram="64M", guest=DIRTY, extra=(*common, *MH_TARGET_ARGS)),
-        VmSpec(name="other", host=b, ram="64M", guest=DIRTY, extra=(*common, *MH_TARGET_ARGS)))
-    src.wait_console(WORKING_SET_WRITTEN)
-    for t in (named, other):
-        t.wait_console(TARGET_WAITING)
+    src, named, other = two_targets(lab, hosts, "named", "other")
     configure(src, SETTINGS)
     src.qmp.execute("migrate-set-parameters", **mh_target_challenge(named))
     saved = lab.root / "guest.mig"

@@ -83,6 +83,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
 from confmig.common.errors import ConfmigError
 from confmig.common.units import PAGE_SIZE
 
@@ -235,8 +238,8 @@ class RecordHeader:
     nzero: int
     body: int
     nstreams: int
-    """How many streams the migration has: a page of GFN ``g`` travels on stream
-    ``g % nstreams`` only, so each page's versions are ordered by its stream's sequence."""
+    """How many streams the migration has: a page travels on :func:`stream_of` its GFN only,
+    so each page's versions are ordered by its stream's sequence."""
     migration_id: bytes
 
     def pack(self) -> bytes:
@@ -365,6 +368,14 @@ def decode_init(io_header: bytes | memoryview) -> Init:
 STREAM_TOTAL: Final = struct.Struct("<IIQQ")
 """One stream in a completion record: stream, 0, records (= next sequence number), pages."""
 MAX_STREAMS: Final = 64
+STREAM_CHUNK: Final = BATCH_PAGES
+"""Pages per stream chunk: GFNs ``[k * 128, (k + 1) * 128)`` travel on stream ``k % nstreams``,
+so a page has one stream and a batch of consecutive pages stays one run."""
+
+
+def stream_of(gfns: npt.NDArray[np.uint64] | npt.NDArray[np.int64], nstreams: int) -> npt.NDArray[np.int64]:
+    """The stream each GFN travels on, in a migration of ``nstreams`` streams."""
+    return (np.asarray(gfns, dtype=np.int64) // STREAM_CHUNK) % nstreams
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,9 +73,9 @@ def batches(gpas: list[int], n: int = mb.BATCH_PAGES) -> list[list[int]]:
 
 
 def send(src: Guest, dst: Guest, gpas: list[int], nvcpus: int = 1, epoch: int = 0) -> None:
-    """Export ``gpas`` batch by batch, each page on its stream (GFN % MH vCPUs), importing each."""
+    """Export ``gpas`` batch by batch, each page on its stream (``stream_of``), importing each."""
     for i in range(nvcpus):
-        mine = [g for g in gpas if (g // PAGE_SIZE) % nvcpus == i]
+        mine = [g for g in gpas if mb.stream_of(np.array([g // PAGE_SIZE]), nvcpus)[0] == i]
         for k, batch in enumerate(batches(mine)):
             ret, record = src.export(i, batch, slot=k % mb.SLOTS, epoch=epoch)
             assert ret == OK
@@ -142,7 +142,7 @@ def test_zero_pages_travel_as_a_flag_and_arrive_as_zeros(src: Guest, dst: Guest)
 
 def test_each_stream_numbers_its_records_and_counts_its_pages(src: Guest, dst: Guest) -> None:
     start(src, dst, nvcpus=2)
-    headers = [mb.decode_record_header(src.export(i, [HIGH + (4 * k + i) * PAGE_SIZE])[1])
+    headers = [mb.decode_record_header(src.export(i, [HIGH + (i * mb.STREAM_CHUNK + k) * PAGE_SIZE])[1])
                for k in range(3) for i in (0, 1)]
     assert [(h.stream, h.seq) for h in headers] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
     assert mh.load_stream(src.view, 1, C_BIT).pages == 3
@@ -183,9 +183,9 @@ TAMPERING: dict[str, Callable[[list[bytes], bytes], list[tuple[int, bytes]]]] = 
 @pytest.mark.parametrize("case", TAMPERING)
 def test_tampered_records_are_refused_and_nothing_is_written(src: Guest, dst: Guest, case: str) -> None:
     start(src, dst, nvcpus=2)
-    assert (HIGH // PAGE_SIZE) % 2 == 0  # stream 0 takes even GFNs, stream 1 odd ones
-    records = [src.export(0, [HIGH + 2 * (4 * k + j) * PAGE_SIZE for j in range(4)])[1] for k in range(3)]
-    other = src.export(1, [HIGH + 65 * PAGE_SIZE])[1]
+    assert (HIGH // PAGE_SIZE) % (2 * mb.STREAM_CHUNK) == 0  # stream 0's chunk; stream 1's is next
+    records = [src.export(0, [HIGH + (4 * k + j) * PAGE_SIZE for j in range(4)])[1] for k in range(3)]
+    other = src.export(1, [HIGH + (mb.STREAM_CHUNK + 1) * PAGE_SIZE])[1]
     *good, (vcpu, bad) = TAMPERING[case](records, other)
     for i, record in good:
         assert dst.import_(i, record) == OK
@@ -200,9 +200,10 @@ def test_tampered_records_are_refused_and_nothing_is_written(src: Guest, dst: Gu
 def test_a_page_travels_on_its_own_stream_only(src: Guest, dst: Guest) -> None:
     """Two streams each ordered by their sequence numbers could still deliver a page's old
     version after its new one if the page travelled on both; so a page's stream is its GFN
-    modulo the streams, sealed in every record, and the target refuses any other."""
+    (``stream_of``: chunks of GFNs over the streams, whose count is sealed in every record),
+    and the target refuses any other."""
     mid = start(src, dst, nvcpus=2)
-    even, odd = HIGH, HIGH + PAGE_SIZE
+    even, odd = HIGH, HIGH + mb.STREAM_CHUNK * PAGE_SIZE  # chunks of streams 0 and 1
     assert src.export(0, [odd])[0] == REFUSED and src.export(1, [even])[0] == REFUSED
     before = dst.outside_mailboxes()
     for stream, gpa in ((0, odd), (1, even)):  # genuine records (the key), wrong stream
@@ -507,14 +508,14 @@ def test_a_target_imports_one_migration_only(src: Guest, dst: Guest) -> None:
 def test_the_source_draws_the_migration_id_and_its_vcpus_join_it(src: Guest) -> None:
     assert src.init(1, mb.Role.SOURCE)[0] == INVALID  # MH vCPU 0 opens the session
     asked = b"a" * 16
-    odd = HIGH + PAGE_SIZE  # stream 1 of 2 takes odd GFNs
+    odd = HIGH + mb.STREAM_CHUNK * PAGE_SIZE  # stream 1 of 2 takes the second chunk of GFNs
     ret, mid = src.init(0, mb.Role.SOURCE, asked, nstreams=2)
     assert ret == OK and mid != asked
     assert src.init(1, mb.Role.SOURCE, b"b" * 16, nstreams=7) == (OK, mid)  # the session's count
     assert src.init(2, mb.Role.SOURCE) == (INVALID, bytes(16))  # no stream 2 in a session of 2
     assert src.export(1, [odd])[0] == OK
     assert mb.decode_record_header(src.export(1, [odd + 2 * PAGE_SIZE])[1]).nstreams == 2
-    assert src.export(1, [HIGH])[0] == REFUSED  # an even GFN is stream 0's
+    assert src.export(1, [HIGH])[0] == REFUSED  # the first chunk is stream 0's
     ret, new = src.init(0, mb.Role.SOURCE, mid, nstreams=2)
     assert ret == OK and new != mid
     assert src.export(1, [odd])[0] == INVALID  # vCPU 1 still serves the old session

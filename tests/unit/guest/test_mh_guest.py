@@ -204,8 +204,8 @@ def test_a_guest_migrates_through_its_mh_and_runs_on_at_the_target() -> None:
         assert dmh.init(0, mb.Role.TARGET, mid)[0] == 0  # MH vCPU 0 names the target's migration
         assert dmh.init(1, mb.Role.TARGET, mid)[0] == 0
         gpas = private_gpas(src)
-        for i in (0, 1):  # the source's vCPU is stopped; a page travels on stream GFN % 2
-            mine = [g for g in gpas if (g // 4096) % 2 == i]
+        for i in (0, 1):  # the source's vCPU is stopped; a page travels on its own stream
+            mine = [g for g in gpas if mb.stream_of(np.array([g // 4096]), 2)[0] == i]
             for k in range(0, len(mine), mb.BATCH_PAGES):
                 slot = (k // mb.BATCH_PAGES) % mb.SLOTS
                 ret, record = smh.export(i, mine[k : k + mb.BATCH_PAGES], slot=slot)

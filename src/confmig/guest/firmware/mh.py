@@ -98,7 +98,8 @@ What a target accepts. On stream ``i``, records of stream ``i`` only, with the
 next sequence number, an epoch no older than the last, the stream's migration
 id, a tag that verifies, and page-aligned GPAs in RAM (the boot info's map),
 below 16 GiB and outside the MH's area, none twice, each on its own stream
-(GFN % streams: the count the source's MH vCPU 0 was INITed with, sealed in
+(``proto.mailbox.stream_of``: chunks of 128 GFNs, round-robin over the streams,
+the count the source's MH vCPU 0 was INITed with, sealed in
 every record; one source session seals every record of a migration and a
 target imports one migration, so the count is the same in all of them). Any
 failure is -2 and nothing is written. A page has one stream, so its versions
@@ -389,7 +390,7 @@ def _on_stream(gpas: npt.NDArray[np.uint64], stream: int, nstreams: int) -> bool
     versions (two streams could otherwise deliver an old version after a new one)."""
     if not 0 <= stream < nstreams:
         return False
-    return bool(((gpas >> np.uint64(PAGE_SHIFT)) % np.uint64(nstreams) == np.uint64(stream)).all())
+    return bool((mb.stream_of(gpas >> np.uint64(PAGE_SHIFT), nstreams) == stream).all())
 
 
 def _seal(aead: AESGCM, header: mb.RecordHeader, entries: npt.NDArray[np.uint64],

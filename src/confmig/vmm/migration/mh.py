@@ -210,10 +210,11 @@ class MhOutgoing(OutgoingBackend):
             total += send(block, indices[shared])
             self.counters.shared_pages += int(np.count_nonzero(shared))
         private = gpas[keep & ~shared]
-        # A page has one stream (its GFN modulo the MH vCPUs): the MH refuses any other, so that
+        # A page has one stream (proto.mailbox.stream_of): the MH refuses any other, so that
         # each page's versions are ordered by one stream's sequence numbers.
         nvcpus = len(self.mh.vcpus)
-        streams = [private[(private >> PAGE_SHIFT) % nvcpus == i] for i in range(nvcpus)]
+        of = mb.stream_of(private >> PAGE_SHIFT, nvcpus)
+        streams = [private[of == i] for i in range(nvcpus)]
         batches = max((len(g) + mb.BATCH_PAGES - 1) // mb.BATCH_PAGES for g in streams)
         for b in range(batches):  # round-robin over the streams: every MH vCPU works
             for v, g in zip(self.mh.vcpus, streams, strict=True):
