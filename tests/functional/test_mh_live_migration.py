@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from kv_load import KvLoad
 from procmem import process_memory
 from relay import Relay
@@ -32,6 +34,7 @@ from confmig.bench.scenario import (
     wait_status,
 )
 from confmig.owner import MIGRATION_TRANSPORT_KEY_GUID
+from confmig.proto import mailbox as mb
 from confmig.vmm.qmp.client import QmpCommandError
 
 DIRTY = "dirty,rate=300,wss=2M,prefill=on"
@@ -136,17 +139,26 @@ def test_no_plaintext_and_no_key_in_the_stream_the_vmms_or_their_files(
     result = migrate(src, None, uri, settings=SETTINGS)
     assert result.status == "completed", result.info.get("error-desc")
     stream = bytes(relay.seen)
-    assert len(MH_PAGE_RECORD.findall(stream)) >= 100
-    for canary in (key, *PRIVATE_MAGICS):
+    records = list(MH_PAGE_RECORD.finditer(stream))
+    assert len(records) >= 100
+    # The key the records are sealed under: HKDF of the owner's key with the migration id,
+    # which every record header names (as the MH derives it).
+    migration_id = mb.RecordHeader(*mb.RECORD_HEADER.unpack_from(
+        stream, records[0].start() + RECORD_PAYLOAD)).migration_id
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id,
+                   info=b"confmig mh transport v2").derive(key)
+    canaries = (key, derived, *PRIVATE_MAGICS)
+    for canary in canaries:
         assert canary not in stream
     wait_status(dst, "running")
     for vm in (src, dst):  # both VMMs, guest RAM and mailboxes included
         for region in process_memory(vm.proc.pid):
-            for canary in (key, *PRIVATE_MAGICS):
+            for canary in canaries:
                 assert canary not in region, f"{vm.name}'s VMM holds {canary[:8]!r}"
     for path in lab.root.rglob("*"):  # what the VMMs and hosts wrote: consoles, logs, sockets
         if path.is_file() and not path.is_relative_to(lab.amd_root):
-            assert key not in path.read_bytes(), f"{path.name} holds the transport key"
+            data = path.read_bytes()
+            assert key not in data and derived not in data, f"{path.name} holds a transport key"
     assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
 
 
