@@ -33,6 +33,7 @@ from confmig.bench.scenario import (
     sev_args,
     wait_status,
 )
+from confmig.guest.firmware.mh import KDF_INFO
 from confmig.owner import MIGRATION_TRANSPORT_KEY_GUID
 from confmig.proto import mailbox as mb
 from confmig.vmm.qmp.client import QmpCommandError
@@ -146,7 +147,7 @@ def test_no_plaintext_and_no_key_in_the_stream_the_vmms_or_their_files(
     migration_id = mb.RecordHeader(*mb.RECORD_HEADER.unpack_from(
         stream, records[0].start() + RECORD_PAYLOAD)).migration_id
     derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id,
-                   info=b"confmig mh transport v2").derive(key)
+                   info=KDF_INFO).derive(key)
     canaries = (key, derived, *PRIVATE_MAGICS)
     for canary in canaries:
         assert canary not in stream
