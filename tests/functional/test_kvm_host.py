@@ -135,7 +135,9 @@ def test_read_only_ram_is_refused_cleanly_and_costs_the_host_no_descriptor(host:
         with pytest.raises(KvmError) as e:
             vm.set_user_memory_region(region, read_only)
         assert e.value.errno == errno.EFAULT
-    assert len(os.listdir("/proc/self/fd")) == before
+    # No more than before: a leak adds one per refusal; an earlier test's thread that closes a
+    # socket meanwhile (this process hosts them all) may take one away.
+    assert len(os.listdir("/proc/self/fd")) <= before
     vm.create_vcpu(0).run()  # the VM is still served
     os.close(read_only)
 

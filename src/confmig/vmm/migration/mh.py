@@ -291,6 +291,11 @@ class MhIncoming(IncomingBackend):
         self._initialized: set[int] = set()
         self._completion: bytes | None = None
         self.shared_received = False
+        self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"mh-in{v.index}") for v in mh.vcpus]
+        self._pending: deque[tuple[MhVcpu, Future[None]]] = deque()
+        """Imports under way, oldest first: each MH vCPU imports its stream's records in order,
+        the MH vCPUs side by side (a page has one stream, so their order does not matter)."""
+        self._imports = [0] * len(mh.vcpus)
 
     def record(self, subtype: ConfidentialSubtype, payload: bytes) -> None:
         # SECURITY: everything here comes from the source host. Lengths are bounded by the
@@ -323,7 +328,13 @@ class MhIncoming(IncomingBackend):
                               f"{len(self.mh.vcpus)} MH vCPUs (-smp ...,mirrorvcpus=)")
         v = self.mh.vcpus[header.stream]
         self._init(v)
-        self._import(v, mb.MhCommand.IMPORT, payload, header.epoch)
+        while sum(1 for owner, _ in self._pending if owner is v) >= mb.SLOTS:
+            self._wait_one()  # the slot this record takes is free once its import is done
+        slot = self._imports[v.index] % mb.SLOTS
+        self._imports[v.index] += 1
+        self._pending.append((v, self._pools[v.index].submit(
+            self._import, v, mb.MhCommand.IMPORT, payload, header.epoch, slot)))
+        self.counters.commands += 1
         self.counters.private_pages += header.npages
         self.counters.extra["batches"] += 1
         self.counters.extra["zero-pages-elided"] += header.nzero
@@ -333,6 +344,7 @@ class MhIncoming(IncomingBackend):
         for the source's MH (RESUME). Nothing if no record named the migration."""
         if self.migration_id is None:
             return b""
+        self._close(wait_quietly=True)
         v = self.mh.vcpus[0]
         self._init(v)
         answer = v.command(mb.MhCommand.ABORT, slot=0)
@@ -347,8 +359,10 @@ class MhIncoming(IncomingBackend):
         """COMPLETE: the MH says whether every record and every private page arrived."""
         if self._completion is None:
             raise StreamError("the stream ended without the Migration Handler's completion record")
+        self._close(wait_quietly=False)  # every import done, the first refusal raised
         v = self.mh.vcpus[0]
         self._init(v)
+        self.counters.commands += 1
         self._import(v, mb.MhCommand.COMPLETE, self._completion, FINAL_EPOCH)
 
     def _init(self, v: MhVcpu) -> None:
@@ -366,11 +380,27 @@ class MhIncoming(IncomingBackend):
             raise StreamError(_refused(f"INIT on MH vCPU {v.index}", answer.ret))
         self._initialized.add(v.index)
 
-    def _import(self, v: MhVcpu, cmd: mb.MhCommand, payload: bytes, epoch: int) -> None:
-        data = v.data(0)
+    def _wait_one(self) -> None:
+        _v, fut = self._pending.popleft()
+        fut.result()  # a refusal is the migration's failure
+
+    def _close(self, *, wait_quietly: bool) -> None:
+        """Wait for every import under way (bounded: each MH entry has its deadline); raise the
+        first refusal unless ``wait_quietly`` (the load failed already)."""
+        try:
+            while self._pending:
+                if wait_quietly:
+                    self._pending.popleft()[1].exception()
+                else:
+                    self._wait_one()
+        finally:
+            for pool in self._pools:
+                pool.shutdown(wait=False)
+
+    def _import(self, v: MhVcpu, cmd: mb.MhCommand, payload: bytes, epoch: int, slot: int = 0) -> None:
+        data = v.data(slot)
         data[: len(payload)] = payload
-        answer = v.command(cmd, slot=0, length=len(payload), epoch=epoch)
-        self.counters.commands += 1
+        answer = v.command(cmd, slot=slot, length=len(payload), epoch=epoch)
         if answer.ret != mb.MhReturn.SUCCESS:
             raise StreamError(_refused(f"{cmd.name} of a record of stream "
                                        f"{mb.decode_record_header(payload).stream}", answer.ret))

@@ -69,7 +69,7 @@ class FakeVcpu:
             self.data(0)[: len(record)] = record
             return mb.Command(cmd, 0, 0, 0, 1, length=len(record))
         if cmd in (mb.MhCommand.IMPORT, mb.MhCommand.COMPLETE, mb.MhCommand.RESUME):
-            self.imported.append(bytes(self.data(0)[:length]))
+            self.imported.append(bytes(self.data(slot or 0)[:length]))
         if cmd == mb.MhCommand.ABORT:
             token = sealed(0, 0, (), epoch, kind=mb.RecordKind.ABORT)
             self.data(0)[: len(token)] = token
@@ -261,11 +261,27 @@ def test_the_target_refuses_what_no_mh_should_see(record: bytes, error: str) -> 
     assert len(fake.vcpus[0].imported) == 1
 
 
-def test_a_refused_import_is_a_stream_error_naming_the_mh() -> None:
+def test_a_refused_import_fails_the_load_before_complete() -> None:
+    """Imports run on their MH vCPUs in the background: a refusal surfaces at the latest when
+    verify() waits for them, and COMPLETE is never asked for."""
     incoming, fake = target()
     fake.vcpus[0].fail.add(mb.MhCommand.IMPORT)
-    with pytest.raises(StreamError, match="refused IMPORT of a record of stream 0 \\(AUTH_ERR\\)"):
-        incoming.record(ConfidentialSubtype.MH_RECORD, sealed(0, 0, (0x1000,), 0))
+    incoming.record(ConfidentialSubtype.MH_RECORD, sealed(0, 0, (0x1000,), 0))
+    incoming.record(ConfidentialSubtype.MH_RECORD, sealed(0, 0, (), 1, kind=mb.RecordKind.COMPLETION))
+    with pytest.raises(StreamError, match=r"refused IMPORT of a record of stream 0 \(AUTH_ERR\)"):
+        incoming.verify()
+    assert "COMPLETE" not in [name for _, name, _ in fake.vcpus[0].log]
+
+
+def test_streams_import_side_by_side_each_in_order() -> None:
+    incoming, fake = target(nvcpus=2)
+    records = [sealed(i % 2, i // 2, (0x10000 + i * 0x1000,), 0) for i in range(8)]
+    for r in records:
+        incoming.record(ConfidentialSubtype.MH_RECORD, r)
+    incoming.record(ConfidentialSubtype.MH_RECORD, sealed(0, 0, (), 1, kind=mb.RecordKind.COMPLETION))
+    incoming.verify()
+    for i in (0, 1):
+        assert fake.vcpus[i].imported[: 4] == records[i::2]  # each stream in its order
 
 
 def finished_source() -> tuple[mh.MhOutgoing, FakeMh, list[tuple[int, str, int]]]:
