@@ -22,19 +22,15 @@ from relay import Relay
 
 from confmig.bench.lab import WORKING_SET_WRITTEN, HostProc, Lab, VmProc, VmSpec
 from confmig.bench.scenario import (
-    MH_TARGET_ARGS,
-    SEV_POLICY,
     MigrationSettings,
     configure,
     incoming_uri,
-    mh_args,
+    mh_guest_args,
     mh_target_challenge,
     migrate,
-    sev_args,
     wait_status,
 )
 from confmig.guest.firmware.mh import KDF_INFO
-from confmig.owner import MIGRATION_TRANSPORT_KEY_GUID
 from confmig.proto import mailbox as mb
 from confmig.vmm.qmp.client import QmpCommandError
 
@@ -53,12 +49,9 @@ def mh_pair(lab: Lab, hosts: tuple[HostProc, HostProc], *, guest: str = DIRTY, m
     """A running SEV guest with MH vCPUs on hostA; on hostB its target, launched by the same
     owner and running only its Migration Handler."""
     a, b = hosts
-    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
-                      secrets=[(MIGRATION_TRANSPORT_KEY_GUID, key or os.urandom(32))])
-    common = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(mh_vcpus))
-    src, dst = lab.start_vms(VmSpec(name="src", host=a, ram="64M", guest=guest, extra=common),
-                             VmSpec(name="dst", host=b, ram="64M", guest=guest,
-                                    extra=(*common, *MH_TARGET_ARGS)))
+    source, target = mh_guest_args(lab, mh_vcpus, key=key)
+    src, dst = lab.start_vms(VmSpec(name="src", host=a, ram="64M", guest=guest, extra=source),
+                             VmSpec(name="dst", host=b, ram="64M", guest=guest, extra=target))
     src.wait_console(WORKING_SET_WRITTEN)
     dst.wait_console(TARGET_WAITING)
     return src, dst
@@ -67,12 +60,10 @@ def mh_pair(lab: Lab, hosts: tuple[HostProc, HostProc], *, guest: str = DIRTY, m
 def two_targets(lab: Lab, hosts: tuple[HostProc, HostProc], *names: str) -> tuple[VmProc, VmProc, VmProc]:
     """A running source and two attested MH targets of it, launched by one owner (one key)."""
     a, b = hosts
-    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
-                      secrets=[(MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
-    common = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(1))
+    source, target = mh_guest_args(lab)
     src, t1, t2 = lab.start_vms(
-        VmSpec(name="src", host=a, ram="64M", guest=DIRTY, extra=common),
-        *(VmSpec(name=n, host=b, ram="64M", guest=DIRTY, extra=(*common, *MH_TARGET_ARGS)) for n in names))
+        VmSpec(name="src", host=a, ram="64M", guest=DIRTY, extra=source),
+        *(VmSpec(name=n, host=b, ram="64M", guest=DIRTY, extra=target) for n in names))
     src.wait_console(WORKING_SET_WRITTEN)
     for t in (t1, t2):
         t.wait_console(TARGET_WAITING)
@@ -246,15 +237,13 @@ def test_kv_keeps_every_acknowledged_write_across_an_mh_migration(
         lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
     """A client writes all along: its table is private (sealed by the MH), its ring shared."""
     a, b = hosts
-    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
-                      secrets=[(MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
-    common = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(1))
+    source, target = mh_guest_args(lab)
     src_sock, dst_sock = str(lab.root / "kv-src.sock"), str(lab.root / "kv-dst.sock")
     src, dst = lab.start_vms(
         VmSpec(name="src", host=a, ram="64M", guest="kv",
-               extra=(*common, "-device", f"confmig-kv,path={src_sock}")),
+               extra=(*source, "-device", f"confmig-kv,path={src_sock}")),
         VmSpec(name="dst", host=b, ram="64M", guest="kv",
-               extra=(*common, *MH_TARGET_ARGS, "-device", f"confmig-kv,path={dst_sock}")))
+               extra=(*target, "-device", f"confmig-kv,path={dst_sock}")))
     src.wait_console(re.compile(rb"confmig kernel: workload kv"))
     dst.wait_console(TARGET_WAITING)
     assert not os.path.exists(dst_sock)  # the target serves nobody before its guest arrives

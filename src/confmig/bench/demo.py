@@ -25,18 +25,17 @@ from confmig.bench.lab import (
     size_option,
 )
 from confmig.bench.scenario import (
-    MH_TARGET_ARGS,
     MH_TARGET_READY,
     SEV_ES_POLICY,
     SEV_POLICY,
     MigrationSettings,
-    mh_args,
+    mh_guest_args,
     migrate,
     sev_args,
 )
 from confmig.common.errors import ConfigError
 from confmig.common.units import parse_size
-from confmig.owner import DISK_PASSPHRASE_GUID, MIGRATION_TRANSPORT_KEY_GUID
+from confmig.owner import DISK_PASSPHRASE_GUID
 from confmig.vmm.cmdline import MAX_MIRROR_VCPUS
 from confmig.vmm.migration.params import MAX_DOWNTIME_LIMIT_MS, MAX_MULTIFD_CHANNELS
 
@@ -119,11 +118,10 @@ def _pair(lab: Lab, opts: DemoOptions, audit: Callable[[Mapping[str, object]], N
     if opts.mode == "mh":
         # Both launches are attested by the owner, who gives both the same transport key;
         # the target then runs only its Migration Handler (no -incoming: it boots first).
-        owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY, audit=audit,
-                          secrets=[(DISK_PASSPHRASE_GUID, os.urandom(32)),
-                                   (MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
-        src_extra += sev_args(SEV_POLICY, owner=owner.url) + mh_args(opts.mh_vcpus)
-        dst_extra += sev_args(SEV_POLICY, owner=owner.url) + mh_args(opts.mh_vcpus) + list(MH_TARGET_ARGS)
+        source, target = mh_guest_args(lab, opts.mh_vcpus, audit=audit,
+                                       secrets=((DISK_PASSPHRASE_GUID, os.urandom(32)),))
+        src_extra += source
+        dst_extra += target
         incoming = None
     elif opts.mode == "psp":
         policy = SEV_ES_POLICY if opts.sev_es else SEV_POLICY

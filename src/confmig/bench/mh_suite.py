@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -31,13 +30,11 @@ from confmig.bench.chart import Bar, Span, bar_chart, span_chart
 from confmig.bench.deadline import Deadline, DeadlineExceeded, StepTimeout
 from confmig.bench.lab import WORKING_SET_WRITTEN, HostProc, Lab, VmProc, VmSpec
 from confmig.bench.scenario import (
-    MH_TARGET_ARGS,
     MH_TARGET_READY,
-    SEV_POLICY,
     MigrationSettings,
     configure,
     incoming_uri,
-    mh_args,
+    mh_guest_args,
     mh_target_challenge,
     sev_args,
     sev_target_certificates,
@@ -132,16 +129,11 @@ def start_sources(lab: Lab, kind: str, hosts: Sequence[HostProc], ram: str, gues
     if not mh_vcpus:
         extra = tuple(sev_args()) if kind == "psp" else ()
         return lab.start_vms(*(VmSpec(name=n, host=a, ram=ram, guest=guest, extra=extra) for n in names)), []
-    from confmig.owner import MIGRATION_TRANSPORT_KEY_GUID
-
     specs = []
-    for name in names:
-        owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY,
-                          secrets=[(MIGRATION_TRANSPORT_KEY_GUID, os.urandom(32))])
-        common = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(mh_vcpus))
-        specs += [VmSpec(name=name, host=a, ram=ram, guest=guest, extra=common),
-                  VmSpec(name=target_name(name), host=b, ram=ram, guest=guest,
-                         extra=(*common, *MH_TARGET_ARGS))]
+    for name in names:  # an owner of its own, with a key of its own, for every guest
+        source, target = mh_guest_args(lab, mh_vcpus)
+        specs += [VmSpec(name=name, host=a, ram=ram, guest=guest, extra=source),
+                  VmSpec(name=target_name(name), host=b, ram=ram, guest=guest, extra=target)]
     vms = lab.start_vms(*specs)
     sources, targets = vms[0::2], vms[1::2]
     for t in targets:

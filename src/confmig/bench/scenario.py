@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import re
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from confmig.bench.deadline import DeadlineExceeded, StepTimeout
-from confmig.bench.lab import FAILED_RUNSTATES, VmProc
+from confmig.bench.lab import FAILED_RUNSTATES, Lab, VmProc
 from confmig.common.errors import ConfmigError
 from confmig.platform.psp.policy import PolicyFlag
 
@@ -138,6 +140,20 @@ only the MH until the stream arrives (the 2021 RFC's fw_cfg name)."""
 def mh_args(mh_vcpus: int, vcpus: int = 1) -> list[str]:
     """``-smp`` with Migration Handler vCPUs (a mirror VM)."""
     return ["-smp", f"{vcpus},mirrorvcpus={mh_vcpus}"]
+
+
+def mh_guest_args(lab: Lab, mh_vcpus: int = 1, *, key: bytes | None = None,
+                  secrets: tuple[tuple[uuid.UUID, bytes], ...] = (),
+                  audit: Callable[[Mapping[str, object]], None] | None = None,
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The command lines of an SEV guest with MH vCPUs and of its MH target: both launched by
+    one owner (started here), who gives both the same transport key (``key``, or a fresh one)."""
+    from confmig.owner import MIGRATION_TRANSPORT_KEY_GUID
+
+    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY, audit=audit,
+                      secrets=[*secrets, (MIGRATION_TRANSPORT_KEY_GUID, key or os.urandom(32))])
+    source = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(mh_vcpus))
+    return source, (*source, *MH_TARGET_ARGS)
 
 
 def mh_target_challenge(dst: VmProc) -> dict[str, str]:
