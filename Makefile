@@ -14,7 +14,11 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	touch $(VENV)/.runtime $(VENV)/.bench $@
+
+$(VENV)/.bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	touch $(VENV)/.runtime $@
 
 demo: $(VENV)/.runtime
@@ -31,13 +35,13 @@ test: lint
 test-slow: $(VENV)/.dev
 	$(BIN)/pytest -m slow
 
-bench: $(VENV)/.runtime
+bench: $(VENV)/.bench
 	$(BIN)/confmig bench --save benchmarks/
 
-bench-psp: $(VENV)/.runtime
+bench-psp: $(VENV)/.bench
 	$(BIN)/confmig bench --suite psp --save benchmarks/
 
-bench-mh: $(VENV)/.runtime
+bench-mh: $(VENV)/.bench
 	$(BIN)/confmig bench --suite mh --save benchmarks/
 
 clean:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from confmig.bench.chart import PNG_SIGNATURE
 from confmig.bench.perf import run_benchmarks
 
 
@@ -37,7 +38,9 @@ def test_confidential_benchmark_completes_and_saves(tmp_path: Path, mh: bool) ->
         assert r["private_pages"] > 0 and r["commands"] >= r["private_pages"] // 128
         assert set(report["ratios"][r["kind"]]) == {"over_plain", "over_psp"}
     suite = report["suite"]
-    assert (tmp_path / f"{suite}-latest.md").exists() and list(tmp_path.glob(f"{suite}-*.svg"))
+    latest = (tmp_path / f"{suite}-latest.md").read_text()
+    (paths,) = [p for p in tmp_path.glob(f"{suite}-*.png") if p.stem.count("-") == 2]  # suite-date-time
+    assert paths.read_bytes()[:8] == PNG_SIGNATURE and f"({paths.name})" in latest
     if mh:
         _check_mh_scenarios(report, tmp_path)
 
@@ -59,5 +62,7 @@ def _check_mh_scenarios(report: dict[str, Any], saved: Path) -> None:
     assert [b["bar"].split()[0] for b in report["bars"]][-1] == "mh-1"  # the downtime bar
     text = (saved / "mh-latest.md").read_text()
     assert "## 2. Dirty guest" in text and "## 3. Evacuating a host" in text and "## Bars" in text
-    assert list(saved.glob("mh-*-dirty.svg")) and list(saved.glob("mh-*-evacuation.svg"))
+    for section in ("dirty", "evacuation"):
+        (png,) = saved.glob(f"mh-*-{section}.png")
+        assert png.read_bytes()[:8] == PNG_SIGNATURE and f"({png.name})" in text
     assert json.loads(next(saved.glob("mh-*.json")).read_text())["evacuation"] == evac

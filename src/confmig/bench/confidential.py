@@ -26,8 +26,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from confmig.bench import mh_suite
-from confmig.bench.chart import Bar, bar_chart
+from confmig.bench import chart, mh_suite
+from confmig.bench.chart import GREY, Bar, BarPanel, Chart
 from confmig.bench.deadline import NO_DEADLINE, Deadline
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, check_host_memory, check_vm
 from confmig.bench.mh_suite import GUEST_TIMEOUT, MhScenarios, settings_for, start_sources, start_targets
@@ -192,22 +192,18 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
     lines += ["", "Firmware commands are counted on the source: PSP commands (SEND_*; the target issues "
               "as many RECEIVE_*), or Migration Handler mailbox commands (one per batch of up to 128 "
               "pages; the target issues as many).",
-              "", f"![guest RAM throughput of each path]({name}.svg)"]
-    (directory / f"{name}.svg").write_text(bar_chart(
-        f"guest RAM MB/s, {report['ram_gib']:g} GiB random guest",
-        [Bar(label=r["kind"], value=r["guest_MBps"], text=f"{r['guest_MBps']:.0f} MB/s")
-         for r in report["runs"]]))
+              ""]
+    charts = charts_of(name, report)
+    lines.append(charts["paths"].link)
     if "dirty" in report:
-        chart = f"{name}-dirty.svg"
         rates = " and ".join(", ".join(f"{p}%" for p in report["dirty"]["rates_pct"]).rsplit(", ", 1))
         lines += ["", f"## 2. Dirty guest: {rates} of its pages rewritten per second", "",
-                  *mh_suite.dirty_markdown(report["dirty"], chart)]
-        (directory / chart).write_text(mh_suite.dirty_chart(report["dirty"]))
+                  *mh_suite.dirty_markdown(report["dirty"], charts["dirty"])]
     if "evacuation" in report:
-        chart = f"{name}-evacuation.svg"
         lines += ["", "## 3. Evacuating a host", "",
-                  *mh_suite.evacuation_markdown(report["evacuation"], chart)]
-        (directory / chart).write_text(mh_suite.evacuation_chart(report["evacuation"]))
+                  *mh_suite.evacuation_markdown(report["evacuation"], charts["evacuation"])]
+    for c in charts.values():
+        chart.save(c, directory)
     if report["bars"]:
         lines += ["", "## Bars", "", "| bar | value | target | met |", "|---|---|---|---|"]
         for bar in report["bars"]:
@@ -217,3 +213,24 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
               "--save benchmarks/`)."]
     (directory / f"{name}.md").write_text("\n".join(lines) + "\n")
     (directory / f"{report['suite']}-latest.md").write_text("\n".join(lines) + "\n")
+
+
+def charts_of(name: str, report: dict[str, Any]) -> dict[str, Chart]:
+    """The report's charts by section, from its JSON alone: ``paths`` (``{name}.png``), each
+    path's guest RAM throughput and downtime; with the MH suite's scenarios, ``dirty`` and
+    ``evacuation`` (``{name}-dirty.png``, ``{name}-evacuation.png``)."""
+    runs = report["runs"]
+    throughput = tuple(Bar(label=r["kind"], value=r["guest_MBps"], text=f"{r['guest_MBps']:.0f} MB/s")
+                       for r in runs)
+    downtime = tuple(Bar(label=r["kind"], value=float(r["downtime_ms"]), text=f"{r['downtime_ms']} ms")
+                     if r["status"] == "completed" and r["downtime_ms"] is not None
+                     else Bar(label=r["kind"], value=0.0, text=r["status"], color=GREY) for r in runs)
+    charts = {"paths": Chart(file=f"{name}.png", alt="guest RAM throughput and downtime of each path",
+                             title=f"{report['ram_gib']:g} GiB random guest, each path migrating it once",
+                             panels=(BarPanel(title="guest RAM throughput (MB/s)", bars=throughput),
+                                     BarPanel(title="downtime (ms)", bars=downtime)))}
+    if "dirty" in report:
+        charts["dirty"] = mh_suite.dirty_chart(report["dirty"], name)
+    if "evacuation" in report:
+        charts["evacuation"] = mh_suite.evacuation_chart(report["evacuation"], name)
+    return charts

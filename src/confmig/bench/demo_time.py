@@ -16,7 +16,8 @@ from typing import Any
 
 from rich.console import Console
 
-from confmig.bench.chart import Bar, bar_chart
+from confmig.bench import chart
+from confmig.bench.chart import Bar, BarPanel, Chart
 from confmig.bench.deadline import NO_DEADLINE, Deadline
 from confmig.bench.lab import confmig_argv
 from confmig.bench.perf import machine_info
@@ -67,11 +68,8 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     (directory / f"demo-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
-    chart = f"demo-{stamp}.svg"
-    (directory / chart).write_text(bar_chart(
-        "confmig demo, start to exit (s)",
-        [Bar(label=f"run {n}", value=w, text=f"{w:.2f} s") for n, w in enumerate(report["walls_s"], 1)],
-        target=BAR_S, target_label=f"bar {BAR_S:g} s"))
+    walls = chart_of(f"demo-{stamp}", report)
+    chart.save(walls, directory)
     bar = report["bar"]
     lines = [f"# The default demo's wall time, {report['date']}", "",
              f"Machine: {report['machine']}. `confmig demo` with its defaults, each in a process of its "
@@ -80,6 +78,15 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
              *[f"| {n} | {w:.2f} |" for n, w in enumerate(report["walls_s"], 1)], "",
              f"Median **{report['median_s']:.2f} s** "
              f"(bar {bar['bar']}: {'met' if bar['met'] else 'NOT met'}).",
-             "", f"![wall time of each run]({chart})", "",
+             "", walls.link, "",
              "Reproduce: `confmig bench --suite demo --save benchmarks/`."]
     (directory / f"demo-{stamp}.md").write_text("\n".join(lines) + "\n")
+
+
+def chart_of(name: str, report: dict[str, Any]) -> Chart:
+    """``{name}.png``, from the report's JSON alone: each run's wall time against the bar."""
+    return Chart(file=f"{name}.png", alt="wall time of each run", title="confmig demo, start to exit",
+                 panels=(BarPanel(title="wall time (s) of each run",
+                                  bars=tuple(Bar(label=f"run {n}", value=w, text=f"{w:.2f} s")
+                                             for n, w in enumerate(report["walls_s"], 1)),
+                                  target=BAR_S, target_label=f"bar {BAR_S:g} s"),))

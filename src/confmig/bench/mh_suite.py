@@ -26,7 +26,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from confmig.bench.chart import Bar, Span, bar_chart, span_chart
+from confmig.bench.chart import BLUE, GREEN, GREY, Bar, BarPanel, Chart, Span, SpanPanel
 from confmig.bench.deadline import Deadline, DeadlineExceeded, StepTimeout
 from confmig.bench.lab import WORKING_SET_WRITTEN, HostProc, Lab, VmProc, VmSpec
 from confmig.bench.scenario import (
@@ -59,7 +59,6 @@ BAR_RATE_PCT = 5
 SELFCHECK_WRITES = re.compile(r"confmig-selfcheck: PASS pages=\d+ writes=(\d+)")
 WORKING_SET_PAGES = re.compile(rb"dirty: working set written \((\d+) pages\)")
 FINISHED = frozenset({"completed", "failed", "cancelled"})
-GREY = "#9a9a9a"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -473,7 +472,7 @@ def print_tables(console: Console, dirty: dict[str, Any] | None, evac: dict[str,
             console.print(f"{p['kind']}: hostA empty after {empty}")
 
 
-def dirty_markdown(dirty: dict[str, Any], chart: str) -> list[str]:
+def dirty_markdown(dirty: dict[str, Any], chart: Chart) -> list[str]:
     rates = ", ".join(f"{p}% = {n} pages/s" for p, n in zip(dirty["rates_pct"], dirty["rates_pages_per_s"],
                                                           strict=True))
     ws = {r["working_set_pages"] for r in dirty["runs"]}
@@ -513,24 +512,31 @@ def dirty_markdown(dirty: dict[str, Any], chart: str) -> list[str]:
             for r in over) + ". The switch-over rule (QEMU's) stops the guest once the dirty bytes left "
             "would take at most the limit at the last round's bandwidth; the final round took longer "
             "than that estimate."]
-    lines += ["", f"![downtime of each path at each dirty rate]({chart})"]
+    lines += ["", chart.link]
     return lines
 
 
-def dirty_chart(dirty: dict[str, Any]) -> str:
-    bars = []
+def dirty_chart(dirty: dict[str, Any], name: str) -> Chart:
+    """``{name}-dirty.png``: each path's downtime at each dirty rate, against the bar, and how
+    long each migration took (a cancelled one, grey: until its cancel)."""
+    downtime, total = [], []
     for r in dirty["runs"]:
         label = f"{r['rate_pct']}%/s, {r['kind']}"
         if r["converged"]:
-            bars.append(Bar(label=label, value=float(r["downtime_ms"]),
-                            text=f"{r['downtime_ms']} ms (total {r['total_ms'] / 1000:.1f} s)"))
+            downtime.append(Bar(label=label, value=float(r["downtime_ms"]), text=f"{r['downtime_ms']} ms"))
+            total.append(Bar(label=label, value=r["total_ms"] / 1000, text=f"{r['total_ms'] / 1000:.1f} s"))
         else:
-            bars.append(Bar(label=label, value=0.0, text=r["status"], color=GREY))
-    return bar_chart(f"downtime, {dirty['ram']} guest dirtying R% of its pages per second", bars,
-                     target=float(DOWNTIME_BAR_MS), target_label=f"{DOWNTIME_BAR_MS} ms")
+            downtime.append(Bar(label=label, value=0.0, text=r["status"], color=GREY))
+            total.append(Bar(label=label, value=(r["total_ms"] or r["wall_ms"] or 0) / 1000, text=r["status"],
+                             color=GREY))
+    return Chart(file=f"{name}-dirty.png", alt="downtime and total time of each path at each dirty rate",
+                 title=f"{dirty['ram']} guest dirtying R% of its pages per second",
+                 panels=(BarPanel(title="downtime (ms) of each path at each rate R", bars=tuple(downtime),
+                                  target=float(DOWNTIME_BAR_MS), target_label=f"bar {DOWNTIME_BAR_MS} ms"),
+                         BarPanel(title="total time (s) of each migration", bars=tuple(total))))
 
 
-def evacuation_markdown(evac: dict[str, Any], chart: str) -> list[str]:
+def evacuation_markdown(evac: dict[str, Any], chart: Chart) -> list[str]:
     lines = [
         f"{evac['guests']} SEV guests of {evac['ram']} each on hostA, each running `{evac['guest']}`, "
         f"migrated to hostB at once: the {evac['guests']} `migrate` commands go out back to back "
@@ -556,16 +562,19 @@ def evacuation_markdown(evac: dict[str, Any], chart: str) -> list[str]:
                          f"| {r['end_s']:.1f} | {_ms(r['total_ms'] or r['wall_ms'])} "
                          f"| {_ms(r['downtime_ms'])} | {_rounds(r)} "
                          f"| {r['transferred'] / 1e6:.0f} | `{r['selfcheck']}` |")
-    lines += ["", f"![each guest's migration on one time axis per path]({chart})"]
+    lines += ["", chart.link]
     return lines
 
 
-def evacuation_chart(evac: dict[str, Any]) -> str:
+def evacuation_chart(evac: dict[str, Any], name: str) -> Chart:
+    """``{name}-evacuation.png``: each guest's migration on one time axis, path after path."""
     spans = []
     for p in evac["paths"]:
         for r in p["guests"]:
             spans.append(Span(label=f"{p['kind']}: {r['name']}", start=r["start_s"], end=r["end_s"],
                               text=f"{r['end_s']:.1f} s" + ("" if r["converged"] else f" ({r['status']})"),
-                              color="#4a7ab5" if p["kind"] == "psp" else "#2e8b57"))
-    return span_chart(f"evacuating hostA: {evac['guests']} guests of {evac['ram']}, seconds from the "
-                      f"first migrate", spans)
+                              color=BLUE if p["kind"] == "psp" else GREEN))
+    return Chart(file=f"{name}-evacuation.png", alt="each guest's migration on one time axis per path",
+                 title=f"evacuating hostA: {evac['guests']} guests of {evac['ram']}",
+                 panels=(SpanPanel(title="each guest's migration, seconds from the first migrate",
+                                   spans=tuple(spans)),))

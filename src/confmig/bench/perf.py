@@ -24,7 +24,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from confmig.bench.chart import Bar, bar_chart
+from confmig.bench import chart
+from confmig.bench.chart import Bar, BarPanel, Chart
 from confmig.bench.deadline import NO_DEADLINE, Deadline
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, VmProc, check_host_memory
 from confmig.bench.scenario import MigrationSettings, migrate
@@ -320,14 +321,20 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
               "| bar | value | target | met |", "|---|---|---|---|"]
     for k, v in report["bars"].items():
         lines.append(f"| {k} | {v['value']:.2f} | {v['bar']} | {'yes' if v['met'] else 'NO'} |")
-    chart = f"plain-{kind}-{stamp}.svg"
-    lines += ["", f"![wire throughput of each migration against the loopback ceiling]({chart})", "",
-              "Reproduce: `make bench` (or `confmig bench --save benchmarks/`)."]
-    (directory / chart).write_text(bar_chart(
-        "plain migration: wire GB/s (transferred / total time)",
-        [Bar(label=f"{r['scenario']}, {r['ram_gib']:g} GiB", value=r["wire_gbps"])
-         for r in report["migrations"] if r["scenario"].startswith("random")],
-        unit=" GB/s", target=report["loopback_ceiling_GBps"],
-        target_label=f"loopback {report['loopback_ceiling_GBps']:.2f} GB/s"))
+    wire = chart_of(f"plain-{kind}-{stamp}", report)
+    chart.save(wire, directory)
+    lines += ["", wire.link, "", "Reproduce: `make bench` (or `confmig bench --save benchmarks/`)."]
     (directory / f"plain-{kind}-{stamp}.md").write_text("\n".join(lines) + "\n")
     (directory / f"plain-{kind}-latest.md").write_text("\n".join(lines) + "\n")
+
+
+def chart_of(name: str, report: dict[str, Any]) -> Chart:
+    """``{name}.png``, from the report's JSON alone: the wire throughput of each migration of a
+    random guest against the loopback ceiling."""
+    ceiling = report["loopback_ceiling_GBps"]
+    bars = tuple(Bar(label=f"{r['scenario']}, {r['ram_gib']:g} GiB", value=r["wire_gbps"])
+                 for r in report["migrations"] if r["scenario"].startswith("random"))
+    return Chart(file=f"{name}.png", alt="wire throughput of each migration against the loopback ceiling",
+                 title="plain migration of a random guest",
+                 panels=(BarPanel(title="wire GB/s (transferred / total time)", bars=bars, unit=" GB/s",
+                                  target=ceiling, target_label=f"loopback {ceiling:.2f} GB/s"),))
