@@ -125,7 +125,8 @@ class VmFd(_Fd):
 
     def enable_cap_fd(self, cap: int, fd: int, *args: int) -> None:
         """``KVM_ENABLE_CAP`` of a cap whose ``args[0]`` is a file descriptor: for
-        ``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM``, on the mirror VM, the source VM's fd
+        ``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM``, on the mirror VM, and for
+        ``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM``, on the destination VM, the source VM's fd
         (``source.fileno()``). The descriptor goes with the request (a number means nothing
         in the host's process); ``args[0]`` still carries it, as in Linux."""
         self._enable_cap(cap, (fd, *args), [fd])
@@ -168,8 +169,12 @@ class VcpuFd(_Fd):
         self.vcpu_id = vcpu_id
 
     def run(self, completion: bytes = b"", *, immediate_exit: bool = False) -> ioctl.VcpuExit:
+        """``KVM_RUN``: the exit (``-EINTR`` still carries one). Raises :class:`KvmError` for a
+        run that has none: ``EIO`` once the VM is dead (its encryption context moved away)."""
         req = ioctl.RunRequest(immediate_exit=immediate_exit, completion=completion)
-        _, payload, _ = self.ioctl(ioctl.KVM_RUN, req.encode(), check=False)
+        result, payload, _ = self.ioctl(ioctl.KVM_RUN, req.encode(), check=False)
+        if result < 0 and result != -errno.EINTR:
+            raise KvmError(ioctl.name(ioctl.KVM_RUN), -result)
         return ioctl.decode_exit(payload)
 
     def get_regs(self) -> tuple[int, ...]:

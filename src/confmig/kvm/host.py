@@ -6,8 +6,22 @@ other end this service holds) and ``KVM_CREATE_VCPU`` a vCPU fd connected to
 the vCPU's own process. Because fds are sockets, they can be passed between
 processes and back to the host, which recognises them by inode: unforgeable
 handles, as real fds are. A VM fd comes back in ``KVM_ENABLE_CAP`` of
-``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM`` (:meth:`Vm.copy_enc_context_from`): the
+``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM`` (:meth:`Vm.copy_enc_context_from`) and
+``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`` (:meth:`Vm.move_enc_context_from`): the
 descriptor rides with the request, and :meth:`KvmHost.vm_of` finds its VM.
+
+Intra-host migration (``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM``, on the destination
+VM, the source VM's fd in ``args[0]``): with both VMs locked and every vCPU of
+both held (``kvm_lock_all_vcpus``; ``EBUSY`` for one inside ``KVM_RUN``, where
+Linux would wait), the destination takes the source's SEV context (see
+:mod:`confmig.kvm.sev`) and, SEV-ES, its VMSA pages: the :class:`VmsaArea` moves
+whole, at its system-physical addresses, and the i-th destination vCPU (in
+creation order) takes the i-th source vCPU's page as its register file, after
+that vCPU stored its registers there (the ``#VMEXIT`` the move waited for). The
+source VM is then dead (``kvm_vm_dead``): every later ioctl on it or its vCPUs
+fails ``EIO``. Guest memory is not touched: the destination's VMM registers the
+same memfds, which keep their physical addresses (:class:`PhysicalAddressSpace`),
+so the guest's ciphertext stays valid under the same ASID.
 
 SEV-ES VMSA pages: each SEV-ES VM gets a memfd of :data:`KVM_MAX_VCPUS`
 pages (:class:`VmsaArea`), host memory KVM owns and no memory slot maps into
@@ -28,6 +42,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,11 +66,15 @@ from confmig.kvm.vcpu import (
     CAP_EXIT_MAP_GPA_RANGE,
     CAP_USER_SPACE_MSR,
     CTL_DELETE_SLOT,
+    CTL_LOCK,
     CTL_SET_ASID,
     CTL_SET_CAPS,
     CTL_SET_MSR_FILTER,
     CTL_SET_SLOT,
     CTL_SET_VMSA,
+    CTL_UNLOCK,
+    CTL_VM_DEAD,
+    CTL_VMSA_ADOPT,
     CTL_VMSA_LAUNCHED,
     CTL_VMSA_LOAD,
     CTL_VMSA_SAVE,
@@ -92,6 +111,8 @@ EXTENSIONS = {
     ioctl.KVM_CAP_X86_MSR_FILTER: 1,
     ioctl.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: 1,
 }
+KVM_X86_DEFAULT_VM = 0
+"""The only VM type ``KVM_CREATE_VM`` makes here (no ``KVM_SEV_INIT2`` VM types yet)."""
 
 
 def fd_identity(fd: int) -> tuple[int, int]:
@@ -182,9 +203,33 @@ class VcpuHandle:
     vcpu_id: int
     process: VcpuProcess
     control: socket.socket
-    has_vmsa: bool = False
-    """SEV-ES: the vCPU has been given its VMSA page (``CTL_SET_VMSA``)."""
+    vmsa_page: int | None = None
+    """SEV-ES: the page of the VM's :class:`VmsaArea` the vCPU was given (``CTL_SET_VMSA``):
+    page ``vcpu_id``, unless a move gave it a source vCPU's."""
     control_seq: int = 0
+
+    def send(self, request: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
+        """A control message the vCPU process takes in order, unanswered."""
+        channel.send_request(self.control, ioctl.Request(request, 0, payload, len(fds or ())), fds)
+
+    def call(self, request: int) -> int:
+        """A control request the vCPU process answers: its result, or -``EIO`` if the process
+        does not answer (gone, or stuck past :data:`VCPU_CONTROL_TIMEOUT`)."""
+        self.control_seq = (self.control_seq + 1) & 0xFFFF_FFFF
+        try:
+            self.control.settimeout(VCPU_CONTROL_TIMEOUT)
+            channel.send_request(self.control, ioctl.Request(request, self.control_seq, b""))
+            reply, fds = channel.recv_reply(self.control)
+        except (OSError, channel.ChannelClosed, ProtocolError):
+            return -errno.EIO
+        finally:
+            with contextlib.suppress(OSError):
+                self.control.settimeout(None)
+        for fd in fds:
+            os.close(fd)
+        if (reply.request, reply.seq) != (request, self.control_seq):
+            return -errno.EIO
+        return reply.result
 
 
 @dataclass
@@ -202,6 +247,7 @@ class Vm:
     host: KvmHost
     file: tuple[int, int] = (0, 0)
     """:func:`fd_identity` of the VM fd the VMM holds: how the host knows it when it comes back."""
+    vm_type: int = KVM_X86_DEFAULT_VM
     slots: dict[int, Slot] = field(default_factory=dict)
     vcpus: dict[int, VcpuHandle] = field(default_factory=dict)
     manual_protect: bool = False
@@ -216,14 +262,18 @@ class Vm:
     lock: threading.Lock = field(default_factory=threading.Lock)
     migration_in_progress: threading.Lock = field(default_factory=threading.Lock)
     """``sev->migration_in_progress``: held, taken without waiting, while the encryption context
-    is copied to or from this VM, so two VMs locking each other fail ``EBUSY`` instead of
-    deadlocking (``sev_lock_two_vms``)."""
+    is copied or moved to or from this VM, so two VMs locking each other fail ``EBUSY`` instead
+    of deadlocking (``sev_lock_two_vms``)."""
+    dead: bool = False
+    """``kvm->vm_dead``: its encryption context moved to another VM; every ioctl fails ``EIO``."""
 
     # --- dispatch -----------------------------------------------------------
 
     def dispatch(self, req: ioctl.Request, fds: list[int]) -> tuple[int, bytes, list[int]]:
         r = req.request
         with self.lock:
+            if self.dead:
+                return -errno.EIO, b"", []  # kvm_vm_ioctl on a dead VM
             if r == ioctl.KVM_SET_USER_MEMORY_REGION:
                 return self.set_user_memory_region(req.payload, fds), b"", []
             if r == ioctl.KVM_CREATE_VCPU:
@@ -363,6 +413,8 @@ class Vm:
             return -errno.EINVAL
         if cap.cap == ioctl.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM:
             return self.copy_enc_context_from(fds or [])
+        if cap.cap == ioctl.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM:
+            return self.move_enc_context_from(fds or [])
         if cap.cap == ioctl.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
             supported = EXTENSIONS[ioctl.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2]
             if cap.args[0] & ~supported:
@@ -390,8 +442,106 @@ class Vm:
     def copy_enc_context_from(self, fds: list[int]) -> int:
         """``sev_vm_copy_enc_context_from``: this VM becomes a mirror of the VM whose fd came
         with the request (see :meth:`SevVm.copy_enc_context_from` for what it copies and when it
-        refuses). ``EBADF`` unless the fd is a VM fd of this host; ``EINVAL`` for this VM's own
-        fd; ``EBUSY`` if either VM is in another copy. Called under this VM's lock."""
+        refuses), with :meth:`_lock_two_vms`'s refusals. Called under this VM's lock."""
+        return self._lock_two_vms(fds, self._copy_from)
+
+    def _copy_from(self, source: Vm) -> int:
+        owner = source.sev
+        mirror = self._sev() if owner is not None else None
+        if owner is None or mirror is None:
+            return -errno.EINVAL  # the source never issued an SEV command
+        return mirror.copy_enc_context_from(owner)
+
+    def move_enc_context_from(self, fds: list[int]) -> int:
+        """``sev_vm_move_enc_context_from``: this VM takes over the SEV guest of the VM whose
+        fd came with the request, which is dead afterwards. Refusals, in Linux's order, each
+        leaving both VMs as they were: :meth:`_lock_two_vms`'s (``EBADF``, ``EINVAL``,
+        ``EBUSY``); ``EINVAL`` unless both VMs have the same type, this VM is no SEV guest
+        and the source is one (:meth:`SevVm.check_move_from`); ``EBUSY`` if a vCPU of either
+        is inside ``KVM_RUN`` (Linux would wait for it); SEV-ES, ``EINVAL`` unless both have
+        as many vCPUs and every source vCPU has protected state (a launched or received
+        VMSA). ``EIO`` if a vCPU process does not answer. Called under this VM's lock."""
+        return self._lock_two_vms(fds, self._move_from)
+
+    def _move_from(self, source: Vm) -> int:
+        theirs = source.sev
+        ours = self._sev() if theirs is not None else None
+        if theirs is None or ours is None or self.vm_type != source.vm_type:
+            return -errno.EINVAL
+        err = ours.check_move_from(theirs)
+        if err:
+            return err
+        held: dict[int, list[VcpuHandle]] = {id(self): [], id(source): []}
+        moved = False
+        try:
+            for vm in (self, source):
+                for v in vm.vcpus.values():
+                    err = v.call(CTL_LOCK)
+                    if err:
+                        return err
+                    held[id(vm)].append(v)
+            es = theirs.state.es
+            if es:
+                err = self._check_source_vmsas(source)
+                if err:
+                    return err
+            # The point of no return: nothing below refuses.
+            ours.move_enc_context_from(theirs)  # binds our vCPUs to the ASID
+            if es:
+                self._take_vmsas(source)
+            source._die()  # lets its vCPUs go, dead
+            moved = True
+            return 0
+        finally:
+            for v in held[id(self)] + ([] if moved else held[id(source)]):
+                with contextlib.suppress(OSError):  # a vCPU process that is gone holds nothing
+                    v.send(CTL_UNLOCK)
+
+    def _check_source_vmsas(self, source: Vm) -> int:
+        """``sev_check_source_vcpus`` for SEV-ES, all vCPUs held: as many vCPUs on each side,
+        and every source vCPU's protected state stored in its VMSA page (a stopped vCPU's
+        registers are in the core until its ``#VMEXIT`` stores them)."""
+        if len(self.vcpus) != len(source.vcpus):
+            return -errno.EINVAL
+        for v in source.vcpus.values():
+            if v.vmsa_page is None:
+                return -errno.EINVAL  # never launched nor received: no VMSA
+            err = source.save_vmsa(v.vcpu_id)  # EINVAL if its state is not protected
+            if err < 0:
+                return err
+        return 0
+
+    def _take_vmsas(self, source: Vm) -> None:
+        """The SEV-ES half of ``sev_migrate_from``: the source's VMSA pages become ours, where
+        they are (ciphertext tweaked by their physical address, checked against the TMR), and
+        our i-th vCPU takes the i-th source vCPU's page as its register file."""
+        area, source.vmsa = source.vmsa, None
+        if self.vmsa is not None:
+            self.vmsa.close()  # cannot hold a page: only an SEV-ES guest's vCPUs get one
+        self.vmsa = area
+        for ours, theirs in zip(self.vcpus.values(), source.vcpus.values(), strict=True):
+            page, theirs.vmsa_page = theirs.vmsa_page, None
+            assert area is not None and page is not None  # _check_source_vmsas
+            ours.vmsa_page = page
+            with contextlib.suppress(OSError):  # a vCPU process that is gone never runs again
+                ours.send(CTL_SET_VMSA, VMSA_PAGE.pack(page * PAGE_SIZE, area.page_spa(page)),
+                          [area.fd])
+                ours.send(CTL_VMSA_ADOPT)
+
+    def _die(self) -> None:
+        """``kvm_vm_dead``, the context moved away: every later ioctl fails ``EIO``; the vCPUs
+        (held) give up the ASID and their VMSA pages and are let go. Under this VM's lock."""
+        self.dead = True
+        self.asid, self.es = 0, False
+        for v in self.vcpus.values():
+            v.vmsa_page = None
+            with contextlib.suppress(OSError):  # a vCPU process that is gone has nothing to drop
+                v.send(CTL_VM_DEAD)
+
+    def _lock_two_vms(self, fds: list[int], action: Callable[[Vm], int]) -> int:
+        """``sev_lock_two_vms`` around ``action(source)``, the source being the VM whose fd came
+        with the request: ``EBADF`` unless the fd is a VM fd of this host; ``EINVAL`` for this
+        VM's own fd; ``EBUSY`` if either VM is in another copy or move. Under this VM's lock."""
         # SECURITY: the VMM chose the descriptor; only the inode of a live VM's fd names a VM.
         source = self.host.vm_of(fds[0]) if len(fds) == 1 else None
         if source is None:
@@ -407,11 +557,7 @@ class Vm:
                 # Safe to wait: only this path holds two VMs' locks, and the flags above let
                 # each VM be in one such path at a time.
                 with source.lock:
-                    owner = source.sev
-                    mirror = self._sev() if owner is not None else None
-                    if owner is None or mirror is None:
-                        return -errno.EINVAL  # the source never issued an SEV command
-                    return mirror.copy_enc_context_from(owner)
+                    return action(source)
             finally:
                 source.migration_in_progress.release()
         finally:
@@ -464,43 +610,31 @@ class Vm:
         return sorted(self.vcpus)
 
     def vmsa_page(self, vcpu_id: int) -> int:
-        """The SPA of ``vcpu_id``'s VMSA page; the vCPU is given it first if need be."""
+        """The SPA of ``vcpu_id``'s VMSA page; the vCPU is given it first if need be (page
+        ``vcpu_id``, or the first free one if a moved-in vCPU holds that)."""
         v = self.vcpus.get(vcpu_id)
         if v is None:
             return -errno.EINVAL
         if self.vmsa is None:
             self.vmsa = VmsaArea(self.host.physical)
-        spa = self.vmsa.page_spa(vcpu_id)
-        if not v.has_vmsa:
-            payload = VMSA_PAGE.pack(vcpu_id * PAGE_SIZE, spa)
+        if v.vmsa_page is None:
+            taken = {u.vmsa_page for u in self.vcpus.values()}
+            page = vcpu_id if vcpu_id not in taken else min(set(range(KVM_MAX_VCPUS)) - taken)
             try:
-                channel.send_request(v.control, ioctl.Request(CTL_SET_VMSA, 0, payload, 1), [self.vmsa.fd])
+                v.send(CTL_SET_VMSA, VMSA_PAGE.pack(page * PAGE_SIZE, self.vmsa.page_spa(page)),
+                       [self.vmsa.fd])
             except OSError:
                 return -errno.EIO
-            v.has_vmsa = True
-        return spa
+            v.vmsa_page = page
+        return self.vmsa.page_spa(v.vmsa_page)
 
     def _vmsa_request(self, vcpu_id: int, request: int) -> int:
         """Ask a stopped vCPU for ``request`` on its VMSA page: its SPA, or -errno."""
         spa = self.vmsa_page(vcpu_id)
         if spa < 0:
             return spa
-        v = self.vcpus[vcpu_id]
-        v.control_seq = (v.control_seq + 1) & 0xFFFF_FFFF
-        try:
-            v.control.settimeout(VCPU_CONTROL_TIMEOUT)
-            channel.send_request(v.control, ioctl.Request(request, v.control_seq, b""))
-            reply, fds = channel.recv_reply(v.control)
-        except (OSError, channel.ChannelClosed, ProtocolError):
-            return -errno.EIO
-        finally:
-            with contextlib.suppress(OSError):
-                v.control.settimeout(None)
-        for fd in fds:
-            os.close(fd)
-        if (reply.request, reply.seq) != (request, v.control_seq):
-            return -errno.EIO
-        return reply.result if reply.result < 0 else spa
+        result = self.vcpus[vcpu_id].call(request)
+        return result if result < 0 else spa
 
     def sync_vmsa(self, vcpu_id: int) -> int:
         return self._vmsa_request(vcpu_id, CTL_VMSA_SYNC)
@@ -518,7 +652,8 @@ class Vm:
         """SEV: every vCPU of this VM now runs under ``asid`` (a handle, never a key)."""
         self.asid, self.es = asid, es
         for v in self.vcpus.values():
-            self._send_asid(v)
+            with contextlib.suppress(OSError):  # a vCPU process that is gone never runs again
+                self._send_asid(v)
 
     def _send_asid(self, v: VcpuHandle) -> None:
         if self.asid:
@@ -706,8 +841,6 @@ class KvmHost:
 
     @staticmethod
     def _serve(conn: socket.socket, handler: object) -> None:
-        from collections.abc import Callable
-
         assert callable(handler)
         dispatch: Callable[[ioctl.Request, list[int]], tuple[int, bytes, list[int]]] = handler
         while True:

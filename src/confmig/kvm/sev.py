@@ -57,6 +57,15 @@ owner manages the context: a mirror issues nothing but
 :data:`MIRROR_COMMANDS`. The owner's context outlives its VM while mirrors
 use it (Linux's mirror holds a reference on the owner's VM): it is torn down,
 and the ASID freed, when the last of the owner and its mirrors is destroyed.
+
+Intra-host migration (``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM``,
+:meth:`SevVm.move_enc_context_from`): a VM that is no SEV guest yet takes over
+another VM's whole ``kvm_sev_info`` (ASID, ES flag, handle) and its place among
+mirrors: an owner's mirrors are re-pointed to it, a mirror's owner lists it
+instead. No PSP command is issued: the handle stays bound to the ASID, and the
+guest's memory, at the same system-physical addresses, stays readable under it.
+The source keeps nothing (its VM is dead, see :mod:`confmig.kvm.host`), so its
+teardown frees nothing.
 """
 
 from __future__ import annotations
@@ -264,8 +273,9 @@ class SevVm:
         self._released = False
         """An owner: its VM was destroyed; the context lives on for its mirrors."""
         self._refs = threading.Lock()
-        """Guards ``mirror_vms``, ``_released`` and the teardown they decide (the owner's
-        ``kvm->lock`` in ``sev_vm_destroy``); mirrors join and leave from their own threads."""
+        """Guards ``mirror_vms``, its mirrors' ``enc_context_owner``, ``_released`` and the
+        teardown they decide (the owner's ``kvm->lock`` in ``sev_vm_destroy``); mirrors join and
+        leave from their own threads, and a move re-points them."""
 
     def encrypt_op(self, payload: bytes) -> tuple[int, bytes]:
         """Returns (result, reply payload = ``struct kvm_sev_cmd`` with ``error`` + outputs)."""
@@ -591,27 +601,60 @@ class SevVm:
         self.bind_asid(s.asid, s.es)  # for the vCPUs it creates from now on
         return 0
 
+    # --- intra-host migration ---------------------------------------------------
+
+    def check_move_from(self, source: SevVm) -> int:
+        """``sev_vm_move_enc_context_from``'s check of the two contexts, with both VMs locked:
+        ``EINVAL`` if this VM is an SEV guest already (a mirror included) or ``source`` is no
+        SEV guest (never ``KVM_SEV_INIT``, or dead: its context moved away). A mirror may
+        move: its destination becomes a mirror of the same owner."""
+        if self.state.active or not source.state.active:
+            return -errno.EINVAL
+        return 0
+
+    def move_enc_context_from(self, source: SevVm) -> None:
+        """``sev_migrate_from``, after :meth:`check_move_from`, with both VMs and all their
+        vCPUs locked: this VM takes ``source``'s ASID, ES flag and handle, its mirrors (now
+        mirrors of this VM) and, if ``source`` is a mirror, its place in its owner's list;
+        ``source`` keeps nothing. Issues no PSP command. The caller moves the SEV-ES VMSAs."""
+        with source._refs, self._refs:
+            # Under the source's lock: a mirror leaving (destroy) finds the owner it has now.
+            self.state, source.state = source.state, SevState()
+            self.mirror_vms, source.mirror_vms = source.mirror_vms, []
+            for mirror in self.mirror_vms:
+                mirror.enc_context_owner = self
+        while (owner := source.enc_context_owner) is not None:
+            with owner._refs:
+                if source.enc_context_owner is not owner:
+                    continue  # the owner moved meanwhile, and re-pointed source: ask the new one
+                owner.mirror_vms[owner.mirror_vms.index(source)] = self
+                self.enc_context_owner, source.enc_context_owner = owner, None
+                break
+        self.bind_asid(self.state.asid, self.state.es)
+
     def destroy(self) -> None:
         """VM teardown (``sev_vm_destroy``). A mirror leaves its owner's list and owns nothing
         to tear down. An owner's context goes (DEACTIVATE, DECOMMISSION, the ASID freed) once
         its VM and all its mirrors are destroyed, whichever goes last."""
-        owner = self.enc_context_owner
-        if owner is None:
-            self._put()
-            return
-        self.enc_context_owner, self.state = None, SevState()
-        owner._put(mirror=self)
+        while (owner := self.enc_context_owner) is not None:
+            if owner._put(mirror=self):
+                return
+        self._put()
 
-    def _put(self, *, mirror: SevVm | None = None) -> None:
+    def _put(self, *, mirror: SevVm | None = None) -> bool:
         """The owner's VM is gone (``mirror`` None) or one of its mirrors is: the last one out
-        tears the context down."""
+        tears the context down. False, with nothing done, if ``mirror`` is not this VM's any
+        more (a move re-pointed it to another owner meanwhile)."""
         with self._refs:
             if mirror is None:
                 self._released = True
+            elif mirror.enc_context_owner is not self:
+                return False
             else:
                 self.mirror_vms.remove(mirror)
+                mirror.enc_context_owner, mirror.state = None, SevState()
             if not self._released or self.mirror_vms:
-                return
+                return True
             s, self.state = self.state, SevState()
         if s.handle:
             self.psp.deactivate(s.handle)
@@ -619,6 +662,7 @@ class SevVm:
         if s.asid:
             self.psp.df_flush()  # a freed ASID is dirty until flushed (Linux flushes before reuse)
             self.asids.release(s.asid)
+        return True
 
 
 def issue_sev_cmd(psp: SecureProcessor, payload: bytes) -> tuple[int, bytes]:

@@ -15,6 +15,14 @@ RECEIVE_UPDATE_VMSA (``CTL_VMSA_LOAD``). The core does the encrypting,
 decrypting and checking; this code only maps the page. Those four are answered
 on the control channel with a :class:`~confmig.proto.ioctl.Reply` (``EBUSY``
 inside ``KVM_RUN``: real KVM would wait for the vCPU's mutex instead).
+
+Moving the encryption context (``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM``): the host
+first takes every vCPU's mutex of both VMs (``CTL_LOCK``: ``EBUSY`` inside
+``KVM_RUN``, as above). A locked vCPU does not read its vCPU fd, so the VMM's
+ioctls wait, as they would behind the mutex. The destination's vCPUs then get
+the ASID and, SEV-ES, the source vCPUs' VMSA pages (``CTL_SET_VMSA`` and
+``CTL_VMSA_ADOPT``) before ``CTL_UNLOCK``; the source's get ``CTL_VM_DEAD``:
+they drop the page and the ASID and answer ``EIO`` to every later ioctl.
 """
 
 from __future__ import annotations
@@ -75,7 +83,20 @@ CTL_VMSA_SAVE = 0xFF00_0109
 """SEV-ES, before SEND_UPDATE_VMSA: the registers into the page, encrypted. Replied to."""
 CTL_VMSA_LOAD = 0xFF00_010A
 """SEV-ES, after RECEIVE_UPDATE_VMSA: the registers from the page, checked. Replied to."""
+CTL_LOCK = 0xFF00_010B
+"""The host takes the vCPU's mutex (``kvm_lock_all_vcpus``, to move the encryption context):
+0, or ``EBUSY`` inside ``KVM_RUN``. Until ``CTL_UNLOCK`` or ``CTL_VM_DEAD`` the vCPU fd is not
+read. Replied to."""
+CTL_UNLOCK = 0xFF00_010C
+CTL_VMSA_ADOPT = 0xFF00_010D
+"""SEV-ES, a move: the page just given (``CTL_SET_VMSA``) holds a source vCPU's protected
+state and is this vCPU's register file from now on; the next VMRUN loads it."""
+CTL_VM_DEAD = 0xFF00_010E
+"""``kvm_vm_dead``: the VM's encryption context moved away. The vCPU gives up its VMSA page
+and its ASID, and every later ioctl fails ``EIO``. Ends a lock."""
 VMSA_REQUESTS = frozenset({CTL_VMSA_LAUNCHED, CTL_VMSA_SYNC, CTL_VMSA_SAVE, CTL_VMSA_LOAD})
+REPLIED_REQUESTS = VMSA_REQUESTS | {CTL_LOCK}
+"""Control requests the vCPU answers with a :class:`~confmig.proto.ioctl.Reply`."""
 VMSA_PAGE = struct.Struct("<QQ")
 CAP_EXIT_MAP_GPA_RANGE = 1 << 0
 CAP_USER_SPACE_MSR = 1 << 1
@@ -204,6 +225,10 @@ class Vcpu:
         self.vmsa: MappedVmsaPage | None = None
         self.pending: VcpuExit | None = None
         """The last exit, until the next KVM_RUN delivers its completion."""
+        self.locked = False
+        """The host holds this vCPU's mutex: the vCPU fd waits (``CTL_LOCK``)."""
+        self.dead = False
+        """The VM is dead (its encryption context moved away): every ioctl fails ``EIO``."""
 
     # --- the serve loop -------------------------------------------------------
 
@@ -211,9 +236,12 @@ class Vcpu:
         self.control.sendall(VCPU_READY)
         try:
             while True:
-                ready, _, _ = select.select([self.control, self.sock], [], [])
-                if self.control in ready and not self._control_message(running=False):
-                    return
+                watched = [self.control] if self.locked else [self.control, self.sock]
+                ready, _, _ = select.select(watched, [], [])
+                if self.control in ready:
+                    if not self._control_message(running=False):
+                        return
+                    continue  # it may have locked the vCPU: look again before reading the fd
                 if self.sock in ready and not self._vcpu_message(running=False):
                     return
         except channel.ChannelClosed:
@@ -224,9 +252,23 @@ class Vcpu:
             req, fds = channel.recv_request(self.control)
         except channel.ChannelClosed:
             return False
-        if req.request in VMSA_REQUESTS:
-            result = -errno.EBUSY if running else self._vmsa_request(req.request)
+        if req.request in REPLIED_REQUESTS:
+            if running:
+                result = -errno.EBUSY
+            elif req.request == CTL_LOCK:
+                self.locked, result = True, 0
+            else:
+                result = self._vmsa_request(req.request)
             channel.send_reply(self.control, ioctl.Reply(req.request, req.seq, result, b""))
+        elif req.request == CTL_UNLOCK:
+            self.locked = False
+        elif req.request == CTL_VM_DEAD:
+            self._die()
+        elif req.request == CTL_VMSA_ADOPT:
+            # The page is the protected state a source vCPU left (kvm.sev: a move): this vCPU's
+            # registers are the guest's now, as after LAUNCH_UPDATE_VMSA.
+            self.core.vmsa_launched()
+            self.state_protected = True
         elif req.request == CTL_SET_VMSA:
             offset, spa = VMSA_PAGE.unpack(req.payload)
             if self.vmsa is not None:
@@ -247,6 +289,19 @@ class Vcpu:
             asid, es = struct.unpack("<IB", req.payload)
             self.core.set_asid(asid, es=bool(es))
         return True
+
+    def _die(self) -> None:
+        """``kvm_vm_dead``: the context is the destination's now. This vCPU never runs again:
+        it gives up the ASID and the VMSA page (the destination's vCPU has that page now). Only
+        a locked vCPU is told, so it is never inside ``KVM_RUN`` here."""
+        self.dead, self.locked = True, False
+        self.pending = None
+        self.state_protected = False
+        self.core.set_vmsa(None)
+        if self.vmsa is not None:
+            self.vmsa.close()
+            self.vmsa = None
+        self.core.set_asid(0)
 
     def _vmsa_request(self, request: int) -> int:
         """SEV-ES requests of the host, with the vCPU stopped; the core does the work."""
@@ -273,7 +328,8 @@ class Vcpu:
         in KVM_RUN, and KVM serialises every other vCPU ioctl behind it."""
         req, _fds = channel.recv_request(self.sock)
         if req.request in ioctl.ASYNC_VCPU_REQUESTS:
-            self._async(req)
+            if not self.dead:  # no reply to give: a dead vCPU drops them
+                self._async(req)
             return True
         if running:
             raise ProtocolError(f"{ioctl.name(req.request)} while KVM_RUN is in progress")
@@ -291,6 +347,8 @@ class Vcpu:
 
     def _ioctl(self, req: ioctl.Request) -> tuple[int, bytes]:
         r = req.request
+        if self.dead:
+            return -errno.EIO, b""  # kvm_vcpu_ioctl on a dead VM
         try:
             if r == ioctl.KVM_RUN:
                 ex = self.run(ioctl.RunRequest.decode(req.payload))
