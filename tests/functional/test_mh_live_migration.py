@@ -22,6 +22,8 @@ from relay import Relay
 
 from confmig.bench.lab import WORKING_SET_WRITTEN, HostProc, Lab, VmProc, VmSpec
 from confmig.bench.scenario import (
+    SEV_ES_POLICY,
+    SEV_POLICY,
     MigrationSettings,
     configure,
     incoming_uri,
@@ -45,11 +47,11 @@ TARGET_WAITING = re.compile(rb"Waiting for incoming confidential migration")
 
 
 def mh_pair(lab: Lab, hosts: tuple[HostProc, HostProc], *, guest: str = DIRTY, mh_vcpus: int = 1,
-            key: bytes | None = None) -> tuple[VmProc, VmProc]:
-    """A running SEV guest with MH vCPUs on hostA; on hostB its target, launched by the same
-    owner and running only its Migration Handler."""
+            key: bytes | None = None, policy: int = SEV_POLICY) -> tuple[VmProc, VmProc]:
+    """A running SEV guest (SEV-ES with :data:`SEV_ES_POLICY`) with MH vCPUs on hostA; on hostB
+    its target, launched by the same owner and running only its Migration Handler."""
     a, b = hosts
-    source, target = mh_guest_args(lab, mh_vcpus, key=key)
+    source, target = mh_guest_args(lab, mh_vcpus, key=key, policy=policy)
     src, dst = lab.start_vms(VmSpec(name="src", host=a, ram="64M", guest=guest, extra=source),
                              VmSpec(name="dst", host=b, ram="64M", guest=guest, extra=target))
     src.wait_console(WORKING_SET_WRITTEN)
@@ -94,6 +96,20 @@ def test_a_running_sev_guest_migrates_through_its_migration_handler(
     assert c["private-pages"] >= 64 * 256 - 2048 - 16  # all of RAM but the MH's area and shared pages
     assert c["batches"] >= c["private-pages"] // 128 and c["shared-pages"] >= 1
     assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
+
+
+def test_a_running_sev_es_guest_migrates_its_vcpu_state_through_the_mh(
+        lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+    """SEV-ES: neither VMM can read or set the guest's registers. Its vCPUs save them into
+    private memory when the MH asks (PARK), FINISH seals them with the completion record, the
+    target's MH installs them and its firmware continues there."""
+    src, dst = mh_pair(lab, hosts, policy=SEV_ES_POLICY)
+    assert src.qmp.execute("query-sev")["sev-type"] == "sev-es"
+    result = migrate(src, dst, settings=SETTINGS)
+    assert result.status == "completed", result.info.get("error-desc")
+    assert result.info["x-confmig"]["confidential"]["backend"] == "mh"
+    assert dst.selfcheck().startswith("confmig-selfcheck: PASS")
+    assert src.qmp.execute("query-status")["status"] == "postmigrate"
 
 
 def test_the_source_refuses_to_run_again_after_its_guest_left(lab: Lab,
@@ -233,11 +249,12 @@ def test_a_truncated_stream_fails_and_the_source_runs_on(lab: Lab, hosts: tuple[
     assert src.selfcheck().startswith("confmig-selfcheck: PASS")
 
 
+@pytest.mark.parametrize("policy", [SEV_POLICY, SEV_ES_POLICY], ids=["sev", "sev-es"])
 def test_kv_keeps_every_acknowledged_write_across_an_mh_migration(
-        lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
+        lab: Lab, hosts: tuple[HostProc, HostProc], policy: int) -> None:
     """A client writes all along: its table is private (sealed by the MH), its ring shared."""
     a, b = hosts
-    source, target = mh_guest_args(lab)
+    source, target = mh_guest_args(lab, policy=policy)
     src_sock, dst_sock = str(lab.root / "kv-src.sock"), str(lab.root / "kv-dst.sock")
     src, dst = lab.start_vms(
         VmSpec(name="src", host=a, ram="64M", guest="kv",
@@ -332,9 +349,10 @@ class BreakCompletion(Relay):
             self.broken = True
 
 
+@pytest.mark.parametrize("policy", [SEV_POLICY, SEV_ES_POLICY], ids=["sev", "sev-es"])
 def test_a_failure_after_finish_resumes_the_source_with_the_targets_abort_token(
-        lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
-    src, dst = mh_pair(lab, hosts)
+        lab: Lab, hosts: tuple[HostProc, HostProc], policy: int) -> None:
+    src, dst = mh_pair(lab, hosts, policy=policy)
     uri, relay = through(BreakCompletion, src, dst)
     result = migrate(src, None, uri, settings=SETTINGS)
     assert isinstance(relay, BreakCompletion) and relay.broken

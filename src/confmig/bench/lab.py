@@ -328,15 +328,17 @@ class Lab:
         return ["-device", f"confmig-kv,path={self.root / f'kv-{vm}.sock'}"]
 
     def owner(self, *, firmware: Path, policy: int, secrets: list[tuple[uuid.UUID, bytes]] | None = None,
-              audit: Callable[[Mapping[str, object]], None] | None = None, vcpus: int = 1) -> OwnerServer:
+              audit: Callable[[Mapping[str, object]], None] | None = None, vcpus: int = 1,
+              mh_vcpus: int = 0) -> OwnerServer:
         """A guest owner's key broker, in this process, trusting this lab's AMD root (start a
         host first: the first host creates the root) and expecting ``firmware`` and ``policy``
-        (and, for SEV-ES, the reset VMSAs of ``vcpus`` vCPUs)."""
+        (and, for SEV-ES, the reset VMSAs of ``vcpus`` vCPUs and the entry VMSAs of ``mh_vcpus``
+        Migration Handler vCPUs)."""
         from confmig.owner import AmdRoot, KeyBroker, VmProfile, firmware_digest, make_server
         from confmig.platform.psp.policy import PolicyFlag
 
         es_vcpus = vcpus if policy & PolicyFlag.ES else 0
-        digest = firmware_digest(firmware.read_bytes(), sev_es_vcpus=es_vcpus)
+        digest = firmware_digest(firmware.read_bytes(), sev_es_vcpus=es_vcpus, mh_vcpus=mh_vcpus)
         profile = VmProfile.build(digest=digest, policy=policy, secrets=secrets or [])
         server = make_server(KeyBroker(AmdRoot.load(self.amd_root), {"*": profile}, audit=audit))
         threading.Thread(target=server.serve_forever, name="owner", daemon=True).start()

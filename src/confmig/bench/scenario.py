@@ -145,14 +145,15 @@ def mh_args(mh_vcpus: int, vcpus: int = 1) -> list[str]:
 def mh_guest_args(lab: Lab, mh_vcpus: int = 1, *, key: bytes | None = None,
                   secrets: tuple[tuple[uuid.UUID, bytes], ...] = (),
                   audit: Callable[[Mapping[str, object]], None] | None = None,
-                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The command lines of an SEV guest with MH vCPUs and of its MH target: both launched by
-    one owner (started here), who gives both the same transport key (``key``, or a fresh one)."""
+                  policy: int = SEV_POLICY) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The command lines of an SEV guest (SEV-ES with :data:`SEV_ES_POLICY`) with MH vCPUs and
+    of its MH target: both launched by one owner (started here), who gives both the same
+    transport key (``key``, or a fresh one)."""
     from confmig.owner import MIGRATION_TRANSPORT_KEY_GUID
 
-    owner = lab.owner(firmware=lab.bios, policy=SEV_POLICY, audit=audit,
+    owner = lab.owner(firmware=lab.bios, policy=policy, audit=audit, mh_vcpus=mh_vcpus,
                       secrets=[*secrets, (MIGRATION_TRANSPORT_KEY_GUID, key or os.urandom(32))])
-    source = (*sev_args(SEV_POLICY, owner=owner.url), *mh_args(mh_vcpus))
+    source = (*sev_args(policy, owner=owner.url), *mh_args(mh_vcpus))
     return source, (*source, *MH_TARGET_ARGS)
 
 

@@ -5,6 +5,9 @@ Migration Handler closes it; the kernel checks it on every step, with the
 kernel data it reads anyway, and the firmware at reset::
 
     0 (or anything else)  the guest runs
+    SAVING                SEV-ES source, from PARK: each vCPU saves its registers
+                          (:mod:`confmig.guest.saved_state`) and parks; RESET (the
+                          migration did not happen) opens the gate again
     MIGRATED_AWAY         source, after FINISH: the guest's state was sealed for a
                           target; it runs here again only if RESUME opens the
                           target's abort token
@@ -34,6 +37,7 @@ OPEN: Final = 0
 MIGRATED_AWAY: Final = int.from_bytes(b"CMGATE\x01\xa5", "little")
 INCOMING: Final = int.from_bytes(b"CMGATE\x02\xa5", "little")
 ABORTED: Final = int.from_bytes(b"CMGATE\x03\xa5", "little")
+SAVING: Final = int.from_bytes(b"CMGATE\x04\xa5", "little")
 
 _WORD: Final = struct.Struct("<Q")
 SIZE: Final = _WORD.size
@@ -41,6 +45,7 @@ REASONS: Final[dict[int, str]] = {
     MIGRATED_AWAY: "confmig: this guest was migrated away; it will not run here",
     INCOMING: "confmig: this guest's incoming migration is not complete; it will not run here",
     ABORTED: "confmig: this guest's incoming migration was aborted; it will not run here",
+    SAVING: "confmig: this vCPU saved its state for a migration and waits",
 }
 """The console line of each closed gate."""
 

@@ -38,8 +38,10 @@ on every step before anything else: with the kernel data a workload step reads
 anyway, and on its own in the kernel's phases. A closed gate parks the vCPU
 (phase GATED, the interrupted ``rip`` kept in ``r12``): it prints why, once,
 then halts each time it is entered, dropping pending interrupts so that a halt
-never turns into a spin. When the gate opens again (RESUME on a source) the
-vCPU continues at the kept ``rip``.
+never turns into a spin. When the gate opens again (RESUME or RESET on a source)
+the vCPU continues at the kept ``rip``. An SEV-ES guest's Migration Handler closes
+it with SAVING: the vCPU first saves its registers, as they are at that step, for
+the target (:mod:`confmig.guest.saved_state`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from functools import partial
 
-from confmig.guest import gate, mem_encrypt
+from confmig.guest import gate, mem_encrypt, saved_state
 from confmig.guest.firmware import bootinfo, varstore
 from confmig.guest.layout import KERNEL_BASE, KERNEL_DATA_GPA, KERNEL_SIZE, RUN_GATE_GPA, WORKLOAD_CODE_SIZE
 from confmig.guest.phases import TaskProgram
@@ -323,7 +325,7 @@ def _kernel_step(workloads: Mapping[str, Workload], cpu: GuestCpu) -> None:
     if phase == Phase.GATED:
         _gated(cpu, mask)
     elif mask and gate.closed(value := gate.load(cpu, mask)):
-        _close_gate(cpu, value)
+        _close_gate(cpu, value, mask)
     elif phase == Phase.ENTRY:
         _boot(workloads, cpu, mask)
     elif phase == Phase.MIGRATION:
@@ -332,8 +334,12 @@ def _kernel_step(workloads: Mapping[str, Workload], cpu: GuestCpu) -> None:
         _start(workloads, cpu, mask)
 
 
-def _close_gate(cpu: GuestCpu, value: int) -> None:
-    """Park at GATED, keeping where this vCPU was; say why (once: this is the exit)."""
+def _close_gate(cpu: GuestCpu, value: int, mask: int) -> None:
+    """Park at GATED, keeping where this vCPU was; say why (once: this is the exit). Asked to
+    save (SEV-ES, a Migration Handler migration), first save the registers as they are: a
+    target continues from them, as if this vCPU never stopped."""
+    if value == gate.SAVING:
+        saved_state.save(cpu, mask)
     cpu.regs.r12 = cpu.regs.rip
     cpu.regs.rip = KERNEL_BASE + Phase.GATED
     console_write(cpu, gate.REASONS[value])
@@ -341,6 +347,7 @@ def _close_gate(cpu: GuestCpu, value: int) -> None:
 
 def _gated(cpu: GuestCpu, mask: int) -> None:
     if not gate.closed(gate.load(cpu, mask)):
+        saved_state.clear(cpu, cpu.vcpu_id, mask)  # whatever was saved will not be used
         cpu.regs.rip = cpu.regs.r12  # opened again: continue where the gate stopped us
         return
     for _ in range(GATED_INTERRUPTS_MAX):  # a pending interrupt would end every hlt at once
@@ -362,7 +369,7 @@ def _task_step(workload: Workload, cpu: GuestCpu) -> None:
     mask = mem_encrypt.encryption_mask(cpu)  # once per step: the workload gets it too
     before = k = load_data(cpu, mask)
     if mask and gate.closed(k.gate):
-        _close_gate(cpu, k.gate)
+        _close_gate(cpu, k.gate, mask)
         return
     if not k.flags & IN_NMI:
         for _ in range(INTERRUPTS_PER_STEP):

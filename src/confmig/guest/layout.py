@@ -21,7 +21,8 @@ its registers (the guest-state rule)::
     0x0000_4000  4 KiB  workload state: counters, cursors, self-check       workload
     0x0000_5000  4 KiB  SEV secret area (OVMF table: SEV secret block)      PSP -> firmware, MH
     0x0000_6000  4 KiB  UEFI variable store                                  firmware -> kernel
-    0x0000_7000         reserved up to 1 MiB (firmware and kernel growth)
+    0x0000_7000  4 KiB  SEV-ES vCPU save area (:mod:`confmig.guest.saved_state`) kernel -> firmware
+    0x0000_8000         reserved up to 1 MiB (firmware and kernel growth)
     0x0010_0000 512 KiB page-state list: 1 bit per GFN below 16 GiB,   mem_encrypt -> MH
                         set = SHARED (the guest's own record of its C-bits)
     0x0018_0000         reserved up to 8 MiB
@@ -83,6 +84,9 @@ SECRET_AREA_SIZE = PAGE_SIZE
 VARSTORE_GPA = 0x6000
 """The firmware's UEFI variable store, read by the kernel (EFI runtime services)."""
 VARSTORE_SIZE = PAGE_SIZE
+VCPU_SAVE_GPA = 0x7000
+"""SEV-ES: where the guest's vCPUs save their registers for a Migration Handler migration."""
+VCPU_SAVE_SIZE = PAGE_SIZE
 RUN_GATE_GPA = KERNEL_DATA_GPA + 0xF00
 """The run gate (:mod:`confmig.guest.gate`): in the kernel data page, which the kernel reads
 on every step anyway, at an offset the kernel's own data never reaches."""

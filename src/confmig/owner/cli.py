@@ -5,10 +5,11 @@ Heavy imports happen inside the commands, so ``confmig --help`` stays fast.
 
 ::
 
-    confmig owner serve [--amd-root DIR] (--firmware PATH [--vcpus N] | --firmware-digest HEX) --policy 0x1
+    confmig owner serve [--amd-root DIR] --policy 0x1
+                        (--firmware PATH [--vcpus N] [--mh-vcpus M] | --firmware-digest HEX)
                         [--secret GUID=HEX | --secret GUID=@FILE]... [--vm NAME]
                         [--listen 127.0.0.1:PORT] [--state DIR] [--ark-hash HEX] [--session-ttl SECONDS]
-    confmig owner digest PATH [--sev-es-vcpus N]
+    confmig owner digest PATH [--sev-es-vcpus N [--mh-vcpus M]]
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def parse_secret(spec: str) -> tuple[uuid.UUID, bytes]:
 
 def build_profile(
     *, firmware: str | None, firmware_digest: str | None, policy: int, secrets: tuple[str, ...],
-    vcpus: int = 1,
+    vcpus: int = 1, mh_vcpus: int = 0,
 ) -> VmProfile:
     """The VM profile the options describe; ``click.UsageError``/``BadParameter`` if they do not."""
     from confmig.owner.measurement import firmware_digest as digest_of
@@ -98,10 +99,12 @@ def build_profile(
     if firmware is not None:
         try:
             es_vcpus = vcpus if policy & PolicyFlag.ES else 0
-            digest = digest_of(Path(firmware).read_bytes(), sev_es_vcpus=es_vcpus)
+            digest = digest_of(Path(firmware).read_bytes(), sev_es_vcpus=es_vcpus, mh_vcpus=mh_vcpus)
         except OSError as exc:
             raise click.BadParameter(f"cannot read {firmware}: {exc.strerror}", param_hint="--firmware") \
                 from None
+        except ValueError as exc:
+            raise click.BadParameter(f"{firmware}: {exc}", param_hint="--mh-vcpus") from None
     else:
         assert firmware_digest is not None
         digest = parse_hex(firmware_digest, 32, "--firmware-digest")
@@ -136,9 +139,12 @@ def owner() -> None:
               help="Seconds a launch session waits for its measurement.")
 @click.option("--vcpus", default=1, show_default=True, type=click.IntRange(1, 16),
               help="With an SEV-ES policy and --firmware: the vCPUs whose VMSAs the launch measures.")
+@click.option("--mh-vcpus", default=0, show_default=True, type=click.IntRange(0, 4),
+              help="With an SEV-ES policy and --firmware: the Migration Handler vCPUs "
+                   "(-smp N,mirrorvcpus=M) whose entry VMSAs the launch measures.")
 def serve(amd_root: str | None, ark_hash: str | None, firmware: str | None, firmware_digest: str | None,
           policy: str, secrets: tuple[str, ...], vm: str, listen: str, state_dir: str | None,
-          session_ttl: float, vcpus: int) -> None:
+          session_ttl: float, vcpus: int, mh_vcpus: int) -> None:
     """Run the key broker: release a VM's secrets only to the launch the owner expects."""
     from confmig.common.errors import ConfigError
     from confmig.common.paths import default_amd_root
@@ -151,7 +157,8 @@ def serve(amd_root: str | None, ark_hash: str | None, firmware: str | None, firm
                         format="%(asctime)s owner[%(process)d] %(levelname)s %(message)s")
     host, port = parse_listen(listen)
     profile = build_profile(firmware=firmware, firmware_digest=firmware_digest,
-                            policy=parse_policy(policy), secrets=secrets, vcpus=vcpus)
+                            policy=parse_policy(policy), secrets=secrets, vcpus=vcpus,
+                            mh_vcpus=mh_vcpus)
     pin = parse_hex(ark_hash, 48, "--ark-hash") if ark_hash is not None else None
     try:
         root = AmdRoot.load(Path(amd_root) if amd_root else default_amd_root(), pin=pin)
@@ -189,8 +196,15 @@ def serve(amd_root: str | None, ark_hash: str | None, firmware: str | None, firm
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--sev-es-vcpus", default=0, show_default=True, type=click.IntRange(0, 16),
               help="An SEV-ES launch of this many vCPUs (their reset VMSAs are measured too).")
-def digest(path: str, sev_es_vcpus: int) -> None:
+@click.option("--mh-vcpus", default=0, show_default=True, type=click.IntRange(0, 4),
+              help="SEV-ES: the guest's Migration Handler vCPUs (-smp N,mirrorvcpus=M; their entry "
+                   "VMSAs are measured too).")
+def digest(path: str, sev_es_vcpus: int, mh_vcpus: int) -> None:
     """Print the launch digest of a firmware image (what --firmware-digest expects)."""
     from confmig.owner.measurement import firmware_digest
 
-    click.echo(firmware_digest(Path(path).read_bytes(), sev_es_vcpus=sev_es_vcpus).hex())
+    try:
+        value = firmware_digest(Path(path).read_bytes(), sev_es_vcpus=sev_es_vcpus, mh_vcpus=mh_vcpus)
+    except ValueError as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--mh-vcpus") from None
+    click.echo(value.hex())

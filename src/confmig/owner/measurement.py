@@ -26,20 +26,31 @@ from confmig.platform.psp.policy import GuestPolicy
 from confmig.platform.psp.session import TransportKeys
 from confmig.platform.psp.version import FirmwareVersion
 from confmig.platform.psp.vmsa import RESET_REGISTERS, vmsa_image
+from confmig.proto import ovmf_table
 
 POLICY_MAX: Final = 0xFFFF_FFFF
 
 
-def firmware_digest(image: bytes, *, sev_es_vcpus: int = 0) -> bytes:
+def firmware_digest(image: bytes, *, sev_es_vcpus: int = 0, mh_vcpus: int = 0) -> bytes:
     """The launch digest of a firmware image the host imports whole, as confmig's VMM does.
 
     LAUNCH_UPDATE_DATA hashes the plaintext it imports, in order and in chunks
     of its scratch buffer; SHA-256 does not see the chunking, so this is
     SHA-256 of the image. An SEV-ES launch then imports each vCPU's VMSA with
     LAUNCH_UPDATE_VMSA, in vCPU order; the VMM sets no register before the
-    launch, so each is the reset state (``sev_es_vcpus`` of them).
+    launch, so each is the reset state (``sev_es_vcpus`` of them). Then, for
+    an SEV-ES guest with ``mh_vcpus`` Migration Handler vCPUs, the mirror VM's
+    VMSAs, in order: each at the MH's entry (the image's table says where), so
+    the owner attests where the code that reads its guest's memory starts.
     """
-    return launch_digest([image, *[vmsa_image(RESET_REGISTERS)] * sev_es_vcpus])
+    vmsas = [vmsa_image(RESET_REGISTERS)] * sev_es_vcpus
+    if sev_es_vcpus and mh_vcpus:
+        block = ovmf_table.migration_handler(ovmf_table.parse_table(image))
+        if block is None:
+            raise ValueError("the firmware image declares no Migration Handler")
+        entry = {"rip": block.entry, "rflags": ovmf_table.MH_INITIAL_RFLAGS}
+        vmsas += [vmsa_image(entry)] * mh_vcpus
+    return launch_digest([image, *vmsas])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

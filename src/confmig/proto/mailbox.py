@@ -122,6 +122,9 @@ class MhCommand(IntEnum):
     """Target: the guest never ran and never will here; seal an abort token."""
     RESUME = 9
     """Source: open an abort token; the guest may run here again."""
+    PARK = 10
+    """Source, SEV-ES: the guest's vCPUs save their registers into private memory and park;
+    answers ``length`` 1 once all did (0: ask again). FINISH seals that state."""
 
 
 class MhReturn(IntEnum):
@@ -399,6 +402,13 @@ class Completion:
     """The target MH's challenge, as the source's VMM gave it to FINISH: only that target's
     COMPLETE accepts this record, so a recorded stream completes on no other target."""
     totals: list[StreamTotal]
+    vcpu_state: bytes = b""
+    """SEV-ES: the guest's vCPU save area as its vCPUs left it when they parked (opaque here;
+    the target MH installs it at COMPLETE). Empty for an SEV guest, whose VMM moves registers."""
+
+
+VCPU_STATE_MAX: Final = 4096
+"""The largest vCPU save area a completion record carries (one page)."""
 
 
 def encode_completion(c: Completion) -> bytes:
@@ -406,8 +416,11 @@ def encode_completion(c: Completion) -> bytes:
         raise MailboxError(f"a challenge is {CHALLENGE_SIZE} bytes, got {len(c.challenge)}")
     if len(c.totals) > MAX_STREAMS:
         raise MailboxError(f"{len(c.totals)} streams (at most {MAX_STREAMS})")
-    return c.challenge + struct.pack("<I", len(c.totals)) + b"".join(
-        STREAM_TOTAL.pack(t.stream, 0, t.records, t.pages) for t in c.totals)
+    if len(c.vcpu_state) > VCPU_STATE_MAX:
+        raise MailboxError(f"a vCPU save area of {len(c.vcpu_state)} bytes (at most {VCPU_STATE_MAX})")
+    return (c.challenge + struct.pack("<I", len(c.totals))
+            + b"".join(STREAM_TOTAL.pack(t.stream, 0, t.records, t.pages) for t in c.totals)
+            + struct.pack("<I", len(c.vcpu_state)) + c.vcpu_state)
 
 
 def decode_completion(body: bytes | memoryview) -> Completion:
@@ -415,13 +428,17 @@ def decode_completion(body: bytes | memoryview) -> Completion:
     if len(body) < head:
         raise MailboxError(f"completion body of {len(body)} bytes")
     (n,) = struct.unpack_from("<I", body, CHALLENGE_SIZE)
-    if n > MAX_STREAMS or len(body) != head + n * STREAM_TOTAL.size:
+    end = head + n * STREAM_TOTAL.size
+    if n > MAX_STREAMS or len(body) < end + 4:
         raise MailboxError(f"completion body of {len(body)} bytes for {n} streams")
     totals = []
     for i in range(n):
         stream, _, records, pages = STREAM_TOTAL.unpack_from(body, head + i * STREAM_TOTAL.size)
         totals.append(StreamTotal(stream, records, pages))
-    return Completion(bytes(body[:CHALLENGE_SIZE]), totals)
+    (state_len,) = struct.unpack_from("<I", body, end)
+    if state_len > VCPU_STATE_MAX or len(body) != end + 4 + state_len:
+        raise MailboxError(f"completion body of {len(body)} bytes with a vCPU save area of {state_len}")
+    return Completion(bytes(body[:CHALLENGE_SIZE]), totals, bytes(body[end + 4 :]))
 
 
 ABORT_NEVER_RAN: Final = b"confmig-mh-abort: the target never ran and never will\0"

@@ -187,46 +187,55 @@ class Machine:
             self.devices.append(kv)
         self._ports: dict[int, PortIoDevice] = {p: d for d in self.devices for p in d.ports}
         self.vcpus = [VcpuThread(self, self.vm.create_vcpu(i)) for i in range(config.smp)]
+        self.mh: MigrationHandler | None = None
+        """The Migration Handler's mirror VM (``-smp N,mirrorvcpus=M``): made during the launch."""
+        self.awaiting_guest = config.mh_target
+        """An MH target whose guest has not arrived yet: its devices do not serve."""
+        if config.mirror_vcpus:
+            self._check_migration_handler(config.mirror_vcpus)
         if self.sev is not None:
             for v in self.vcpus:
                 v.fd.set_cpuid(self.sev.cpuid())
             if self.psp_guest is None or not config.incoming:
                 self._sev_launch(self.sev)
             # else: the guest context arrives with the stream (RECEIVE_START)
-        self.mh: MigrationHandler | None = None
-        """The Migration Handler's mirror VM (``-smp N,mirrorvcpus=M``)."""
-        self.awaiting_guest = config.mh_target
-        """An MH target whose guest has not arrived yet: its devices do not serve."""
-        if config.mirror_vcpus:
-            self.mh = self._migration_handler(config.mirror_vcpus)
         for v in self.vcpus:
             v.start()
 
-    def _migration_handler(self, nvcpus: int) -> MigrationHandler:
-        """The mirror VM: created once the guest's SEV context exists, before it runs."""
+    def _check_migration_handler(self, nvcpus: int) -> None:
         why = None
-        block = self.firmware.migration_handler() if self.firmware is not None else None
         if self.sev is None or self.sev.config.x_plain_copy:
             why = "they serve an SEV guest (-object sev-guest ... -machine confidential-guest-support=...)"
-        elif self.sev.config.es:
-            why = "the Migration Handler does not carry SEV-ES vCPU state yet"
         elif self.config.incoming:
             why = ("a mirror VM copies a launched guest's context; a Migration Handler target starts "
                    "without -incoming, with -fw_cfg name=opt/ovmf/PcdSevIsMigrationTarget,string=1")
-        elif block is None:
+        elif self.firmware is None or self.firmware.migration_handler() is None:
             why = "the firmware (-bios) declares no Migration Handler"
         if why is not None:
             raise ConfigError(f"-smp mirrorvcpus={nvcpus}: {why}")
+
+    def _migration_handler(self, sev: SevGuest, nvcpus: int) -> MigrationHandler:
+        """The mirror VM: made once the guest's context exists (LAUNCH_START), before the
+        launch is measured: an SEV-ES mirror's VMSAs are measured with the guest's."""
+        assert self.firmware is not None
+        block = self.firmware.migration_handler()
         assert block is not None
         return MigrationHandler(self.kvm, self.vm, self.memory, block, nvcpus,
-                                lambda: self._slot_regions(0))
+                                lambda: self._slot_regions(0),
+                                launch_vmsas=sev.launch_update_vmsa if sev.config.es else None)
 
     def _sev_launch(self, sev: SevGuest) -> None:
         """Measure and encrypt the firmware, then let the owner check and provision."""
         fw = self.firmware
         measured = [(fw.gpa, len(fw.data))] if fw is not None else []
         area = fw.secret_area() if fw is not None else None
-        sev.launch(measured, SecretArea(gpa=area[0], size=area[1]) if area else None)
+
+        def mirror() -> None:
+            if self.config.mirror_vcpus:
+                self.mh = self._migration_handler(sev, self.config.mirror_vcpus)
+
+        sev.launch(measured, SecretArea(gpa=area[0], size=area[1]) if area else None,
+                   before_measure=mirror)
 
     @property
     def psp_guest(self) -> SevGuest | None:

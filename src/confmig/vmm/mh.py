@@ -30,12 +30,11 @@ from confmig.common.errors import MigrationError
 from confmig.kvm.client import Kvm, VcpuFd, VmFd
 from confmig.proto import ioctl
 from confmig.proto import mailbox as mb
-from confmig.vmm.firmware import MigrationHandlerBlock
+from confmig.proto.ovmf_table import MH_INITIAL_RFLAGS, MigrationHandlerBlock
 from confmig.vmm.memory import GuestMemory
 
 MH_TIMEOUT: Final = 30.0
 """Seconds one entry of an MH vCPU may take (a full batch takes milliseconds)."""
-RFLAGS_RESERVED: Final = 0x2
 
 SlotRegions = Callable[[], Iterable[tuple[ioctl.UserspaceMemoryRegion, int]]]
 
@@ -130,7 +129,11 @@ class MigrationHandler:
     """The mirror VM of one SEV guest and its MH vCPUs."""
 
     def __init__(self, kvm: Kvm, guest_vm: VmFd, memory: GuestMemory, block: MigrationHandlerBlock,
-                 nvcpus: int, slot_regions: SlotRegions) -> None:
+                 nvcpus: int, slot_regions: SlotRegions, *,
+                 launch_vmsas: Callable[[VmFd], None] | None = None) -> None:
+        """``launch_vmsas``: an SEV-ES guest's LAUNCH_UPDATE_VMSA for the mirror, during the
+        guest's launch: the MH vCPUs' registers are set to the entry here, then sealed into
+        their VMSAs and measured; nobody sets them again (the host cannot)."""
         if nvcpus > mb.max_mh_vcpus(block.mailbox_size):
             raise MhError(f"-smp mirrorvcpus={nvcpus}: the firmware's mailbox serves at most "
                           f"{mb.max_mh_vcpus(block.mailbox_size)} Migration Handler vCPUs")
@@ -144,9 +147,15 @@ class MigrationHandler:
                 self.mirror.set_user_memory_region(region, fd)
             for i in range(nvcpus):
                 self.vcpus.append(self._vcpu(i))
+            if launch_vmsas is not None:
+                for v in self.vcpus:
+                    v.fd.set_regs(self._entry_registers())
+                launch_vmsas(self.mirror)
         except BaseException:
             self.close()
             raise
+        self.protected = launch_vmsas is not None
+        """SEV-ES: the MH vCPUs' registers are in their VMSAs, set at the launch."""
         self._start_lock = threading.Lock()
         self.started = False
         self.sent_away = False
@@ -190,12 +199,17 @@ class MigrationHandler:
             if self.started:
                 return
             for v in self.vcpus:
-                regs = [0] * (ioctl.REGS.size // 8)
-                regs[16], regs[17] = self.block.entry, RFLAGS_RESERVED  # rip, rflags
-                with v.lock:
-                    v.fd.set_regs(tuple(regs))
+                if not self.protected:
+                    with v.lock:
+                        v.fd.set_regs(self._entry_registers())
                 v.enter()
             self.started = True
+
+    def _entry_registers(self) -> tuple[int, ...]:
+        """An MH vCPU at the firmware's entry (``proto.ovmf_table``): ``rip`` and ``rflags``."""
+        regs = [0] * (ioctl.REGS.size // 8)
+        regs[16], regs[17] = self.block.entry, MH_INITIAL_RFLAGS  # rip, rflags
+        return tuple(regs)
 
     def close(self) -> None:
         for v in self.vcpus:

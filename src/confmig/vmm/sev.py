@@ -22,6 +22,7 @@ import errno
 import logging
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -142,7 +143,11 @@ class SevGuest:
 
     # --- the launch ------------------------------------------------------------------
 
-    def launch(self, measured: list[tuple[int, int]], secret_area: SecretArea | None) -> None:
+    def launch(self, measured: list[tuple[int, int]], secret_area: SecretArea | None, *,
+               before_measure: Callable[[], None] | None = None) -> None:
+        """LAUNCH_START .. LAUNCH_FINISH, with the owner's check and secret in between.
+        ``before_measure`` runs once the guest's own pages and VMSAs are in: what else the
+        launch must measure (a mirror VM's VMSAs, :meth:`launch_update_vmsa`)."""
         owner = OwnerLink(self.config.owner) if self.config.owner else None
         session_id = ""
         godh = session = b""
@@ -157,6 +162,8 @@ class SevGuest:
             self._op(ksev.KVM_SEV_LAUNCH_UPDATE_DATA, ksev.LAUNCH_UPDATE_DATA.pack(gpa, size, 0))
         if self.config.es:
             self._op(ksev.KVM_SEV_LAUNCH_UPDATE_VMSA)
+        if before_measure is not None:
+            before_measure()
         try:  # the length query first, as QEMU does
             self.vm.memory_encrypt_op(ksev.KVM_SEV_LAUNCH_MEASURE, ksev.LAUNCH_MEASURE.pack(0, 0, 0))
             raise ConfigError("LAUNCH_MEASURE: expected a length query to fail with INVALID_LEN")
@@ -178,6 +185,14 @@ class SevGuest:
             self._op(ksev.KVM_SEV_LAUNCH_SECRET, body + hdr + secret)
         self._op(ksev.KVM_SEV_LAUNCH_FINISH)
         log.info("SEV launch finished: handle %d", self.handle)
+
+    def launch_update_vmsa(self, mirror: VmFd) -> None:
+        """SEV-ES: LAUNCH_UPDATE_VMSA on a mirror VM of this guest (its vCPUs' registers as set
+        now), during this guest's launch: the mirror's vCPUs start where the launch digest says."""
+        try:
+            mirror.memory_encrypt_op(ksev.KVM_SEV_LAUNCH_UPDATE_VMSA)
+        except SevCommandError as exc:
+            raise ConfigError(f"SEV: the mirror VM's {exc}") from None
 
     # --- PSP migration (QEMU: sev_save_setup, sev_save_outgoing_page, sev_load_incoming_page) ---
 

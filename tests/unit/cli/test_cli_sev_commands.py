@@ -10,9 +10,13 @@ from click.testing import CliRunner
 from psp_fakes import make_identity
 
 from confmig.cli.main import cli
+from confmig.guest.firmware.image import build_firmware_image
 from confmig.owner.measurement import firmware_digest
 from confmig.platform.psp.amd_cert import split_amd_chain
 from confmig.platform.psp.identity import load_amd_certificates
+from confmig.platform.psp.measure import launch_digest
+from confmig.platform.psp.vmsa import RESET_REGISTERS, vmsa_image
+from confmig.proto import ovmf_table
 from confmig.vmm.firmware import FirmwareImage
 
 
@@ -55,3 +59,22 @@ def test_owner_digest_of_an_sev_es_launch_covers_the_vmsas(tmp_path: Path) -> No
     es = CliRunner().invoke(cli, ["owner", "digest", str(fw), "--sev-es-vcpus", "2"]).output.strip()
     assert plain == firmware_digest(fw.read_bytes()).hex()
     assert es == firmware_digest(fw.read_bytes(), sev_es_vcpus=2).hex() and es != plain
+
+
+def test_owner_digest_of_an_sev_es_launch_with_mh_vcpus_covers_their_entry(tmp_path: Path) -> None:
+    """A mirror VM's vCPUs are launched with the guest's: each VMSA at the image's MH entry."""
+    fw = tmp_path / "fw.fd"
+    fw.write_bytes(build_firmware_image())
+    args = ["owner", "digest", str(fw), "--sev-es-vcpus", "1"]
+    es = CliRunner().invoke(cli, args).output.strip()
+    with_mh = CliRunner().invoke(cli, [*args, "--mh-vcpus", "2"]).output.strip()
+    block = ovmf_table.migration_handler(ovmf_table.parse_table(fw.read_bytes()))
+    assert block is not None
+    expected = launch_digest([fw.read_bytes(), vmsa_image(RESET_REGISTERS),
+                              *[vmsa_image({"rip": block.entry, "rflags": 2})] * 2])
+    assert with_mh == expected.hex() and with_mh != es
+    no_mh = tmp_path / "no-mh.fd"
+    no_mh.write_bytes(b"\x5a" * 8192)
+    result = CliRunner().invoke(cli, ["owner", "digest", str(no_mh), "--sev-es-vcpus", "1",
+                                      "--mh-vcpus", "1"])
+    assert result.exit_code == 2 and "declares no Migration Handler" in result.output

@@ -63,6 +63,7 @@ from confmig.platform.cpu.abi import (
     LOCAL_TIMER_VECTOR,
     MSR_AMD64_SEV,
     MSR_AMD64_SEV_ENABLED,
+    MSR_AMD64_SEV_ES_ENABLED,
     MSR_IA32_TSC,
     MSR_IA32_TSC_DEADLINE,
     MSR_KVM_MIGRATION_CONTROL,
@@ -115,8 +116,11 @@ class FakeCpu:
         kvm_features: int = 0,
         hypercall_result: int = -KVM_ENOSYS,
         key: int = 1,
+        es: bool = False,
     ) -> None:
         self.memory = memory
+        self.es = sev and es
+        """SEV-ES: ``MSR_AMD64_SEV`` says so (the registers stay the test's to read)."""
         self._ports = {port: dev for dev in devices for port in dev.ports}
         self._vcpu_id = vcpu_id
         self._step_ns = step_ns
@@ -313,7 +317,7 @@ class FakeCpu:
     def rdmsr(self, msr: int) -> int:
         self._instruction()
         if msr == MSR_AMD64_SEV:
-            return MSR_AMD64_SEV_ENABLED if self.sev else 0
+            return (MSR_AMD64_SEV_ENABLED if self.sev else 0) | (MSR_AMD64_SEV_ES_ENABLED if self.es else 0)
         if msr == MSR_IA32_TSC:
             return self.tsc
         if msr == MSR_IA32_TSC_DEADLINE:

@@ -55,6 +55,7 @@ class Machine:
         migration_control: bool | None = None,
         hypercall_result: int = 0,
         fw_cfg_files: dict[str, bytes] | None = None,
+        es: bool = False,
     ) -> None:
         self.cmdline = cmdline
         self.memory = memory if memory is not None else GuestMemory.pc(ram_size)
@@ -72,7 +73,7 @@ class Machine:
         features = MIGRATION_FEATURES if (sev if migration_control is None else migration_control) else 0
         self.cpu = FakeCpu(
             self.memory, self.devices, idle_wait=idle_wait, step_ns=step_ns, sev=sev,
-            kvm_features=features, hypercall_result=hypercall_result,
+            kvm_features=features, hypercall_result=hypercall_result, es=es,
         )
 
     def _raise_irq(self, vector: int) -> None:

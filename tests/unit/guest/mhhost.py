@@ -174,7 +174,9 @@ class Guest(MhDriver):
     """An SEV guest on one host, its firmware's preparation done, its MH vCPUs at hand."""
 
     def __init__(self, *, spa: int, master: bytes | None, target: bool = False,
-                 ram_size: int = RAM_SIZE, seed: int = 0, v1: bool = False) -> None:
+                 ram_size: int = RAM_SIZE, seed: int = 0, v1: bool = False, es: bool = False) -> None:
+        self.es = es
+        """SEV-ES: every core of this guest (its MH vCPUs too) has its registers protected."""
         self.ram = FlatRam(ram_size, spa)
         self.slots = KeySlots()
         self.slots.install(ASID, os.urandom(16))
@@ -212,7 +214,7 @@ class Guest(MhDriver):
     def core(self, index: int) -> CpuCore:
         if index not in self.cores:
             core = CpuCore(index, self.ram, ROM, mee=MemoryEncryptionEngine(self.slots))
-            core.set_asid(ASID)
+            core.set_asid(ASID, es=self.es)
             core.regs.rip = MH_ENTRY
             self.cores[index] = core
         return self.cores[index]

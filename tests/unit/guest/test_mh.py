@@ -16,7 +16,7 @@ import pytest
 from mhhost import RAM_SIZE, Guest, seal, transport_key
 
 from confmig.common.units import PAGE_SIZE, GiB
-from confmig.guest import gate
+from confmig.guest import gate, saved_state
 from confmig.guest.firmware import mh
 from confmig.guest.layout import (
     FW_CFG_BOUNCE_GPA,
@@ -29,7 +29,7 @@ from confmig.guest.layout import (
     PAGE_STATE_LIMIT,
     SECRET_AREA_GPA,
 )
-from confmig.platform.cpu.abi import C_BIT
+from confmig.platform.cpu.abi import C_BIT, Registers
 from confmig.proto import mailbox as mb
 
 KEY = os.urandom(32)
@@ -693,3 +693,93 @@ def test_the_mh_keeps_nothing_in_the_core_between_entries(src: Guest, dst: Guest
     src.cores.pop(0)
     assert mb.decode_record_header(src.export(0, [HIGH])[1]).seq == 1
     assert mb.decode_record_header(record).migration_id == mid
+
+
+# --- SEV-ES: the vCPUs' state travels with the completion record ------------------------------------
+
+
+@pytest.fixture
+def es_src() -> Iterator[Guest]:
+    g = Guest(spa=SRC_SPA, master=KEY, seed=1, es=True)
+    yield g
+    g.close()
+
+
+@pytest.fixture
+def es_dst() -> Iterator[Guest]:
+    g = Guest(spa=DST_SPA, master=KEY, target=True, seed=2, es=True)
+    yield g
+    g.close()
+
+
+class GuestVcpu:
+    """The guest's BSP as :mod:`confmig.guest.saved_state` sees it (through the test's view)."""
+
+    vcpu_id = 0
+
+    def __init__(self, g: Guest, rip: int) -> None:
+        self.g = g
+        self.regs = Registers((*range(1, 17), rip, 0x246))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.g.view.write(gpa, data)
+
+    def read(self, gpa: int, size: int) -> bytes:
+        return self.g.view.read(gpa, size)
+
+
+def park(g: Guest) -> int:
+    """PARK: 0 while the guest's vCPUs have not all saved their state, 1 once they have."""
+    answer = g.command(0, Cmd.PARK, slot=0)
+    assert answer.ret == OK
+    return answer.length
+
+
+def test_an_sev_es_guest_parks_its_vcpus_and_its_state_reaches_the_target(es_src: Guest,
+                                                                          es_dst: Guest) -> None:
+    start(es_src, es_dst)
+    send(es_src, es_dst, es_src.private_gpas())
+    assert es_src.token(Cmd.FINISH, es_dst.challenge())[0] == INVALID  # the vCPUs did not park
+    assert park(es_src) == 0 and run_gate(es_src) == gate.SAVING
+    bsp = GuestVcpu(es_src, rip=0xFFFF_FFFF_C000_0040)
+    saved_state.save(bsp, C_BIT)  # what the kernel does at the vCPU's next step
+    assert park(es_src) == 1 and park(es_src) == 1  # asking again changes nothing
+    ret, completion = es_src.token(Cmd.FINISH, es_dst.challenge())
+    assert ret == OK and opened_completion(completion).vcpu_state == saved_state.carried(bsp, C_BIT)
+    assert saved_state.load(es_dst.view, 0, C_BIT) is None  # nothing installed before COMPLETE
+    assert es_dst.token(Cmd.COMPLETE, completion)[0] == OK
+    assert saved_state.load(es_dst.view, 0, C_BIT) == bsp.regs
+
+
+def test_a_migration_that_did_not_happen_lets_the_parked_guest_run_on(es_src: Guest, es_dst: Guest) -> None:
+    start(es_src, es_dst)
+    assert park(es_src) == 0 and run_gate(es_src) == gate.SAVING
+    assert es_src.command(0, Cmd.RESET).ret == OK
+    assert run_gate(es_src) == gate.OPEN
+
+
+def test_park_is_for_a_source_of_an_sev_es_guest_only(src: Guest, es_dst: Guest) -> None:
+    assert es_dst.command(0, Cmd.PARK, slot=0).ret == INVALID  # a target
+    assert src.command(0, Cmd.PARK, slot=0).ret == INVALID  # before INIT
+    src.init(0, mb.Role.SOURCE)
+    assert src.command(0, Cmd.PARK, slot=0).ret == INVALID  # an SEV guest: its VMM moves registers
+    assert run_gate(src) == gate.OPEN
+
+
+def test_complete_refuses_vcpu_state_that_does_not_match_the_targets_guest(
+        src: Guest, es_src: Guest, dst: Guest, es_dst: Guest) -> None:
+    # An SEV source's completion carries no vCPU state: an SEV-ES target would have no registers.
+    start(src, es_dst)
+    send(src, es_dst, src.private_gpas())
+    ret, completion = src.token(Cmd.FINISH, es_dst.challenge())
+    assert ret == OK and opened_completion(completion).vcpu_state == b""
+    assert es_dst.token(Cmd.COMPLETE, completion)[0] == REFUSED
+    # An SEV-ES source's does: an SEV target's VMM sets registers itself, and would overwrite them.
+    start(es_src, dst)
+    send(es_src, dst, es_src.private_gpas())
+    park(es_src)
+    saved_state.save(GuestVcpu(es_src, rip=0x1000), C_BIT)
+    assert park(es_src) == 1
+    ret, completion = es_src.token(Cmd.FINISH, dst.challenge())
+    assert ret == OK
+    assert dst.token(Cmd.COMPLETE, completion)[0] == REFUSED

@@ -17,15 +17,10 @@ from machine import ROM, Machine
 from mhhost import MhDriver, secret_table
 
 from confmig.common.units import PAGE_SIZE, MiB
-from confmig.guest import gate, kernel, mem_encrypt
+from confmig.guest import gate, kernel, mem_encrypt, saved_state
 from confmig.guest.firmware import bootinfo, mh, secret
 from confmig.guest.firmware.boot import MIGRATION_TARGET_FILE, WAITING_LINE, Phase
-from confmig.guest.firmware.image import (
-    MIGRATION_HANDLER_BLOCK,
-    MIGRATION_HANDLER_BLOCK_GUID,
-    build_firmware_image,
-    parse_guided_table,
-)
+from confmig.guest.firmware.image import build_firmware_image
 from confmig.guest.layout import (
     FIRMWARE_BASE,
     FW_CFG_BOUNCE_GPA,
@@ -39,6 +34,7 @@ from confmig.guest.layout import (
 )
 from confmig.platform.cpu.abi import C_BIT, NMI_VECTOR, RESET_VECTOR, Registers
 from confmig.proto import mailbox as mb
+from confmig.proto import ovmf_table
 
 KEY = os.urandom(32)
 RAM = 24 * MiB
@@ -64,7 +60,7 @@ class Mirror(MhDriver):
 
     def enter(self, index: int) -> None:
         if index not in self.cpus:
-            self.cpus[index] = FakeCpu(self.m.memory, [], vcpu_id=index, sev=True,
+            self.cpus[index] = FakeCpu(self.m.memory, [], vcpu_id=index, sev=True, es=self.m.cpu.es,
                                        kvm_features=MIGRATION_FEATURES)
             self.cpus[index].regs.rip = MH_ENTRY
         cpu = self.cpus[index]
@@ -122,9 +118,13 @@ def test_a_guest_without_room_for_the_mh_boots_without_one() -> None:
 
 
 def test_the_image_says_where_the_mh_starts_and_what_the_vmm_must_not_migrate() -> None:
-    block = parse_guided_table(build_firmware_image())[MIGRATION_HANDLER_BLOCK_GUID]
-    version, flags, entry, gpa, size, area = MIGRATION_HANDLER_BLOCK.unpack(block)
-    assert (version, flags, entry) == (2, 0, FIRMWARE_BASE + Phase.MH) and entry == MH_ENTRY
+    table = ovmf_table.parse_table(build_firmware_image())
+    raw = table[ovmf_table.MIGRATION_HANDLER_BLOCK_GUID]
+    version, flags, *_ = ovmf_table.MIGRATION_HANDLER_BLOCK.unpack(raw)
+    block = ovmf_table.migration_handler(table)
+    assert block is not None and (version, flags) == (2, 0)
+    entry, gpa, size, area = block.entry, block.mailbox_gpa, block.mailbox_size, block.area_size
+    assert entry == FIRMWARE_BASE + Phase.MH and entry == MH_ENTRY
     assert (gpa, size, area) == (MH_MAILBOX_GPA, 4 * mb.MAILBOX_STRIDE, MH_AREA_SIZE)
     assert mb.max_mh_vcpus(size) == 4 and gpa == MH_AREA_GPA
 
@@ -230,3 +230,59 @@ def test_a_guest_migrates_through_its_mh_and_runs_on_at_the_target() -> None:
         assert src.lines[-1] == AWAY and not any(line.startswith(SELFCHECK) for line in src.lines)
         for canary in (KEY, b"CMKERN01", b"CMDIRTY1"):
             assert canary not in src.memory.read(0, RAM) and canary not in dst.memory.read(0, RAM)
+
+
+def test_an_sev_es_guest_saves_its_registers_and_its_target_continues_from_them() -> None:
+    """Neither VMM touches an SEV-ES guest's registers: its vCPU saves them when the MH asks
+    (PARK), they travel sealed in the completion record, the target's firmware loads them."""
+    saving = gate.REASONS[gate.SAVING]
+    with guest(es=True) as src, guest(fw_cfg_files=TARGET, es=True) as dst:
+        src.run_until_line(WRITTEN)
+        dst.run_until_line(WAITING_LINE)
+        assert dst.cpu.regs.rip == FIRMWARE_BASE + Phase.RESTORE
+        dst.run(lambda _: False)  # nothing arrived: it waits
+        assert dst.cpu.halted and dst.cpu.regs.rip == FIRMWARE_BASE + Phase.RESTORE
+        smh, dmh = Mirror(src), Mirror(dst)
+        ret, mid = smh.init(0, mb.Role.SOURCE)
+        assert ret == 0 and dmh.init(0, mb.Role.TARGET, mid)[0] == 0
+        assert smh.command(0, mb.MhCommand.PARK, slot=0).length == 0
+        src.cpu.inject(NMI_VECTOR)  # wakes it; the gate comes first: no self-check
+        src.run_until_line(saving)
+        at_park = saved_state.load(src.cpu, 0, C_BIT)
+        assert at_park is not None and at_park.rip != src.cpu.regs.rip  # saved before it parked
+        assert src.cpu.regs.rip == kernel.KERNEL_BASE + kernel.Phase.GATED
+        assert smh.command(0, mb.MhCommand.PARK, slot=0).length == 1
+        gpas_all = private_gpas(src)
+        for k in range(0, len(gpas_all) // mb.BATCH_PAGES + 1):
+            gpas = gpas_all[k * mb.BATCH_PAGES : (k + 1) * mb.BATCH_PAGES]
+            ret, record = smh.export(0, gpas, slot=k % mb.SLOTS)
+            assert ret == 0 and dmh.import_(0, record, slot=k % mb.SLOTS) == 0
+        ret, completion = smh.token(mb.MhCommand.FINISH, dmh.challenge())
+        assert ret == 0 and dmh.token(mb.MhCommand.COMPLETE, completion)[0] == 0
+        dst.memory.write(FW_CFG_BOUNCE_GPA, src.memory.read(FW_CFG_BOUNCE_GPA, PAGE_SIZE))  # shared
+        snap = src.snapshot()
+        for device in dst.devices:
+            device.load_state(snap.devices[device.vmsd_name])
+        dst.cpu.tsc, dst.cpu.tsc_deadline = snap.cpu.tsc, snap.cpu.tsc_deadline  # KVM's, not the VMSA's
+
+        dst.cpu.inject(NMI_VECTOR)
+        assert dst.run_until_line(SELFCHECK) == f"{SELFCHECK}: PASS pages=256 writes=256"
+        assert saved_state.load(dst.cpu, 0, C_BIT) is None  # loaded once: a reboot boots
+        src.cpu.inject(NMI_VECTOR)
+        src.run(lambda _: False)  # parked since PARK; FINISH keeps it so for good
+        assert gate.load(src.cpu, C_BIT) == gate.MIGRATED_AWAY and src.lines[-1] == saving
+        assert not any(line.startswith(SELFCHECK) for line in src.lines)
+
+
+def test_an_sev_es_guest_whose_migration_did_not_happen_runs_on_from_where_it_parked() -> None:
+    with guest(es=True) as src:
+        src.run_until_line(WRITTEN)
+        smh = Mirror(src)
+        assert smh.init(0, mb.Role.SOURCE)[0] == 0
+        smh.command(0, mb.MhCommand.PARK, slot=0)
+        src.cpu.inject(NMI_VECTOR)
+        src.run_until_line(gate.REASONS[gate.SAVING])
+        assert smh.command(0, mb.MhCommand.RESET).ret == 0
+        src.cpu.inject(NMI_VECTOR)
+        assert src.run_until_line(SELFCHECK) == f"{SELFCHECK}: PASS pages=256 writes=256"
+        assert saved_state.load(src.cpu, 0, C_BIT) is None  # what it saved will not be used

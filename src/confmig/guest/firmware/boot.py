@@ -5,7 +5,8 @@ previous fw_cfg transfer from the bounce buffer, records it in the boot-info
 block, and starts the next transfer (one exiting ``out``)::
 
     RESET_VECTOR  APs park. An SEV guest whose run gate is closed (it migrated
-                  away, or its incoming migration was aborted) says so and parks.
+                  away, is saving its state for a migration, or its incoming
+                  migration was aborted) says so and parks.
                   The BSP clears the boot info, finds out whether it runs as an
                   SEV guest (CPUID 0x8000001F, MSR_AMD64_SEV) and what the
                   hypervisor offers (CPUID 0x40000001), formats the variable
@@ -37,12 +38,17 @@ block, and starts the next transfer (one exiting ``out``)::
                   else the kernel
     TARGET        true ("1", "y", "yes", "true"): the guest's memory may be
                   imported; print "Waiting for incoming confidential migration."
-                  -> PARK. Else the kernel
+                  -> PARK (SEV-ES: RESTORE). Else the kernel
     PARK          hlt, forever (APs, the BSP after a fatal error, a migration target)
+    RESTORE       SEV-ES migration target: hlt until the Migration Handler accepted
+                  the completion record (its session RUNNING again, the run gate
+                  open) and this vCPU's saved state arrived; then load it and
+                  continue there (:mod:`confmig.guest.saved_state`)
 
 A migration target's BSP parks without booting the kernel: the VMM replaces
-its registers when the migration ends, and the import overwrites its memory,
-so nothing it leaves there matters. The Migration Handler's entry, MH_ENTRY,
+its registers when the migration ends (SEV-ES: the VMM cannot, and the BSP
+loads the registers its source saved into guest memory), and the import
+overwrites its memory, so nothing it leaves there matters. The Migration Handler's entry, MH_ENTRY,
 is a phase of this program too (:mod:`confmig.guest.firmware.mh`).
 
 In an SEV guest every firmware data access but the shared pages' carries the
@@ -56,7 +62,7 @@ from collections.abc import Callable
 from enum import IntEnum
 
 from confmig.common.units import PAGE_SIZE, Gpa, MemoryRange, MiB
-from confmig.guest import gate, mem_encrypt
+from confmig.guest import gate, mem_encrypt, saved_state
 from confmig.guest.firmware import bootinfo, fw_cfg, mh, secret, varstore
 from confmig.guest.layout import (
     FIRMWARE_BASE,
@@ -116,6 +122,7 @@ class Phase(IntEnum):
     AFTER_MH = 0xE0
     TARGET_READ = 0xF0
     TARGET = 0x100
+    RESTORE = 0x110
     MH = MH_ENTRY - FIRMWARE_BASE
     RESET = RESET_VECTOR - FIRMWARE_BASE
 
@@ -142,7 +149,7 @@ def _reset(cpu: GuestCpu) -> None:
     status = mem_encrypt.sev_status(cpu)
     sev = bool(status & MSR_AMD64_SEV_ENABLED)
     mask = 1 << mem_encrypt.c_bit_position(cpu) if sev else 0
-    if sev and (value := gate.load(cpu, mask)) in (gate.MIGRATED_AWAY, gate.ABORTED, gate.INCOMING):
+    if sev and gate.closed(value := gate.load(cpu, mask)):
         # A reboot does not make a second copy of a guest run, nor boot a half-imported one.
         _goto(cpu, Phase.PARK)
         cpu.outs(COM1_PORT, (gate.REASONS[value] + "\n").encode())
@@ -164,6 +171,7 @@ def _reset(cpu: GuestCpu) -> None:
     varstore.format_store(cpu, VARSTORE_GPA, VARSTORE_SIZE)
     if sev:
         gate.store(cpu, gate.OPEN, mask)
+        saved_state.clear_all(cpu, mask)
         mem_encrypt.clear_page_state(cpu, mask)
         # fw_cfg DMA goes through the bounce buffer: the device must read our requests
         # and we its data, so the page is shared (OVMF clears the C-bit in its PTE).
@@ -372,12 +380,24 @@ def _target(cpu: GuestCpu) -> None:
     platform = bootinfo.set_flags(cpu, bootinfo.PLATFORM_MIGRATION_TARGET, mask)
     if platform & bootinfo.PLATFORM_MIGRATION_HANDLER:
         mh.await_incoming(cpu, mask)
-    _goto(cpu, Phase.PARK)
+    _goto(cpu, Phase.RESTORE if platform & bootinfo.PLATFORM_SEV_ES else Phase.PARK)
     cpu.outs(COM1_PORT, (WAITING_LINE + "\n").encode())
 
 
 def _park(cpu: GuestCpu) -> None:
     cpu.hlt()
+
+
+def _restore(cpu: GuestCpu) -> None:
+    mask = mem_encrypt.encryption_mask(cpu)
+    session = mh.load_session(cpu, mask)
+    arrived = session is not None and session.phase == mh.SessionPhase.RUNNING
+    regs = saved_state.load(cpu, cpu.vcpu_id, mask) if arrived else None
+    if regs is None or gate.closed(gate.load(cpu, mask)):
+        cpu.hlt()  # not yet: the VMM enters us again
+        return
+    saved_state.clear(cpu, cpu.vcpu_id, mask)  # used once: a reboot boots
+    saved_state.install(cpu, regs)
 
 
 _PHASES: dict[int, Callable[[GuestCpu], None]] = {
@@ -398,6 +418,7 @@ _PHASES: dict[int, Callable[[GuestCpu], None]] = {
     Phase.HC_REPORT: _hc_report,
     Phase.TARGET_READ: _target_read,
     Phase.TARGET: _target,
+    Phase.RESTORE: _restore,
     Phase.MH: mh.step,
 }
 

@@ -19,7 +19,7 @@ Who serves what::
     v1 block, every MH vCPU      INIT, RESET
     v1 block, MH vCPU 0          ENCRYPT, DECRYPT (version 1: one page, stream V1_STREAM)
     slots, every MH vCPU         EXPORT, IMPORT (stream = the MH vCPU's index)
-    slots, MH vCPU 0             FINISH, COMPLETE, ABORT, RESUME
+    slots, MH vCPU 0             PARK, FINISH, COMPLETE, ABORT, RESUME
 
 Anything else, and any command in a state that does not allow it, returns -1.
 INIT reads the io header as version-2 parameters only when it holds exactly
@@ -60,7 +60,7 @@ State (private, in the MH's area, zeroed by the firmware at boot)::
 The session's phases, and the commands each allows (:data:`_COMMANDS` is the
 table; the first phase is the firmware's: RUNNING, or AWAITING in target mode)::
 
-    RUNNING   INIT (source, v1 source), ENCRYPT, EXPORT, FINISH -> SENT
+    RUNNING   INIT (source, v1 source), ENCRYPT, EXPORT, PARK (SEV-ES), FINISH -> SENT
     SENT      RESUME -> RUNNING (a new INIT starts the next migration)
     AWAITING  INIT (target, v1 target), DECRYPT, IMPORT, COMPLETE -> RUNNING,
               ABORT -> ABORTED, RESET of a v1 target that imported -> RUNNING
@@ -93,6 +93,20 @@ session page (SENT). The source cannot check the challenge: whatever 16 bytes
 the host gives are sealed. An abort token names the aborting target's
 challenge; RESUME opens only a token naming the challenge FINISH sealed, so a
 host cannot abort one target and complete another.
+
+SEV-ES. The VMMs cannot read or set the guest's registers (they are in its
+encrypted VMSAs), so the MH carries them, as the 2020 blueprint proposed. PARK
+(source, SEV-ES only) closes the run gate with SAVING: each vCPU that runs the
+kernel saves its registers into the save area (:mod:`confmig.guest.saved_state`)
+at its next step and parks; PARK answers ``length`` 1 once all did, 0 before
+(the VMM asks again, with a deadline). An SEV-ES guest's FINISH is -1 until
+then, and seals the save area into the completion record: the vCPU state is
+authenticated with the completion and cannot be left behind by a host that
+skips a page. RESET on MH vCPU 0 of a parked guest opens the gate again (the
+migration did not happen). A target's COMPLETE refuses a record whose vCPU
+state does not match its own guest's kind (state for an SEV guest, none or a
+wrong size for an SEV-ES one), and installs the state into its save area before
+the session is RUNNING; its firmware, waiting in RESTORE, loads it then.
 
 What a target accepts. On stream ``i``, records of stream ``i`` only, with the
 next sequence number, an epoch no older than the last, the stream's migration
@@ -144,7 +158,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from confmig.common.units import PAGE_SHIFT, PAGE_SIZE, MemoryRange
-from confmig.guest import gate, mem_encrypt
+from confmig.guest import gate, mem_encrypt, saved_state
 from confmig.guest.firmware import bootinfo, secret
 from confmig.guest.layout import (
     MH_AREA_GPA,
@@ -163,7 +177,7 @@ from confmig.guest.layout import (
     mh_imported,
     mh_vcpu_state,
 )
-from confmig.platform.cpu.abi import GuestCpu, GuestFault
+from confmig.platform.cpu.abi import MSR_AMD64_SEV_ES_ENABLED, GuestCpu, GuestFault
 from confmig.proto import mailbox as mb
 
 TRANSPORT_KEY_SIZE: Final = 32
@@ -583,6 +597,9 @@ def _reset(call: _Call) -> _Reply:
     if (st.role == StreamRole.V1_TARGET and st.flags & ID_ADOPTED
             and s.phase == SessionPhase.AWAITING):
         _store_session(call.cpu, Session(phase=SessionPhase.RUNNING), call.mask)
+    if (call.index == 0 and s.phase == SessionPhase.RUNNING
+            and gate.load(call.cpu, call.mask) == gate.SAVING):
+        gate.store(call.cpu, gate.OPEN, call.mask)  # PARK's migration did not happen: run on
     call.set_stream(replace(st, role=StreamRole.NONE))
     return _Reply(_OK)
 
@@ -754,11 +771,42 @@ def _totals(call: _Call, migration_id: bytes) -> list[mb.StreamTotal]:
     return totals
 
 
+def _sev_es(call: _Call) -> bool:
+    """This guest's registers are in encrypted VMSAs: they migrate through the MH."""
+    return bool(mem_encrypt.sev_status(call.cpu) & MSR_AMD64_SEV_ES_ENABLED)
+
+
+def _park(call: _Call) -> _Reply:
+    """SEV-ES: ask the guest's vCPUs to save their registers and park (the gate SAVING). The
+    answer's length is 1 once every vCPU that runs the kernel did, 0 before: ask again."""
+    s = call.session
+    st = call.stream()
+    if st.role != StreamRole.SOURCE or st.migration_id != s.migration_id or not _sev_es(call):
+        return _Reply(_INVALID)
+    if gate.load(call.cpu, call.mask) != gate.SAVING:
+        saved_state.clear_all(call.cpu, call.mask)  # only what the vCPUs save from now on counts
+        gate.store(call.cpu, gate.SAVING, call.mask)
+    return _Reply(_OK, int(saved_state.all_saved(call.cpu, call.mask)))
+
+
+def _saved_vcpus(call: _Call) -> bytes | None:
+    """What FINISH seals of the guest's vCPUs: SEV-ES, the save area once every vCPU parked
+    (None before: FINISH must wait for PARK); SEV, nothing (the VMM moves the registers)."""
+    if not _sev_es(call):
+        return b""
+    if gate.load(call.cpu, call.mask) != gate.SAVING or not saved_state.all_saved(call.cpu, call.mask):
+        return None
+    return saved_state.carried(call.cpu, call.mask)
+
+
 def _finish(call: _Call) -> _Reply:
     s = call.session
     st = call.stream()
     if st.role != StreamRole.SOURCE or st.migration_id != s.migration_id:
         return _Reply(_INVALID)
+    vcpu_state = _saved_vcpus(call)
+    if vcpu_state is None:
+        return _Reply(_INVALID)  # an SEV-ES guest whose vCPUs did not park (PARK first)
     # SECURITY: the length is the host's; the challenge's bytes are whatever the host says
     # (a target accepts only its own).
     if call.cmd.length != mb.CHALLENGE_SIZE:
@@ -767,7 +815,7 @@ def _finish(call: _Call) -> _Reply:
     aead = _transport_key(call, s.migration_id)
     if aead is None:
         return _Reply(_REFUSED)
-    body = mb.encode_completion(mb.Completion(challenge, _totals(call, s.migration_id)))
+    body = mb.encode_completion(mb.Completion(challenge, _totals(call, s.migration_id), vcpu_state))
     header = _header(mb.RecordKind.COMPLETION, stream=mb.COMPLETION_STREAM, seq=0,
                      migration_id=s.migration_id, body=len(body))
     # The guest stops here before its sealed state can leave: no fork. The challenge stays,
@@ -804,6 +852,10 @@ def _complete(call: _Call) -> _Reply:
         return _Reply(_REFUSED)  # a record dropped, or one the source never counted
     if not _every_private_page_imported(call, st.migration_id):
         return _Reply(_REFUSED)
+    if len(sent.vcpu_state) != (saved_state.CARRIED_SIZE if _sev_es(call) else 0):
+        return _Reply(_REFUSED)  # an SEV-ES guest needs its vCPUs' state; an SEV one has none here
+    if sent.vcpu_state:
+        saved_state.put_carried(call.cpu, sent.vcpu_state, call.mask)  # the firmware loads it next
     _store_session(call.cpu, Session(phase=SessionPhase.RUNNING), call.mask)
     gate.store(call.cpu, gate.OPEN, call.mask)  # whatever the imported copy of its page said
     return _Reply(_OK)
@@ -895,6 +947,7 @@ _COMMANDS: Final[dict[tuple[bool, int], _Rule]] = {
     (True, mb.MhCommand.DECRYPT): _Rule(handler=_decrypt, phases=_AWAITING, control=True),
     (False, mb.MhCommand.EXPORT): _Rule(handler=_export, phases=_RUNNING),
     (False, mb.MhCommand.IMPORT): _Rule(handler=_import, phases=_AWAITING),
+    (False, mb.MhCommand.PARK): _Rule(handler=_park, phases=_RUNNING, control=True),
     (False, mb.MhCommand.FINISH): _Rule(handler=_finish, phases=_RUNNING, control=True),
     (False, mb.MhCommand.COMPLETE): _Rule(handler=_complete, phases=_AWAITING, control=True),
     (False, mb.MhCommand.ABORT): _Rule(

@@ -15,6 +15,7 @@ source::
 
     setup(out)                      inside the first round's part, before any page
     pages / zeros                   for every batch of every round (also the final one)
+    before_stop()                   the guest still runs; the engine stops it next
     switchover()                    the guest is stopped; before the final pages
     complete(out, vcpu_ids)         inside the final part, after the last pages
     from_target(payload)            a return-path message from the target's backend (its abort)
@@ -55,6 +56,10 @@ class OutgoingBackend:
     def zeros(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         """Pages known to be zero on the host's side (never written)."""
         raise NotImplementedError
+
+    def before_stop(self) -> None:
+        """Switch-over begins (downtime counts from here): what must happen while the guest's
+        vCPUs still run (SEV-ES through the Migration Handler: they save their own state)."""
 
     def switchover(self) -> None:
         """The guest's vCPUs are stopped; the final pages come next."""

@@ -11,9 +11,11 @@ the target was launched from the same image, measured and checked by the
 owner.
 
 Order on the source: INIT of every MH vCPU (role source, a fresh migration
-id) before the first page; batches of every round in epoch 0; at switch-over
-epoch 1 begins; after the last pages FINISH seals the completion record (every
-stream's record and page counts), and from then on the source's guest refuses
+id) before the first page; batches of every round in epoch 0; at switch-over,
+for an SEV-ES guest, PARK while its vCPUs still run (each saves its registers
+into private memory and parks), then epoch 1 begins; after the last pages
+FINISH seals the completion record (every stream's record and page counts;
+SEV-ES: the saved registers), and from then on the source's guest refuses
 to run unless its MH opens an abort token from the target. On the target the
 first record names the migration; each stream's records go to the MH vCPU of
 the same number; ``verify`` hands the completion record to the MH (COMPLETE),
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final
@@ -56,6 +59,10 @@ SUBTYPE: Final = ConfidentialSubtype.MH_RECORD
 LIVE_EPOCH: Final = 0
 FINAL_EPOCH: Final = 1
 """The guest is stopped: the stop-and-copy pages."""
+PARK_TIMEOUT: Final = 10.0
+"""Seconds an SEV-ES guest's vCPUs have to save their state (each does at its next step: a
+sleeping vCPU wakes at its next timer tick)."""
+PARK_POLL: Final = 0.001
 RAM_BLOCK: Final = "pc.ram"
 """The one block whose pages migrate; the firmware's flash is the target's own, measured copy."""
 
@@ -92,8 +99,6 @@ class MhOutgoing(OutgoingBackend):
     def __init__(self, sev: SevGuest, mh: MigrationHandler, params: MigrationParameters,
                  out: MainChannelSink) -> None:
         self.check(params)
-        if sev.config.es:  # the machine refuses MH vCPUs for SEV-ES guests; say so here too
-            raise MigrationError("the Migration Handler does not carry SEV-ES vCPU state yet")
         self.sev = sev
         self.mh = mh
         self.out = out
@@ -136,6 +141,26 @@ class MhOutgoing(OutgoingBackend):
         """Pages zero on the host's side: shared ones are zero pages; private ones are whatever
         the guest reads there, which only its MH can say, so they go through it too."""
         return self._send(block, indices, zero=True)
+
+    def before_stop(self) -> None:
+        """SEV-ES: the guest's registers are in its encrypted VMSAs, which no VMM reads: its
+        vCPUs save them into private memory themselves (PARK), while they still run; FINISH
+        then seals that state for the target's MH to install."""
+        if not self.sev.config.es:
+            return
+        v = self.mh.vcpus[0]
+        deadline = time.monotonic() + PARK_TIMEOUT
+        while True:
+            answer = v.command(mb.MhCommand.PARK, slot=0)
+            self.counters.commands += 1
+            self._check(answer.ret, "PARK")
+            if answer.length == 1:
+                return
+            if time.monotonic() >= deadline:
+                raise MhError(f"the guest's vCPUs did not save their state within {PARK_TIMEOUT:.0f} s "
+                              "(SEV-ES: a guest still in its firmware cannot migrate through its "
+                              "Migration Handler)")
+            time.sleep(PARK_POLL)
 
     def switchover(self) -> None:
         self.epoch = FINAL_EPOCH

@@ -240,6 +240,8 @@ class OutgoingMigration(threading.Thread):
         vm, stats, clock, backend = self.vm, self.stats, self.clock, self.backend
         assert backend is not None and self._dirty is not None
         t_stop = clock.monotonic()
+        backend.before_stop()
+        t_stopping = clock.monotonic()
         vm.stop_for_switchover()
         t_stopped = clock.monotonic()
         self.set_status(MigrationStatus.DEVICE)
@@ -270,7 +272,8 @@ class OutgoingMigration(threading.Thread):
         stats.downtime_bytes = stats.transferred - stats.precopy_bytes
         stats.downtime_ms = int((t_done - t_stop) * 1000)
         stats.downtime_breakdown = {
-            "stop-vcpus": (t_stopped - t_stop) * 1000,
+            "backend-prepare": (t_stopping - t_stop) * 1000,
+            "stop-vcpus": (t_stopped - t_stopping) * 1000,
             "final-ram": (t_ram - t_stopped) * 1000,
             "device-state": (t_sent - t_ram) * 1000,
             "target-resume": (t_done - t_sent) * 1000,
