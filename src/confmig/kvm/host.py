@@ -110,6 +110,7 @@ EXTENSIONS = {
     ioctl.KVM_CAP_X86_USER_SPACE_MSR: 1,
     ioctl.KVM_CAP_X86_MSR_FILTER: 1,
     ioctl.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: 1,
+    ioctl.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: 1,
 }
 KVM_X86_DEFAULT_VM = 0
 """The only VM type ``KVM_CREATE_VM`` makes here (no ``KVM_SEV_INIT2`` VM types yet)."""

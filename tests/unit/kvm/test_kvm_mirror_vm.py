@@ -199,7 +199,7 @@ def test_the_capability_has_linuxs_numbers_and_is_advertised(mirror_host: Host) 
     kvm = Kvm(mirror_host.socket)
     vm = kvm.create_vm()
     assert kvm.check_extension(COPY) == vm.check_extension(COPY) == 1
-    assert kvm.check_extension(ioctl.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM) == 0  # not implemented yet
+    assert kvm.check_extension(ioctl.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM) == 1
     vm.close()
     kvm.close()
 
