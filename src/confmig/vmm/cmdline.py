@@ -14,6 +14,7 @@ from confmig.common.errors import ConfigError
 from confmig.common.units import PAGE_SIZE, MiB, parse_size
 from confmig.common.x86 import KVM_FEATURE_HC_MAP_GPA_RANGE, KVM_FEATURE_MIGRATION_CONTROL
 from confmig.proto import keybroker
+from confmig.vmm.migration.cpr import incoming_option
 
 WORKLOADS = ("idle", "dirty", "kv")
 DEFAULT_RAM = 128 * MiB
@@ -190,6 +191,9 @@ class MachineConfig:
     guest: GuestSpec = field(default_factory=lambda: GuestSpec(workload="idle"))
     qmp: tuple[QmpEndpoint, ...] = ()
     incoming: str | None = None
+    cpr_incoming: str | None = None
+    """The ``cpr`` channel (``unix:PATH``) of a second ``-incoming``, QEMU 10's ``cpr-transfer``:
+    the VMM reads the old VMM's descriptors there before it builds its machine."""
     start_paused: bool = False
     daemonize: bool = False
     pidfile: str | None = None
@@ -221,6 +225,8 @@ USAGE = """usage: confmig vm --host SOCKET [options]
                             (SEV guests: sev_migration=off keeps the kernel from allowing migration)
   -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
   -incoming defer | tcp:HOST:PORT | unix:PATH | file:PATH | exec:CMD
+  -incoming '{"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": P}}'
+                            (cpr-transfer: take over a guest from a VMM on this host)
   -S                        do not start vCPUs (use 'cont')
   -serial stdio | file:PATH | none
   -fw_cfg name=opt/NAME,string=TEXT | name=opt/NAME,file=PATH
@@ -291,7 +297,11 @@ def parse(argv: list[str]) -> MachineConfig:
         elif o == "-qmp":
             qmp.append(_qmp_endpoint(value(opt)))
         elif o == "-incoming":
-            kw["incoming"] = value(opt)
+            ctype, where = incoming_option(value(opt))
+            key = "incoming" if ctype == "main" else "cpr_incoming"
+            if key in kw:
+                raise ConfigError(f"-incoming: a second {ctype} channel")
+            kw[key] = where
         elif o == "-S":
             kw["start_paused"] = True
         elif o == "-daemonize":
@@ -353,6 +363,11 @@ def parse(argv: list[str]) -> MachineConfig:
         i += 1
     if "host" not in kw:
         raise ConfigError("--host SOCKET is required (the 'confmig host' to run on)")
+    if "cpr_incoming" in kw:
+        if "incoming" not in kw:
+            raise ConfigError("-incoming: a cpr channel needs a main channel too (a second -incoming)")
+        if not str(kw["cpr_incoming"]).startswith("unix:"):
+            raise ConfigError("-incoming: the cpr channel must be a unix socket")
     cgs = kw.get("confidential_guest_support")
     if cgs is not None:
         obj = objects.get(str(cgs))

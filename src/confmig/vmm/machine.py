@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confmig.common.errors import ConfigError, StateError
+from confmig.common.errors import ConfigError, KvmError, StateError
 from confmig.common.x86 import (
     ISA_DEBUG_EXIT_PORT,
     KVM_ENOSYS,
@@ -25,8 +25,9 @@ from confmig.common.x86 import (
     MSR_KVM_MIGRATION_CONTROL,
 )
 from confmig.kvm.client import Kvm, VcpuFd, VmFd
-from confmig.proto import ioctl
+from confmig.proto import cpr, ioctl
 from confmig.vmm.cmdline import MachineConfig
+from confmig.vmm.cpr import MovedMigrationHandler, move_enc_context, sev_hooks
 from confmig.vmm.devices import PortIoDevice
 from confmig.vmm.devices.fw_cfg import FwCfg
 from confmig.vmm.devices.kv import KvDevice
@@ -34,6 +35,7 @@ from confmig.vmm.devices.serial import Serial
 from confmig.vmm.firmware import FirmwareImage
 from confmig.vmm.memory import GuestMemory
 from confmig.vmm.mh import MigrationHandler
+from confmig.vmm.migration.cpr import CprReceived
 from confmig.vmm.runstate import RunState, check_transition
 from confmig.vmm.sev import SecretArea, SevGuest
 
@@ -148,10 +150,19 @@ class VcpuThread(threading.Thread):
 
 
 class Machine:
-    """A VM on a ``confmig host``: created, started, stopped, saved, loaded."""
+    """A VM on a ``confmig host``: created, started, stopped, saved, loaded.
 
-    def __init__(self, config: MachineConfig, *, events: EventSink, console: Callable[[bytes], None]) -> None:
+    ``cpr``: what an old VMM handed over on the ``cpr`` channel (``cpr-transfer``): this
+    machine maps the guest's RAM from it and takes the guest's contexts in :meth:`take_over`
+    instead of allocating RAM and launching a guest of its own."""
+
+    def __init__(self, config: MachineConfig, *, events: EventSink, console: Callable[[bytes], None],
+                 cpr: CprReceived | None = None) -> None:
         self.config = config
+        self.cpr = cpr
+        self.handed_over: str | None = None
+        """Why this VMM may not run its guest any more: it handed it to a new VMM process on
+        this host (``cpr-transfer``), which shares its RAM and may run it."""
         self._events = events
         self._state_lock = threading.RLock()
         self._runstate = RunState.INMIGRATE if config.incoming else RunState.PRELAUNCH
@@ -160,11 +171,16 @@ class Machine:
         """Run the guest once an incoming migration has loaded (cleared by ``stop``)."""
         self.kvm = Kvm(config.host)
         self.vm: VmFd = self.kvm.create_vm()
-        self.memory = GuestMemory.pc(config.ram_size)
+        ram_fds = self._cpr_ram() if cpr is not None else {}
+        self.memory = GuestMemory.pc(config.ram_size, fd=ram_fds.pop("pc.ram", None))
         self.firmware = FirmwareImage.load(config.bios) if config.bios else None
         if self.firmware is not None:
-            self.memory.add_block("pc.bios", self.firmware.data, gpa=self.firmware.gpa, slot=2)
-        if config.prealloc or config.incoming or config.mh_target:
+            self.memory.add_block("pc.bios", self.firmware.data, gpa=self.firmware.gpa, slot=2,
+                                  fd=ram_fds.pop("pc.bios", None))
+        if ram_fds:
+            raise ConfigError(f"cpr-transfer: the old VMM has RAM blocks this machine has not: "
+                              f"{', '.join(sorted(ram_fds))} (start the new VMM with the same options)")
+        if cpr is None and (config.prealloc or config.incoming or config.mh_target):
             for block in self.memory.blocks:
                 block.prealloc()  # an incoming migration must not pay first-touch costs
         self._dirty_logging = False
@@ -173,7 +189,11 @@ class Machine:
         if config.sev is not None:
             self.sev = SevGuest(config.sev, config.name, self.kvm, self.vm,
                                 kvm_features=config.cpu.kvm_pv_features())
-            self.sev.init()
+            if cpr is None:
+                self.sev.init()
+            else:  # the context arrives with the move (take_over), not KVM_SEV_INIT
+                sev_hooks(self.vm)
+                self.sev.handle = cpr.state.sev_handle
         self.serial = Serial(console)
         self.fw_cfg = FwCfg(
             self.memory, ram_size=config.ram_size, nb_cpus=config.smp,
@@ -196,7 +216,10 @@ class Machine:
         if self.sev is not None:
             for v in self.vcpus:
                 v.fd.set_cpuid(self.sev.cpuid())
-            if self.psp_guest is None or not config.incoming:
+            if cpr is not None:
+                if config.mirror_vcpus:
+                    self.mh = self._moved_migration_handler(self.sev, config.mirror_vcpus)
+            elif self.psp_guest is None or not config.incoming:
                 self._sev_launch(self.sev)
             # else: the guest context arrives with the stream (RECEIVE_START)
         for v in self.vcpus:
@@ -206,7 +229,7 @@ class Machine:
         why = None
         if self.sev is None or self.sev.config.x_plain_copy:
             why = "they serve an SEV guest (-object sev-guest ... -machine confidential-guest-support=...)"
-        elif self.config.incoming:
+        elif self.config.incoming and self.cpr is None:
             why = ("a mirror VM copies a launched guest's context; a Migration Handler target starts "
                    "without -incoming, with -fw_cfg name=opt/ovmf/PcdSevIsMigrationTarget,string=1")
         elif self.firmware is None or self.firmware.migration_handler() is None:
@@ -223,6 +246,72 @@ class Machine:
         return MigrationHandler(self.kvm, self.vm, self.memory, block, nvcpus,
                                 lambda: self._slot_regions(0),
                                 launch_vmsas=sev.launch_update_vmsa if sev.config.es else None)
+
+    def _moved_migration_handler(self, sev: SevGuest, nvcpus: int) -> MigrationHandler:
+        """cpr-transfer: a new mirror VM that will take the old one's context (take_over)."""
+        assert self.firmware is not None
+        block = self.firmware.migration_handler()
+        assert block is not None
+        return MovedMigrationHandler(self.kvm, self.memory, block, nvcpus, lambda: self._slot_regions(0),
+                                     protected=sev.config.es)
+
+    # --- cpr-transfer -----------------------------------------------------------------
+
+    def _cpr_ram(self) -> dict[str, int]:
+        """The old VMM's RAM memfds by block idstr (ours now)."""
+        assert self.cpr is not None
+        out: dict[str, int] = {}
+        for index, entry in self.cpr.state.ram():
+            # SECURITY: names and sizes come from another process; RamBlock checks each size
+            # against the memfd and this machine's own layout decides what is mapped where.
+            if entry.name in out:
+                raise ConfigError(f"cpr-transfer: RAM block {entry.name} handed over twice")
+            out[entry.name] = self.cpr.take(index)
+        return out
+
+    def cpr_state(self) -> tuple[cpr.CprState, list[int]]:
+        """What a new VMM needs to take this guest over (``cpr-transfer``): every RAM block's
+        memfd, and for an SEV guest its VM fd and its mirror VM's fd, which the new VMM names
+        in ``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM``. The descriptors stay this VMM's too."""
+        entries = [(cpr.CprFd(kind=cpr.FdKind.RAM, name=b.idstr, size=b.size), b.fd)
+                   for b in self.memory.blocks]
+        if self.sev is not None:
+            entries.append((cpr.CprFd(kind=cpr.FdKind.VM), self.vm.fileno()))
+            if self.mh is not None:
+                entries.append((cpr.CprFd(kind=cpr.FdKind.MIRROR_VM), self.mh.mirror.fileno()))
+        state = cpr.CprState(fds=tuple(e for e, _ in entries), sev_handle=self.sev.handle if self.sev else 0)
+        return state, [fd for _, fd in entries]
+
+    def take_over(self) -> None:
+        """cpr-transfer, the old VMM's vCPUs stopped and its state loaded: the guest's SEV
+        context moves to this VM (``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM``; no PSP command), then
+        its mirror's to our mirror VM. The old VMs are dead afterwards. If the guest's own
+        move fails nothing changed (the old VMM resumes); once it succeeded the guest is ours,
+        and a mirror that fails to follow leaves this guest without its Migration Handler."""
+        assert self.cpr is not None
+        try:
+            source = self.cpr.take_kind(cpr.FdKind.VM)
+            mirror = self.cpr.take_kind(cpr.FdKind.MIRROR_VM)
+            if self.sev is None:
+                return  # a plain guest: its RAM is all it had
+            if source is None:
+                raise ConfigError("cpr-transfer: the old VMM sent no VM fd for its SEV guest")
+            move_enc_context(self.vm, source)
+            log.info("cpr-transfer: SEV context moved here (handle %d)", self.sev.handle)
+            if isinstance(self.mh, MovedMigrationHandler):
+                if mirror is None:
+                    log.error("cpr-transfer: no mirror VM fd: the Migration Handler stays behind")
+                    self.mh.close()
+                    self.mh = None
+                    return
+                try:
+                    self.mh.move_from(mirror)
+                except KvmError as exc:  # the guest is ours already: it runs without its MH
+                    log.error("cpr-transfer: the mirror VM did not follow: %s", exc)
+                    self.mh.close()
+                    self.mh = None
+        finally:
+            self.cpr.close()  # the old VMM's VM fds: dead now, or never needed
 
     def _sev_launch(self, sev: SevGuest) -> None:
         """Measure and encrypt the firmware, then let the owner check and provision."""
@@ -264,6 +353,8 @@ class Machine:
                 return
             if self._runstate in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
                 raise StateError("cont", self._runstate, "a VM that can run")
+            if self.handed_over is not None:
+                raise StateError("cont", self._runstate, f"a guest this VMM still has ({self.handed_over})")
             if self.mh is not None and self.mh.sent_away:
                 raise StateError("cont", self._runstate, "a guest that was not migrated away: its "
                                  "Migration Handler sealed its final state for the target, so running "
@@ -427,7 +518,22 @@ class Machine:
 
     # --- teardown --------------------------------------------------------------------
 
+    def retire(self) -> None:
+        """After handing the guest over (cpr-transfer): the vCPU threads end and this VMM's
+        vCPU, VM and mirror VM fds close (an SEV guest's are dead: EIO to everything). Guest
+        RAM stays mapped until :meth:`close`: the new VMM has its own mapping of it."""
+        for v in self.vcpus:
+            v.quit()
+        for v in self.vcpus:
+            v.join(2)
+            v.fd.close()
+        if self.mh is not None:
+            self.mh.close()
+        self.vm.close()
+
     def close(self) -> None:
+        if self.cpr is not None:
+            self.cpr.close()
         for v in self.vcpus:
             v.quit()
         for v in self.vcpus:

@@ -14,6 +14,7 @@ from confmig.common.errors import ConfmigError
 from confmig.common.malloc import keep_large_allocations
 from confmig.vmm import cmdline
 from confmig.vmm.machine import Machine
+from confmig.vmm.migration.cpr import CprListener
 from confmig.vmm.migration.state import MigrationState
 from confmig.vmm.qmp.commands import register
 from confmig.vmm.qmp.schema import QmpRegistry
@@ -48,7 +49,24 @@ async def serve(config: cmdline.MachineConfig, ready: Callable[[], None] = lambd
     registry = QmpRegistry()
     server = QmpServer(registry)
     console, console_file = console_sink(config.serial)
-    machine = Machine(config, events=server.emit_event, console=console)
+    cpr_listener = CprListener(config.cpr_incoming) if config.cpr_incoming else None
+    received = None
+    if cpr_listener is not None:
+        # QEMU's cpr-transfer: read the cpr channel before building the machine or opening
+        # the monitor; the machine is the old VMM's guest, on the descriptors that came.
+        try:
+            received = await asyncio.to_thread(cpr_listener.receive)
+        except BaseException:
+            cpr_listener.release()
+            raise
+    try:
+        machine = Machine(config, events=server.emit_event, console=console, cpr=received)
+    except BaseException:
+        if received is not None:
+            received.close()
+        if cpr_listener is not None:
+            cpr_listener.release()  # the old VMM sees the hang-up, fails to connect, runs on
+        raise
     migration = MigrationState(machine, server.emit_event)
 
     def request_quit() -> None:
@@ -63,6 +81,8 @@ async def serve(config: cmdline.MachineConfig, ready: Callable[[], None] = lambd
                 await server.start_tcp(ep.host, ep.port)
         if config.incoming and config.incoming != "defer":
             migration.migrate_incoming(config.incoming)
+        if cpr_listener is not None:
+            cpr_listener.release()  # we listen on the main channel: the old VMM connects next
         elif not config.incoming and not config.start_paused:
             machine.start()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -69,6 +69,10 @@ class RamBlock:
         if fd is None:
             fd = os.memfd_create(f"confmig:{idstr}", os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
+        elif os.fstat(fd).st_size != size:
+            # SECURITY: a descriptor from another process (cpr-transfer): map no more than it has.
+            raise ConfigError(f"RAM block {idstr}: the memfd holds {os.fstat(fd).st_size} bytes, "
+                              f"the machine needs {size}")
         self.fd = fd
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8)
@@ -138,18 +142,23 @@ class GuestMemory:
         self.blocks: list[RamBlock] = []
 
     @classmethod
-    def pc(cls, ram_size: int) -> GuestMemory:
-        """QEMU pc/q35 layout: one ``pc.ram`` block, split at 3 GiB around the PCI hole."""
+    def pc(cls, ram_size: int, *, fd: int | None = None) -> GuestMemory:
+        """QEMU pc/q35 layout: one ``pc.ram`` block, split at 3 GiB around the PCI hole.
+        ``fd``: an existing memfd of ``ram_size`` bytes to map (a new VMM taking over a guest,
+        ``cpr-transfer``) instead of a new one."""
         mem = cls()
-        block = RamBlock("pc.ram", ram_size)
+        block = RamBlock("pc.ram", ram_size, fd=fd)
         block.regions.extend(pc_regions(ram_size))
         mem.blocks.append(block)
         return mem
 
-    def add_block(self, idstr: str, data: bytes, *, gpa: int, slot: int) -> RamBlock:
-        """A block holding ``data`` (a firmware image), mapped at ``gpa``."""
-        block = RamBlock(idstr, len(data))
-        block.bytes[:] = np.frombuffer(data, dtype=np.uint8)
+    def add_block(self, idstr: str, data: bytes, *, gpa: int, slot: int, fd: int | None = None) -> RamBlock:
+        """A block holding ``data`` (a firmware image), mapped at ``gpa``. With ``fd``, the
+        block is that memfd as it is (it holds the image already, possibly encrypted by the
+        launch): ``data`` only gives its size."""
+        block = RamBlock(idstr, len(data), fd=fd)
+        if fd is None:
+            block.bytes[:] = np.frombuffer(data, dtype=np.uint8)
         block.regions.append(RamRegion(name=idstr, gpa=Gpa(gpa), offset=0, size=len(data), slot=slot))
         self.blocks.append(block)
         return block

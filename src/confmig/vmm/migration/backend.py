@@ -13,6 +13,7 @@ Backends are chosen per migration by ``backends.outgoing_backend`` /
 ``backends.incoming_backend``; the engine never names one. Lifecycle on the
 source::
 
+    dirty_log(start)                once, before the first round: which pages to send
     setup(out)                      inside the first round's part, before any page
     pages / zeros                   for every batch of every round (also the final one)
     before_stop()                   the guest still runs; the engine stops it next
@@ -21,10 +22,18 @@ source::
     from_target(payload)            a return-path message from the target's backend (its abort)
     finish()                        the target confirmed: the guest now lives there
     cancel()                        the migration did not complete (any phase after setup)
+
+and on the target::
+
+    record(subtype, payload)        each CONFIDENTIAL record of the stream
+    verify()                        the stream is loaded: everything arrived?
+    take_over()                     the guest becomes this VM's (the last step before it runs)
+    abort()                         the load failed: a message for the source's backend
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -33,7 +42,7 @@ import numpy.typing as npt
 from confmig.common.errors import StreamError
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.vmm.memory import RamBlock
-from confmig.vmm.migration.ram import RoundCounters
+from confmig.vmm.migration.ram import DirtyLog, RoundCounters
 from confmig.vmm.migration.stats import ConfidentialCounters
 
 
@@ -45,6 +54,12 @@ class OutgoingBackend:
     """What a confidential backend reports in ``query-migrate`` (None: nothing)."""
     send_buffer: ClassVar[int] = 0
     """Bytes of socket send buffer the main channel should have (0: the kernel's choice)."""
+
+    def dirty_log(self, start: Callable[[], DirtyLog]) -> DirtyLog:
+        """Which pages this migration sends: every page, then what the guest and the VMM
+        dirty (``start`` turns KVM's dirty logging on and returns that log). A backend whose
+        target maps the very same RAM (intra-host) returns a log with nothing in it."""
+        return start()
 
     def setup(self) -> None:
         """Open sessions and write the records that must precede every page."""
@@ -98,6 +113,12 @@ class IncomingBackend:
     def verify(self) -> None:
         """Everything the guest needs arrived: raise :class:`StreamError` if not. The guest
         does not run before this returns."""
+
+    def take_over(self) -> None:
+        """The stream is loaded and verified: whatever makes the guest this VM's, the last
+        step before it runs here (intra-host: the encryption context moves from the source's
+        VM, which is dead afterwards). A failure here fails the load; after it succeeded, the
+        guest is this VM's whatever happens next."""
 
     def abort(self) -> bytes:
         """The load failed and the guest never ran here: what the source's backend should get

@@ -6,6 +6,11 @@ guest moves with the plain backend and refuses a confidential one. A new
 backend joins with an entry in :data:`BACKENDS` and its name in
 ``params.CONFIDENTIAL_BACKENDS`` (the parameter's schema); the engine does not
 change.
+
+``mode=cpr-transfer`` (QEMU's) overrides both: every guest, plain or SEV, moves
+with the intra-host backend (:mod:`~confmig.vmm.migration.local`), whose
+descriptors go ahead of the main channel on the ``cpr`` channel
+(:func:`outgoing`); a target built on such descriptors receives with it.
 """
 
 from __future__ import annotations
@@ -18,11 +23,15 @@ from confmig.common.errors import MigrationError
 from confmig.vmm.machine import Machine
 from confmig.vmm.mh import MigrationHandler
 from confmig.vmm.migration.backend import IncomingBackend, OutgoingBackend
+from confmig.vmm.migration.cpr import CprSender
+from confmig.vmm.migration.local import LocalIncoming, LocalOutgoing
 from confmig.vmm.migration.mh import MhIncoming, MhOutgoing
+from confmig.vmm.migration.outgoing import BackendFactory
 from confmig.vmm.migration.params import MigrationParameters
 from confmig.vmm.migration.plain import PlainIncoming, PlainOutgoing
 from confmig.vmm.migration.psp import PspIncoming, PspOutgoing
 from confmig.vmm.migration.ram import MainChannelSink, PageSink
+from confmig.vmm.migration.transport import Connect, MigrationUri, connect
 from confmig.vmm.sev import SevGuest
 
 
@@ -82,6 +91,9 @@ def _confidential(machine: Machine, params: MigrationParameters) -> tuple[str, S
 
 def check(machine: Machine, params: MigrationParameters) -> None:
     """Refuse, before anything starts, a backend this guest cannot use."""
+    if params.mode == "cpr-transfer":
+        LocalOutgoing.check(machine, params)
+        return
     chosen = _confidential(machine, params)
     if chosen is not None:
         BACKENDS[chosen[0]].check(machine, params)
@@ -96,7 +108,28 @@ def outgoing_backend(machine: Machine, params: MigrationParameters, out: MainCha
     return BACKENDS[name].outgoing(machine, sev, params, out)
 
 
+def outgoing(machine: Machine, params: MigrationParameters, cpr_uri: MigrationUri | None
+             ) -> tuple[Connect, BackendFactory]:
+    """How this migration connects its channels, and the factory of its backend: in
+    ``cpr-transfer`` mode, the cpr channel's hand-over of the guest's descriptors comes first."""
+    if params.mode == "cpr-transfer":
+        if cpr_uri is None:
+            raise MigrationError("mode cpr-transfer: 'migrate' needs a channel of channel-type 'cpr' "
+                                 "(a unix socket the new VMM listens on)")
+        if cpr_uri.scheme != "unix":
+            raise MigrationError(f"the 'cpr' channel '{cpr_uri}' must be a unix socket "
+                                 "(descriptors pass with SCM_RIGHTS)")
+        state, fds = machine.cpr_state()
+        sender = CprSender(cpr_uri, state, fds)
+        return sender.connect, lambda out, _pages: LocalOutgoing(machine, sender, out)
+    if cpr_uri is not None:
+        raise MigrationError("a 'cpr' migration channel needs migrate-set-parameters mode=cpr-transfer")
+    return connect, lambda out, pages: outgoing_backend(machine, params, out, pages)
+
+
 def incoming_backend(machine: Machine, params: MigrationParameters) -> IncomingBackend:
+    if machine.cpr is not None:  # built on an old VMM's descriptors: it takes the guest over
+        return LocalIncoming(machine)
     chosen = _confidential(machine, params)
     if chosen is None:
         return PlainIncoming()

@@ -173,6 +173,7 @@ class IncomingMigration(threading.Thread):
         log.debug("stream loaded")
         vm.finish_load()
         backend.verify()
+        backend.take_over()
         vm.resume()
         log.debug("incoming migration finished")
 

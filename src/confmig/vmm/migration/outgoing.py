@@ -204,9 +204,7 @@ class OutgoingMigration(threading.Thread):
         stats.confidential = self.backend.counters
         if self.backend.send_buffer:
             main.set_buffer_size(send=self.backend.send_buffer)
-        self.vm.set_dirty_logging(True)
-        self._dirty = self.vm.dirty_log()
-        self._dirty.sync()  # start the dirty log from now; every page is already set
+        self._dirty = self.backend.dirty_log(self._start_dirty_log)
         stats.dirty_sync_count = 1
         self.pass_event(1)
         out.open_stream(self.vm.blocks)
@@ -284,6 +282,12 @@ class OutgoingMigration(threading.Thread):
         self.set_status(MigrationStatus.COMPLETED)
 
     # --- pieces --------------------------------------------------------------------------
+
+    def _start_dirty_log(self) -> DirtyLog:
+        self.vm.set_dirty_logging(True)
+        dirty = self.vm.dirty_log()
+        dirty.sync()  # start the dirty log from now; every page is already set
+        return dirty
 
     def _send_dirty(self, *, final: bool) -> RoundCounters:
         """Every dirty page through the backend; rate-limited except while the guest is stopped."""

@@ -19,8 +19,13 @@ MAX_MULTIFD_CHANNELS = 255
 
 CONFIDENTIAL_BACKENDS = ("psp", "mh")
 """Values of ``x-confidential-backend`` besides empty (the guest's default): the PSP and
-the Migration Handler (``mh``); the intra-host (``local``) backend will join.
-``backends.BACKENDS`` has an entry for each."""
+the Migration Handler (``mh``). ``backends.BACKENDS`` has an entry for each. The intra-host
+backend (``local``) is chosen by ``mode`` instead, for every kind of guest."""
+
+MIG_MODES = ("normal", "cpr-reboot", "cpr-transfer")
+"""QEMU's ``MigMode``. ``cpr-transfer`` hands the guest to a new VMM process on this host
+(its RAM by file descriptor, an SEV context moved inside KVM: ``docs/local.md``);
+``cpr-reboot`` is QEMU's too but not implemented here (refused)."""
 
 CAPABILITIES = ("events", "multifd")
 """Capabilities confmig implements. ``events`` gates the MIGRATION and
@@ -36,6 +41,9 @@ class MigrationParameters:
     avail_switchover_bandwidth: int = 0
     """Bytes per second assumed for the final round; 0 = use the measured rate."""
     multifd_channels: int = 2
+    mode: str = "normal"
+    """QEMU's ``mode``: ``normal`` or ``cpr-transfer`` (intra-host: ``backends`` picks the
+    ``local`` backend, and ``migrate`` needs a ``cpr`` channel)."""
     sev_pdh: str = ""
     """The target platform's PDH certificate, base64 (its ``query-sev-capabilities`` ``pdh``)."""
     sev_plat_cert: str = ""
@@ -62,6 +70,7 @@ class MigrationParameters:
             "sev-amd-cert": self.sev_amd_cert,
             "x-confidential-backend": self.x_confidential_backend,
             "x-mh-target-challenge": self.x_mh_target_challenge,
+            "mode": self.mode,
         }
 
     def qmp_capabilities(self) -> list[dict[str, object]]:
@@ -86,6 +95,9 @@ class MigrationParameters:
                 continue
             if key == "x-mh-target-challenge":
                 changes[names[key]] = _challenge_parameter(key, value)
+                continue
+            if key == "mode":
+                changes[names[key]] = _mode_parameter(key, value)
                 continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"Invalid parameter type for '{key}', expected: integer")
@@ -150,3 +162,13 @@ def _check_range(key: str, value: int) -> None:
     lo, hi, text = bounds[key]
     if not lo <= value <= hi:
         raise ConfigError(f"Parameter '{key}' expects {text}")
+
+
+def _mode_parameter(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"Invalid parameter type for '{key}', expected: string")
+    if value not in MIG_MODES:
+        raise ConfigError(f"Parameter '{key}' does not accept value '{value}'")
+    if value == "cpr-reboot":
+        raise ConfigError("Parameter 'mode': cpr-reboot is not supported by confmig (cpr-transfer is)")
+    return value

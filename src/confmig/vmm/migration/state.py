@@ -69,11 +69,15 @@ class MigrationState:
             raise MigrationError("There's a migration process in progress")
         self.params = self.params.with_capabilities(caps)
 
-    def migrate(self, uri: str) -> None:
+    def migrate(self, uri: str, *, cpr_uri: str | None = None) -> None:
+        """``migrate``: ``uri`` is the main channel; ``cpr_uri`` the ``cpr`` channel of
+        ``mode=cpr-transfer`` (a unix socket)."""
         with self._lock:
             if self._busy():
                 raise MigrationError("There's a migration process in progress")
-            blockers = self.machine.migration_blockers()
+            # As QEMU's blockers per mode: a guest that never enabled live migration can still
+            # be handed to a new VMM on this host (nothing of it is read or re-encrypted).
+            blockers = self.machine.migration_blockers() if self.params.mode == "normal" else []
             if blockers:
                 raise MigrationError("; ".join(blockers))
             state = self.machine.runstate
@@ -84,11 +88,12 @@ class MigrationState:
             parsed = parse_uri(uri)
             params, machine = self.params, self.machine
             backends.check(machine, params)
+            connect, backend_for = backends.outgoing(machine, params,
+                                                     parse_uri(cpr_uri) if cpr_uri is not None else None)
             self.stats = MigrationStats()
         mig = OutgoingMigration(
-            MachineVm(machine), parsed, params, self.stats, self.set_status,
-            lambda out, pages: backends.outgoing_backend(machine, params, out, pages),
-            policy=self.policy, pass_event=self._pass_event,
+            MachineVm(machine), parsed, params, self.stats, self.set_status, backend_for,
+            policy=self.policy, pass_event=self._pass_event, connect=connect,
         )
         self.outgoing, self.incoming = mig, None
         mig.start()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 
+from confmig.common.errors import ConfigError
 from confmig.vmm import sev
 from confmig.vmm.machine import Machine
+from confmig.vmm.migration.cpr import parse_channel
 from confmig.vmm.migration.state import MigrationState
 from confmig.vmm.qmp.schema import Arg, Array, QmpError, QmpRegistry, Struct
 from confmig.vmm.runstate import RunState
@@ -22,6 +24,7 @@ MIGRATION_PARAMETERS = {
     "sev-amd-cert": Arg(str, optional=True),
     "x-confidential-backend": Arg(str, optional=True),
     "x-mh-target-challenge": Arg(str, optional=True),
+    "mode": Arg(str, optional=True),
 }
 
 
@@ -85,7 +88,8 @@ def register(
     @r.command(
         "migrate",
         args={
-            "uri": Arg(str),
+            "uri": Arg(str, optional=True),
+            "channels": Arg(Array(Struct({"channel-type": Arg(str), "addr": Arg(object)})), optional=True),
             "detach": Arg(bool, optional=True),
             "resume": Arg(bool, optional=True),
         },
@@ -93,7 +97,8 @@ def register(
     def migrate(a: dict[str, object]) -> None:
         if a.get("resume"):
             raise QmpError("Postcopy recovery ('resume') is not supported")
-        migration.migrate(str(a["uri"]))
+        main, cpr = _migrate_channels(a.get("uri"), a.get("channels"))
+        migration.migrate(main, cpr_uri=cpr)
 
     @r.command(
         "migrate-incoming", args={"uri": Arg(str), "exit-on-error": Arg(bool, optional=True)}
@@ -170,6 +175,29 @@ def register(
     @r.command("query-migrate-parameters")
     def query_params(_a: dict[str, object]) -> object:
         return migration.params.qmp_parameters()
+
+
+def _migrate_channels(uri: object, channels: object) -> tuple[str, str | None]:
+    """``migrate``'s ``uri`` or ``channels`` (QEMU 8.1+; a ``cpr`` channel with QEMU 10's
+    ``cpr-transfer``) as (main URI, cpr URI)."""
+    if (uri is None) == (channels is None):
+        raise QmpError("need either 'uri' or 'channels' argument")  # QEMU's words
+    if uri is not None:
+        return str(uri), None
+    assert isinstance(channels, list)
+    found: dict[str, str] = {}
+    for spec in channels:
+        assert isinstance(spec, dict)
+        try:
+            ctype, where = parse_channel(spec)
+        except ConfigError as exc:
+            raise QmpError(str(exc)) from None
+        if ctype in found:
+            raise QmpError(f"Channel list has more than one {ctype} entry")
+        found[ctype] = where
+    if "main" not in found:
+        raise QmpError("Channel list has no main entry")
+    return found["main"], found.get("cpr")
 
 
 def _socket_address(address: str) -> list[dict[str, str]]:

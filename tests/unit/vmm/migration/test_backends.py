@@ -16,7 +16,7 @@ from confmig.vmm.migration.plain import PlainIncoming, PlainOutgoing
 def machine(*, sev: bool, plain_copy: bool = False, mh: bool = False) -> SimpleNamespace:
     config = SimpleNamespace(x_plain_copy=plain_copy, es=False)
     return SimpleNamespace(sev=SimpleNamespace(config=config, receiving=False) if sev else None,
-                           mh=SimpleNamespace() if mh else None)
+                           mh=SimpleNamespace() if mh else None, cpr=None)
 
 
 def test_every_named_backend_has_both_sides() -> None:
