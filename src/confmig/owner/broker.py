@@ -6,8 +6,10 @@ around it. For each ``launch`` it verifies the platform up to the trusted AMD
 root, checks the policy against the VM's profile and keeps a new :class:`~.session.OwnerSession`
 with fresh transport keys; for each ``measurement`` it checks LAUNCH_MEASURE's
 output under that session's TIK and, if it matches, seals the VM's secret
-table for LAUNCH_SECRET. Each session releases at most once, and dies after
-its time to live or its first refusal.
+table for LAUNCH_SECRET (a migration target's: a fresh ticket and its key,
+:meth:`~.profile.VmProfile.target_secret_table`, so each ticket's key is released
+once). Each session releases at most once, and dies after its time to live or
+its first refusal.
 
 Time and randomness are injected; every verdict goes to the ``audit`` callback
 (VM, session, platform fingerprint, verdict; never a key).
@@ -35,7 +37,7 @@ from confmig.owner.errors import (
     UnknownVm,
 )
 from confmig.owner.measurement import check_measurement
-from confmig.owner.profile import ANY_VM, VmProfile
+from confmig.owner.profile import ANY_VM, TICKET_SIZE, VmProfile
 from confmig.owner.session import OwnerSession, SessionEvent, SessionState
 from confmig.owner.trust import AmdRoot, verify_platform
 from confmig.platform.psp.packet import IV_SIZE, seal_launch_secret
@@ -116,6 +118,9 @@ class KeyBroker:
                     f"VM '{request.vm}': policy {request.policy:#x} is not the configured policy "
                     f"{profile.policy:#x}"
                 )
+            if request.migration_target and not profile.migratable:
+                raise PolicyRejected(f"VM '{request.vm}' has no migration transport key: it does not "
+                                     "migrate, so no migration target is launched for it")
             certs = verify_platform(self.root, pdh=request.pdh, cert_chain=request.cert_chain)
         except (PolicyRejected, PlatformRejected) as exc:
             self._record("launch-refused", vm=request.vm, platform=platform, reason=str(exc))
@@ -136,8 +141,10 @@ class KeyBroker:
                 profile=profile,
                 launch=launch,
                 deadline=now + self._ttl,
+                migration_target=request.migration_target,
             )
-        self._record("launch", vm=request.vm, session=session_id, platform=platform)
+        self._record("launch", vm=request.vm, session=session_id, platform=platform,
+                     role="migration-target" if request.migration_target else "guest")
         return LaunchResponse(session_id=session_id, godh=launch.dh_cert, session=launch.session)
 
     # --- POST /v1/launch/<id>/measurement ------------------------------------------------
@@ -159,7 +166,9 @@ class KeyBroker:
                 refused: Exception | None = exc
             else:
                 refused = None
-                table = session.profile.secret_table()
+                ticket = self._rng(TICKET_SIZE) if session.migration_target else b""
+                table = (session.profile.target_secret_table(ticket) if ticket
+                         else session.profile.secret_table())
                 header, trans = seal_launch_secret(
                     session.keys, table, measurement=measurement.measure, iv=self._rng(IV_SIZE)
                 )
@@ -169,7 +178,9 @@ class KeyBroker:
                 "refused", vm=session.vm, session=session_id, platform=session.platform, reason=str(refused)
             )
             raise refused
-        self._record("released", vm=session.vm, session=session_id, platform=session.platform)
+        # A ticket is no secret (the target publishes it); its key is released here, once.
+        self._record("released", vm=session.vm, session=session_id, platform=session.platform,
+                     **({"ticket": ticket.hex()} if ticket else {}))
         return SecretResponse(secret_header=header.to_bytes(), secret=trans, guest_len=len(trans))
 
     def _open_session_locked(self, session_id: str) -> OwnerSession:

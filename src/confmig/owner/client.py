@@ -35,9 +35,11 @@ class OwnerClient:
         self.url = url.rstrip("/")
         self.timeout = timeout
 
-    def launch(self, *, vm: str, pdh: bytes, cert_chain: bytes, policy: int) -> LaunchResponse:
+    def launch(self, *, vm: str, pdh: bytes, cert_chain: bytes, policy: int,
+               migration_target: bool = False) -> LaunchResponse:
         """``POST /v1/launch``: the owner's DH certificate and session blob for LAUNCH_START."""
-        request = LaunchRequest(vm=vm, pdh=pdh, cert_chain=cert_chain, policy=policy)
+        request = LaunchRequest(vm=vm, pdh=pdh, cert_chain=cert_chain, policy=policy,
+                                migration_target=migration_target)
         return self._call(LAUNCH_PATH, request, LaunchResponse)
 
     def measurement(

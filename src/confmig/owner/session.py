@@ -54,7 +54,8 @@ def next_state(state: SessionState, event: SessionEvent) -> SessionState:
 class OwnerSession(Secret):
     """A launch session: its VM, profile, deadline, state and (while open) its transport keys."""
 
-    __slots__ = ("_launch", "deadline", "platform", "profile", "session_id", "state", "vm")
+    __slots__ = ("_launch", "deadline", "migration_target", "platform", "profile", "session_id", "state",
+                 "vm")
 
     def __init__(
         self,
@@ -65,8 +66,11 @@ class OwnerSession(Secret):
         profile: VmProfile,
         launch: LaunchSession,
         deadline: float,
+        migration_target: bool = False,
     ) -> None:
         self.session_id = session_id
+        self.migration_target = migration_target
+        """The VMM launches a migration target: it gets a ticket and its key, nothing else."""
         self.vm = vm
         self.platform = platform
         """A fingerprint of the platform's PDH, for logs."""

@@ -180,12 +180,14 @@ def _str(obj: Json, name: str, pattern: re.Pattern[str]) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LaunchRequest:
-    """``POST /v1/launch``: the platform's certificates and the guest policy the VMM will launch with."""
+    """``POST /v1/launch``: the platform's certificates and the guest policy the VMM will launch
+    with, and whether the launch is a migration target (it then gets a ticket and its key only)."""
 
     vm: str
     pdh: bytes
     cert_chain: bytes
     policy: int
+    migration_target: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -193,17 +195,22 @@ class LaunchRequest:
             "pdh": _b64(self.pdh),
             "cert_chain": _b64(self.cert_chain),
             "policy": self.policy,
+            "migration_target": self.migration_target,
         }
 
     @classmethod
     def from_json(cls, obj: object) -> Self:
         # SECURITY: a body from the untrusted host; every field is type- and size-checked.
-        o = _fields(obj, "launch request", ("vm", "pdh", "cert_chain", "policy"))
+        o = _fields(obj, "launch request", ("vm", "pdh", "cert_chain", "policy", "migration_target"))
+        target = o["migration_target"]
+        if not isinstance(target, bool):
+            raise KeyBrokerMessageError("migration_target: expected true or false")
         return cls(
             vm=_str(o, "vm", _VM_NAME_RE),
             pdh=_bytes(o, "pdh", size=PDH_SIZE),
             cert_chain=_bytes(o, "cert_chain", size=CERT_CHAIN_SIZE),
             policy=_int(o, "policy", bits=32),
+            migration_target=target,
         )
 
 

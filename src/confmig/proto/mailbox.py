@@ -66,14 +66,20 @@ io header and io page as opaque bytes, as QEMU does, needs neither.
 Which MH vCPU serves what (the MH's side: :mod:`confmig.guest.firmware.mh`):
 INIT and RESET in the v1 block of every MH vCPU; ENCRYPT and DECRYPT in MH
 vCPU 0's v1 block; EXPORT and IMPORT in the slots of every MH vCPU, whose
-index is its stream number; FINISH, COMPLETE, ABORT and RESUME in MH vCPU 0's
-slots. FINISH takes the target's challenge (:data:`CHALLENGE_SIZE` bytes, which the
-target MH published at :data:`CHALLENGE_OFFSET` of its vCPU 0 mailbox) in slot 0's data
-area, with ``length`` = 16, and seals it into the completion record. A source's INIT
-answers with the session's migration id in the io header (:func:`decode_init` reads
-it): the source MH draws the id itself, at INIT of MH vCPU 0, and the other MH vCPUs
-join that session, whatever id the VMM asked for; a target's INIT takes the id the
-VMM gives (the source's, from the records).
+index is its stream number; PARK, FINISH, COMPLETE, ABORT and RESUME in MH vCPU
+0's slots.
+
+A target MH publishes, at :data:`CHALLENGE_OFFSET` of its vCPU 0 mailbox, its
+challenge (:data:`CHALLENGE_SIZE` random bytes) then its ticket
+(:data:`TICKET_SIZE` bytes: the guest owner's key broker drew it when it released
+that target's transport key, once). The source's VMM gets both from the target's.
+A source's INIT takes the ticket in its ``migration id`` field (its MH derives
+the ticket's key from the guest's own) and answers with the session's migration
+id there (:func:`decode_init` reads it): the source MH draws the id itself, at
+INIT of MH vCPU 0, and the other MH vCPUs join that session, whatever id the VMM
+asked for. A target's INIT takes the id the VMM gives (the source's, from the
+records). FINISH takes the target's challenge in slot 0's data area, with
+``length`` = 16, and seals it into the completion record.
 """
 
 from __future__ import annotations
@@ -389,9 +395,12 @@ class StreamTotal:
 
 
 CHALLENGE_SIZE: Final = 16
+TICKET_SIZE: Final = 16
 CHALLENGE_OFFSET: Final = 0x100
-"""Where a target MH publishes its challenge: in MH vCPU 0's mailbox, between the v1 command
-block and the io header (shared: the host reads it and hands it to the source)."""
+"""Where a target MH publishes its challenge and its ticket (:data:`TARGET_OFFER_SIZE` bytes): in
+MH vCPU 0's mailbox, between the v1 command block and the io header (shared: the host reads
+them and hands them to the source)."""
+TARGET_OFFER_SIZE: Final = CHALLENGE_SIZE + TICKET_SIZE
 
 
 @dataclass(frozen=True, slots=True)

@@ -324,7 +324,7 @@ class Machine:
                 self.mh = self._migration_handler(sev, self.config.mirror_vcpus)
 
         sev.launch(measured, SecretArea(gpa=area[0], size=area[1]) if area else None,
-                   before_measure=mirror)
+                   before_measure=mirror, migration_target=self.config.mh_target)
 
     @property
     def psp_guest(self) -> SevGuest | None:

@@ -177,10 +177,11 @@ class MigrationHandler:
         return self.block.mailbox_gpa, self.block.area_size
 
     def target_challenge(self) -> bytes:
-        """What a target MH published for the source's FINISH (zeros before its firmware is
-        ready, or on a guest that is no target)."""
+        """What a target MH published for the source: its challenge (for FINISH) and the
+        owner's ticket (for INIT); zeros before its firmware is ready, or on a guest that is no
+        target."""
         box = self.vcpus[0].mailbox
-        return bytes(box[mb.CHALLENGE_OFFSET : mb.CHALLENGE_OFFSET + mb.CHALLENGE_SIZE])
+        return bytes(box[mb.CHALLENGE_OFFSET : mb.CHALLENGE_OFFSET + mb.TARGET_OFFER_SIZE])
 
     def query(self, *, target: bool) -> dict[str, object]:
         """``x-query-migration-handler``."""

@@ -72,8 +72,10 @@ class OwnerLink:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
 
-    def launch(self, vm: str, pdh: bytes, chain: bytes, policy: int) -> keybroker.LaunchResponse:
-        request = keybroker.LaunchRequest(vm=vm, pdh=pdh, cert_chain=chain, policy=policy)
+    def launch(self, vm: str, pdh: bytes, chain: bytes, policy: int, *,
+               migration_target: bool = False) -> keybroker.LaunchResponse:
+        request = keybroker.LaunchRequest(vm=vm, pdh=pdh, cert_chain=chain, policy=policy,
+                                          migration_target=migration_target)
         return self._call(keybroker.LAUNCH_PATH, request, keybroker.LaunchResponse)
 
     def measurement(self, session_id: str, measurement: bytes, api: tuple[int, int, int]
@@ -144,16 +146,18 @@ class SevGuest:
     # --- the launch ------------------------------------------------------------------
 
     def launch(self, measured: list[tuple[int, int]], secret_area: SecretArea | None, *,
-               before_measure: Callable[[], None] | None = None) -> None:
+               before_measure: Callable[[], None] | None = None, migration_target: bool = False) -> None:
         """LAUNCH_START .. LAUNCH_FINISH, with the owner's check and secret in between.
         ``before_measure`` runs once the guest's own pages and VMSAs are in: what else the
-        launch must measure (a mirror VM's VMSAs, :meth:`launch_update_vmsa`)."""
+        launch must measure (a mirror VM's VMSAs, :meth:`launch_update_vmsa`). A
+        ``migration_target`` asks the owner for a target's secret (a ticket and its key)."""
         owner = OwnerLink(self.config.owner) if self.config.owner else None
         session_id = ""
         godh = session = b""
         if owner is not None:
             pdh, chain = self.capabilities_raw()
-            offer = owner.launch(self.name, pdh, chain, self.config.policy)
+            offer = owner.launch(self.name, pdh, chain, self.config.policy,
+                                 migration_target=migration_target)
             session_id, godh, session = offer.session_id, offer.godh, offer.session
         body = ksev.LAUNCH_START.pack(0, self.config.policy, 0, len(godh), 0, 0, len(session), 0)
         _err, out = self._op(ksev.KVM_SEV_LAUNCH_START, body + godh + session)

@@ -46,6 +46,8 @@ ASID = 5
 RAM_SIZE = 20 * MiB
 ROM = rom()
 GUEST_VIEW = 0xFF
+TICKET = bytes.fromhex("7469636b65742d6f662d746865746573")
+"""The owner's ticket every test target is launched with (and every test source INITs with)."""
 """The vCPU id of the core the test reads and writes the guest's private memory with."""
 
 
@@ -81,10 +83,30 @@ def secret_table(*entries: tuple[uuid.UUID, bytes]) -> bytes:
     return secret.SECRET_TABLE_HEADER_GUID.bytes_le + struct.pack("<I", 20 + len(body)) + body
 
 
-def transport_key(master: bytes, migration_id: bytes) -> AESGCM:
-    """The key both MHs derive (the test's own copy of the rule, to forge with)."""
+def launch_secret(master: bytes, *, target: bool = False, v1: bool = False,
+                  ticket: bytes = TICKET) -> bytes:
+    """The secret table the owner's broker releases: to a guest, its transport key; to a
+    migration target, a ticket and the ticket's key (with the guest's key where the owner allows
+    version 1, as ``owner.profile`` does)."""
+    entries = [] if target else [(secret.MIGRATION_TRANSPORT_KEY_GUID, master)]
+    if target:
+        entries += [(secret.MIGRATION_TICKET_GUID, ticket),
+                    (secret.MIGRATION_TARGET_KEY_GUID, mh.ticket_key(master, ticket))]
+    if v1:  # the owner accepts version 1's missing guarantees
+        entries += [(secret.MIGRATION_TRANSPORT_KEY_GUID, master)] * target
+        entries.append((secret.MIGRATION_V1_ALLOWED_GUID, b"\x01"))
+    return secret_table(*entries)
+
+
+def transport_key(master: bytes, migration_id: bytes, ticket: bytes | None = TICKET) -> AESGCM:
+    """The key both MHs derive (the test's own copy of the rule, to forge with): from the
+    ticket's key (version 1, ``ticket`` None: from the guest's own)."""
+    base = master
+    if ticket is not None:
+        base = HKDF(algorithm=hashes.SHA256(), length=32, salt=ticket,
+                    info=b"confmig mh ticket v1").derive(master)
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id, info=b"confmig mh transport v2")
-    return AESGCM(hkdf.derive(master))
+    return AESGCM(hkdf.derive(base))
 
 
 def seal(master: bytes, migration_id: bytes, *, stream: int, seq: int, gpas: Iterable[int],
@@ -136,9 +158,12 @@ class MhDriver:
         (n,) = struct.unpack("<I", self.load(at, 4))
         return self.load(at + 4, n)
 
-    def init(self, index: int, role: mb.Role, migration_id: bytes = bytes(16),
+    def init(self, index: int, role: mb.Role, migration_id: bytes | None = None,
              nstreams: int = 1) -> tuple[int, bytes]:
-        """INIT; the answer and the migration id the io header holds after it."""
+        """INIT; the answer and the migration id the io header holds after it. A source's INIT
+        names :data:`TICKET` unless told otherwise."""
+        if migration_id is None:
+            migration_id = TICKET if role == mb.Role.SOURCE else bytes(mb.MIGRATION_ID_SIZE)
         self.io_header(index, mb.encode_init(role, migration_id, nstreams))
         ret = self.command(index, mb.MhCommand.INIT).ret
         return ret, mb.decode_init(self.read_io_header(index)).migration_id
@@ -174,7 +199,8 @@ class Guest(MhDriver):
     """An SEV guest on one host, its firmware's preparation done, its MH vCPUs at hand."""
 
     def __init__(self, *, spa: int, master: bytes | None, target: bool = False,
-                 ram_size: int = RAM_SIZE, seed: int = 0, v1: bool = False, es: bool = False) -> None:
+                 ram_size: int = RAM_SIZE, seed: int = 0, v1: bool = False, es: bool = False,
+                 ticket: bytes = TICKET) -> None:
         self.es = es
         """SEV-ES: every core of this guest (its MH vCPUs too) has its registers protected."""
         self.ram = FlatRam(ram_size, spa)
@@ -188,10 +214,7 @@ class Guest(MhDriver):
         bootinfo.store_e820(cpu, [bootinfo.E820Entry(address=0, length=ram_size, type=bootinfo.E820_RAM)])
         bootinfo.seal(cpu, 1)
         if master is not None:
-            entries = [(secret.MIGRATION_TRANSPORT_KEY_GUID, master)]
-            if v1:  # the owner accepts version 1's missing guarantees
-                entries.append((secret.MIGRATION_V1_ALLOWED_GUID, b"\x01"))
-            area = secret_table(*entries)
+            area = launch_secret(master, target=target, v1=v1, ticket=ticket)
             cpu.write(SECRET_AREA_GPA | mask, area.ljust(SECRET_AREA_SIZE, b"\0"))
         gate.store(cpu, gate.OPEN, mask)
         mem_encrypt.clear_page_state(cpu, mask)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from mhhost import RAM_SIZE, Guest, seal, transport_key
+from mhhost import RAM_SIZE, TICKET, Guest, seal, transport_key
 
 from confmig.common.units import PAGE_SIZE, GiB
 from confmig.guest import gate, saved_state
@@ -346,9 +346,8 @@ def test_finish_without_a_challenge_of_16_bytes_is_invalid_and_the_source_runs_o
     assert src.token(Cmd.FINISH, dst.challenge())[0] == OK
 
 
-@pytest.mark.parametrize("replay", ["another-target", "same-target-booted-again"])
-def test_a_recorded_stream_completes_on_no_target_but_the_one_finish_was_given(
-        src: Guest, dst: Guest, replay: str) -> None:
+def record_a_migration(src: Guest, dst: Guest) -> tuple[bytes, list[bytes], bytes]:
+    """A migration to ``dst`` as a host records it: (migration id, page records, completion)."""
     mid = start(src, dst)
     recorded = []
     for batch in batches(src.private_gpas()):
@@ -357,15 +356,30 @@ def test_a_recorded_stream_completes_on_no_target_but_the_one_finish_was_given(
         recorded.append(record)
     ret, completion = src.token(Cmd.FINISH, dst.challenge())
     assert ret == OK
-    if replay == "another-target":  # a clone: the same records and completion, another target
-        assert dst.token(Cmd.COMPLETE, completion)[0] == OK
-        clone = Guest(spa=CLONE_SPA, master=KEY, target=True, seed=3)
-    else:  # the stream saved, the target (never completed) booted again in target mode
-        old = dst.challenge()
-        mh.prepare(dst.view, C_BIT)
-        mh.await_incoming(dst.view, C_BIT)
-        assert dst.challenge() != old
-        clone = dst
+    return mid, recorded, completion
+
+
+def test_a_recorded_stream_opens_on_no_other_target_the_owner_launched(src: Guest, dst: Guest) -> None:
+    """The owner's broker gives each target launch a ticket of its own: a clone's key opens
+    none of the records sealed for another ticket."""
+    mid, recorded, completion = record_a_migration(src, dst)
+    clone = Guest(spa=CLONE_SPA, master=KEY, target=True, seed=3, ticket=os.urandom(16))
+    try:
+        assert clone.init(0, mb.Role.TARGET, mid)[0] == OK
+        assert all(clone.import_(0, record) == REFUSED for record in recorded[:4])
+        assert clone.token(Cmd.COMPLETE, completion)[0] == REFUSED
+        assert session(clone).phase == mh.SessionPhase.AWAITING
+    finally:
+        clone.close()
+
+
+def test_even_a_target_given_the_same_ticket_does_not_complete_another_targets_stream(
+        src: Guest, dst: Guest) -> None:
+    """Were a ticket's key released twice (the broker never does), the completion record still
+    names one target's challenge."""
+    mid, recorded, completion = record_a_migration(src, dst)
+    assert dst.token(Cmd.COMPLETE, completion)[0] == OK
+    clone = Guest(spa=CLONE_SPA, master=KEY, target=True, seed=3)
     try:
         assert clone.init(0, mb.Role.TARGET, mid)[0] == OK
         for record in recorded:
@@ -375,8 +389,17 @@ def test_a_recorded_stream_completes_on_no_target_but_the_one_finish_was_given(
         assert clone.token(Cmd.COMPLETE, completion)[0] == REFUSED  # and again
         assert clone.token(Cmd.ABORT)[0] == OK
     finally:
-        if clone is not dst:
-            clone.close()
+        clone.close()
+
+
+def test_a_target_booted_again_mid_import_is_no_target_any_more(src: Guest, dst: Guest) -> None:
+    """The import overwrote its secret area with the source's: its ticket is gone, so the
+    stream saved from its migration has nowhere to be restored."""
+    mid, _recorded, _completion = record_a_migration(src, dst)
+    mh.prepare(dst.view, C_BIT)
+    assert not mh.await_incoming(dst.view, C_BIT)
+    assert session(dst).phase == mh.SessionPhase.RUNNING
+    assert dst.init(0, mb.Role.TARGET, mid)[0] == INVALID
 
 
 def test_complete_refuses_a_completion_sealed_for_a_challenge_no_target_drew(src: Guest, dst: Guest) -> None:
@@ -506,17 +529,19 @@ def test_a_target_imports_one_migration_only(src: Guest, dst: Guest) -> None:
 
 
 def test_the_source_draws_the_migration_id_and_its_vcpus_join_it(src: Guest) -> None:
+    """The VMM names the target's ticket; the MH draws the session's id itself."""
     assert src.init(1, mb.Role.SOURCE)[0] == INVALID  # MH vCPU 0 opens the session
-    asked = b"a" * 16
+    assert src.init(0, mb.Role.SOURCE, bytes(16))[0] == INVALID  # no ticket: no key
     odd = HIGH + mb.STREAM_CHUNK * PAGE_SIZE  # stream 1 of 2 takes the second chunk of GFNs
-    ret, mid = src.init(0, mb.Role.SOURCE, asked, nstreams=2)
-    assert ret == OK and mid != asked
-    assert src.init(1, mb.Role.SOURCE, b"b" * 16, nstreams=7) == (OK, mid)  # the session's count
-    assert src.init(2, mb.Role.SOURCE) == (INVALID, bytes(16))  # no stream 2 in a session of 2
+    ret, mid = src.init(0, mb.Role.SOURCE, nstreams=2)
+    assert ret == OK and mid != TICKET and session(src).ticket == TICKET
+    assert src.init(1, mb.Role.SOURCE, b"b" * 16)[0] == INVALID  # another ticket: another session
+    assert src.init(1, mb.Role.SOURCE, nstreams=7) == (OK, mid)  # the session's count
+    assert src.init(2, mb.Role.SOURCE) == (INVALID, TICKET)  # no stream 2 in a session of 2
     assert src.export(1, [odd])[0] == OK
     assert mb.decode_record_header(src.export(1, [odd + 2 * PAGE_SIZE])[1]).nstreams == 2
     assert src.export(1, [HIGH])[0] == REFUSED  # the first chunk is stream 0's
-    ret, new = src.init(0, mb.Role.SOURCE, mid, nstreams=2)
+    ret, new = src.init(0, mb.Role.SOURCE, nstreams=2)
     assert ret == OK and new != mid
     assert src.export(1, [odd])[0] == INVALID  # vCPU 1 still serves the old session
     assert src.init(1, mb.Role.SOURCE) == (OK, new)
@@ -542,7 +567,9 @@ def test_without_a_transport_key_init_is_refused() -> None:
     for target in (False, True):
         g = Guest(spa=SRC_SPA, master=None, target=target)
         try:
-            assert g.init(0, mb.Role.TARGET if target else mb.Role.SOURCE)[0] == REFUSED
+            # A source has no key; a target without its ticket never became one.
+            role = mb.Role.TARGET if target else mb.Role.SOURCE
+            assert g.init(0, role)[0] == (INVALID if target else REFUSED)
             assert g.export(0, [HIGH])[0] == INVALID
         finally:
             g.close()

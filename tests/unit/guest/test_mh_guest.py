@@ -14,12 +14,18 @@ import numpy as np
 import pytest
 from fakecpu import MIGRATION_FEATURES, FakeCpu
 from machine import ROM, Machine
-from mhhost import MhDriver, secret_table
+from mhhost import MhDriver, launch_secret
 
 from confmig.common.units import PAGE_SIZE, MiB
 from confmig.guest import gate, kernel, mem_encrypt, saved_state
-from confmig.guest.firmware import bootinfo, mh, secret
-from confmig.guest.firmware.boot import MIGRATION_TARGET_FILE, WAITING_LINE, Phase
+from confmig.guest.firmware import bootinfo, mh
+from confmig.guest.firmware.boot import (
+    MIGRATION_TARGET_FILE,
+    TARGET_WITHOUT_TICKET,
+    TICKET_WITHOUT_TARGET,
+    WAITING_LINE,
+    Phase,
+)
 from confmig.guest.firmware.image import build_firmware_image
 from confmig.guest.layout import (
     FIRMWARE_BASE,
@@ -69,11 +75,15 @@ class Mirror(MhDriver):
 
 
 @contextmanager
-def guest(cmdline: str = DIRTY, *, key: bytes | None = KEY, **kwargs: object) -> Iterator[Machine]:
-    """An SEV machine whose owner injected ``key`` as the transport key."""
+def guest(cmdline: str = DIRTY, *, key: bytes | None = KEY, ticket: bool | None = None,
+          **kwargs: object) -> Iterator[Machine]:
+    """An SEV machine whose owner injected ``key`` as the transport key, or, as a migration
+    target (``ticket``; by default when fw_cfg asks for a target), a ticket and its key."""
+    if ticket is None:
+        ticket = MIGRATION_TARGET_FILE in kwargs.get("fw_cfg_files", {})  # type: ignore[operator]
     with Machine(cmdline, ram_size=RAM, sev=True, **kwargs) as m:  # type: ignore[arg-type]
         if key is not None:
-            area = secret_table((secret.MIGRATION_TRANSPORT_KEY_GUID, key))
+            area = launch_secret(key, target=ticket)
             m.cpu.write(SECRET_AREA_GPA | C_BIT, area.ljust(SECRET_AREA_SIZE, b"\0"))
         yield m
 
@@ -144,9 +154,25 @@ def test_a_migration_target_waits_with_only_its_mh(value: bytes) -> None:
 
 
 def test_a_false_target_flag_boots_the_kernel() -> None:
-    with guest(fw_cfg_files={MIGRATION_TARGET_FILE: b"0"}) as m:
+    with guest(fw_cfg_files={MIGRATION_TARGET_FILE: b"0"}, ticket=False) as m:
         m.run_until_line(WRITTEN)
         assert WAITING_LINE not in m.lines and session(m) == mh.Session(phase=mh.SessionPhase.RUNNING)
+
+
+@pytest.mark.parametrize(("files", "ticket", "line"), [
+    (TARGET, False, TARGET_WITHOUT_TICKET),
+    ({}, True, TICKET_WITHOUT_TARGET),
+    ({MIGRATION_TARGET_FILE: b"0"}, True, TICKET_WITHOUT_TARGET),
+], ids=["target-without-ticket", "ticket-without-target", "ticket-with-false-flag"])
+def test_a_guest_is_a_migration_target_only_if_host_and_owner_both_say_so(
+        files: dict[str, bytes], ticket: bool, line: str) -> None:
+    """A host that boots a guest launched with its own key in target mode would have a target
+    that opens any migration of it; one that boots a target as a guest, a guest with no key."""
+    with guest(fw_cfg_files=files, ticket=ticket) as m:
+        m.run(lambda _: False)  # until it halts for good
+        assert m.lines[-1] == f"confmig firmware: {line}"
+        assert WAITING_LINE not in m.lines and not any(x.startswith("confmig kernel") for x in m.lines)
+        assert m.cpu.regs.rip == FIRMWARE_BASE + Phase.PARK
 
 
 # --- the run gate ------------------------------------------------------------------------------------

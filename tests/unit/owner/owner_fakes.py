@@ -42,11 +42,13 @@ class Platform(PspPlatform):
 
 
 def launch_to_measure(
-    p: Platform, broker: KeyBroker, *, vm: str, policy: int, image: bytes, spa: Spa, asid: int
+    p: Platform, broker: KeyBroker, *, vm: str, policy: int, image: bytes, spa: Spa, asid: int,
+    migration_target: bool = False,
 ) -> tuple[GuestHandle, str, MeasurementRequest]:
     """The host's launch up to LAUNCH_MEASURE with ``broker`` as the owner: what the VMM relays."""
     pdh, chain = p.export()
-    offer = broker.launch(LaunchRequest(vm=vm, pdh=pdh, cert_chain=chain, policy=policy))
+    offer = broker.launch(LaunchRequest(vm=vm, pdh=pdh, cert_chain=chain, policy=policy,
+                                        migration_target=migration_target))
     handle = p.start(policy, godh=offer.godh, session=offer.session, asid=asid)
     p.import_firmware(handle, image, spa)
     fw = p.psp.firmware

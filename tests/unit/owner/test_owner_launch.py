@@ -7,22 +7,32 @@ by the test against ``SecureProcessor`` over fake memory; the owner's part is
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Mapping
 from dataclasses import replace
 
 import pytest
 from owner_fakes import Platform, launch_to_measure
 
 from confmig.common.units import Spa
+from confmig.guest.firmware import mh, secret
 from confmig.owner import (
     DISK_PASSPHRASE_GUID,
     MIGRATION_TRANSPORT_KEY_GUID,
     AmdRoot,
     KeyBroker,
     MeasurementRejected,
+    PolicyRejected,
     SessionClosed,
     VmProfile,
     build_secret_table,
     firmware_digest,
+)
+from confmig.owner.profile import (
+    MIGRATION_TARGET_KEY_GUID,
+    MIGRATION_TICKET_GUID,
+    MIGRATION_V1_ALLOWED_GUID,
+    TICKET_KDF_INFO,
 )
 from confmig.owner.session import SessionState
 from confmig.platform.psp import (
@@ -55,9 +65,11 @@ def _broker(root: AmdRoot, policy: int) -> KeyBroker:
     return KeyBroker(root, {"vm1": profile})
 
 
-def _launch_to_measure(p: Platform, broker: KeyBroker, policy: int, image: bytes = FIRMWARE
+def _launch_to_measure(p: Platform, broker: KeyBroker, policy: int, image: bytes = FIRMWARE, *,
+                       asid: int = ASID, migration_target: bool = False,
                        ) -> tuple[GuestHandle, str, MeasurementRequest]:
-    return launch_to_measure(p, broker, vm="vm1", policy=policy, image=image, spa=FIRMWARE_SPA, asid=ASID)
+    return launch_to_measure(p, broker, vm="vm1", policy=policy, image=image, spa=FIRMWARE_SPA, asid=asid,
+                             migration_target=migration_target)
 
 
 def _secret(handle: GuestHandle, reply: SecretResponse) -> LaunchSecretRequest:
@@ -132,3 +144,46 @@ def test_a_tampered_secret_packet_is_refused_by_the_psp_and_nothing_is_written(
     with pytest.raises(SevError, match=SevStatus.BAD_MEASUREMENT.name):
         p.psp.launch_secret(_secret(handle, reply))
     assert bytes(p.memory.raw) == before and p.memory.private_writes == writes
+
+
+def _released_table(p: Platform, broker: KeyBroker, asid: int) -> dict[uuid.UUID, bytes]:
+    """A migration target's launch: the secret table as it lands in the target's memory."""
+    handle, session_id, measured = _launch_to_measure(p, broker, 0, asid=asid, migration_target=True)
+    reply = broker.measurement(session_id, measured)
+    p.psp.launch_secret(_secret(handle, reply))
+    table = p.memory.read_encrypted(Asid(asid), SECRET_SPA, reply.guest_len)
+    parsed = secret.parse_secret_table(table.ljust(4096, b"\0"))
+    return {e.guid: secret.entry_data(table, e) for e in parsed.entries}
+
+
+def test_a_migration_target_gets_a_ticket_of_its_own_and_its_key_never_the_guests_secrets(
+        booted: Platform, root: AmdRoot) -> None:
+    records: list[Mapping[str, object]] = []
+    broker = KeyBroker(root, {"vm1": VmProfile.build(digest=firmware_digest(FIRMWARE), policy=0,
+                                                     secrets=SECRETS)}, audit=records.append)
+    first, second = _released_table(booted, broker, ASID), _released_table(booted, broker, ASID + 1)
+    for table in (first, second):
+        assert set(table) == {secret.MIGRATION_TICKET_GUID, secret.MIGRATION_TARGET_KEY_GUID}
+        ticket = table[secret.MIGRATION_TICKET_GUID]
+        # The guest firmware's derivation: a source derives the same key from its own.
+        assert table[secret.MIGRATION_TARGET_KEY_GUID] == mh.ticket_key(TRANSPORT_KEY, ticket)
+    assert first[secret.MIGRATION_TICKET_GUID] != second[secret.MIGRATION_TICKET_GUID]  # released once each
+    released = [r for r in records if r["event"] == "released"]
+    assert [r["ticket"] for r in released] == [t[secret.MIGRATION_TICKET_GUID].hex() for t in (first, second)]
+    assert TRANSPORT_KEY.hex() not in repr(records) and first[secret.MIGRATION_TARGET_KEY_GUID].hex() \
+        not in repr(records)
+
+
+def test_no_migration_target_is_launched_for_a_guest_without_a_transport_key(
+        booted: Platform, root: AmdRoot) -> None:
+    profile = VmProfile.build(digest=firmware_digest(FIRMWARE), policy=0, secrets=SECRETS[:1])
+    pdh, chain = booted.export()
+    with pytest.raises(PolicyRejected, match="no migration transport key"):
+        KeyBroker(root, {"vm1": profile}).launch(
+            LaunchRequest(vm="vm1", pdh=pdh, cert_chain=chain, policy=0, migration_target=True))
+
+
+def test_the_owner_and_the_firmware_name_the_migration_secrets_alike() -> None:
+    assert (MIGRATION_TICKET_GUID, MIGRATION_TARGET_KEY_GUID, MIGRATION_V1_ALLOWED_GUID) == (
+        secret.MIGRATION_TICKET_GUID, secret.MIGRATION_TARGET_KEY_GUID, secret.MIGRATION_V1_ALLOWED_GUID)
+    assert TICKET_KDF_INFO == mh.TICKET_KDF_INFO

@@ -37,8 +37,11 @@ block, and starts the next transfer (one exiting ``out``)::
     TARGET_READ   fw_cfg has opt/ovmf/PcdSevIsMigrationTarget: read it -> TARGET;
                   else the kernel
     TARGET        true ("1", "y", "yes", "true"): the guest's memory may be
-                  imported; print "Waiting for incoming confidential migration."
-                  -> PARK (SEV-ES: RESTORE). Else the kernel
+                  imported if the owner's launch secret has a migration ticket
+                  (else a fatal error); print "Waiting for incoming confidential
+                  migration." -> PARK (SEV-ES: RESTORE). Else the kernel, unless
+                  the launch secret has a ticket (a fatal error: host and owner
+                  disagree; the same without the fw_cfg file)
     PARK          hlt, forever (APs, the BSP after a fatal error, a migration target)
     RESTORE       SEV-ES migration target: hlt until the Migration Handler accepted
                   the completion record (its session RUNNING again, the run gate
@@ -101,6 +104,10 @@ migration (the 2021 RFC's name, as QEMU's ``-fw_cfg name=...,string=1`` gives it
 TRUE_WORDS = frozenset({b"1", b"y", b"yes", b"true"})
 """What the file may say for true (OVMF's ``QemuFwCfgParseBool``)."""
 WAITING_LINE = "Waiting for incoming confidential migration."
+TARGET_WITHOUT_TICKET = ("a migration target needs its owner's ticket (the launch secret has none: the "
+                         "owner launched no target); halted")
+TICKET_WITHOUT_TARGET = ("the owner launched this guest as a migration target, but the host did not ask "
+                         "for one (opt/ovmf/PcdSevIsMigrationTarget); halted")
 MH_MAILBOX_PAGES = MH_MAILBOX_SIZE // PAGE_SIZE
 _E820_ENTRY_SIZE = 20
 
@@ -366,20 +373,31 @@ def _hc_report(cpu: GuestCpu) -> None:
 
 def _target_read(cpu: GuestCpu) -> None:
     if not cpu.regs.r12:
-        cpu.regs.rip = KERNEL_BASE
+        _boot_kernel(cpu)
         return
     _read(cpu, cpu.regs.r12 >> 32, cpu.regs.r12 & 0xFFFF_FFFF, then=Phase.TARGET)
+
+
+def _boot_kernel(cpu: GuestCpu) -> None:
+    """On to the kernel, unless the owner launched this guest as a migration target (its secret
+    has a ticket): then the host's word and the owner's disagree, and it boots nothing."""
+    mask = mem_encrypt.encryption_mask(cpu)
+    if mask and mh.launch_ticket(cpu, mask) is not None:
+        _fatal(cpu, TICKET_WITHOUT_TARGET)
+        return
+    cpu.regs.rip = KERNEL_BASE
 
 
 def _target(cpu: GuestCpu) -> None:
     data = fw_cfg.finish_read(cpu) or b""
     if data.rstrip(b"\0 \n").lower() not in TRUE_WORDS:
-        cpu.regs.rip = KERNEL_BASE
+        _boot_kernel(cpu)
         return
     mask = mem_encrypt.encryption_mask(cpu)
     platform = bootinfo.set_flags(cpu, bootinfo.PLATFORM_MIGRATION_TARGET, mask)
-    if platform & bootinfo.PLATFORM_MIGRATION_HANDLER:
-        mh.await_incoming(cpu, mask)
+    if platform & bootinfo.PLATFORM_MIGRATION_HANDLER and not mh.await_incoming(cpu, mask):
+        _fatal(cpu, TARGET_WITHOUT_TICKET)
+        return
     _goto(cpu, Phase.RESTORE if platform & bootinfo.PLATFORM_SEV_ES else Phase.PARK)
     cpu.outs(COM1_PORT, (WAITING_LINE + "\n").encode())
 

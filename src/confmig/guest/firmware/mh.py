@@ -182,10 +182,15 @@ from confmig.proto import mailbox as mb
 
 TRANSPORT_KEY_SIZE: Final = 32
 KDF_INFO: Final = b"confmig mh transport v2"
-SESSION_MAGIC: Final = b"CMMHSES2"
+SESSION_MAGIC: Final = b"CMMHSES3"
 NO_ID: Final = bytes(mb.MIGRATION_ID_SIZE)
 NO_CHALLENGE: Final = bytes(mb.CHALLENGE_SIZE)
-_SESSION: Final = struct.Struct(f"<8sII{mb.MIGRATION_ID_SIZE}s{mb.CHALLENGE_SIZE}s")
+NO_TICKET: Final = bytes(mb.TICKET_SIZE)
+NO_KEY: Final = bytes(TRANSPORT_KEY_SIZE)
+TICKET_KDF_INFO: Final = b"confmig mh ticket v1"
+"""HKDF info of a ticket's key (the owner's broker derives it the same way: ``owner.profile``)."""
+_SESSION: Final = struct.Struct(
+    f"<8sII{mb.MIGRATION_ID_SIZE}s{mb.CHALLENGE_SIZE}s{mb.TICKET_SIZE}s{TRANSPORT_KEY_SIZE}s")
 _STREAM: Final = struct.Struct("<II16sQQQ")
 _BLOCK: Final = mb.COMMAND.size + mb.V2_FIELDS.size
 _U32: Final = struct.Struct("<I")
@@ -221,11 +226,17 @@ class Session:
     phase: SessionPhase
     migration_id: bytes = NO_ID
     challenge: bytes = NO_CHALLENGE
+    """A target's own challenge (AWAITING; drawn by :func:`await_incoming`): the only one its
+    COMPLETE accepts; in SENT, the one FINISH sealed. All zero in every other phase."""
     nstreams: int = 1
     """A source's streams (MH vCPU 0's INIT says how many): GFN ``g`` leaves on stream
-    ``g % nstreams`` only."""
-    """A target's own challenge (AWAITING; drawn by :func:`await_incoming`): the only one its
-    COMPLETE accepts. All zero in every other phase."""
+    ``stream_of(g)`` only."""
+    ticket: bytes = NO_TICKET
+    """The owner's ticket: a source's, from its VMM at INIT (the target's, which that target
+    published); a target's own, from its launch secret."""
+    target_key: bytes = NO_KEY
+    """A target's key for its ticket, from its launch secret (copied here at boot: the import
+    overwrites the secret area with the source's)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -251,30 +262,52 @@ def prepare(cpu: GuestCpu, mask: int) -> None:
     _store_session(cpu, Session(phase=SessionPhase.RUNNING), mask)
 
 
-def await_incoming(cpu: GuestCpu, mask: int) -> None:
-    """Target mode: this guest's memory may be imported, once (until COMPLETE or ABORT).
+def launch_ticket(cpu: GuestCpu, mask: int) -> tuple[bytes, bytes] | None:
+    """The owner's migration ticket and its key, if the launch secret holds them: the owner
+    launched this guest as a migration target."""
+    area = cpu.read(SECRET_AREA_GPA | mask, SECRET_AREA_SIZE)
+    table = secret.parse_secret_table(area)
+    ticket = secret.find_entry(table, secret.MIGRATION_TICKET_GUID)
+    key = secret.find_entry(table, secret.MIGRATION_TARGET_KEY_GUID)
+    if ticket is None or key is None or ticket.length != mb.TICKET_SIZE or key.length != TRANSPORT_KEY_SIZE:
+        return None
+    return secret.entry_data(area, ticket), secret.entry_data(area, key)
 
-    Draws the target's challenge, keeps it in the session page and publishes it in MH vCPU 0's
-    mailbox at :data:`~confmig.proto.mailbox.CHALLENGE_OFFSET` (shared), for the host to hand
-    to the source's FINISH. Called after the mailboxes were made shared and zeroed."""
+
+def await_incoming(cpu: GuestCpu, mask: int) -> bool:
+    """Target mode: this guest's memory may be imported, once (until COMPLETE or ABORT), if
+    its owner launched it as a target (False if not: its launch secret has no ticket).
+
+    Keeps the ticket's key in the session page, draws the target's challenge, keeps it there
+    too and publishes challenge and ticket in MH vCPU 0's mailbox at
+    :data:`~confmig.proto.mailbox.CHALLENGE_OFFSET` (shared), for the host to hand to the
+    source. Called after the mailboxes were made shared and zeroed."""
+    launched = launch_ticket(cpu, mask)
+    if launched is None:
+        return False
+    ticket, key = launched
     challenge = secrets.token_bytes(mb.CHALLENGE_SIZE)  # RDRAND on hardware
-    _store_session(cpu, Session(phase=SessionPhase.AWAITING, challenge=challenge), mask)
-    cpu.write(MH_MAILBOX_GPA + mb.CHALLENGE_OFFSET, challenge)  # shared: no C-bit
+    _store_session(cpu, Session(phase=SessionPhase.AWAITING, challenge=challenge, ticket=ticket,
+                                target_key=key), mask)
+    cpu.write(MH_MAILBOX_GPA + mb.CHALLENGE_OFFSET, challenge + ticket)  # shared: no C-bit
+    return True
 
 
 def load_session(cpu: GuestCpu, mask: int) -> Session | None:
     """The session page; None if the firmware never prepared one."""
-    magic, phase, nstreams, migration_id, challenge = _SESSION.unpack(
+    magic, phase, nstreams, migration_id, challenge, ticket, target_key = _SESSION.unpack(
         cpu.read(MH_SESSION_GPA | mask, _SESSION.size))
     if magic != SESSION_MAGIC or phase not in SessionPhase.__members__.values():
         return None
     return Session(phase=SessionPhase(phase), migration_id=migration_id, challenge=challenge,
+                   ticket=ticket, target_key=target_key,
                    nstreams=max(nstreams, 1))
 
 
 def _store_session(cpu: GuestCpu, s: Session, mask: int) -> None:
     cpu.write(MH_SESSION_GPA | mask,
-              _SESSION.pack(SESSION_MAGIC, s.phase, s.nstreams, s.migration_id, s.challenge))
+              _SESSION.pack(SESSION_MAGIC, s.phase, s.nstreams, s.migration_id, s.challenge, s.ticket,
+                            s.target_key))
 
 
 def load_stream(cpu: GuestCpu, index: int, mask: int) -> Stream:
@@ -367,16 +400,47 @@ def _dispatch(cpu: GuestCpu, index: int, mailbox: int, block: int, mask: int,
 # --- keys and records ----------------------------------------------------------------------------
 
 
-def _transport_key(call: _Call, migration_id: bytes, *, purpose: bytes = b"") -> AESGCM | None:
-    """The migration's AEAD, derived afresh (no key survives the command in Python); a
-    ``purpose`` derives a key of its own (an abort token's names the target's challenge)."""
+def _master_key(call: _Call) -> bytes | None:
+    """The guest's own transport key, from its secret area: its launch secret, or, on a target
+    that completed, the secret its source was launched with (the page migrated)."""
     area = call.cpu.read(SECRET_AREA_GPA | call.mask, SECRET_AREA_SIZE)
     table = secret.parse_secret_table(area)
     entry = secret.find_entry(table, secret.MIGRATION_TRANSPORT_KEY_GUID)
     if entry is None or entry.length != TRANSPORT_KEY_SIZE:
         return None
+    return secret.entry_data(area, entry)
+
+
+def ticket_key(master: bytes, ticket: bytes) -> bytes:
+    """The key of one migration ticket: what the owner's broker releases to that ticket's target
+    (and to no other), and what a source derives from its own key for the ticket it is given."""
+    return HKDF(algorithm=hashes.SHA256(), length=TRANSPORT_KEY_SIZE, salt=ticket,
+                info=TICKET_KDF_INFO).derive(master)
+
+
+def _base_key(call: _Call, *, v1: bool) -> bytes | None:
+    """What a migration's keys derive from: a target's ticket key (AWAITING, ABORTED); a
+    source's key for the ticket its VMM named; version 1, the guest's own key."""
+    if v1:
+        return _master_key(call)
+    s = call.session
+    if s.phase in (SessionPhase.AWAITING, SessionPhase.ABORTED):
+        return None if s.target_key == NO_KEY else s.target_key
+    master = _master_key(call)
+    if master is None or s.ticket == NO_TICKET:
+        return None
+    return ticket_key(master, s.ticket)
+
+
+def _transport_key(call: _Call, migration_id: bytes, *, purpose: bytes = b"",
+                   v1: bool = False) -> AESGCM | None:
+    """The migration's AEAD, derived afresh (no key survives the command in Python); a
+    ``purpose`` derives a key of its own (an abort token's names the target's challenge)."""
+    base = _base_key(call, v1=v1)
+    if base is None:
+        return None
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id, info=KDF_INFO + purpose)
-    return AESGCM(hkdf.derive(secret.entry_data(area, entry)))
+    return AESGCM(hkdf.derive(base))
 
 
 def _abort_purpose(challenge: bytes) -> bytes:
@@ -510,19 +574,21 @@ def _init(call: _Call) -> _Reply:
     if role == mb.Role.V1:
         return _init_v1(call, s, st)
     if role == mb.Role.SOURCE:
-        if s.phase != SessionPhase.RUNNING:
+        ticket = migration_id  # a source's INIT names the target's ticket; its answer, the session
+        if s.phase != SessionPhase.RUNNING or ticket == NO_TICKET:
             return _Reply(_INVALID)
         if call.index == 0:
             migration_id = secrets.token_bytes(mb.MIGRATION_ID_SIZE)  # RDRAND on hardware
-        elif s.migration_id == NO_ID:
+            s = Session(phase=SessionPhase.RUNNING, migration_id=migration_id, nstreams=init.nstreams,
+                        ticket=ticket)
+        elif s.migration_id == NO_ID or ticket != s.ticket:
             return _Reply(_INVALID)  # MH vCPU 0 opens a source's session; the others join it
         else:
             migration_id = s.migration_id
-        if _transport_key(call, migration_id) is None:
+        if _transport_key(replace(call, session=s), migration_id) is None:
             return _Reply(_REFUSED)
         if call.index == 0:
-            _store_session(call.cpu, Session(phase=SessionPhase.RUNNING, migration_id=migration_id,
-                                             nstreams=init.nstreams), call.mask)
+            _store_session(call.cpu, s, call.mask)
             nstreams = init.nstreams
         else:
             nstreams = s.nstreams  # the session's, whatever this INIT said
@@ -561,12 +627,12 @@ def _init_v1(call: _Call, s: Session, st: Stream) -> _Reply:
         return _Reply(_INVALID)  # a version-2 migration named this target already
     if s.phase == SessionPhase.RUNNING:
         migration_id = secrets.token_bytes(mb.MIGRATION_ID_SIZE)
-        if _transport_key(call, migration_id) is None:
+        if _transport_key(call, migration_id, v1=True) is None:
             return _Reply(_REFUSED)
         call.set_stream(Stream(role=StreamRole.V1_SOURCE, migration_id=migration_id))
         return _Reply(_OK)
     if s.phase == SessionPhase.AWAITING:
-        if _transport_key(call, NO_ID) is None:
+        if _transport_key(call, NO_ID, v1=True) is None:
             return _Reply(_REFUSED)
         if st.flags & ID_ADOPTED:  # named by a record already: its counters go on
             call.set_stream(replace(st, role=StreamRole.V1_TARGET))
@@ -669,7 +735,7 @@ def _sealer(call: _Call, gpas: npt.NDArray[np.uint64],
     ram = _ram(call)
     if ram is None or not _valid_gpas(gpas, ram) or _shared(call, gpas):
         return None
-    aead = _transport_key(call, st.migration_id)
+    aead = _transport_key(call, st.migration_id, v1=st.role == StreamRole.V1_SOURCE)
     return None if aead is None else (aead, ram)
 
 
@@ -729,7 +795,7 @@ def _open_pages(call: _Call, record: bytes, st: Stream, *, stream: int,
     ram = _ram(call)
     if int(zero.sum()) != header.nzero or ram is None or not _valid_gpas(gpas, ram):
         return None
-    aead = _transport_key(call, header.migration_id)
+    aead = _transport_key(call, header.migration_id, v1=stream == mb.V1_STREAM)
     plain = None if aead is None else _unseal(aead, record, header)
     if plain is None or len(plain) != header.data_pages * PAGE_SIZE:
         return None
@@ -899,8 +965,8 @@ def _abort(call: _Call) -> _Reply:
     aead = _transport_key(call, st.migration_id, purpose=_abort_purpose(s.challenge))
     if aead is None:
         return _Reply(_REFUSED)
-    _store_session(call.cpu, Session(phase=SessionPhase.ABORTED, migration_id=st.migration_id,
-                                     challenge=s.challenge), call.mask)  # the same token again
+    _store_session(call.cpu, replace(s, phase=SessionPhase.ABORTED, migration_id=st.migration_id),
+                   call.mask)  # the same token again
     gate.store(call.cpu, gate.ABORTED, call.mask)
     body = mb.abort_body(s.challenge)
     header = _header(mb.RecordKind.ABORT, stream=mb.ABORT_STREAM, seq=0,

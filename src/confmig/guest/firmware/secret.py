@@ -31,6 +31,13 @@ from typing import Final
 SECRET_TABLE_HEADER_GUID: Final = uuid.UUID("1e74f542-71dd-4d66-963e-ef4287ff173b")
 MIGRATION_TRANSPORT_KEY_GUID: Final = uuid.UUID("6845d1fd-39d8-45ee-b008-6e296a740351")
 """confmig's entry: the transport key the Migration Handlers of a migrating guest share."""
+MIGRATION_TICKET_GUID: Final = uuid.UUID("5940d2e7-9131-426a-9238-6c50e7597a32")
+"""confmig's entry, only in a migration target's secret: the owner's ticket (16 bytes), drawn
+by its key broker for this one launch. Present, the guest is a migration target."""
+MIGRATION_TARGET_KEY_GUID: Final = uuid.UUID("b67640d0-3d72-4b73-b844-f508029ada6f")
+"""confmig's entry, only in a migration target's secret: the ticket's key (32 bytes), derived
+from the guest's transport key; it opens the one migration sealed for this ticket. A target
+never gets the guest's own key from the owner: it arrives with the guest's memory."""
 MIGRATION_V1_ALLOWED_GUID: Final = uuid.UUID("d5b06470-c9eb-4c99-9417-3fecd60130a0")
 """confmig's entry: present (one byte, 1), the owner lets the Migration Handler speak the 2021
 RFC's version 1, which has no completion record and no run gate: a host that chooses it can

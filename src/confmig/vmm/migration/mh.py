@@ -102,7 +102,11 @@ class MhOutgoing(OutgoingBackend):
         self.sev = sev
         self.mh = mh
         self.out = out
-        self.challenge = bytes.fromhex(params.x_mh_target_challenge)
+        offer = bytes.fromhex(params.x_mh_target_challenge)
+        self.challenge = offer[: mb.CHALLENGE_SIZE]
+        """The target MH's own: FINISH seals it, so the completion opens on that target only."""
+        self.ticket = offer[mb.CHALLENGE_SIZE : mb.TARGET_OFFER_SIZE]
+        """The owner's ticket for that target: INIT names it, the records are sealed under its key."""
         self.counters = mh_counters(len(mh.vcpus))
         self.migration_id = b""
         """The source MH draws it at the first INIT and says it in the io header."""
@@ -123,7 +127,7 @@ class MhOutgoing(OutgoingBackend):
         self.mh.start()
         nstreams = len(self.mh.vcpus)
         for v in self.mh.vcpus:  # MH vCPU 0 first: it opens the session the others join
-            v.io_header(mb.encode_init(mb.Role.SOURCE, bytes(mb.MIGRATION_ID_SIZE), nstreams))
+            v.io_header(mb.encode_init(mb.Role.SOURCE, self.ticket, nstreams))
             self._check(v.command(mb.MhCommand.INIT).ret, f"INIT on MH vCPU {v.index}")
             try:
                 init = mb.decode_init(v.read_io_header())

@@ -54,8 +54,9 @@ class MigrationParameters:
     """How a confidential guest's private pages move (ours); empty: the guest's default."""
     x_mh_target_challenge: str = ""
     """The target Migration Handler's challenge, hex (its ``x-query-migration-handler``
-    ``target-challenge``): the source's MH seals it into the completion record, which then
-    opens on that target only (ours)."""
+    ``target-challenge``): its own 16 random bytes, which the source's MH seals into the
+    completion record so that it opens on that target only, then the 16-byte ticket under
+    which the guest owner released that target's transport key (ours)."""
     capabilities: frozenset[str] = field(default_factory=frozenset)
 
     def qmp_parameters(self) -> dict[str, object]:
@@ -140,15 +141,15 @@ def _backend_parameter(key: str, value: object) -> str:
     return value
 
 
-MH_CHALLENGE_HEX = 32
-"""Hex digits of a Migration Handler target challenge (16 bytes)."""
+MH_CHALLENGE_HEX = 64
+"""Hex digits of a Migration Handler target challenge (32 bytes: challenge and ticket)."""
 
 
 def _challenge_parameter(key: str, value: object) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"Invalid parameter type for '{key}', expected: string")
     if value and (len(value) != MH_CHALLENGE_HEX or any(c not in "0123456789abcdefABCDEF" for c in value)):
-        raise ConfigError(f"Parameter '{key}' expects {MH_CHALLENGE_HEX} hex digits (16 bytes)")
+        raise ConfigError(f"Parameter '{key}' expects {MH_CHALLENGE_HEX} hex digits (32 bytes)")
     return value.lower()
 
 

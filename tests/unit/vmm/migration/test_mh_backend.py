@@ -25,7 +25,8 @@ from confmig.vmm.shared_regions import SharedRegions
 AREA = (8 * MiB, 4 * mb.MAILBOX_STRIDE)
 MID = b"m" * 16
 CHALLENGE = bytes(range(16))
-PARAMS = MigrationParameters(x_mh_target_challenge=CHALLENGE.hex())
+TICKET = bytes(range(100, 116))
+PARAMS = MigrationParameters(x_mh_target_challenge=(CHALLENGE + TICKET).hex())
 
 
 @dataclass
@@ -45,6 +46,8 @@ class FakeVcpu:
 
     def io_header(self, data: bytes) -> None:
         self.init = data
+        init = mb.decode_init(data)
+        assert init.role != mb.Role.SOURCE or init.migration_id == TICKET  # the target's ticket
 
     def read_io_header(self) -> bytes:
         """A source MH answers INIT with the migration id it drew (and its session's streams)."""
@@ -216,14 +219,15 @@ def test_multifd_and_a_missing_target_challenge_are_refused_up_front() -> None:
     mh.MhOutgoing.check(PARAMS)
 
 
-@pytest.mark.parametrize("value", ["00" * 15, "zz" * 16, 5])
-def test_the_target_challenge_parameter_is_16_bytes_of_hex(value: object) -> None:
+@pytest.mark.parametrize("value", ["00" * 16, "00" * 31, "zz" * 32, 5])
+def test_the_target_challenge_parameter_is_32_bytes_of_hex(value: object) -> None:
+    """The target's challenge and the owner's ticket, as ``x-query-migration-handler`` gives them."""
     from confmig.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="x-mh-target-challenge"):
         MigrationParameters().with_parameters({"x-mh-target-challenge": value})
-    p = MigrationParameters().with_parameters({"x-mh-target-challenge": "AB" * 16})
-    assert p.qmp_parameters()["x-mh-target-challenge"] == "ab" * 16
+    p = MigrationParameters().with_parameters({"x-mh-target-challenge": "AB" * 32})
+    assert p.qmp_parameters()["x-mh-target-challenge"] == "ab" * 32
 
 
 def target(nvcpus: int = 1) -> tuple[mh.MhIncoming, FakeMh]:
