@@ -36,10 +36,11 @@ def new_vmm_spec(lab: Lab, spec: VmSpec) -> tuple[VmSpec, Path, Path]:
     return replace(spec, extra=extra), main, cpr
 
 
-def hand_over(lab: Lab, src: VmProc, spec: VmSpec, *, events: bool = True,
-              wait_running: bool = True) -> tuple[VmProc | None, MigrationResult]:
-    """Start a new VMM from ``spec`` and hand it ``src``'s guest; return it (None if it never
-    served QMP) and the old VMM's view of the migration."""
+def begin_hand_over(lab: Lab, src: VmProc, spec: VmSpec, *, events: bool = True,
+                    main_via: Path | None = None) -> tuple[VmProc | None, float]:
+    """Start a new VMM from ``spec`` and issue ``src``'s ``migrate`` to it; return the new VMM
+    once it serves QMP (None if it failed first) and when ``migrate`` was issued. ``main_via``:
+    a socket the old VMM connects its main channel to instead (a relay of a test)."""
     spec, main, cpr = new_vmm_spec(lab, spec)
     src.qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": events}])
     src.qmp.execute("migrate-set-parameters", mode="cpr-transfer")
@@ -55,7 +56,7 @@ def hand_over(lab: Lab, src: VmProc, spec: VmSpec, *, events: bool = True,
                     raise ConfmigError(f"{spec.name} never listened on its cpr channel {cpr}")
                 time.sleep(0.005)
             issued["t0"] = time.monotonic()
-            src.qmp.execute("migrate", channels=[channel("main", main), channel("cpr", cpr)])
+            src.qmp.execute("migrate", channels=[channel("main", main_via or main), channel("cpr", cpr)])
         except BaseException as exc:  # surfaced below
             issued["error"] = exc
 
@@ -67,13 +68,27 @@ def hand_over(lab: Lab, src: VmProc, spec: VmSpec, *, events: bool = True,
     thread.join(START_TIMEOUT)
     if "error" in issued:
         raise issued["error"]
+    return dst, issued["t0"]
+
+
+def wait_hand_over(src: VmProc, t0: float) -> MigrationResult:
+    """The old VMM's view of the hand-over, once it ended."""
 
     def finished() -> dict[str, Any] | None:
         info: dict[str, Any] = src.qmp.execute("query-migrate")
         return info if info.get("status") in ("completed", "failed", "cancelled") else None
 
     info = src.deadline.wait("the hand-over to finish", finished, timeout=MIGRATION_TIMEOUT, interval=0.01)
-    wall = time.monotonic() - issued["t0"]
-    if dst is not None and info["status"] == "completed" and wait_running:
+    return MigrationResult(status=info["status"], info=info, wall_s=time.monotonic() - t0,
+                           events=list(src.qmp.events))
+
+
+def hand_over(lab: Lab, src: VmProc, spec: VmSpec, *, events: bool = True,
+              wait_running: bool = True) -> tuple[VmProc | None, MigrationResult]:
+    """Start a new VMM from ``spec`` and hand it ``src``'s guest; return it (None if it never
+    served QMP) and the old VMM's view of the migration."""
+    dst, t0 = begin_hand_over(lab, src, spec, events=events)
+    result = wait_hand_over(src, t0)
+    if dst is not None and result.status == "completed" and wait_running:
         wait_status(dst, "running")
-    return dst, MigrationResult(status=info["status"], info=info, wall_s=wall, events=list(src.qmp.events))
+    return dst, result
