@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from rich.console import Console
@@ -24,6 +24,7 @@ from confmig.bench.lab import (
     largest_working_set,
     size_option,
 )
+from confmig.bench.local import hand_over
 from confmig.bench.scenario import (
     MH_TARGET_READY,
     SEV_ES_POLICY,
@@ -53,8 +54,9 @@ class DemoOptions:
     max_bandwidth: int = 100 << 30
     channels: int = 1
     mode: str = "plain"
-    """``plain`` (an ordinary guest), ``psp`` (an SEV guest, pages re-encrypted by the PSP) or
-    ``mh`` (an SEV guest, pages sealed by its own Migration Handler)."""
+    """``plain`` (an ordinary guest), ``psp`` (an SEV guest, pages re-encrypted by the PSP),
+    ``mh`` (an SEV guest, pages sealed by its own Migration Handler) or ``local`` (an SEV guest
+    handed to a new VMM process on the same host: ``cpr-transfer``, nothing of its RAM copied)."""
     mh_vcpus: int = 1
     """With ``mh``: the guest's Migration Handler vCPUs."""
     sev_es: bool = False
@@ -70,10 +72,13 @@ class DemoOptions:
     def check(self) -> int:
         """Refuse, before anything starts and saying what to change, options the demo could
         not run with; return the guest's RAM size in bytes."""
-        if self.sev_es and self.mode != "psp":
-            raise ConfigError("--sev-es needs --mode psp (an SEV-ES guest is an SEV guest)")
+        if self.sev_es and self.mode not in ("psp", "mh", "local"):
+            raise ConfigError("--sev-es needs --mode psp, mh or local (an SEV-ES guest is an SEV guest)")
         if not 1 <= self.channels <= MAX_MULTIFD_CHANNELS:
             raise ConfigError(f"--channels {self.channels}: 1 to {MAX_MULTIFD_CHANNELS}")
+        if self.mode == "local" and self.channels > 1:
+            raise ConfigError("--channels: --mode local sends no page at all (the new VMM maps the "
+                              "guest's RAM); leave --channels at 1")
         if self.mode in ("psp", "mh") and self.channels > 1:
             raise ConfigError(f"--channels: the {self.mode.upper()} path sends every page on the main "
                               f"channel (multifd is for plain guests); leave --channels at 1 with --mode "
@@ -101,8 +106,10 @@ class DemoOptions:
                 raise ConfigError(f"--wss {self.wss} does not fit a guest with --ram {self.ram}: use --wss "
                                   f"{size_option(most)} or less (or --wss all), or a larger --ram")
         check_vm(self.ram, self.guest_arg())
-        # The target preallocates all its RAM; the source writes its working set.
-        check_host_memory(ram_size + touched, f"--ram {self.ram}" + (f" --wss {self.wss}" if touched else ""))
+        # The target preallocates all its RAM (a local one shares the source's); the source
+        # writes its working set.
+        check_host_memory((0 if self.mode == "local" else ram_size) + touched,
+                          f"--ram {self.ram}" + (f" --wss {self.wss}" if touched else ""))
         return ram_size
 
 
@@ -119,7 +126,8 @@ def _pair(lab: Lab, opts: DemoOptions, audit: Callable[[Mapping[str, object]], N
         # Both launches are attested by the owner, who gives both the same transport key;
         # the target then runs only its Migration Handler (no -incoming: it boots first).
         source, target = mh_guest_args(lab, opts.mh_vcpus, audit=audit,
-                                       secrets=((DISK_PASSPHRASE_GUID, os.urandom(32)),))
+                                       secrets=((DISK_PASSPHRASE_GUID, os.urandom(32)),),
+                                       policy=SEV_ES_POLICY if opts.sev_es else SEV_POLICY)
         src_extra += source
         dst_extra += target
         incoming = None
@@ -144,6 +152,8 @@ def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
     halts or faults, or a step that outlives its bound, raises instead (a ConfmigError)."""
     total = opts.check()
     console = Console(stderr=as_json, quiet=False)
+    if opts.mode == "local":
+        return _run_local(opts, console, as_json=as_json)
     confidential = opts.mode in ("psp", "mh")
     with Lab(keep=opts.keep, deadline=Deadline(opts.timeout)) as lab:
         settings = MigrationSettings(downtime_limit_ms=opts.downtime_limit,
@@ -157,7 +167,8 @@ def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
             console.print("guest owner (in this process) attested the source's launch: "
                           + ", ".join(str(v["event"]) for v in verdicts))
         kind = {"psp": f"{'SEV-ES' if opts.sev_es else 'SEV'} guest (PSP migration)",
-                "mh": f"SEV guest (Migration Handler migration, {opts.mh_vcpus} MH vCPU)",
+                "mh": f"{'SEV-ES' if opts.sev_es else 'SEV'} guest (Migration Handler migration, "
+                      f"{opts.mh_vcpus} MH vCPU)",
                 }.get(opts.mode, "guest")
         waiting = ("running only its Migration Handler" if opts.mode == "mh" else "waiting (-incoming defer)")
         console.print(f"source {kind} on hostA ({opts.ram}, workload: {opts.guest_arg()}); "
@@ -198,6 +209,50 @@ def run_demo(opts: DemoOptions, *, as_json: bool = False) -> bool:
     return ok
 
 
+def _run_local(opts: DemoOptions, console: Console, *, as_json: bool) -> bool:
+    """``--mode local``: one host, an attested SEV (or SEV-ES) guest running under one VMM
+    process; a new VMM process (think: an upgraded QEMU) takes it over (cpr-transfer)."""
+    with Lab(keep=opts.keep, deadline=Deadline(opts.timeout)) as lab:
+        console.print(f"[bold]confmig demo --mode local[/]: one emulated host in {lab.root}")
+        host = lab.host("hostA")
+        verdicts: list[Mapping[str, object]] = []
+        policy = SEV_ES_POLICY if opts.sev_es else SEV_POLICY
+        owner = lab.owner(firmware=lab.bios, policy=policy, audit=verdicts.append,
+                          secrets=[(DISK_PASSPHRASE_GUID, os.urandom(32))])
+        extra = (*sev_args(policy, owner=owner.url), *(lab.kv_device("old") if opts.guest == "kv" else ()))
+        spec = VmSpec(name="old", host=host, ram=opts.ram, guest=opts.guest_arg(), extra=extra)
+        old = lab.start_vms(spec)[0]
+        kind = "SEV-ES" if opts.sev_es else "SEV"
+        console.print(f"{kind} guest on hostA under VMM process {old.proc.pid} ({opts.ram}, workload: "
+                      f"{opts.guest_arg()}); the owner attested its launch: "
+                      + ", ".join(str(v["event"]) for v in verdicts))
+        with console.status("booting the guest" + (" and filling its working set..." if opts.guest == "dirty"
+                                                   else "...")):
+            ready = WORKING_SET_WRITTEN if opts.guest == "dirty" else WORKLOAD_STARTED[opts.guest]
+            old.wait_console(ready, timeout=GUEST_READY_TIMEOUT)
+        new_extra = (*sev_args(policy, owner=owner.url),
+                     *(lab.kv_device("new") if opts.guest == "kv" else ()))
+        with console.status("starting a new VMM process and handing the guest over (cpr-transfer)..."):
+            new, result = hand_over(lab, old, replace(spec, name="new", extra=new_extra))
+        old.check_alive()
+        verdict = ""
+        if result.status == "completed" and new is not None:
+            console.print(f"the guest now runs under VMM process {new.proc.pid}; the old one is "
+                          f"{old.qmp.execute('query-status')['status']}")
+            with console.status("in-guest self-check under the new VMM..."):
+                verdict = new.selfcheck()
+        ok = result.status == "completed" and "PASS" in verdict
+        summary = _summary(result.info, result.wall_s, verdict, opts)
+        if not ok:
+            summary["console-tail"] = (new if new is not None and result.status == "completed"
+                                       else old).console_tail()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print(console, summary)
+    return ok
+
+
 def _summary(info: dict[str, Any], wall_s: float, verdict: str, opts: DemoOptions) -> dict[str, Any]:
     ram = info.get("ram", {})
     total_ms = info.get("total-time", 0)
@@ -216,13 +271,16 @@ def _summary(info: dict[str, Any], wall_s: float, verdict: str, opts: DemoOption
         "pages": {"normal": ram.get("normal"), "zero": ram.get("duplicate")},
         "downtime-breakdown-ms": extra.get("downtime-breakdown-ms"),
         "confidential": extra.get("confidential"),
+        # every byte the source wrote: the stream, and a local migration's cpr channel
+        "bytes-sent": ram.get("transferred", 0) + (extra.get("confidential") or {}).get("cpr-bytes", 0),
         "selfcheck": verdict or None,
         "wall-s": round(wall_s, 3),
     }
 
 
 def _print(console: Console, s: dict[str, Any]) -> None:
-    t = Table(title="live migration", show_header=False)
+    local = s["options"]["mode"] == "local"
+    t = Table(title="intra-host hand-over (cpr-transfer)" if local else "live migration", show_header=False)
     t.add_column("metric", style="bold")
     t.add_column("value")
     rows = [
@@ -243,6 +301,10 @@ def _print(console: Console, s: dict[str, Any]) -> None:
         if c["backend"] == "mh":
             detail = (f"{c['mh-commands']} MH commands, {c['batches']} batches, "
                       f"{c['zero-pages-elided']} zero pages elided, {c['mh-vcpus']} MH vCPUs")
+        elif c["backend"] == "local":
+            detail = (f"{c['psp-commands']} PSP commands; RAM by file descriptor: {c['fds-passed']} fds, "
+                      f"{c['cpr-bytes']} bytes on the cpr channel")
+            rows.append(("bytes sent (stream + cpr)", f"{s['bytes-sent']} bytes"))
         else:
             detail = f"{c['psp-commands']} PSP commands"
         rows.append((f"confidential ({c['backend']})",

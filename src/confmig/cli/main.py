@@ -158,11 +158,14 @@ def firmware() -> None:
 @click.option("--downtime-limit", default=300, show_default=True, help="Milliseconds.")
 @click.option("--max-bandwidth", default=100 << 30, show_default=True, help="Bytes per second.")
 @click.option("--channels", default=1, show_default=True, help="1 = main channel; >1 = multifd.")
-@click.option("--mode", default="plain", show_default=True, type=click.Choice(["plain", "psp", "mh"]),
+@click.option("--mode", default="plain", show_default=True,
+              type=click.Choice(["plain", "psp", "mh", "local"]),
               help="plain: an ordinary guest; psp: an SEV guest, its private pages re-encrypted by the "
-                   "PSP; mh: an SEV guest, its private pages sealed by its own Migration Handler.")
+                   "PSP; mh: an SEV guest, its private pages sealed by its own Migration Handler; "
+                   "local: an SEV guest handed to a new VMM process on the same host (cpr-transfer: "
+                   "its RAM by file descriptor, its context moved by KVM, no page copied).")
 @click.option("--mh-vcpus", default=1, show_default=True, help="With --mode mh: Migration Handler vCPUs.")
-@click.option("--sev-es", is_flag=True, help="With --mode psp: an SEV-ES guest.")
+@click.option("--sev-es", is_flag=True, help="With --mode psp, mh or local: an SEV-ES guest.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--keep", is_flag=True, help="Keep the lab directory (logs, consoles).")
 @click.option("--timeout", default=DEMO_TIMEOUT, show_default=True, type=_TIMEOUT,

@@ -34,6 +34,7 @@ def test_a_working_set_larger_than_the_guest_can_hold_names_the_largest_that_fit
     (DemoOptions(sev_es=True), r"--sev-es needs --mode psp"),
     (DemoOptions(channels=0), r"--channels 0: 1 to 255"),
     (DemoOptions(mode="psp", channels=2), r"the PSP path sends every page on the main channel"),
+    (DemoOptions(mode="local", channels=2), r"--mode local sends no page at all"),
     (DemoOptions(downtime_limit=-5), r"--downtime-limit -5: 0 to 2000000 ms"),
     (DemoOptions(max_bandwidth=0), r"--max-bandwidth 0: at least 1 byte/s"),
     (DemoOptions(timeout=0), r"--timeout 0: a positive number of seconds"),
@@ -41,6 +42,11 @@ def test_a_working_set_larger_than_the_guest_can_hold_names_the_largest_that_fit
 def test_options_the_demo_cannot_run_with_are_refused(options: DemoOptions, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         options.check()
+
+
+@pytest.mark.parametrize("mode", ["psp", "mh", "local"])
+def test_an_sev_es_guest_demos_every_confidential_mode(mode: str) -> None:
+    assert DemoOptions(ram="256M", wss="64M", mode=mode, sev_es=True).check() == 256 * MiB
 
 
 def test_guests_larger_than_this_machine_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
