@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow bench bench-psp bench-mh lint clean
+.PHONY: demo test test-slow bench bench-psp bench-mh bench-local lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-psp: $(VENV)/.bench
 
 bench-mh: $(VENV)/.bench
 	$(BIN)/confmig bench --suite mh --save benchmarks/
+
+bench-local: $(VENV)/.bench
+	$(BIN)/confmig bench --suite local --save benchmarks/
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

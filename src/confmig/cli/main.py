@@ -203,11 +203,12 @@ def analyze(path: str, as_json: bool) -> None:
 @click.option("--quick", is_flag=True, help="Smaller sizes, fewer repetitions (a smoke run); with --suite "
                                              "mh: small dirty-rate and evacuation guests, one rate.")
 @click.option("--suite", default="plain", show_default=True,
-              type=click.Choice(["plain", "psp", "mh", "demo"]),
+              type=click.Choice(["plain", "psp", "mh", "demo", "local"]),
               help="plain: plain migration against this machine's limits; psp: plain vs PSP migration; "
                    "mh: plain vs PSP vs Migration Handler (1, 2, 4 MH vCPUs), then a guest dirtying 1, 5 "
                    "and 10% of its pages/s and a host evacuated of four SEV guests; demo: the default "
-                   "demo's wall time.")
+                   "demo's wall time; local: intra-host hand-over (cpr-transfer) of 1, 4 and 8 GiB SEV "
+                   "and SEV-ES guests, downtime and bytes sent.")
 @click.option("--ram", default="1G", show_default=True,
               help="With --suite psp or mh: the random guest's RAM.")
 @click.option("--timeout", default=BENCH_TIMEOUT, show_default=True, type=_TIMEOUT,
@@ -222,6 +223,10 @@ def bench(save: str | None, quick: bool, suite: str, ram: str, timeout: float) -
             from confmig.bench.confidential import run_psp_benchmark
 
             run_psp_benchmark(save_dir=save, ram=ram, mh=suite == "mh", quick=quick, deadline=deadline)
+        elif suite == "local":
+            from confmig.bench.local_suite import run_local_benchmark
+
+            run_local_benchmark(save_dir=save, quick=quick, deadline=deadline)
         elif suite == "demo":
             from confmig.bench.demo_time import run_demo_benchmark
 
