@@ -77,3 +77,15 @@ def test_bad_sev_guest_objects(obj: str, message: str) -> None:
 def test_confidential_guest_support_needs_its_object() -> None:
     with pytest.raises(ConfigError, match="no object"):
         parse([*HOST, "-machine", "confidential-guest-support=sev9"])
+
+
+CPR = '{"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": "/run/cpr.sock"}}'
+
+
+def test_a_second_incoming_is_qemus_cpr_channel() -> None:
+    c = parse(["--host", "h", "-incoming", "unix:/run/main.sock", "-incoming", CPR])
+    assert (c.incoming, c.cpr_incoming) == ("unix:/run/main.sock", "unix:/run/cpr.sock")
+    with pytest.raises(ConfigError, match="a cpr channel needs a main channel too"):
+        parse(["--host", "h", "-incoming", CPR])
+    with pytest.raises(ConfigError, match="a second main channel"):
+        parse(["--host", "h", "-incoming", "defer", "-incoming", "unix:/x"])
