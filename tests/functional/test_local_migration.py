@@ -188,3 +188,19 @@ def test_plain_and_sev_guests_are_handed_over_too(lab: Lab, host: HostProc, kind
         new.qmp.execute("start-migration-handler")
         assert new.qmp.execute("x-query-migration-handler")["started"] is True
     assert "PASS" in new.selfcheck()
+
+
+def test_the_demo_hands_an_sev_es_guest_to_a_new_vmm() -> None:
+    """``confmig demo --mode local --sev-es``: the command a user runs first."""
+    import json
+    import subprocess
+
+    from confmig.bench.lab import confmig_argv
+
+    out = subprocess.run(confmig_argv("demo", "--mode", "local", "--sev-es", "--ram", "128M", "--wss", "8M",
+                                      "--json"), capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout)
+    assert s["status"] == "completed" and s["selfcheck"].startswith("confmig-selfcheck: PASS")
+    assert s["confidential"]["backend"] == "local" and s["pages"] == {"normal": 0, "zero": 0}
+    assert 0 < s["bytes-sent"] < 1 << 20 and s["downtime-ms"] is not None
