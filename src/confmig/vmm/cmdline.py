@@ -368,6 +368,10 @@ def parse(argv: list[str]) -> MachineConfig:
             raise ConfigError("-incoming: a cpr channel needs a main channel too (a second -incoming)")
         if not str(kw["cpr_incoming"]).startswith("unix:"):
             raise ConfigError("-incoming: the cpr channel must be a unix socket")
+        if kw["incoming"] == "defer":
+            # The old VMM connects the main channel as soon as we hang up the cpr channel.
+            raise ConfigError("-incoming defer with a cpr channel is not supported: give the main "
+                              "channel's address on the command line")
     cgs = kw.get("confidential_guest_support")
     if cgs is not None:
         obj = objects.get(str(cgs))

@@ -87,5 +87,7 @@ def test_a_second_incoming_is_qemus_cpr_channel() -> None:
     assert (c.incoming, c.cpr_incoming) == ("unix:/run/main.sock", "unix:/run/cpr.sock")
     with pytest.raises(ConfigError, match="a cpr channel needs a main channel too"):
         parse(["--host", "h", "-incoming", CPR])
+    with pytest.raises(ConfigError, match="-incoming defer with a cpr channel is not supported"):
+        parse(["--host", "h", "-incoming", "defer", "-incoming", CPR])
     with pytest.raises(ConfigError, match="a second main channel"):
         parse(["--host", "h", "-incoming", "defer", "-incoming", "unix:/x"])
