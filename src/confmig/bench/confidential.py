@@ -2,7 +2,8 @@
 one, on the same guest, in one run.
 
 The same workload (1 GiB, every page random, same seed) runs as a plain guest
-and as an SEV guest; each is live-migrated between the same two hosts. The PSP
+and as an SEV guest; each is live-migrated between the same two hosts. The MH
+suite (not ``--quick``) repeats it with a 4 GiB guest. The PSP
 path re-encrypts every private page with one SEND_UPDATE_DATA on the source and
 one RECEIVE_UPDATE_DATA on the target, each a command through KVM to the PSP:
 what it costs here is what its structure costs (no PSP cost model is
@@ -37,17 +38,20 @@ from confmig.common.units import GiB, parse_size
 
 GUEST = RANDOM_GUEST
 MH_VCPUS = (1, 2, 4)
+LARGE_RAM = "4G"
+"""The MH suite's second random guest (issue 11: 1 GiB and 4 GiB)."""
 
 
 def _one(kind: str, ram: str, log: Any, deadline: Deadline) -> dict[str, Any]:
+    timeout = GUEST_TIMEOUT * max(1.0, parse_size(ram) / GiB)  # filling and checking scale with RAM
     with Lab(deadline=deadline) as lab:
         hosts = lab.start_hosts("hostA", "hostB")
         (src,), targets = start_sources(lab, kind, hosts, ram, GUEST, ["src"])
         log(f"{kind}: writing random contents into all {ram} of guest RAM ...")
-        src.wait_console(WORKING_SET_WRITTEN, timeout=GUEST_TIMEOUT)
+        src.wait_console(WORKING_SET_WRITTEN, timeout=timeout)
         (dst,) = targets or start_targets(lab, kind, hosts[1], ram, GUEST, ["src"])
         result = migrate(src, dst, settings=settings_for(kind, lab))
-        verdict = dst.selfcheck(timeout=GUEST_TIMEOUT) if result.status == "completed" else ""
+        verdict = dst.selfcheck(timeout=timeout) if result.status == "completed" else ""
     info = result.info
     total_ms = max(int(info.get("total-time", 0)), 1)
     conf = info.get("x-confmig", {}).get("confidential") or {}
@@ -77,8 +81,11 @@ def run_psp_benchmark(*, save_dir: str | None, ram: str = "1G", mh: bool = False
     """``mh``: also the Migration Handler with 1, 2 and 4 MH vCPUs (``--suite mh``), then the
     dirty-rate and evacuation scenarios (small ones with ``quick``). ``ram``: the random guest's."""
     scenarios = mh_suite.QUICK if quick else mh_suite.FULL
+    large = mh and not quick
     config = check_vm(ram, GUEST, tuple(sev_args()))
     need = 2 * config.ram_size  # the target preallocates, the source fills
+    if large:
+        need = max(need, 2 * check_vm(LARGE_RAM, GUEST, tuple(sev_args())).ram_size)
     if mh:  # refuse options a later scenario could not run with before the first starts
         dirty = check_vm(scenarios.dirty_ram, scenarios.dirty_guest(1), tuple(sev_args()))
         evac = check_vm(scenarios.evac_ram, scenarios.evac_guest(), tuple(sev_args()))
@@ -87,25 +94,17 @@ def run_psp_benchmark(*, save_dir: str | None, ram: str = "1G", mh: bool = False
     console = Console(width=max(Console().width, 130))
     t0 = time.time()
     kinds = ["plain", "psp", *(f"mh-{n}" for n in (MH_VCPUS if mh else ()))]
-    rows = [_one(kind, ram, console.print, deadline) for kind in kinds]
-    by_kind = {r["kind"]: r for r in rows}
-
-    def ratio(kind: str, base: str) -> float:
-        return by_kind[kind]["guest_MBps"] / by_kind[base]["guest_MBps"] if by_kind[base]["guest_MBps"] else 0
-
     report: dict[str, Any] = {
         "suite": "mh" if mh else "psp",
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)),
         "machine": machine_info(),
         "quick": quick,
-        "ram_gib": parse_size(ram) / GiB,
         "guest": GUEST,
         "psp_cost_model": "none (the structural cost: one command per page through KVM to the PSP)",
-        "runs": rows,
-        "psp_over_plain_throughput": ratio("psp", "plain"),
-        "ratios": {r["kind"]: {"over_plain": ratio(r["kind"], "plain"), "over_psp": ratio(r["kind"], "psp")}
-                   for r in rows if r["kind"].startswith("mh-")},
+        **_random_guest(kinds, ram, console.print, deadline),
     }
+    if large:
+        report["large"] = _random_guest(kinds, LARGE_RAM, console.print, deadline)
     if mh:
         report["scenarios"] = _scenario_sizes(scenarios)
         report["dirty"] = mh_suite.dirty_rates(scenarios, console.print, deadline)
@@ -118,6 +117,28 @@ def run_psp_benchmark(*, save_dir: str | None, ram: str = "1G", mh: bool = False
     return report
 
 
+def _random_guest(kinds: list[str], ram: str, log: Any, deadline: Deadline) -> dict[str, Any]:
+    """Section 1 for one guest size: each path migrating the random guest once, and the ratios."""
+    rows = [_one(kind, ram, log, deadline) for kind in kinds]
+    by_kind = {r["kind"]: r for r in rows}
+
+    def ratio(kind: str, base: str) -> float:
+        return by_kind[kind]["guest_MBps"] / by_kind[base]["guest_MBps"] if by_kind[base]["guest_MBps"] else 0
+
+    return {
+        "ram_gib": parse_size(ram) / GiB,
+        "runs": rows,
+        "psp_over_plain_throughput": ratio("psp", "plain"),
+        "ratios": {r["kind"]: {"over_plain": ratio(r["kind"], "plain"), "over_psp": ratio(r["kind"], "psp")}
+                   for r in rows if r["kind"].startswith("mh-")},
+    }
+
+
+def _random_sections(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The random-guest sections of a report: its own (1 GiB), then the large one if it ran."""
+    return [report, *([report["large"]] if "large" in report else [])]
+
+
 def _scenario_sizes(sc: MhScenarios) -> dict[str, Any]:
     return {"quick": sc.quick, "dirty_ram": sc.dirty_ram, "rates_pct": list(sc.rates_pct),
             "dirty_kinds": list(sc.dirty_kinds), "dirty_limit_s": sc.dirty_limit_s,
@@ -128,27 +149,30 @@ def _scenario_sizes(sc: MhScenarios) -> dict[str, Any]:
 def _bars(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Every bar of the run, each judged on numbers of this run."""
     bars: list[dict[str, Any]] = []
-    for kind, q in report["ratios"].items():
-        bars.append({"bar": f"{kind} / plain, guest MB/s ({report['ram_gib']:g} GiB random guest)",
-                     "value": round(q["over_plain"], 3), "target": ">= 0.5", "met": q["over_plain"] >= 0.5})
-        bars.append({"bar": f"{kind} / PSP, guest MB/s ({report['ram_gib']:g} GiB random guest)",
-                     "value": round(q["over_psp"], 1), "target": ">= 5", "met": q["over_psp"] >= 5})
+    for section in _random_sections(report):
+        for kind, q in section["ratios"].items():
+            gib = f"{section['ram_gib']:g} GiB random guest"
+            bars.append({"bar": f"{kind} / plain, guest MB/s ({gib})", "value": round(q["over_plain"], 3),
+                         "target": ">= 0.5", "met": q["over_plain"] >= 0.5})
+            bars.append({"bar": f"{kind} / PSP, guest MB/s ({gib})", "value": round(q["over_psp"], 1),
+                         "target": ">= 5", "met": q["over_psp"] >= 5})
     if "dirty" in report:
         bars += mh_suite.downtime_bars(report["dirty"])
     return bars
 
 
 def _print(console: Console, report: dict[str, Any]) -> None:
-    t = Table(title=f"confidential migration paths, {report['ram_gib']:g} GiB random guest")
-    for col in ("path", "status", "total ms", "downtime ms", "guest MB/s", "private pages",
-                "shared pages", "fw cmds", "fw cmds/s", "self-check"):
-        t.add_column(col)
-    for r in report["runs"]:
-        t.add_row(r["kind"], r["status"], str(r["total_ms"]), str(r["downtime_ms"]),
-                  f"{r['guest_MBps']:.0f}", str(r["private_pages"]), str(r["shared_pages"]),
-                  str(r["commands"]), f"{r['commands_per_s']:.0f}", r["selfcheck"][:40])
-    console.print(t)
-    console.print(f"PSP / plain throughput: {report['psp_over_plain_throughput']:.3f}")
+    for section in _random_sections(report):
+        t = Table(title=f"confidential migration paths, {section['ram_gib']:g} GiB random guest")
+        for col in ("path", "status", "total ms", "downtime ms", "guest MB/s", "private pages",
+                    "shared pages", "fw cmds", "fw cmds/s", "self-check"):
+            t.add_column(col)
+        for r in section["runs"]:
+            t.add_row(r["kind"], r["status"], str(r["total_ms"]), str(r["downtime_ms"]),
+                      f"{r['guest_MBps']:.0f}", str(r["private_pages"]), str(r["shared_pages"]),
+                      str(r["commands"]), f"{r['commands_per_s']:.0f}", r["selfcheck"][:40])
+        console.print(t)
+        console.print(f"PSP / plain throughput: {section['psp_over_plain_throughput']:.3f}")
     mh_suite.print_tables(console, report.get("dirty"), report.get("evacuation"))
     if report["bars"]:
         b = Table(title="bars (measured in this run)")
@@ -171,30 +195,12 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
              f"Whole run: {report['duration_s'] / 60:.1f} min, every number below from it."
              + (" **Quick run**: small guests (`--quick`), not the sizes the bars are about."
                 if report["quick"] and mh else ""), ""]
-    if mh:
-        lines += [f"## 1. Random guest: {report['ram_gib']:g} GiB, every page random", ""]
-    lines += [f"Guest: {report['ram_gib']:g} GiB, `{report['guest']}` (every page written once with random "
-              "contents, then idle), migrated once by each path with the default settings.", "",
-              "| path | status | total ms | downtime ms | guest MB/s | private pages | shared pages "
-              "| firmware commands | commands/s | target self-check |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["runs"]:
-        lines.append(f"| {r['kind']} | {r['status']} | {r['total_ms']} | {r['downtime_ms']} | "
-                     f"{r['guest_MBps']:.0f} | {r['private_pages']} | {r['shared_pages']} | "
-                     f"{r['commands']} | {r['commands_per_s']:.0f} | `{r['selfcheck']}` |")
-    lines += ["", f"PSP / plain throughput (same run): **{report['psp_over_plain_throughput']:.3f}**."]
-    if report["ratios"]:
-        lines += ["", "| Migration Handler | / plain (bar >= 0.5) | met | / PSP (bar >= 5) | met |",
-                  "|---|---|---|---|---|"]
-        for kind, q in report["ratios"].items():
-            lines.append(f"| {kind} | {q['over_plain']:.3f} | {'yes' if q['over_plain'] >= 0.5 else 'NO'} "
-                         f"| {q['over_psp']:.1f} | {'yes' if q['over_psp'] >= 5 else 'NO'} |")
-    lines += ["", "Firmware commands are counted on the source: PSP commands (SEND_*; the target issues "
-              "as many RECEIVE_*), or Migration Handler mailbox commands (one per batch of up to 128 "
-              "pages; the target issues as many).",
-              ""]
     charts = charts_of(name, report)
-    lines.append(charts["paths"].link)
+    for number, section in zip(("1", "1b"), _random_sections(report), strict=False):
+        if mh:
+            lines += [f"## {number}. Random guest: {section['ram_gib']:g} GiB, every page random", ""]
+        lines += _random_markdown(report["guest"], section)
+        lines.append(charts["paths" if number == "1" else "large"].link)
     if "dirty" in report:
         rates = " and ".join(", ".join(f"{p}%" for p in report["dirty"]["rates_pct"]).rsplit(", ", 1))
         lines += ["", f"## 2. Dirty guest: {rates} of its pages rewritten per second", "",
@@ -215,20 +221,51 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
     (directory / f"{report['suite']}-latest.md").write_text("\n".join(lines) + "\n")
 
 
-def charts_of(name: str, report: dict[str, Any]) -> dict[str, Chart]:
-    """The report's charts by section, from its JSON alone: ``paths`` (``{name}.png``), each
-    path's guest RAM throughput and downtime; with the MH suite's scenarios, ``dirty`` and
-    ``evacuation`` (``{name}-dirty.png``, ``{name}-evacuation.png``)."""
-    runs = report["runs"]
+def _random_markdown(guest: str, section: dict[str, Any]) -> list[str]:
+    lines = [f"Guest: {section['ram_gib']:g} GiB, `{guest}` (every page written once with random "
+             "contents, then idle), migrated once by each path with the default settings.", "",
+             "| path | status | total ms | downtime ms | guest MB/s | private pages | shared pages "
+             "| firmware commands | commands/s | target self-check |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in section["runs"]:
+        lines.append(f"| {r['kind']} | {r['status']} | {r['total_ms']} | {r['downtime_ms']} | "
+                     f"{r['guest_MBps']:.0f} | {r['private_pages']} | {r['shared_pages']} | "
+                     f"{r['commands']} | {r['commands_per_s']:.0f} | `{r['selfcheck']}` |")
+    lines += ["", f"PSP / plain throughput (same run): **{section['psp_over_plain_throughput']:.3f}**."]
+    if section["ratios"]:
+        lines += ["", "| Migration Handler | / plain (bar >= 0.5) | met | / PSP (bar >= 5) | met |",
+                  "|---|---|---|---|---|"]
+        for kind, q in section["ratios"].items():
+            lines.append(f"| {kind} | {q['over_plain']:.3f} | {'yes' if q['over_plain'] >= 0.5 else 'NO'} "
+                         f"| {q['over_psp']:.1f} | {'yes' if q['over_psp'] >= 5 else 'NO'} |")
+    return [*lines, "", "Firmware commands are counted on the source: PSP commands (SEND_*; the target "
+            "issues as many RECEIVE_*), or Migration Handler mailbox commands (one per batch of up to "
+            "128 pages; the target issues as many).", ""]
+
+
+def _paths_chart(file: str, section: dict[str, Any], alt: str) -> Chart:
+    runs = section["runs"]
     throughput = tuple(Bar(label=r["kind"], value=r["guest_MBps"], text=f"{r['guest_MBps']:.0f} MB/s")
                        for r in runs)
     downtime = tuple(Bar(label=r["kind"], value=float(r["downtime_ms"]), text=f"{r['downtime_ms']} ms")
                      if r["status"] == "completed" and r["downtime_ms"] is not None
                      else Bar(label=r["kind"], value=0.0, text=r["status"], color=GREY) for r in runs)
-    charts = {"paths": Chart(file=f"{name}.png", alt="guest RAM throughput and downtime of each path",
-                             title=f"{report['ram_gib']:g} GiB random guest, each path migrating it once",
-                             panels=(BarPanel(title="guest RAM throughput (MB/s)", bars=throughput),
-                                     BarPanel(title="downtime (ms)", bars=downtime)))}
+    return Chart(file=file, alt=alt,
+                 title=f"{section['ram_gib']:g} GiB random guest, each path migrating it once",
+                 panels=(BarPanel(title="guest RAM throughput (MB/s)", bars=throughput),
+                         BarPanel(title="downtime (ms)", bars=downtime)))
+
+
+def charts_of(name: str, report: dict[str, Any]) -> dict[str, Chart]:
+    """The report's charts by section, from its JSON alone: ``paths`` (``{name}.png``), each
+    path's guest RAM throughput and downtime; with the MH suite's scenarios, ``dirty`` and
+    ``evacuation`` (``{name}-dirty.png``, ``{name}-evacuation.png``); with the large random
+    guest, ``large`` (``{name}-large.png``)."""
+    alt = "guest RAM throughput and downtime of each path"
+    charts = {"paths": _paths_chart(f"{name}.png", report, alt)}
+    if "large" in report:
+        large = report["large"]
+        charts["large"] = _paths_chart(f"{name}-large.png", large, f"{alt}, {large['ram_gib']:g} GiB guest")
     if "dirty" in report:
         charts["dirty"] = mh_suite.dirty_chart(report["dirty"], name)
     if "evacuation" in report:

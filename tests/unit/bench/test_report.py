@@ -3,6 +3,7 @@ old charts pointing at them, nothing else in it changed, the replaced SVGs gone.
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 from pathlib import Path
@@ -104,3 +105,24 @@ def test_a_json_that_is_no_report_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfmigError, match="not a saved benchmark report"):
         report.redraw(tmp_path / "x.json")
     assert report.main([]) == 2
+
+
+def test_a_report_with_the_4_gib_guest_gets_its_own_section_chart_and_bars(tmp_path: Path) -> None:
+    large = {"ram_gib": 4.0, "runs": [_run("plain", 1900.0, 4), _run("psp", 29.0, 7), _run("mh-1", 220.0, 6)],
+             "psp_over_plain_throughput": 29.0 / 1900.0,
+             "ratios": {"mh-1": {"over_plain": 220.0 / 1900.0, "over_psp": 220.0 / 29.0}}}
+    full = {**copy.deepcopy(MH_REPORT), "quick": False, "date": "d", "machine": {}, "duration_s": 60.0,
+            "guest": "g", "psp_over_plain_throughput": 0.015, "large": large,
+            "ratios": {"mh-1": {"over_plain": 0.11, "over_psp": 7.3}}}
+    for r in full["runs"]:
+        r.update(total_ms=1, private_pages=0, shared_pages=0, commands=0, commands_per_s=0.0, selfcheck="")
+    for r in large["runs"]:
+        r.update(total_ms=1, private_pages=0, shared_pages=0, commands=0, commands_per_s=0.0, selfcheck="")
+    del full["dirty"], full["evacuation"]
+    full["bars"] = confidential._bars(full)
+    confidential._save(tmp_path, full)
+    md = next(tmp_path.glob("mh-2*.md")).read_text()
+    assert "## 1. Random guest: 1 GiB" in md and "## 1b. Random guest: 4 GiB" in md
+    assert any(p.name.endswith("-large.png") for p in tmp_path.iterdir())
+    assert [b["bar"] for b in full["bars"] if "4 GiB" in b["bar"]] == [
+        "mh-1 / plain, guest MB/s (4 GiB random guest)", "mh-1 / PSP, guest MB/s (4 GiB random guest)"]
