@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from confmig.common.errors import MigrationError
+from confmig.common.x86 import LOCAL_TIMER_VECTOR
 from confmig.vmm.machine import Machine
 from confmig.vmm.mh import MigrationHandler
 from confmig.vmm.migration.backend import IncomingBackend, OutgoingBackend
@@ -64,7 +65,8 @@ BACKENDS: Final[dict[str, ConfidentialBackend]] = {
     ),
     "mh": ConfidentialBackend(
         check=_check_mh,
-        outgoing=lambda machine, sev, params, out: MhOutgoing(sev, _mh(machine), params, out),
+        outgoing=lambda machine, sev, params, out: MhOutgoing(
+            sev, _mh(machine), params, out, wake_guest=lambda: machine.raise_irq(LOCAL_TIMER_VECTOR)),
         incoming=lambda machine, sev: MhIncoming(sev, _mh(machine)),
     ),
 }

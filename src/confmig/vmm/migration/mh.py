@@ -33,6 +33,7 @@ import logging
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final
 
@@ -60,8 +61,8 @@ LIVE_EPOCH: Final = 0
 FINAL_EPOCH: Final = 1
 """The guest is stopped: the stop-and-copy pages."""
 PARK_TIMEOUT: Final = 10.0
-"""Seconds an SEV-ES guest's vCPUs have to save their state (each does at its next step: a
-sleeping vCPU wakes at its next timer tick)."""
+"""Seconds an SEV-ES guest's vCPUs have to save their state (each does at its next step; the
+VMM wakes sleeping ones with an interrupt)."""
 PARK_POLL: Final = 0.001
 RAM_BLOCK: Final = "pc.ram"
 """The one block whose pages migrate; the firmware's flash is the target's own, measured copy."""
@@ -97,11 +98,13 @@ class MhOutgoing(OutgoingBackend):
                                  "target): the completion record opens on that target only")
 
     def __init__(self, sev: SevGuest, mh: MigrationHandler, params: MigrationParameters,
-                 out: MainChannelSink) -> None:
+                 out: MainChannelSink, *, wake_guest: Callable[[], None] = lambda: None) -> None:
         self.check(params)
         self.sev = sev
         self.mh = mh
         self.out = out
+        self.wake_guest = wake_guest
+        """Interrupt the guest's vCPUs (SEV-ES PARK: a sleeping vCPU saves at its next step)."""
         offer = bytes.fromhex(params.x_mh_target_challenge)
         self.challenge = offer[: mb.CHALLENGE_SIZE]
         """The target MH's own: FINISH seals it, so the completion opens on that target only."""
@@ -160,6 +163,7 @@ class MhOutgoing(OutgoingBackend):
             self._check(answer.ret, "PARK")
             if answer.length == 1:
                 return
+            self.wake_guest()  # a halted vCPU would only look at its next timer tick
             if time.monotonic() >= deadline:
                 raise MhError(f"the guest's vCPUs did not save their state within {PARK_TIMEOUT:.0f} s "
                               "(SEV-ES: a guest still in its firmware cannot migrate through its "
