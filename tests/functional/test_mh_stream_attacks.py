@@ -180,7 +180,8 @@ def test_a_cut_ends_the_stream_inside_the_record() -> None:
 
 # --- the attacks between two MH VMMs -------------------------------------------------------
 
-IMPORT_REFUSED = r"the Migration Handler refused IMPORT of a record of stream \d \(AUTH_ERR\)"
+IMPORT_REFUSED = (r"the Migration Handler refused IMPORT of a record of stream \d \(sequence \d+\) "
+                  r"\(AUTH_ERR\)")
 COMPLETE_REFUSED = r"the Migration Handler refused COMPLETE .*\(AUTH_ERR\)"
 """What the target says (``error-desc``): its MH refused a record, or the completion record."""
 

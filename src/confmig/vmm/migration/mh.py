@@ -435,5 +435,7 @@ class MhIncoming(IncomingBackend):
         data[: len(payload)] = payload
         answer = v.command(cmd, slot=slot, length=len(payload), epoch=epoch)
         if answer.ret != mb.MhReturn.SUCCESS:
-            raise StreamError(_refused(f"{cmd.name} of a record of stream "
-                                       f"{mb.decode_record_header(payload).stream}", answer.ret))
+            header = mb.decode_record_header(payload)
+            what = ("the completion record" if header.stream == mb.COMPLETION_STREAM
+                    else f"a record of stream {header.stream} (sequence {header.seq})")
+            raise StreamError(_refused(f"{cmd.name} of {what}", answer.ret))
