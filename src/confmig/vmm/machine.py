@@ -27,7 +27,7 @@ from confmig.common.x86 import (
 from confmig.kvm.client import Kvm, VcpuFd, VmFd
 from confmig.proto import cpr, ioctl
 from confmig.vmm.cmdline import MachineConfig
-from confmig.vmm.cpr import MovedMigrationHandler, move_enc_context, sev_hooks
+from confmig.vmm.cpr import move_enc_context
 from confmig.vmm.devices import PortIoDevice
 from confmig.vmm.devices.fw_cfg import FwCfg
 from confmig.vmm.devices.kv import KvDevice
@@ -189,10 +189,8 @@ class Machine:
         if config.sev is not None:
             self.sev = SevGuest(config.sev, config.name, self.kvm, self.vm,
                                 kvm_features=config.cpu.kvm_pv_features())
-            if cpr is None:
-                self.sev.init()
-            else:  # the context arrives with the move (take_over), not KVM_SEV_INIT
-                sev_hooks(self.vm)
+            self.sev.init(context=cpr is None)  # else the context arrives with the move (take_over)
+            if cpr is not None:
                 self.sev.handle = cpr.state.sev_handle
         self.serial = Serial(console)
         self.fw_cfg = FwCfg(
@@ -252,8 +250,8 @@ class Machine:
         assert self.firmware is not None
         block = self.firmware.migration_handler()
         assert block is not None
-        return MovedMigrationHandler(self.kvm, self.memory, block, nvcpus, lambda: self._slot_regions(0),
-                                     protected=sev.config.es)
+        return MigrationHandler(self.kvm, None, self.memory, block, nvcpus, lambda: self._slot_regions(0),
+                                protected=sev.config.es)
 
     # --- cpr-transfer -----------------------------------------------------------------
 
@@ -298,14 +296,14 @@ class Machine:
                 raise ConfigError("cpr-transfer: the old VMM sent no VM fd for its SEV guest")
             move_enc_context(self.vm, source)
             log.info("cpr-transfer: SEV context moved here (handle %d)", self.sev.handle)
-            if isinstance(self.mh, MovedMigrationHandler):
+            if self.mh is not None:
                 if mirror is None:
                     log.error("cpr-transfer: no mirror VM fd: the Migration Handler stays behind")
                     self.mh.close()
                     self.mh = None
                     return
                 try:
-                    self.mh.move_from(mirror)
+                    self.mh.move_from(mirror, move_enc_context)
                 except KvmError as exc:  # the guest is ours already: it runs without its MH
                     log.error("cpr-transfer: the mirror VM did not follow: %s", exc)
                     self.mh.close()

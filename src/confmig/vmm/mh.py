@@ -128,10 +128,13 @@ class MhVcpu:
 class MigrationHandler:
     """The mirror VM of one SEV guest and its MH vCPUs."""
 
-    def __init__(self, kvm: Kvm, guest_vm: VmFd, memory: GuestMemory, block: MigrationHandlerBlock,
+    def __init__(self, kvm: Kvm, guest_vm: VmFd | None, memory: GuestMemory, block: MigrationHandlerBlock,
                  nvcpus: int, slot_regions: SlotRegions, *,
-                 launch_vmsas: Callable[[VmFd], None] | None = None) -> None:
-        """``launch_vmsas``: an SEV-ES guest's LAUNCH_UPDATE_VMSA for the mirror, during the
+                 launch_vmsas: Callable[[VmFd], None] | None = None, protected: bool = False) -> None:
+        """The mirror VM copies ``guest_vm``'s context before its vCPUs exist (the kernel's
+        rule); ``guest_vm`` None: the context arrives later, moved from another VMM's mirror
+        (cpr-transfer, :meth:`move_from`), with its VMSAs if ``protected`` (SEV-ES).
+        ``launch_vmsas``: an SEV-ES guest's LAUNCH_UPDATE_VMSA for the mirror, during the
         guest's launch: the MH vCPUs' registers are set to the entry here, then sealed into
         their VMSAs and measured; nobody sets them again (the host cannot)."""
         if nvcpus > mb.max_mh_vcpus(block.mailbox_size):
@@ -142,7 +145,8 @@ class MigrationHandler:
         self.mirror = kvm.create_vm()
         self.vcpus: list[MhVcpu] = []
         try:
-            self.mirror.enable_cap_fd(ioctl.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, guest_vm.fileno())
+            if guest_vm is not None:
+                self.mirror.enable_cap_fd(ioctl.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, guest_vm.fileno())
             for region, fd in slot_regions():
                 self.mirror.set_user_memory_region(region, fd)
             for i in range(nvcpus):
@@ -154,12 +158,17 @@ class MigrationHandler:
         except BaseException:
             self.close()
             raise
-        self.protected = launch_vmsas is not None
+        self.protected = protected or launch_vmsas is not None
         """SEV-ES: the MH vCPUs' registers are in their VMSAs, set at the launch."""
         self._start_lock = threading.Lock()
         self.started = False
         self.sent_away = False
         """The source MH sealed the guest's final state (FINISH): the guest may not run here."""
+
+    def move_from(self, old_mirror_fd: int, move: Callable[[VmFd, int], None]) -> None:
+        """cpr-transfer: the old VMM's mirror's context (SEV-ES: and its vCPUs' VMSAs) into this
+        mirror VM with ``move`` (``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM``); the old mirror is dead."""
+        move(self.mirror, old_mirror_fd)
 
     def _vcpu(self, i: int) -> MhVcpu:
         gpa = mb.mailbox_base(self.block.mailbox_gpa, self.block.mailbox_size, i)

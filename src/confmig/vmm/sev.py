@@ -127,13 +127,17 @@ class SevGuest:
 
     # --- sev_kvm_init -------------------------------------------------------------
 
-    def init(self) -> None:
-        cmd = ksev.KVM_SEV_ES_INIT if self.config.es else ksev.KVM_SEV_INIT
-        try:
-            self.vm.memory_encrypt_op(cmd)
-        except SevCommandError as exc:
-            raise ConfigError(
-                f"sev-guest '{self.config.id}': SEV is not available on this host: {exc}") from None
+    def init(self, *, context: bool = True) -> None:
+        """``KVM_SEV_INIT`` (SEV-ES: ``KVM_SEV_ES_INIT``), then the page-state hypercall's exit
+        and the migration-control MSR's filter. ``context`` False: a VM that takes over another
+        VMM's guest (cpr-transfer), whose context arrives with the move, not from an init."""
+        if context:
+            cmd = ksev.KVM_SEV_ES_INIT if self.config.es else ksev.KVM_SEV_INIT
+            try:
+                self.vm.memory_encrypt_op(cmd)
+            except SevCommandError as exc:
+                raise ConfigError(
+                    f"sev-guest '{self.config.id}': SEV is not available on this host: {exc}") from None
         self.vm.enable_cap(ioctl.KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
         self.vm.set_msr_filter([MSR_KVM_MIGRATION_CONTROL])
         self.vm.enable_cap(ioctl.KVM_CAP_X86_USER_SPACE_MSR, ioctl.KVM_MSR_EXIT_REASON_FILTER)
