@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confmig.bench import chart, confidential, demo_time, perf
+from confmig.bench import chart, confidential, demo_time, local_suite, perf
 from confmig.bench.chart import Chart
 from confmig.common.errors import ConfmigError
 
@@ -48,6 +48,8 @@ def charts_of(name: str, report: dict[str, Any]) -> tuple[Chart, ...]:
         return (demo_time.chart_of(name, report),)
     if "loopback_ceiling_GBps" in report:  # the plain benchmark
         return (perf.chart_of(name, report),)
+    if "handovers_per_guest" in report:  # --suite local
+        return (local_suite.chart_of(name, report),)
     raise ConfmigError(f"{name}.json: not a saved benchmark report that has charts")
 
 

@@ -126,3 +126,9 @@ def test_a_report_with_the_4_gib_guest_gets_its_own_section_chart_and_bars(tmp_p
     assert any(p.name.endswith("-large.png") for p in tmp_path.iterdir())
     assert [b["bar"] for b in full["bars"] if "4 GiB" in b["bar"]] == [
         "mh-1 / plain, guest MB/s (4 GiB random guest)", "mh-1 / PSP, guest MB/s (4 GiB random guest)"]
+
+
+def test_the_local_suites_saved_report_is_redrawn_from_its_json() -> None:
+    saved = Path(__file__).parents[3] / "benchmarks" / "local-20261207-004914.json"
+    (only,) = report.charts_of(saved.stem, json.loads(saved.read_text()))
+    assert only.file == f"{saved.stem}.png"
