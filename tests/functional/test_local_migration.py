@@ -204,3 +204,18 @@ def test_the_demo_hands_an_sev_es_guest_to_a_new_vmm() -> None:
     assert s["status"] == "completed" and s["selfcheck"].startswith("confmig-selfcheck: PASS")
     assert s["confidential"]["backend"] == "local" and s["pages"] == {"normal": 0, "zero": 0}
     assert 0 < s["bytes-sent"] < 1 << 20 and s["downtime-ms"] is not None
+
+
+def test_a_new_vmm_that_does_not_match_the_old_one_is_refused_before_the_move(lab: Lab,
+                                                                                host: HostProc) -> None:
+    """An SEV-ES guest's VMSAs move vCPU by vCPU (the kernel refuses other vCPU counts with
+    EINVAL): a new VMM with another vCPU count refuses the stream before it moves anything,
+    and the old VMM runs the guest on."""
+    old, spec = sev_es_guest(lab, host)
+    new, result = hand_over(lab, old, replace(spec, name="new", extra=(*spec.extra, "-smp", "2")))
+    assert result.status == "failed"
+    assert new is not None
+    assert new.qmp.execute("query-status")["status"] != "running"
+    assert "this VM has 2" in str(new.qmp.execute("query-migrate").get("error-desc"))
+    wait_status(old, "running")
+    assert "PASS" in old.selfcheck()
