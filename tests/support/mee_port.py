@@ -8,7 +8,8 @@ from confmig.platform.psp import SpaOutOfRange
 
 
 class MeePort:
-    """A GuestMemoryPort over the page-granular engine: sub-page accesses read, patch, rewrite."""
+    """A GuestMemoryPort over the real engine that, like ``confmig.hostd.memory.HostMemoryPort``,
+    reads, patches and rewrites the whole pages a sub-page access touches."""
 
     def __init__(self, engine: MemoryEncryptionEngine, size: int) -> None:
         self.raw = bytearray(size)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from confmig.common.svm import SvmExitCode, VmExit
 from confmig.common.units import PAGE_SIZE
@@ -51,7 +52,7 @@ from confmig.platform.cpu.abi import (
     Registers,
     RomRegion,
 )
-from confmig.platform.mee import MemoryEncryptionEngine
+from confmig.platform.mee import BLOCK_SIZE, MemoryEncryptionEngine
 from confmig.platform.psp.vmsa import (
     VMSA_REGISTER_OFFSETS,
     TmrMemory,
@@ -74,9 +75,10 @@ def default_cpuid() -> CpuidTable:
 
 
 
-def _page_span(addr: int, size: int) -> tuple[int, int]:
-    first = addr & ~(PAGE_SIZE - 1)
-    last = (addr + max(size, 1) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+def _block_span(addr: int, size: int) -> tuple[int, int]:
+    """The engine's 16-byte blocks that ``[addr, addr + size)`` touches: (first, length)."""
+    first = addr & ~(BLOCK_SIZE - 1)
+    last = (addr + size + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
     return first, last - first
 
 
@@ -329,27 +331,37 @@ class CpuCore:
     # --- GuestCpu: memory ---------------------------------------------------------
 
     # An access whose address has the C-bit set is *private*: it goes through the
-    # memory-encryption engine under this guest's ASID, with the page's system-physical
-    # address as tweak. Without the C-bit it is shared: plaintext the host can read.
+    # memory-encryption engine under this guest's ASID, each 16-byte block with its own
+    # system-physical address as tweak; only the blocks an access touches are computed.
+    # Without the C-bit it is shared: plaintext the host can read.
 
     def read(self, gpa: int, size: int) -> bytes:
         addr, private = self._decode(gpa)
         self._check_ram(addr, size)
         if not private:
             return self.memory.load(addr, size)
-        first, n = _page_span(addr, size)
+        first, n = _block_span(addr, size)
         plain = self._decrypt(first, n)
         return plain[addr - first : addr - first + size]
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         addr, private = self._decode(gpa)
-        self._check_ram(addr, len(data))
+        size = len(data)
+        self._check_ram(addr, size)
         if not private:
             self.memory.store(addr, data)
             return
-        first, n = _page_span(addr, len(data))
-        plain = bytearray(self._decrypt(first, n))  # read-modify-write of whole pages
-        plain[addr - first : addr - first + len(data)] = data
+        if not size:
+            return
+        first, n = _block_span(addr, size)
+        plain = bytearray(n)
+        # Read-modify-write of the partial blocks at either end only; whole ones are replaced.
+        head, tail = addr != first, (addr + size) % BLOCK_SIZE != 0
+        if head or (tail and n == BLOCK_SIZE):
+            plain[:BLOCK_SIZE] = self._decrypt(first, BLOCK_SIZE)
+        if tail and n > BLOCK_SIZE:
+            plain[-BLOCK_SIZE:] = self._decrypt(first + n - BLOCK_SIZE, BLOCK_SIZE)
+        plain[addr - first : addr - first + size] = data
         self.memory.store(first, self._encrypt(first, plain))
 
     def read_pages(self, gpa: int, npages: int) -> Pages:
@@ -357,8 +369,9 @@ class CpuCore:
         self._check_ram(addr, npages * PAGE_SIZE, aligned=True)
         if not private:
             return self.memory.load_pages(addr, npages)
-        plain = self._decrypt(addr, npages * PAGE_SIZE)
-        return np.frombuffer(plain, dtype=np.uint8).reshape(npages, PAGE_SIZE).copy()
+        assert self.mee is not None
+        cipher = self.memory.load_pages(addr, npages)
+        return self.mee.decrypt_pages(self.asid, self._page_spas(addr, npages), cipher)
 
     def write_pages(self, gpa: int, data: Pages) -> None:
         if data.ndim != 2 or data.shape[1] != PAGE_SIZE or data.dtype != np.uint8:
@@ -368,8 +381,9 @@ class CpuCore:
         if not private:
             self.memory.store_pages(addr, data)
             return
-        cipher = self._encrypt(addr, np.ascontiguousarray(data).data)
-        self.memory.store_pages(addr, np.frombuffer(cipher, dtype=np.uint8).reshape(-1, PAGE_SIZE))
+        assert self.mee is not None
+        spas = self._page_spas(addr, data.shape[0])
+        self.memory.store_pages(addr, self.mee.encrypt_pages(self.asid, spas, data))
 
     def set_cpuid(self, entries: dict[tuple[int, int], tuple[int, int, int, int]]) -> None:
         """``KVM_SET_CPUID2``: the leaves the VMM exposes (KVM-owned leaves stay KVM's)."""
@@ -399,6 +413,11 @@ class CpuCore:
     def _decrypt(self, addr: int, n: int) -> bytes:
         assert self.mee is not None
         return self.mee.decrypt(self.asid, self.memory.spa(addr), self.memory.load(addr, n))
+
+    def _page_spas(self, addr: int, npages: int) -> npt.NDArray[np.uint64]:
+        """The system-physical address of each page of a run (a run lies in one memory slot,
+        whose addresses are contiguous)."""
+        return np.arange(npages, dtype=np.uint64) * np.uint64(PAGE_SIZE) + np.uint64(self.memory.spa(addr))
 
     def _encrypt(self, addr: int, plain: bytes | bytearray | memoryview) -> bytes:
         assert self.mee is not None

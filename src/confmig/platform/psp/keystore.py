@@ -9,8 +9,8 @@ themselves belong to the memory-encryption engine
 reads them on every private access; the PSP only writes, through this port.
 Nothing outside the platform is ever handed a VEK.
 
-A VEK is 16 bytes: the firmware's UMC key seed. The engine expands it into
-the AES-128-XTS key pair it uses.
+A VEK is 16 bytes: the firmware's UMC key seed. The engine uses it as its
+AES-128 key and derives its address-tweak vectors from it.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ The implementation wraps the memory-encryption engine
 (``confmig.platform.mee``), which looks keys up by ASID in its key slots; the
 PSP never passes a key through this port. The PSP's private accesses are at
 16-byte granularity (addresses and lengths 16-byte aligned, as the firmware
-checks); where the engine works on whole pages the port reads, patches and
-rewrites the page.
+checks), which is the engine's too (one AES block per 16 bytes, each tweaked by
+its own address); a port may also read, patch and rewrite whole pages.
 """
 
 from __future__ import annotations
