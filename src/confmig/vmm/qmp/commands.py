@@ -180,8 +180,13 @@ def register(
 def _migrate_channels(uri: object, channels: object) -> tuple[str, str | None]:
     """``migrate``'s ``uri`` or ``channels`` (QEMU 8.1+; a ``cpr`` channel with QEMU 10's
     ``cpr-transfer``) as (main URI, cpr URI)."""
-    if (uri is None) == (channels is None):
-        raise QmpError("need either 'uri' or 'channels' argument")  # QEMU's words
+    if uri is None and channels is None:
+        # The QEMU we speak (7.2, the greeting's) has 'uri' mandatory and says so; 'channels'
+        # is an extension from QEMU 8.1 and 10 (whose words for this are "need either 'uri'
+        # or 'channels' argument").
+        raise QmpError("Parameter 'uri' is missing")
+    if uri is not None and channels is not None:
+        raise QmpError("need either 'uri' or 'channels' argument")  # QEMU 8.1+'s words
     if uri is not None:
         return str(uri), None
     assert isinstance(channels, list)
