@@ -9,7 +9,7 @@ memory, at its next step, and parks; the page then leaves with the guest's
 final pages, sealed like any other. On the target, the firmware keeps the
 vCPU waiting until its MH accepted the completion record, then loads the
 saved registers and clears the slot: the vCPU continues where it stopped on
-the source. The VMM never sees a register.
+the source. The VMM is never given a register.
 
 One 256-byte slot per vCPU id at ``VCPU_SAVE_GPA + id * SLOT_SIZE``::
 

@@ -34,7 +34,7 @@ class SubprocessLauncher:
         self.rom = rom
         self.key_slots_fd = key_slots_fd
         """The memory controller's key slots, shared with every core (platform to platform:
-        the host kernel never holds this descriptor)."""
+        KVM's code is never given this descriptor, though it shares this process)."""
         self.tmr_fd = tmr_fd
         """The SEV-ES TMR, where the cores keep the VMSA checksums (platform to platform too)."""
 

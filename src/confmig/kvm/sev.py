@@ -46,7 +46,8 @@ data) does, for each vCPU in id order: the vCPU writes its register file
 there in plaintext (``sev_es_sync_vmsa``), the PSP's LAUNCH_UPDATE_VMSA
 measures it into the launch digest, seals it (TMR CRC) and encrypts it in
 place, and the vCPU's state becomes protected (``KVM_GET/SET_REGS`` fail
-``EINVAL``). KVM never holds plaintext registers after that.
+``EINVAL``). KVM's code never gets plaintext registers after that (the core in the
+vCPU process keeps them, as a CPU does).
 
 Mirror VMs (``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM``, :meth:`SevVm.copy_enc_context_from`):
 a VM with no vCPUs and no SEV context of its own takes a copy of another SEV

@@ -1,2 +1,2 @@
-"""The VMM (QEMU's role): machine, devices, QMP, migration. Untrusted: sees only
-ciphertext of private pages, plaintext of shared pages, and opaque handles."""
+"""The VMM (QEMU's role): machine, devices, QMP, migration. Untrusted: its code gets
+only ciphertext of private pages, plaintext of shared pages, and opaque handles."""

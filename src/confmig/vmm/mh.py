@@ -15,7 +15,7 @@ halted vCPU nobody enters (the reviewers' request to the 2021 RFC, whose MH
 spun). Every entry has a deadline: an MH that does not halt in time is kicked
 out and the command fails.
 
-The VMM never sees the transport key or a private page's plaintext: it hands
+The VMM is never given the transport key or a private page's plaintext: it hands
 the MH GPA lists and sealed records and gets sealed records and return codes.
 """
 

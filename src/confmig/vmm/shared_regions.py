@@ -2,7 +2,7 @@
 
 Kept by the VMM from the guest's ``KVM_HC_MAP_GPA_RANGE`` hypercalls (the
 upstream page-encryption-status channel). Everything not listed is private:
-the VMM sees only its ciphertext. Migration sends shared pages in the clear and
+guest RAM, which the VMM maps, holds only its ciphertext. Migration sends shared pages in the clear and
 private pages through a confidential backend; the list itself travels in the
 stream so that the target knows too.
 """

@@ -94,7 +94,7 @@ the host gives are sealed. An abort token names the aborting target's
 challenge; RESUME opens only a token naming the challenge FINISH sealed, so a
 host cannot abort one target and complete another.
 
-SEV-ES. The VMMs cannot read or set the guest's registers (they are in its
+SEV-ES. The VMMs cannot read or set the guest's registers through KVM (they are in its
 encrypted VMSAs), so the MH carries them, as the 2020 blueprint proposed. PARK
 (source, SEV-ES only) closes the run gate with SAVING: each vCPU that runs the
 kernel saves its registers into the save area (:mod:`confmig.guest.saved_state`)

@@ -29,8 +29,8 @@ a long stall (a paused VM) it does not burst: the debt is capped at
 MAX_BACKLOG_NS worth of pages.
 
 In an SEV guest all of it (state page, version table, working set) is private:
-every access carries the C-bit (the step's ``mask``), so the host sees only
-ciphertext. The GPA in a page's header is the plain GPA, without the C-bit.
+every access carries the C-bit (the step's ``mask``), so guest RAM, which the host maps,
+holds only its ciphertext. The GPA in a page's header is the plain GPA, without the C-bit.
 """
 
 from __future__ import annotations

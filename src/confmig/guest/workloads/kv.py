@@ -23,7 +23,7 @@ PAGE_STATE_BATCH pages a step, and reports each batch to the host with
 (:func:`confmig.guest.mem_encrypt.reports_page_state`); a refused report is
 printed once a boot and the workload carries on. Everything else of the
 workload (state page, hash table) is private: accessed with the C-bit (the
-step's ``mask``), never seen by the host in plaintext.
+step's ``mask``), held in guest RAM only as ciphertext.
 
 Then each step completes every published request, in place, raises ``used``
 and notifies the device; with nothing to do it sleeps until the device's

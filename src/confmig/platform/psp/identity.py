@@ -21,8 +21,10 @@ Two levels, as on real hardware:
     OCA and the CEK) and the PDH (ECDH P-384, signed by the PEK), all with the
     algorithms the firmware uses (ECDSA_SHA256, ECDH_SHA256).
 
-Private keys never leave this package: both classes redact ``repr`` and refuse
-pickling, and every file is written with mode 0600.
+Private keys leave this package only for its state files: both classes redact ``repr``
+and refuse pickling, and every file is written with mode 0600, which keeps them from
+other users, not from processes of the user the hosts run as (docs/architecture.md,
+"Trust boundary").
 """
 
 from __future__ import annotations
