@@ -198,7 +198,8 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
     charts = charts_of(name, report)
     for number, section in zip(("1", "1b"), _random_sections(report), strict=False):
         if mh:
-            lines += [f"## {number}. Random guest: {section['ram_gib']:g} GiB, every page random", ""]
+            lines += [*([""] if number != "1" else []),
+                      f"## {number}. Random guest: {section['ram_gib']:g} GiB, every page random", ""]
         lines += _random_markdown(report["guest"], section)
         lines.append(charts["paths" if number == "1" else "large"].link)
     if "dirty" in report:
