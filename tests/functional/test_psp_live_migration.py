@@ -84,6 +84,11 @@ def test_a_running_sev_guest_migrates_through_the_psp(lab: Lab, hosts: tuple[Hos
     assert src.qmp.execute("query-status")["status"] == "postmigrate"
     shared = dst.qmp.execute("x-query-sev-shared-regions")
     assert {"start": 0x1000, "size": 0x1000} in shared  # the list travelled with the guest
+    # No fork: the source's PSP says SENT, and the VMM refuses to run the guest a second time.
+    assert src.qmp.execute("query-sev")["state"] == "sent"
+    with pytest.raises(QmpCommandError, match="its PSP sent it to the target"):
+        src.qmp.execute("cont")
+    assert src.qmp.execute("query-status")["status"] == "postmigrate"
 
 
 def test_the_stream_carries_no_plaintext_and_no_key(lab: Lab, hosts: tuple[HostProc, HostProc],

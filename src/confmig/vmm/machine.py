@@ -351,12 +351,9 @@ class Machine:
                 return
             if self._runstate in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
                 raise StateError("cont", self._runstate, "a VM that can run")
-            if self.handed_over is not None:
-                raise StateError("cont", self._runstate, f"a guest this VMM still has ({self.handed_over})")
-            if self.mh is not None and self.mh.sent_away:
-                raise StateError("cont", self._runstate, "a guest that was not migrated away: its "
-                                 "Migration Handler sealed its final state for the target, so running "
-                                 "it here too would fork it")
+            if (away := self._migrated_away()) is not None:
+                raise StateError("cont", self._runstate, f"a guest that was not migrated away: {away}, "
+                                 "so running it here too would fork it")
             if self.sev is not None:
                 self.sev.receive_finish()  # an incoming SEV guest becomes RUNNING in the PSP
             self.set_runstate(RunState.RUNNING)
@@ -364,6 +361,16 @@ class Machine:
                 v.resume()
         self.resume_devices()
         self._events("RESUME", None)
+
+    def _migrated_away(self) -> str | None:
+        """Why this guest left this VMM for good, if it did: one copy of a guest runs."""
+        if self.handed_over is not None:
+            return self.handed_over
+        if self.mh is not None and self.mh.sent_away:
+            return "its Migration Handler sealed its final state for the target"
+        if self.sev is not None and self.sev.state() == "sent":
+            return "its PSP sent it to the target (SEND_FINISH; the SEV API has no way back)"
+        return None
 
     def stop(self, new_state: RunState = RunState.PAUSED) -> None:
         """QEMU's ``vm_stop``: every vCPU out of KVM_RUN, parked, exits completed."""
@@ -532,15 +539,8 @@ class Machine:
     def close(self) -> None:
         if self.cpr is not None:
             self.cpr.close()
-        for v in self.vcpus:
-            v.quit()
-        for v in self.vcpus:
-            v.join(2)
-            v.fd.close()
-        if self.mh is not None:
-            self.mh.close()
+        self.retire()
         if self.kv is not None:
             self.kv.stop()
-        self.vm.close()
         self.kvm.close()
         self.memory.close()

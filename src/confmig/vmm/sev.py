@@ -321,12 +321,21 @@ class SevGuest:
         major, minor, _state, _flags, build, _count = struct.unpack_from("<BBBIBI", out)
         return major, minor, build
 
-    def query(self) -> dict[str, object]:
+    def _status(self) -> tuple[int, str]:
+        """GUEST_STATUS: the policy, and the guest's state by QEMU's name."""
         _err, out = self._op(ksev.KVM_SEV_GUEST_STATUS, ksev.GUEST_STATUS.pack(0, 0, 0))
         policy, state, _ = ksev.GUEST_STATUS.unpack_from(out)
+        return policy, SEV_STATES[state] if state < len(SEV_STATES) else "uninit"
+
+    def state(self) -> str:
+        """The guest's state in the firmware (``sent`` after SEND_FINISH: it left)."""
+        return self._status()[1]
+
+    def query(self) -> dict[str, object]:
+        policy, state = self._status()
         major, minor, build = self.api_version()
         return {"enabled": True, "api-major": major, "api-minor": minor, "build-id": build,
-                "policy": policy, "state": SEV_STATES[state] if state < len(SEV_STATES) else "uninit",
+                "policy": policy, "state": state,
                 "handle": self.handle, "sev-type": "sev-es" if self.config.es else "sev"}
 
 

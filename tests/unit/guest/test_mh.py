@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Iterator
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -45,16 +46,14 @@ Cmd = mb.MhCommand
 
 @pytest.fixture
 def src() -> Iterator[Guest]:
-    g = Guest(spa=SRC_SPA, master=KEY, seed=1)
-    yield g
-    g.close()
+    with closing(Guest(spa=SRC_SPA, master=KEY, seed=1)) as g:
+        yield g
 
 
 @pytest.fixture
 def dst() -> Iterator[Guest]:
-    g = Guest(spa=DST_SPA, master=KEY, target=True, seed=2)
-    yield g
-    g.close()
+    with closing(Guest(spa=DST_SPA, master=KEY, target=True, seed=2)) as g:
+        yield g
 
 
 def start(src: Guest, dst: Guest, nvcpus: int = 1) -> bytes:
@@ -615,16 +614,14 @@ def rfc_command(g: Guest, cmd: int, gpa: int = 0) -> int:
 
 @pytest.fixture
 def v1_src() -> Iterator[Guest]:
-    g = Guest(spa=SRC_SPA, master=KEY, seed=1, v1=True)
-    yield g
-    g.close()
+    with closing(Guest(spa=SRC_SPA, master=KEY, seed=1, v1=True)) as g:
+        yield g
 
 
 @pytest.fixture
 def v1_dst() -> Iterator[Guest]:
-    g = Guest(spa=DST_SPA, master=KEY, target=True, seed=2, v1=True)
-    yield g
-    g.close()
+    with closing(Guest(spa=DST_SPA, master=KEY, target=True, seed=2, v1=True)) as g:
+        yield g
 
 
 def test_version_1_needs_the_owners_opt_in(src: Guest, dst: Guest) -> None:
@@ -727,16 +724,14 @@ def test_the_mh_keeps_nothing_in_the_core_between_entries(src: Guest, dst: Guest
 
 @pytest.fixture
 def es_src() -> Iterator[Guest]:
-    g = Guest(spa=SRC_SPA, master=KEY, seed=1, es=True)
-    yield g
-    g.close()
+    with closing(Guest(spa=SRC_SPA, master=KEY, seed=1, es=True)) as g:
+        yield g
 
 
 @pytest.fixture
 def es_dst() -> Iterator[Guest]:
-    g = Guest(spa=DST_SPA, master=KEY, target=True, seed=2, es=True)
-    yield g
-    g.close()
+    with closing(Guest(spa=DST_SPA, master=KEY, target=True, seed=2, es=True)) as g:
+        yield g
 
 
 class GuestVcpu:
