@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Final
 
@@ -43,6 +44,39 @@ class MhError(MigrationError):
     """The Migration Handler refused a command, or did not answer."""
 
 
+class Watchdog:
+    """Kicks a vCPU out of ``KVM_RUN`` once an entry has lasted ``timeout`` seconds: one thread
+    that looks twice a second (a timer thread per entry cost more than a small batch's work)."""
+
+    POLL: Final = 0.5
+
+    def __init__(self, kick: Callable[[], None], timeout: float, name: str) -> None:
+        self._kick = kick
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name=name, daemon=True).start()
+
+    def arm(self) -> None:
+        with self._lock:
+            self._since = time.monotonic()
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._since = None
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.POLL):
+            with self._lock:  # an entry that ends meanwhile waits in disarm: no stale kick
+                if self._since is not None and time.monotonic() - self._since >= self._timeout:
+                    self._since = None
+                    self._kick()
+
+
 class MhVcpu:
     """One MH vCPU and its mailbox (a window of guest RAM, shared pages)."""
 
@@ -55,6 +89,7 @@ class MhVcpu:
         """One entry at a time per MH vCPU (the slots of one vCPU share its entries)."""
         self.broken: str | None = None
         """Why an entry failed: the MH's state is unknown, no command is sent to it again."""
+        self.watchdog = Watchdog(fd.kick, MH_TIMEOUT, f"mh{index}-watchdog")
 
     def data(self, slot: int) -> memoryview:
         """The data area of ``slot``."""
@@ -104,13 +139,11 @@ class MhVcpu:
 
     def _enter(self) -> None:
         """KVM_RUN until the MH halts; kicked out after :data:`MH_TIMEOUT`."""
-        timer = threading.Timer(MH_TIMEOUT, self.fd.kick)
-        timer.daemon = True
-        timer.start()
+        self.watchdog.arm()
         try:
             ex = self.fd.run()
         finally:
-            timer.cancel()
+            self.watchdog.disarm()
         match ex:
             case ioctl.ExitHlt():
                 return
@@ -223,6 +256,7 @@ class MigrationHandler:
 
     def close(self) -> None:
         for v in self.vcpus:
+            v.watchdog.close()
             v.fd.close()
         self.mirror.close()
 
