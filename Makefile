@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow bench bench-psp bench-mh bench-local lint clean
+.PHONY: demo test test-slow bench bench-psp bench-mh bench-local attacks lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-mh: $(VENV)/.bench
 
 bench-local: $(VENV)/.bench
 	$(BIN)/confmig bench --suite local --save benchmarks/
+
+attacks: $(VENV)/.bench
+	$(BIN)/confmig attacks --save benchmarks/
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

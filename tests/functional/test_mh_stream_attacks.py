@@ -3,7 +3,7 @@ stream (issue 11, "What the tests must show": swaps, replays, reorders, drops, t
 flips). Whatever it does, no target runs a corrupted guest: the migration fails, the target
 says what refused it, and the source's guest runs on and passes its self-check.
 
-The proxy (``stream_proxy``) parses the stream with our decoder and re-encodes the records it
+The proxy (``confmig.bench.attacks``) parses the stream with our decoder and re-encodes the records it
 moves or changes with our encoder; its tally shows that each attack did happen. The first
 tests check the proxy itself on an in-memory stream, without sockets or processes.
 """
@@ -16,7 +16,9 @@ import struct
 from collections.abc import Callable, Iterator
 
 import pytest
-from stream_proxy import (
+from test_mh_live_migration import SETTINGS, mh_pair, wait_migration
+
+from confmig.bench.attacks import (
     LAST,
     Attack,
     CutShort,
@@ -33,8 +35,6 @@ from stream_proxy import (
     Swap,
     Truncate,
 )
-from test_mh_live_migration import SETTINGS, mh_pair, wait_migration
-
 from confmig.bench.lab import HostProc, Lab, VmProc
 from confmig.bench.scenario import configure, incoming_uri, mh_target_challenge, migrate, wait_status
 from confmig.common.units import PAGE_SIZE

@@ -240,5 +240,39 @@ def bench(save: str | None, quick: bool, suite: str, ram: str, timeout: float) -
     _run_scenario(run)
 
 
+@cli.command()
+@click.option("--save", default=None, help="Directory to save the table into (JSON + Markdown).")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["plain", "psp", "mh"]),
+              help="Only this backend (repeat for more; default: all). local (cpr-transfer) sends no page "
+                   "over a network: no stream attack applies to it.")
+@click.option("--attack", "names", multiple=True,
+              help="Only this attack (repeat for more; default: all), e.g. swap, replay, flip-payload, "
+                   "rogue-target, replay-stream, restore-file.")
+@click.option("--keep", is_flag=True, help="Keep the labs' directories (logs, consoles).")
+@click.option("--timeout", default=BENCH_TIMEOUT, show_default=True, type=_TIMEOUT,
+              help="Seconds for the whole run; past them it stops with an error.")
+def attacks(save: str | None, backends: tuple[str, ...], names: tuple[str, ...], keep: bool,
+            timeout: float) -> None:
+    """A hostile host against each migration backend: stream attacks through a proxy, a rogue
+    target, a replayed stream, a restored file. Exits non-zero unless every result is what the
+    design says (docs/security.md)."""
+    from confmig.bench.attacks.catalog import BACKENDS, CASES
+    from confmig.bench.attacks.harness import run_attacks
+    from confmig.bench.deadline import Deadline
+
+    known = {c.name for cases in CASES.values() for c in cases}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)} (known: {', '.join(sorted(known))})",
+                                 param_hint="--attack")
+
+    def run() -> bool:
+        outcomes = run_attacks(backends=backends or tuple(BACKENDS), cases=names or None, save_dir=save,
+                               deadline=Deadline(timeout), keep=keep, log=click.echo)
+        return bool(outcomes) and all(o.matches for o in outcomes)
+
+    _run_scenario(run)
+
+
 def main() -> None:
     cli()
