@@ -1,12 +1,24 @@
-"""Entry point of one vCPU process: a CPU core running guest code under KVM's run loop."""
+"""Entry point of one vCPU process: a CPU core running guest code under KVM's run loop.
+
+The process loads the guest code (the ROM) and digests it, for the core to compare with
+the digest in the measured firmware image before the first VMRUN
+(:meth:`confmig.platform.cpu.core.CpuCore.enter`). The digest is this module's own
+computation over the guest package the ROM was imported from, not the guest code's word
+about itself: edited guest code could otherwise vouch for itself.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import signal
 import socket
+import struct
+import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from confmig.common.malloc import keep_large_allocations
 from confmig.common.pdeathsig import die_with_parent
@@ -16,12 +28,55 @@ from confmig.platform.cpu.core import CpuCore
 from confmig.platform.mee import KeySlots, MemoryEncryptionEngine
 from confmig.platform.psp.vmsa import TmrMemory
 
+GUEST_PACKAGE = "confmig.guest"
+"""The guest code whose digest the firmware image carries (``code_digest()`` there)."""
 
-def load_rom(spec: str) -> Sequence[RomRegion]:
-    """``module:function`` returning the guest code image."""
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadedRom:
+    regions: Sequence[RomRegion]
+    code_digest: bytes | None
+    """SHA-256 of the guest package the ROM came from, as the firmware image states it; None
+    for a ROM from elsewhere (the tests' own), which no image states."""
+
+
+def guest_code_digest(root: Path) -> bytes:
+    """SHA-256 over every ``*.py`` under ``root``, by relative path: the algorithm of
+    ``confmig.guest.firmware.image.code_digest`` (a test keeps the two equal), written again
+    here so that the check does not run the code it checks."""
+    sources = sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix())
+    h = hashlib.sha256()
+    for path in sources:
+        name = path.relative_to(root).as_posix().encode()
+        data = path.read_bytes()
+        h.update(struct.pack("<II", len(name), len(data)) + name + data)
+    return h.digest()
+
+
+def _loaded_guest_digest() -> bytes | None:
+    """The digest of the guest package as this process imported it: None if it came from
+    more than one directory, or a module of it from outside the tree digested."""
+    roots = list(getattr(sys.modules[GUEST_PACKAGE], "__path__", []))
+    if len(roots) != 1:
+        return None
+    root = Path(roots[0]).resolve()
+    for name, module in list(sys.modules.items()):
+        if name == GUEST_PACKAGE or name.startswith(GUEST_PACKAGE + "."):
+            origin = getattr(module, "__file__", None)
+            if origin is None or not Path(origin).resolve().is_relative_to(root):
+                return None
+    # Digested after the import: a file edited since is caught (its digest changes), except
+    # by a process of this user that swaps files or bytecode caches around this moment.
+    return guest_code_digest(root)
+
+
+def load_rom(spec: str) -> LoadedRom:
+    """``module:function`` returning the guest code image, and the digest of its code."""
     module, _, func = spec.partition(":")
     factory: Callable[[], Sequence[RomRegion]] = getattr(importlib.import_module(module), func)
-    return factory()
+    regions = factory()
+    ours = module == GUEST_PACKAGE or module.startswith(GUEST_PACKAGE + ".")
+    return LoadedRom(regions=regions, code_digest=_loaded_guest_digest() if ours else None)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -43,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def make_core(vcpu_id: int, memory: object) -> CpuCore:
         assert isinstance(memory, SlotMemory)
-        core = CpuCore(vcpu_id, memory, rom, mee=mee, tmr=tmr)
+        core = CpuCore(vcpu_id, memory, rom.regions, mee=mee, tmr=tmr, code_digest=rom.code_digest)
         core.regs.rip = RESET_VECTOR
         return core
 

@@ -17,15 +17,33 @@ checksum in the TMR (:meth:`CpuCore.enter`, :meth:`CpuCore.vmsa_load`); a
 checksum in the TMR (:meth:`CpuCore.vmsa_save`). While the guest runs, the
 registers stay inside the core, as in a real CPU. The page layout is
 :func:`confmig.platform.psp.vmsa.vmsa_image`'s.
+
+The guest code. A real CPU fetches the instructions the launch measured: the
+firmware in flash, encrypted by LAUNCH_UPDATE_DATA. Here the guest programs are
+Python code the vCPU process loads from disk, and the flash holds a firmware
+image that stands for them: its header carries the SHA-256 of the guest code it
+was built from (:mod:`confmig.guest.firmware.image`). So that the code that runs
+is the code the launch measured, the first VMRUN of a core compares the digest
+of the code its vCPU process loaded with the one in the image's header, read
+through this guest's memory (for an SEV guest as a private access, under the
+guest's key) and refuses to run on a mismatch (:meth:`CpuCore.enter`). A guest
+with no flash at the image's address (no ``-bios``) runs unchecked: nothing in
+it states which code should run, and for an SEV guest the launch measurement
+then covers no code, which an owner who checks it against the firmware digest
+refuses. For a plain guest the check is one of consistency only: the host can
+write its flash. The image format's facts the check needs are copied here, not
+imported, so that the check rests on no guest code.
 """
 
 from __future__ import annotations
 
 import bisect
+import hmac
+import logging
 import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -63,6 +81,17 @@ from confmig.platform.psp.vmsa import (
 )
 
 CpuidTable = dict[tuple[int, int], tuple[int, int, int, int]]
+
+log = logging.getLogger(__name__)
+
+FIRMWARE_IMAGE_GPA: Final = 0xFFFF_0000
+"""Where the firmware image starts: 64 KiB of flash ending at 4 GiB, the reset vector's
+(``confmig.guest.layout.FIRMWARE_BASE``; a test keeps the two equal)."""
+FIRMWARE_IMAGE_MAGIC: Final = b"CMFWIMG1"
+FIRMWARE_IMAGE_FORMAT_VERSION: Final = 1
+FIRMWARE_IMAGE_HEAD: Final = struct.Struct("<8sHHI16s32s")
+"""The fields of the image's header up to the code digest: magic, format version, header
+size, image size, firmware version, SHA-256 of the guest code the image was built from."""
 
 
 def default_cpuid() -> CpuidTable:
@@ -125,6 +154,7 @@ class CpuCore:
         clock_ns: Callable[[], int] = time.monotonic_ns,
         mee: MemoryEncryptionEngine | None = None,
         tmr: TmrMemory | None = None,
+        code_digest: bytes | None = None,
     ) -> None:
         self._vcpu_id = vcpu_id
         self.memory = memory
@@ -143,6 +173,13 @@ class CpuCore:
         """The VMSA as last loaded or stored (its fields other than the registers)."""
         self._rom = sorted(rom, key=lambda r: r.base)
         self._rom_bases = [r.base for r in self._rom]
+        self._code_digest = code_digest
+        """SHA-256 of the guest code ``rom`` was loaded from, as the firmware image states it
+        (None: code no image states, such as a test's ROM)."""
+        self._code_checked = False
+        """The code matched the firmware image at a VMRUN (checked once per core)."""
+        self.entry_error: str | None = None
+        """Why the last VMRUN refused the guest, if it did."""
         self._current: RomRegion | None = None
         self._clock_ns = clock_ns
         self._regs = Registers()
@@ -274,15 +311,53 @@ class CpuCore:
     def enter(self) -> bool:
         """VMRUN: an SEV-ES guest whose state is in its VMSA is loaded from it first. False
         (VMEXIT_INVALID), with nothing changed, if the guest may not run: an SEV ASID the PSP
-        has not marked runnable, or a VMSA that fails its check.
+        has not marked runnable, guest code that is not the code the firmware image in guest
+        memory was built from (checked at the first VMRUN that gets this far, see the module
+        docstring), or a VMSA that fails its check. :attr:`entry_error` says which.
 
         The ASID check: the firmware marks an ASID valid on the cores once the guest activated
         on it has finished its launch or receive, so a guest never runs on memory still being
         written. That it withdraws the mark at SEND_FINISH is this emulation's choice: a SENT
         guest that ran on would fork from the copy the target resumes."""
+        error = None
         if self.asid and (self.mee is None or not self.mee.slots.runnable(self.asid)):
-            return False
-        return not self._in_vmsa or self.vmsa_load()
+            error = f"ASID {self.asid} is not runnable"
+        elif not self._code_checked:
+            error = self._check_code()
+            self._code_checked = error is None
+            if error is not None and error != self.entry_error:
+                # The VMM learns only KVM_EXIT_FAIL_ENTRY: the reason goes to the host's log,
+                # once per reason rather than once per KVM_RUN.
+                log.error("vcpu%d: VMRUN refused: %s", self._vcpu_id, error)
+        if error is None and self._in_vmsa and not self.vmsa_load():
+            error = "the VMSA failed its integrity check"
+        self.entry_error = error
+        return error is None
+
+    def _check_code(self) -> str | None:
+        """Why the guest code this core runs is not the code the firmware image states, or None.
+
+        The image is read as the guest reads it: an SEV guest's flash is private (encrypted
+        by LAUNCH_UPDATE_DATA, or re-encrypted by RECEIVE_UPDATE_DATA), so a host that put
+        other bytes there makes the header decrypt to garbage, which no digest matches."""
+        size = FIRMWARE_IMAGE_HEAD.size
+        if not self.memory.backed(FIRMWARE_IMAGE_GPA, size):
+            return None  # no flash (no -bios): nothing states which code should run
+        try:
+            head = self.read(FIRMWARE_IMAGE_GPA | (C_BIT if self.asid else 0), size)
+        except (GuestFault, PermissionError, ValueError) as exc:
+            return f"the firmware image cannot be read ({exc})"
+        # SECURITY: the header is guest memory (a plain guest's flash is the host's to write):
+        # its fields are compared with what this core knows, never used otherwise.
+        magic, version, _header_size, _image_size, _fw_version, stated = FIRMWARE_IMAGE_HEAD.unpack(head)
+        if magic != FIRMWARE_IMAGE_MAGIC or version != FIRMWARE_IMAGE_FORMAT_VERSION:
+            return f"the flash at {FIRMWARE_IMAGE_GPA:#x} holds no firmware image this core can check"
+        if self._code_digest is None:
+            return "the guest code this core loaded is not code any firmware image states"
+        if not hmac.compare_digest(stated, self._code_digest):
+            return (f"the guest code this core loaded (SHA-256 {self._code_digest.hex()[:16]}...) is not "
+                    f"the code the firmware image was built from ({stated.hex()[:16]}...)")
+        return None
 
     @property
     def vcpu_id(self) -> int:
@@ -395,6 +470,8 @@ class CpuCore:
     def set_asid(self, asid: int, *, es: bool = False) -> None:
         """KVM bound this vCPU's VM to an ASID (0: not an SEV guest). The guest finds
         out the architectural way: CPUID 0x8000001F and ``MSR_AMD64_SEV``."""
+        if asid != self.asid:
+            self._code_checked = False  # the flash reads differently under another key: look again
         self.asid = asid
         self.es = bool(asid) and es
         sev = bool(asid)
