@@ -9,13 +9,16 @@ import pytest
 
 from confmig.bench.lab import WORKLOAD_READY_RE, Lab
 from confmig.bench.scenario import SEV_ES_POLICY, sev_args
+from confmig.guest.firmware.image import build_firmware_image
 from confmig.vmm.qmp.client import QmpCommandError
 
 SEV = sev_args()
 
 
 def firmware(path: Path) -> str:
-    path.write_bytes(os.urandom(64 * 1024))  # any image: measured and encrypted by the PSP
+    """An image of this guest code (measured and encrypted by the PSP): a vCPU runs no guest
+    code whose digest the image in its flash does not carry."""
+    path.write_bytes(build_firmware_image())
     return str(path)
 
 
