@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow bench bench-psp bench-mh bench-local attacks lint clean
+.PHONY: demo test test-slow bench bench-psp bench-mh bench-local attacks faults lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-local: $(VENV)/.bench
 
 attacks: $(VENV)/.bench
 	$(BIN)/confmig attacks --save benchmarks/
+
+faults: $(VENV)/.bench
+	$(BIN)/confmig faults --save benchmarks/
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

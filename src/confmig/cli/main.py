@@ -274,5 +274,45 @@ def attacks(save: str | None, backends: tuple[str, ...], names: tuple[str, ...],
     _run_scenario(run)
 
 
+@cli.command()
+@click.option("--backend", "backends", multiple=True,
+              help="Only this backend (repeatable): plain, psp, mh, local.")
+@click.option("--fault", "faults", multiple=True, help="Only this fault (repeatable): cut-both, cut-one, "
+              "target-vmm, target-host, source-vmm, cancel, slow, stall, disk-full.")
+@click.option("--phase", "phases", multiple=True, help="Only this phase (repeatable): setup, first-round, "
+              "later-rounds, switch-over, after-device, confirmed.")
+@click.option("--save", default=None, help="Directory to save the table into (JSON + Markdown).")
+@click.option("--check", is_flag=True, help="Exit non-zero if a cell failed (a must did not hold).")
+@click.option("--timeout", default=BENCH_TIMEOUT, show_default=True, type=_TIMEOUT,
+              help="Seconds for the whole run; past them it stops with an error.")
+def faults(backends: tuple[str, ...], faults: tuple[str, ...], phases: tuple[str, ...], save: str | None,
+           check: bool, timeout: float) -> None:
+    """Inject every fault at every phase of a migration, for every backend, and say what survived."""
+    from confmig.bench import faults as matrix
+    from confmig.bench.deadline import Deadline
+
+    try:
+        chosen_backends = [matrix.backend_named(b) for b in backends] or list(matrix.BACKENDS)
+        chosen_faults = [matrix.Fault(f) for f in faults] or list(matrix.Fault)
+        chosen_phases = [matrix.Phase(p) for p in phases] or list(matrix.Phase)
+    except (ValueError, ConfmigError) as exc:
+        raise click.BadParameter(str(exc)) from None
+
+    def show(r: matrix.CellResult) -> None:
+        if r.verdict != "n/a" or len(chosen_faults) * len(chosen_phases) == 1:
+            detail = "; ".join((*r.reasons, *r.notes))
+            where = "+".join(r.running) or "-"
+            click.echo(f"{r.backend:6} {r.fault:12} {r.phase:13} {r.verdict:6} {where:15} "
+                       f"lost={'' if r.lost is None else r.lost} again={r.again} {r.seconds:5.1f}s  {detail}")
+
+    def run() -> bool:
+        report = matrix.run_matrix(backends=chosen_backends, faults=chosen_faults, phases=chosen_phases,
+                                   save_dir=save, deadline=Deadline(timeout), progress=show)
+        click.echo(json.dumps(report["summary"]))
+        return not check or all(c["verdict"] not in ("FAIL", "error") for c in report["cells"])
+
+    _run_scenario(run)
+
+
 def main() -> None:
     cli()
