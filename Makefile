@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow bench bench-psp bench-mh bench-local attacks faults lint clean
+.PHONY: demo test test-slow fuzz bench bench-psp bench-mh bench-local attacks faults lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: lint
 
 test-slow: $(VENV)/.dev
 	$(BIN)/pytest -m slow
+
+# Hostile input (tests marked fuzz) with CONFMIG_FUZZ_FACTOR (default 50) times the examples
+# and random seeds; a failing example is kept in .hypothesis/ and replayed first next time.
+fuzz: $(VENV)/.dev
+	CONFMIG_FUZZ=1 $(BIN)/pytest -m fuzz --timeout 3600
 
 bench: $(VENV)/.bench
 	$(BIN)/confmig bench --save benchmarks/

@@ -6,13 +6,33 @@ from __future__ import annotations
 import array
 import contextlib
 import socket
+import struct
+from typing import Final
 
 from confmig.common.errors import ProtocolError
 from confmig.proto import ioctl
 
+DISCARD_CHUNK: Final = 64 << 10
+"""Bytes read at a time while skipping the payload of a refused request: skipping a payload
+costs no more memory than this, however long the peer said it was."""
+
+_REQUEST_HEADER: Final = struct.Struct("<IIII")
+
 
 class ChannelClosed(Exception):
     """The peer closed the channel (EOF between frames)."""
+
+
+class RequestTooLarge(ProtocolError):
+    """A request whose payload exceeds the receiver's bound. Its payload was read and dropped
+    (and its descriptors closed): the framing is intact, and the receiver may answer it
+    ``-E2BIG`` and go on serving."""
+
+    def __init__(self, request: int, seq: int, length: int, limit: int) -> None:
+        super().__init__(f"{ioctl.name(request)}: payload of {length} bytes exceeds the "
+                         f"{limit}-byte limit of a request")
+        self.request = request
+        self.seq = seq
 
 
 def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None) -> bytes:
@@ -52,16 +72,45 @@ def send_request(sock: socket.socket, req: ioctl.Request, fds: list[int] | None 
     _send(sock, ioctl.encode_request(req), fds)
 
 
-def recv_request(sock: socket.socket) -> tuple[ioctl.Request, list[int]]:
+def recv_request(
+    sock: socket.socket, *, max_payload: int = ioctl.MAX_PAYLOAD
+) -> tuple[ioctl.Request, list[int]]:
+    """One request and the descriptors that came with it (the caller's to close).
+
+    A payload longer than ``max_payload`` is skipped and raises :class:`RequestTooLarge`;
+    every other malformed frame raises :class:`ProtocolError` (the framing is lost then).
+    Descriptors received with a frame that fails are closed, whatever the failure.
+    """
     fds: list[int] = []
-    head = _recv_exact(sock, ioctl.HEADER_SIZE, fds)
-    length, request, seq, nfds = ioctl.decode_request_header(head)
-    payload = _recv_exact(sock, length) if length else b""
-    if len(fds) != nfds:
+    try:
+        head = _recv_exact(sock, ioctl.HEADER_SIZE, fds)
+        length, request, seq, nfds = _REQUEST_HEADER.unpack(head)
+        # SECURITY: the length is the peer's; a payload past the bound is never buffered.
+        if length > max_payload and nfds <= ioctl.MAX_FDS:
+            _discard(sock, length)
+            raise RequestTooLarge(request, seq, length, max_payload)
+        ioctl.decode_request_header(head)  # the protocol's own bounds
+        try:
+            payload = _recv_exact(sock, length) if length else b""
+        except ChannelClosed:
+            raise ProtocolError(f"{ioctl.name(request)}: EOF before its {length}-byte payload") from None
+        if len(fds) != nfds:
+            raise ProtocolError(f"{ioctl.name(request)}: announced {nfds} fds, received {len(fds)}")
+    except BaseException:
         for fd in fds:
             _close(fd)
-        raise ProtocolError(f"{ioctl.name(request)}: announced {nfds} fds, received {len(fds)}")
+        raise
     return ioctl.Request(request, seq, payload, nfds), fds
+
+
+def _discard(sock: socket.socket, n: int) -> None:
+    buf = bytearray(min(n, DISCARD_CHUNK))
+    view = memoryview(buf)
+    while n:
+        k = sock.recv_into(view[: min(n, len(buf))])
+        if k == 0:
+            raise ProtocolError(f"ioctl channel: EOF inside a refused request's payload ({n} bytes left)")
+        n -= k
 
 
 def send_reply(sock: socket.socket, rep: ioctl.Reply, fds: list[int] | None = None) -> None:
@@ -70,9 +119,14 @@ def send_reply(sock: socket.socket, rep: ioctl.Reply, fds: list[int] | None = No
 
 def recv_reply(sock: socket.socket) -> tuple[ioctl.Reply, list[int]]:
     fds: list[int] = []
-    head = _recv_exact(sock, ioctl.HEADER_SIZE, fds)
-    length, request, seq, result = ioctl.decode_reply_header(head)
-    payload = _recv_exact(sock, length) if length else b""
+    try:
+        head = _recv_exact(sock, ioctl.HEADER_SIZE, fds)
+        length, request, seq, result = ioctl.decode_reply_header(head)
+        payload = _recv_exact(sock, length) if length else b""
+    except BaseException:
+        for fd in fds:
+            _close(fd)
+        raise
     return ioctl.Reply(request, seq, result, payload), fds
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -44,12 +45,13 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 import numpy as np
 
 from confmig.common import bitmap
 from confmig.common.errors import ProtocolError
-from confmig.common.units import PAGE_SIZE, MiB
+from confmig.common.units import PAGE_SIZE, GiB, MiB, format_size
 from confmig.common.x86 import KVM_HC_MAP_GPA_RANGE
 from confmig.kvm import channel
 from confmig.kvm.memslots import (
@@ -114,6 +116,82 @@ EXTENSIONS = {
 }
 KVM_X86_DEFAULT_VM = 0
 """The only VM type ``KVM_CREATE_VM`` makes here (no ``KVM_SEV_INIT2`` VM types yet)."""
+
+# --- what one VMM may hold of a host that other VMs share (HostLimits) -----------------------
+MAX_REQUEST_PAYLOAD: Final = 4 * MiB
+"""Largest request payload the host takes (``-E2BIG`` past it). The largest legitimate one is
+``KVM_CLEAR_DIRTY_LOG``'s bitmap: 2 MiB for a slot of :data:`MAX_VM_MEMORY`; every other
+request is a struct of a few KiB at most. (Replies may be larger: :data:`ioctl.MAX_PAYLOAD`.)"""
+MAX_VMS_PER_OPEN: Final = 8
+"""VMs one open ``/dev/kvm`` may hold at once (``-EMFILE`` past it, as a process out of file
+descriptors gets): a VMM needs two (the guest and the Migration Handler's mirror); each VM is a
+thread of the host, an SEV ASID once launched, and up to ``KVM_MAX_VCPUS`` vCPU processes."""
+MAX_VCPUS_PER_OPEN: Final = 2 * KVM_MAX_VCPUS
+"""vCPUs all VMs of one open ``/dev/kvm`` may hold at once (``-EMFILE`` past it): each is a
+process of the host. Room for a guest of ``KVM_MAX_VCPUS`` and as many Migration Handler vCPUs."""
+MAX_VM_MEMORY: Final = 64 * GiB
+"""Guest memory one VM may map in its slots (``-ENOMEM`` past it). The host keeps per guest page
+a dirty counter per possible vCPU (128 bytes) and copies of them for the dirty log."""
+MAX_OPEN_MEMORY: Final = 2 * MAX_VM_MEMORY
+"""Guest memory all VMs of one open ``/dev/kvm`` may map (``-ENOMEM`` past it): room for a guest
+of :data:`MAX_VM_MEMORY` and its mirror VM, which maps the same memory again."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostLimits:
+    """Per-connection bounds: one VMM cannot exhaust the host the other VMs share."""
+
+    request_payload: int = MAX_REQUEST_PAYLOAD
+    vms: int = MAX_VMS_PER_OPEN
+    vcpus: int = MAX_VCPUS_PER_OPEN
+    vm_memory: int = MAX_VM_MEMORY
+    memory: int = MAX_OPEN_MEMORY
+
+
+class KvmOpenFile:
+    """One open ``/dev/kvm`` (one connection to the host's socket): the VMs it made that still
+    live and the guest memory they map, charged against :class:`HostLimits`. Its VMs outlive
+    the connection (their fds are their own), and so does their charge."""
+
+    def __init__(self, limits: HostLimits) -> None:
+        self.limits = limits
+        self.vms = 0
+        self.vcpus = 0
+        self.memory = 0
+        self._lock = threading.Lock()
+
+    def open_vm(self) -> bool:
+        with self._lock:
+            if self.vms >= self.limits.vms:
+                return False
+            self.vms += 1
+            return True
+
+    def close_vm(self) -> None:
+        with self._lock:
+            self.vms -= 1
+
+    def open_vcpu(self) -> bool:
+        with self._lock:
+            if self.vcpus >= self.limits.vcpus:
+                return False
+            self.vcpus += 1
+            return True
+
+    def close_vcpu(self) -> None:
+        with self._lock:
+            self.vcpus -= 1
+
+    def charge(self, size: int) -> bool:
+        with self._lock:
+            if self.memory + size > self.limits.memory:
+                return False
+            self.memory += size
+            return True
+
+    def uncharge(self, size: int) -> None:
+        with self._lock:
+            self.memory -= size
 
 
 def fd_identity(fd: int) -> tuple[int, int]:
@@ -267,6 +345,8 @@ class Vm:
     of deadlocking (``sev_lock_two_vms``)."""
     dead: bool = False
     """``kvm->vm_dead``: its encryption context moved to another VM; every ioctl fails ``EIO``."""
+    opened_by: KvmOpenFile | None = None
+    """The open ``/dev/kvm`` that made this VM, charged for its memory (None: made in-process)."""
 
     # --- dispatch -----------------------------------------------------------
 
@@ -333,6 +413,37 @@ class Vm:
             return -errno.EBADF
         if region.offset + region.memory_size > fsize:
             return -errno.EFAULT
+        err = self._charge(region.memory_size)
+        if err:
+            return err
+        try:
+            return self._add_slot(region, ram_fd, fsize, fds)
+        finally:
+            if region.slot not in self.slots:
+                self._uncharge(region.memory_size)
+
+    def _charge(self, size: int) -> int:
+        """Count ``size`` more bytes of guest memory against the VM's and its opener's limits."""
+        limits = self.host.limits
+        mapped = sum(s.layout.size for s in self.slots.values())
+        if mapped + size > limits.vm_memory:
+            log.warning("vm %d: KVM_SET_USER_MEMORY_REGION refused (-ENOMEM): %s more guest memory "
+                        "would exceed the %s a VM may map", self.vm_id, format_size(size),
+                        format_size(limits.vm_memory))
+            return -errno.ENOMEM
+        if self.opened_by is not None and not self.opened_by.charge(size):
+            log.warning("vm %d: KVM_SET_USER_MEMORY_REGION refused (-ENOMEM): %s more guest memory "
+                        "would exceed the %s the VMs of one /dev/kvm may map", self.vm_id,
+                        format_size(size), format_size(self.opened_by.limits.memory))
+            return -errno.ENOMEM
+        return 0
+
+    def _uncharge(self, size: int) -> None:
+        if self.opened_by is not None:
+            self.opened_by.uncharge(size)
+
+    def _add_slot(self, region: ioctl.UserspaceMemoryRegion, ram_fd: int, fsize: int,
+                  fds: list[int]) -> int:
         spa = self.host.physical.slot_spa(ram_fd, region.offset, region.memory_size, fsize)
         if spa is None:
             return -errno.EINVAL  # ours: the slot spans two ranges, see PhysicalAddressSpace
@@ -367,6 +478,7 @@ class Vm:
 
     def _delete_slot(self, slot_id: int) -> None:
         slot = self.slots.pop(slot_id)
+        self._uncharge(slot.layout.size)
         for v in self.vcpus.values():
             channel.send_request(v.control, ioctl.Request(CTL_DELETE_SLOT, 0, struct.pack("<I", slot_id)))
         slot.mapped.close()
@@ -671,6 +783,22 @@ class Vm:
             return -errno.EINVAL, b"", []
         if vcpu_id in self.vcpus:
             return -errno.EEXIST, b"", []
+        opened = self.opened_by
+        if opened is not None and not opened.open_vcpu():
+            log.warning("vm %d: KVM_CREATE_VCPU refused (-EMFILE): the VMs of one /dev/kvm may hold "
+                        "%d vCPUs at once", self.vm_id, opened.limits.vcpus)
+            return -errno.EMFILE, b"", []
+        try:
+            result = self._spawn_vcpu(vcpu_id)
+        except BaseException:
+            if opened is not None:
+                opened.close_vcpu()
+            raise
+        if opened is not None and result[0] < 0:
+            opened.close_vcpu()
+        return result
+
+    def _spawn_vcpu(self, vcpu_id: int) -> tuple[int, bytes, list[int]]:
         vmm_end, vcpu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         host_ctl, vcpu_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -708,10 +836,13 @@ class Vm:
                 v.control.close()
                 v.process.terminate()
             for v in self.vcpus.values():
+                if self.opened_by is not None:
+                    self.opened_by.close_vcpu()
                 v.process.wait(5)
             self.vcpus.clear()
             for slot in self.slots.values():
                 slot.mapped.close()
+                self._uncharge(slot.layout.size)
             self.slots.clear()
             if self.vmsa is not None:
                 self.vmsa.close()
@@ -728,8 +859,10 @@ class KvmHost:
     """Serves ``/dev/kvm`` on a Unix socket; one thread per open fd."""
 
     def __init__(self, launcher: VcpuLauncher, *, spa_seed: int | None = None,
-                 psp: SecureProcessor | None = None) -> None:
+                 psp: SecureProcessor | None = None, limits: HostLimits | None = None) -> None:
         self.launcher = launcher
+        self.limits = limits or HostLimits()
+        """What one VMM's connection may hold of this host (:class:`HostLimits`)."""
         self.psp = psp
         """The host's Secure Processor, if it has one (an SEV-capable host)."""
         self.asids = AsidAllocator()
@@ -801,9 +934,11 @@ class KvmHost:
 
     def _serve_system(self, conn: socket.socket) -> None:
         with conn:
-            self._serve(conn, self._system_ioctl)
+            self._serve(conn, functools.partial(self._system_ioctl, KvmOpenFile(self.limits)),
+                        self.limits.request_payload)
 
-    def _system_ioctl(self, req: ioctl.Request, fds: list[int]) -> tuple[int, bytes, list[int]]:
+    def _system_ioctl(self, opened: KvmOpenFile, req: ioctl.Request,
+                      fds: list[int]) -> tuple[int, bytes, list[int]]:
         r = req.request
         if r == ioctl.KVM_GET_API_VERSION:
             return ioctl.KVM_API_VERSION, b"", []
@@ -818,13 +953,21 @@ class KvmHost:
         if r == ioctl.KVM_CREATE_VM:
             if _arg(req.payload) != 0:
                 return -errno.EINVAL, b"", []  # only the default VM type so far
-            return self._create_vm()
+            return self._create_vm(opened)
         return -errno.ENOTTY, b"", []
 
-    def _create_vm(self) -> tuple[int, bytes, list[int]]:
-        vmm_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _create_vm(self, opened: KvmOpenFile) -> tuple[int, bytes, list[int]]:
+        if not opened.open_vm():
+            log.warning("KVM_CREATE_VM refused (-EMFILE): one /dev/kvm may hold %d VMs at once",
+                        opened.limits.vms)
+            return -errno.EMFILE, b"", []
+        try:
+            vmm_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            opened.close_vm()
+            return -(exc.errno or errno.ENOMEM), b"", []
         with self._lock:
-            vm = Vm(vm_id=self._next_vm, host=self, file=fd_identity(vmm_end.fileno()))
+            vm = Vm(vm_id=self._next_vm, host=self, file=fd_identity(vmm_end.fileno()), opened_by=opened)
             self._next_vm += 1
             self.vms[vm.vm_id] = vm
         threading.Thread(target=self._serve_vm, args=(vm, host_end), daemon=True).start()
@@ -833,22 +976,32 @@ class KvmHost:
     def _serve_vm(self, vm: Vm, conn: socket.socket) -> None:
         with conn:
             try:
-                self._serve(conn, vm.dispatch)
+                self._serve(conn, vm.dispatch, self.limits.request_payload)
             finally:
                 with self._lock:
                     self.vms.pop(vm.vm_id, None)
                 vm.destroy()
+                if vm.opened_by is not None:
+                    vm.opened_by.close_vm()
                 log.info("vm %d destroyed", vm.vm_id)
 
     @staticmethod
-    def _serve(conn: socket.socket, handler: object) -> None:
+    def _serve(conn: socket.socket, handler: object, max_payload: int) -> None:
         assert callable(handler)
         dispatch: Callable[[ioctl.Request, list[int]], tuple[int, bytes, list[int]]] = handler
         while True:
             try:
-                req, fds = channel.recv_request(conn)
+                req, fds = channel.recv_request(conn, max_payload=max_payload)
             except (channel.ChannelClosed, ConnectionError):
                 return
+            except channel.RequestTooLarge as exc:
+                # Skipped whole: answer it as KVM answers an oversized argument, and go on.
+                log.warning("refused (-E2BIG): %s", exc)
+                try:
+                    channel.send_reply(conn, ioctl.Reply(exc.request, exc.seq, -errno.E2BIG, b""))
+                except OSError:
+                    return
+                continue
             except ProtocolError as exc:
                 log.warning("dropping a client: %s", exc)
                 return
@@ -862,6 +1015,8 @@ class KvmHost:
                     os.close(fd)
             try:
                 channel.send_reply(conn, ioctl.Reply(req.request, req.seq, result, payload), out_fds)
+            except OSError:
+                return  # the client left without its answer
             finally:
                 for fd in out_fds:
                     os.close(fd)

@@ -93,13 +93,15 @@ def encode(state: CprState) -> bytes:
 
 def decode_header(head: bytes) -> tuple[int, int]:
     """(entries, bytes still to read: body and CRC) from the first :data:`HEADER` bytes."""
+    if len(head) != HEADER.size:
+        raise CprError(f"CPR state: a header of {len(head)} bytes, expected {HEADER.size}")
     magic, version, n, length = HEADER.unpack(head)
     # SECURITY: the peer is another VMM process: check every number before using it.
     if magic != MAGIC:
         raise CprError("CPR state: bad magic (is the peer a VMM in cpr-transfer mode?)")
     if version != VERSION:
         raise CprError(f"CPR state: version {version}, this VMM reads {VERSION}")
-    if n > MAX_ENTRIES or length > MAX_BODY:
+    if n > MAX_ENTRIES or not _HANDLE.size <= length <= MAX_BODY:
         raise CprError(f"CPR state: {n} entries in {length} bytes exceeds the bounds")
     return n, length + TRAILER.size
 

@@ -648,7 +648,7 @@ class StreamDecoder(ReceiveBuffer[StreamEvent]):
         try:
             # SECURITY: peer-controlled JSON, size-bounded above.
             desc = json.loads(bytes(self._view[p + 5 : p + 5 + length]))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise self._error_at(f"vmdescription is not valid JSON: {exc}", p + 5) from exc
         if not isinstance(desc, dict):
             self._fail("vmdescription is not a JSON object", p + 5)

@@ -2,9 +2,14 @@
 
 Listens like QEMU's ``-qmp unix:PATH,server=on,wait=off`` and
 ``-qmp tcp:HOST:PORT,server=on,wait=off``, on any number of endpoints, for
-any number of clients. Each client has its own negotiation state and its
-commands run one after the other; an async handler that awaits lets every
-other client proceed.
+up to :data:`MAX_CLIENTS` clients at once. Each client has its own negotiation
+state and its commands run one after the other; an async handler that awaits
+lets every other client proceed.
+
+What one client can make the VMM hold is bounded: a message being received
+(``MAX_MESSAGE_SIZE`` of ``confmig.proto.qmp``), a read (:data:`READ_SIZE`)
+and replies it does not read (:data:`MAX_BACKLOG`); :data:`MAX_CLIENTS` bounds
+the number of such clients.
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ MAX_BACKLOG: Final = 16 * MiB
 # How long a connection attempt to an existing socket may take before the
 # socket is declared in use (a live but busy server accepts within this).
 PROBE_TIMEOUT: Final = 1.0
+MAX_CLIENTS: Final = 16
+"""Clients served at once, over all endpoints. A management stack uses one or two (libvirt one,
+a script another); past this a client gets one error line instead of a greeting and is
+disconnected. So what all clients together make the VMM hold stays within MAX_CLIENTS times
+the per-client bounds above, however many connect."""
+_TOO_MANY_CLIENTS: Final = (
+    json.dumps({"error": {"class": "GenericError",
+                          "desc": f"Too many QMP clients (at most {MAX_CLIENTS} at once)"}}).encode()
+    + b"\r\n"
+)
 
 
 @dataclass(eq=False, slots=True)
@@ -144,6 +159,13 @@ class QmpServer:
         task = asyncio.current_task()
         assert task is not None
         if self._closing:  # accepted just before close(), started after it
+            writer.close()
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            _log.warning("QMP: refusing a client: %d are connected already", len(self._clients))
+            with contextlib.suppress(OSError):
+                writer.write(_TOO_MANY_CLIENTS)
+                await writer.drain()
             writer.close()
             return
         client = _Client(QmpServerConnection(self._greeting), writer)
