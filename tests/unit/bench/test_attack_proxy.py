@@ -12,6 +12,7 @@ import pytest
 from confmig.bench.attacks import (
     FINAL,
     LAST,
+    CutShort,
     Drop,
     Flip,
     Inject,
@@ -193,3 +194,24 @@ def test_every_backend_whose_pages_cross_a_network_has_every_attack() -> None:
     assert {"swap", "replay", "drop", "reorder", "replay-stream", "restore-file"} <= psp_misses
     assert {c.name for c in CASES["plain"] if c.expected is Expected.CAUGHT} == {"cut"}
     assert "local" in NOT_APPLICABLE
+
+
+def test_a_cut_inside_a_run_of_plain_pages_ends_the_stream_there() -> None:
+    stream = plain_stream()
+    proxy = StreamProxy(CutShort(at=5), kind=Kind.PLAIN, pages=WATCHED)
+    out = through(proxy, stream, seed=1)
+    assert proxy.ended and proxy.tally.window_gpas == [16 * PAGE_SIZE]
+    assert [g for g, _ in target_view_until_cut(out)] == [g * PAGE_SIZE for g in range(16)]
+
+
+def target_view_until_cut(stream: bytes) -> list[tuple[int, bytes]]:
+    """What a target decodes before the stream ends inside a record."""
+    with pytest.raises(StreamError, match="truncated"):
+        target_view(stream)
+    decoder = StreamDecoder()
+    decoder.receive_data(stream)
+    writes = []
+    while (event := decoder.next_event()) is not NEED_DATA:
+        if isinstance(event, RamPages):
+            writes += [(int(i) * PAGE_SIZE, bytes(d)) for i, d in zip(event.indices, event.data, strict=True)]
+    return writes

@@ -55,6 +55,9 @@ TARGET_TIMEOUT: Final = 60.0
 """Seconds a target gets to load or refuse a stream once the source is done."""
 SELFCHECK_TIMEOUT: Final = 60.0
 """Seconds for a guest's self-check of its 2 MiB working set (a few seconds at most)."""
+ATTEMPTS: Final = 3
+"""Migrations a proxy attack gets to find its window (see :func:`run_case`)."""
+NOT_ACTED: Final = "the attack found no record to act on"
 DRAIN_TIMEOUT: Final = 10.0
 """Seconds the proxy gets to pass what is left once the source's migration ended."""
 WORKING_SET_RE: Final = re.compile(rb"dirty: \d+ pages \([^:]*: ([^)]*)\), version table at (0x[0-9a-f]+)")
@@ -134,20 +137,29 @@ def run_attacks(*, backends: Iterable[str] = tuple(BACKENDS), cases: Iterable[st
 
 
 def run_case(lab: Lab, hosts: list[HostProc], backend: str, case: Case) -> Outcome:
-    """One case in ``lab`` (whose hosts are A, B, C); its VMs are stopped before it returns."""
+    """One case in ``lab`` (whose hosts are A, B, C); its VMs are stopped before it returns. A
+    proxy attack that found no record to act on (a stop-and-copy part without a page the guest
+    checks: the guest wrote none in the last round) runs again, up to :data:`ATTEMPTS` times."""
     t0 = time.monotonic()
-    run = _Run(lab, hosts, backend, case)
-    try:
-        acted, seen, copies_elsewhere = run.go()
-        verdict = _verdict(seen, scenario=copies_elsewhere)
-    except DeadlineExceeded:
-        raise
-    except (ConfmigError, OSError, AssertionError) as exc:
-        acted, verdict = "", f"error: {exc}"
-        seen = _Seen(migration="", caught_by="", target="", target_selfcheck="", source="",
-                     source_selfcheck="")
-    finally:
-        run.stop()
+    for attempt in range(1, ATTEMPTS + 1):
+        run = _Run(lab, hosts, backend, case, attempt=attempt)
+        try:
+            acted, seen, copies_elsewhere = run.go()
+            verdict = _verdict(seen, scenario=copies_elsewhere)
+        except DeadlineExceeded:
+            raise
+        except (ConfmigError, OSError, AssertionError) as exc:
+            acted, verdict = "", f"error: {exc}"
+            seen = _Seen(migration="", caught_by="", target="", target_selfcheck="", source="",
+                         source_selfcheck="")
+        finally:
+            run.stop()
+        if not acted.startswith(NOT_ACTED):
+            break
+    if acted.startswith(NOT_ACTED):
+        verdict = f"not run: {NOT_ACTED} in {ATTEMPTS} migrations"
+    elif attempt > 1:
+        acted = f"(attempt {attempt}: the attack found no record in the earlier ones) {acted}"
     return Outcome(backend=backend, case=case.name, what=case.what, expected=case.expected.value,
                    why=case.why, verdict=verdict, acted=acted, migration=seen.migration,
                    caught_by=seen.caught_by, target=seen.target, target_selfcheck=seen.target_selfcheck,
@@ -168,8 +180,10 @@ def _verdict(seen: _Seen, *, scenario: bool) -> str:
 class _Run:
     """The VMs of one case and the steps of its scenario."""
 
-    def __init__(self, lab: Lab, hosts: list[HostProc], backend: str, case: Case) -> None:
+    def __init__(self, lab: Lab, hosts: list[HostProc], backend: str, case: Case, *,
+                 attempt: int = 1) -> None:
         self.lab = lab
+        self.attempt = attempt
         self.a, self.b, self.c = hosts
         self.backend = backend
         self.kind = BACKENDS[backend]
@@ -182,7 +196,8 @@ class _Run:
     # --- VMs ---
 
     def _name(self, role: str) -> str:
-        return f"{self.backend}-{self.case.name}-{role}"
+        again = f"-{self.attempt}" if self.attempt > 1 else ""
+        return f"{self.backend}-{self.case.name}-{role}{again}"
 
     def start(self, *, targets: Iterable[tuple[str, HostProc]],
               rogue: tuple[str, HostProc] | None = None) -> list[VmProc]:
@@ -265,7 +280,7 @@ class _Run:
             result = migrate(src, None, proxy.uri, settings=self.settings)
             proxy.finished.wait(DRAIN_TIMEOUT)
         tally = proxy.tally
-        acted = "; ".join(tally.done) or "the attack found no record to act on"
+        acted = "; ".join(tally.done) or NOT_ACTED
         if tally.error:
             acted += f" (the proxy could not decode the stream: {tally.error})"
         return acted, self.observe(src, dst, result.status)

@@ -251,6 +251,8 @@ class StreamProxy:
 
     def _unit(self, unit: Unit, *, ends: bool = False) -> None:
         self.tally.completion |= ends
+        if self._mode is _Mode.ENDED:  # a Cut went out (the rest of a run of plain pages comes here)
+            return
         attack = self.attack
         if self._mode is _Mode.DONE or attack is None:
             self._emit(unit)
