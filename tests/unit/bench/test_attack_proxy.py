@@ -215,3 +215,38 @@ def target_view_until_cut(stream: bytes) -> list[tuple[int, bytes]]:
         if isinstance(event, RamPages):
             writes += [(int(i) * PAGE_SIZE, bytes(d)) for i, d in zip(event.indices, event.data, strict=True)]
     return writes
+
+
+def test_the_pages_a_dirty_guest_checks_come_from_its_console() -> None:
+    from confmig.bench.attacks.harness import checked_pages
+
+    class Console:
+        name = "src"
+
+        def console_text(self) -> bytes:
+            return (b"dirty: 512 pages (2 MiB: 500 at 0x1001000, 12 at 0x100000000), version table at "
+                    b"0x1000000, 300 pages/s\n")
+
+    table = (0x1000000, 0x1001000)  # 512 le64 versions: one page
+    assert checked_pages(Console()) == [table, (0x1001000, 0x1001000 + 500 * PAGE_SIZE),  # type: ignore[arg-type]
+                                        (0x100000000, 0x100000000 + 12 * PAGE_SIZE)]
+
+
+def test_the_saved_table_has_a_row_per_attack_and_a_column_per_backend() -> None:
+    from confmig.bench.attacks.harness import Outcome, markdown, report_of
+
+    def outcome(backend: str, case: str, verdict: str, expected: str) -> Outcome:
+        return Outcome(backend=backend, case=case, what="w", expected=expected, why="y", verdict=verdict,
+                       acted="a|b", migration="failed", caught_by="refused", target="inmigrate",
+                       target_selfcheck="", source="running", source_selfcheck="confmig-selfcheck: PASS",
+                       seconds=1.0)
+
+    report = report_of([outcome("psp", "swap", "caught", "not caught: corrupted"),
+                        outcome("mh", "swap", "caught", "caught"),
+                        outcome("psp", "rogue-pdh", "not caught: memory read", "not caught: memory read")],
+                       t0=0)
+    lines = markdown(report)
+    assert "| attack | psp | mh |" in lines
+    assert "| swap | caught (**NO**) | caught |" in lines
+    assert "| rogue-pdh | not caught: memory read | — |" in lines
+    assert not report["all_as_designed"] and any("a\\|b" in line for line in lines)
