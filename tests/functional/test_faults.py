@@ -27,6 +27,7 @@ def test_every_backend_has_every_fault_at_some_phase() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_the_whole_matrix_holds_every_must() -> None:
     results = Matrix().run(BACKENDS, Fault, Phase)
     bad = [r for r in results if r.verdict in ("FAIL", "error")]
