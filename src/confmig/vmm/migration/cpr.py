@@ -161,11 +161,17 @@ class CprListener:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        # The path appears only once the socket listens (bound elsewhere, then renamed): an old
+        # VMM that connects as soon as it sees the path is never refused.
+        staging = f"{self.path}.{os.getpid()}.tmp"
         try:
-            self._sock.bind(self.path)
+            self._sock.bind(staging)
             self._sock.listen(1)
+            os.rename(staging, self.path)
         except OSError as exc:
             self._sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
             raise ConfigError(f"Failed to listen on cpr channel '{uri}': {exc.strerror or exc}") from exc
         self._conn: socket.socket | None = None
 
