@@ -88,8 +88,15 @@ def json_bombs(draw: st.DrawFn) -> bytes:
 ENDED = ram_end_begin(0) + eos_and_footer(0)
 """The ram section's last part, empty: after it, EOF may come (and a vmdescription)."""
 
+vmdescriptions = st.one_of(
+    json_bombs(),
+    st.builds(lambda text: b"\x06" + struct.pack(">I", len(text)) + text,
+              st.one_of(st.binary(max_size=24), st.sampled_from([b"{}", b"[]", b'{"a": 1}', b"null", b"{"]))),
+)
+
 pieces = st.one_of(
     st.just(ENDED + eof()),
+    st.builds(lambda desc, rest: ENDED + eof() + desc + rest, vmdescriptions, st.binary(max_size=4)),
     st.builds(ram_part_begin, st.sampled_from([0, 0, 1, 2**32 - 1])),
     st.builds(ram_end_begin, st.sampled_from([0, 1])),
     st.builds(eos_and_footer, st.sampled_from([0, 1, 5])),
