@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -227,6 +228,7 @@ class OutgoingMigration(threading.Thread):
             out.end_part()
             elapsed = max(self.clock.monotonic() - t0, 1e-6)
             result = self._end_round(self._dirty.sync(), sent, self._sent() - b0, elapsed)
+            self._target_gave_up()
             yield result
             if self.cancel.is_set():
                 raise Cancelled
@@ -328,6 +330,34 @@ class OutgoingMigration(threading.Thread):
 
     def _sent(self) -> int:
         return sum(ch.sent for ch in self._channels)
+
+    def _target_gave_up(self) -> None:
+        """Between rounds, while the guest runs: a target that already failed (its verdict came
+        early, an MH abort token perhaps before it) or hung up ends the migration here, where
+        every backend can still take the guest back; past switch-over a confidential backend
+        may not (QEMU's return-path thread reads all along). Bytes that are no verdict are left
+        for the final read, which reports them."""
+        main = self._main
+        if main is None or main.sock is None:
+            return
+        try:
+            early = main.sock.recv(rp.HEADER.size + rp.CONFIDENTIAL_MAX + 2 * rp.HEADER.size,
+                                   socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # nothing yet: the target is still loading
+        except OSError:
+            early = b""  # reset: the target is gone
+        if early:
+            probe = rp.ReturnPathDecoder()
+            probe.receive_data(early)
+            try:
+                while isinstance(event := probe.next_event(), rp.Confidential):
+                    pass
+            except StreamError:
+                return
+            if not isinstance(event, rp.Shut) or event.ok:
+                return
+        self._await_target(main)  # reads the failure (or the hang-up) for real, and raises
 
     def _await_target(self, main: Channel) -> None:
         """Read the return path: the target says whether it loaded and resumed."""
