@@ -829,6 +829,9 @@ def _conclude(cell: Cell) -> CellResult:
         reasons.insert(0, "two copies run")
     elif copies == 0 and not lost_expected:
         reasons.insert(0, "no copy runs")
+    for who, vm, mig in (("source", src, src_mig), ("target", dst, dst_mig)):
+        if mig == "failed" and (who == "source" or reasons or fault is Fault.SOURCE_VMM):
+            cell.notes.append(f"{who}: {_query(vm, 'query-migrate').get('error-desc', '')}")
     again = "n/a"
     if "source" in running:
         again = _again(cell)
@@ -842,8 +845,6 @@ def _conclude(cell: Cell) -> CellResult:
     if fault is Fault.CANCEL and src_mig == "completed" and cell.phase is not Phase.CONFIRMED:
         cell.notes.append("migrate_cancel came once the whole stream was out: the source waited for the "
                           "target's verdict instead, and the migration completed")
-    if fault is Fault.SOURCE_VMM and dst_mig == "failed":
-        cell.notes.append(f"target: {_query(dst, 'query-migrate').get('error-desc', '')}")
     return _result(cell, verdict=verdict, reasons=tuple(reasons),
                    source_end=f"{src_mig}, {src_state}", target_end=f"{dst_mig}, {dst_state}"
                    + ("" if host_alive else " (host killed)"),
@@ -942,6 +943,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Fault matrix, {report['date']}", "",
              f"Machine: {_machine(report['machine'])}. Load average at start {report['load-at-start']}, "
              f"at end {report['load-at-end']}; {report['minutes']} minutes.", "",
+             *[f"Re-run into this table: {r}.\n" for r in report.get("re-runs", [])],
              f"Each cell: a {report['ram']} guest running the `kv` workload, served to a client that "
              "writes all along and remembers every acknowledged write; one migration (plain, psp, mh: "
              "between two emulated hosts through a link of 128 MiB/s; local: cpr-transfer to a new VMM "
@@ -996,6 +998,28 @@ def _fmt(injected: dict[str, Any]) -> str:
     if injected.get("target-bytes") is not None:
         out += f", {injected['target-bytes']} B to the target"
     return out
+
+
+def merge_into(saved: Path, report: dict[str, Any]) -> Path:
+    """Put ``report``'s cells (a re-run of some) into the saved report ``saved`` (its JSON),
+    in place of the same cells, note it, and write its Markdown again (and faults-latest.md)."""
+    old: dict[str, Any] = json.loads(saved.read_text())
+    new = {(c["backend"], c["fault"], c["phase"]): c for c in report["cells"]}
+    old["cells"] = [new.pop((c["backend"], c["fault"], c["phase"]), c) for c in old["cells"]]
+    old["cells"] += list(new.values())
+    for axis, values in (("backends", [b.name for b in BACKENDS]), ("faults", [f.value for f in Fault]),
+                         ("phases", [p.value for p in Phase])):
+        had = {*old[axis], *report[axis]}
+        old[axis] = [v for v in values if v in had]
+    old["summary"] = summary(list(cells_of(old)))
+    cells = ", ".join(sorted({f"{c['backend']}/{c['fault']}" for c in report["cells"]}))
+    old.setdefault("re-runs", []).append(f"{report['date']}: {cells} ({len(report['cells'])} cells, "
+                                        f"load at start {report['load-at-start']})")
+    saved.write_text(json.dumps(old, indent=2) + "\n")
+    text = markdown(old)
+    saved.with_suffix(".md").write_text(text)
+    (saved.parent / "faults-latest.md").write_text(text)
+    return saved.with_suffix(".md")
 
 
 def save(directory: Path, report: dict[str, Any]) -> Path:

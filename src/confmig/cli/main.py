@@ -282,11 +282,13 @@ def attacks(save: str | None, backends: tuple[str, ...], names: tuple[str, ...],
 @click.option("--phase", "phases", multiple=True, help="Only this phase (repeatable): setup, first-round, "
               "later-rounds, switch-over, after-device, confirmed.")
 @click.option("--save", default=None, help="Directory to save the table into (JSON + Markdown).")
+@click.option("--into", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A saved table (its .json) whose cells this run replaces (a re-run of some cells).")
 @click.option("--check", is_flag=True, help="Exit non-zero if a cell failed (a must did not hold).")
 @click.option("--timeout", default=BENCH_TIMEOUT, show_default=True, type=_TIMEOUT,
               help="Seconds for the whole run; past them it stops with an error.")
 def faults(backends: tuple[str, ...], faults: tuple[str, ...], phases: tuple[str, ...], save: str | None,
-           check: bool, timeout: float) -> None:
+           into: str | None, check: bool, timeout: float) -> None:
     """Inject every fault at every phase of a migration, for every backend, and say what survived."""
     from confmig.bench import faults as matrix
     from confmig.bench.deadline import Deadline
@@ -309,6 +311,10 @@ def faults(backends: tuple[str, ...], faults: tuple[str, ...], phases: tuple[str
         report = matrix.run_matrix(backends=chosen_backends, faults=chosen_faults, phases=chosen_phases,
                                    save_dir=save, deadline=Deadline(timeout), progress=show)
         click.echo(json.dumps(report["summary"]))
+        if into:
+            from pathlib import Path
+
+            click.echo(f"merged into {matrix.merge_into(Path(into), report)}")
         return not check or all(c["verdict"] not in ("FAIL", "error") for c in report["cells"])
 
     _run_scenario(run)
