@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from confmig.common.clock import ManualClock
+from confmig.common.errors import RemoteMigrationError
 from confmig.common.units import PAGE_SIZE
 from confmig.proto.stream import decoder as dec
 from confmig.proto.stream import return_path as rp
@@ -51,6 +52,8 @@ class FakeChannel(Channel):
         self.timeout: float | None = None
 
     def send_all(self, data: bytes | bytearray | memoryview) -> int:
+        if self.aborted:  # as a socket shut down by migrate_cancel
+            raise RemoteMigrationError("Unable to write to socket: Broken pipe")
         view = memoryview(data).cast("B")
         self.wire += view
         self.sent += len(view)
@@ -125,8 +128,8 @@ class FakeVm:
         self.events.append("stop")
         self.hook("stop")
 
-    def recover(self) -> None:
-        self.events.append("recover")
+    def recover(self, *, resume: bool = True) -> None:
+        self.events.append("recover" if resume else "hold")
 
     def save_sections(self) -> list[DeviceSection]:
         self.hook("save")

@@ -88,6 +88,12 @@ class OutgoingBackend:
     def cancel(self) -> None:
         """Undo setup: the source keeps the guest."""
 
+    def resumable_without_verdict(self) -> bool:
+        """After :meth:`cancel`, when the whole stream went out and the target's verdict was
+        lost: whether this backend knows the target cannot have taken the guest, so that it may
+        run here again. By default it does not: the source stays paused."""
+        return False
+
     def from_target(self, payload: bytes) -> None:
         """A return-path message for this backend (the target's, e.g. an abort token); it
         arrives before the target's verdict."""

@@ -87,6 +87,8 @@ class LocalOutgoing(OutgoingBackend):
         self.counters: ConfidentialCounters = local_counters()
         self._stream_out = False
         self._released = False
+        self._ours = False
+        """:meth:`cancel` found that the new VMM cannot have taken the guest."""
         """The new VMM said it never took the guest."""
 
     def dirty_log(self, start: Callable[[], DirtyLog]) -> DirtyLog:
@@ -123,6 +125,7 @@ class LocalOutgoing(OutgoingBackend):
     def cancel(self) -> None:
         """No verdict: resume only if the new VMM cannot have taken the guest."""
         if not self.sender.handed:
+            self._ours = True
             return  # the descriptors never arrived: nothing to take back
         m = self.machine
         if m.sev is not None:
@@ -133,10 +136,17 @@ class LocalOutgoing(OutgoingBackend):
                 m.handed_over = VM_DEAD
                 m.retire()
                 raise MigrationError(f"the source guest stays stopped: {VM_DEAD}") from exc
+            self._ours = True
             return  # alive: the move never happened, and our VM runs the guest again
         if self._stream_out and not self._released:
             m.handed_over = VERDICT_LOST
             raise MigrationError(f"the source guest stays stopped: {VERDICT_LOST}")
+        self._ours = True
+
+    def resumable_without_verdict(self) -> bool:
+        """The kernel tells: an SEV guest's VM that still answers was never moved; a plain one
+        whose new VMM said it did not take the guest is still ours."""
+        return self._ours
 
 
 class LocalIncoming(IncomingBackend):

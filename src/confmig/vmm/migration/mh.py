@@ -211,9 +211,8 @@ class MhOutgoing(OutgoingBackend):
     def _resume(self) -> None:
         token = self.abort_token
         if token is None:
-            log.error("Migration Handler: the migration failed after FINISH and the target sent no "
-                      "abort token: the guest stays stopped here (it may be running there)")
-            return
+            raise MhError("the migration failed after FINISH and the target sent no abort token: "
+                          "the guest stays stopped here (it may be running there)")
         v = self.mh.vcpus[0]
         if not 0 < len(token) <= mb.SLOT_DATA:
             raise MhError(f"an abort token of {len(token)} bytes")

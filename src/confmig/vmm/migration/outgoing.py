@@ -71,7 +71,7 @@ class SourceVm(Protocol):
 
     def stop_for_switchover(self) -> None: ...
 
-    def recover(self) -> None: ...
+    def recover(self, *, resume: bool = True) -> None: ...
 
     def save_sections(self) -> Sequence[DeviceSection]: ...
 
@@ -120,6 +120,8 @@ class OutgoingMigration(threading.Thread):
         (the target may already run the guest; resuming here too would run it twice)."""
         self._handed_over = False
         """The target confirmed: from here on the guest is the target's."""
+        self._refused = False
+        """The target said it failed (its verdict came, negative): the guest never ran there."""
         self._limiter = RateLimiter(params.max_bandwidth, self.cancel, self.clock)
 
     def update_parameters(self, params: MigrationParameters) -> None:
@@ -173,11 +175,23 @@ class OutgoingMigration(threading.Thread):
             with contextlib.suppress(ConfmigError):
                 self.vm.migrated()
             return
+        cancel_error = None
         if self.backend is not None:
             try:
                 self.backend.cancel()
             except ConfmigError as exc:
                 log.error("%s backend: cancel failed: %s", self.backend.name, exc)
+                cancel_error = str(exc)
+        lost = self._stream_sent and not self._refused
+        if lost and not (self.backend is not None and self.backend.resumable_without_verdict()):
+            # The whole guest went out and no verdict came back: the target may be running it.
+            # Resuming here too would run two copies (QEMU would); the source stays paused.
+            self.vm.recover(resume=False)
+            held = cancel_error or ("the target may be running the guest (its verdict was lost), so "
+                                    "the source stays paused: cont runs it here if the target does not")
+            log.error("%s", held)
+            self.error = f"{self.error}; {held}" if self.error else held
+            return
         try:
             self.vm.recover()
         except ConfmigError as exc:  # e.g. a guest its backend sent away and got no abort for
@@ -386,4 +400,5 @@ class OutgoingMigration(threading.Thread):
             raise RemoteMigrationError(f"target did not confirm the migration: unexpected "
                                        f"return-path message {type(event).__name__.upper()}")
         if not event.ok:
+            self._refused = True
             raise RemoteMigrationError("the target failed to load the migration stream")

@@ -56,14 +56,16 @@ class MachineVm:
         m.stop(RunState.FINISH_MIGRATE)
         m.quiesce_devices()
 
-    def recover(self) -> None:
-        """Back to where we were (QEMU's ``vm_old_state``): a guest that ran runs again."""
+    def recover(self, *, resume: bool = True) -> None:
+        """Back to where we were (QEMU's ``vm_old_state``): a guest that ran runs again. Without
+        ``resume`` it stays paused, devices quiet, until ``cont``."""
         m = self.machine
         if m.runstate == RunState.FINISH_MIGRATE:
             m.set_runstate(RunState.PAUSED)
-            if self._was_running:
+            if self._was_running and resume:
                 m.start()
-        m.resume_devices()
+        if resume:
+            m.resume_devices()
 
     def save_sections(self) -> list[DeviceSection]:
         m = self.machine

@@ -83,11 +83,21 @@ def test_cancel_at_every_phase_leaves_the_source_running(phase: str) -> None:
     assert run.vm.events[-1] == "dirty-logging off"
 
 
-def test_a_target_that_hangs_up_without_a_verdict_fails_the_migration() -> None:
+def test_a_target_that_hangs_up_without_a_verdict_leaves_the_source_paused() -> None:
+    """The whole guest went out and no verdict came: the target may be running it, so the
+    source does not resume (two copies would run); it waits paused for cont."""
     run = run_engine(reply=b"")  # the return path ends before any message
     assert run.statuses[-1] == S.FAILED
     assert "target did not confirm" in (run.mig.error or "")
-    assert "recover" in run.vm.events
+    assert "the source stays paused" in (run.mig.error or "")
+    assert "hold" in run.vm.events and "recover" not in run.vm.events
+
+
+def test_a_target_that_says_it_failed_gives_the_guest_back_to_the_source() -> None:
+    run = run_engine(reply=rp.encode(rp.Shut(status=1)))
+    assert run.statuses[-1] == S.FAILED
+    assert run.mig.error == "the target failed to load the migration stream"
+    assert "recover" in run.vm.events and "hold" not in run.vm.events
 
 
 def test_a_cancel_after_the_whole_stream_was_sent_waits_for_the_verdict() -> None:
