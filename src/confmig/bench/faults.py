@@ -227,8 +227,11 @@ class CellResult:
     fault: str
     phase: str
     verdict: str
-    """``ok``; ``lost`` (the VMM that ran the guest was killed: no copy may run, none does);
-    ``FAIL`` (a must did not hold: ``reasons`` say which); ``n/a``; ``error`` (the harness)."""
+    """``ok``; ``held`` (the target's verdict was lost: the source kept the guest paused, since
+    the target might run it; no copy ran until the operator's ``cont``, which the harness gives
+    once it saw the target does not run it); ``lost`` (the VMM that ran the guest was killed:
+    no copy may run, none does); ``FAIL`` (a must did not hold: ``reasons`` say which); ``n/a``;
+    ``error`` (the harness)."""
     reasons: tuple[str, ...] = ()
     injected: dict[str, Any] = field(default_factory=dict)
     """Where the migration was when the fault went in: the source's status and dirty-sync
@@ -253,6 +256,8 @@ class CellResult:
         """The table's cell."""
         if self.verdict == "ok":
             return f"ok: {'+'.join(self.running)}"
+        if self.verdict == "held":
+            return "held: source, after cont"
         if self.verdict == "lost":
             return "lost (expected)"
         if self.verdict == "FAIL":
@@ -810,6 +815,16 @@ def _conclude(cell: Cell) -> CellResult:
         running.append("source")
     if dst_state == "running" and dst_mig == "completed" and host_alive:
         running.append("target")
+    lost_expected = ((fault is Fault.SOURCE_VMM and not cell.target_had_all)
+                     or (fault in (Fault.TARGET_VMM, Fault.TARGET_HOST) and cell.target_had_all))
+    held = (not running and not lost_expected and src_state == "paused" and src_mig == "failed"
+            and "stays paused" in str(_query(src, "query-migrate").get("error-desc", "")))
+    if held:  # the operator's call, made knowing the target does not run the guest
+        cell.notes.append("the verdict was lost: the source held the guest paused (the target might "
+                          "have run it); no copy ran until cont, given once the target was seen not to")
+        src.qmp.execute("cont")
+        src_state = _runstate(src)
+        running.append("source")
     writer = cell.writer
     writer.stop()
     lost: int | None = None
@@ -822,9 +837,7 @@ def _conclude(cell: Cell) -> CellResult:
                 reasons.append(f"{n} acknowledged writes missing on the {who}")
             lost = (lost or 0) + (n or 0)
     copies = len(running)
-    verdict = "ok"
-    lost_expected = ((fault is Fault.SOURCE_VMM and not cell.target_had_all)
-                     or (fault in (Fault.TARGET_VMM, Fault.TARGET_HOST) and cell.target_had_all))
+    verdict = "held" if held else "ok"
     if copies >= 2:
         reasons.insert(0, "two copies run")
     elif copies == 0 and not lost_expected:
@@ -839,7 +852,7 @@ def _conclude(cell: Cell) -> CellResult:
             reasons.append(f"the source cannot migrate again: {again}")
     if reasons:
         verdict = "FAIL"
-    elif copies == 0:
+    elif copies == 0 and not held:
         verdict = "lost"
         cell.notes.append("the guest was lost: its VMM (or host) was killed while it ran the guest")
     if fault is Fault.CANCEL and src_mig == "completed" and cell.phase is not Phase.CONFIRMED:
@@ -918,7 +931,8 @@ def run_matrix(*, backends: Iterable[Backend] = BACKENDS, faults: Iterable[Fault
 def summary(results: list[CellResult]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for r in results:
-        counts = out.setdefault(r.backend, {"ok": 0, "lost": 0, "FAIL": 0, "error": 0, "missed": 0, "n/a": 0})
+        counts = out.setdefault(r.backend, {"ok": 0, "held": 0, "lost": 0, "FAIL": 0, "error": 0, "missed": 0,
+                                            "n/a": 0})
         counts[r.verdict] = counts.get(r.verdict, 0) + 1
     return out
 
@@ -931,7 +945,11 @@ def cells_of(report: dict[str, Any]) -> Iterator[CellResult]:
 
 LEGEND = (
     "`ok: source` / `ok: target`: exactly one copy runs, there, with every acknowledged write (and a "
-    "running source migrated again). `lost (expected)`: the VMM (or host) running the guest was killed, "
+    "running source migrated again). `held: source, after cont`: the whole stream went out and the "
+    "target's verdict was lost; the source kept the guest paused (the target might have been running it: "
+    "resuming would risk two copies), no copy ran, and the harness, as an operator who sees the target "
+    "does not run it, said cont; then the musts held on the source. "
+    "`lost (expected)`: the VMM (or host) running the guest was killed, "
     "and no copy runs twice. `**FAIL**`: a must did not hold (first reason shown; all below). `phase "
     "missed`: in three tries the fault never bit at that phase (a file migration that completed before its "
     "disk filled up). `n/a`: the cell does not exist for the backend (why: in the list of every cell).")
@@ -958,10 +976,10 @@ def markdown(report: dict[str, Any]) -> str:
             row = [mine[(f, p.value)].short if (f, p.value) in mine else "" for p in phases]
             lines.append(f"| {Fault(f).title} | " + " | ".join(row) + " |")
         lines.append("")
-    lines += ["## Summary", "", "| backend | ok | lost (expected) | FAIL | harness error | phase missed "
-              "| n/a |", "|---" * 7 + "|"]
-    lines += [f"| {b} | {c['ok']} | {c['lost']} | {c['FAIL']} | {c['error']} | {c.get('missed', 0)} | "
-              f"{c['n/a']} |" for b, c in report["summary"].items()]
+    lines += ["## Summary", "", "| backend | ok | held (paused, then cont) | lost (expected) | FAIL "
+              "| harness error | phase missed | n/a |", "|---" * 8 + "|"]
+    lines += [f"| {b} | {c['ok']} | {c.get('held', 0)} | {c['lost']} | {c['FAIL']} | {c['error']} | "
+              f"{c.get('missed', 0)} | {c['n/a']} |" for b, c in report["summary"].items()]
     lines.append("")
     bad = [c for c in cells if c.verdict in ("FAIL", "error")]
     if bad:
