@@ -16,6 +16,7 @@ import struct
 from collections.abc import Callable, Iterator
 
 import pytest
+from chunked import through
 from test_mh_live_migration import SETTINGS, mh_pair, wait_migration
 
 from confmig.bench.attacks import (
@@ -83,18 +84,6 @@ def fake_stream(rounds: tuple[int, int] = (40, 5), nstreams: int = 1) -> bytes:
     return b"".join(out)
 
 
-def through_core(proxy: StreamProxy, stream: bytes, seed: int = 0) -> bytes:
-    """The stream through the proxy's core in random chunks; what comes out."""
-    rng = random.Random(seed)
-    out, at = [], 0
-    while at < len(stream):
-        n = rng.randint(1, 20_000)
-        proxy.receive_data(stream[at : at + n])
-        out.append(proxy.data_to_send())
-        at += n
-    proxy.feed_eof()
-    out.append(proxy.data_to_send())
-    return b"".join(out)
 
 
 def page_records(stream: bytes) -> Iterator[tuple[RecordId, bytes]]:
@@ -113,7 +102,7 @@ def page_records(stream: bytes) -> Iterator[tuple[RecordId, bytes]]:
 def test_without_an_attack_the_proxy_passes_the_stream_byte_for_byte() -> None:
     stream = fake_stream()
     proxy = StreamProxy()
-    assert through_core(proxy, stream) == stream
+    assert through(proxy, stream) == stream
     assert proxy.tally.received == proxy.tally.forwarded == [RecordId(0, s) for s in range(45)]
     assert proxy.tally.completion and not proxy.tally.done and proxy.tally.error is None
 
@@ -137,7 +126,7 @@ def test_the_proxy_rewrites_whole_records_in_a_valid_stream(
         attack: Attack, window: list[RecordId], seqs: list[RecordId]) -> None:
     stream = fake_stream()
     proxy = StreamProxy(attack)
-    out = through_core(proxy, stream, seed=len(seqs))
+    out = through(proxy, stream, seed=len(seqs))
     got = list(page_records(out))  # the target's decoder takes the framing: only records changed
     before = [RecordId(0, s) for s in range(window[0].seq)]
     after = [RecordId(0, s) for s in range(window[-1].seq + 1, 45)]
@@ -153,7 +142,7 @@ def test_with_two_streams_the_window_is_one_streams_records() -> None:
     """Records of stream 1 between the window's records of stream 0 pass in place."""
     stream = fake_stream(nstreams=2)
     proxy = StreamProxy(Swap(at=20, distance=2))  # page record 20 is stream 0's 10th
-    got = [r for r, _ in page_records(through_core(proxy, stream))]
+    got = [r for r, _ in page_records(through(proxy, stream))]
     assert proxy.tally.window == [RecordId(0, 10), RecordId(0, 11), RecordId(0, 12)]
     i = got.index(RecordId(0, 12))
     assert got[i : i + 6] == [RecordId(0, 12), RecordId(1, 10), RecordId(0, 11), RecordId(1, 11),
@@ -163,7 +152,7 @@ def test_with_two_streams_the_window_is_one_streams_records() -> None:
 
 @pytest.mark.parametrize(("seq", "left"), [(2, (1, 0)), (3, (1, 1))], ids=["zero-page-last", "data-last"])
 def test_a_truncated_record_is_well_formed_and_one_page_shorter(seq: int, left: tuple[int, int]) -> None:
-    out = through_core(StreamProxy(Truncate(at=seq)), fake_stream())
+    out = through(StreamProxy(Truncate(at=seq)), fake_stream())
     payload = dict(page_records(out))[RecordId(0, seq)]
     h = mb.decode_record_header(payload)  # the target's VMM finds nothing wrong with it
     assert (h.npages, h.nzero) == left
@@ -173,7 +162,7 @@ def test_a_truncated_record_is_well_formed_and_one_page_shorter(seq: int, left: 
 def test_a_cut_ends_the_stream_inside_the_record() -> None:
     stream = fake_stream()
     proxy = StreamProxy(CutShort(at=5))
-    out = through_core(proxy, stream)
+    out = through(proxy, stream)
     assert proxy.ended and proxy.tally.forwarded == ids(0, 1, 2, 3, 4)
     assert stream.startswith(out) and len(out) < stream.index(fake_record(5)) + len(fake_record(5))
 

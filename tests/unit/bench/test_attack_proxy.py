@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import pytest
+from chunked import through
 
 from confmig.bench.attacks import (
     FINAL,
@@ -76,17 +77,6 @@ def plain_stream() -> bytes:
     return b"".join(out)
 
 
-def through(proxy: StreamProxy, stream: bytes, seed: int = 0) -> bytes:
-    rng = random.Random(seed)
-    out, at = [], 0
-    while at < len(stream):
-        n = rng.randint(1, 30_000)
-        proxy.receive_data(stream[at : at + n])
-        out.append(proxy.data_to_send())
-        at += n
-    proxy.feed_eof()
-    out.append(proxy.data_to_send())
-    return b"".join(out)
 
 
 def target_view(stream: bytes) -> list[tuple[int, bytes]]:
