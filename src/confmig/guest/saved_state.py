@@ -63,7 +63,9 @@ def load(cpu: GuestCpu, vcpu_id: int, mask: int) -> Registers | None:
 
 
 def clear(cpu: GuestCpu, vcpu_id: int, mask: int) -> None:
-    cpu.write(_at(vcpu_id, mask), bytes(_SLOT.size))
+    """Empty ``vcpu_id``'s slot (a vCPU without one has nothing to clear)."""
+    if 0 <= vcpu_id < SLOTS:
+        cpu.write(_at(vcpu_id, mask), bytes(_SLOT.size))
 
 
 def clear_all(cpu: GuestCpu, mask: int) -> None:
