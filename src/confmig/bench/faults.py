@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from confmig.bench.deadline import NO_DEADLINE, Deadline, DeadlineExceeded
+from confmig.bench.deadline import NO_DEADLINE, Deadline, DeadlineExceeded, StepTimeout
 from confmig.bench.kv_client import KvClient, KvRequestError
 from confmig.bench.lab import (
     WORKLOAD_STARTED,
@@ -53,12 +53,11 @@ from confmig.bench.perf import machine_info
 from confmig.bench.scenario import (
     MH_TARGET_READY,
     MigrationSettings,
+    aim_source,
     configure,
     incoming_uri,
     mh_guest_args,
-    mh_target_challenge,
     sev_args,
-    sev_target_certificates,
 )
 from confmig.common.errors import ConfmigError
 from confmig.common.units import MiB
@@ -396,12 +395,12 @@ def _cancel(vm: VmProc) -> str:
         return f"migrate_cancel: {exc}"
 
 
-def _wait(what: str, ready: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > end:
-            return False
-        time.sleep(interval)
+def _wait(vm: VmProc, what: str, ready: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Whether ``ready`` came true within ``timeout``; the run's deadline (``vm``'s lab's) holds."""
+    try:
+        vm.deadline.wait(what, lambda: True if ready() else None, timeout=timeout, interval=interval)
+    except StepTimeout:
+        return False
     return True
 
 
@@ -595,10 +594,7 @@ def _run_remote(cell: Cell, host_a: HostProc, host_b: HostProc) -> CellResult:
                        max_bandwidth=FILE_RATE if disk_full else MAX_BANDWIDTH,
                        downtime_limit_ms=0 if phase in ROUNDS else DOWNTIME_MS)
     configure(src, settings)
-    if settings.sev_target_certs:
-        src.qmp.execute("migrate-set-parameters", **sev_target_certificates(dst, lab.amd_root))
-    if settings.confidential_backend == "mh":
-        src.qmp.execute("migrate-set-parameters", **mh_target_challenge(dst))
+    aim_source(src, dst, settings)
     if disk_full:
         # the first round: a disk that fills ROUND_DEPTH into the stream (deterministic); the
         # setup: full before ``migrate``; later rounds: filled once the source says round 2
@@ -677,7 +673,7 @@ def _reach(cell: Cell) -> bool:
                 return True  # the disk fills by itself, ROUND_DEPTH into the stream
             return status == "active" and syncs >= 2
 
-        reached = _wait("the phase", in_phase, PHASE_TIMEOUT, interval=0.005)
+        reached = _wait(src, "the phase", in_phase, PHASE_TIMEOUT, interval=0.005)
     elif phase in HOLD_AT:
         assert link is not None
         checked = [0.0]
@@ -691,16 +687,16 @@ def _reach(cell: Cell) -> bool:
                     return True
             return False
 
-        reached = _wait("the link to hold", held, PHASE_TIMEOUT, 0.0) and link.reached.is_set()
+        reached = _wait(src, "the link to hold", held, PHASE_TIMEOUT, 0.0) and link.reached.is_set()
     elif phase is Phase.AFTER_DEVICE:
         assert link is not None
-        reached = (_wait("the whole stream", lambda: link.stream_end.is_set() or source_ended(),
+        reached = (_wait(src, "the whole stream", lambda: link.stream_end.is_set() or source_ended(),
                          PHASE_TIMEOUT)
                    and link.stream_end.is_set()
-                   and _wait("the target to load", lambda: _migration_status(dst) in TERMINAL,
+                   and _wait(src, "the target to load", lambda: _migration_status(dst) in TERMINAL,
                              PHASE_TIMEOUT, 0.05))
     else:
-        reached = (_wait("the source to complete", source_ended, PHASE_TIMEOUT, 0.05)
+        reached = (_wait(src, "the source to complete", source_ended, PHASE_TIMEOUT, 0.05)
                    and info.get("status") == "completed")
     info = _query(src, "query-migrate")
     target_status = _migration_status(dst) if cell.fault is not Fault.DISK_FULL else "-"
@@ -758,7 +754,7 @@ def _inject(cell: Cell) -> None:
         link.throttle(LINK_RATE // SLOW_FACTOR)
         release()
         converge()
-        if not _wait("the end", lambda: _migration_status(src) in TERMINAL, SLOW_WINDOW, 0.1):
+        if not _wait(src, "the end", lambda: _migration_status(src) in TERMINAL, SLOW_WINDOW, 0.1):
             cell.notes.append(f"still {_where(_query(src, 'query-migrate'))} after {SLOW_WINDOW:g} s on the "
                               "slow link: migrate_cancel")
             if err := _cancel(src):
@@ -770,7 +766,7 @@ def _inject(cell: Cell) -> None:
         time.sleep(STALL_WINDOW)
         if err := _cancel(src):
             cell.notes.append(err)
-        if _wait("the end", lambda: _migration_status(src) in TERMINAL, CANCEL_GRACE, 0.1):
+        if _wait(src, "the end", lambda: _migration_status(src) in TERMINAL, CANCEL_GRACE, 0.1):
             cell.notes.append(f"migrate_cancel ended it on the stalled link: {_migration_status(src)}")
         else:
             cell.notes.append(f"still {_where(_query(src, 'query-migrate'))} {CANCEL_GRACE:g} s after "
@@ -799,13 +795,13 @@ def _conclude(cell: Cell) -> CellResult:
         t = _migration_status(dst)
         return t in TERMINAL or t in ("killed", "none", "no answer")
 
-    if not _wait("the end", ended, END_TIMEOUT, 0.1):
+    if not _wait(src, "the end", ended, END_TIMEOUT, 0.1):
         reasons.append(f"hang: still {_migration_status(src)} (target {_migration_status(dst)}) "
                        f"{END_TIMEOUT:g} s after the fault")
         cell.notes.append(_cancel(src) or "migrate_cancel after the hang")
         if cell.link is not None:
             cell.link.release()
-        _wait("the end", ended, 15.0, 0.1)
+        _wait(src, "the end", ended, 15.0, 0.1)
     time.sleep(SETTLE)
     host_alive = cell.target_host is None or cell.target_host.proc.poll() is None
     src_state, dst_state = _runstate(src), _runstate(dst)
@@ -817,8 +813,8 @@ def _conclude(cell: Cell) -> CellResult:
         running.append("target")
     lost_expected = ((fault is Fault.SOURCE_VMM and not cell.target_had_all)
                      or (fault in (Fault.TARGET_VMM, Fault.TARGET_HOST) and cell.target_had_all))
-    held = (not running and not lost_expected and src_state == "paused" and src_mig == "failed"
-            and "stays paused" in str(_query(src, "query-migrate").get("error-desc", "")))
+    # The source ran before the migration: paused after a failed one, it held the guest.
+    held = not running and not lost_expected and src_state == "paused" and src_mig == "failed"
     if held:  # the operator's call, made knowing the target does not run the guest
         cell.notes.append("the verdict was lost: the source held the guest paused (the target might "
                           "have run it); no copy ran until cont, given once the target was seen not to")
@@ -884,7 +880,8 @@ def _again(cell: Cell) -> str:
         _set(src, **{"downtime-limit": DOWNTIME_MS, "max-bandwidth": MAX_BANDWIDTH})
         path = lab.root / f"again{cell.n}.mig"
         src.qmp.execute("migrate", uri=f"file:{path}")
-        if not _wait("the second migration", lambda: _migration_status(src) in TERMINAL, AGAIN_TIMEOUT, 0.1):
+        if not _wait(src, "the second migration", lambda: _migration_status(src) in TERMINAL,
+                     AGAIN_TIMEOUT, 0.1):
             _cancel(src)
             return "no: the second migration did not end"
         info = _query(src, "query-migrate")

@@ -32,12 +32,9 @@ from confmig.bench.lab import WORKING_SET_WRITTEN, HostProc, Lab, VmProc, VmSpec
 from confmig.bench.scenario import (
     MH_TARGET_READY,
     MigrationSettings,
-    configure,
-    incoming_uri,
     mh_guest_args,
-    mh_target_challenge,
+    prepare,
     sev_args,
-    sev_target_certificates,
     wait_status,
 )
 from confmig.common.errors import ConfmigError
@@ -169,14 +166,7 @@ class Flight:
 
     def prepare(self) -> None:
         """What :func:`confmig.bench.scenario.migrate` does before ``migrate``."""
-        configure(self.src, self.settings)
-        configure(self.dst, self.settings)
-        if self.settings.sev_target_certs:
-            self.src.qmp.execute("migrate-set-parameters",
-                                 **sev_target_certificates(self.dst, self.settings.amd_root))
-        self.uri = incoming_uri(self.dst)
-        if self.settings.confidential_backend == "mh":
-            self.src.qmp.execute("migrate-set-parameters", **mh_target_challenge(self.dst))
+        self.uri = prepare(self.src, self.dst, self.settings)
 
     def start(self) -> None:
         self.started = time.monotonic()

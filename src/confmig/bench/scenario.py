@@ -76,17 +76,31 @@ def incoming_uri(dst: VmProc) -> str:
     return f"tcp:{a['host']}:{a['port']}"
 
 
+def aim_source(src: VmProc, dst: VmProc, settings: MigrationSettings) -> None:
+    """Tell the source whom it sends to, as a management layer does: the target's PSP
+    certificates (``sev_target_certs``) or its Migration Handler's challenge (``mh``)."""
+    if settings.sev_target_certs:
+        src.qmp.execute("migrate-set-parameters", **sev_target_certificates(dst, settings.amd_root))
+    if settings.confidential_backend == "mh":
+        src.qmp.execute("migrate-set-parameters", **mh_target_challenge(dst))
+
+
+def prepare(src: VmProc, dst: VmProc, settings: MigrationSettings) -> str:
+    """Both sides configured, the target listening, the source aimed at it: the URI to migrate to."""
+    configure(src, settings)
+    configure(dst, settings)
+    uri = incoming_uri(dst)
+    aim_source(src, dst, settings)
+    return uri
+
+
 def migrate(src: VmProc, dst: VmProc | None, uri: str | None = None, *,
             settings: MigrationSettings = MigrationSettings(),
             progress: Progress = lambda _i: None) -> MigrationResult:
-    configure(src, settings)
     if dst is not None:
-        configure(dst, settings)
-        if settings.sev_target_certs:
-            src.qmp.execute("migrate-set-parameters", **sev_target_certificates(dst, settings.amd_root))
-        uri = incoming_uri(dst)
-        if settings.confidential_backend == "mh":
-            src.qmp.execute("migrate-set-parameters", **mh_target_challenge(dst))
+        uri = prepare(src, dst, settings)
+    else:
+        configure(src, settings)
     assert uri is not None
     t0 = time.monotonic()
     src.qmp.execute("migrate", uri=uri)

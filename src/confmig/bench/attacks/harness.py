@@ -34,10 +34,10 @@ from confmig.bench.lab import WORKING_SET_WRITTEN, GuestFailed, HostProc, Lab, V
 from confmig.bench.scenario import (
     MH_TARGET_READY,
     MigrationSettings,
+    aim_source,
     configure,
     incoming_uri,
     mh_guest_args,
-    mh_target_challenge,
     migrate,
     sev_args,
     sev_target_certificates,
@@ -250,10 +250,7 @@ class _Run:
         return host, int(port)
 
     def tell_source(self, src: VmProc, dst: VmProc) -> None:
-        if self.kind is Kind.PSP:
-            src.qmp.execute("migrate-set-parameters", **sev_target_certificates(dst, self.lab.amd_root))
-        elif self.kind is Kind.MH:
-            src.qmp.execute("migrate-set-parameters", **mh_target_challenge(dst))
+        aim_source(src, dst, self.settings)
 
     # --- scenarios ---
 
