@@ -9,7 +9,7 @@ the stream is loaded, :func:`move_enc_context` takes the guest's SEV context
 (and, SEV-ES, its VMSAs) with ``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM``; the old VM is
 dead afterwards (``EIO``), so the old VMM can never run the guest again. A
 mirror VM is moved the same way into a new mirror VM
-(:meth:`~confmig.vmm.mh.MigrationHandler.move_from`): an SEV-ES mirror's vCPUs
+(:class:`~confmig.vmm.mh.MigrationHandler` with no guest VM to copy from): an SEV-ES mirror's vCPUs
 have launched VMSAs, measured with the guest, that no one could make again.
 """
 

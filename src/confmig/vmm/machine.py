@@ -216,7 +216,7 @@ class Machine:
                 v.fd.set_cpuid(self.sev.cpuid())
             if cpr is not None:
                 if config.mirror_vcpus:
-                    self.mh = self._moved_migration_handler(self.sev, config.mirror_vcpus)
+                    self.mh = self._migration_handler(self.sev, config.mirror_vcpus, moved=True)
             elif self.psp_guest is None or not config.incoming:
                 self._sev_launch(self.sev)
             # else: the guest context arrives with the stream (RECEIVE_START)
@@ -235,23 +235,17 @@ class Machine:
         if why is not None:
             raise ConfigError(f"-smp mirrorvcpus={nvcpus}: {why}")
 
-    def _migration_handler(self, sev: SevGuest, nvcpus: int) -> MigrationHandler:
+    def _migration_handler(self, sev: SevGuest, nvcpus: int, *, moved: bool = False) -> MigrationHandler:
         """The mirror VM: made once the guest's context exists (LAUNCH_START), before the
-        launch is measured: an SEV-ES mirror's VMSAs are measured with the guest's."""
+        launch is measured: an SEV-ES mirror's VMSAs are measured with the guest's. ``moved``
+        (cpr-transfer): a new mirror VM that takes the old one's context later (take_over)."""
         assert self.firmware is not None
         block = self.firmware.migration_handler()
         assert block is not None
-        return MigrationHandler(self.kvm, self.vm, self.memory, block, nvcpus,
-                                lambda: self._slot_regions(0),
-                                launch_vmsas=sev.launch_update_vmsa if sev.config.es else None)
-
-    def _moved_migration_handler(self, sev: SevGuest, nvcpus: int) -> MigrationHandler:
-        """cpr-transfer: a new mirror VM that will take the old one's context (take_over)."""
-        assert self.firmware is not None
-        block = self.firmware.migration_handler()
-        assert block is not None
-        return MigrationHandler(self.kvm, None, self.memory, block, nvcpus, lambda: self._slot_regions(0),
-                                protected=sev.config.es)
+        es = sev.config.es
+        return MigrationHandler(self.kvm, None if moved else self.vm, self.memory, block, nvcpus,
+                                lambda: self._slot_regions(0), protected=es,
+                                launch_vmsas=sev.launch_update_vmsa if es and not moved else None)
 
     # --- cpr-transfer -----------------------------------------------------------------
 
@@ -303,7 +297,7 @@ class Machine:
                     self.mh = None
                     return
                 try:
-                    self.mh.move_from(mirror, move_enc_context)
+                    move_enc_context(self.mh.mirror, mirror)  # SEV-ES: its VMSAs with it
                 except KvmError as exc:  # the guest is ours already: it runs without its MH
                     log.error("cpr-transfer: the mirror VM did not follow: %s", exc)
                     self.mh.close()

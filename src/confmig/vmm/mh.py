@@ -21,6 +21,7 @@ the MH GPA lists and sealed records and gets sealed records and return codes.
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 import time
@@ -33,6 +34,8 @@ from confmig.proto import ioctl
 from confmig.proto import mailbox as mb
 from confmig.proto.ovmf_table import MH_INITIAL_RFLAGS, MigrationHandlerBlock
 from confmig.vmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
 
 MH_TIMEOUT: Final = 30.0
 """Seconds one entry of an MH vCPU may take (a full batch takes milliseconds)."""
@@ -56,6 +59,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._since: float | None = None
         self._stop = threading.Event()
+        self.name = name
         threading.Thread(target=self._watch, name=name, daemon=True).start()
 
     def arm(self) -> None:
@@ -72,9 +76,13 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stop.wait(self.POLL):
             with self._lock:  # an entry that ends meanwhile waits in disarm: no stale kick
-                if self._since is not None and time.monotonic() - self._since >= self._timeout:
+                late = self._since is not None and time.monotonic() - self._since >= self._timeout
+                if late:
                     self._since = None
-                    self._kick()
+                    try:
+                        self._kick()
+                    except OSError as exc:  # the vCPU fd is gone: nothing left to kick
+                        log.warning("Migration Handler watchdog %s: kick failed: %s", self.name, exc)
 
 
 class MhVcpu:
@@ -166,7 +174,8 @@ class MigrationHandler:
                  launch_vmsas: Callable[[VmFd], None] | None = None, protected: bool = False) -> None:
         """The mirror VM copies ``guest_vm``'s context before its vCPUs exist (the kernel's
         rule); ``guest_vm`` None: the context arrives later, moved from another VMM's mirror
-        (cpr-transfer, :meth:`move_from`), with its VMSAs if ``protected`` (SEV-ES).
+        (cpr-transfer: ``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`` on :attr:`mirror`), with its VMSAs if
+        ``protected`` (SEV-ES).
         ``launch_vmsas``: an SEV-ES guest's LAUNCH_UPDATE_VMSA for the mirror, during the
         guest's launch: the MH vCPUs' registers are set to the entry here, then sealed into
         their VMSAs and measured; nobody sets them again (the host cannot)."""
@@ -197,11 +206,6 @@ class MigrationHandler:
         self.started = False
         self.sent_away = False
         """The source MH sealed the guest's final state (FINISH): the guest may not run here."""
-
-    def move_from(self, old_mirror_fd: int, move: Callable[[VmFd, int], None]) -> None:
-        """cpr-transfer: the old VMM's mirror's context (SEV-ES: and its vCPUs' VMSAs) into this
-        mirror VM with ``move`` (``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM``); the old mirror is dead."""
-        move(self.mirror, old_mirror_fd)
 
     def _vcpu(self, i: int) -> MhVcpu:
         gpa = mb.mailbox_base(self.block.mailbox_gpa, self.block.mailbox_size, i)

@@ -20,6 +20,7 @@ is out without a verdict the old VMM stays stopped too (the new one may run it).
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator
 
@@ -87,9 +88,9 @@ class LocalOutgoing(OutgoingBackend):
         self.counters: ConfidentialCounters = local_counters()
         self._stream_out = False
         self._released = False
+        """The new VMM said it never took the guest."""
         self._ours = False
         """:meth:`cancel` found that the new VMM cannot have taken the guest."""
-        """The new VMM said it never took the guest."""
 
     def dirty_log(self, start: Callable[[], DirtyLog]) -> DirtyLog:
         return RamInPlace()  # the new VMM maps this very memory: no dirty logging at all
@@ -132,6 +133,9 @@ class LocalOutgoing(OutgoingBackend):
             try:
                 m.vm.check_extension(ioctl.KVM_CAP_USER_MEMORY)
             except KvmError as exc:
+                if exc.errno != errno.EIO:  # only a dead VM (its context moved) answers EIO
+                    raise MigrationError(f"the source guest stays stopped: cannot tell whether the "
+                                         f"new VMM took it ({exc})") from exc
                 log.error("cpr-transfer: %s", exc)
                 m.handed_over = VM_DEAD
                 m.retire()
