@@ -35,13 +35,17 @@ class RequestTooLarge(ProtocolError):
         self.seq = seq
 
 
-def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None) -> bytes:
+def recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, *,
+               max_fds: int = ioctl.MAX_FDS) -> bytes:
+    """``n`` bytes, and into ``fds`` the descriptors that came with them (SCM_RIGHTS, at most
+    ``max_fds`` per message). :class:`ChannelClosed` at EOF before a byte, else
+    :class:`ProtocolError` for EOF inside."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
         if fds is not None:
-            anc_space = socket.CMSG_SPACE(ioctl.MAX_FDS * 4)
+            anc_space = socket.CMSG_SPACE(max_fds * 4)
             k, anc, _flags, _addr = sock.recvmsg_into([view[got:]], anc_space)
             for level, kind, data in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -58,7 +62,8 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None) -> by
     return bytes(buf)
 
 
-def _send(sock: socket.socket, data: bytes, fds: list[int] | None) -> None:
+def send_with_fds(sock: socket.socket, data: bytes, fds: list[int] | None) -> None:
+    """All of ``data``, the descriptors (SCM_RIGHTS) with its first part."""
     if fds:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         sent = sock.sendmsg([data], anc)
@@ -69,7 +74,7 @@ def _send(sock: socket.socket, data: bytes, fds: list[int] | None) -> None:
 
 
 def send_request(sock: socket.socket, req: ioctl.Request, fds: list[int] | None = None) -> None:
-    _send(sock, ioctl.encode_request(req), fds)
+    send_with_fds(sock, ioctl.encode_request(req), fds)
 
 
 def recv_request(
@@ -83,7 +88,7 @@ def recv_request(
     """
     fds: list[int] = []
     try:
-        head = _recv_exact(sock, ioctl.HEADER_SIZE, fds)
+        head = recv_exact(sock, ioctl.HEADER_SIZE, fds)
         length, request, seq, nfds = _REQUEST_HEADER.unpack(head)
         # SECURITY: the length is the peer's; a payload past the bound is never buffered.
         if length > max_payload and nfds <= ioctl.MAX_FDS:
@@ -91,7 +96,7 @@ def recv_request(
             raise RequestTooLarge(request, seq, length, max_payload)
         ioctl.decode_request_header(head)  # the protocol's own bounds
         try:
-            payload = _recv_exact(sock, length) if length else b""
+            payload = recv_exact(sock, length) if length else b""
         except ChannelClosed:
             raise ProtocolError(f"{ioctl.name(request)}: EOF before its {length}-byte payload") from None
         if len(fds) != nfds:
@@ -114,15 +119,15 @@ def _discard(sock: socket.socket, n: int) -> None:
 
 
 def send_reply(sock: socket.socket, rep: ioctl.Reply, fds: list[int] | None = None) -> None:
-    _send(sock, ioctl.encode_reply(rep), fds)
+    send_with_fds(sock, ioctl.encode_reply(rep), fds)
 
 
 def recv_reply(sock: socket.socket) -> tuple[ioctl.Reply, list[int]]:
     fds: list[int] = []
     try:
-        head = _recv_exact(sock, ioctl.HEADER_SIZE, fds)
+        head = recv_exact(sock, ioctl.HEADER_SIZE, fds)
         length, request, seq, result = ioctl.decode_reply_header(head)
-        payload = _recv_exact(sock, length) if length else b""
+        payload = recv_exact(sock, length) if length else b""
     except BaseException:
         for fd in fds:
             _close(fd)

@@ -14,17 +14,16 @@ then connects the main channel and migrates as usual, sending no RAM.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import json
 import os
 import select
 import socket
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from confmig.common.errors import ConfigError, RemoteMigrationError
+from confmig.common.errors import ConfigError, ProtocolError, RemoteMigrationError
+from confmig.kvm import channel
 from confmig.proto import cpr
 from confmig.vmm.migration.transport import Channel, MigrationUri, connect, parse_uri
 
@@ -99,10 +98,7 @@ class CprSender:
             s.settimeout(self.timeout)
             try:
                 s.connect(self.cpr_uri.path)
-                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.fds).tobytes())]
-                n = s.sendmsg([data], rights)
-                if n < len(data):
-                    s.sendall(data[n:])
+                channel.send_with_fds(s, data, list(self.fds))
                 self.sent = len(data)
                 # The new VMM hangs up once its machine is built on our descriptors and it
                 # listens on the main channel (QEMU 10 waits for the same HUP).
@@ -201,19 +197,11 @@ class CprListener:
 
     @staticmethod
     def _recv(conn: socket.socket, n: int, fds: list[int]) -> bytes:
-        buf = bytearray()
-        deadline = time.monotonic() + 10.0
-        while len(buf) < n:
-            data, anc, _flags, _addr = conn.recvmsg(n - len(buf), socket.CMSG_SPACE(cpr.MAX_ENTRIES * 4))
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(payload[: len(payload) - len(payload) % 4])
-                    fds.extend(got)
-            if not data or time.monotonic() > deadline:
-                raise cpr.CprError(f"cpr channel: closed after {len(buf)} of {n} bytes")
-            buf += data
-        return bytes(buf)
+        """``n`` bytes and their descriptors (the connection's timeout bounds each wait)."""
+        try:
+            return channel.recv_exact(conn, n, fds, max_fds=cpr.MAX_ENTRIES)
+        except (channel.ChannelClosed, ProtocolError) as exc:
+            raise cpr.CprError(f"cpr channel: closed inside {n} bytes ({exc or 'at once'})") from exc
 
     def release(self) -> None:
         """Hang up: the old VMM connects the main channel next."""
