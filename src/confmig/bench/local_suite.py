@@ -89,7 +89,7 @@ def _one(kind: str, policy: int, size: str, deadline: Deadline) -> dict[str, Any
             breakdowns.append(info["x-confmig"]["downtime-breakdown-ms"])
             if info["ram"]["normal"] or info["ram"]["duplicate"]:
                 raise ConfmigError(f"{kind} {size}: hand-over {i} sent pages")
-            vm.qmp.execute("quit")
+            vm.quit()
             vm = new
         verdict = vm.selfcheck()
     return {"kind": kind, "size": size, "size_bytes": parse_size(size), "downtimes_ms": downtimes,

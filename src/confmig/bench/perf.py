@@ -153,7 +153,7 @@ def _ping_pong(lab: Lab, first: VmProc, ram: str, guest: str, runs: list[tuple[s
         log(f"  {label}: {result.status}, total {result.info.get('total-time')} ms, "
             f"downtime {result.info.get('downtime')} ms")
         out.append((label, channels, result.info))
-        src.qmp.execute("quit")
+        src.quit()
         src = dst
     return out
 

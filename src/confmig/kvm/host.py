@@ -291,13 +291,28 @@ class VcpuHandle:
         """A control message the vCPU process takes in order, unanswered."""
         channel.send_request(self.control, ioctl.Request(request, 0, payload, len(fds or ())), fds)
 
-    def call(self, request: int) -> int:
+    def call(self, request: int, payload: bytes = b"", fds: list[int] | None = None) -> int:
         """A control request the vCPU process answers: its result, or -``EIO`` if the process
         does not answer (gone, or stuck past :data:`VCPU_CONTROL_TIMEOUT`)."""
+        if not self.ask(request, payload, fds):
+            return -errno.EIO
+        return self.answer(request)
+
+    def ask(self, request: int, payload: bytes = b"", fds: list[int] | None = None) -> bool:
+        """The first half of :meth:`call`: send the request (False if the vCPU is gone), so
+        that several vCPUs can work on one request at once before :meth:`answer` collects."""
         self.control_seq = (self.control_seq + 1) & 0xFFFF_FFFF
         try:
+            channel.send_request(
+                self.control, ioctl.Request(request, self.control_seq, payload, len(fds or ())), fds)
+        except OSError:
+            return False
+        return True
+
+    def answer(self, request: int) -> int:
+        """The second half of :meth:`call`: the vCPU's result for the request just asked."""
+        try:
             self.control.settimeout(VCPU_CONTROL_TIMEOUT)
-            channel.send_request(self.control, ioctl.Request(request, self.control_seq, b""))
             reply, fds = channel.recv_reply(self.control)
         except (OSError, channel.ChannelClosed, ProtocolError):
             return -errno.EIO
@@ -464,8 +479,7 @@ class Vm:
         fds.clear()  # now owned by the mapped slot
         self.slots[layout.slot] = slot
         self._set_dirty_logging(slot, bool(region.flags & ioctl.KVM_MEM_LOG_DIRTY_PAGES))
-        for v in self.vcpus.values():
-            self._send_slot(v, slot)
+        self._install_slot(slot, list(self.vcpus.values()))
         return 0
 
     def _set_dirty_logging(self, slot: Slot, on: bool) -> None:
@@ -483,11 +497,19 @@ class Vm:
             channel.send_request(v.control, ioctl.Request(CTL_DELETE_SLOT, 0, struct.pack("<I", slot_id)))
         slot.mapped.close()
 
-    def _send_slot(self, v: VcpuHandle, slot: Slot) -> None:
-        channel.send_request(
-            v.control, ioctl.Request(CTL_SET_SLOT, 0, encode_slot(slot.layout), 2),
-            [slot.mapped.ram_fd, slot.mapped.counters_fd],
-        )
+    def _install_slot(self, slot: Slot, vcpus: list[VcpuHandle]) -> None:
+        """Map ``slot`` into every vCPU in ``vcpus`` and wait until each has: as Linux's memslot
+        update, which returns once no vCPU can still see the old layout. Mapping fills the
+        vCPU's page tables for the pages that exist (a target's preallocated RAM); waiting puts
+        that work inside the ioctl, not inside whatever the VMM does next (a migration). The
+        vCPUs map at once, each in its own process. A vCPU that fails to map (or is gone) sees
+        no memory there and fails its next access; KVM would have refused to run it."""
+        asked = [v for v in vcpus if v.ask(CTL_SET_SLOT, encode_slot(slot.layout),
+                                           [slot.mapped.ram_fd, slot.mapped.counters_fd])]
+        for v in asked:
+            if (err := v.answer(CTL_SET_SLOT)) < 0:
+                log.warning("vm %d: vCPU %d did not map slot %d: %s", self.vm_id, v.vcpu_id,
+                            slot.layout.slot, errno.errorcode.get(-err, err))
 
     def get_dirty_log(self, payload: bytes) -> tuple[int, bytes, list[int]]:
         slot_id, _pad = ioctl.DIRTY_LOG.unpack(payload)
@@ -821,7 +843,7 @@ class Vm:
         handle = VcpuHandle(vcpu_id=vcpu_id, process=process, control=host_ctl)
         self.vcpus[vcpu_id] = handle
         for slot in self.slots.values():
-            self._send_slot(handle, slot)
+            self._install_slot(slot, [handle])
         self._send_caps(handle)
         self._send_msr_filter(handle)
         self._send_asid(handle)

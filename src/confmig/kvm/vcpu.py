@@ -275,9 +275,15 @@ class Vcpu:
                 self.vmsa.close()
             self.vmsa = MappedVmsaPage(fds[0], offset, spa)
             self.core.set_vmsa(self.vmsa)
-        elif req.request == CTL_SET_SLOT:
-            layout = decode_slot(req.payload)
-            self.memory.set_slot(MappedSlot(layout, fds[0], fds[1]))
+        elif req.request == CTL_SET_SLOT:  # answered even while running: memslots change any time
+            try:
+                self.memory.set_slot(MappedSlot(decode_slot(req.payload), fds[0], fds[1]))
+                result = 0
+            except (OSError, ValueError, IndexError, struct.error):
+                for fd in fds:
+                    close_quietly(fd)
+                result = -errno.EFAULT
+            channel.send_reply(self.control, ioctl.Reply(req.request, req.seq, result, b""))
         elif req.request == CTL_DELETE_SLOT:
             self.memory.delete_slot(struct.unpack("<I", req.payload)[0])
         elif req.request == CTL_SET_CAPS:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 from sev_hosts import SevHost
@@ -14,6 +18,8 @@ from confmig.common.units import MiB
 from confmig.hostd.launcher import SubprocessLauncher
 from confmig.kvm import sev as ksev
 from confmig.kvm.host import KvmHost, Vm
+from confmig.kvm.memslots import MappedSlot
+from confmig.kvm.vcpu import Vcpu
 from confmig.proto import ioctl
 
 
@@ -101,6 +107,58 @@ def test_the_same_pages_keep_their_physical_address_in_another_vm(vm: Vm) -> Non
         assert other.slots[5].layout.spa == vm.slots[0].layout.spa
     finally:
         other.destroy()
+        os.close(ram)
+
+
+class ThreadLauncher:
+    """vCPUs served by threads of this process, each mapping slots slowly (as a vCPU process
+    filling its page tables for 1 GiB of preallocated RAM does)."""
+
+    MAP_DELAY = 0.2
+
+    def __init__(self) -> None:
+        self.vcpus: list[Vcpu] = []
+        self.threads: list[threading.Thread] = []
+
+    def spawn(self, vcpu_id: int, vcpu_fd: int, control_fd: int) -> SimpleNamespace:
+        core = SimpleNamespace(set_asid=lambda *_a, **_k: None)
+        vcpu = Vcpu(vcpu_id, socket.socket(fileno=os.dup(vcpu_fd)),
+                    socket.socket(fileno=os.dup(control_fd)), lambda _i, _m: core)
+        set_slot = vcpu.memory.set_slot
+
+        def slow_set_slot(slot: MappedSlot) -> None:
+            time.sleep(self.MAP_DELAY)
+            set_slot(slot)
+
+        vcpu.memory.set_slot = slow_set_slot  # type: ignore[method-assign]
+        self.vcpus.append(vcpu)
+        thread = threading.Thread(target=vcpu.serve, daemon=True)
+        thread.start()
+        self.threads.append(thread)  # it ends when the host closes its end of the control channel
+        return SimpleNamespace(pid=0, terminate=lambda: None, wait=lambda _t=None: 0)
+
+
+def test_a_memory_slot_is_mapped_by_every_vcpu_when_the_ioctl_returns() -> None:
+    """As Linux's memslot update: once KVM_SET_USER_MEMORY_REGION (or KVM_CREATE_VCPU, for the
+    slots there are) returns, every vCPU sees the slot; mapping is never left to run on into
+    whatever the VMM does next (a migration, which it used to slow down)."""
+    launcher = ThreadLauncher()
+    vm = Vm(vm_id=1, host=KvmHost(launcher))  # type: ignore[arg-type]
+    ram = memfd(MiB)
+    try:
+        assert add_slot(vm, 0, 0, MiB, ram) == 0
+        assert vm.create_vcpu(0)[0] == 0
+        assert [s.layout.slot for s in launcher.vcpus[0].memory.slots] == [0]  # mapped at create
+        assert vm.create_vcpu(1)[0] == 0
+        assert add_slot(vm, 1, 4 * MiB, MiB, ram) == 0
+        for vcpu in launcher.vcpus:
+            assert [s.layout.slot for s in vcpu.memory.slots] == [0, 1]
+    finally:
+        vm.destroy()
+        for thread, vcpu in zip(launcher.threads, launcher.vcpus, strict=True):
+            thread.join(5)
+            vcpu.sock.close()
+            vcpu.control.close()
         os.close(ram)
 
 
