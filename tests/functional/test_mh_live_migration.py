@@ -32,7 +32,6 @@ from confmig.bench.scenario import (
     migrate,
     wait_status,
 )
-from confmig.guest.firmware.mh import KDF_INFO
 from confmig.proto import mailbox as mb
 from confmig.vmm.qmp.client import QmpCommandError
 
@@ -154,7 +153,7 @@ def test_no_plaintext_and_no_key_in_the_stream_the_vmms_or_their_files(
     migration_id = mb.RecordHeader(*mb.RECORD_HEADER.unpack_from(
         stream, records[0].start() + RECORD_PAYLOAD)).migration_id
     derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id,
-                   info=KDF_INFO).derive(key)
+                   info=mb.TRANSPORT_KDF_INFO).derive(key)
     canaries = (key, derived, *PRIVATE_MAGICS)
     for canary in canaries:
         assert canary not in stream

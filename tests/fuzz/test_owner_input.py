@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from confmig.common.errors import KeyBrokerMessageError
 from confmig.proto import keybroker, ovmf_table
 from confmig.proto.keybroker import (
+    DecisionRequest,
+    DecisionResponse,
     ErrorReply,
     HealthResponse,
     LaunchRequest,
@@ -32,10 +34,11 @@ from confmig.proto.keybroker import (
 
 pytestmark = pytest.mark.fuzz
 
-KINDS = [LaunchRequest, LaunchResponse, MeasurementRequest, SecretResponse, HealthResponse, ErrorReply]
+KINDS = [LaunchRequest, LaunchResponse, MeasurementRequest, SecretResponse, DecisionRequest,
+         DecisionResponse, HealthResponse, ErrorReply]
 FIELDS = ["vm", "pdh", "cert_chain", "policy", "migration_target", "session_id", "godh", "session",
           "measurement", "api_major", "api_minor", "build", "secret_header", "secret", "guest_len",
-          "status", "error"]
+          "status", "error", "ticket", "migration_id", "challenge", "outcome", "token"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),

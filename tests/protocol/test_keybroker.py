@@ -31,6 +31,8 @@ from confmig.proto.keybroker import (
     MAX_BODY,
     MAX_ERROR_SIZE,
     MAX_SECRET_SIZE,
+    DecisionRequest,
+    DecisionResponse,
     ErrorReply,
     HealthResponse,
     LaunchRequest,
@@ -93,11 +95,18 @@ secret_responses = st.integers(1, MAX_SECRET_SIZE // 16).flatmap(
         guest_len=st.just(16 * blocks),
     )
 )
+decision_requests = st.builds(
+    DecisionRequest, ticket=blobs(16), migration_id=blobs(16), challenge=blobs(16),
+    outcome=st.sampled_from(["commit", "abort"]))
+decision_responses = st.builds(
+    DecisionResponse, outcome=st.sampled_from(["commit", "abort"]),
+    token=st.integers(1, 256).flatmap(blobs))
 error_replies = st.builds(
     ErrorReply, error=st.text(min_size=1, max_size=MAX_ERROR_SIZE).filter(str.isprintable)
 )
 messages: st.SearchStrategy[Message] = st.one_of(
-    launch_requests, launch_responses, measurement_requests, secret_responses, error_replies,
+    launch_requests, launch_responses, measurement_requests, secret_responses, decision_requests,
+    decision_responses, error_replies,
     st.just(HealthResponse(status="ok")),
 )
 
@@ -106,6 +115,8 @@ EXAMPLES: list[Message] = [
     LaunchResponse(session_id="ab" * 16, godh=b"g" * 2084, session=b"s" * 128),
     MeasurementRequest(measurement=b"m" * 48, api_major=1, api_minor=55, build=25),
     SecretResponse(secret_header=b"h" * 52, secret=b"x" * 64, guest_len=64),
+    DecisionRequest(ticket=b"t" * 16, migration_id=b"m" * 16, challenge=b"c" * 16, outcome="abort"),
+    DecisionResponse(outcome="commit", token=b"k" * 178),
     HealthResponse(status="ok"),
     ErrorReply(error="launch measurement does not match — refusé"),
 ]

@@ -26,8 +26,10 @@ from types import MappingProxyType
 from typing import Final
 
 from confmig.common.clock import Clock, MonotonicClock
+from confmig.owner.arbiter import Arbiter
 from confmig.owner.errors import (
     BrokerBusy,
+    DecisionRefused,
     MeasurementRejected,
     PlatformRejected,
     PolicyRejected,
@@ -45,6 +47,8 @@ from confmig.platform.psp.session import create_launch_session
 from confmig.platform.psp.version import FirmwareVersion
 from confmig.proto.keybroker import (
     SESSION_ID_RE,
+    DecisionRequest,
+    DecisionResponse,
     LaunchRequest,
     LaunchResponse,
     MeasurementRequest,
@@ -99,6 +103,8 @@ class KeyBroker:
         self._audit = audit or _no_audit
         self._sessions: dict[str, OwnerSession] = {}
         self._lock = threading.Lock()
+        self.arbiter = Arbiter()
+        """Every ticket released, and the one decision each gets (:mod:`.arbiter`)."""
 
     def profile(self, vm: str) -> VmProfile:
         profile = self.profiles.get(vm) or self.profiles.get(ANY_VM)
@@ -169,6 +175,8 @@ class KeyBroker:
                 ticket = self._rng(TICKET_SIZE) if session.migration_target else b""
                 table = (session.profile.target_secret_table(ticket) if ticket
                          else session.profile.secret_table())
+                if ticket:
+                    self.arbiter.issued(ticket, session.profile.ticket_key(ticket))
                 header, trans = seal_launch_secret(
                     session.keys, table, measurement=measurement.measure, iv=self._rng(IV_SIZE)
                 )
@@ -182,6 +190,20 @@ class KeyBroker:
         self._record("released", vm=session.vm, session=session_id, platform=session.platform,
                      **({"ticket": ticket.hex()} if ticket else {}))
         return SecretResponse(secret_header=header.to_bytes(), secret=trans, guest_len=len(trans))
+
+    # --- POST /v1/migration/decision -------------------------------------------------------
+
+    def decide(self, request: DecisionRequest) -> DecisionResponse:
+        """Commit or abort the migration to ``request.ticket``'s target: the first request decides."""
+        try:
+            decision = self.arbiter.decide(request)
+        except DecisionRefused as exc:
+            self._record("decision-refused", ticket=request.ticket.hex(), asked=request.outcome,
+                         reason=str(exc))
+            raise
+        self._record("decision", ticket=request.ticket.hex(), outcome=decision.outcome,
+                     migration=request.migration_id.hex())
+        return decision
 
     def _open_session_locked(self, session_id: str) -> OwnerSession:
         now = self._clock.monotonic()

@@ -76,6 +76,12 @@ class SessionExpired(SessionError):
     http_status = 410
 
 
+class DecisionRefused(OwnerError):
+    """A migration ticket the owner never issued, or one decided the other way already."""
+
+    http_status = 409
+
+
 class BrokerBusy(OwnerError):
     http_status = 503
 

@@ -12,7 +12,7 @@ A migration target gets none of these: its VMM says so at the launch
 (``migration_target``), and if the launch is the expected one the owner releases
 only a fresh 16-byte ticket and the ticket's key (:meth:`VmProfile.target_secret_table`):
 HKDF-SHA256 of the guest's transport key, salt the ticket, info
-:data:`TICKET_KDF_INFO`. The source's Migration Handler derives the same key from
+``proto.mailbox.TICKET_KDF_INFO``. The source's Migration Handler derives the same key from
 the ticket the target published; a stream sealed under it opens on that target
 only, and no other launch ever gets that key: a recorded stream replayed to a
 second target, or a saved one restored later, finds no key that opens it. The
@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from confmig.owner.measurement import ExpectedLaunch
 from confmig.owner.secret_table import build_secret_table
 from confmig.platform.psp.secret import Secret
+from confmig.proto import mailbox as mb
 
 DISK_PASSPHRASE_GUID: Final = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
 MIGRATION_TRANSPORT_KEY_GUID: Final = uuid.UUID("6845d1fd-39d8-45ee-b008-6e296a740351")
@@ -42,8 +43,6 @@ MIGRATION_V1_ALLOWED_GUID: Final = uuid.UUID("d5b06470-c9eb-4c99-9417-3fecd60130
 MIGRATION_TICKET_GUID: Final = uuid.UUID("5940d2e7-9131-426a-9238-6c50e7597a32")
 MIGRATION_TARGET_KEY_GUID: Final = uuid.UUID("b67640d0-3d72-4b73-b844-f508029ada6f")
 TICKET_SIZE: Final = 16
-TICKET_KDF_INFO: Final = b"confmig mh ticket v1"
-"""The Migration Handler's label for a ticket's key (the guest firmware repeats it)."""
 ANY_VM: Final = "*"
 """The profile name that applies to every VM without a profile of its own."""
 
@@ -79,16 +78,20 @@ class VmProfile(Secret):
         """The guest has a transport key: it may migrate, and targets may be launched for it."""
         return any(guid == MIGRATION_TRANSPORT_KEY_GUID for guid, _ in self.secrets)
 
+    def ticket_key(self, ticket: bytes) -> bytes:
+        """The key of one migration ticket, what that ticket's target alone is given."""
+        master = dict(self.secrets).get(MIGRATION_TRANSPORT_KEY_GUID)
+        if master is None or len(ticket) != TICKET_SIZE:
+            raise ValueError("a migration target needs the guest's transport key and a 16-byte ticket")
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=ticket, info=mb.TICKET_KDF_INFO).derive(master)
+
     def target_secret_table(self, ticket: bytes) -> bytes:
         """A migration target's secret: ``ticket`` and its key (and, where the owner allows
         version 1, the guest's transport key and that permission)."""
         entries = dict(self.secrets)
-        master = entries.get(MIGRATION_TRANSPORT_KEY_GUID)
-        if master is None or len(ticket) != TICKET_SIZE:
-            raise ValueError("a migration target needs the guest's transport key and a 16-byte ticket")
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=ticket, info=TICKET_KDF_INFO).derive(master)
+        key = self.ticket_key(ticket)
         table = [(MIGRATION_TICKET_GUID, ticket), (MIGRATION_TARGET_KEY_GUID, key)]
         if MIGRATION_V1_ALLOWED_GUID in entries:
-            table += [(MIGRATION_TRANSPORT_KEY_GUID, master),
+            table += [(MIGRATION_TRANSPORT_KEY_GUID, entries[MIGRATION_TRANSPORT_KEY_GUID]),
                       (MIGRATION_V1_ALLOWED_GUID, entries[MIGRATION_V1_ALLOWED_GUID])]
         return build_secret_table(table)

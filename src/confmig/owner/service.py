@@ -24,10 +24,12 @@ from confmig.common.errors import KeyBrokerMessageError
 from confmig.owner.broker import KeyBroker
 from confmig.owner.errors import OwnerError, RequestError, RequestTooLarge
 from confmig.proto.keybroker import (
+    DECISION_PATH,
     HEALTH_PATH,
     LAUNCH_PATH,
     MAX_BODY,
     MEASUREMENT_PATH_RE,
+    DecisionRequest,
     ErrorReply,
     HealthResponse,
     LaunchRequest,
@@ -39,7 +41,7 @@ from confmig.proto.keybroker import (
 
 log = logging.getLogger("confmig.owner")
 
-_Request = TypeVar("_Request", LaunchRequest, MeasurementRequest)
+_Request = TypeVar("_Request", LaunchRequest, MeasurementRequest, DecisionRequest)
 
 REQUEST_TIMEOUT: Final = 10.0
 """Seconds a client may take to send a request: a stalled client must not hold a thread."""
@@ -106,6 +108,9 @@ class _Handler(BaseHTTPRequestHandler):
                 measured = self._read(MeasurementRequest)
                 self._reply(200, self.server.broker.measurement(match.group(1), measured))
                 return
+            if path == DECISION_PATH:
+                self._reply(200, self.server.broker.decide(self._read(DecisionRequest)))
+                return
             self._reply(404, ErrorReply(error=f"no such endpoint: POST {path[:100]}"))
         except OwnerError as exc:
             self._reply(exc.http_status, ErrorReply(error=str(exc)))
@@ -120,7 +125,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._not_allowed()
 
     def _not_allowed(self) -> None:
-        if self.path == LAUNCH_PATH or MEASUREMENT_PATH_RE.fullmatch(self.path):
+        if self.path in (LAUNCH_PATH, DECISION_PATH) or MEASUREMENT_PATH_RE.fullmatch(self.path):
             self._reply(405, ErrorReply(error=f"{self.command} not allowed on {self.path}: use POST"))
         else:
             self._reply(404, ErrorReply(error=f"no such endpoint: {self.command} {self.path[:100]}"))

@@ -7,6 +7,7 @@ describes the same format for re-implementations. Routes::
 
     POST /v1/launch                          LaunchRequest      -> 200 LaunchResponse
     POST /v1/launch/<session_id>/measurement MeasurementRequest -> 200 SecretResponse
+    POST /v1/migration/decision              DecisionRequest    -> 200 DecisionResponse
     GET  /v1/health                          (no body)          -> 200 HealthResponse
     any failure                                                  -> 4xx/5xx ErrorReply
 
@@ -39,8 +40,10 @@ from dataclasses import dataclass
 from typing import IO, Final, Protocol, Self, TypeVar
 
 from confmig.common.errors import ConfigError, KeyBrokerMessageError
+from confmig.proto.mailbox import CHALLENGE_SIZE, MIGRATION_ID_SIZE, TICKET_SIZE
 
 LAUNCH_PATH: Final = "/v1/launch"
+DECISION_PATH: Final = "/v1/migration/decision"
 HEALTH_PATH: Final = "/v1/health"
 SESSION_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 MEASUREMENT_PATH_RE: Final = re.compile(rf"{LAUNCH_PATH}/({SESSION_ID_RE.pattern})/measurement")
@@ -63,6 +66,9 @@ SESSION_BLOB_SIZE: Final = 128
 MEASUREMENT_SIZE: Final = 48
 PACKET_HEADER_SIZE: Final = 52
 MAX_SECRET_SIZE: Final = 0x5000
+MAX_TOKEN_SIZE: Final = 256
+"""A commit grant or abort token: a 72-byte record header, a body under 100 bytes, a tag."""
+OUTCOMES: Final = ("commit", "abort")
 _VM_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:@+-]{1,128}")
 _MAX_NAMES_SHOWN: Final = 4
 """Field names an error quotes: the names come from the peer, the message goes to a log."""
@@ -293,6 +299,58 @@ class SecretResponse:
         if reply.guest_len != len(reply.secret) or reply.guest_len % 16:
             raise KeyBrokerMessageError("guest_len: expected the length of secret, a multiple of 16")
         return reply
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecisionRequest:
+    """``POST /v1/migration/decision``: the outcome a VMM asks for, for the migration to the
+    target that holds ``ticket``: ``commit`` (that target's VMM, before its guest runs) or
+    ``abort`` (the source's VMM, to run its guest again). The owner decides once per ticket."""
+
+    ticket: bytes
+    migration_id: bytes
+    challenge: bytes
+    outcome: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"ticket": _b64(self.ticket), "migration_id": _b64(self.migration_id),
+                "challenge": _b64(self.challenge), "outcome": self.outcome}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Self:
+        # SECURITY: a body from the untrusted host; every field is type- and size-checked.
+        o = _fields(obj, "decision request", ("ticket", "migration_id", "challenge", "outcome"))
+        return cls(ticket=_bytes(o, "ticket", size=TICKET_SIZE),
+                   migration_id=_bytes(o, "migration_id", size=MIGRATION_ID_SIZE),
+                   challenge=_bytes(o, "challenge", size=CHALLENGE_SIZE),
+                   outcome=_outcome(o))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecisionResponse:
+    """The owner's decision and its proof for the Migration Handler, sealed under the ticket's
+    key (the host relays it, and can neither read nor forge it): a commit grant for the
+    target's MH (COMPLETE), or an abort token for the source's MH (RESUME)."""
+
+    outcome: str
+    token: bytes
+
+    def to_json(self) -> dict[str, object]:
+        return {"outcome": self.outcome, "token": _b64(self.token)}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Self:
+        # SECURITY: a reply that crossed the host's network; the MH checks the token itself.
+        o = _fields(obj, "decision reply", ("outcome", "token"))
+        return cls(outcome=_outcome(o), token=_bytes(o, "token", max_size=MAX_TOKEN_SIZE))
+
+
+def _outcome(o: Json) -> str:
+    value = o["outcome"]
+    if value not in OUTCOMES:
+        raise KeyBrokerMessageError(f"outcome: expected one of {', '.join(OUTCOMES)}")
+    assert isinstance(value, str)
+    return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -175,6 +175,12 @@ COMPLETION_STREAM: Final = 0xFFFF_FFFE
 """Stream number of a completion record (sequence 0: one FINISH per migration id)."""
 ABORT_STREAM: Final = 0xFFFF_FFFD
 """Stream number of an abort token (sequence 0; the target seals only this one record)."""
+COMMIT_STREAM: Final = 0xFFFF_FFFC
+"""Stream number of the guest owner's commit grant (sequence 0; one per target and migration)."""
+TRANSPORT_KDF_INFO: Final = b"confmig mh transport v2"
+"""HKDF-SHA256 label of a migration's keys (salt: the migration id; base: the ticket's key)."""
+TICKET_KDF_INFO: Final = b"confmig mh ticket v1"
+"""HKDF-SHA256 label of a ticket's key (salt: the ticket; base: the guest's transport key)."""
 
 
 class RecordKind(IntEnum):
@@ -184,6 +190,8 @@ class RecordKind(IntEnum):
     """The source's last record: every stream's last sequence number and page count."""
     ABORT = 3
     """The target's token: this migration never ran there and never will."""
+    COMMIT = 4
+    """The guest owner's grant: this target may run the guest (and its source never will)."""
 
 
 class MailboxError(ConfmigError):
@@ -459,6 +467,49 @@ def abort_body(challenge: bytes) -> bytes:
     """What an abort token says: this target (its challenge) never ran the guest and never
     will. The source's MH opens only a token naming the challenge it sealed at FINISH, so a
     host cannot abort one target and complete another."""
+    return ABORT_NEVER_RAN + _challenge(challenge)
+
+
+COMMIT_GRANTED: Final = b"confmig-mh-commit: the owner lets this target run the guest\0"
+"""A commit grant's body starts with the owner's word and ends with the target's challenge."""
+
+
+def commit_body(challenge: bytes) -> bytes:
+    """What the owner's commit grant says: the target with this challenge may run the guest.
+    The owner decides once per ticket, commit or abort: a target runs only with this grant,
+    a source resumes only with an abort token, so never both."""
+    return COMMIT_GRANTED + _challenge(challenge)
+
+
+def abort_purpose(challenge: bytes) -> bytes:
+    """The HKDF label suffix of an abort token's key: the aborting target's own (every target
+    of one migration seals its token, fixed nonce, under a key of its own)."""
+    return b" abort " + _challenge(challenge)
+
+
+def commit_purpose(challenge: bytes) -> bytes:
+    """The HKDF label suffix of a commit grant's key: the committing target's own."""
+    return b" commit " + _challenge(challenge)
+
+
+def split_records(data: bytes | memoryview) -> list[bytes]:
+    """Records laid end to end (COMPLETE's data: the completion record, then the owner's commit
+    grant), each one's length from its own header; each is checked again on its own."""
+    out = []
+    at = 0
+    while at < len(data):
+        if len(data) - at < RECORD_HEADER.size:
+            raise MailboxError(f"{len(data) - at} bytes at offset {at}: shorter than a record header")
+        # SECURITY: the host's bytes; a header can claim any size (negative with nzero > npages).
+        size = RecordHeader(*RECORD_HEADER.unpack_from(data, at)).size
+        if not RECORD_HEADER.size + TAG_SIZE <= size <= len(data) - at:
+            raise MailboxError(f"record at offset {at} says {size} bytes; {len(data) - at} are left")
+        out.append(bytes(data[at : at + size]))
+        at += size
+    return out
+
+
+def _challenge(challenge: bytes) -> bytes:
     if len(challenge) != CHALLENGE_SIZE:
         raise MailboxError(f"a challenge is {CHALLENGE_SIZE} bytes, got {len(challenge)}")
-    return ABORT_NEVER_RAN + challenge
+    return challenge

@@ -62,7 +62,7 @@ class SecretArea:
     size: int
 
 
-_Reply = TypeVar("_Reply", keybroker.LaunchResponse, keybroker.SecretResponse)
+_Reply = TypeVar("_Reply", keybroker.LaunchResponse, keybroker.SecretResponse, keybroker.DecisionResponse)
 
 
 class OwnerLink:
@@ -83,6 +83,16 @@ class OwnerLink:
         request = keybroker.MeasurementRequest(measurement=measurement, api_major=api[0], api_minor=api[1],
                                                build=api[2])
         return self._call(keybroker.measurement_path(session_id), request, keybroker.SecretResponse)
+
+    def decide(self, outcome: str, *, ticket: bytes, migration_id: bytes, challenge: bytes) -> bytes:
+        """The owner's proof for the Migration Handler that the migration to ``ticket``'s target
+        is committed (a target's VMM asks) or aborted (its source's)."""
+        request = keybroker.DecisionRequest(ticket=ticket, migration_id=migration_id,
+                                            challenge=challenge, outcome=outcome)
+        reply = self._call(keybroker.DECISION_PATH, request, keybroker.DecisionResponse)
+        if reply.outcome != outcome:
+            raise ConfigError(f"guest owner answered {reply.outcome} to {outcome}")
+        return reply.token
 
     def _call(self, path: str, request: keybroker.Message, kind: type[_Reply]) -> _Reply:
         try:
@@ -124,6 +134,16 @@ class SevGuest:
         self.handle = 0
         self.receiving = False
         """RECEIVE_START done, RECEIVE_FINISH not yet (an incoming guest)."""
+
+    def migration_decision(self, outcome: str, *, ticket: bytes, migration_id: bytes,
+                           challenge: bytes) -> bytes:
+        """Ask this guest's owner to commit or abort its migration to ``ticket``'s target (the
+        Migration Handler path): the proof for the MH, opaque here; ConfigError if refused."""
+        if not self.config.owner:
+            raise ConfigError("this guest has no owner to decide its migration "
+                              "(-object sev-guest,...,owner=URL)")
+        return OwnerLink(self.config.owner).decide(outcome, ticket=ticket, migration_id=migration_id,
+                                                   challenge=challenge)
 
     # --- sev_kvm_init -------------------------------------------------------------
 

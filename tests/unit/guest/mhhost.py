@@ -37,10 +37,12 @@ from confmig.guest.layout import (
     SECRET_AREA_GPA,
     SECRET_AREA_SIZE,
 )
+from confmig.owner.arbiter import Arbiter
 from confmig.platform.cpu.abi import C_BIT
 from confmig.platform.cpu.core import CpuCore
 from confmig.platform.mee import KeySlots, MemoryEncryptionEngine
 from confmig.proto import mailbox as mb
+from confmig.proto.keybroker import DecisionRequest
 
 ASID = 5
 RAM_SIZE = 20 * MiB
@@ -120,9 +122,23 @@ def seal(master: bytes, migration_id: bytes, *, stream: int, seq: int, gpas: Ite
     return head + transport_key(master, migration_id).encrypt(mb.nonce(stream, seq), data.tobytes(), head)
 
 
+def commit_grant(master: bytes, completion: bytes, challenge: bytes, ticket: bytes = TICKET) -> bytes:
+    """The guest owner's commit grant for the migration ``completion`` closes, as its broker
+    makes it (:mod:`confmig.owner.arbiter`, the real code)."""
+    arbiter = Arbiter()
+    arbiter.issued(ticket, mh.ticket_key(master, ticket))
+    migration_id = mb.RecordHeader(*mb.RECORD_HEADER.unpack_from(completion)).migration_id
+    return arbiter.decide(DecisionRequest(ticket=ticket, migration_id=migration_id,
+                                          challenge=challenge, outcome="commit")).token
+
+
 class MhDriver:
     """The VMM's side of the mailboxes: commands in, answers and records out. Subclasses say
     how the host reaches guest RAM (:meth:`store`, :meth:`load`) and enters an MH vCPU."""
+
+    owner: tuple[bytes, bytes] | None = None
+    """A target's guest owner (its transport key, the target's ticket): COMPLETE goes with its
+    commit grant, as a VMM sends it (:meth:`token`)."""
 
     def store(self, gpa: int, data: bytes) -> None:
         raise NotImplementedError
@@ -185,6 +201,8 @@ class MhDriver:
         """A control command in MH vCPU 0's slot 0: FINISH (the target's challenge in), ABORT
         (nothing in), COMPLETE, RESUME (a token in). The answer, and the record FINISH or ABORT
         wrote back."""
+        if cmd == mb.MhCommand.COMPLETE and self.owner is not None and data:
+            data += commit_grant(self.owner[0], data, self.challenge(), self.owner[1])
         answer = self.put_record(0, cmd, data) if data else self.command(0, cmd, slot=0)
         sealed = cmd in (mb.MhCommand.FINISH, mb.MhCommand.ABORT)
         out = self.load(self.data(0, 0), answer.length) if answer.ret == 0 and sealed else b""
@@ -215,6 +233,8 @@ class Guest(MhDriver):
         bootinfo.seal(cpu, 1)
         if master is not None:
             area = launch_secret(master, target=target, v1=v1, ticket=ticket)
+            if target and not v1:
+                self.owner = (master, ticket)
             cpu.write(SECRET_AREA_GPA | mask, area.ljust(SECRET_AREA_SIZE, b"\0"))
         gate.store(cpu, gate.OPEN, mask)
         mem_encrypt.clear_page_state(cpu, mask)

@@ -14,7 +14,7 @@ from contextlib import closing
 
 import numpy as np
 import pytest
-from mhhost import RAM_SIZE, TICKET, Guest, seal, transport_key
+from mhhost import RAM_SIZE, TICKET, Guest, commit_grant, seal, transport_key
 
 from confmig.common.units import PAGE_SIZE, GiB
 from confmig.guest import gate, saved_state
@@ -30,8 +30,10 @@ from confmig.guest.layout import (
     PAGE_STATE_LIMIT,
     SECRET_AREA_GPA,
 )
+from confmig.owner.arbiter import Arbiter
 from confmig.platform.cpu.abi import C_BIT, Registers
 from confmig.proto import mailbox as mb
+from confmig.proto.keybroker import DecisionRequest
 
 KEY = os.urandom(32)
 SRC_SPA = 0x1_0000_0000
@@ -291,9 +293,48 @@ def test_complete_refuses_a_completion_record_that_is_not_the_sources(src: Guest
     start(src, dst)
     send(src, dst, src.private_gpas())
     completion = src.token(Cmd.FINISH, dst.challenge())[1]
-    for bad in (flip(completion, len(completion) - 20), flip(completion, 12), completion[:-1]):
+    for bad in (flip(completion, len(completion) - 20), flip(completion, 12)):
         assert dst.token(Cmd.COMPLETE, bad)[0] == REFUSED
+    assert dst.token(Cmd.COMPLETE, completion[:-1])[0] == INVALID  # not a record, then the grant
     assert dst.token(Cmd.COMPLETE, completion)[0] == OK
+
+
+def test_complete_needs_the_owners_commit_grant_for_this_target(src: Guest, dst: Guest) -> None:
+    """The owner decides once per ticket, commit or abort: a target runs only with its grant,
+    so that an abort token given to the source instead can never leave two copies running."""
+    mid = start(src, dst)
+    send(src, dst, src.private_gpas())
+    completion = src.token(Cmd.FINISH, dst.challenge())[1]
+    owner, dst.owner = dst.owner, None  # the host sends what it likes after the completion
+    assert owner is not None
+    grant = commit_grant(owner[0], completion, dst.challenge(), owner[1])
+    arbiter = Arbiter()
+    arbiter.issued(TICKET, mh.ticket_key(KEY, TICKET))
+    abort = arbiter.decide(DecisionRequest(ticket=TICKET, migration_id=mid, challenge=dst.challenge(),
+                                           outcome="abort")).token
+    other_target = commit_grant(KEY, completion, os.urandom(16))
+    other_ticket = commit_grant(KEY, completion, dst.challenge(), ticket=os.urandom(16))
+    assert dst.token(Cmd.COMPLETE, completion)[0] == INVALID  # no grant
+    for bad in (abort, other_target, other_ticket, flip(grant, len(grant) - 1)):
+        assert dst.token(Cmd.COMPLETE, completion + bad)[0] == REFUSED
+    assert run_gate(dst) == gate.INCOMING
+    assert dst.token(Cmd.COMPLETE, completion + grant)[0] == OK
+
+
+def test_the_owners_abort_token_is_the_targets_own_and_resumes_the_source(src: Guest, dst: Guest) -> None:
+    """A target that died after FINISH cannot say ABORT; its owner, who holds the ticket's key,
+    makes the same token (and then gives the target no commit grant)."""
+    mid = start(src, dst)
+    send(src, dst, src.private_gpas())
+    assert src.token(Cmd.FINISH, dst.challenge())[0] == OK
+    arbiter = Arbiter()
+    arbiter.issued(TICKET, mh.ticket_key(KEY, TICKET))
+    token = arbiter.decide(DecisionRequest(ticket=TICKET, migration_id=mid, challenge=dst.challenge(),
+                                           outcome="abort")).token
+    assert dst.token(Cmd.ABORT) == (OK, token)  # byte for byte the target MH's own
+    assert run_gate(src) == gate.MIGRATED_AWAY
+    assert src.token(Cmd.RESUME, token)[0] == OK
+    assert run_gate(src) == gate.OPEN
 
 
 def opened_completion(completion: bytes) -> mb.Completion:

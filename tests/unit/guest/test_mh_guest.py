@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fakecpu import MIGRATION_FEATURES, FakeCpu
 from machine import ROM, Machine
-from mhhost import MhDriver, launch_secret
+from mhhost import TICKET, MhDriver, launch_secret
 
 from confmig.common.units import PAGE_SIZE, MiB
 from confmig.guest import gate, kernel, mem_encrypt, saved_state
@@ -54,9 +54,10 @@ TARGET = {MIGRATION_TARGET_FILE: b"1"}
 class Mirror(MhDriver):
     """MH vCPUs of a machine: fake vCPUs on its RAM, with its memory key."""
 
-    def __init__(self, m: Machine) -> None:
+    def __init__(self, m: Machine, owner: tuple[bytes, bytes] | None = (KEY, TICKET)) -> None:
         self.m = m
         self.cpus: dict[int, FakeCpu] = {}
+        self.owner = owner  # a target's COMPLETE goes with its owner's grant (the guest's key)
 
     def store(self, gpa: int, data: bytes) -> None:
         self.m.memory.write(gpa, data)

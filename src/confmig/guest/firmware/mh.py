@@ -123,7 +123,12 @@ sealed for this target's challenge (the session page's: the completion of a
 recorded stream replayed to another target, or to this one after it booted
 again, names another), every stream's records and pages match and every
 private page (the page-state list as imported, RAM but the MH's area) was
-imported in this migration.
+imported in this migration. COMPLETE's data is that record and, right after
+it, the guest owner's commit grant (``proto.mailbox.commit_body``, sealed
+under the migration's key with ``commit_purpose`` of this target's challenge):
+the owner decides once per ticket whether the target runs (this grant) or the
+source does (an abort token, byte for byte this MH's own, that the owner makes
+when the target cannot), so a target and its source never both run.
 
 Limits, honestly. The MH cannot see which pages the guest dirtied: a host that
 skips a page's re-export leaves the target an older version of that page (the
@@ -181,14 +186,11 @@ from confmig.platform.cpu.abi import MSR_AMD64_SEV_ES_ENABLED, GuestCpu, GuestFa
 from confmig.proto import mailbox as mb
 
 TRANSPORT_KEY_SIZE: Final = 32
-KDF_INFO: Final = b"confmig mh transport v2"
 SESSION_MAGIC: Final = b"CMMHSES3"
 NO_ID: Final = bytes(mb.MIGRATION_ID_SIZE)
 NO_CHALLENGE: Final = bytes(mb.CHALLENGE_SIZE)
 NO_TICKET: Final = bytes(mb.TICKET_SIZE)
 NO_KEY: Final = bytes(TRANSPORT_KEY_SIZE)
-TICKET_KDF_INFO: Final = b"confmig mh ticket v1"
-"""HKDF info of a ticket's key (the owner's broker derives it the same way: ``owner.profile``)."""
 _SESSION: Final = struct.Struct(
     f"<8sII{mb.MIGRATION_ID_SIZE}s{mb.CHALLENGE_SIZE}s{mb.TICKET_SIZE}s{TRANSPORT_KEY_SIZE}s")
 _STREAM: Final = struct.Struct("<II16sQQQ")
@@ -415,7 +417,7 @@ def ticket_key(master: bytes, ticket: bytes) -> bytes:
     """The key of one migration ticket: what the owner's broker releases to that ticket's target
     (and to no other), and what a source derives from its own key for the ticket it is given."""
     return HKDF(algorithm=hashes.SHA256(), length=TRANSPORT_KEY_SIZE, salt=ticket,
-                info=TICKET_KDF_INFO).derive(master)
+                info=mb.TICKET_KDF_INFO).derive(master)
 
 
 def _base_key(call: _Call, *, v1: bool) -> bytes | None:
@@ -439,15 +441,8 @@ def _transport_key(call: _Call, migration_id: bytes, *, purpose: bytes = b"",
     base = _base_key(call, v1=v1)
     if base is None:
         return None
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id, info=KDF_INFO + purpose)
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id, info=mb.TRANSPORT_KDF_INFO + purpose)
     return AESGCM(hkdf.derive(base))
-
-
-def _abort_purpose(challenge: bytes) -> bytes:
-    """An abort token's key is the aborting target's own: every target of one migration seals
-    its token (fixed nonce, its own challenge in the body) under a different key, so no two
-    tokens ever share a key and nonce."""
-    return b" abort " + challenge
 
 
 def _v1_allowed(call: _Call) -> bool:
@@ -899,9 +894,21 @@ def _complete(call: _Call) -> _Reply:
     st = call.stream()
     if st.role != StreamRole.TARGET:
         return _Reply(_INVALID)
-    record = _read_record(call)
-    if record is None:
+    data = _read_record(call)
+    if data is None:
         return _Reply(_INVALID)
+    try:
+        record, grant = mb.split_records(data)
+    except (mb.MailboxError, ValueError):  # not two records
+        return _Reply(_INVALID)
+    if s.challenge == NO_CHALLENGE:
+        return _Reply(_REFUSED)
+    # The owner's word comes first: without its grant this target never runs the guest, so
+    # that the owner can give the source an abort token instead (one decision per ticket).
+    granted = _token(call, grant, mb.RecordKind.COMMIT, mb.COMMIT_STREAM, st.migration_id,
+                     purpose=mb.commit_purpose(s.challenge))
+    if granted != mb.commit_body(s.challenge):
+        return _Reply(_REFUSED)
     body = _token(call, record, mb.RecordKind.COMPLETION, mb.COMPLETION_STREAM, st.migration_id)
     if body is None:
         return _Reply(_REFUSED)
@@ -909,7 +916,7 @@ def _complete(call: _Call) -> _Reply:
         sent = mb.decode_completion(body)
     except mb.MailboxError:
         return _Reply(_REFUSED)
-    if s.challenge == NO_CHALLENGE or sent.challenge != s.challenge:
+    if sent.challenge != s.challenge:
         return _Reply(_REFUSED)  # sealed for another target (or another boot of this one)
     want = {t.stream: (t.records, t.pages) for t in sent.totals}
     if len(want) != len(sent.totals) or any(want[i] != (0, 0) for i in want if i >= MH_VCPUS_MAX):
@@ -963,7 +970,7 @@ def _abort(call: _Call) -> _Reply:
         return _Reply(_INVALID)
     if s.phase == SessionPhase.ABORTED and s.migration_id != st.migration_id:
         return _Reply(_INVALID)  # another migration's token
-    aead = _transport_key(call, st.migration_id, purpose=_abort_purpose(s.challenge))
+    aead = _transport_key(call, st.migration_id, purpose=mb.abort_purpose(s.challenge))
     if aead is None:
         return _Reply(_REFUSED)
     _store_session(call.cpu, replace(s, phase=SessionPhase.ABORTED, migration_id=st.migration_id),
@@ -983,7 +990,7 @@ def _resume(call: _Call) -> _Reply:
     if record is None:
         return _Reply(_INVALID)
     body = _token(call, record, mb.RecordKind.ABORT, mb.ABORT_STREAM, s.migration_id,
-                  purpose=_abort_purpose(s.challenge))
+                  purpose=mb.abort_purpose(s.challenge))
     # Only the target FINISH sealed the guest for may give it back: another target's token
     # (same key, same migration) would let a host abort one and complete the other.
     if s.challenge == NO_CHALLENGE or body != mb.abort_body(s.challenge):

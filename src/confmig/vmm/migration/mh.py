@@ -40,7 +40,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from confmig.common.errors import MigrationError, StreamError
+from confmig.common.errors import ConfigError, MigrationError, StreamError
 from confmig.common.units import PAGE_SHIFT
 from confmig.proto import mailbox as mb
 from confmig.proto.stream import shared_regions as shared_regions_record
@@ -210,9 +210,15 @@ class MhOutgoing(OutgoingBackend):
 
     def _resume(self) -> None:
         token = self.abort_token
-        if token is None:
-            raise MhError("the migration failed after FINISH and the target sent no abort token: "
-                          "the guest stays stopped here (it may be running there)")
+        if token is None:  # the target (or the link) died: the owner decides, once
+            try:
+                token = self.sev.migration_decision("abort", ticket=self.ticket,
+                                                    migration_id=self.migration_id,
+                                                    challenge=self.challenge)
+            except ConfigError as exc:
+                raise MhError("the migration failed after FINISH, the target sent no abort token "
+                              f"and the guest owner gave none ({exc}): the guest stays stopped "
+                              "here (it may be running there)") from None
         v = self.mh.vcpus[0]
         if not 0 < len(token) <= mb.SLOT_DATA:
             raise MhError(f"an abort token of {len(token)} bytes")
@@ -388,14 +394,25 @@ class MhIncoming(IncomingBackend):
         return bytes(v.data(0)[: answer.length])
 
     def verify(self) -> None:
-        """COMPLETE: the MH says whether every record and every private page arrived."""
+        """COMPLETE: the MH says whether every record and every private page arrived, and runs
+        the guest only with the owner's commit grant (the owner gives either that or, to the
+        source, an abort token: never both)."""
         if self._completion is None:
             raise StreamError("the stream ended without the Migration Handler's completion record")
         self._close(wait_quietly=False)  # every import done, the first refusal raised
         v = self.mh.vcpus[0]
         self._init(v)
+        assert self.migration_id is not None
+        offer = self.mh.target_challenge()
+        try:
+            grant = self.sev.migration_decision(
+                "commit", ticket=offer[mb.CHALLENGE_SIZE :], migration_id=self.migration_id,
+                challenge=offer[: mb.CHALLENGE_SIZE])
+        except ConfigError as exc:
+            raise MigrationError(f"the guest owner did not commit the migration here: {exc}") from None
         self.counters.commands += 1
-        self._import(v, mb.MhCommand.COMPLETE, self._completion, FINAL_EPOCH)
+        self._import(v, mb.MhCommand.COMPLETE, self._completion + grant, FINAL_EPOCH,
+                     what="the completion record and the owner's grant")
 
     def _init(self, v: MhVcpu) -> None:
         """INIT ``v`` as a target of this migration; MH vCPU 0 first, which names the migration
@@ -429,12 +446,13 @@ class MhIncoming(IncomingBackend):
             for pool in self._pools:
                 pool.shutdown(wait=False)
 
-    def _import(self, v: MhVcpu, cmd: mb.MhCommand, payload: bytes, epoch: int, slot: int = 0) -> None:
+    def _import(self, v: MhVcpu, cmd: mb.MhCommand, payload: bytes, epoch: int, slot: int = 0,
+                *, what: str = "") -> None:
         data = v.data(slot)
         data[: len(payload)] = payload
         answer = v.command(cmd, slot=slot, length=len(payload), epoch=epoch)
         if answer.ret != mb.MhReturn.SUCCESS:
-            header = mb.decode_record_header(payload)
-            what = ("the completion record" if header.stream == mb.COMPLETION_STREAM
-                    else f"a record of stream {header.stream} (sequence {header.seq})")
+            if not what:
+                header = mb.decode_record_header(payload)
+                what = f"a record of stream {header.stream} (sequence {header.seq})"
             raise StreamError(_refused(f"{cmd.name} of {what}", answer.ret))

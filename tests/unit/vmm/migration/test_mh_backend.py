@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from confmig.common.errors import MigrationError, StreamError
+from confmig.common.errors import ConfigError, MigrationError, StreamError
 from confmig.common.units import MiB
 from confmig.proto import mailbox as mb
 from confmig.proto.stream.format import ConfidentialSubtype
@@ -26,7 +26,8 @@ AREA = (8 * MiB, 4 * mb.MAILBOX_STRIDE)
 MID = b"m" * 16
 CHALLENGE = bytes(range(16))
 TICKET = bytes(range(100, 116))
-PARAMS = MigrationParameters(x_mh_target_challenge=(CHALLENGE + TICKET).hex())
+OFFER = CHALLENGE + TICKET
+PARAMS = MigrationParameters(x_mh_target_challenge=OFFER.hex())
 
 
 @dataclass
@@ -98,11 +99,24 @@ class FakeMh:
     def start(self) -> None:
         self.started = True
 
+    def target_challenge(self) -> bytes:
+        return OFFER
+
 
 @dataclass
 class FakeSev:
     shared: SharedRegions = field(default_factory=SharedRegions)
     config: object = field(default_factory=lambda: type("C", (), {"es": False})())
+    owner_grants: set[str] = field(default_factory=lambda: {"commit", "abort"})
+    """The outcomes the guest owner grants (it refuses the others: decided the other way)."""
+    decisions: list[tuple[str, bytes, bytes, bytes]] = field(default_factory=list)
+
+    def migration_decision(self, outcome: str, *, ticket: bytes, migration_id: bytes,
+                           challenge: bytes) -> bytes:
+        self.decisions.append((outcome, ticket, migration_id, challenge))
+        if outcome not in self.owner_grants:
+            raise ConfigError(f"guest owner refused: decided already, not {outcome}")
+        return b"owner's " + outcome.encode()
 
 
 @dataclass
@@ -248,7 +262,20 @@ def test_the_target_gives_each_stream_to_its_mh_vcpu_and_completes_last() -> Non
     done = sealed(0, 0, (), 1, kind=mb.RecordKind.COMPLETION)
     incoming.record(ConfidentialSubtype.MH_RECORD, done)
     incoming.verify()
-    assert fake.vcpus[0].imported[-1] == done
+    assert fake.vcpus[0].imported[-1] == done + b"owner's commit"  # COMPLETE: the owner's grant after it
+    assert incoming.sev.decisions == [("commit", TICKET, MID, CHALLENGE)]  # type: ignore[attr-defined]
+
+
+def test_a_target_the_owner_does_not_commit_never_completes() -> None:
+    """The source's VMM got the abort first: this target's MH never hears COMPLETE."""
+    incoming, fake = target()
+    incoming.sev.owner_grants = {"abort"}  # type: ignore[attr-defined]
+    incoming.record(ConfidentialSubtype.MH_RECORD, sealed(0, 0, (0x10000,), 0))
+    done = sealed(0, 0, (), 1, kind=mb.RecordKind.COMPLETION)
+    incoming.record(ConfidentialSubtype.MH_RECORD, done)
+    with pytest.raises(MigrationError, match="the guest owner did not commit the migration here"):
+        incoming.verify()
+    assert done not in fake.vcpus[0].imported and not any(r.startswith(done) for r in fake.vcpus[0].imported)
 
 
 @pytest.mark.parametrize(("record", "error"), [
@@ -307,11 +334,23 @@ def test_an_abort_token_after_finish_lets_the_source_guest_run_again() -> None:
     assert not fake.sent_away and not backend.finished
 
 
-def test_without_an_abort_token_a_guest_sent_away_stays_stopped() -> None:
+def test_without_an_abort_token_the_owner_decides_and_a_refusal_keeps_the_guest_stopped() -> None:
     backend, fake, log = finished_source()
-    with pytest.raises(MigrationError, match="no abort token: the guest stays stopped here"):
+    backend.sev.owner_grants = {"commit"}  # type: ignore[attr-defined]  # the target committed first
+    with pytest.raises(MigrationError, match=r"no abort token and the guest owner gave none .*"
+                                             r"the guest stays stopped here"):
         backend.cancel()
     assert fake.sent_away and "RESUME" not in [name for _, name, _ in log]
+    assert backend.sev.decisions == [  # type: ignore[attr-defined]
+        ("abort", TICKET, backend.migration_id, CHALLENGE)]
+
+
+def test_without_an_abort_token_the_owners_resumes_the_guest() -> None:
+    """The target (or the link to it) died after FINISH: its owner, asked first, aborts."""
+    backend, fake, log = finished_source()
+    backend.cancel()
+    assert not fake.sent_away and [name for _, name, _ in log][-1] == "RESUME"
+    assert bytes(fake.vcpus[0].data(0)[:13]) == b"owner's abort"
 
 
 def test_a_refused_abort_token_keeps_the_guest_stopped() -> None:

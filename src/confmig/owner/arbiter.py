@@ -1,0 +1,103 @@
+"""The owner's commit point: one decision per migration ticket, commit or abort.
+
+A guest that migrates through its Migration Handler must run in exactly one
+place afterwards, whatever fails. The source's MH stops the guest at FINISH and
+lets it run again only with an abort token; the target's MH lets it run only
+with the owner's commit grant. Both go through the guest owner, who issued the
+target its ticket and now decides, once per ticket, which side it gives a proof
+to: the first request decides; a request for the same outcome (same migration,
+same challenge) gets the same bytes again; any other is refused. So a target
+that died after FINISH (or a link that did) no longer strands the guest: its
+source asks for the abort, and a target that comes back later gets no grant.
+
+The proofs are the MH's own formats (:mod:`confmig.proto.mailbox`): records
+without pages, sealed with AES-256-GCM under the migration's key for the
+ticket, with a purpose that names the target's challenge. An abort token made
+here is byte for byte the one the target's MH would make (ABORT). Who asks is
+not authenticated, and need not be: a host can ask for either outcome, but
+never get both.
+
+Limits, honestly: decisions live in this process's memory. An owner that
+restarts forgets them and could then decide a ticket the other way; a real
+broker would write each decision to stable storage before answering.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from confmig.owner.errors import BrokerBusy, DecisionRefused
+from confmig.proto import mailbox as mb
+from confmig.proto.keybroker import DecisionRequest, DecisionResponse
+
+MAX_TICKETS: Final = 4096
+"""Tickets remembered at once. One is made per attested target launch, so only a host that
+launches targets can fill this; the oldest undecided ones make room first."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: str
+    migration_id: bytes
+    challenge: bytes
+    token: bytes
+
+
+class Arbiter:
+    """The tickets the broker issued, each with the guest's transport key, and their decisions."""
+
+    def __init__(self, *, max_tickets: int = MAX_TICKETS) -> None:
+        self._keys: dict[bytes, bytes] = {}
+        """Ticket -> that ticket's key (what its target got at launch)."""
+        self._decided: dict[bytes, Decision] = {}
+        self._max = max_tickets
+        self._lock = threading.Lock()
+
+    def issued(self, ticket: bytes, ticket_key: bytes) -> None:
+        """The broker released ``ticket`` and its key to one target launch."""
+        with self._lock:
+            if len(self._keys) >= self._max:
+                undecided = [t for t in self._keys if t not in self._decided]
+                if not undecided:
+                    raise BrokerBusy(f"{self._max} migration tickets are decided and remembered")
+                del self._keys[undecided[0]]
+            self._keys[ticket] = ticket_key
+
+    def decide(self, request: DecisionRequest) -> DecisionResponse:
+        with self._lock:
+            key = self._keys.get(request.ticket)
+            if key is None:
+                raise DecisionRefused("no migration target was given this ticket")
+            wanted = (request.outcome, request.migration_id, request.challenge)
+            done = self._decided.get(request.ticket)
+            if done is None:
+                done = Decision(*wanted, token=_seal(key, *wanted))
+                self._decided[request.ticket] = done
+            elif (done.outcome, done.migration_id, done.challenge) != wanted:
+                raise DecisionRefused(
+                    f"this migration was decided already: {done.outcome}"
+                    + (" (its target may run the guest)" if done.outcome == "commit"
+                       else " (its source may run the guest again)"))
+        return DecisionResponse(outcome=done.outcome, token=done.token)
+
+
+def _seal(ticket_key: bytes, outcome: str, migration_id: bytes, challenge: bytes) -> bytes:
+    """The MH's token for ``outcome``: a record of no pages, sequence 0, under the migration's
+    key with the outcome's purpose (the target MH's ``_transport_key`` and ``_seal``)."""
+    if outcome == "commit":
+        kind, stream = mb.RecordKind.COMMIT, mb.COMMIT_STREAM
+        purpose, body = mb.commit_purpose(challenge), mb.commit_body(challenge)
+    else:
+        kind, stream = mb.RecordKind.ABORT, mb.ABORT_STREAM
+        purpose, body = mb.abort_purpose(challenge), mb.abort_body(challenge)
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id,
+               info=mb.TRANSPORT_KDF_INFO + purpose).derive(ticket_key)
+    header = mb.RecordHeader(mb.RECORD_VERSION, mb.ALG_AES_256_GCM, kind, stream, 0, 0, 0, 0,
+                             len(body), 1, migration_id).pack()
+    return header + AESGCM(key).encrypt(mb.nonce(stream, 0), body, header)
