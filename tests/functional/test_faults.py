@@ -32,3 +32,12 @@ def test_the_whole_matrix_holds_every_must() -> None:
     results = Matrix().run(BACKENDS, Fault, Phase)
     bad = [r for r in results if r.verdict in ("FAIL", "error")]
     assert not bad, "\n".join(f"{r.backend}/{r.fault}/{r.phase}: {r.reasons}" for r in bad)
+
+
+def test_an_mh_migration_fails_at_once_when_the_target_host_dies_in_the_first_round() -> None:
+    """The target's MH backend cannot abort once its host is gone (each MH entry meets the
+    host's closed socket); its engine must close the channel all the same, or the source stays
+    blocked in its send until the management layer cancels (the matrix's 90 s hang)."""
+    (r,) = Matrix().run([backend_named("mh")], [Fault.TARGET_HOST], [Phase.FIRST_ROUND])
+    assert r.verdict == "ok", r
+    assert r.running == ("source",) and r.lost == 0

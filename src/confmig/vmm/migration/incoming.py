@@ -92,12 +92,14 @@ class IncomingMigration(threading.Thread):
             log.exception("incoming migration failed")
             self.set_status(MigrationStatus.FAILED)
         finally:
-            self._reply(ok)
-            if self._multifd is not None:
-                self._multifd.close()
-            if self._main is not None:
-                self._main.close()
-            self.listener.close()
+            try:
+                self._reply(ok)
+            finally:  # whatever the reply met, the source must see the channel close
+                if self._multifd is not None:
+                    self._multifd.close()
+                if self._main is not None:
+                    self._main.close()
+                self.listener.close()
         if ok:
             self.set_status(MigrationStatus.COMPLETED)
 
@@ -184,10 +186,16 @@ class IncomingMigration(threading.Thread):
             return
         message = b""
         if not ok:
+            # The backend's abort may need this host (the MH's vCPUs run there): one that died
+            # gives an OSError, and no token. The source must hear the failure all the same: an
+            # abort that escaped left the main channel open and the source blocked in its send.
             try:
                 token = self.backend.abort()
-            except ConfmigError as exc:
+            except (ConfmigError, OSError) as exc:
                 log.error("%s backend: abort failed: %s", self.backend.name, exc)
+                token = b""
+            except Exception:  # a bug: no token either (the source's guest stays as it would)
+                log.exception("%s backend: abort failed", self.backend.name)
                 token = b""
             if token:
                 message = rp.encode(rp.Confidential(payload=token))
