@@ -208,6 +208,12 @@ class MhOutgoing(OutgoingBackend):
             with contextlib.suppress(MhError):  # failed already: its next INIT resets it
                 v.command(mb.MhCommand.RESET)
 
+    def resumable_without_verdict(self) -> bool:
+        """After FINISH only an abort token reopens the guest's run gate: the target's, or the
+        owner's, who then never lets that target run. So once RESUME took one (or the stream
+        never carried a completion record), the target cannot have the guest."""
+        return not self.finished
+
     def _resume(self) -> None:
         token = self.abort_token
         if token is None:  # the target (or the link) died: the owner decides, once

@@ -341,6 +341,7 @@ def test_without_an_abort_token_the_owner_decides_and_a_refusal_keeps_the_guest_
                                              r"the guest stays stopped here"):
         backend.cancel()
     assert fake.sent_away and "RESUME" not in [name for _, name, _ in log]
+    assert not backend.resumable_without_verdict()
     assert backend.sev.decisions == [  # type: ignore[attr-defined]
         ("abort", TICKET, backend.migration_id, CHALLENGE)]
 
@@ -348,8 +349,10 @@ def test_without_an_abort_token_the_owner_decides_and_a_refusal_keeps_the_guest_
 def test_without_an_abort_token_the_owners_resumes_the_guest() -> None:
     """The target (or the link to it) died after FINISH: its owner, asked first, aborts."""
     backend, fake, log = finished_source()
+    assert not backend.resumable_without_verdict()
     backend.cancel()
     assert not fake.sent_away and [name for _, name, _ in log][-1] == "RESUME"
+    assert backend.resumable_without_verdict()  # the target can never have it: run it here
     assert bytes(fake.vcpus[0].data(0)[:13]) == b"owner's abort"
 
 
