@@ -97,6 +97,9 @@ class MhVcpu:
         """One entry at a time per MH vCPU (the slots of one vCPU share its entries)."""
         self.broken: str | None = None
         """Why an entry failed: the MH's state is unknown, no command is sent to it again."""
+        self.entered = False
+        """It was entered at the MH's entry point once (:meth:`MigrationHandler.start`): before,
+        its registers are the reset state's, and an entry would run the guest's boot code."""
         self.watchdog = Watchdog(fd.kick, MH_TIMEOUT, f"mh{index}-watchdog")
 
     def data(self, slot: int) -> memoryview:
@@ -124,6 +127,9 @@ class MhVcpu:
         with self.lock:
             if self.broken is not None:
                 raise MhError(f"Migration Handler vCPU {self.index} failed earlier ({self.broken})")
+            if not self.entered:
+                raise MhError(f"Migration Handler vCPU {self.index} is not started "
+                              "(start-migration-handler)")
             self.mailbox[base : base + mb.COMMAND.size + mb.V2_FIELDS.size] = mb.encode_request(
                 cmd, gpa=gpa, npages=npages, length=length, epoch=epoch)
             struct.pack_into("<i", self.mailbox, base + mb.GO_OFFSET, 1)  # published last
@@ -144,6 +150,7 @@ class MhVcpu:
         """An entry with no command: the MH finds nothing to serve and halts."""
         with self.lock:
             self._enter()
+            self.entered = True
 
     def _enter(self) -> None:
         """KVM_RUN until the MH halts; kicked out after :data:`MH_TIMEOUT`."""

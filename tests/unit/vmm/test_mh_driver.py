@@ -43,7 +43,21 @@ def answering(ret: int, length: int = 0) -> Callable[[memoryview], ioctl.VcpuExi
 
 def vcpu(behaviour: Callable[[memoryview], ioctl.VcpuExit]) -> MhVcpu:
     box = memoryview(bytearray(mb.MAILBOX_STRIDE))
-    return MhVcpu(FakeFd(box, behaviour), 0, box, 0x800000)  # type: ignore[arg-type]
+    v = MhVcpu(FakeFd(box, behaviour), 0, box, 0x800000)  # type: ignore[arg-type]
+    v.entered = True  # MigrationHandler.start's first entry (see the test that needs it)
+    return v
+
+
+def test_an_mh_vcpu_not_started_is_never_entered() -> None:
+    """Before start-migration-handler its registers are the reset state's: an entry would run
+    the guest's boot code on the mirror (a migration that failed in setup used to RESET it so,
+    and broke it for good)."""
+    box = memoryview(bytearray(mb.MAILBOX_STRIDE))
+    fd = FakeFd(box, answering(0))
+    v = MhVcpu(fd, 0, box, 0x800000)  # type: ignore[arg-type]
+    with pytest.raises(MhError, match="not started"):
+        v.command(mb.MhCommand.RESET)
+    assert v.broken is None and struct.unpack_from("<i", box, mb.GO_OFFSET)[0] == 0
 
 
 def test_a_command_is_published_then_answered() -> None:

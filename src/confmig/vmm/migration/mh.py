@@ -204,6 +204,8 @@ class MhOutgoing(OutgoingBackend):
         if self.finished:
             self._resume()
             return
+        if not self.mh.started:
+            return  # setup failed before the MH was started: no session to leave
         for v in self.mh.vcpus:
             with contextlib.suppress(MhError):  # failed already: its next INIT resets it
                 v.command(mb.MhCommand.RESET)

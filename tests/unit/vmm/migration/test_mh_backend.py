@@ -365,6 +365,12 @@ def test_a_refused_abort_token_keeps_the_guest_stopped() -> None:
     assert fake.sent_away
 
 
+def test_a_setup_that_failed_before_the_mh_started_resets_nothing() -> None:
+    backend, fake, _sink, _memory, log = source()
+    backend.cancel()  # e.g. the stream's opening met a full disk
+    assert not fake.started and log == []
+
+
 def test_an_abort_token_before_finish_is_refused() -> None:
     backend, _fake, _sink, _memory, _log = source()
     backend.setup()
