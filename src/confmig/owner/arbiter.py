@@ -43,6 +43,9 @@ launches targets can fill this; the oldest undecided ones make room first."""
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """What the owner decided for one ticket, for which migration and target boot, and the
+    proof it gave (given again, the same bytes, to the same request)."""
+
     outcome: str
     migration_id: bytes
     challenge: bytes
