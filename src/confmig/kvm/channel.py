@@ -6,7 +6,6 @@ from __future__ import annotations
 import array
 import contextlib
 import socket
-import struct
 from typing import Final
 
 from confmig.common.errors import ProtocolError
@@ -15,9 +14,6 @@ from confmig.proto import ioctl
 DISCARD_CHUNK: Final = 64 << 10
 """Bytes read at a time while skipping the payload of a refused request: skipping a payload
 costs no more memory than this, however long the peer said it was."""
-
-_REQUEST_HEADER: Final = struct.Struct("<IIII")
-
 
 class ChannelClosed(Exception):
     """The peer closed the channel (EOF between frames)."""
@@ -89,7 +85,7 @@ def recv_request(
     fds: list[int] = []
     try:
         head = recv_exact(sock, ioctl.HEADER_SIZE, fds)
-        length, request, seq, nfds = _REQUEST_HEADER.unpack(head)
+        length, request, seq, nfds = ioctl.unpack_request_header(head)
         # SECURITY: the length is the peer's; a payload past the bound is never buffered.
         if length > max_payload and nfds <= ioctl.MAX_FDS:
             _discard(sock, length)

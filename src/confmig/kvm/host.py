@@ -45,7 +45,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 
@@ -148,6 +148,10 @@ class HostLimits:
     memory: int = MAX_OPEN_MEMORY
 
 
+Resource = Literal["vms", "vcpus", "memory"]
+"""What a :class:`KvmOpenFile` counts, by the name of its :class:`HostLimits` field."""
+
+
 class KvmOpenFile:
     """One open ``/dev/kvm`` (one connection to the host's socket): the VMs it made that still
     live and the guest memory they map, charged against :class:`HostLimits`. Its VMs outlive
@@ -160,38 +164,18 @@ class KvmOpenFile:
         self.memory = 0
         self._lock = threading.Lock()
 
-    def open_vm(self) -> bool:
+    def take(self, resource: Resource, amount: int = 1) -> bool:
+        """Count ``amount`` more of ``resource`` if its limit allows it (False: refused)."""
         with self._lock:
-            if self.vms >= self.limits.vms:
+            used = getattr(self, resource)
+            if used + amount > getattr(self.limits, resource):
                 return False
-            self.vms += 1
+            setattr(self, resource, used + amount)
             return True
 
-    def close_vm(self) -> None:
+    def give_back(self, resource: Resource, amount: int = 1) -> None:
         with self._lock:
-            self.vms -= 1
-
-    def open_vcpu(self) -> bool:
-        with self._lock:
-            if self.vcpus >= self.limits.vcpus:
-                return False
-            self.vcpus += 1
-            return True
-
-    def close_vcpu(self) -> None:
-        with self._lock:
-            self.vcpus -= 1
-
-    def charge(self, size: int) -> bool:
-        with self._lock:
-            if self.memory + size > self.limits.memory:
-                return False
-            self.memory += size
-            return True
-
-    def uncharge(self, size: int) -> None:
-        with self._lock:
-            self.memory -= size
+            setattr(self, resource, getattr(self, resource) - amount)
 
 
 def fd_identity(fd: int) -> tuple[int, int]:
@@ -446,7 +430,7 @@ class Vm:
                         "would exceed the %s a VM may map", self.vm_id, format_size(size),
                         format_size(limits.vm_memory))
             return -errno.ENOMEM
-        if self.opened_by is not None and not self.opened_by.charge(size):
+        if self.opened_by is not None and not self.opened_by.take("memory", size):
             log.warning("vm %d: KVM_SET_USER_MEMORY_REGION refused (-ENOMEM): %s more guest memory "
                         "would exceed the %s the VMs of one /dev/kvm may map", self.vm_id,
                         format_size(size), format_size(self.opened_by.limits.memory))
@@ -455,7 +439,7 @@ class Vm:
 
     def _uncharge(self, size: int) -> None:
         if self.opened_by is not None:
-            self.opened_by.uncharge(size)
+            self.opened_by.give_back("memory", size)
 
     def _add_slot(self, region: ioctl.UserspaceMemoryRegion, ram_fd: int, fsize: int,
                   fds: list[int]) -> int:
@@ -806,7 +790,7 @@ class Vm:
         if vcpu_id in self.vcpus:
             return -errno.EEXIST, b"", []
         opened = self.opened_by
-        if opened is not None and not opened.open_vcpu():
+        if opened is not None and not opened.take("vcpus"):
             log.warning("vm %d: KVM_CREATE_VCPU refused (-EMFILE): the VMs of one /dev/kvm may hold "
                         "%d vCPUs at once", self.vm_id, opened.limits.vcpus)
             return -errno.EMFILE, b"", []
@@ -814,10 +798,10 @@ class Vm:
             result = self._spawn_vcpu(vcpu_id)
         except BaseException:
             if opened is not None:
-                opened.close_vcpu()
+                opened.give_back("vcpus")
             raise
         if opened is not None and result[0] < 0:
-            opened.close_vcpu()
+            opened.give_back("vcpus")
         return result
 
     def _spawn_vcpu(self, vcpu_id: int) -> tuple[int, bytes, list[int]]:
@@ -859,7 +843,7 @@ class Vm:
                 v.process.terminate()
             for v in self.vcpus.values():
                 if self.opened_by is not None:
-                    self.opened_by.close_vcpu()
+                    self.opened_by.give_back("vcpus")
                 v.process.wait(5)
             self.vcpus.clear()
             for slot in self.slots.values():
@@ -979,14 +963,14 @@ class KvmHost:
         return -errno.ENOTTY, b"", []
 
     def _create_vm(self, opened: KvmOpenFile) -> tuple[int, bytes, list[int]]:
-        if not opened.open_vm():
+        if not opened.take("vms"):
             log.warning("KVM_CREATE_VM refused (-EMFILE): one /dev/kvm may hold %d VMs at once",
                         opened.limits.vms)
             return -errno.EMFILE, b"", []
         try:
             vmm_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:
-            opened.close_vm()
+            opened.give_back("vms")
             return -(exc.errno or errno.ENOMEM), b"", []
         with self._lock:
             vm = Vm(vm_id=self._next_vm, host=self, file=fd_identity(vmm_end.fileno()), opened_by=opened)
@@ -1004,7 +988,7 @@ class KvmHost:
                     self.vms.pop(vm.vm_id, None)
                 vm.destroy()
                 if vm.opened_by is not None:
-                    vm.opened_by.close_vm()
+                    vm.opened_by.give_back("vms")
                 log.info("vm %d destroyed", vm.vm_id)
 
     @staticmethod

@@ -181,9 +181,16 @@ def encode_reply(rep: Reply) -> bytes:
     return _REP.pack(len(rep.payload), rep.request, rep.seq, rep.result) + rep.payload
 
 
+def unpack_request_header(header: bytes) -> tuple[int, int, int, int]:
+    """(payload length, request, seq, nfds) as the peer wrote them, unchecked: for a reader
+    that skips an oversized payload itself before :func:`decode_request_header` refuses it."""
+    length, request, seq, nfds = _REQ.unpack(header)
+    return length, request, seq, nfds
+
+
 def decode_request_header(header: bytes) -> tuple[int, int, int, int]:
     """Return (payload length, request, seq, nfds), checking bounds."""
-    length, request, seq, nfds = _REQ.unpack(header)
+    length, request, seq, nfds = unpack_request_header(header)
     # SECURITY: lengths come from a peer process; bound them before allocating.
     if length > MAX_PAYLOAD:
         raise ProtocolError(f"{name(request)}: payload of {length} bytes exceeds {MAX_PAYLOAD}")

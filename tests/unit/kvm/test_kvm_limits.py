@@ -76,9 +76,10 @@ def test_vcpus_are_bounded_per_open_dev_kvm_and_given_back(host: KvmHost) -> Non
 
 def test_vms_are_counted_per_open_dev_kvm(host: KvmHost) -> None:
     opened = KvmOpenFile(host.limits)
-    assert opened.open_vm() and opened.open_vm() and not opened.open_vm()
-    opened.close_vm()
-    assert opened.open_vm()
+    assert opened.take("vms") and opened.take("vms") and not opened.take("vms")
+    opened.give_back("vms")
+    assert opened.take("vms")
+    assert opened.take("memory", host.limits.memory) and not opened.take("memory", 1)
 
 
 def slot(vm: Vm, slot_id: int, gpa: int, size: int) -> int:
