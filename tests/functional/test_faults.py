@@ -41,3 +41,12 @@ def test_an_mh_migration_fails_at_once_when_the_target_host_dies_in_the_first_ro
     (r,) = Matrix().run([backend_named("mh")], [Fault.TARGET_HOST], [Phase.FIRST_ROUND])
     assert r.verdict == "ok", r
     assert r.running == ("source",) and r.lost == 0
+
+
+def test_an_mh_source_whose_target_died_after_finish_runs_on_with_the_owners_abort() -> None:
+    """FINISH sealed the guest's state for the target, whose VMM then died with no abort token
+    sent: the source's VMM asks the guest owner, which had not let the target commit, for the
+    token; the source runs on at once (it used to stay stopped: no copy ran)."""
+    (r,) = Matrix().run([backend_named("mh")], [Fault.TARGET_VMM], [Phase.SWITCHOVER])
+    assert r.verdict == "ok", r
+    assert r.running == ("source",) and r.lost == 0 and r.again == "yes"
