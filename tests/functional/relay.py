@@ -3,14 +3,16 @@ corrupt or cut the stream, as a hostile network (or host) would."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 from collections.abc import Callable
+
+from confmig.bench.forward import Direction, Forwarder
 
 Tamper = Callable[[bytearray, int], None]
 """Called with each chunk going client -> server and the stream offset of its first byte;
 may change the chunk in place."""
+
+RECV_SIZE = 65536
 
 
 class Relay:
@@ -26,12 +28,15 @@ class Relay:
         """The bytes forwarded client -> server (the migration stream, as the target got it)."""
         self.forwarded = 0
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._accept, daemon=True).start()
+        # Either side closing ends the relay, as a proxy closing both.
+        ways = (Direction(chunk=self._to_server, half_close=False),
+                Direction(chunk=self._to_client, half_close=False))
+        self._forwarder = Forwarder(("127.0.0.1", 0), target, lambda _n: ways, recv_size=RECV_SIZE,
+                                    name="relay")
 
     @property
     def port(self) -> int:
-        return int(self._listener.getsockname()[1])
+        return self._forwarder.port
 
     @property
     def url(self) -> str:
@@ -39,39 +44,24 @@ class Relay:
 
     @property
     def uri(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
+        return self._forwarder.address
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+    def _to_server(self, data: bytes) -> tuple[bytes, bool]:
+        chunk = bytearray(data)
+        with self._lock:
+            if self.tamper is not None:
+                self.tamper(chunk, self.forwarded)
+            if self.cut_after is not None and self.forwarded + len(chunk) > self.cut_after:
+                chunk = chunk[: max(0, self.cut_after - self.forwarded)]
+            self.forwarded += len(chunk)
+            self.sent += chunk
+            self.seen += chunk
+        return bytes(chunk), self.cut_after is None or self.forwarded < self.cut_after
 
-    def _pump(self, src: socket.socket, dst: socket.socket, forward: bool) -> None:
-        with contextlib.suppress(OSError):  # either side closing ends the relay
-            while data := src.recv(65536):
-                chunk = bytearray(data)
-                with self._lock:
-                    if forward:
-                        if self.tamper is not None:
-                            self.tamper(chunk, self.forwarded)
-                        if self.cut_after is not None and self.forwarded + len(chunk) > self.cut_after:
-                            chunk = chunk[: max(0, self.cut_after - self.forwarded)]
-                        self.forwarded += len(chunk)
-                        self.sent += chunk
-                    self.seen += chunk
-                if chunk:
-                    dst.sendall(chunk)
-                if forward and self.cut_after is not None and self.forwarded >= self.cut_after:
-                    break
-        for s in (src, dst):  # one side is done: so is the relay, as a proxy closing both
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
+    def _to_client(self, data: bytes) -> tuple[bytes, bool]:
+        with self._lock:
+            self.seen += data
+        return data, True
 
     def close(self) -> None:
-        self._listener.close()
+        self._forwarder.close()

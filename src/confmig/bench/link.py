@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import os
 import socket
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
+from confmig.bench.forward import Direction, Forwarder
 from confmig.common.errors import StreamError
 from confmig.common.units import KiB
 from confmig.proto.stream import decoder as dec
@@ -63,27 +64,26 @@ class Link:
         """The whole stream went to the target."""
         self.forwarded = 0
         self.returned = 0
-        self.error: str | None = None
         self._cond = threading.Condition()
         self._hold_forward = False
         self._hold_return = hold_return
         self._cut_forward = False
         self._cut_return = False
-        self._socks: list[socket.socket] = []
         self._decoder: dec.StreamDecoder | None = dec.StreamDecoder()
         self._eos = 0
         self._eos_offset = 0
         self._ended = False
-        if isinstance(listen, Path):
-            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._listener.bind(str(listen))
-            self._listener.listen(1)
-            self.address = f"unix:{listen}"
-        else:
-            self._listener = socket.create_server(listen)
-            self.address = f"tcp:{listen[0]}:{self._listener.getsockname()[1]}"
-        self.path = listen if isinstance(listen, Path) else None
-        threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
+        ways = (Direction(chunk=partial(self._pass, True), sent=partial(self._count, True)),
+                Direction(chunk=partial(self._pass, False), sent=partial(self._count, False)))
+        self._forwarder = Forwarder(listen, upstream, lambda _n: ways, recv_size=RECV_SIZE, once=True,
+                                    connect_timeout=UPSTREAM_TIMEOUT, name="link")
+        self.address = self._forwarder.address
+        self.path = self._forwarder.path
+
+    @property
+    def error(self) -> str | None:
+        """The target was unreachable."""
+        return self._forwarder.error
 
     # --- faults ------------------------------------------------------------------------
 
@@ -110,92 +110,35 @@ class Link:
             self._cut_forward |= forward
             self._cut_return |= back
             self._cond.notify_all()
-            socks = list(self._socks)
-        if forward and back:
-            for s in socks:
+        if not forward:
+            return
+        for client, target in self._forwarder.under_way():
+            for s in (client, target) if back else (target,):
                 with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-        elif forward and len(socks) == 2:
-            with contextlib.suppress(OSError):
-                socks[1].shutdown(socket.SHUT_WR)
+                    s.shutdown(socket.SHUT_RDWR if back else socket.SHUT_WR)
 
     def close(self) -> None:
         self.cut()
-        self._listener.close()
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+        self._forwarder.close()
 
     # --- the connection ------------------------------------------------------------------
 
-    def _accept(self) -> None:
-        try:
-            client, _ = self._listener.accept()
-        except OSError:
-            return
-        try:
-            upstream = self._connect_upstream()
-        except OSError as exc:
-            self.error = f"link: the target is unreachable: {exc}"
-            client.close()
-            return
+    def _pass(self, forward: bool, data: bytes) -> tuple[bytes, bool]:
+        if forward:
+            self._observe(data)
+        if not self._wait_open(forward):
+            return b"", forward and not self._cut_return  # cut this way only: what the source sends is lost
+        self._pace(len(data))
+        return data, True
+
+    def _count(self, forward: bool, data: bytes) -> None:
         with self._cond:
-            self._socks = [client, upstream]
-        done = [threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True),
-                threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True)]
-        for t in done:
-            t.start()
-        for t in done:
-            t.join()
-        for s in (client, upstream):
-            s.close()
-
-    def _connect_upstream(self) -> socket.socket:
-        end = time.monotonic() + UPSTREAM_TIMEOUT
-        while True:
-            try:
-                if isinstance(self.upstream, Path):
-                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    try:
-                        s.connect(str(self.upstream))
-                    except OSError:
-                        s.close()
-                        raise
-                    return s
-                return socket.create_connection(self.upstream)
-            except OSError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.01)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, forward: bool) -> None:
-        broken = False
-        try:
-            while data := src.recv(RECV_SIZE):
-                if forward:
-                    self._observe(data)
-                if not self._wait_open(forward):
-                    if forward and not self._cut_return:
-                        continue  # cut this way only: what the source sends is lost
-                    break
-                self._pace(len(data))
-                dst.sendall(data)
-                with self._cond:
-                    if forward:
-                        self.forwarded += len(data)
-                    else:
-                        self.returned += len(data)
-                if forward and self._decoder is not None and self._ended:
-                    self.stream_end.set()
-        except OSError:
-            broken = True  # one end is gone: the other must learn it, as from a reset
-        if broken or (self._cut_forward and self._cut_return):
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-        else:
-            with contextlib.suppress(OSError):  # a clean end of one direction, passed on
-                dst.shutdown(socket.SHUT_WR)
+            if forward:
+                self.forwarded += len(data)
+            else:
+                self.returned += len(data)
+        if forward and self._decoder is not None and self._ended:
+            self.stream_end.set()
 
     def _wait_open(self, forward: bool) -> bool:
         """Block while this direction is held; False if it was cut."""

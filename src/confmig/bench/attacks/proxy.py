@@ -12,9 +12,9 @@ Two layers, after :mod:`confmig.proto.stream.decoder`:
   each record's length, so a record can only be moved, dropped or changed whole by
   re-framing it). One :class:`~confmig.bench.attacks.edits.Attack` acts once;
   :class:`Tally` says what passed and what was done, so that a test cannot pass vacuously.
-* :class:`ProxyServer`, a thin socket loop: one TCP listener in front of the target, a thread
-  per direction. The return path (target -> source: the target's verdict, an MH abort token)
-  passes untouched.
+* :class:`ProxyServer`, a thin socket loop (a :class:`~confmig.bench.forward.Forwarder`): one
+  TCP listener in front of the target, a thread per direction. The return path (target ->
+  source: the target's verdict, an MH abort token) passes untouched.
 
 An attack only permutes, removes, adds or changes records in record positions: the stream's
 framing (sections, EOS, footers) stays valid, so what the target refuses is the records.
@@ -22,8 +22,6 @@ framing (sections, EOS, footers) stays valid, so what the target refuses is the 
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from confmig.bench.attacks.records import (
     plain_record,
     psp_record,
 )
+from confmig.bench.forward import Direction, Forwarder
 from confmig.common.errors import StreamError
 from confmig.common.units import PAGE_SHIFT, PAGE_SIZE, MiB
 from confmig.proto import mailbox as mb
@@ -402,11 +401,10 @@ class ProxyServer:
         self.proxy = StreamProxy(attack, kind=kind, pages=pages)
         self.record = record
         self.sent = bytearray()
-        self.connections = 0
         self.finished = threading.Event()
         """The main channel's forwarding ended (the source closed, the target went, or a Cut)."""
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._accept, daemon=True, name="stream-proxy").start()
+        self._forwarder = Forwarder(("127.0.0.1", 0), target, self._directions, recv_size=RECV_SIZE,
+                                    name="stream-proxy")
 
     @property
     def tally(self) -> Tally:
@@ -414,11 +412,15 @@ class ProxyServer:
 
     @property
     def uri(self) -> str:
-        return f"tcp:127.0.0.1:{self._listener.getsockname()[1]}"
+        return self._forwarder.address
+
+    @property
+    def connections(self) -> int:
+        return self._forwarder.connections
 
     def close(self) -> None:
         """Accept no more connections (those under way end on their own)."""
-        self._listener.close()
+        self._forwarder.close()
 
     def __enter__(self) -> ProxyServer:
         return self
@@ -426,50 +428,29 @@ class ProxyServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target)
-            except OSError:  # the target is gone: so is this connection
-                client.close()
-                continue
-            self.connections += 1
-            proxy = self.proxy if self.connections == 1 else StreamProxy()
-            for args in ((client, upstream, proxy), (upstream, client, None)):
-                threading.Thread(target=self._pump, args=args, daemon=True).start()
+    def _directions(self, n: int) -> tuple[Direction, Direction]:
+        """Connection ``n``'s. The forward one ends with a half-close, even on an error, so that
+        the target's verdict (and an abort token) still comes back; a Cut ends both ways, and
+        so does the return one."""
+        main = n == 1
+        proxy = self.proxy if main else StreamProxy()
 
-    def _send(self, dst: socket.socket, data: bytes, main: bool) -> None:
-        if main and self.record:
-            self.sent += data
-        dst.sendall(data)
+        def out() -> bytes:
+            data = proxy.data_to_send()
+            if main and self.record:
+                self.sent += data
+            return data
 
-    def _pump(self, src: socket.socket, dst: socket.socket, proxy: StreamProxy | None) -> None:
-        """One direction. The forward one ends with a half-close, so that the target's verdict
-        (and an abort token) still comes back; the return one closes both."""
-        main = proxy is self.proxy
-        with contextlib.suppress(OSError):
-            while data := src.recv(RECV_SIZE):
-                if proxy is not None:
-                    proxy.receive_data(data)
-                    data = proxy.data_to_send()
-                self._send(dst, data, main)
-                if proxy is not None and proxy.ended:
-                    break
-            else:
-                if proxy is not None:
-                    proxy.feed_eof()
-                    self._send(dst, proxy.data_to_send(), main)
-        if proxy is not None and not proxy.ended:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-        else:  # the target is gone, or the proxy cut the stream: so is the migration
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-        if main:
-            self.finished.set()
+        def chunk(data: bytes) -> tuple[bytes, bool]:
+            proxy.receive_data(data)
+            return out(), not proxy.ended
+
+        def end() -> bytes:
+            proxy.feed_eof()
+            return out()
+
+        def done() -> None:
+            if main:
+                self.finished.set()
+
+        return Direction(chunk=chunk, end=end, done=done, error_resets=False), Direction(half_close=False)
