@@ -326,7 +326,7 @@ MH_COMPLETION_RECORD = re.compile(re.escape(bytes.fromhex("0000000000000800") + 
 
 
 class BreakCompletion(Relay):
-    """Flips a bit in the completion record's tag: the target's MH refuses COMPLETE."""
+    """Flips a bit in the completion record's tag: the target's MH refuses it (VERIFY)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.window = bytearray()
@@ -358,7 +358,7 @@ def test_a_failure_after_finish_resumes_the_source_with_the_targets_abort_token(
     result = migrate(src, None, uri, settings=SETTINGS)
     assert isinstance(relay, BreakCompletion) and relay.broken
     assert result.status == "failed"
-    assert "refused COMPLETE" in dst.qmp.execute("query-migrate").get("error-desc", "")
+    assert "refused VERIFY" in dst.qmp.execute("query-migrate").get("error-desc", "")
     assert dst.qmp.execute("query-status")["status"] != "running"
     wait_status(src, "running")  # the source's MH opened the target's abort token
     assert not src.qmp.execute("x-query-migration-handler")["sent-away"]

@@ -171,7 +171,7 @@ def test_a_cut_ends_the_stream_inside_the_record() -> None:
 
 IMPORT_REFUSED = (r"the Migration Handler refused IMPORT of a record of stream \d \(sequence \d+\) "
                   r"\(AUTH_ERR\)")
-COMPLETE_REFUSED = r"the Migration Handler refused COMPLETE .*\(AUTH_ERR\)"
+VERIFY_REFUSED = r"the Migration Handler refused VERIFY .*\(AUTH_ERR\)"
 """What the target says (``error-desc``): its MH refused a record, or the completion record."""
 
 
@@ -191,7 +191,7 @@ ATTACKS = [
     pytest.param(Flip(part=Part.CIPHERTEXT), 1, list, IMPORT_REFUSED, id="flip-payload"),
     pytest.param(Truncate(), 1, list, IMPORT_REFUSED, id="truncate"),
     pytest.param(CutShort(), 1, lambda w: [], r"truncated: confidential record", id="cut"),
-    pytest.param(Drop(at=LAST), 1, lambda w: [], COMPLETE_REFUSED, id="drop-last"),
+    pytest.param(Drop(at=LAST), 1, lambda w: [], VERIFY_REFUSED, id="drop-last"),
 ]
 
 

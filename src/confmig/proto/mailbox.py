@@ -131,6 +131,9 @@ class MhCommand(IntEnum):
     PARK = 10
     """Source, SEV-ES: the guest's vCPUs save their registers into private memory and park;
     answers ``length`` 1 once all did (0: ask again). FINISH seals that state."""
+    VERIFY = 11
+    """Target: every check of COMPLETE but the owner's grant, changing nothing: the VMM asks
+    the owner to commit only for a migration its target will take."""
 
 
 class MhReturn(IntEnum):

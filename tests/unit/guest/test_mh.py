@@ -318,6 +318,10 @@ def test_complete_needs_the_owners_commit_grant_for_this_target(src: Guest, dst:
     for bad in (abort, other_target, other_ticket, flip(grant, len(grant) - 1)):
         assert dst.token(Cmd.COMPLETE, completion + bad)[0] == REFUSED
     assert run_gate(dst) == gate.INCOMING
+    assert dst.token(Cmd.VERIFY, flip(completion, 12))[0] == REFUSED
+    assert dst.token(Cmd.VERIFY, completion)[0] == OK  # what the VMM asks before the owner
+    assert dst.token(Cmd.VERIFY, completion)[0] == OK  # and it changed nothing
+    assert run_gate(dst) == gate.INCOMING
     assert dst.token(Cmd.COMPLETE, completion + grant)[0] == OK
 
 

@@ -32,7 +32,7 @@ KEY = os.urandom(32)
 FORGER_KEY = os.urandom(32)
 RETURNS = {int(r) for r in mb.MhReturn}
 Cmd = mb.MhCommand
-FORGED_MUST_FAIL = {Cmd.IMPORT, Cmd.COMPLETE, Cmd.RESUME, Cmd.DECRYPT}
+FORGED_MUST_FAIL = {Cmd.IMPORT, Cmd.VERIFY, Cmd.COMPLETE, Cmd.RESUME, Cmd.DECRYPT}
 """Commands that take a record: none the host made up may succeed."""
 
 

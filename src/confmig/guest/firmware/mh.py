@@ -19,7 +19,7 @@ Who serves what::
     v1 block, every MH vCPU      INIT, RESET
     v1 block, MH vCPU 0          ENCRYPT, DECRYPT (version 1: one page, stream V1_STREAM)
     slots, every MH vCPU         EXPORT, IMPORT (stream = the MH vCPU's index)
-    slots, MH vCPU 0             PARK, FINISH, COMPLETE, ABORT, RESUME
+    slots, MH vCPU 0             PARK, FINISH, VERIFY, COMPLETE, ABORT, RESUME
 
 Anything else, and any command in a state that does not allow it, returns -1.
 INIT reads the io header as version-2 parameters only when it holds exactly
@@ -62,7 +62,7 @@ table; the first phase is the firmware's: RUNNING, or AWAITING in target mode)::
 
     RUNNING   INIT (source, v1 source), ENCRYPT, EXPORT, PARK (SEV-ES), FINISH -> SENT
     SENT      RESUME -> RUNNING (a new INIT starts the next migration)
-    AWAITING  INIT (target, v1 target), DECRYPT, IMPORT, COMPLETE -> RUNNING,
+    AWAITING  INIT (target, v1 target), DECRYPT, IMPORT, VERIFY, COMPLETE -> RUNNING,
               ABORT -> ABORTED, RESET of a v1 target that imported -> RUNNING
     ABORTED   ABORT (the same token again)
     any       RESET (this MH vCPU leaves the session)
@@ -123,7 +123,9 @@ sealed for this target's challenge (the session page's: the completion of a
 recorded stream replayed to another target, or to this one after it booted
 again, names another), every stream's records and pages match and every
 private page (the page-state list as imported, RAM but the MH's area) was
-imported in this migration. COMPLETE's data is that record and, right after
+imported in this migration. VERIFY makes those checks alone and changes
+nothing, so that a VMM asks the owner to commit only for a migration its
+target will take. COMPLETE's data is that record and, right after
 it, the guest owner's commit grant (``proto.mailbox.commit_body``, sealed
 under the migration's key with ``commit_purpose`` of this target's challenge):
 the owner decides once per ticket whether the target runs (this grant) or the
@@ -889,10 +891,19 @@ def _finish(call: _Call) -> _Reply:
     return _Reply(_OK, len(record))
 
 
+def _verify(call: _Call) -> _Reply:
+    """Every check of COMPLETE on the completion record alone; nothing changes."""
+    if call.stream().role != StreamRole.TARGET:
+        return _Reply(_INVALID)
+    record = _read_record(call)
+    if record is None:
+        return _Reply(_INVALID)
+    checked = _check_completion(call, record)
+    return checked if isinstance(checked, _Reply) else _Reply(_OK)
+
+
 def _complete(call: _Call) -> _Reply:
-    s = call.session
-    st = call.stream()
-    if st.role != StreamRole.TARGET:
+    if call.stream().role != StreamRole.TARGET:
         return _Reply(_INVALID)
     data = _read_record(call)
     if data is None:
@@ -901,13 +912,29 @@ def _complete(call: _Call) -> _Reply:
         record, grant = mb.split_records(data)
     except (mb.MailboxError, ValueError):  # not two records
         return _Reply(_INVALID)
-    if s.challenge == NO_CHALLENGE:
-        return _Reply(_REFUSED)
-    # The owner's word comes first: without its grant this target never runs the guest, so
-    # that the owner can give the source an abort token instead (one decision per ticket).
-    granted = _token(call, grant, mb.RecordKind.COMMIT, mb.COMMIT_STREAM, st.migration_id,
+    checked = _check_completion(call, record)
+    if isinstance(checked, _Reply):
+        return checked
+    # The owner's word: without its grant this target never runs the guest, so that the owner
+    # can give the source an abort token instead (one decision per ticket).
+    s = call.session
+    granted = _token(call, grant, mb.RecordKind.COMMIT, mb.COMMIT_STREAM, call.stream().migration_id,
                      purpose=mb.commit_purpose(s.challenge))
     if granted != mb.commit_body(s.challenge):
+        return _Reply(_REFUSED)
+    if checked.vcpu_state:
+        saved_state.put_carried(call.cpu, checked.vcpu_state, call.mask)  # the firmware loads it next
+    _store_session(call.cpu, Session(phase=SessionPhase.RUNNING), call.mask)
+    gate.store(call.cpu, gate.OPEN, call.mask)  # whatever the imported copy of its page said
+    return _Reply(_OK)
+
+
+def _check_completion(call: _Call, record: bytes) -> mb.Completion | _Reply:
+    """The source's completion record, if it is genuine, sealed for this target and matched by
+    what arrived (every record, every private page, the vCPU state of this kind of guest)."""
+    s = call.session
+    st = call.stream()
+    if s.challenge == NO_CHALLENGE:
         return _Reply(_REFUSED)
     body = _token(call, record, mb.RecordKind.COMPLETION, mb.COMPLETION_STREAM, st.migration_id)
     if body is None:
@@ -928,11 +955,7 @@ def _complete(call: _Call) -> _Reply:
         return _Reply(_REFUSED)
     if len(sent.vcpu_state) != (saved_state.CARRIED_SIZE if _sev_es(call) else 0):
         return _Reply(_REFUSED)  # an SEV-ES guest needs its vCPUs' state; an SEV one has none here
-    if sent.vcpu_state:
-        saved_state.put_carried(call.cpu, sent.vcpu_state, call.mask)  # the firmware loads it next
-    _store_session(call.cpu, Session(phase=SessionPhase.RUNNING), call.mask)
-    gate.store(call.cpu, gate.OPEN, call.mask)  # whatever the imported copy of its page said
-    return _Reply(_OK)
+    return sent
 
 
 def _every_private_page_imported(call: _Call, migration_id: bytes) -> bool:
@@ -1023,6 +1046,7 @@ _COMMANDS: Final[dict[tuple[bool, int], _Rule]] = {
     (False, mb.MhCommand.IMPORT): _Rule(handler=_import, phases=_AWAITING),
     (False, mb.MhCommand.PARK): _Rule(handler=_park, phases=_RUNNING, control=True),
     (False, mb.MhCommand.FINISH): _Rule(handler=_finish, phases=_RUNNING, control=True),
+    (False, mb.MhCommand.VERIFY): _Rule(handler=_verify, phases=_AWAITING, control=True),
     (False, mb.MhCommand.COMPLETE): _Rule(handler=_complete, phases=_AWAITING, control=True),
     (False, mb.MhCommand.ABORT): _Rule(
         handler=_abort, phases=_AWAITING | {SessionPhase.ABORTED}, control=True),
