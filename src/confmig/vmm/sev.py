@@ -65,6 +65,10 @@ class SecretArea:
 _Reply = TypeVar("_Reply", keybroker.LaunchResponse, keybroker.SecretResponse, keybroker.DecisionResponse)
 
 
+class OwnerUnreachable(ConfigError):
+    """No answer from the guest owner (the network, or the owner down): worth asking again."""
+
+
 class OwnerLink:
     """The VMM's side of the guest owner's key broker (:mod:`confmig.proto.keybroker`);
     the VMM may not import ``confmig.owner``'s client. Everything it carries is opaque to the VMM."""
@@ -101,7 +105,7 @@ class OwnerLink:
         except KeyBrokerMessageError as exc:
             raise ConfigError(f"guest owner at {self.url}: malformed reply: {exc}") from exc
         except OSError as exc:
-            raise ConfigError(f"cannot reach the guest owner at {self.url}: {exc}") from exc
+            raise OwnerUnreachable(f"cannot reach the guest owner at {self.url}: {exc}") from exc
         if isinstance(reply, keybroker.ErrorReply):
             raise ConfigError(f"guest owner refused: {reply.error}")
         return reply

@@ -51,7 +51,7 @@ from confmig.vmm.migration.backend import IncomingBackend, OutgoingBackend
 from confmig.vmm.migration.params import MigrationParameters
 from confmig.vmm.migration.ram import MainChannelSink, RoundCounters
 from confmig.vmm.migration.stats import ConfidentialCounters
-from confmig.vmm.sev import SevGuest
+from confmig.vmm.sev import OwnerUnreachable, SevGuest
 from confmig.vmm.shared_regions import SharedRegions
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ PARK_TIMEOUT: Final = 10.0
 """Seconds an SEV-ES guest's vCPUs have to save their state (each does at its next step; the
 VMM wakes sleeping ones with an interrupt)."""
 PARK_POLL: Final = 0.001
+OWNER_ATTEMPTS: Final = 3
+OWNER_RETRY_DELAY: Final = 1.0
+"""A source whose guest waits for the owner's abort token asks this many times, this many
+seconds apart, while the owner cannot be reached (each attempt has the protocol's timeout)."""
 RAM_BLOCK: Final = "pc.ram"
 """The one block whose pages migrate; the firmware's flash is the target's own, measured copy."""
 
@@ -217,25 +221,47 @@ class MhOutgoing(OutgoingBackend):
         return not self.finished
 
     def _resume(self) -> None:
-        token = self.abort_token
-        if token is None:  # the target (or the link) died: the owner decides, once
+        """RESUME with the target's abort token; without one, or with one the MH refuses (the
+        host's bytes on the return path), with the owner's (the target or the link died)."""
+        if self.abort_token is not None and self._resume_with(self.abort_token):
+            return
+        token = self._owners_abort()
+        if not self._resume_with(token):
+            raise MhError("the Migration Handler refused RESUME with the owner's abort token: "
+                          "the guest stays stopped here")
+
+    def _owners_abort(self) -> bytes:
+        """The owner's abort token, asked again while the owner cannot be reached (a refusal is
+        final: the target committed, and the guest runs there)."""
+        for attempt in range(OWNER_ATTEMPTS):
             try:
-                token = self.sev.migration_decision("abort", ticket=self.ticket,
-                                                    migration_id=self.migration_id,
-                                                    challenge=self.challenge)
+                return self.sev.migration_decision("abort", ticket=self.ticket,
+                                                   migration_id=self.migration_id,
+                                                   challenge=self.challenge)
+            except OwnerUnreachable as exc:
+                error: ConfigError = exc
+                if attempt + 1 < OWNER_ATTEMPTS:
+                    time.sleep(OWNER_RETRY_DELAY)
             except ConfigError as exc:
-                raise MhError("the migration failed after FINISH, the target sent no abort token "
-                              f"and the guest owner gave none ({exc}): the guest stays stopped "
-                              "here (it may be running there)") from None
-        v = self.mh.vcpus[0]
+                error = exc
+                break
+        raise MhError("the migration failed after FINISH, the target sent no abort token (or one "
+                      f"its MH refused) and the guest owner gave none ({error}): the guest stays "
+                      "stopped here (it may be running there)")
+
+    def _resume_with(self, token: bytes) -> bool:
         if not 0 < len(token) <= mb.SLOT_DATA:
-            raise MhError(f"an abort token of {len(token)} bytes")
+            return False
+        v = self.mh.vcpus[0]
         v.data(0)[: len(token)] = token
         answer = v.command(mb.MhCommand.RESUME, slot=0, length=len(token))
         self.counters.commands += 1
-        self._check(answer.ret, "RESUME with the target's abort token")
+        if answer.ret != mb.MhReturn.SUCCESS:
+            log.warning("%s", _refused("RESUME with an abort token", answer.ret))
+            return False
         self.finished = False
         self.mh.sent_away = False
+        return True
 
     def _close(self) -> None:
         for pool in self._pools:
@@ -402,15 +428,19 @@ class MhIncoming(IncomingBackend):
         return bytes(v.data(0)[: answer.length])
 
     def verify(self) -> None:
-        """COMPLETE: the MH says whether every record and every private page arrived, and runs
-        the guest only with the owner's commit grant (the owner gives either that or, to the
-        source, an abort token: never both)."""
+        """VERIFY: the MH says whether every record and every private page arrived; then the
+        owner's commit grant; then COMPLETE, after which the guest may run. The owner gives
+        either the grant or, to the source, an abort token, never both; asking only once the
+        MH verified leaves a window of one MH entry in which a target that dies leaves no copy
+        running (never two)."""
         if self._completion is None:
             raise StreamError("the stream ended without the Migration Handler's completion record")
         self._close(wait_quietly=False)  # every import done, the first refusal raised
         v = self.mh.vcpus[0]
         self._init(v)
         assert self.migration_id is not None
+        self.counters.commands += 1
+        self._import(v, mb.MhCommand.VERIFY, self._completion, FINAL_EPOCH, what="the completion record")
         offer = self.mh.target_challenge()
         try:
             grant = self.sev.migration_decision(

@@ -20,6 +20,7 @@ from confmig.vmm.memory import GuestMemory, RamBlock
 from confmig.vmm.migration import mh
 from confmig.vmm.migration.params import MigrationParameters
 from confmig.vmm.migration.ram import RoundCounters
+from confmig.vmm.sev import OwnerUnreachable
 from confmig.vmm.shared_regions import SharedRegions
 
 AREA = (8 * MiB, 4 * mb.MAILBOX_STRIDE)
@@ -37,6 +38,8 @@ class FakeVcpu:
     index: int
     log: list[tuple[int, str, int]]
     fail: set[mb.MhCommand] = field(default_factory=set)
+    refuse: bytes | None = None
+    """RESUME refuses a token that starts with these bytes (a forged one)."""
     area: bytearray = field(default_factory=lambda: bytearray(mb.SLOTS * mb.SLOT_DATA))
     seq: int = 0
     imported: list[bytes] = field(default_factory=list)
@@ -57,7 +60,9 @@ class FakeVcpu:
     def command(self, cmd: mb.MhCommand, *, slot: int | None = None, npages: int = 0, length: int = 0,
                 epoch: int = 0, gpa: int = 0) -> mb.Command:
         self.log.append((self.index, cmd.name, epoch))
-        if cmd in self.fail:
+        forged = (cmd == mb.MhCommand.RESUME and self.refuse is not None
+                  and bytes(self.data(0)[:length]).startswith(self.refuse))
+        if cmd in self.fail or forged:
             return mb.Command(cmd, 0, mb.MhReturn.AUTH_ERR, 0, 1)
         if cmd == mb.MhCommand.EXPORT:
             assert slot is not None
@@ -264,6 +269,20 @@ def test_the_target_gives_each_stream_to_its_mh_vcpu_and_completes_last() -> Non
     incoming.verify()
     assert fake.vcpus[0].imported[-1] == done + b"owner's commit"  # COMPLETE: the owner's grant after it
     assert incoming.sev.decisions == [("commit", TICKET, MID, CHALLENGE)]  # type: ignore[attr-defined]
+    assert [name for _, name, _ in fake.vcpus[0].log][-2:] == ["VERIFY", "COMPLETE"]
+
+
+def test_the_owner_is_asked_to_commit_only_once_the_mh_verified() -> None:
+    """A target whose MH refuses the completion record asks the owner nothing: the source's VMM
+    can still get the abort (and the target's own abort token says the same)."""
+    incoming, fake = target()
+    fake.vcpus[0].fail.add(mb.MhCommand.VERIFY)
+    incoming.record(ConfidentialSubtype.MH_RECORD, sealed(0, 0, (0x10000,), 0))
+    incoming.record(ConfidentialSubtype.MH_RECORD, sealed(0, 0, (), 1, kind=mb.RecordKind.COMPLETION))
+    with pytest.raises(StreamError, match="refused VERIFY of the completion record"):
+        incoming.verify()
+    assert incoming.sev.decisions == []  # type: ignore[attr-defined]
+    assert "COMPLETE" not in [name for _, name, _ in fake.vcpus[0].log]
 
 
 def test_a_target_the_owner_does_not_commit_never_completes() -> None:
@@ -275,7 +294,8 @@ def test_a_target_the_owner_does_not_commit_never_completes() -> None:
     incoming.record(ConfidentialSubtype.MH_RECORD, done)
     with pytest.raises(MigrationError, match="the guest owner did not commit the migration here"):
         incoming.verify()
-    assert done not in fake.vcpus[0].imported and not any(r.startswith(done) for r in fake.vcpus[0].imported)
+    names = [name for _, name, _ in fake.vcpus[0].log]
+    assert "VERIFY" in names and "COMPLETE" not in names
 
 
 @pytest.mark.parametrize(("record", "error"), [
@@ -337,7 +357,7 @@ def test_an_abort_token_after_finish_lets_the_source_guest_run_again() -> None:
 def test_without_an_abort_token_the_owner_decides_and_a_refusal_keeps_the_guest_stopped() -> None:
     backend, fake, log = finished_source()
     backend.sev.owner_grants = {"commit"}  # type: ignore[attr-defined]  # the target committed first
-    with pytest.raises(MigrationError, match=r"no abort token and the guest owner gave none .*"
+    with pytest.raises(MigrationError, match=r"no abort token .* and the guest owner gave none .*"
                                              r"the guest stays stopped here"):
         backend.cancel()
     assert fake.sent_away and "RESUME" not in [name for _, name, _ in log]
@@ -354,6 +374,31 @@ def test_without_an_abort_token_the_owners_resumes_the_guest() -> None:
     assert not fake.sent_away and [name for _, name, _ in log][-1] == "RESUME"
     assert backend.resumable_without_verdict()  # the target can never have it: run it here
     assert bytes(fake.vcpus[0].data(0)[:13]) == b"owner's abort"
+
+
+def test_a_forged_abort_token_from_the_target_falls_back_to_the_owners() -> None:
+    backend, fake, _log = finished_source()
+    fake.vcpus[0].refuse = b"forged"
+    backend.from_target(b"forged token on the return path")
+    backend.cancel()
+    assert not fake.sent_away and fake.vcpus[0].imported[-1] == b"owner's abort"
+
+
+def test_an_owner_out_of_reach_is_asked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend, fake, _log = finished_source()
+    monkeypatch.setattr(mh, "OWNER_RETRY_DELAY", 0.0)
+    answers: list[object] = [OwnerUnreachable("cannot reach the guest owner"), b"owner's abort"]
+
+    def decide(outcome: str, **_kw: bytes) -> bytes:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, bytes)
+        return answer
+
+    backend.sev.migration_decision = decide  # type: ignore[method-assign]
+    backend.cancel()
+    assert not fake.sent_away and not answers
 
 
 def test_a_refused_abort_token_keeps_the_guest_stopped() -> None:
