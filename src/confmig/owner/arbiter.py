@@ -1,7 +1,7 @@
 """The owner's commit point: one decision per migration ticket, commit or abort.
 
-A guest that migrates through its Migration Handler must run in exactly one
-place afterwards, whatever fails. The source's MH stops the guest at FINISH and
+A guest that migrates through its Migration Handler must never run in two
+places, and should run in one whatever fails. The source's MH stops the guest at FINISH and
 lets it run again only with an abort token; the target's MH lets it run only
 with the owner's commit grant. Both go through the guest owner, who issued the
 target its ticket and now decides, once per ticket, which side it gives a proof
@@ -17,9 +17,13 @@ here is byte for byte the one the target's MH would make (ABORT). Who asks is
 not authenticated, and need not be: a host can ask for either outcome, but
 never get both.
 
-Limits, honestly: decisions live in this process's memory. An owner that
-restarts forgets them and could then decide a ticket the other way; a real
-broker would write each decision to stable storage before answering.
+Limits, honestly: tickets and decisions live in this process's memory. An owner
+that restarts knows no ticket any more and refuses both outcomes for every one:
+that fails safe (no fork), but a migration under way then ends with no copy
+running once its source stopped (after FINISH). A real broker would keep both in
+stable storage; it must never keep the tickets without their decisions, or it
+could decide one twice. Only the latest :data:`MAX_TICKETS` tickets are kept, for
+the same reason an older one is forgotten whole.
 """
 
 from __future__ import annotations
@@ -32,13 +36,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from confmig.owner.errors import BrokerBusy, DecisionRefused
+from confmig.owner.errors import DecisionRefused
 from confmig.proto import mailbox as mb
 from confmig.proto.keybroker import DecisionRequest, DecisionResponse
 
 MAX_TICKETS: Final = 4096
-"""Tickets remembered at once. One is made per attested target launch, so only a host that
-launches targets can fill this; the oldest undecided ones make room first."""
+"""Tickets remembered at once (one per attested target launch): the oldest is forgotten, key
+and decision together, so that a forgotten ticket gets neither outcome."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +69,10 @@ class Arbiter:
     def issued(self, ticket: bytes, ticket_key: bytes) -> None:
         """The broker released ``ticket`` and its key to one target launch."""
         with self._lock:
-            if len(self._keys) >= self._max:
-                undecided = [t for t in self._keys if t not in self._decided]
-                if not undecided:
-                    raise BrokerBusy(f"{self._max} migration tickets are decided and remembered")
-                del self._keys[undecided[0]]
+            while len(self._keys) >= self._max:
+                oldest = next(iter(self._keys))
+                del self._keys[oldest]
+                self._decided.pop(oldest, None)
             self._keys[ticket] = ticket_key
 
     def decide(self, request: DecisionRequest) -> DecisionResponse:
