@@ -130,12 +130,14 @@ class Forwarder:
         once both directions ended."""
         there = threading.Thread(target=self._pump, args=(client, upstream, forward), daemon=True)
         there.start()
-        self._pump(upstream, client, back)
-        there.join()
-        with self._lock:
-            self._under_way.remove((client, upstream))
-        client.close()
-        upstream.close()
+        try:
+            self._pump(upstream, client, back)
+            there.join()
+        finally:
+            with self._lock:
+                self._under_way.remove((client, upstream))
+            client.close()
+            upstream.close()
 
     def _pump(self, src: socket.socket, dst: socket.socket, way: Direction) -> None:
         half = False  # the end passes on as a half-close; else the connection ends both ways
@@ -150,9 +152,10 @@ class Forwarder:
                 half = way.half_close
         except OSError:
             half = way.half_close and not way.error_resets
-        for s in (dst,) if half else (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_WR if half else socket.SHUT_RDWR)
+        finally:  # a hook that raised ends the connection both ways too
+            for s in (dst,) if half else (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_WR if half else socket.SHUT_RDWR)
         way.done()
 
     @staticmethod

@@ -43,6 +43,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -280,7 +281,7 @@ class VcpuHandle:
         does not answer (gone, or stuck past :data:`VCPU_CONTROL_TIMEOUT`)."""
         if not self.ask(request, payload, fds):
             return -errno.EIO
-        return self.answer(request)
+        return self.answer(request, time.monotonic() + VCPU_CONTROL_TIMEOUT)
 
     def ask(self, request: int, payload: bytes = b"", fds: list[int] | None = None) -> bool:
         """The first half of :meth:`call`: send the request (False if the vCPU is gone), so
@@ -293,21 +294,26 @@ class VcpuHandle:
             return False
         return True
 
-    def answer(self, request: int) -> int:
-        """The second half of :meth:`call`: the vCPU's result for the request just asked."""
-        try:
-            self.control.settimeout(VCPU_CONTROL_TIMEOUT)
-            reply, fds = channel.recv_reply(self.control)
-        except (OSError, channel.ChannelClosed, ProtocolError):
-            return -errno.EIO
-        finally:
-            with contextlib.suppress(OSError):
-                self.control.settimeout(None)
-        for fd in fds:
-            os.close(fd)
-        if (reply.request, reply.seq) != (request, self.control_seq):
-            return -errno.EIO
-        return reply.result
+    def answer(self, request: int, deadline: float) -> int:
+        """The second half of :meth:`call`: the vCPU's result for the request just asked, by
+        ``deadline`` (a monotonic time). The late answer to a request that timed out before
+        is read and dropped, so that it is never taken for this one's."""
+        while True:
+            try:
+                self.control.settimeout(max(0.0, deadline - time.monotonic()))
+                reply, fds = channel.recv_reply(self.control)
+            except (OSError, channel.ChannelClosed, ProtocolError):
+                return -errno.EIO
+            finally:
+                with contextlib.suppress(OSError):
+                    self.control.settimeout(None)
+            for fd in fds:
+                os.close(fd)
+            if reply.seq == self.control_seq:
+                return reply.result if reply.request == request else -errno.EIO
+            if (self.control_seq - reply.seq) & 0xFFFF_FFFF >= 1 << 31:
+                return -errno.EIO  # the answer to a request not asked yet: a confused peer
+            # else the late answer to an earlier request, which timed out: dropped
 
 
 @dataclass
@@ -490,8 +496,9 @@ class Vm:
         no memory there and fails its next access; KVM would have refused to run it."""
         asked = [v for v in vcpus if v.ask(CTL_SET_SLOT, encode_slot(slot.layout),
                                            [slot.mapped.ram_fd, slot.mapped.counters_fd])]
+        deadline = time.monotonic() + VCPU_CONTROL_TIMEOUT  # one for all: they map side by side
         for v in asked:
-            if (err := v.answer(CTL_SET_SLOT)) < 0:
+            if (err := v.answer(CTL_SET_SLOT, deadline)) < 0:
                 log.warning("vm %d: vCPU %d did not map slot %d: %s", self.vm_id, v.vcpu_id,
                             slot.layout.slot, errno.errorcode.get(-err, err))
 

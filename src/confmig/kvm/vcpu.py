@@ -68,6 +68,8 @@ POLL_INTERVAL_NS = 1_000_000
 
 # Host → vCPU process control messages (internal to the emulated kernel).
 CTL_SET_SLOT = 0xFF00_0101
+"""Map a memory slot: two fds (RAM, dirty counters), payload the slot's layout. Replied to,
+even inside ``KVM_RUN`` (0, or ``EFAULT``): the memslot update waits for every vCPU."""
 CTL_DELETE_SLOT = 0xFF00_0102
 CTL_SET_CAPS = 0xFF00_0103
 CTL_SET_MSR_FILTER = 0xFF00_0104
@@ -96,7 +98,8 @@ CTL_VM_DEAD = 0xFF00_010E
 and its ASID, and every later ioctl fails ``EIO``. Ends a lock."""
 VMSA_REQUESTS = frozenset({CTL_VMSA_LAUNCHED, CTL_VMSA_SYNC, CTL_VMSA_SAVE, CTL_VMSA_LOAD})
 REPLIED_REQUESTS = VMSA_REQUESTS | {CTL_LOCK}
-"""Control requests the vCPU answers with a :class:`~confmig.proto.ioctl.Reply`."""
+"""Control requests the vCPU answers with a :class:`~confmig.proto.ioctl.Reply` when stopped
+(``EBUSY`` inside ``KVM_RUN``); ``CTL_SET_SLOT`` is answered at any time."""
 VMSA_PAGE = struct.Struct("<QQ")
 CAP_EXIT_MAP_GPA_RANGE = 1 << 0
 CAP_USER_SPACE_MSR = 1 << 1

@@ -16,10 +16,11 @@ from sev_hosts import SevHost
 
 from confmig.common.units import MiB
 from confmig.hostd.launcher import SubprocessLauncher
+from confmig.kvm import channel
 from confmig.kvm import sev as ksev
-from confmig.kvm.host import KvmHost, Vm
+from confmig.kvm.host import KvmHost, VcpuHandle, Vm
 from confmig.kvm.memslots import MappedSlot
-from confmig.kvm.vcpu import Vcpu
+from confmig.kvm.vcpu import CTL_LOCK, Vcpu
 from confmig.proto import ioctl
 
 
@@ -174,3 +175,24 @@ def test_sev_init_is_refused_once_the_vm_has_vcpus(host_a: SevHost) -> None:
         assert not vm.sev.state.active
     vm = host_a.vm()
     assert vm.op(ksev.KVM_SEV_INIT).result == 0
+
+
+def test_a_late_answer_to_a_request_that_timed_out_is_never_taken_for_the_next() -> None:
+    """A vCPU that answers after the host gave up (a slot that took long to map) leaves that
+    answer queued: the next request's answer must be its own, or a CTL_LOCK the vCPU took would
+    read as refused, and the vCPU would stay locked."""
+    host_end, vcpu_end = socket.socketpair()
+    handle = VcpuHandle(vcpu_id=0, process=SimpleNamespace(), control=host_end)  # type: ignore[arg-type]
+    try:
+        assert handle.ask(CTL_LOCK)
+        assert handle.answer(CTL_LOCK, time.monotonic() + 0.05) == -errno.EIO  # no answer in time
+        assert handle.ask(CTL_LOCK)
+        for seq, result in ((1, -errno.EBUSY), (2, 0)):  # the late one, then the one asked now
+            channel.send_reply(vcpu_end, ioctl.Reply(CTL_LOCK, seq, result, b""))
+        assert handle.answer(CTL_LOCK, time.monotonic() + 5) == 0
+        assert handle.ask(CTL_LOCK)
+        channel.send_reply(vcpu_end, ioctl.Reply(CTL_LOCK, 7, 0, b""))  # a request never asked
+        assert handle.answer(CTL_LOCK, time.monotonic() + 5) == -errno.EIO
+    finally:
+        host_end.close()
+        vcpu_end.close()
