@@ -903,6 +903,7 @@ def _verify(call: _Call) -> _Reply:
 
 
 def _complete(call: _Call) -> _Reply:
+    """VERIFY's checks, then the owner's commit grant after the record: the guest may run here."""
     if call.stream().role != StreamRole.TARGET:
         return _Reply(_INVALID)
     data = _read_record(call)
