@@ -313,3 +313,23 @@ def test_an_sev_es_guest_whose_migration_did_not_happen_runs_on_from_where_it_pa
         src.cpu.inject(NMI_VECTOR)
         assert src.run_until_line(SELFCHECK) == f"{SELFCHECK}: PASS pages=256 writes=256"
         assert saved_state.load(src.cpu, 0, C_BIT) is None  # what it saved will not be used
+
+
+def test_a_target_rebooted_in_the_middle_of_an_import_does_not_boot_what_arrived() -> None:
+    """The source's secret area (the guest's own key, no ticket) may arrive before the page with
+    the run gate: from its first imported page a target's gate is closed, so a host that reboots
+    it then, not asking for a target any more, finds it parked, not booting a half-imported
+    guest with its source's secrets beside the source (a fork)."""
+    with guest() as src, guest(fw_cfg_files=TARGET) as dst:
+        src.run_until_line(WRITTEN)
+        dst.run_until_line(WAITING_LINE)
+        smh, dmh = Mirror(src), Mirror(dst)
+        ret, mid = smh.init(0, mb.Role.SOURCE)
+        assert ret == 0 and dmh.init(0, mb.Role.TARGET, mid)[0] == 0
+        ret, record = smh.export(0, [SECRET_AREA_GPA], slot=0)
+        assert ret == 0 and dmh.import_(0, record, slot=0) == 0
+        assert mh.launch_ticket(dst.cpu, C_BIT) is None  # the source's secret is there now
+        rebooted = Machine(DIRTY, memory=dst.memory, sev=True)  # the same RAM; dst closes it
+        rebooted.run(lambda _: bool(rebooted.console))  # up to its first console line
+        assert rebooted.lines == [gate.REASONS[gate.INCOMING]]
+        assert rebooted.cpu.regs.rip == FIRMWARE_BASE + Phase.PARK

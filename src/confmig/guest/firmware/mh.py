@@ -108,6 +108,11 @@ state does not match its own guest's kind (state for an SEV guest, none or a
 wrong size for an SEV-ES one), and installs the state into its save area before
 the session is RUNNING; its firmware, waiting in RESTORE, loads it then.
 
+The run gate of a target is INCOMING from the first page any stream imports
+(and again after the gate's own page arrives, whose copy is the source's), until
+COMPLETE opens it or ABORT closes it for good: a reboot in between parks, so a
+half-imported guest, perhaps with its source's secret area already, never boots.
+
 What a target accepts. On stream ``i``, records of stream ``i`` only, with the
 next sequence number, an epoch no older than the last, the stream's migration
 id, a tag that verifies, and page-aligned GPAs in RAM (the boot info's map),
@@ -813,10 +818,14 @@ def _import(call: _Call) -> _Reply:
     if opened is None:
         return _Reply(_REFUSED)
     header, gpas, pages, ram = opened
+    if st.records == 0:
+        # Not the guest's until COMPLETE, from the first page written: the source's secret area
+        # may arrive before the page with the gate, and a reboot in between must not boot it.
+        gate.store(call.cpu, gate.INCOMING, call.mask)
     _write_pages(call, gpas, pages, ram)
     mem_encrypt.set_bitmap_bits(call.cpu, mh_imported(call.index), gpas >> PAGE_SHIFT, call.mask)
     if (gpas == _GATE_PAGE).any():
-        gate.store(call.cpu, gate.INCOMING, call.mask)  # not the guest's until COMPLETE
+        gate.store(call.cpu, gate.INCOMING, call.mask)  # the imported copy holds the source's
     call.set_stream(replace(st, records=st.records + 1, pages=st.pages + header.npages,
                             epoch=header.epoch))
     return _Reply(_OK)
