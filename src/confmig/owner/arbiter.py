@@ -75,7 +75,10 @@ class Arbiter:
                 self._decided.pop(oldest, None)
             self._keys[ticket] = ticket_key
 
-    def decide(self, request: DecisionRequest) -> DecisionResponse:
+    def decide(self, request: DecisionRequest) -> tuple[DecisionResponse, bool]:
+        """The decision for ``request``'s ticket, and whether this request made it (False: the
+        same request came before, and gets the same proof again)."""
+        made = False
         with self._lock:
             key = self._keys.get(request.ticket)
             if key is None:
@@ -85,12 +88,13 @@ class Arbiter:
             if done is None:
                 done = Decision(*wanted, token=_seal(key, *wanted))
                 self._decided[request.ticket] = done
+                made = True
             elif (done.outcome, done.migration_id, done.challenge) != wanted:
                 raise DecisionRefused(
                     f"this migration was decided already: {done.outcome}"
                     + (" (its target may run the guest)" if done.outcome == "commit"
                        else " (its source may run the guest again)"))
-        return DecisionResponse(outcome=done.outcome, token=done.token)
+        return DecisionResponse(outcome=done.outcome, token=done.token), made
 
 
 def _seal(ticket_key: bytes, outcome: str, migration_id: bytes, challenge: bytes) -> bytes:

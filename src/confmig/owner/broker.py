@@ -196,13 +196,13 @@ class KeyBroker:
     def decide(self, request: DecisionRequest) -> DecisionResponse:
         """Commit or abort the migration to ``request.ticket``'s target: the first request decides."""
         try:
-            decision = self.arbiter.decide(request)
+            decision, made = self.arbiter.decide(request)
         except DecisionRefused as exc:
             self._record("decision-refused", ticket=request.ticket.hex(), asked=request.outcome,
                          reason=str(exc))
             raise
-        self._record("decision", ticket=request.ticket.hex(), outcome=decision.outcome,
-                     migration=request.migration_id.hex())
+        self._record("decision" if made else "decision-repeated", ticket=request.ticket.hex(),
+                     outcome=decision.outcome, migration=request.migration_id.hex())
         return decision
 
     def _open_session_locked(self, session_id: str) -> OwnerSession:

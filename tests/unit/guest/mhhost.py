@@ -129,7 +129,7 @@ def commit_grant(master: bytes, completion: bytes, challenge: bytes, ticket: byt
     arbiter.issued(ticket, mh.ticket_key(master, ticket))
     migration_id = mb.RecordHeader(*mb.RECORD_HEADER.unpack_from(completion)).migration_id
     return arbiter.decide(DecisionRequest(ticket=ticket, migration_id=migration_id,
-                                          challenge=challenge, outcome="commit")).token
+                                          challenge=challenge, outcome="commit"))[0].token
 
 
 class MhDriver:

@@ -311,7 +311,7 @@ def test_complete_needs_the_owners_commit_grant_for_this_target(src: Guest, dst:
     arbiter = Arbiter()
     arbiter.issued(TICKET, mh.ticket_key(KEY, TICKET))
     abort = arbiter.decide(DecisionRequest(ticket=TICKET, migration_id=mid, challenge=dst.challenge(),
-                                           outcome="abort")).token
+                                           outcome="abort"))[0].token
     other_target = commit_grant(KEY, completion, os.urandom(16))
     other_ticket = commit_grant(KEY, completion, dst.challenge(), ticket=os.urandom(16))
     assert dst.token(Cmd.COMPLETE, completion)[0] == INVALID  # no grant
@@ -334,7 +334,7 @@ def test_the_owners_abort_token_is_the_targets_own_and_resumes_the_source(src: G
     arbiter = Arbiter()
     arbiter.issued(TICKET, mh.ticket_key(KEY, TICKET))
     token = arbiter.decide(DecisionRequest(ticket=TICKET, migration_id=mid, challenge=dst.challenge(),
-                                           outcome="abort")).token
+                                           outcome="abort"))[0].token
     assert dst.token(Cmd.ABORT) == (OK, token)  # byte for byte the target MH's own
     assert run_gate(src) == gate.MIGRATED_AWAY
     assert src.token(Cmd.RESUME, token)[0] == OK

@@ -20,7 +20,7 @@ CHALLENGE = b"c" * 16
 def ask(arbiter: Arbiter, outcome: str, *, ticket: bytes = TICKET, mid: bytes = MID,
         challenge: bytes = CHALLENGE) -> bytes:
     return arbiter.decide(DecisionRequest(ticket=ticket, migration_id=mid, challenge=challenge,
-                                          outcome=outcome)).token
+                                          outcome=outcome))[0].token
 
 
 @pytest.fixture
@@ -40,6 +40,8 @@ def test_the_first_request_decides_and_the_other_outcome_is_refused(
     with pytest.raises(DecisionRefused, match=f"decided already: {first}"):
         ask(arbiter, then)
     assert ask(arbiter, first) == token  # the same request again: the same bytes
+    assert arbiter.decide(DecisionRequest(ticket=TICKET, migration_id=MID, challenge=CHALLENGE,
+                                          outcome=first))[1] is False  # and no new decision
 
 
 def test_a_decision_is_for_one_migration_and_one_challenge(arbiter: Arbiter) -> None:
