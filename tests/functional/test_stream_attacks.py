@@ -7,6 +7,8 @@ whose self-check fails. Each outcome is what ``confmig.bench.attacks.catalog`` s
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from confmig.bench.attacks.catalog import CASES, QUICK, Expected
@@ -21,7 +23,10 @@ def test_an_attack_comes_out_as_the_design_says(lab: Lab, hosts: tuple[HostProc,
     a, b = hosts
     outcome = run_case(lab, [a, b, b], backend, case)
     assert outcome.matches, outcome
-    assert outcome.acted.startswith(f"{case.attack.name}: ") if case.attack else outcome.acted, outcome
+    # A migration whose last round held no page the attack needs runs again (the harness says
+    # so in front: "(attempt 2: ...) "); what counts is that the attack acted in the one judged.
+    acted = re.sub(r"^\(attempt \d+: [^)]*\) ", "", outcome.acted)
+    assert acted.startswith(f"{case.attack.name}: ") if case.attack else acted, outcome
     if case.expected is Expected.CAUGHT:
         assert outcome.migration == "failed" and outcome.caught_by, outcome
         assert outcome.source == "running" and outcome.source_selfcheck.startswith("confmig-selfcheck: PASS")
