@@ -10,16 +10,15 @@ about itself: edited guest code could otherwise vouch for itself.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import signal
 import socket
-import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from confmig.common.digest import source_tree_digest
 from confmig.common.malloc import keep_large_allocations
 from confmig.common.pdeathsig import die_with_parent
 from confmig.kvm.vcpu import SlotMemory, Vcpu
@@ -40,19 +39,6 @@ class LoadedRom:
     for a ROM from elsewhere (the tests' own), which no image states."""
 
 
-def guest_code_digest(root: Path) -> bytes:
-    """SHA-256 over every ``*.py`` under ``root``, by relative path: the algorithm of
-    ``confmig.guest.firmware.image.code_digest`` (a test keeps the two equal), written again
-    here so that the check does not run the code it checks."""
-    sources = sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix())
-    h = hashlib.sha256()
-    for path in sources:
-        name = path.relative_to(root).as_posix().encode()
-        data = path.read_bytes()
-        h.update(struct.pack("<II", len(name), len(data)) + name + data)
-    return h.digest()
-
-
 def _loaded_guest_digest() -> bytes | None:
     """The digest of the guest package as this process imported it: None if it came from
     more than one directory, or a module of it from outside the tree digested."""
@@ -67,7 +53,7 @@ def _loaded_guest_digest() -> bytes | None:
                 return None
     # Digested after the import: a file edited since is caught (its digest changes), except
     # by a process of this user that swaps files or bytecode caches around this moment.
-    return guest_code_digest(root)
+    return source_tree_digest(root)  # from the files: the check never imports what it checks
 
 
 def load_rom(spec: str) -> LoadedRom:

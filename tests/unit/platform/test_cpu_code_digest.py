@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 import confmig.guest
+from confmig.common.digest import source_tree_digest
 from confmig.common.units import PAGE_SIZE
 from confmig.guest.firmware.image import IMAGE_MAGIC, build_firmware_image, code_digest
 from confmig.guest.layout import FIRMWARE_BASE, FIRMWARE_IMAGE_SIZE
-from confmig.hostd.vcpu_process import guest_code_digest, load_rom
+from confmig.hostd.vcpu_process import load_rom
 from confmig.platform.cpu.abi import C_BIT, RomRegion
 from confmig.platform.cpu.core import (
     FIRMWARE_IMAGE_FORMAT_VERSION,
@@ -124,7 +125,7 @@ def test_the_platform_reads_the_header_the_builder_writes(image: bytes) -> None:
 
 
 def test_the_vcpu_process_digests_the_guest_code_as_the_builder_does() -> None:
-    assert guest_code_digest(Path(confmig.guest.__file__).parent) == code_digest()
+    assert source_tree_digest(Path(confmig.guest.__file__).parent) == code_digest()
     assert load_rom("confmig.guest.image:rom").code_digest == code_digest()
 
 
@@ -153,7 +154,7 @@ def test_the_code_the_image_was_built_from_runs(image: bytes, slots: KeySlots) -
 
 def test_guest_code_edited_after_the_image_was_built_is_refused(
         image: bytes, edited_guest: Path, slots: KeySlots, caplog: pytest.LogCaptureFixture) -> None:
-    loaded = guest_code_digest(edited_guest)  # what the vCPU process computes over the edited code
+    loaded = source_tree_digest(edited_guest)  # what the vCPU process computes over the edited code
     assert loaded != code_digest()
     for core in (plain_core(Flash(image), loaded), sev_core(Flash(image), loaded, slots, image)):
         with caplog.at_level(logging.ERROR, logger="confmig.platform.cpu.core"):

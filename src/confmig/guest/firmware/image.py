@@ -23,12 +23,12 @@ SEV areas: OVMF's GUIDed table, just below the reset vector, in the format of
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from pathlib import Path
 from typing import Final
 
 import confmig.guest
+from confmig.common.digest import source_tree_digest
 from confmig.guest.firmware.boot import FIRMWARE_VERSION
 from confmig.guest.layout import (
     FIRMWARE_BASE,
@@ -60,16 +60,7 @@ _HLT: Final = 0xF4
 
 def code_digest() -> bytes:
     """SHA-256 over the guest code (every module of :mod:`confmig.guest`, by path)."""
-    root = Path(confmig.guest.__file__).parent
-    sources = sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix())
-    if not sources:
-        raise RuntimeError(f"no guest sources under {root}: cannot digest the firmware")
-    h = hashlib.sha256()
-    for path in sources:
-        name = path.relative_to(root).as_posix().encode()
-        data = path.read_bytes()
-        h.update(struct.pack("<II", len(name), len(data)) + name + data)
-    return h.digest()
+    return source_tree_digest(Path(confmig.guest.__file__).parent)
 
 
 def build_firmware_image() -> bytes:
