@@ -6,7 +6,7 @@ No processes, no sockets: the engine runs in the test's thread against these, wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,6 +58,9 @@ class FakeChannel(Channel):
         self.wire += view
         self.sent += len(view)
         return len(view)
+
+    def send_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+        return sum(self.send_all(p) for p in parts)
 
     def recv_into(self, buf: memoryview) -> int:
         self.on_recv()

@@ -25,11 +25,12 @@ its registers (the guest-state rule)::
     0x0000_8000         reserved up to 1 MiB (firmware and kernel growth)
     0x0010_0000 512 KiB page-state list: 1 bit per GFN below 16 GiB,   mem_encrypt -> MH
                         set = SHARED (the guest's own record of its C-bits)
-    0x0018_0000         reserved up to 8 MiB
-    0x0080_0000   8 MiB the Migration Handler's area (never migrated as guest memory):
-                        MH_VCPUS_MAX mailboxes (SHARED), then the MH's state: a
-                        session page, one page per MH vCPU, one imported-page
-                        bitmap per MH vCPU (512 KiB each); the rest unused
+    0x0018_0000         reserved up to 2 MiB
+    0x0020_0000  14 MiB the Migration Handler's area (never migrated as guest memory):
+                        MH_VCPUS_MAX mailboxes (SHARED, 2 MiB each: two slots of a
+                        256-page batch), then the MH's state: a session page, one
+                        page per MH vCPU, one imported-page bitmap per MH vCPU
+                        (512 KiB each); the rest unused
     0x0100_0000         workload memory, up to the end of RAM in both RAM
                         regions (below 3 GiB and from 4 GiB): the kv queue
                         (SHARED) and hash table, the dirty workload's version
@@ -98,8 +99,8 @@ PAGE_STATE_LIMIT = PAGE_STATE_SIZE * 8 * PAGE_SIZE
 """16 GiB: pages from here up are private and cannot be made shared; the Migration Handler
 neither exports nor imports them."""
 
-MH_AREA_GPA = 8 * MiB
-MH_AREA_SIZE = 8 * MiB
+MH_AREA_GPA = 2 * MiB
+MH_AREA_SIZE = 14 * MiB
 """The Migration Handler's area: each side's MH owns its own, so a VMM migrates none of it."""
 MH_VCPUS_MAX = 4
 """MH vCPUs the firmware has mailboxes and state for."""

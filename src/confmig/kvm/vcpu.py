@@ -37,6 +37,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -172,10 +173,10 @@ class SlotMemory:
         s.bytes[off : off + n] = np.frombuffer(data, dtype=np.uint8)
         s.counters[self.row, off >> PAGE_SHIFT : ((off + n - 1) >> PAGE_SHIFT) + 1] += 1
 
-    def load_pages(self, gpa: int, npages: int) -> np.ndarray:
+    def view_pages(self, gpa: int, npages: int) -> np.ndarray:
         s, off = self._slot(gpa, npages * PAGE_SIZE)
         first = off >> PAGE_SHIFT
-        return s.pages[first : first + npages].copy()
+        return s.pages[first : first + npages]
 
     def store_pages(self, gpa: int, data: np.ndarray) -> None:
         n = data.shape[0]
@@ -183,6 +184,12 @@ class SlotMemory:
         first = off >> PAGE_SHIFT
         s.pages[first : first + n] = data
         s.counters[self.row, first : first + n] += 1
+
+    def update_pages(self, gpa: int, npages: int, fill: Callable[[np.ndarray], object]) -> None:
+        s, off = self._slot(gpa, npages * PAGE_SIZE)
+        first = off >> PAGE_SHIFT
+        fill(s.pages[first : first + npages])
+        s.counters[self.row, first : first + npages] += 1
 
 
 class MappedVmsaPage:

@@ -82,8 +82,13 @@ _BLOCKS_PER_PAGE = PAGE_SIZE // BLOCK_SIZE
 _FRAME_TABLES = (PHYS_ADDR_BITS - _FRAME_SHIFT + 7) // 8
 """The frame-number bits (12..51) in bytes: T(frame) is one lookup per byte."""
 _BULK_BLOCKS = 128 * _BLOCKS_PER_PAGE
-"""Blocks per AES call on the bulk path: one Migration Handler batch (128 pages, 512 KiB).
-Bounds the position-mask table (:func:`_bulk_masks`) and the temporaries of one call."""
+"""Blocks per AES call on the bulk path of a run (512 KiB). Bounds the position-mask table
+(:func:`_bulk_masks`) and the temporaries of one call."""
+_CHUNK_PAGES = 64
+"""Pages per AES call on the path of whole pages (256 KiB): a call's mask, input and output
+stay in the core's cache between the four passes over them (a Migration Handler batch of
+512 pages in one call ran at half the speed, measured ad hoc)."""
+_WORDS_PER_PAGE = PAGE_SIZE // 8
 _SMALL_BLOCKS = 32
 """Spans up to 512 bytes take the scalar path (Python integers, no numpy): a guest's loads
 and stores, a launch secret, the partial blocks of a longer store."""
@@ -267,17 +272,21 @@ class _Key:
             frame >>= 8
         return t
 
+    def page_tweaks(self, frames: npt.NDArray[np.uint64]) -> npt.NDArray[np.void]:
+        """T(frame) of each page ``frames`` (frame numbers), one 16-byte element per page
+        (whole blocks as single elements: numpy copies them fast, not so pairs of words)."""
+        if len(frames) <= _FEW_PAGES:
+            return _as_words([self.frame_tweak(int(f)) for f in frames]).view(_BLOCK)
+        octets = frames.astype(_U64).view(np.uint8).reshape(-1, 8)
+        per_page = self.frame_table[0].take(octets[:, 0]).view(_U64)
+        for k in range(1, _FRAME_TABLES):
+            per_page ^= self.frame_table[k].take(octets[:, k]).view(_U64)
+        tweaks: npt.NDArray[np.void] = per_page.view(_BLOCK)
+        return tweaks
+
     def frame_masks(self, frames: npt.NDArray[np.uint64]) -> _Words:
         """T(frame) of each page ``frames`` (frame numbers), repeated over its blocks."""
-        if len(frames) <= _FEW_PAGES:
-            per_page = _as_words([self.frame_tweak(int(f)) for f in frames])
-        else:
-            octets = frames.astype(_U64).view(np.uint8).reshape(-1, 8)
-            per_page = self.frame_table[0].take(octets[:, 0]).view(_U64)
-            for k in range(1, _FRAME_TABLES):
-                per_page ^= self.frame_table[k].take(octets[:, k]).view(_U64)
-        # Whole blocks as single elements: numpy copies them fast, not so pairs of words.
-        return np.repeat(per_page.view(_BLOCK), _BLOCKS_PER_PAGE).view(_U64)
+        return np.repeat(self.page_tweaks(frames), _BLOCKS_PER_PAGE).view(_U64)
 
     def positions(self, words: int) -> _Words:
         """What a bulk call that starts at a page's first block adds to each block's frame
@@ -316,12 +325,28 @@ class _Key:
         (self.bulk_encrypt if encrypt else self.bulk_decrypt).update_into(inner_octets, result_octets)
         return np.bitwise_xor(result, mask)
 
-    def pages(self, frames: npt.NDArray[np.uint64], data: _Words, *, encrypt: bool) -> _Words:
-        """Whole pages, page ``i`` at frame ``frames[i]``."""
-        if len(frames) == 1:
-            return self.page(int(frames[0]), data, encrypt=encrypt)
-        masks = self.frame_masks(frames)
-        return self.bulk(masks, data, self.positions(min(len(data), 2 * _BULK_BLOCKS)), encrypt=encrypt)
+    def pages(self, frames: npt.NDArray[np.uint64], data: _Words, out: _Words, *, encrypt: bool) -> None:
+        """Whole pages, page ``i`` at frame ``frames[i]``, from ``data`` into ``out`` (words;
+        they may be the same): :data:`_CHUNK_PAGES` at a time, in scratch space of that size."""
+        n = len(frames)
+        if n == 1:
+            out[:] = self.page(int(frames[0]), data, encrypt=encrypt)
+            return
+        tweaks = self.page_tweaks(frames)
+        chunk = min(n, _CHUNK_PAGES)
+        words = chunk * _WORDS_PER_PAGE
+        positions = self.positions(words)
+        mask, inner, result = np.empty(words, _U64), np.empty(words, _U64), np.empty(words + 2, _U64)
+        page_masks = mask.view(_BLOCK).reshape(chunk, _BLOCKS_PER_PAGE)
+        context = self.bulk_encrypt if encrypt else self.bulk_decrypt
+        for first in range(0, n, chunk):
+            k = min(chunk, n - first)
+            w, at = k * _WORDS_PER_PAGE, first * _WORDS_PER_PAGE
+            page_masks[:k] = tweaks[first : first + k, None]
+            np.bitwise_xor(mask[:w], positions[:w], out=mask[:w])
+            np.bitwise_xor(data[at : at + w], mask[:w], out=inner[:w])
+            context.update_into(_octets(inner[:w]), _octets(result[: w + 2]))  # a block more
+            np.bitwise_xor(result[:w], mask[:w], out=out[at : at + w])
 
     def bulk(self, masks: _Words, data: _Words, positions: _Words | None, *, encrypt: bool) -> _Words:
         """The blocks ``data`` under the tweaks ``masks`` (which this overwrites), completed
@@ -371,13 +396,16 @@ class MemoryEncryptionEngine:
         """The plaintext of the blocks ``ciphertext`` read from ``spa`` on (see :meth:`encrypt`)."""
         return self._run(asid, spa, ciphertext, encrypt=False)
 
-    def encrypt_pages(self, asid: int, spas: Sequence[int] | npt.NDArray[np.uint64], pages: Pages) -> Pages:
-        """Whole pages, page ``i`` stored at ``spas[i]``: one AES call for the batch. A new array."""
-        return self._pages(asid, spas, pages, encrypt=True)
+    def encrypt_pages(self, asid: int, spas: Sequence[int] | npt.NDArray[np.uint64], pages: Pages,
+                      out: Pages | None = None) -> Pages:
+        """Whole pages, page ``i`` stored at ``spas[i]``, into ``out`` (a new array if None; it
+        may be ``pages``, or the memory they are stored in)."""
+        return self._pages(asid, spas, pages, encrypt=True, out=out)
 
-    def decrypt_pages(self, asid: int, spas: Sequence[int] | npt.NDArray[np.uint64], pages: Pages) -> Pages:
+    def decrypt_pages(self, asid: int, spas: Sequence[int] | npt.NDArray[np.uint64], pages: Pages,
+                      out: Pages | None = None) -> Pages:
         """Whole pages, page ``i`` read from ``spas[i]`` (see :meth:`encrypt_pages`)."""
-        return self._pages(asid, spas, pages, encrypt=False)
+        return self._pages(asid, spas, pages, encrypt=False, out=out)
 
     def _run(self, asid: int, spa: int, data: bytes | bytearray | memoryview, *, encrypt: bool) -> bytes:
         view = data if isinstance(data, bytes | bytearray) else memoryview(data).cast("B")
@@ -396,7 +424,9 @@ class MemoryEncryptionEngine:
                 return key.page(first, words, encrypt=encrypt).tobytes()
             frames = np.arange(first, (spa + size + PAGE_SIZE - 1) >> _FRAME_SHIFT, dtype=np.uint64)
             if not (spa | size) % PAGE_SIZE:
-                return key.pages(frames, words, encrypt=encrypt).tobytes()
+                out = np.empty_like(words)
+                key.pages(frames, words, out, encrypt=encrypt)
+                return out.tobytes()
             # The tweaks of the pages the run touches, cut to the blocks it covers.
             masks = key.frame_masks(frames).reshape(len(frames), -1)
             np.bitwise_xor(masks, key.offset_mask, out=masks)
@@ -405,9 +435,13 @@ class MemoryEncryptionEngine:
                             encrypt=encrypt).tobytes()
 
     def _pages(self, asid: int, spas: Sequence[int] | npt.NDArray[np.uint64], pages: Pages,
-               *, encrypt: bool) -> Pages:
+               *, encrypt: bool, out: Pages | None = None) -> Pages:
         if pages.ndim != 2 or pages.shape[1] != PAGE_SIZE or pages.dtype != np.uint8:
             raise ValueError(f"expected (n, {PAGE_SIZE}) uint8 pages, got {pages.shape} {pages.dtype}")
+        if out is None:
+            out = np.empty(pages.shape, np.uint8)
+        elif out.shape != pages.shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"expected a contiguous {pages.shape} uint8 output, got {out.shape} {out.dtype}")
         addresses = np.asarray(spas, dtype=np.uint64)
         if addresses.shape != (pages.shape[0],):
             raise ValueError(f"{pages.shape[0]} pages but addresses of shape {addresses.shape}")
@@ -418,5 +452,6 @@ class MemoryEncryptionEngine:
             key = self._key(asid)
             words = np.ascontiguousarray(pages).view(_U64).reshape(-1)
             frames = addresses >> np.uint64(_FRAME_SHIFT)
-            out = key.pages(frames, words, encrypt=encrypt) if len(frames) else words.copy()
-            return out.view(np.uint8).reshape(-1, PAGE_SIZE)
+            if len(frames):
+                key.pages(frames, words, out.view(_U64).reshape(-1), encrypt=encrypt)
+            return out

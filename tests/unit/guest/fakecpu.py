@@ -287,14 +287,22 @@ class FakeCpu:
         plain = np.frombuffer(data, dtype=np.uint8)
         ram[off : off + len(data)] = plain ^ self.keystream(gpa, len(data)) if private else plain
 
-    def read_pages(self, gpa: int, npages: int) -> Pages:
+    def write_with(self, gpa: int, size: int, fill: Callable[[memoryview], object]) -> None:
+        buffer = bytearray(size)
+        fill(memoryview(buffer))
+        self.write(gpa, buffer)
+
+    def read_pages(self, gpa: int, npages: int, out: Pages | None = None) -> Pages:
         if gpa % PAGE_SIZE:
             raise GuestFault(f"unaligned page access at {gpa:#x}")
         size = npages * PAGE_SIZE
         ram, off, gpa, private = self._locate(gpa, size)
         raw = ram[off : off + size]
-        pages = raw ^ self.keystream(gpa, size) if private else raw.copy()
-        return pages.reshape(npages, PAGE_SIZE)
+        pages = (raw ^ self.keystream(gpa, size) if private else raw.copy()).reshape(npages, PAGE_SIZE)
+        if out is None:
+            return pages
+        out[:] = pages
+        return out
 
     def write_pages(self, gpa: int, data: Pages) -> None:
         if gpa % PAGE_SIZE or data.ndim != 2 or data.shape[1] != PAGE_SIZE:

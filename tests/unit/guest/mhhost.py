@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import numpy.typing as npt
@@ -72,11 +72,14 @@ class FlatRam:
     def store(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.bytes[gpa : gpa + len(data)] = np.frombuffer(data, np.uint8)
 
-    def load_pages(self, gpa: int, n: int) -> npt.NDArray[np.uint8]:
-        return self.bytes[gpa : gpa + n * PAGE_SIZE].reshape(n, PAGE_SIZE).copy()
+    def view_pages(self, gpa: int, n: int) -> npt.NDArray[np.uint8]:
+        return self.bytes[gpa : gpa + n * PAGE_SIZE].reshape(n, PAGE_SIZE)
 
     def store_pages(self, gpa: int, data: npt.NDArray[np.uint8]) -> None:
         self.bytes[gpa : gpa + data.size] = data.reshape(-1)
+
+    def update_pages(self, gpa: int, n: int, fill: Callable[[npt.NDArray[np.uint8]], object]) -> None:
+        fill(self.view_pages(gpa, n))
 
 
 def secret_table(*entries: tuple[uuid.UUID, bytes]) -> bytes:

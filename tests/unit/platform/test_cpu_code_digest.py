@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +59,16 @@ class Flash:
         off = gpa - FIRMWARE_IMAGE_GPA
         self.bytes[off : off + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
-    def load_pages(self, gpa: int, n: int) -> np.ndarray:
+    def view_pages(self, gpa: int, n: int) -> np.ndarray:
         off = gpa - FIRMWARE_IMAGE_GPA
-        return self.bytes[off : off + n * PAGE_SIZE].reshape(n, PAGE_SIZE).copy()
+        return self.bytes[off : off + n * PAGE_SIZE].reshape(n, PAGE_SIZE)
 
     def store_pages(self, gpa: int, data: np.ndarray) -> None:
         off = gpa - FIRMWARE_IMAGE_GPA
         self.bytes[off : off + data.size] = data.reshape(-1)
+
+    def update_pages(self, gpa: int, n: int, fill: Callable[[np.ndarray], object]) -> None:
+        fill(self.view_pages(gpa, n))
 
 
 class NoFlash(Flash):

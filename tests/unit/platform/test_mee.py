@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -126,11 +127,14 @@ class FlatMemory:
     def store(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.ram[gpa : gpa + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
-    def load_pages(self, gpa: int, n: int) -> np.ndarray:
-        return self.ram[gpa : gpa + n * PAGE_SIZE].reshape(n, PAGE_SIZE).copy()
+    def view_pages(self, gpa: int, n: int) -> np.ndarray:
+        return self.ram[gpa : gpa + n * PAGE_SIZE].reshape(n, PAGE_SIZE)
 
     def store_pages(self, gpa: int, data: np.ndarray) -> None:
         self.ram[gpa : gpa + data.size] = data.reshape(-1)
+
+    def update_pages(self, gpa: int, n: int, fill: Callable[[np.ndarray], object]) -> None:
+        fill(self.view_pages(gpa, n))
 
 
 def test_cpu_private_accesses_leave_only_ciphertext_in_ram(engine: MemoryEncryptionEngine) -> None:
@@ -219,7 +223,8 @@ def _pages(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE).copy()
 
 
-@pytest.mark.parametrize("n", [1, 2, 17, 128, 130])  # one; Python and numpy page tweaks; over a bulk call
+# one; Python and numpy page tweaks; a chunk of the page path and one page over; over a bulk call
+@pytest.mark.parametrize("n", [1, 2, 17, 64, 65, 128, 130, 256])
 def test_a_batch_equals_its_pages_one_by_one(engine: MemoryEncryptionEngine, n: int) -> None:
     pages = _pages(os.urandom(n * PAGE_SIZE))
     spas = [SPA + PAGE_SIZE * ((7 * i) % (3 * n)) + (i % 2) * (1 << 45) for i in range(n)]  # scattered
@@ -231,6 +236,40 @@ def test_a_batch_equals_its_pages_one_by_one(engine: MemoryEncryptionEngine, n: 
     run = engine.encrypt(1, SPA, pages.tobytes())  # a contiguous run, one call
     assert run == b"".join(engine.encrypt(1, SPA + i * PAGE_SIZE, pages[i].tobytes()) for i in range(n))
     assert engine.decrypt(1, SPA, run) == pages.tobytes()
+
+
+def test_a_batch_goes_into_the_array_given_even_its_own(engine: MemoryEncryptionEngine) -> None:
+    pages = _pages(os.urandom(100 * PAGE_SIZE))
+    spas = np.arange(100, dtype=np.uint64) * np.uint64(PAGE_SIZE) + np.uint64(SPA)
+    expected = engine.encrypt_pages(1, spas, pages)
+    out = np.empty_like(pages)
+    assert engine.encrypt_pages(1, spas, pages, out) is out and np.array_equal(out, expected)
+    in_place = pages.copy()  # a page batch encrypted where it lies, as the core stores it
+    engine.encrypt_pages(1, spas, in_place, in_place)
+    assert np.array_equal(in_place, expected)
+    engine.decrypt_pages(1, spas, in_place, in_place)
+    assert np.array_equal(in_place, pages)
+    with pytest.raises(ValueError, match="output"):
+        engine.decrypt_pages(1, spas, expected, np.empty((99, PAGE_SIZE), np.uint8))
+
+
+def test_cpu_writes_through_a_pointer_in_place_if_shared_and_encrypted_if_private(
+        engine: MemoryEncryptionEngine) -> None:
+    mem = FlatMemory()
+    core = CpuCore(0, mem, [RomRegion(name="x", base=0, size=1, step=lambda c: None)], mee=engine)
+    core.set_asid(1)
+    seen: list[int] = []
+
+    def fill(out: memoryview) -> None:
+        seen.append(len(out))
+        out[:] = b"pointer!" * (len(out) // 8)
+
+    core.write_with(0x3FF8, 2 * PAGE_SIZE, fill)  # shared, across three pages
+    assert mem.ram[0x3FF8 : 0x5FF8].tobytes() == b"pointer!" * (2 * PAGE_SIZE // 8)
+    assert mem.ram[0x3FF0:0x3FF8].tobytes() == bytes(8) and mem.ram[0x5FF8:0x6000].tobytes() == bytes(8)
+    core.write_with(C_BIT | 0x7010, 64, fill)  # private: through the engine
+    assert b"pointer!" not in mem.ram[0x7000:0x8000].tobytes()
+    assert core.read(C_BIT | 0x7010, 64) == b"pointer!" * 8 and seen == [2 * PAGE_SIZE, 64]
 
 
 def test_a_batch_at_other_addresses_or_under_another_key_is_garbage(engine: MemoryEncryptionEngine) -> None:

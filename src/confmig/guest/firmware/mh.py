@@ -473,10 +473,24 @@ def _on_stream(gpas: npt.NDArray[np.uint64], stream: int, nstreams: int) -> bool
     return bool((mb.stream_of(gpas >> np.uint64(PAGE_SHIFT), nstreams) == stream).all())
 
 
-def _seal(aead: AESGCM, header: mb.RecordHeader, entries: npt.NDArray[np.uint64],
-          plaintext: bytes) -> bytes:
+def _seal(aead: AESGCM, header: mb.RecordHeader, entries: npt.NDArray[np.uint64], plaintext: bytes) -> bytes:
     head = header.pack() + entries.astype("<u8").tobytes()
     return head + aead.encrypt(mb.nonce(header.stream, header.seq), plaintext, head)
+
+
+def _seal_into(call: _Call, aead: AESGCM, header: mb.RecordHeader, entries: npt.NDArray[np.uint64],
+               plaintext: npt.NDArray[np.uint8]) -> int:
+    """:func:`_seal` straight into the slot's data area (shared: the cipher writes it in place,
+    no copy of the plaintext or the record is made); returns the record's length."""
+    head = header.pack() + entries.astype("<u8").tobytes()
+    length = len(head) + plaintext.nbytes + mb.TAG_SIZE
+
+    def fill(out: memoryview) -> None:
+        out[: len(head)] = head
+        aead.encrypt_into(mb.nonce(header.stream, header.seq), plaintext.data, head, out[len(head) :])
+
+    call.cpu.write_with(call.data, length, fill)
+    return length
 
 
 def _unseal(aead: AESGCM, record: bytes, header: mb.RecordHeader) -> bytes | None:
@@ -485,6 +499,18 @@ def _unseal(aead: AESGCM, record: bytes, header: mb.RecordHeader) -> bytes | Non
         return aead.decrypt(mb.nonce(header.stream, header.seq), record[len(aad) :], aad)
     except InvalidTag:
         return None
+
+
+def _unseal_into(aead: AESGCM, record: bytes, header: mb.RecordHeader, out: npt.NDArray[np.uint8]) -> bool:
+    """Open a record's body into ``out``, which must be its plaintext's size."""
+    aad = mb.associated_data(record, header)
+    if len(record) - len(aad) != out.nbytes + mb.TAG_SIZE:
+        return False
+    try:
+        aead.decrypt_into(mb.nonce(header.stream, header.seq), memoryview(record)[len(aad) :], aad, out.data)
+    except InvalidTag:
+        return False
+    return True
 
 
 def _token(call: _Call, record: bytes, kind: mb.RecordKind, stream: int,
@@ -545,7 +571,7 @@ def _runs(gpas: npt.NDArray[np.int64], ram: list[MemoryRange]) -> list[tuple[int
 def _read_pages(call: _Call, gpas: npt.NDArray[np.int64], ram: list[MemoryRange]) -> npt.NDArray[np.uint8]:
     pages = np.empty((len(gpas), PAGE_SIZE), np.uint8)
     for first, n in _runs(gpas, ram):
-        pages[first : first + n] = call.cpu.read_pages(int(gpas[first]) | call.mask, n)
+        call.cpu.read_pages(int(gpas[first]) | call.mask, n, out=pages[first : first + n])
     return pages
 
 
@@ -764,9 +790,8 @@ def _export(call: _Call) -> _Reply:
                      migration_id=st.migration_id, epoch=cmd.epoch, npages=cmd.npages,
                      nzero=int(zero.sum()), nstreams=s.nstreams)
     call.set_stream(replace(st, records=st.records + 1, pages=st.pages + cmd.npages, epoch=cmd.epoch))
-    record = _seal(aead, header, entries, pages[~zero].tobytes())  # the sequence number is spent
-    call.cpu.write(call.data, record)
-    return _Reply(_OK, len(record))
+    length = _seal_into(call, aead, header, entries, pages[~zero] if header.nzero else pages)  # seq spent
+    return _Reply(_OK, length)
 
 
 _Opened = tuple[mb.RecordHeader, npt.NDArray[np.int64], npt.NDArray[np.uint8], list[MemoryRange]]
@@ -799,11 +824,14 @@ def _open_pages(call: _Call, record: bytes, st: Stream, *, stream: int,
     if int(zero.sum()) != header.nzero or ram is None or not _valid_gpas(gpas, ram):
         return None
     aead = _transport_key(call, header.migration_id, v1=stream == mb.V1_STREAM)
-    plain = None if aead is None else _unseal(aead, record, header)
-    if plain is None or len(plain) != header.data_pages * PAGE_SIZE:
+    plain = np.empty((header.data_pages, PAGE_SIZE), np.uint8)
+    if aead is None or not _unseal_into(aead, record, header, plain):
         return None
-    pages = np.zeros((header.npages, PAGE_SIZE), np.uint8)
-    pages[~zero] = np.frombuffer(plain, np.uint8).reshape(-1, PAGE_SIZE)
+    if header.nzero:
+        pages = np.zeros((header.npages, PAGE_SIZE), np.uint8)
+        pages[~zero] = plain
+    else:
+        pages = plain
     return header, gpas.astype(np.int64), pages, ram
 
 

@@ -124,9 +124,16 @@ class PhysicalMemory(Protocol):
 
     def store(self, gpa: int, data: bytes | bytearray | memoryview) -> None: ...
 
-    def load_pages(self, gpa: int, npages: int) -> Pages: ...
+    def view_pages(self, gpa: int, npages: int) -> Pages:
+        """The pages in place (no copy), to read at once: the memory may change behind them."""
+        ...
 
     def store_pages(self, gpa: int, data: Pages) -> None: ...
+
+    def update_pages(self, gpa: int, npages: int, fill: Callable[[Pages], object]) -> None:
+        """Let ``fill`` write the pages in place, then count them written (a store through a
+        pointer: the dirty log sees the pages once they hold what was written)."""
+        ...
 
 
 class VmsaBacking(Protocol):
@@ -439,14 +446,33 @@ class CpuCore:
         plain[addr - first : addr - first + size] = data
         self.memory.store(first, self._encrypt(first, plain))
 
-    def read_pages(self, gpa: int, npages: int) -> Pages:
+    def write_with(self, gpa: int, size: int, fill: Callable[[memoryview], object]) -> None:
+        addr, private = self._decode(gpa)
+        self._check_ram(addr, size)
+        if private:
+            buffer = bytearray(size)
+            fill(memoryview(buffer))
+            self.write(gpa, buffer)
+            return
+        first = addr & ~(PAGE_SIZE - 1)
+        npages = (addr + size - first + PAGE_SIZE - 1) // PAGE_SIZE
+        lead = addr - first
+        self.memory.update_pages(first, npages,
+                                 lambda pages: fill(pages.reshape(-1)[lead : lead + size].data))
+
+    def read_pages(self, gpa: int, npages: int, out: Pages | None = None) -> Pages:
         addr, private = self._decode(gpa)
         self._check_ram(addr, npages * PAGE_SIZE, aligned=True)
+        stored = self.memory.view_pages(addr, npages)
+        if out is not None and (out.shape != (npages, PAGE_SIZE) or out.dtype != np.uint8):
+            raise GuestFault(f"read_pages: expected a ({npages}, {PAGE_SIZE}) uint8 output, got {out.shape}")
         if not private:
-            return self.memory.load_pages(addr, npages)
+            if out is None:
+                return stored.copy()
+            out[:] = stored
+            return out
         assert self.mee is not None
-        cipher = self.memory.load_pages(addr, npages)
-        return self.mee.decrypt_pages(self.asid, self._page_spas(addr, npages), cipher)
+        return self.mee.decrypt_pages(self.asid, self._page_spas(addr, npages), stored, out=out)
 
     def write_pages(self, gpa: int, data: Pages) -> None:
         if data.ndim != 2 or data.shape[1] != PAGE_SIZE or data.dtype != np.uint8:
@@ -458,7 +484,9 @@ class CpuCore:
             return
         assert self.mee is not None
         spas = self._page_spas(addr, data.shape[0])
-        self.memory.store_pages(addr, self.mee.encrypt_pages(self.asid, spas, data))
+        mee, asid = self.mee, self.asid
+        self.memory.update_pages(addr, data.shape[0],
+                                 lambda stored: mee.encrypt_pages(asid, spas, data, stored))
 
     def set_cpuid(self, entries: dict[tuple[int, int], tuple[int, int, int, int]]) -> None:
         """``KVM_SET_CPUID2``: the leaves the VMM exposes (KVM-owned leaves stay KVM's)."""

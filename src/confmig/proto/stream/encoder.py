@@ -108,9 +108,15 @@ def confidential_record(subtype: ConfidentialSubtype, payload: bytes) -> bytes:
 
     Not bound to a RAM block: any addressing lives inside the payload.
     """
-    if len(payload) > MAX_BLOB:
-        raise ValueError(f"confidential payload of {len(payload)} bytes exceeds {MAX_BLOB}")
-    return struct.pack(">QBI", RamFlag.CONFIDENTIAL, subtype, len(payload)) + payload
+    return confidential_header(subtype, len(payload)) + payload
+
+
+def confidential_header(subtype: ConfidentialSubtype, length: int) -> bytes:
+    """What comes before a CONFIDENTIAL record's ``length``-byte payload (for a writer that
+    sends the payload from where it lies)."""
+    if length > MAX_BLOB:
+        raise ValueError(f"confidential payload of {length} bytes exceeds {MAX_BLOB}")
+    return struct.pack(">QBI", RamFlag.CONFIDENTIAL, subtype, length)
 
 
 def device_section(section_id: int, idstr: str, instance_id: int, version_id: int, state: bytes) -> bytes:

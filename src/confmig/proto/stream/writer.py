@@ -120,3 +120,8 @@ class StreamWriter:
     def confidential(self, subtype: ConfidentialSubtype, payload: bytes) -> bytes:
         self._step("confidential record", _RAM_RECORDS)
         return enc.confidential_record(subtype, payload)
+
+    def confidential_header(self, subtype: ConfidentialSubtype, length: int) -> bytes:
+        """:meth:`confidential` without its payload: the caller sends the payload next."""
+        self._step("confidential record", _RAM_RECORDS)
+        return enc.confidential_header(subtype, length)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -123,7 +122,7 @@ class MhOutgoing(OutgoingBackend):
         self.abort_token: bytes | None = None
         self._area = mh.area
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"mh{v.index}") for v in mh.vcpus]
-        self._pending: deque[tuple[MhVcpu, Future[bytes]]] = deque()
+        self._pending: deque[tuple[MhVcpu, Future[memoryview]]] = deque()
         self._submitted = [0] * len(mh.vcpus)
         """Batches given to each MH vCPU: which of its slots the next one uses."""
 
@@ -306,13 +305,15 @@ class MhOutgoing(OutgoingBackend):
         self._pending.append((v, self._pools[v.index].submit(self._export, v, slot, gpas, self.epoch)))
         return sent
 
-    def _export(self, v: MhVcpu, slot: int, gpas: npt.NDArray[np.int64], epoch: int) -> bytes:
+    def _export(self, v: MhVcpu, slot: int, gpas: npt.NDArray[np.int64], epoch: int) -> memoryview:
+        """The record, where it lies in the slot: sent from there by :meth:`_drain_one` before
+        :meth:`_submit` hands the slot out again (no copy on the MH vCPU's critical path)."""
         data = v.data(slot)
         n = len(gpas)
-        struct.pack_into(f"<{n}Q", data, 0, *gpas.tolist())
+        np.frombuffer(data, "<u8", n)[:] = gpas
         answer = v.command(mb.MhCommand.EXPORT, slot=slot, npages=n, epoch=epoch)
         self._check(answer.ret, f"to export {n} pages from {int(gpas[0]):#x}")
-        return self._record(v, slot, answer.length)
+        return self._record_view(v, slot, answer.length)
 
     def _drain(self, *, send: bool) -> RoundCounters:
         total = RoundCounters()
@@ -336,11 +337,15 @@ class MhOutgoing(OutgoingBackend):
         return RoundCounters(normal=header.npages - header.nzero, zero=header.nzero, bytes=sent)
 
     @staticmethod
-    def _record(v: MhVcpu, slot: int, length: int) -> bytes:
+    def _record_view(v: MhVcpu, slot: int, length: int) -> memoryview:
         # SECURITY: the length is the guest's word; the record is checked again by the target.
         if not mb.RECORD_HEADER.size <= length <= mb.SLOT_DATA:
             raise MhError(f"Migration Handler vCPU {v.index} answered a record of {length} bytes")
-        return bytes(v.data(slot)[:length])
+        return v.data(slot)[:length]
+
+    @classmethod
+    def _record(cls, v: MhVcpu, slot: int, length: int) -> bytes:
+        return bytes(cls._record_view(v, slot, length))
 
     @staticmethod
     def _check(ret: int, what: str) -> None:

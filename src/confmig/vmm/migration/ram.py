@@ -199,11 +199,13 @@ class MainChannelSink:
         sent = self._channel.send_all(self._writer.zero_pages(block.idstr, indices))
         return RoundCounters(zero=len(indices), bytes=sent)
 
-    def confidential(self, subtype: ConfidentialSubtype, payloads: list[bytes]) -> int:
-        """CONFIDENTIAL records, one per payload, in one write; returns the bytes sent."""
-        if not payloads:
-            return 0
-        return self._channel.send_all(b"".join(self._writer.confidential(subtype, p) for p in payloads))
+    def confidential(self, subtype: ConfidentialSubtype, payloads: Sequence[bytes | memoryview]) -> int:
+        """CONFIDENTIAL records, one per payload, in one gather write (each payload sent from
+        where it lies: a Migration Handler's record from its mailbox); returns the bytes sent."""
+        parts: list[bytes | memoryview] = []
+        for p in payloads:
+            parts += (self._writer.confidential_header(subtype, len(p)), p)
+        return self._channel.send_parts(parts)
 
 
 class RamLanding:

@@ -7,6 +7,7 @@ path between two hosts in ``tests/functional/test_mh_live_migration.py``."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,9 +139,9 @@ class Sink:
         self.records.append(("zeros", block.gpas(indices).tolist()))
         return RoundCounters(zero=len(indices))
 
-    def confidential(self, subtype: ConfidentialSubtype, payloads: list[bytes]) -> int:
+    def confidential(self, subtype: ConfidentialSubtype, payloads: Sequence[bytes | memoryview]) -> int:
         for p in payloads:
-            self.records.append((subtype.name, p))
+            self.records.append((subtype.name, bytes(p)))  # a mailbox's view changes once sent
         return sum(map(len, payloads))
 
 
@@ -224,8 +225,8 @@ def test_a_refusal_by_the_mh_fails_the_migration() -> None:
     backend, fake, _sink, memory, _log = source()
     backend.setup()
     fake.vcpus[0].fail.add(mb.MhCommand.EXPORT)
-    with pytest.raises(MigrationError, match=r"refused to export 128 pages.*AUTH_ERR"):
-        backend.pages(memory.blocks[0], np.arange(4096, 4400, dtype=np.int64))
+    with pytest.raises(MigrationError, match=rf"refused to export {mb.BATCH_PAGES} pages.*AUTH_ERR"):
+        backend.pages(memory.blocks[0], np.arange(4096, 4096 + mb.BATCH_PAGES + 50, dtype=np.int64))
     backend.cancel()  # RESET, nothing pending
     assert not fake.sent_away
 
