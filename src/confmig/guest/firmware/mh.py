@@ -473,7 +473,8 @@ def _on_stream(gpas: npt.NDArray[np.uint64], stream: int, nstreams: int) -> bool
     return bool((mb.stream_of(gpas >> np.uint64(PAGE_SHIFT), nstreams) == stream).all())
 
 
-def _seal(aead: AESGCM, header: mb.RecordHeader, entries: npt.NDArray[np.uint64], plaintext: bytes) -> bytes:
+def _seal(aead: AESGCM, header: mb.RecordHeader, entries: npt.NDArray[np.uint64],
+          plaintext: bytes) -> bytes:
     head = header.pack() + entries.astype("<u8").tobytes()
     return head + aead.encrypt(mb.nonce(header.stream, header.seq), plaintext, head)
 
