@@ -35,6 +35,7 @@ from confmig.bench.mh_suite import GUEST_TIMEOUT, MhScenarios, settings_for, sta
 from confmig.bench.perf import RANDOM_GUEST, machine_info
 from confmig.bench.scenario import migrate, sev_args
 from confmig.common.units import GiB, parse_size
+from confmig.proto import mailbox as mb
 
 GUEST = RANDOM_GUEST
 MH_VCPUS = (1, 2, 4)
@@ -241,7 +242,7 @@ def _random_markdown(guest: str, section: dict[str, Any]) -> list[str]:
                          f"| {q['over_psp']:.1f} | {'yes' if q['over_psp'] >= 5 else 'NO'} |")
     return [*lines, "", "Firmware commands are counted on the source: PSP commands (SEND_*; the target "
             "issues as many RECEIVE_*), or Migration Handler mailbox commands (one per batch of up to "
-            "128 pages; the target issues as many).", ""]
+            f"{mb.BATCH_PAGES} pages; the target issues as many).", ""]
 
 
 def _paths_chart(file: str, section: dict[str, Any], alt: str) -> Chart:

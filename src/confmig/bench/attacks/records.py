@@ -9,7 +9,8 @@ A migration stream carries a guest's pages as records of one of three kinds:
   packet (52-byte header with IV and MAC, and the page re-encrypted under the TEK). The MAC
   covers the packet, not the GPA.
 * ``mh``: CONFIDENTIAL records of subtype MH_RECORD: a Migration Handler's sealed record
-  (header, GPA list, ciphertext, tag), all of it authenticated, up to 128 pages each.
+  (header, GPA list, ciphertext, tag), all of it authenticated, up to
+  ``BATCH_PAGES`` pages each.
 
 :class:`PageRecord` is one such record as the proxy holds it, with what a host can see of
 it (addresses, and for MH its stream, sequence number and epoch) and the operations the
