@@ -31,6 +31,8 @@ any private data, and pages above the limit can only be private.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import numpy.typing as npt
 
@@ -164,23 +166,29 @@ def shared_pages(cpu: GuestCpu, gfns: npt.NDArray[np.int64], mask: int) -> npt.N
 def bitmap_bits(cpu: GuestCpu, base: int, gfns: npt.NDArray[np.int64], mask: int) -> npt.NDArray[np.bool_]:
     """Bits ``gfns`` of the private bitmap at ``base`` (laid out as the page-state list)."""
     out = np.zeros(len(gfns), np.bool_)
-    byte = gfns >> 3
-    for page in np.unique(byte >> PAGE_SHIFT).tolist():
-        data = np.frombuffer(cpu.read((base + (page << PAGE_SHIFT)) | mask, PAGE_SIZE), np.uint8)
-        here = (byte >> PAGE_SHIFT) == page
-        out[here] = (data[byte[here] & (PAGE_SIZE - 1)] >> (gfns[here] & 7)) & 1 == 1
+    for here, first, octets in _bitmap_spans(cpu, base, gfns, mask):
+        out[here] = np.unpackbits(octets, bitorder="little")[gfns[here] - first * 8] == 1
     return out
 
 
 def set_bitmap_bits(cpu: GuestCpu, base: int, gfns: npt.NDArray[np.int64], mask: int) -> None:
-    """Set bits ``gfns`` of the private bitmap at ``base``: one read and write per page of it."""
+    """Set bits ``gfns`` of the private bitmap at ``base``: one read and write per page of it,
+    of the bytes between the first and the last bit set there."""
+    for here, first, octets in _bitmap_spans(cpu, base, gfns, mask):
+        bits = np.unpackbits(octets, bitorder="little")
+        bits[gfns[here] - first * 8] = 1
+        cpu.write((base + first) | mask, np.packbits(bits, bitorder="little").tobytes())
+
+
+def _bitmap_spans(cpu: GuestCpu, base: int, gfns: npt.NDArray[np.int64],
+                  mask: int) -> Iterator[tuple[npt.NDArray[np.bool_], int, npt.NDArray[np.uint8]]]:
+    """For each page of the bitmap that ``gfns`` fall in: which of them, the first byte they
+    touch, and the bytes from there to the last one they touch (read once)."""
     byte = gfns >> 3
     for page in np.unique(byte >> PAGE_SHIFT).tolist():
-        at = (base + (page << PAGE_SHIFT)) | mask
-        data = np.frombuffer(cpu.read(at, PAGE_SIZE), np.uint8).copy()
         here = (byte >> PAGE_SHIFT) == page
-        np.bitwise_or.at(data, byte[here] & (PAGE_SIZE - 1), (1 << (gfns[here] & 7)).astype(np.uint8))
-        cpu.write(at, data.tobytes())
+        first, last = int(byte[here].min()), int(byte[here].max())
+        yield here, first, np.frombuffer(cpu.read((base + first) | mask, last - first + 1), np.uint8)
 
 
 def map_gpa_range(cpu: GuestCpu, gpa: int, npages: int, *, encrypted: bool) -> None:

@@ -195,3 +195,23 @@ def test_hypercall_results_and_the_failure_line() -> None:
     assert mem_encrypt.hypercall_failure_line("kv", -22 & U64) == (
         "confmig kv: KVM_HC_MAP_GPA_RANGE failed with -22; page-state changes are not reported to the host"
     )
+
+
+# --- private bitmaps (the MH's imported pages, the page-state list) --------------------------
+
+
+def test_bitmap_bits_set_and_read_only_the_bits_named() -> None:
+    with bare_cpu(sev=True) as cpu:
+        base = layout.mh_imported(0)
+        before = np.frombuffer(np.random.default_rng(5).bytes(3 * PAGE_SIZE), np.uint8)
+        cpu.write(base | C_BIT, before.tobytes())  # three bitmap pages of earlier bits
+        gfns = np.array([7, 8, 9, 300, 32767, 32768, 65540, 2 * 32768 + 5], np.int64)  # across pages
+        mem_encrypt.set_bitmap_bits(cpu, base, gfns, C_BIT)
+        after = np.unpackbits(np.frombuffer(cpu.read(base | C_BIT, 3 * PAGE_SIZE), np.uint8),
+                              bitorder="little")
+        expected = np.unpackbits(before, bitorder="little")
+        expected[gfns] = 1
+        assert np.array_equal(after, expected)  # those bits set, every other bit as it was
+        probe = np.array([7, 10, 32768, 32769, 65541, 65542, 98303], np.int64)
+        assert mem_encrypt.bitmap_bits(cpu, base, probe, C_BIT).tolist() == [bool(b) for b in expected[probe]]
+        assert mem_encrypt.bitmap_bits(cpu, base, np.array([], np.int64), C_BIT).tolist() == []
