@@ -27,7 +27,7 @@ its registers (the guest-state rule)::
                         set = SHARED (the guest's own record of its C-bits)
     0x0018_0000         reserved up to 2 MiB
     0x0020_0000  14 MiB the Migration Handler's area (never migrated as guest memory):
-                        MH_VCPUS_MAX mailboxes (SHARED, 2 MiB each: two slots of a
+                        MH_VCPUS_MAX mailboxes (SHARED, 2072 KiB each: two slots of a
                         256-page batch), then the MH's state: a session page, one
                         page per MH vCPU, one imported-page bitmap per MH vCPU
                         (512 KiB each); the rest unused

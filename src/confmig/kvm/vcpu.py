@@ -188,8 +188,10 @@ class SlotMemory:
     def update_pages(self, gpa: int, npages: int, fill: Callable[[np.ndarray], object]) -> None:
         s, off = self._slot(gpa, npages * PAGE_SIZE)
         first = off >> PAGE_SHIFT
-        fill(s.pages[first : first + npages])
-        s.counters[self.row, first : first + npages] += 1
+        try:
+            fill(s.pages[first : first + npages])
+        finally:  # what a fill that failed half-way wrote is written all the same
+            s.counters[self.row, first : first + npages] += 1
 
 
 class MappedVmsaPage:

@@ -150,8 +150,8 @@ SLOT0: Final = 0x2000
 BATCH_PAGES: Final = 256
 """Most pages in one EXPORT or IMPORT (1 MiB). A command's fixed cost in the MH (its checks,
 the session and the keys it reads from private memory, an entry) is about 0.3 ms here, spread
-over the batch (ad hoc: batches of 512 pages moved a 1 GiB guest about twice as fast as
-batches of 128; 256 were within the noise of 512). Bounded by the MH's
+over the batch (ad hoc, not saved: batches of 512 pages moved a 1 GiB guest about twice as
+fast as batches of 128; 256 were within the noise of 512). Bounded by the MH's
 area: two slots of this for each of four MH vCPUs."""
 SLOTS: Final = 2
 """Slots per MH vCPU: the VMM moves one while the MH works on the other."""

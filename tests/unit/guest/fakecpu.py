@@ -287,11 +287,6 @@ class FakeCpu:
         plain = np.frombuffer(data, dtype=np.uint8)
         ram[off : off + len(data)] = plain ^ self.keystream(gpa, len(data)) if private else plain
 
-    def write_with(self, gpa: int, size: int, fill: Callable[[memoryview], object]) -> None:
-        buffer = bytearray(size)
-        fill(memoryview(buffer))
-        self.write(gpa, buffer)
-
     def read_pages(self, gpa: int, npages: int, out: Pages | None = None) -> Pages:
         if gpa % PAGE_SIZE:
             raise GuestFault(f"unaligned page access at {gpa:#x}")

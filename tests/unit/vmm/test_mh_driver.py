@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+from confmig.guest.layout import MH_MAILBOX_GPA
 from confmig.proto import ioctl
 from confmig.proto import mailbox as mb
 from confmig.vmm import mh
@@ -43,7 +44,7 @@ def answering(ret: int, length: int = 0) -> Callable[[memoryview], ioctl.VcpuExi
 
 def vcpu(behaviour: Callable[[memoryview], ioctl.VcpuExit]) -> MhVcpu:
     box = memoryview(bytearray(mb.MAILBOX_STRIDE))
-    v = MhVcpu(FakeFd(box, behaviour), 0, box, 0x800000)  # type: ignore[arg-type]
+    v = MhVcpu(FakeFd(box, behaviour), 0, box, MH_MAILBOX_GPA)  # type: ignore[arg-type]
     v.entered = True  # MigrationHandler.start's first entry (see the test that needs it)
     return v
 
@@ -54,7 +55,7 @@ def test_an_mh_vcpu_not_started_is_never_entered() -> None:
     and broke it for good)."""
     box = memoryview(bytearray(mb.MAILBOX_STRIDE))
     fd = FakeFd(box, answering(0))
-    v = MhVcpu(fd, 0, box, 0x800000)  # type: ignore[arg-type]
+    v = MhVcpu(fd, 0, box, MH_MAILBOX_GPA)  # type: ignore[arg-type]
     with pytest.raises(MhError, match="not started"):
         v.command(mb.MhCommand.RESET)
     assert v.broken is None and struct.unpack_from("<i", box, mb.GO_OFFSET)[0] == 0

@@ -481,17 +481,17 @@ def _seal(aead: AESGCM, header: mb.RecordHeader, entries: npt.NDArray[np.uint64]
 
 def _seal_into(call: _Call, aead: AESGCM, header: mb.RecordHeader, entries: npt.NDArray[np.uint64],
                plaintext: npt.NDArray[np.uint8]) -> int:
-    """:func:`_seal` straight into the slot's data area (shared: the cipher writes it in place,
-    no copy of the plaintext or the record is made); returns the record's length."""
+    """:func:`_seal` into the slot's data area, from the plaintext where it lies; returns the
+    record's length."""
     head = header.pack() + entries.astype("<u8").tobytes()
-    length = len(head) + plaintext.nbytes + mb.TAG_SIZE
-
-    def fill(out: memoryview) -> None:
-        out[: len(head)] = head
-        aead.encrypt_into(mb.nonce(header.stream, header.seq), plaintext.data, head, out[len(head) :])
-
-    call.cpu.write_with(call.data, length, fill)
-    return length
+    record = np.empty(len(head) + plaintext.nbytes + mb.TAG_SIZE, np.uint8)
+    record[: len(head)] = np.frombuffer(head, np.uint8)
+    # SECURITY: sealed in the MH's own memory, then copied out once. A cipher may read its
+    # output back to hash it (OpenSSL's generic GCM does); in the shared slot, the host could
+    # change the ciphertext between the write and the read and have its bytes authenticated.
+    aead.encrypt_into(mb.nonce(header.stream, header.seq), plaintext.data, head, record[len(head) :].data)
+    call.cpu.write(call.data, record.data)
+    return len(record)
 
 
 def _unseal(aead: AESGCM, record: bytes, header: mb.RecordHeader) -> bytes | None:

@@ -192,12 +192,6 @@ class GuestCpu(Protocol):
         """Write guest-physical memory (may cross pages); marks pages dirty."""
         ...
 
-    def write_with(self, gpa: int, size: int, fill: Callable[[memoryview], object]) -> None:
-        """Let ``fill`` write ``size`` bytes at ``gpa`` through a pointer (a cipher's output
-        buffer, say): in place where the memory is shared; private memory takes them
-        through the engine afterwards. Marks the pages dirty."""
-        ...
-
     def read_pages(self, gpa: int, npages: int, out: Pages | None = None) -> Pages:
         """Read whole pages into ``out``, or a fresh ``(npages, PAGE_SIZE)`` array."""
         ...

@@ -446,20 +446,6 @@ class CpuCore:
         plain[addr - first : addr - first + size] = data
         self.memory.store(first, self._encrypt(first, plain))
 
-    def write_with(self, gpa: int, size: int, fill: Callable[[memoryview], object]) -> None:
-        addr, private = self._decode(gpa)
-        self._check_ram(addr, size)
-        if private:
-            buffer = bytearray(size)
-            fill(memoryview(buffer))
-            self.write(gpa, buffer)
-            return
-        first = addr & ~(PAGE_SIZE - 1)
-        npages = (addr + size - first + PAGE_SIZE - 1) // PAGE_SIZE
-        lead = addr - first
-        self.memory.update_pages(first, npages,
-                                 lambda pages: fill(pages.reshape(-1)[lead : lead + size].data))
-
     def read_pages(self, gpa: int, npages: int, out: Pages | None = None) -> Pages:
         addr, private = self._decode(gpa)
         self._check_ram(addr, npages * PAGE_SIZE, aligned=True)

@@ -15,6 +15,7 @@ import pytest
 
 from confmig.common.errors import ConfigError, MigrationError, StreamError
 from confmig.common.units import MiB
+from confmig.guest.layout import MH_AREA_GPA
 from confmig.proto import mailbox as mb
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.vmm.memory import GuestMemory, RamBlock
@@ -24,7 +25,7 @@ from confmig.vmm.migration.ram import RoundCounters
 from confmig.vmm.sev import OwnerUnreachable
 from confmig.vmm.shared_regions import SharedRegions
 
-AREA = (8 * MiB, 4 * mb.MAILBOX_STRIDE)
+AREA = (MH_AREA_GPA, 4 * mb.MAILBOX_STRIDE)
 MID = b"m" * 16
 CHALLENGE = bytes(range(16))
 TICKET = bytes(range(100, 116))

@@ -3,6 +3,8 @@ the rate limiter and the target's landing, without processes or sockets."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 
 import numpy as np
@@ -14,6 +16,7 @@ from confmig.common.clock import ManualClock
 from confmig.common.errors import StateError
 from confmig.common.units import PAGE_SIZE
 from confmig.proto.stream import decoder as dec
+from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.proto.stream.writer import StreamWriter
 from confmig.vmm.memory import GuestMemory
 from confmig.vmm.migration.ram import (
@@ -25,6 +28,7 @@ from confmig.vmm.migration.ram import (
     RamSender,
     RateLimiter,
 )
+from confmig.vmm.migration.transport import Channel
 
 RAM = 8 << 20  # 2048 pages
 
@@ -88,6 +92,38 @@ def test_main_channel_pages_skip_zero_pages_and_decode_back() -> None:
     zeros = [int(i) for e in events if isinstance(e, dec.RamZeroPages) for i in e.indices]
     assert sorted(pages) == [1, 4] and sorted(zeros) == [2, 6]
     assert (pages[4] == 4).all()
+
+
+def test_confidential_records_go_out_in_gather_writes_as_they_decode_back() -> None:
+    memory = GuestMemory.pc(RAM)
+    block = memory.blocks[0]
+    a, b = socket.socketpair()
+    ch = Channel(a.fileno(), sock=a)
+    got = bytearray()
+
+    def drain() -> None:
+        while chunk := b.recv(1 << 20):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    w = StreamWriter("pc-q35-7.2")
+    sink = MainChannelSink(ch, w)
+    sink.open_stream([(block.idstr, block.size)])
+    sink.begin_round()
+    mailbox = bytearray(os.urandom(300_000))  # a payload sent from where it lies, as the MH's
+    payloads = [b"first", memoryview(mailbox)[1000:250_000], b"", b"last"]
+    sent = sink.confidential(ConfidentialSubtype.MH_RECORD, payloads)
+    assert sent == sum(13 + len(p) for p in payloads)
+    sink.end_part()
+    ch.send_all(w.begin_final() + w.end_part() + w.eof())
+    a.shutdown(socket.SHUT_WR)
+    reader.join(10)
+    records = [e for e in stream_events(got) if isinstance(e, dec.Confidential)]
+    assert [(e.subtype, e.payload) for e in records] == [
+        (ConfidentialSubtype.MH_RECORD, bytes(p)) for p in payloads]
+    a.close()
+    b.close()
 
 
 def test_records_outside_a_ram_part_are_refused_before_anything_is_sent() -> None:
