@@ -71,6 +71,20 @@ def test_page_batch_layout() -> None:
     assert len(batch.zero) == 0
 
 
+def test_page_batch_sends_pages_from_ram_without_copying() -> None:
+    """The parts of a batch are the records' headers and views of the block itself (QEMU's
+    iovec of guest pages): a page is read from RAM only when the socket takes it."""
+    pages = np.full((16, PAGE_SIZE), 7, dtype=np.uint8)
+    batch = PageBatchEncoder(16).encode("pc.ram", pages, np.array([9, 3, 4], dtype=np.int64))
+    assert [len(p) for p in batch.parts] == [15, PAGE_SIZE, 8, PAGE_SIZE, 8, PAGE_SIZE]
+    assert batch.size == sum(len(p) for p in batch.parts) == len(batch.wire)
+    for part, index in zip(batch.parts[1::2], (9, 3, 4), strict=True):
+        view = np.frombuffer(part, dtype=np.uint8)
+        assert np.shares_memory(view, pages[index])
+    pages[3, 0] = 1  # written after encoding: the batch carries what RAM holds when sent
+    assert batch.wire[15 + PAGE_SIZE + 8] == 1
+
+
 def test_page_batch_leaves_out_zero_pages() -> None:
     pages = np.zeros((6, PAGE_SIZE), dtype=np.uint8)
     pages[1, 2000] = 1  # zero at every sampled word: must still be sent

@@ -1,7 +1,8 @@
 """Events to bytes: the sending half of the migration stream, with no I/O.
 
-Framing functions return small ``bytes``; the hot path (:class:`PageBatchEncoder`) returns a
-``memoryview`` of a reusable buffer so that a batch of pages reaches the socket as one write.
+Framing functions return small ``bytes``; the hot path (:class:`PageBatchEncoder`) returns the
+buffers of one gather write, the pages as views of guest RAM, so that no page is copied on the
+way to the socket.
 """
 
 from __future__ import annotations
@@ -36,11 +37,7 @@ from confmig.proto.stream.format import (
 )
 
 DEFAULT_BATCH_PAGES: Final = 1024
-"""4 MiB of pages per batch: large enough that per-batch Python costs vanish, small enough
-that the gathered batch stays in the last-level cache for the second copy."""
-
-_HEADROOM: Final = 1 + MAX_IDSTR
-"""Room in front of the first row for the idstr of the batch's standalone first record."""
+"""4 MiB of pages per batch: large enough that per-batch Python costs vanish."""
 _ZERO_CHECK_CHUNK: Final = 256
 """Candidate pages copied at once by :func:`find_zero_pages` (1 MiB, cache-sized)."""
 _SAMPLE_WORDS: Final = (0, PAGE_SIZE // 16, PAGE_SIZE // 8 - 1)
@@ -211,37 +208,43 @@ def encode_zero_pages(block: str, indices: IndexArray) -> bytes:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PageBatch:
-    """One encoded batch. ``wire`` is valid until the encoder's next ``encode``."""
+    """One encoded batch, as the buffers of one gather write (QEMU's ``writev`` of an iovec
+    list): record headers from the encoder, pages straight from guest RAM. The headers are
+    valid until the encoder's next ``encode``; a page sent later than encoded goes out as it
+    is then (a page written meanwhile is dirty and goes again, as in QEMU)."""
 
-    wire: memoryview
-    """PAGE records for the non-zero pages, in the order given."""
+    parts: list[memoryview]
+    """PAGE records for the non-zero pages, in the order given: header, page, header, page..."""
+    size: int
+    """Bytes in ``parts``."""
     zero: IndexArray
-    """Pages found to be zero and left out of ``wire``: send them with
+    """Pages found to be zero and left out of ``parts``: send them with
     :func:`encode_zero_pages`, or the destination keeps their old contents."""
+
+    @property
+    def wire(self) -> bytes:
+        """The records as one copy (files, tests); the socket path sends ``parts``."""
+        return b"".join(self.parts)
 
 
 class PageBatchEncoder:
-    """Encodes batches of one RAM block's pages as PAGE records in one contiguous buffer.
+    """Encodes batches of one RAM block's pages as PAGE records, without copying a page.
 
     Layout of a batch: a standalone PAGE record naming the block (so a batch never depends on
     what was sent before it), then uniform PAGE|CONTINUE records of 4104 bytes that the
-    decoder recognises at a fixed stride.
-
-    Copies: a run of consecutive pages (the whole first round) is checked for zeros in
-    place and copied once, behind its headers. Scattered pages cannot be gathered into a
-    strided destination in one pass (``np.take`` buffers a non-contiguous ``out``), so
-    they are gathered into a contiguous scratch array, checked for zeros while hot in
-    cache, and then copied behind their headers, which also drops the zero pages.
+    decoder recognises at a fixed stride. Each record is two buffers of a gather write: its
+    8-byte header from a reusable array, its page as a view of guest RAM, the way QEMU's
+    ``ram_save_page`` queues a page with ``qemu_put_buffer_async``. Zero pages are found by
+    sampling a few words of each page and reading in full only the pages that sample zero.
     """
 
     def __init__(self, max_pages: int = DEFAULT_BATCH_PAGES) -> None:
         if max_pages <= 0:
             raise ValueError("max_pages must be positive")
         self.max_pages = max_pages
-        self._scratch = np.empty((max_pages, PAGE_SIZE), dtype=np.uint8)
-        self._flat = np.empty(_HEADROOM + max_pages * PAGE_RECORD_SIZE, dtype=np.uint8)
-        self._rows = self._flat[_HEADROOM:].reshape(max_pages, PAGE_RECORD_SIZE)
-        self._heads = self._rows.view(">u8")[:, 0]
+        self._heads = np.empty(max_pages, dtype=">u8")
+        heads = self._heads.data.cast("B")
+        self._head_views = [heads[8 * i : 8 * i + 8] for i in range(max_pages)]
 
     def encode(self, block: str, pages: PageArray, indices: IndexArray) -> PageBatch:
         """Encode ``pages[indices]`` (``pages``: the whole block as ``(npages, 4096)``)."""
@@ -250,40 +253,28 @@ class PageBatchEncoder:
             raise ValueError(f"batch of {n} pages (allowed 1..{self.max_pages})")
         indices = np.asarray(indices, dtype=np.int64)
         name = _counted(block)
-        first = int(indices[0])
-        if is_run(indices):
-            # A run of pages (every first round): read them in place, copy once.
-            _check_pages(pages)
-            if first < 0 or first + n > len(pages):
-                raise IndexError(f"page index out of range for a RAM block of {len(pages)} pages")
-            scratch = pages[first : first + n]
-        else:
-            scratch = self._scratch[:n]
-            gather_pages(pages, indices, scratch)
-        zero_at = _zero_rows(scratch.view(np.uint64), np.arange(n))
+        words = _words(pages)
+        if int(indices.min()) < 0 or int(indices.max()) >= len(pages):
+            raise IndexError(f"page index out of range for a RAM block of {len(pages)} pages")
+        zero_at = _zero_rows(words, indices)
         if zero_at.size:
             keep = np.ones(n, dtype=bool)
             keep[zero_at] = False
-            sent, zero, body = indices[keep], indices[zero_at], scratch[keep]
+            sent, zero = indices[keep], indices[zero_at]
         else:
-            sent, zero, body = indices, indices[:0], scratch
+            sent, zero = indices, indices[:0]
         m = len(sent)
         if m == 0:
-            return PageBatch(wire=memoryview(b""), zero=zero)
-        self._rows[:m, 8:] = body
-        self._heads[:m] = (sent << PAGE_SHIFT) | _PAGE_CONTINUE
-        # Overwrite row 0's header with a standalone one: u64, u8 length, idstr, ending
-        # exactly where row 0's page begins.
-        start = _HEADROOM - len(name)
-        struct.pack_into(
-            f">Q{len(name)}s",
-            self._flat.data,
-            start,
-            (int(sent[0]) << PAGE_SHIFT) | RamFlag.PAGE,
-            name,
-        )
-        end = _HEADROOM + m * PAGE_RECORD_SIZE
-        return PageBatch(wire=self._flat[start:end].data, zero=zero)
+            return PageBatch(parts=[], size=0, zero=zero)
+        offsets = sent << PAGE_SHIFT
+        self._heads[:m] = offsets | _PAGE_CONTINUE
+        ram = pages.data.cast("B")
+        parts: list[memoryview] = [ram] * (2 * m)
+        parts[0::2] = self._head_views[:m]
+        parts[1::2] = [ram[o : o + PAGE_SIZE] for o in offsets.tolist()]
+        # The first record stands alone: u64, u8 length, idstr.
+        parts[0] = memoryview(_U64.pack(int(offsets[0]) | RamFlag.PAGE) + name)
+        return PageBatch(parts=parts, size=m * PAGE_RECORD_SIZE + len(name), zero=zero)
 
 
 def is_run(indices: IndexArray) -> bool:

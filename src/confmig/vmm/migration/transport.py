@@ -95,11 +95,13 @@ class Channel:
         except OSError as exc:  # QEMU's wording: "Unable to write to socket: Broken pipe"
             raise RemoteMigrationError(f"Unable to write to {self.kind}: {exc.strerror or exc}") from exc
 
-    def send_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+    def send_parts(self, parts: Sequence[memoryview]) -> int:
         """:meth:`send_all` of the parts one after another, without joining them: a gather
-        write per system call (``sendmsg``/``writev``: no copy on the way)."""
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
-        total = sum(len(v) for v in views)
+        write per system call (``sendmsg``/``writev``: no copy on the way). Each part is a
+        flat byte view (format ``B``), so that its ``len`` is its size: a batch of pages has
+        thousands, and none is wrapped again here."""
+        views = list(parts)
+        total = sum(map(len, views))
         try:
             while views:
                 n = self.sock.sendmsg(views[:_IOV_MAX]) if self.sock is not None else (
