@@ -6,6 +6,8 @@ No processes, no sockets: the engine runs in the test's thread against these, wi
 
 from __future__ import annotations
 
+import ctypes
+
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -61,6 +63,9 @@ class FakeChannel(Channel):
 
     def send_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
         return sum(self.send_all(p) for p in parts)
+
+    def send_iovec(self, iov: npt.NDArray[np.uint64]) -> int:
+        return sum(self.send_all(ctypes.string_at(int(base), int(n))) for base, n in iov)
 
     def recv_into(self, buf: memoryview) -> int:
         self.on_recv()

@@ -11,7 +11,7 @@ import json
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -209,22 +209,58 @@ def encode_zero_pages(block: str, indices: IndexArray) -> bytes:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PageBatch:
     """One encoded batch, as the buffers of one gather write (QEMU's ``writev`` of an iovec
-    list): record headers from the encoder, pages straight from guest RAM. The headers are
-    valid until the encoder's next ``encode``; a page sent later than encoded goes out as it
-    is then (a page written meanwhile is dirty and goes again, as in QEMU)."""
+    list): record headers from the encoder, pages straight from guest RAM. Valid until the
+    encoder's next ``encode``; a page sent later than encoded goes out as it is then (a page
+    written meanwhile is dirty and goes again, as in QEMU)."""
 
-    parts: list[memoryview]
-    """PAGE records for the non-zero pages, in the order given: header, page, header, page..."""
-    size: int
-    """Bytes in ``parts``."""
+    first: npt.NDArray[np.uint8]
+    """The standalone first record's header: u64, u8 length, idstr."""
+    heads: npt.NDArray[np.uint64]
+    """Every record's 8-byte header, big-endian (the first one's is replaced by ``first``)."""
+    pages: PageArray
+    """The RAM block."""
+    sent: IndexArray
+    """The non-zero pages, in the order given: one PAGE record each."""
     zero: IndexArray
-    """Pages found to be zero and left out of ``parts``: send them with
-    :func:`encode_zero_pages`, or the destination keeps their old contents."""
+    """Pages found to be zero and left out: send them with :func:`encode_zero_pages`, or the
+    destination keeps their old contents."""
+
+    @property
+    def size(self) -> int:
+        """Bytes of the records."""
+        return len(self.sent) * PAGE_RECORD_SIZE + len(self.first) - 8 if len(self.sent) else 0
+
+    def iovec(self) -> npt.NDArray[np.uint64]:
+        """The records as ``struct iovec`` entries, ``(base, length)`` per row: header, page,
+        header, page... Pointers into the arrays above, which must outlive the write."""
+        m = len(self.sent)
+        iov = np.empty((2 * m, 2), dtype=np.uint64)
+        iov[0::2, 0] = _address(self.heads) + 8 * np.arange(m, dtype=np.uint64)
+        iov[0::2, 1] = 8
+        iov[0] = (_address(self.first), len(self.first))
+        iov[1::2, 0] = _address(self.pages) + (self.sent.astype(np.uint64) << PAGE_SHIFT)
+        iov[1::2, 1] = PAGE_SIZE
+        return iov
+
+    @property
+    def parts(self) -> list[memoryview]:
+        """:meth:`iovec` as memoryviews."""
+        heads = self.heads.data.cast("B")
+        out = [memoryview(self.first.tobytes())]
+        for k, i in enumerate(self.sent.tolist()):
+            if k:
+                out.append(heads[8 * k : 8 * k + 8])
+            out.append(self.pages[i].data.cast("B"))
+        return out if len(self.sent) else []
 
     @property
     def wire(self) -> bytes:
-        """The records as one copy (files, tests); the socket path sends ``parts``."""
+        """The records as one copy (tests); a channel sends :meth:`iovec`."""
         return b"".join(self.parts)
+
+
+def _address(array: npt.NDArray[Any]) -> int:
+    return int(array.__array_interface__["data"][0])
 
 
 class PageBatchEncoder:
@@ -233,7 +269,7 @@ class PageBatchEncoder:
     Layout of a batch: a standalone PAGE record naming the block (so a batch never depends on
     what was sent before it), then uniform PAGE|CONTINUE records of 4104 bytes that the
     decoder recognises at a fixed stride. Each record is two buffers of a gather write: its
-    8-byte header from a reusable array, its page as a view of guest RAM, the way QEMU's
+    8-byte header from a reusable array, its page where it lies in guest RAM, the way QEMU's
     ``ram_save_page`` queues a page with ``qemu_put_buffer_async``. Zero pages are found by
     sampling a few words of each page and reading in full only the pages that sample zero.
     """
@@ -243,8 +279,7 @@ class PageBatchEncoder:
             raise ValueError("max_pages must be positive")
         self.max_pages = max_pages
         self._heads = np.empty(max_pages, dtype=">u8")
-        heads = self._heads.data.cast("B")
-        self._head_views = [heads[8 * i : 8 * i + 8] for i in range(max_pages)]
+        self._first = np.empty(8 + 1 + MAX_IDSTR, dtype=np.uint8)
 
     def encode(self, block: str, pages: PageArray, indices: IndexArray) -> PageBatch:
         """Encode ``pages[indices]`` (``pages``: the whole block as ``(npages, 4096)``)."""
@@ -254,6 +289,7 @@ class PageBatchEncoder:
         indices = np.asarray(indices, dtype=np.int64)
         name = _counted(block)
         words = _words(pages)
+        # SECURITY: the pages' addresses go to the kernel as they are: bounds first.
         if int(indices.min()) < 0 or int(indices.max()) >= len(pages):
             raise IndexError(f"page index out of range for a RAM block of {len(pages)} pages")
         zero_at = _zero_rows(words, indices)
@@ -264,17 +300,13 @@ class PageBatchEncoder:
         else:
             sent, zero = indices, indices[:0]
         m = len(sent)
-        if m == 0:
-            return PageBatch(parts=[], size=0, zero=zero)
-        offsets = sent << PAGE_SHIFT
-        self._heads[:m] = offsets | _PAGE_CONTINUE
-        ram = pages.data.cast("B")
-        parts: list[memoryview] = [ram] * (2 * m)
-        parts[0::2] = self._head_views[:m]
-        parts[1::2] = [ram[o : o + PAGE_SIZE] for o in offsets.tolist()]
-        # The first record stands alone: u64, u8 length, idstr.
-        parts[0] = memoryview(_U64.pack(int(offsets[0]) | RamFlag.PAGE) + name)
-        return PageBatch(parts=parts, size=m * PAGE_RECORD_SIZE + len(name), zero=zero)
+        heads = self._heads[:m]
+        first = self._first[: 8 + len(name)]
+        if m:
+            heads[:] = (sent << PAGE_SHIFT) | _PAGE_CONTINUE
+            struct.pack_into(f">Q{len(name)}s", first.data, 0, (int(sent[0]) << PAGE_SHIFT) | RamFlag.PAGE,
+                             name)
+        return PageBatch(first=first, heads=heads, pages=pages, sent=sent, zero=zero)
 
 
 def is_run(indices: IndexArray) -> bool:

@@ -8,12 +8,18 @@ reads a file; ``exec:CMD`` pipes into or out of ``sh -c CMD``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import select
 import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from confmig.common.errors import ConfigError, RemoteMigrationError
 
@@ -22,6 +28,13 @@ CONNECT_TIMEOUT = 10.0
 SOCKET_BUFFER_CHUNK = 1 << 20
 _IOV_MAX = 1024
 """Linux's UIO_MAXIOV: buffers per scatter read or gather write."""
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_writev = _libc.writev
+_writev.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+_writev.restype = ctypes.c_ssize_t
+"""libc's ``writev``, called with an iovec array built by numpy (ctypes lets go of the GIL
+for the call): Python's ``sendmsg`` would take a buffer object per iovec entry."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,6 +124,38 @@ class Channel:
             raise RemoteMigrationError(f"Unable to write to {self.kind}: {exc.strerror or exc}") from exc
         self.sent += total
         return total
+
+    def send_iovec(self, iov: npt.NDArray[np.uint64]) -> int:
+        """One gather write of ``iov`` (``struct iovec`` rows, ``(base, length)``; the caller
+        keeps the memory alive and the pointers valid), as QEMU's ``qio_channel_writev_all``.
+        The array is consumed: a partial write advances its rows in place."""
+        total = int(iov[:, 1].sum())
+        at = 0
+        while at < len(iov):
+            chunk = iov[at : at + _IOV_MAX]
+            n = _writev(self.fd, chunk.ctypes.data, len(chunk))
+            if n < 0:
+                err = ctypes.get_errno()
+                if err == errno.EINTR:
+                    continue
+                if err in (errno.EAGAIN, errno.EWOULDBLOCK):  # a socket with a timeout
+                    self._wait_writable()
+                    continue
+                raise RemoteMigrationError(f"Unable to write to {self.kind}: {os.strerror(err)}")
+            ends = np.cumsum(chunk[:, 1])
+            done = int(np.searchsorted(ends, n, side="right"))  # rows written whole
+            at += done
+            if done < len(chunk):
+                part = n - (int(ends[done - 1]) if done else 0)
+                chunk[done, 0] += np.uint64(part)
+                chunk[done, 1] -= np.uint64(part)
+        self.sent += total
+        return total
+
+    def _wait_writable(self) -> None:
+        timeout = self.sock.gettimeout() if self.sock is not None else None
+        if not select.select([], [self.fd], [], timeout)[1]:
+            raise RemoteMigrationError(f"Unable to write to {self.kind}: timed out")
 
     def recv_into(self, buf: memoryview) -> int:
         if self.sock is not None:

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from confmig.common.errors import RemoteMigrationError
@@ -75,4 +76,46 @@ def test_send_parts_to_a_file_and_a_closed_peer(tmp_path: Path) -> None:
     b.close()
     with pytest.raises(RemoteMigrationError, match="Unable to write to socket"):
         Channel(a.fileno(), sock=a).send_parts([memoryview(b"y" * 1_000_000)])
+    a.close()
+
+
+def _iovec(buffers: list[np.ndarray]) -> np.ndarray:
+    return np.array([(b.__array_interface__["data"][0], b.nbytes) for b in buffers], dtype=np.uint64)
+
+
+def test_send_iovec_writes_every_buffer_in_order_across_partial_writes() -> None:
+    """More rows than one writev takes, through a socket with a timeout (non-blocking below:
+    writes come short and would block), as a page batch goes out."""
+    rng = np.random.default_rng(5)
+    buffers = [rng.integers(0, 256, size=int(n), dtype=np.uint8) for n in rng.integers(0, 9000, size=2500)]
+    expected = b"".join(b.tobytes() for b in buffers)
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    a.settimeout(10)
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < len(expected):
+            got.extend(b.recv(65536))
+            time.sleep(0.0005)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    channel = Channel(a.fileno(), sock=a)
+    assert channel.send_iovec(_iovec(buffers)) == len(expected) == channel.sent
+    reader.join(10)
+    assert bytes(got) == expected
+    a.close()
+    b.close()
+
+
+def test_send_iovec_to_a_file_and_to_a_closed_peer(tmp_path: Path) -> None:
+    buffers = [np.full(n, n % 251, dtype=np.uint8) for n in (1, 4096, 0, 77)]
+    with open(tmp_path / "out", "wb") as f:
+        assert Channel(f.fileno()).send_iovec(_iovec(buffers)) == 4174
+    assert (tmp_path / "out").read_bytes() == b"".join(x.tobytes() for x in buffers)
+    a, b = socket.socketpair()
+    b.close()
+    with pytest.raises(RemoteMigrationError, match="Unable to write to socket: Broken pipe"):
+        Channel(a.fileno(), sock=a).send_iovec(_iovec([np.zeros(1 << 20, dtype=np.uint8)]))
     a.close()
