@@ -7,7 +7,6 @@ No processes, no sockets: the engine runs in the test's thread against these, wi
 from __future__ import annotations
 
 import ctypes
-
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
