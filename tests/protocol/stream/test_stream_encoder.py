@@ -72,15 +72,15 @@ def test_page_batch_layout() -> None:
 
 
 def test_page_batch_sends_pages_from_ram_without_copying() -> None:
-    """The parts of a batch are the records' headers and views of the block itself (QEMU's
-    iovec of guest pages): a page is read from RAM only when the socket takes it."""
+    """A batch is an iovec: the records' headers, and each page where it lies in the block
+    (QEMU's iovec of guest pages): a page is read from RAM only when the socket takes it."""
     pages = np.full((16, PAGE_SIZE), 7, dtype=np.uint8)
     batch = PageBatchEncoder(16).encode("pc.ram", pages, np.array([9, 3, 4], dtype=np.int64))
-    assert [len(p) for p in batch.parts] == [15, PAGE_SIZE, 8, PAGE_SIZE, 8, PAGE_SIZE]
-    assert batch.size == sum(len(p) for p in batch.parts) == len(batch.wire)
-    for part, index in zip(batch.parts[1::2], (9, 3, 4), strict=True):
-        view = np.frombuffer(part, dtype=np.uint8)
-        assert np.shares_memory(view, pages[index])
+    iov = batch.iovec()
+    assert iov[:, 1].tolist() == [15, PAGE_SIZE, 8, PAGE_SIZE, 8, PAGE_SIZE]
+    base = pages.__array_interface__["data"][0]
+    assert iov[1::2, 0].tolist() == [base + i * PAGE_SIZE for i in (9, 3, 4)]
+    assert batch.size == len(batch.wire) == 15 + 2 * 8 + 3 * PAGE_SIZE
     pages[3, 0] = 1  # written after encoding: the batch carries what RAM holds when sent
     assert batch.wire[15 + PAGE_SIZE + 8] == 1
 
