@@ -4,9 +4,9 @@ Source: a migration bitmap per RAM block (all set at the start), refreshed at
 each sync from KVM's dirty log of every slot and the VMM's own writes
 (:class:`RamSender`, the engine's :class:`DirtyLog`). A round takes every set
 bit, clears it and hands the pages out in batches; :class:`MainChannelSink`
-sends a batch as one gather write, record headers and pages straight from guest
-RAM (zero pages found by sampling and left out). Target: scatter whole batches into guest RAM
-with numpy (:class:`RamLanding`).
+sends a batch as one gather write, record headers and pages straight from
+guest RAM (zero pages found by sampling and left out). Target: scatter whole
+batches into guest RAM with numpy (:class:`RamLanding`).
 """
 
 from __future__ import annotations

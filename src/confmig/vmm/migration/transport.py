@@ -153,8 +153,11 @@ class Channel:
         return total
 
     def _wait_writable(self) -> None:
+        """Wait as long as the socket's timeout allows for room to write (``poll``: any fd)."""
         timeout = self.sock.gettimeout() if self.sock is not None else None
-        if not select.select([], [self.fd], [], timeout)[1]:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        if not poller.poll(None if timeout is None else timeout * 1000):
             raise RemoteMigrationError(f"Unable to write to {self.kind}: timed out")
 
     def recv_into(self, buf: memoryview) -> int:
