@@ -169,7 +169,7 @@ class Channel:
         """Fill every one of ``views``, in order (``recvmsg_into``/``readv``: no copy on the way)."""
         while views:
             if self.sock is not None:
-                n = self.sock.recvmsg_into(views[:_IOV_MAX])[0]
+                n = self.sock.recvmsg_into(views[:_IOV_MAX], 0, socket.MSG_WAITALL)[0]
             else:
                 n = os.readv(self.fd, views[:_IOV_MAX])
             if n == 0:
