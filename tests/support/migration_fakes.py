@@ -63,7 +63,7 @@ class FakeChannel(Channel):
     def send_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
         return sum(self.send_all(p) for p in parts)
 
-    def send_iovec(self, iov: npt.NDArray[np.uint64]) -> int:
+    def send_iovec(self, iov: npt.NDArray[np.uint64], *, owner: object) -> int:
         return sum(self.send_all(ctypes.string_at(int(base), int(n))) for base, n in iov)
 
     def recv_into(self, buf: memoryview) -> int:

@@ -15,6 +15,7 @@ import queue
 import re
 import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,8 +50,26 @@ for a migration (nothing compresses, nothing is zero)."""
 
 
 def machine_info() -> dict[str, object]:
-    """What a saved result says about where it was measured."""
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
+    """What a saved result says about where it was measured, and of which code (the commit of
+    the checkout it runs from, ``+`` when that has changes not committed; absent outside git)."""
+    info: dict[str, object] = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                               "kernel": platform.release()}
+    commit = _source_commit()
+    if commit:
+        info["commit"] = commit
+    return info
+
+
+def _source_commit() -> str:
+    tree = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("+" if changed else "")
 
 
 # --- the ceiling: raw loopback TCP, sender and receiver in two processes ------------------------

@@ -216,8 +216,8 @@ class PageBatch:
 
     first: npt.NDArray[np.uint8]
     """The standalone first record's header: u64, u8 length, idstr."""
-    heads: npt.NDArray[np.uint64]
-    """Every record's 8-byte header, big-endian (the first one's is replaced by ``first``)."""
+    heads: npt.NDArray[Any]
+    """Every record's 8-byte header, as big-endian u64 (the first one's is replaced by ``first``)."""
     pages: PageArray
     """The RAM block."""
     sent: IndexArray
@@ -238,6 +238,10 @@ class PageBatch:
         iov = np.empty((2 * m, 2), dtype=np.uint64)
         if m == 0:
             return iov
+        # SECURITY: addresses for the kernel: the block is contiguous, every page inside it.
+        _check_pages(self.pages)
+        if int(self.sent.min()) < 0 or int(self.sent.max()) >= len(self.pages) or len(self.heads) < m:
+            raise IndexError("a batch's pages lie outside its RAM block")
         iov[0::2, 0] = _address(self.heads) + 8 * np.arange(m, dtype=np.uint64)
         iov[0::2, 1] = 8
         iov[0] = (_address(self.first), len(self.first))
@@ -297,8 +301,8 @@ class PageBatchEncoder:
         first = self._first[: 8 + len(name)]
         if m:
             heads[:] = (sent << PAGE_SHIFT) | _PAGE_CONTINUE
-            struct.pack_into(f">Q{len(name)}s", first.data, 0, (int(sent[0]) << PAGE_SHIFT) | RamFlag.PAGE,
-                             name)
+            first_header = (int(sent[0]) << PAGE_SHIFT) | RamFlag.PAGE
+            struct.pack_into(f">Q{len(name)}s", first.data, 0, first_header, name)
         return PageBatch(first=first, heads=heads, pages=pages, sent=sent, zero=zero)
 
 

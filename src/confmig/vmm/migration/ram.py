@@ -187,7 +187,7 @@ class MainChannelSink:
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         batch = self._writer.pages(block.idstr, block.pages, indices)
-        sent = self._channel.send_iovec(batch.iovec()) if batch.size else 0
+        sent = self._channel.send_iovec(batch.iovec(), owner=batch) if batch.size else 0
         nzero = len(batch.zero)
         if nzero:
             sent += self._channel.send_all(self._writer.zero_pages(block.idstr, batch.zero))

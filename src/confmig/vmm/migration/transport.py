@@ -29,6 +29,7 @@ SOCKET_BUFFER_CHUNK = 1 << 20
 _IOV_MAX = 1024
 """Linux's UIO_MAXIOV: buffers per scatter read or gather write."""
 
+assert ctypes.sizeof(ctypes.c_void_p) == ctypes.sizeof(ctypes.c_size_t) == 8, "struct iovec rows are two u64"
 _libc = ctypes.CDLL(None, use_errno=True)
 _writev = _libc.writev
 _writev.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
@@ -115,6 +116,8 @@ class Channel:
         thousands, and none is wrapped again here."""
         views = list(parts)
         total = sum(map(len, views))
+        if total != sum(v.nbytes for v in views):
+            raise ValueError("send_parts takes flat byte views (memoryview.cast('B'))")
         try:
             while views:
                 n = self.sock.sendmsg(views[:_IOV_MAX]) if self.sock is not None else (
@@ -125,10 +128,16 @@ class Channel:
         self.sent += total
         return total
 
-    def send_iovec(self, iov: npt.NDArray[np.uint64]) -> int:
-        """One gather write of ``iov`` (``struct iovec`` rows, ``(base, length)``; the caller
-        keeps the memory alive and the pointers valid), as QEMU's ``qio_channel_writev_all``.
-        The array is consumed: a partial write advances its rows in place."""
+    def send_iovec(self, iov: npt.NDArray[np.uint64], *, owner: object) -> int:
+        """One gather write of ``iov``, ``struct iovec`` rows ``(base, length)`` that point
+        into ``owner``'s memory (held for the call), as QEMU's ``qio_channel_writev_all``.
+        The array is consumed: a partial write advances its rows in place. A socket's
+        timeout applies to each wait for room, as QEMU's channel waits, not to the whole write."""
+        # SECURITY: the rows go to the kernel as addresses: the array must be exactly rows of
+        # two native u64, or an address would be read as a length (and the reverse).
+        if (iov.dtype != np.dtype(np.uint64) or iov.ndim != 2 or iov.shape[1] != 2
+                or not iov.flags.c_contiguous or not iov.flags.writeable):
+            raise ValueError("an iovec is a writable C-contiguous (n, 2) array of native uint64")
         total = int(iov[:, 1].sum())
         at = 0
         while at < len(iov):
@@ -143,12 +152,15 @@ class Channel:
                     continue
                 raise RemoteMigrationError(f"Unable to write to {self.kind}: {os.strerror(err)}")
             ends = np.cumsum(chunk[:, 1])
+            if n == 0 and ends[-1]:
+                raise RemoteMigrationError(f"Unable to write to {self.kind}: it took no bytes")
             done = int(np.searchsorted(ends, n, side="right"))  # rows written whole
             at += done
             if done < len(chunk):
                 part = n - (int(ends[done - 1]) if done else 0)
                 chunk[done, 0] += np.uint64(part)
                 chunk[done, 1] -= np.uint64(part)
+        del owner  # held until here: the kernel has copied every row
         self.sent += total
         return total
 
