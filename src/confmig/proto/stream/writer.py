@@ -109,7 +109,7 @@ class StreamWriter:
 
     def pages(self, block: str, pages: PageArray, indices: IndexArray) -> enc.PageBatch:
         """PAGE records for ``pages[indices]`` (at most :attr:`batch_pages`); zero pages are
-        left out and returned in ``zero``. ``wire`` is valid until the next call."""
+        left out and returned in ``zero``. The batch (its iovec) is valid until the next call."""
         self._step("pages", _RAM_RECORDS)
         return self._pages.encode(block, pages, indices)
 
