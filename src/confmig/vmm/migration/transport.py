@@ -29,7 +29,8 @@ SOCKET_BUFFER_CHUNK = 1 << 20
 _IOV_MAX = 1024
 """Linux's UIO_MAXIOV: buffers per scatter read or gather write."""
 
-assert ctypes.sizeof(ctypes.c_void_p) == ctypes.sizeof(ctypes.c_size_t) == 8, "struct iovec rows are two u64"
+if not ctypes.sizeof(ctypes.c_void_p) == ctypes.sizeof(ctypes.c_size_t) == 8:
+    raise ImportError("send_iovec builds struct iovec as two u64 per row: a 64-bit platform only")
 _libc = ctypes.CDLL(None, use_errno=True)
 _writev = _libc.writev
 _writev.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
@@ -132,7 +133,8 @@ class Channel:
         """One gather write of ``iov``, ``struct iovec`` rows ``(base, length)`` that point
         into ``owner``'s memory (held for the call), as QEMU's ``qio_channel_writev_all``.
         The array is consumed: a partial write advances its rows in place. A socket's
-        timeout applies to each wait for room, as QEMU's channel waits, not to the whole write."""
+        timeout bounds each wait for room (as it bounds each call of the socket's own
+        methods), not the whole write."""
         # SECURITY: the rows go to the kernel as addresses: the array must be exactly rows of
         # two native u64, or an address would be read as a length (and the reverse).
         if (iov.dtype != np.dtype(np.uint64) or iov.ndim != 2 or iov.shape[1] != 2
