@@ -6,7 +6,6 @@ No processes, no sockets: the engine runs in the test's thread against these, wi
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ from confmig.common.errors import RemoteMigrationError
 from confmig.common.units import PAGE_SIZE
 from confmig.proto.stream import decoder as dec
 from confmig.proto.stream import return_path as rp
+from confmig.proto.stream.encoder import gathered
 from confmig.vmm.memory import RamBlock
 from confmig.vmm.migration.backend import OutgoingBackend
 from confmig.vmm.migration.convergence import RoundResult, downtime_limit_policy
@@ -64,7 +64,7 @@ class FakeChannel(Channel):
         return sum(self.send_all(p) for p in parts)
 
     def send_iovec(self, iov: npt.NDArray[np.uint64], *, owner: object) -> int:
-        return sum(self.send_all(ctypes.string_at(int(base), int(n))) for base, n in iov)
+        return self.send_all(gathered(iov))
 
     def recv_into(self, buf: memoryview) -> int:
         self.on_recv()

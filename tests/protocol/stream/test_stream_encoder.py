@@ -78,9 +78,8 @@ def test_page_batch_sends_pages_from_ram_without_copying() -> None:
     batch = PageBatchEncoder(16).encode("pc.ram", pages, np.array([9, 3, 4], dtype=np.int64))
     iov = batch.iovec()
     assert iov[:, 1].tolist() == [15, PAGE_SIZE, 8, PAGE_SIZE, 8, PAGE_SIZE]
-    base = pages.__array_interface__["data"][0]
-    assert iov[1::2, 0].tolist() == [base + i * PAGE_SIZE for i in (9, 3, 4)]
-    assert batch.size == len(batch.wire) == 15 + 2 * 8 + 3 * PAGE_SIZE
+    assert iov[1::2, 0].tolist() == [pages.ctypes.data + i * PAGE_SIZE for i in (9, 3, 4)]
+    assert len(batch.wire) == 15 + 2 * 8 + 3 * PAGE_SIZE
     pages[3, 0] = 1  # written after encoding: the batch carries what RAM holds when sent
     assert batch.wire[15 + PAGE_SIZE + 8] == 1
 

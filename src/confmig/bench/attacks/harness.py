@@ -59,7 +59,7 @@ ATTEMPTS: Final = 8
 """Migrations a proxy attack gets to find its window (see :func:`run_case`). The faster a path,
 the likelier a stop-and-copy part without a page the guest checks: once the plain path's
 source stopped copying pages, ``swap`` (two such pages) found no window in three migrations
-in 2 runs of 11 here."""
+in 2 runs of 11 here (counted by hand, not saved)."""
 NOT_ACTED: Final = "the attack found no record to act on"
 DRAIN_TIMEOUT: Final = 10.0
 """Seconds the proxy gets to pass what is left once the source's migration ended."""

@@ -23,7 +23,6 @@ from confmig.proto.stream.format import (
     MAX_IDSTR,
     MAX_MACHINE_TYPE,
     MAX_RAM_BLOCKS,
-    PAGE_RECORD_SIZE,
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
     RAM_SECTION_IDSTR,
@@ -226,11 +225,6 @@ class PageBatch:
     """Pages found to be zero and left out: send them with :func:`encode_zero_pages`, or the
     destination keeps their old contents."""
 
-    @property
-    def size(self) -> int:
-        """Bytes of the records."""
-        return len(self.sent) * PAGE_RECORD_SIZE + len(self.first) - 8 if len(self.sent) else 0
-
     def iovec(self) -> npt.NDArray[np.uint64]:
         """The records as ``struct iovec`` entries, ``(base, length)`` per row: header, page,
         header, page... Pointers into the arrays above, which must outlive the write."""
@@ -239,25 +233,25 @@ class PageBatch:
         if m == 0:
             return iov
         # SECURITY: addresses for the kernel: the block is contiguous, every page inside it.
-        _check_pages(self.pages)
-        if int(self.sent.min()) < 0 or int(self.sent.max()) >= len(self.pages) or len(self.heads) < m:
-            raise IndexError("a batch's pages lie outside its RAM block")
-        iov[0::2, 0] = _address(self.heads) + 8 * np.arange(m, dtype=np.uint64)
+        check_indices(self.pages, self.sent)
+        if len(self.heads) < m:
+            raise IndexError(f"{m} pages but {len(self.heads)} record headers")
+        iov[0::2, 0] = self.heads.ctypes.data + 8 * np.arange(m, dtype=np.uint64)
         iov[0::2, 1] = 8
-        iov[0] = (_address(self.first), len(self.first))
-        iov[1::2, 0] = _address(self.pages) + (self.sent.astype(np.uint64) << PAGE_SHIFT)
+        iov[0] = (self.first.ctypes.data, len(self.first))
+        iov[1::2, 0] = self.pages.ctypes.data + (self.sent.astype(np.uint64) << PAGE_SHIFT)
         iov[1::2, 1] = PAGE_SIZE
         return iov
 
     @property
     def wire(self) -> bytes:
-        """The bytes :meth:`iovec` points at, copied (tests, the stream analyzer): what a
-        channel writes."""
-        return b"".join(ctypes.string_at(int(base), int(n)) for base, n in self.iovec())
+        """The records as one ``bytes`` (tests, the stream analyzer): what a channel writes."""
+        return gathered(self.iovec())
 
 
-def _address(array: npt.NDArray[Any]) -> int:
-    return int(array.__array_interface__["data"][0])
+def gathered(iov: npt.NDArray[np.uint64]) -> bytes:
+    """The bytes ``struct iovec`` rows point at, in order, copied."""
+    return b"".join(ctypes.string_at(int(base), int(n)) for base, n in iov)
 
 
 class PageBatchEncoder:
@@ -285,11 +279,8 @@ class PageBatchEncoder:
             raise ValueError(f"batch of {n} pages (allowed 1..{self.max_pages})")
         indices = np.asarray(indices, dtype=np.int64)
         name = _counted(block)
-        words = _words(pages)
-        # SECURITY: the pages' addresses go to the kernel as they are: bounds first.
-        if int(indices.min()) < 0 or int(indices.max()) >= len(pages):
-            raise IndexError(f"page index out of range for a RAM block of {len(pages)} pages")
-        zero_at = _zero_rows(words, indices)
+        check_indices(pages, indices)  # numpy would wrap a negative index round
+        zero_at = _zero_rows(pages.view(np.uint64), indices)
         if zero_at.size:
             keep = np.ones(n, dtype=bool)
             keep[zero_at] = False
@@ -316,11 +307,17 @@ def is_run(indices: IndexArray) -> bool:
 
 def gather_pages(pages: PageArray, indices: IndexArray, out: PageArray) -> None:
     """``out[:] = pages[indices]`` in one copy; ``out`` must be C-contiguous."""
+    check_indices(pages, indices)
+    # mode="clip" never clips (bounds checked above); mode="raise" would copy ``out`` twice.
+    np.take(pages, indices, axis=0, out=out, mode="clip")
+
+
+def check_indices(pages: PageArray, indices: IndexArray) -> None:
+    """``pages`` is a whole RAM block (``(npages, 4096)`` bytes, C-contiguous) and every one of
+    ``indices`` a page of it: IndexError or ValueError otherwise."""
     _check_pages(pages)
     if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(pages)):
         raise IndexError(f"page index out of range for a RAM block of {len(pages)} pages")
-    # mode="clip" never clips (bounds checked above); mode="raise" would copy ``out`` twice.
-    np.take(pages, indices, axis=0, out=out, mode="clip")
 
 
 def _check_pages(pages: PageArray) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from confmig.common.errors import StateError
 from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
 from confmig.proto.stream.decoder import DEFAULT_BUFFER_SIZE, End, NeedData, ReceiveBuffer
-from confmig.proto.stream.encoder import gather_pages
+from confmig.proto.stream.encoder import gather_pages, is_run
 from confmig.proto.stream.format import (
     MAX_IDSTR,
     MULTIFD_INIT_SIZE,
@@ -83,7 +83,7 @@ class MultifdPacketEncoder:
         flags = MultifdFlag.SYNC if sync else 0
         head = self._header(flags, n, packet_num, name, indices)
         first = int(indices[0])
-        if int(indices[-1]) - first == n - 1 and (n == 1 or bool(np.all(np.diff(indices) == 1))):
+        if is_run(indices):
             if first < 0 or first + n > len(pages):
                 raise IndexError(f"page index out of range for a RAM block of {len(pages)} pages")
             return head, pages[first : first + n].reshape(-1).data  # a run: straight from RAM

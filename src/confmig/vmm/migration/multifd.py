@@ -79,7 +79,7 @@ class MultifdSender:
                         num = next(self._packet_num)
                     head, data = encoder.encode(block.idstr, block.pages,
                                                 indices[start : start + per_packet], num)
-                    n += ch.send_parts((memoryview(head), data))  # one gather write
+                    n += ch.send_parts((head, data))  # one gather write
                 with self._lock:
                     self.stats.multifd_bytes += n
         except BaseException as exc:  # reported to the migration thread at its next call

@@ -187,7 +187,7 @@ class MainChannelSink:
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         batch = self._writer.pages(block.idstr, block.pages, indices)
-        sent = self._channel.send_iovec(batch.iovec(), owner=batch) if batch.size else 0
+        sent = self._channel.send_iovec(batch.iovec(), owner=batch)
         nzero = len(batch.zero)
         if nzero:
             sent += self._channel.send_all(self._writer.zero_pages(block.idstr, batch.zero))
@@ -200,10 +200,9 @@ class MainChannelSink:
     def confidential(self, subtype: ConfidentialSubtype, payloads: Sequence[bytes | memoryview]) -> int:
         """CONFIDENTIAL records, one per payload, in one gather write (each payload sent from
         where it lies: a Migration Handler's record from its mailbox); returns the bytes sent."""
-        parts: list[memoryview] = []
+        parts: list[bytes | memoryview] = []
         for p in payloads:
-            payload = memoryview(p).cast("B")
-            parts += (memoryview(self._writer.confidential_header(subtype, len(payload))), payload)
+            parts += (self._writer.confidential_header(subtype, memoryview(p).nbytes), p)
         return self._channel.send_parts(parts)
 
 

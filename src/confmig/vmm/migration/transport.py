@@ -36,7 +36,8 @@ _writev = _libc.writev
 _writev.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
 _writev.restype = ctypes.c_ssize_t
 """libc's ``writev``, called with an iovec array built by numpy (ctypes lets go of the GIL
-for the call): Python's ``sendmsg`` would take a buffer object per iovec entry."""
+for the call): Python's ``sendmsg`` would take a buffer object per iovec entry, thousands
+for a batch of pages."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,15 +111,12 @@ class Channel:
         except OSError as exc:  # QEMU's wording: "Unable to write to socket: Broken pipe"
             raise RemoteMigrationError(f"Unable to write to {self.kind}: {exc.strerror or exc}") from exc
 
-    def send_parts(self, parts: Sequence[memoryview]) -> int:
-        """:meth:`send_all` of the parts one after another, without joining them: a gather
-        write per system call (``sendmsg``/``writev``: no copy on the way). Each part is a
-        flat byte view (format ``B``), so that its ``len`` is its size: a batch of pages has
-        thousands, and none is wrapped again here."""
-        views = list(parts)
-        total = sum(map(len, views))
-        if total != sum(v.nbytes for v in views):
-            raise ValueError("send_parts takes flat byte views (memoryview.cast('B'))")
+    def send_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+        """:meth:`send_all` of a few parts one after another, without joining them: a gather
+        write per system call (``sendmsg``/``writev``: no copy on the way). A batch of pages,
+        thousands of buffers, goes through :meth:`send_iovec` instead (no object per buffer)."""
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        total = sum(len(v) for v in views)
         try:
             while views:
                 n = self.sock.sendmsg(views[:_IOV_MAX]) if self.sock is not None else (
@@ -140,9 +138,9 @@ class Channel:
         if (iov.dtype != np.dtype(np.uint64) or iov.ndim != 2 or iov.shape[1] != 2
                 or not iov.flags.c_contiguous or not iov.flags.writeable):
             raise ValueError("an iovec is a writable C-contiguous (n, 2) array of native uint64")
-        total = int(iov[:, 1].sum())
+        total = left = int(iov[:, 1].sum())
         at = 0
-        while at < len(iov):
+        while left:
             chunk = iov[at : at + _IOV_MAX]
             n = _writev(self.fd, chunk.ctypes.data, len(chunk))
             if n < 0:
@@ -153,6 +151,9 @@ class Channel:
                     self._wait_writable()
                     continue
                 raise RemoteMigrationError(f"Unable to write to {self.kind}: {os.strerror(err)}")
+            left -= n
+            if not left:  # all written: the usual end, one call for up to 1024 rows
+                break
             ends = np.cumsum(chunk[:, 1])
             if n == 0 and ends[-1]:
                 raise RemoteMigrationError(f"Unable to write to {self.kind}: it took no bytes")
