@@ -167,7 +167,7 @@ def bitmap_bits(cpu: GuestCpu, base: int, gfns: npt.NDArray[np.int64], mask: int
     """Bits ``gfns`` of the private bitmap at ``base`` (laid out as the page-state list)."""
     out = np.zeros(len(gfns), np.bool_)
     for here, first, octets in _bitmap_spans(cpu, base, gfns, mask):
-        out[here] = np.unpackbits(octets, bitorder="little")[gfns[here] - first * 8] == 1
+        out[here] = (octets[(gfns[here] >> 3) - first] >> (gfns[here] & 7)) & 1 == 1
     return out
 
 
@@ -175,16 +175,22 @@ def set_bitmap_bits(cpu: GuestCpu, base: int, gfns: npt.NDArray[np.int64], mask:
     """Set bits ``gfns`` of the private bitmap at ``base``: one read and write per page of it,
     of the bytes between the first and the last bit set there."""
     for here, first, octets in _bitmap_spans(cpu, base, gfns, mask):
-        bits = np.unpackbits(octets, bitorder="little")
-        bits[gfns[here] - first * 8] = 1
-        cpu.write((base + first) | mask, np.packbits(bits, bitorder="little").tobytes())
+        octets = octets.copy()
+        np.bitwise_or.at(octets, (gfns[here] >> 3) - first, (1 << (gfns[here] & 7)).astype(np.uint8))
+        cpu.write((base + first) | mask, octets.tobytes())
 
 
 def _bitmap_spans(cpu: GuestCpu, base: int, gfns: npt.NDArray[np.int64],
-                  mask: int) -> Iterator[tuple[npt.NDArray[np.bool_], int, npt.NDArray[np.uint8]]]:
+                  mask: int) -> Iterator[tuple[npt.NDArray[np.bool_] | slice, int, npt.NDArray[np.uint8]]]:
     """For each page of the bitmap that ``gfns`` fall in: which of them, the first byte they
     touch, and the bytes from there to the last one they touch (read once)."""
+    if not len(gfns):
+        return
     byte = gfns >> 3
+    first, last = int(byte.min()), int(byte.max())
+    if first >> PAGE_SHIFT == last >> PAGE_SHIFT:  # the usual batch: one page of the bitmap
+        yield slice(None), first, np.frombuffer(cpu.read((base + first) | mask, last - first + 1), np.uint8)
+        return
     for page in np.unique(byte >> PAGE_SHIFT).tolist():
         here = (byte >> PAGE_SHIFT) == page
         first, last = int(byte[here].min()), int(byte[here].max())

@@ -103,7 +103,7 @@ def launch_secret(master: bytes, *, target: bool = False, v1: bool = False,
     return secret_table(*entries)
 
 
-def transport_key(master: bytes, migration_id: bytes, ticket: bytes | None = TICKET) -> AESGCM:
+def transport_key_bytes(master: bytes, migration_id: bytes, ticket: bytes | None = TICKET) -> bytes:
     """The key both MHs derive (the test's own copy of the rule, to forge with): from the
     ticket's key (version 1, ``ticket`` None: from the guest's own)."""
     base = master
@@ -111,7 +111,11 @@ def transport_key(master: bytes, migration_id: bytes, ticket: bytes | None = TIC
         base = HKDF(algorithm=hashes.SHA256(), length=32, salt=ticket,
                     info=b"confmig mh ticket v1").derive(master)
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id, info=b"confmig mh transport v2")
-    return AESGCM(hkdf.derive(base))
+    return hkdf.derive(base)
+
+
+def transport_key(master: bytes, migration_id: bytes, ticket: bytes | None = TICKET) -> AESGCM:
+    return AESGCM(transport_key_bytes(master, migration_id, ticket))
 
 
 def seal(master: bytes, migration_id: bytes, *, stream: int, seq: int, gpas: Iterable[int],

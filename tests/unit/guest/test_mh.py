@@ -14,7 +14,7 @@ from contextlib import closing
 
 import numpy as np
 import pytest
-from mhhost import RAM_SIZE, TICKET, Guest, commit_grant, seal, transport_key
+from mhhost import RAM_SIZE, TICKET, Guest, commit_grant, seal, transport_key, transport_key_bytes
 
 from confmig.common.units import PAGE_SIZE, GiB
 from confmig.guest import gate, saved_state
@@ -250,6 +250,31 @@ def test_the_source_refuses_to_export_what_it_must_not(src: Guest, dst: Guest, g
     start(src, dst)
     assert src.export(0, [HIGH, *gpas])[0] == REFUSED
     assert mh.load_stream(src.view, 0, C_BIT).records == 0  # no sequence number spent
+
+
+def test_a_batch_may_list_its_pages_in_any_order_but_each_once(src: Guest, dst: Guest) -> None:
+    start(src, dst)
+    falling = [HIGH + 2 * PAGE_SIZE, HIGH, HIGH + PAGE_SIZE]
+    ret, record = src.export(0, falling)
+    assert ret == OK
+    assert [e & ~(PAGE_SIZE - 1) for e in mb.gpa_list(record, mb.decode_record_header(record))] == falling
+    assert dst.import_(0, record) == OK
+    assert (dst.read_pages(HIGH, 3) == src.read_pages(HIGH, 3)).all()
+    assert src.export(0, [HIGH + PAGE_SIZE, HIGH, HIGH + PAGE_SIZE])[0] == REFUSED
+
+
+def test_each_streams_key_stays_in_the_mhs_private_state_and_reset_erases_it(src: Guest, dst: Guest) -> None:
+    """INIT derives a stream's transport key once and keeps it in the MH vCPU's state page,
+    private memory that no migration carries: the host sees only its ciphertext there."""
+    mid = start(src, dst)
+    key = transport_key_bytes(KEY, mid)
+    for g in (src, dst):
+        assert mh.load_stream(g.view, 0, C_BIT).key == key
+        assert key not in g.ram.load(0, RAM_SIZE)  # what the host reads of the guest's RAM
+    assert src.command(0, Cmd.RESET).ret == OK
+    assert mh.load_stream(src.view, 0, C_BIT).key == mh.NO_KEY
+    assert src.export(0, [HIGH])[0] == INVALID  # no stream, no key: INIT again
+    assert src.init(0, mb.Role.SOURCE)[0] == OK
 
 
 def test_batch_sizes_and_epochs_the_mailbox_cannot_carry_are_invalid(src: Guest, dst: Guest) -> None:

@@ -112,12 +112,15 @@ class BootInfo:
 
     @property
     def ram(self) -> list[MemoryRange]:
-        ram = (e for e in self.e820 if e.type == E820_RAM)
-        return [MemoryRange(start=Gpa(e.address), size=e.length) for e in ram]
+        return _ram(self.e820)
 
     @property
     def ram_size(self) -> int:
         return sum(r.size for r in self.ram)
+
+
+def _ram(e820: tuple[E820Entry, ...]) -> list[MemoryRange]:
+    return [MemoryRange(start=Gpa(e.address), size=e.length) for e in e820 if e.type == E820_RAM]
 
 
 def _at(cpu: GuestCpu, offset: int, mask: int | None = None) -> int:
@@ -224,14 +227,32 @@ def load_platform(cpu: GuestCpu, mask: int | None = None) -> PlatformInfo:
     return _load_platform(cpu.read(_at(cpu, 0, mask), PAGE_SIZE))
 
 
-def load(cpu: GuestCpu, mask: int | None = None) -> BootInfo:
-    raw = cpu.read(_at(cpu, 0, mask), PAGE_SIZE)
+def _header(raw: bytes) -> tuple[int, int, int]:
+    """``(nb_cpus, e820 entries, cmdline length)`` of a published block."""
     magic, nb_cpus, n_e820, cmdline_len = _HEADER.unpack_from(raw)
     if magic != BOOT_INFO_MAGIC or n_e820 > E820_MAX or cmdline_len > CMDLINE_MAX:
         raise GuestFault("kernel: no valid boot info from the firmware")
-    e820 = tuple(
+    return nb_cpus, n_e820, cmdline_len
+
+
+def _e820(raw: bytes, n_e820: int) -> tuple[E820Entry, ...]:
+    return tuple(
         E820Entry(address=a, length=n, type=t)
         for a, n, t, _ in _E820.iter_unpack(raw[_E820_OFFSET : _E820_OFFSET + n_e820 * _E820.size])
     )
+
+
+def load(cpu: GuestCpu, mask: int | None = None) -> BootInfo:
+    raw = cpu.read(_at(cpu, 0, mask), PAGE_SIZE)
+    nb_cpus, n_e820, cmdline_len = _header(raw)
     cmdline = raw[_CMDLINE_OFFSET : _CMDLINE_OFFSET + cmdline_len].decode(errors="replace")
-    return BootInfo(nb_cpus=nb_cpus, e820=e820, cmdline=cmdline, platform=_load_platform(raw))
+    return BootInfo(nb_cpus=nb_cpus, e820=_e820(raw, n_e820), cmdline=cmdline, platform=_load_platform(raw))
+
+
+def load_ram(cpu: GuestCpu, mask: int | None = None) -> list[MemoryRange]:
+    """:attr:`BootInfo.ram` reading only the header and the memory map (the Migration Handler
+    asks on every command)."""
+    at = _at(cpu, 0, mask)
+    _, n_e820, _ = _header(cpu.read(at, _E820_OFFSET))
+    raw = cpu.read(at, _E820_OFFSET + n_e820 * _E820.size)
+    return _ram(_e820(raw, n_e820))
