@@ -34,6 +34,7 @@ def test_confidential_benchmark_completes_and_saves(tmp_path: Path, mh: bool) ->
     assert [r["kind"] for r in mhs] == (["mh-1", "mh-2", "mh-4"] if mh else [])
     assert all(r["status"] == "completed" and "PASS" in r["selfcheck"] for r in report["runs"])
     assert psp["private_pages"] > 0 and psp["commands"] >= psp["private_pages"]
+    assert all(r["cpu_s_per_gib"]["source"] > 0 and r["cpu_s_per_gib"]["target"] > 0 for r in report["runs"])
     for r in mhs:
         assert r["private_pages"] > 0 and r["commands"] >= r["private_pages"] // 128
         assert set(report["ratios"][r["kind"]]) == {"over_plain", "over_psp"}
@@ -41,6 +42,7 @@ def test_confidential_benchmark_completes_and_saves(tmp_path: Path, mh: bool) ->
     latest = (tmp_path / f"{suite}-latest.md").read_text()
     (paths,) = [p for p in tmp_path.glob(f"{suite}-*.png") if p.stem.count("-") == 2]  # suite-date-time
     assert paths.read_bytes()[:8] == PNG_SIGNATURE and f"({paths.name})" in latest
+    assert "CPU s per GiB (source + target)" in latest
     if mh:
         _check_mh_scenarios(report, tmp_path)
 

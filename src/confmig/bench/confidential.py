@@ -20,6 +20,7 @@ at once through each path; ``--quick`` makes those small.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from rich.table import Table
 
 from confmig.bench import chart, mh_suite
 from confmig.bench.chart import GREY, Bar, BarPanel, Chart
+from confmig.bench.cputime import CpuMeter
 from confmig.bench.deadline import NO_DEADLINE, Deadline
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, check_host_memory, check_vm
 from confmig.bench.mh_suite import GUEST_TIMEOUT, MhScenarios, settings_for, start_sources, start_targets
@@ -51,7 +53,11 @@ def _one(kind: str, ram: str, log: Any, deadline: Deadline) -> dict[str, Any]:
         log(f"{kind}: writing random contents into all {ram} of guest RAM ...")
         src.wait_console(WORKING_SET_WRITTEN, timeout=timeout)
         (dst,) = targets or start_targets(lab, kind, hosts[1], ram, GUEST, ["src"])
+        meter = CpuMeter()
+        meter.start()
         result = migrate(src, dst, settings=settings_for(kind, lab))
+        cpu_s = meter.stop({"source": (hosts[0].proc.pid, src.proc.pid),
+                            "target": (hosts[1].proc.pid, dst.proc.pid)})
         verdict = dst.selfcheck(timeout=timeout) if result.status == "completed" else ""
     info = result.info
     total_ms = max(int(info.get("total-time", 0)), 1)
@@ -71,9 +77,11 @@ def _one(kind: str, ram: str, log: Any, deadline: Deadline) -> dict[str, Any]:
         "commands_per_s": commands / (total_ms / 1000),
         "mh": {k: conf[k] for k in ("mh-vcpus", "batches", "zero-pages-elided") if k in conf},
         "selfcheck": verdict,
+        "cpu_s_per_gib": {side: seconds / (parse_size(ram) / GiB) for side, seconds in cpu_s.items()},
     }
     log(f"  {kind}: {result.status}, total {total_ms} ms, downtime {row['downtime_ms']} ms, "
-        f"{row['guest_MBps']:.0f} MB/s of guest RAM, {row['commands_per_s']:.0f} firmware commands/s")
+        f"{row['guest_MBps']:.0f} MB/s of guest RAM, {row['commands_per_s']:.0f} firmware commands/s, "
+        f"{_cpu_cell(row)} CPU s per GiB")
     return row
 
 
@@ -165,12 +173,12 @@ def _bars(report: dict[str, Any]) -> list[dict[str, Any]]:
 def _print(console: Console, report: dict[str, Any]) -> None:
     for section in _random_sections(report):
         t = Table(title=f"confidential migration paths, {section['ram_gib']:g} GiB random guest")
-        for col in ("path", "status", "total ms", "downtime ms", "guest MB/s", "private pages",
+        for col in ("path", "status", "total ms", "downtime ms", "guest MB/s", "CPU s/GiB", "private pages",
                     "shared pages", "fw cmds", "fw cmds/s", "self-check"):
             t.add_column(col)
         for r in section["runs"]:
             t.add_row(r["kind"], r["status"], str(r["total_ms"]), str(r["downtime_ms"]),
-                      f"{r['guest_MBps']:.0f}", str(r["private_pages"]), str(r["shared_pages"]),
+                      f"{r['guest_MBps']:.0f}", _cpu_cell(r), str(r["private_pages"]), str(r["shared_pages"]),
                       str(r["commands"]), f"{r['commands_per_s']:.0f}", r["selfcheck"][:40])
         console.print(t)
         console.print(f"PSP / plain throughput: {section['psp_over_plain_throughput']:.3f}")
@@ -226,12 +234,12 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
 def _random_markdown(guest: str, section: dict[str, Any]) -> list[str]:
     lines = [f"Guest: {section['ram_gib']:g} GiB, `{guest}` (every page written once with random "
              "contents, then idle), migrated once by each path with the default settings.", "",
-             "| path | status | total ms | downtime ms | guest MB/s | private pages | shared pages "
-             "| firmware commands | commands/s | target self-check |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| path | status | total ms | downtime ms | guest MB/s | CPU s per GiB (source + target) "
+             "| private pages | shared pages | firmware commands | commands/s | target self-check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in section["runs"]:
         lines.append(f"| {r['kind']} | {r['status']} | {r['total_ms']} | {r['downtime_ms']} | "
-                     f"{r['guest_MBps']:.0f} | {r['private_pages']} | {r['shared_pages']} | "
+                     f"{r['guest_MBps']:.0f} | {_cpu_cell(r)} | {r['private_pages']} | {r['shared_pages']} | "
                      f"{r['commands']} | {r['commands_per_s']:.0f} | `{r['selfcheck']}` |")
     lines += ["", f"PSP / plain throughput (same run): **{section['psp_over_plain_throughput']:.3f}**."]
     if section["ratios"]:
@@ -240,9 +248,21 @@ def _random_markdown(guest: str, section: dict[str, Any]) -> list[str]:
         for kind, q in section["ratios"].items():
             lines.append(f"| {kind} | {q['over_plain']:.3f} | {'yes' if q['over_plain'] >= 0.5 else 'NO'} "
                          f"| {q['over_psp']:.1f} | {'yes' if q['over_psp'] >= 5 else 'NO'} |")
+    lines += ["", "CPU seconds are the user and system time of each side's processes (its host daemon, "
+              "the vCPU and Migration Handler processes it started, its VMM) during the migration, "
+              f"per GiB of guest RAM; the machine has {os.cpu_count()} cores, so no path moves faster "
+              "than cores / (CPU s per GiB) GiB/s."]
     return [*lines, "", "Firmware commands are counted on the source: PSP commands (SEND_*; the target "
             "issues as many RECEIVE_*), or Migration Handler mailbox commands (one per batch of up to "
             f"{mb.BATCH_PAGES} pages; the target issues as many).", ""]
+
+
+def _cpu_cell(run: dict[str, Any]) -> str:
+    """CPU seconds per GiB of both sides, then each (reports older than the column: "-")."""
+    if "cpu_s_per_gib" not in run:
+        return "-"
+    per_gib = run["cpu_s_per_gib"]
+    return f"{per_gib['source'] + per_gib['target']:.2f} ({per_gib['source']:.2f} + {per_gib['target']:.2f})"
 
 
 def _paths_chart(file: str, section: dict[str, Any], alt: str) -> Chart:

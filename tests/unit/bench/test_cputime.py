@@ -1,0 +1,38 @@
+"""The CPU meter counts a side's whole process tree, and only it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from confmig.bench.cputime import CpuMeter
+
+BURN = 0.3
+"""CPU seconds the grandchild spends: it loops until its own CPU clock says so."""
+BURNER = f"import time\nwhile time.process_time() < {BURN}:\n    pass\ninput()\n"
+"""Burns, then waits for its stdin to close (it outlives the measurement)."""
+
+
+def test_a_grandchilds_cpu_counts_for_its_side_and_not_for_the_other() -> None:
+    idle = subprocess.Popen([sys.executable, "-c", "print('ready', flush=True); input()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert idle.stdout is not None and idle.stdout.readline() == b"ready\n"  # started up
+    meter = CpuMeter()
+    meter.start()
+    # Started inside the window, the busy side counts from zero. Its root only starts the burner
+    # and waits: the CPU is its grandchild's.
+    busy = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys\n"
+                             f"subprocess.run([sys.executable, '-c', {BURNER!r}])"], stdin=subprocess.PIPE)
+    try:
+        groups = {"busy": [busy.pid], "idle": [idle.pid]}
+        deadline = time.monotonic() + 60
+        while (seconds := meter.stop(groups))["busy"] < BURN and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        for p in (busy, idle):
+            assert p.stdin is not None
+            p.stdin.close()
+            p.wait(30)
+    assert seconds["busy"] >= BURN
+    assert seconds["idle"] < 0.05
