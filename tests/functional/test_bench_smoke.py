@@ -34,7 +34,8 @@ def test_confidential_benchmark_completes_and_saves(tmp_path: Path, mh: bool) ->
     assert [r["kind"] for r in mhs] == (["mh-1", "mh-2", "mh-4"] if mh else [])
     assert all(r["status"] == "completed" and "PASS" in r["selfcheck"] for r in report["runs"])
     assert psp["private_pages"] > 0 and psp["commands"] >= psp["private_pages"]
-    assert all(r["cpu_s_per_gib"]["source"] > 0 and r["cpu_s_per_gib"]["target"] > 0 for r in report["runs"])
+    assert all(r["cpu"]["source"] > 0 and r["cpu"]["target"] > 0 and r["cpu"]["cores"] > 0
+               for r in report["runs"])
     for r in mhs:
         assert r["private_pages"] > 0 and r["commands"] >= r["private_pages"] // 128
         assert set(report["ratios"][r["kind"]]) == {"over_plain", "over_psp"}
@@ -42,7 +43,7 @@ def test_confidential_benchmark_completes_and_saves(tmp_path: Path, mh: bool) ->
     latest = (tmp_path / f"{suite}-latest.md").read_text()
     (paths,) = [p for p in tmp_path.glob(f"{suite}-*.png") if p.stem.count("-") == 2]  # suite-date-time
     assert paths.read_bytes()[:8] == PNG_SIGNATURE and f"({paths.name})" in latest
-    assert "CPU s per GiB (source + target)" in latest
+    assert "CPU s per GiB (source + target), cores" in latest
     if mh:
         _check_mh_scenarios(report, tmp_path)
 

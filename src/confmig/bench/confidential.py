@@ -28,9 +28,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from confmig.bench import chart, mh_suite
+from confmig.bench import chart, cputime, mh_suite
 from confmig.bench.chart import GREY, Bar, BarPanel, Chart
-from confmig.bench.cputime import CpuMeter
 from confmig.bench.deadline import NO_DEADLINE, Deadline
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, check_host_memory, check_vm
 from confmig.bench.mh_suite import GUEST_TIMEOUT, MhScenarios, settings_for, start_sources, start_targets
@@ -53,7 +52,7 @@ def _one(kind: str, ram: str, log: Any, deadline: Deadline) -> dict[str, Any]:
         log(f"{kind}: writing random contents into all {ram} of guest RAM ...")
         src.wait_console(WORKING_SET_WRITTEN, timeout=timeout)
         (dst,) = targets or start_targets(lab, kind, hosts[1], ram, GUEST, ["src"])
-        meter = CpuMeter()
+        meter = cputime.CpuMeter()
         meter.start()
         result = migrate(src, dst, settings=settings_for(kind, lab))
         cpu_s = meter.stop({"source": (hosts[0].proc.pid, src.proc.pid),
@@ -77,11 +76,11 @@ def _one(kind: str, ram: str, log: Any, deadline: Deadline) -> dict[str, Any]:
         "commands_per_s": commands / (total_ms / 1000),
         "mh": {k: conf[k] for k in ("mh-vcpus", "batches", "zero-pages-elided") if k in conf},
         "selfcheck": verdict,
-        "cpu_s_per_gib": {side: seconds / (parse_size(ram) / GiB) for side, seconds in cpu_s.items()},
+        "cpu": cputime.usage(meter, cpu_s, parse_size(ram)),
     }
     log(f"  {kind}: {result.status}, total {total_ms} ms, downtime {row['downtime_ms']} ms, "
         f"{row['guest_MBps']:.0f} MB/s of guest RAM, {row['commands_per_s']:.0f} firmware commands/s, "
-        f"{_cpu_cell(row)} CPU s per GiB")
+        f"CPU s per GiB {cputime.cell(row)}")
     return row
 
 
@@ -173,12 +172,13 @@ def _bars(report: dict[str, Any]) -> list[dict[str, Any]]:
 def _print(console: Console, report: dict[str, Any]) -> None:
     for section in _random_sections(report):
         t = Table(title=f"confidential migration paths, {section['ram_gib']:g} GiB random guest")
-        for col in ("path", "status", "total ms", "downtime ms", "guest MB/s", "CPU s/GiB", "private pages",
-                    "shared pages", "fw cmds", "fw cmds/s", "self-check"):
+        for col in ("path", "status", "total ms", "downtime ms", "guest MB/s", "CPU s/GiB, cores",
+                    "private pages", "shared pages", "fw cmds", "fw cmds/s", "self-check"):
             t.add_column(col)
         for r in section["runs"]:
             t.add_row(r["kind"], r["status"], str(r["total_ms"]), str(r["downtime_ms"]),
-                      f"{r['guest_MBps']:.0f}", _cpu_cell(r), str(r["private_pages"]), str(r["shared_pages"]),
+                      f"{r['guest_MBps']:.0f}", cputime.cell(r), str(r["private_pages"]),
+                      str(r["shared_pages"]),
                       str(r["commands"]), f"{r['commands_per_s']:.0f}", r["selfcheck"][:40])
         console.print(t)
         console.print(f"PSP / plain throughput: {section['psp_over_plain_throughput']:.3f}")
@@ -234,12 +234,13 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
 def _random_markdown(guest: str, section: dict[str, Any]) -> list[str]:
     lines = [f"Guest: {section['ram_gib']:g} GiB, `{guest}` (every page written once with random "
              "contents, then idle), migrated once by each path with the default settings.", "",
-             "| path | status | total ms | downtime ms | guest MB/s | CPU s per GiB (source + target) "
+             "| path | status | total ms | downtime ms | guest MB/s | CPU s per GiB (source + target), cores "
              "| private pages | shared pages | firmware commands | commands/s | target self-check |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in section["runs"]:
         lines.append(f"| {r['kind']} | {r['status']} | {r['total_ms']} | {r['downtime_ms']} | "
-                     f"{r['guest_MBps']:.0f} | {_cpu_cell(r)} | {r['private_pages']} | {r['shared_pages']} | "
+                     f"{r['guest_MBps']:.0f} | {cputime.cell(r)} | {r['private_pages']} | "
+                     f"{r['shared_pages']} | "
                      f"{r['commands']} | {r['commands_per_s']:.0f} | `{r['selfcheck']}` |")
     lines += ["", f"PSP / plain throughput (same run): **{section['psp_over_plain_throughput']:.3f}**."]
     if section["ratios"]:
@@ -250,19 +251,12 @@ def _random_markdown(guest: str, section: dict[str, Any]) -> list[str]:
                          f"| {q['over_psp']:.1f} | {'yes' if q['over_psp'] >= 5 else 'NO'} |")
     lines += ["", "CPU seconds are the user and system time of each side's processes (its host daemon, "
               "the vCPU and Migration Handler processes it started, its VMM) during the migration, "
-              f"per GiB of guest RAM; the machine has {os.cpu_count()} cores, so no path moves faster "
-              "than cores / (CPU s per GiB) GiB/s."]
+              f"per GiB of guest RAM, and the cores both sides kept busy on average; the machine has "
+              f"{os.cpu_count()} cores, so no path moves faster than {os.cpu_count()} / (CPU s per GiB) "
+              "GiB/s."]
     return [*lines, "", "Firmware commands are counted on the source: PSP commands (SEND_*; the target "
             "issues as many RECEIVE_*), or Migration Handler mailbox commands (one per batch of up to "
             f"{mb.BATCH_PAGES} pages; the target issues as many).", ""]
-
-
-def _cpu_cell(run: dict[str, Any]) -> str:
-    """CPU seconds per GiB of both sides, then each (reports older than the column: "-")."""
-    if "cpu_s_per_gib" not in run:
-        return "-"
-    per_gib = run["cpu_s_per_gib"]
-    return f"{per_gib['source'] + per_gib['target']:.2f} ({per_gib['source']:.2f} + {per_gib['target']:.2f})"
 
 
 def _paths_chart(file: str, section: dict[str, Any], alt: str) -> Chart:

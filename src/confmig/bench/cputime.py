@@ -14,8 +14,11 @@ before it (none does in a migration: every process outlives it).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from confmig.common.units import GiB
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -58,13 +61,35 @@ class CpuMeter:
 
     def __init__(self) -> None:
         self._before: dict[int, float] = {}
+        self._started = 0.0
+        self.elapsed = 0.0
+        """Wall seconds from :meth:`start` to the last :meth:`stop`."""
 
     def start(self) -> None:
         self._before = {pid: cpu for pid, (_, cpu) in _processes().items()}
+        self._started = time.monotonic()
 
     def stop(self, groups: Mapping[str, Iterable[int]]) -> dict[str, float]:
         """Seconds per group of trees, named by their roots as they are now (a process started
         inside the window counts from zero)."""
         table = _processes()
+        self.elapsed = time.monotonic() - self._started
         return {name: round(sum(table[p][1] - self._before.get(p, 0.0) for p in _trees(roots, table)), 3)
                 for name, roots in groups.items()}
+
+
+def usage(meter: CpuMeter, seconds: Mapping[str, float], ram: int) -> dict[str, float]:
+    """What a report keeps of one measured migration of ``ram`` bytes: CPU seconds per GiB of
+    each side, and the cores they kept busy on average (both sides' CPU time over wall time)."""
+    per_gib = {side: round(s / (ram / GiB), 3) for side, s in seconds.items()}
+    return {**per_gib, "cores": round(sum(seconds.values()) / meter.elapsed, 2) if meter.elapsed else 0.0}
+
+
+def cell(run: Mapping[str, object]) -> str:
+    """A report's table cell: CPU seconds per GiB of both sides (each side's), and the cores
+    kept busy; "-" for reports older than the column."""
+    cpu = run.get("cpu")
+    if not isinstance(cpu, Mapping):
+        return "-"
+    return (f"{cpu['source'] + cpu['target']:.2f} ({cpu['source']:.2f} + {cpu['target']:.2f}), "
+            f"{cpu['cores']:.2f} cores")

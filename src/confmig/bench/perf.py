@@ -25,14 +25,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from confmig.bench import chart
+from confmig.bench import chart, cputime
 from confmig.bench.chart import Bar, BarPanel, Chart
 from confmig.bench.deadline import NO_DEADLINE, Deadline
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, VmProc, check_host_memory
 from confmig.bench.scenario import MigrationSettings, migrate
 from confmig.common.errors import ConfmigError
 from confmig.common.pdeathsig import die_with_parent
-from confmig.common.units import GiB, MiB
+from confmig.common.units import GiB, MiB, parse_size
 
 SELFCHECK_WRITES = re.compile(rb"confmig-selfcheck: PASS pages=\d+ writes=(\d+)")
 LOOPBACK_BYTES = 2 * GiB
@@ -146,20 +146,22 @@ class Row:
     guest_gbps: float
     wire_gbps: float
     rounds: int
+    cpu: dict[str, float]
+    """CPU seconds per GiB of each side and the cores kept busy (:func:`cputime.usage`)."""
 
     @classmethod
-    def of(cls, scenario: str, ram: int, channels: int, info: dict[str, Any]) -> Row:
+    def of(cls, scenario: str, ram: int, channels: int, info: dict[str, Any], cpu: dict[str, float]) -> Row:
         total = max(int(info.get("total-time", 0)), 1)
         xfer = int(info.get("ram", {}).get("transferred", 0))
         return cls(scenario=scenario, ram_gib=ram / GiB, channels=channels, status=info["status"],
                    total_ms=total, downtime_ms=int(info.get("downtime", -1)),
                    setup_ms=int(info.get("setup-time", 0)), transferred=xfer,
                    guest_gbps=ram / (total / 1000) / 1e9, wire_gbps=xfer / (total / 1000) / 1e9,
-                   rounds=int(info.get("x-confmig", {}).get("rounds", 0)))
+                   rounds=int(info.get("x-confmig", {}).get("rounds", 0)), cpu=cpu)
 
 
 def _ping_pong(lab: Lab, first: VmProc, ram: str, guest: str, runs: list[tuple[str, int]],
-               log: Callable[[str], None]) -> list[tuple[str, int, dict[str, Any]]]:
+               log: Callable[[str], None]) -> list[tuple[str, int, dict[str, Any], dict[str, float]]]:
     """Migrate the same running guest back and forth between the two hosts, a fresh
     target each time (its RAM preallocated at start, as QEMU's prealloc=on)."""
     out = []
@@ -168,10 +170,15 @@ def _ping_pong(lab: Lab, first: VmProc, ram: str, guest: str, runs: list[tuple[s
     for n, (label, channels) in enumerate(runs):
         other = hosts["hostB"] if src.host.name == "hostA" else hosts["hostA"]
         dst = lab.vm(f"{src.name.split('-')[0]}-{n}", other, ram=ram, guest=guest, incoming="defer")
+        meter = cputime.CpuMeter()
+        meter.start()
         result = migrate(src, dst, settings=MigrationSettings(channels=channels))
+        seconds = meter.stop({"source": (src.host.proc.pid, src.proc.pid),
+                              "target": (dst.host.proc.pid, dst.proc.pid)})
+        cpu = cputime.usage(meter, seconds, parse_size(ram))
         log(f"  {label}: {result.status}, total {result.info.get('total-time')} ms, "
-            f"downtime {result.info.get('downtime')} ms")
-        out.append((label, channels, result.info))
+            f"downtime {result.info.get('downtime')} ms, CPU s per GiB {cputime.cell({'cpu': cpu})}")
+        out.append((label, channels, result.info, cpu))
         src.quit()
         src = dst
     return out
@@ -191,16 +198,16 @@ def migration_rows(sizes: list[int], log: Callable[[str], None], deadline: Deadl
             src.wait_console(WORKING_SET_WRITTEN, timeout=GUEST_TIMEOUT)
             runs = [("random RAM, 1 channel", 1), ("random RAM, 2 channels (multifd)", 2),
                     ("random RAM, 1 channel (again)", 1), ("random RAM, 2 channels (again)", 2)]
-            for label, ch, info in _ping_pong(lab, src, ram, guest, runs, log):
-                rows.append(Row.of(label, gib * GiB, ch, info))
+            for label, ch, info, cpu in _ping_pong(lab, src, ram, guest, runs, log):
+                rows.append(Row.of(label, gib * GiB, ch, info, cpu))
             verdict = lab.vms[-1].selfcheck(timeout=GUEST_TIMEOUT)
     with Lab(deadline=deadline) as lab:
         a, _ = lab.start_hosts("hostA", "hostB")
         src = lab.vm("idle", a, ram="1G", guest="idle")
         time.sleep(1.0)
         runs = [("idle guest", 1), ("idle guest (again)", 1), ("idle guest (third)", 1)]
-        for label, ch, info in _ping_pong(lab, src, "1G", "idle", runs, log):
-            rows.append(Row.of(label, GiB, ch, info))
+        for label, ch, info, cpu in _ping_pong(lab, src, "1G", "idle", runs, log):
+            rows.append(Row.of(label, GiB, ch, info, cpu))
     return rows, verdict
 
 
@@ -301,12 +308,12 @@ def run_benchmarks(*, save_dir: str | None, quick: bool, deadline: Deadline = NO
 def _print(console: Console, report: dict[str, Any]) -> None:
     t = Table(title=f"plain migration (loopback ceiling {report['loopback_ceiling_GBps']:.2f} GB/s)")
     for col in ("scenario", "RAM", "ch", "status", "total ms", "downtime ms", "setup ms",
-                "guest GB/s", "wire GB/s", "rounds"):
+                "guest GB/s", "wire GB/s", "rounds", "CPU s/GiB, cores"):
         t.add_column(col)
     for r in report["migrations"]:
         t.add_row(r["scenario"], f"{r['ram_gib']:g} GiB", str(r["channels"]), r["status"],
                   str(r["total_ms"]), str(r["downtime_ms"]), str(r["setup_ms"]),
-                  f"{r['guest_gbps']:.2f}", f"{r['wire_gbps']:.2f}", str(r["rounds"]))
+                  f"{r['guest_gbps']:.2f}", f"{r['wire_gbps']:.2f}", str(r["rounds"]), cputime.cell(r))
     console.print(t)
     b = Table(title="bars (ratios measured in this run)")
     for col in ("measure", "value", "bar", "met"):
@@ -327,11 +334,12 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
              f"{' and '.join(f'{c:.2f}' for c in report['loopback_ceilings_GBps'])} GB/s; "
              f"the bar uses the higher, **{report['loopback_ceiling_GBps']:.2f} GB/s**.", "",
              "| scenario | RAM | channels | status | total ms | downtime ms | setup ms | guest GB/s "
-             "| wire GB/s | rounds |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| wire GB/s | rounds | CPU s per GiB (source + target), cores |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["migrations"]:
         lines.append(f"| {r['scenario']} | {r['ram_gib']:g} GiB | {r['channels']} | {r['status']} | "
                      f"{r['total_ms']} | {r['downtime_ms']} | {r['setup_ms']} | {r['guest_gbps']:.2f} | "
-                     f"{r['wire_gbps']:.2f} | {r['rounds']} |")
+                     f"{r['wire_gbps']:.2f} | {r['rounds']} | {cputime.cell(r)} |")
     busy = report["busy_vms"]
     lines += ["", f"Guest self-check after the ping-pong: `{report['selfcheck_after_ping_pong']}`", "",
               f"Busy guest (dirty, unlimited rate, 16 MiB working set): alone {busy['alone']:.0f} "

@@ -6,7 +6,8 @@ import subprocess
 import sys
 import time
 
-from confmig.bench.cputime import CpuMeter
+from confmig.bench.cputime import CpuMeter, cell, usage
+from confmig.common.units import MiB
 
 BURN = 0.3
 """CPU seconds the grandchild spends: it loops until its own CPU clock says so."""
@@ -36,3 +37,12 @@ def test_a_grandchilds_cpu_counts_for_its_side_and_not_for_the_other() -> None:
             p.wait(30)
     assert seconds["busy"] >= BURN
     assert seconds["idle"] < 0.05
+
+
+def test_usage_is_per_gib_of_each_side_and_cores_over_the_window() -> None:
+    meter = CpuMeter()
+    meter.elapsed = 2.0
+    cpu = usage(meter, {"source": 1.0, "target": 0.5}, 512 * MiB)
+    assert cpu == {"source": 2.0, "target": 1.0, "cores": 0.75}
+    assert cell({"cpu": cpu}) == "3.00 (2.00 + 1.00), 0.75 cores"
+    assert cell({"kind": "plain"}) == "-"  # a report from before the column
