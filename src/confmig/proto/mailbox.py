@@ -309,8 +309,12 @@ def decode_record_header(data: bytes | memoryview, *, limit: int = SLOT_DATA) ->
 
 def gpa_list(record: bytes | memoryview, header: RecordHeader) -> list[int]:
     """The record's GPA-list entries (each a page address, low bit :data:`ZERO_FLAG`)."""
-    start = RECORD_HEADER.size
-    return list(struct.unpack_from(f"<{header.npages}Q", record, start))
+    return gpa_entries(record, header).tolist()
+
+
+def gpa_entries(record: bytes | memoryview, header: RecordHeader) -> npt.NDArray[np.uint64]:
+    """:func:`gpa_list` as an array (a copy: the record may be the host's memory)."""
+    return np.frombuffer(record, "<u8", header.npages, RECORD_HEADER.size).astype(np.uint64)
 
 
 def associated_data(record: bytes | memoryview, header: RecordHeader) -> bytes:

@@ -835,7 +835,7 @@ def _open_pages(call: _Call, record: bytes, st: Stream, *, stream: int,
         return None  # another stream's, a replay, a reordering, a drop, or an old epoch
     if migration_id is not None and header.migration_id != migration_id:
         return None
-    entries = np.array(mb.gpa_list(record, header), np.uint64)
+    entries = mb.gpa_entries(record, header)
     flags = entries & _PAGE_MASK
     if (flags & ~np.uint64(mb.ZERO_FLAG)).any():
         return None
