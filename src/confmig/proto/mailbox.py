@@ -309,7 +309,7 @@ def decode_record_header(data: bytes | memoryview, *, limit: int = SLOT_DATA) ->
 
 def gpa_list(record: bytes | memoryview, header: RecordHeader) -> list[int]:
     """The record's GPA-list entries (each a page address, low bit :data:`ZERO_FLAG`)."""
-    return gpa_entries(record, header).tolist()
+    return [int(e) for e in gpa_entries(record, header)]
 
 
 def gpa_entries(record: bytes | memoryview, header: RecordHeader) -> npt.NDArray[np.uint64]:
