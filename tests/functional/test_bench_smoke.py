@@ -45,6 +45,7 @@ def test_confidential_benchmark_completes_and_saves(tmp_path: Path, mh: bool) ->
     assert paths.read_bytes()[:8] == PNG_SIGNATURE and f"({paths.name})" in latest
     assert "CPU s per GiB (source + target), cores" in latest
     if mh:
+        assert report["crypto_floor"]["total"] > 0 and "The MH's cryptography alone" in latest
         _check_mh_scenarios(report, tmp_path)
 
 

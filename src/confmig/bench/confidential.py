@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from confmig.bench import chart, cputime, mh_suite
+from confmig.bench import chart, cputime, crypto_floor, mh_suite
 from confmig.bench.chart import GREY, Bar, BarPanel, Chart
 from confmig.bench.deadline import NO_DEADLINE, Deadline
 from confmig.bench.lab import WORKING_SET_WRITTEN, Lab, check_host_memory, check_vm
@@ -114,6 +114,8 @@ def run_psp_benchmark(*, save_dir: str | None, ram: str = "1G", mh: bool = False
     if large:
         report["large"] = _random_guest(kinds, LARGE_RAM, console.print, deadline)
     if mh:
+        console.print("the MH's cryptography alone, on one core ...")
+        report["crypto_floor"] = crypto_floor.measure()
         report["scenarios"] = _scenario_sizes(scenarios)
         report["dirty"] = mh_suite.dirty_rates(scenarios, console.print, deadline)
         report["evacuation"] = mh_suite.evacuation(scenarios, console.print, deadline)
@@ -211,6 +213,8 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
                       f"## {number}. Random guest: {section['ram_gib']:g} GiB, every page random", ""]
         lines += _random_markdown(report["guest"], section)
         lines.append(charts["paths" if number == "1" else "large"].link)
+        if "crypto_floor" in report:
+            lines += ["", *_floor_markdown(report["crypto_floor"], section)]
     if "dirty" in report:
         rates = " and ".join(", ".join(f"{p}%" for p in report["dirty"]["rates_pct"]).rsplit(", ", 1))
         lines += ["", f"## 2. Dirty guest: {rates} of its pages rewritten per second", "",
@@ -257,6 +261,21 @@ def _random_markdown(guest: str, section: dict[str, Any]) -> list[str]:
     return [*lines, "", "Firmware commands are counted on the source: PSP commands (SEND_*; the target "
             "issues as many RECEIVE_*), or Migration Handler mailbox commands (one per batch of up to "
             f"{mb.BATCH_PAGES} pages; the target issues as many).", ""]
+
+
+def _floor_markdown(floor: dict[str, float], section: dict[str, Any]) -> list[str]:
+    """The MH's cryptography alone (:mod:`confmig.bench.crypto_floor`) against this section's
+    plain run: how close to the bar the MH path could come here at best."""
+    steps = ", ".join(f"{step} {floor[step]:.2f}" for step in crypto_floor.STEPS)
+    lines = [f"The MH's cryptography alone, one core, in this run: **{floor['total']:.2f} CPU s per GiB** "
+             f"({steps}; `confmig.bench.crypto_floor`)."]
+    plain = next((r for r in section["runs"] if r["kind"] == "plain" and "cpu" in r), None)
+    if plain is not None:
+        p = plain["cpu"]["source"] + plain["cpu"]["target"]
+        lines[0] += (f" With the plain path's {p:.2f} s per GiB, an MH path doing nothing else would need "
+                     f"{p + floor['total']:.2f}: MH / plain at most about {p / (p + floor['total']):.2f} "
+                     "at equal core use (the cores column).")
+    return lines
 
 
 def _paths_chart(file: str, section: dict[str, Any], alt: str) -> Chart:

@@ -145,6 +145,10 @@ class KeySlots:
         off = asid * _SLOT
         return bytes(self._map[off + 1 : off + _SLOT]) if self._map[off] & _VALID else None
 
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+
     @staticmethod
     def _check(asid: int) -> None:
         if not 1 <= asid <= MAX_ASID:
