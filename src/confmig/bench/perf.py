@@ -13,6 +13,7 @@ import os
 import platform
 import queue
 import re
+import resource
 import socket
 import statistics
 import subprocess
@@ -94,15 +95,24 @@ def _loopback_receiver(port_q: mp.Queue[int], total: int, parent: int) -> None:
     conn.close()
 
 
-def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3, deadline: Deadline = NO_DEADLINE) -> float:
+@dataclass(frozen=True)
+class Ceiling:
+    gbps: float
     """GB/s of ``sendall`` 1 MiB chunks over 127.0.0.1 to another process (median)."""
+    cpu_s_per_gib: float
+    """CPU seconds per GiB both processes spent, sender and receiver (median)."""
+
+
+def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3, deadline: Deadline = NO_DEADLINE) -> Ceiling:
+    """The raw loopback TCP a migration's bar is measured against, and its CPU cost."""
     data = memoryview(os.urandom(256 * MiB))  # as baselines.md: a 256 MiB random buffer, cycled
-    rates = []
+    rates, cpu = [], []
     ctx = mp.get_context("fork")
     for _ in range(reps):
         deadline.check("the loopback ceiling")
         q: mp.Queue[int] = ctx.Queue()
         p = ctx.Process(target=_loopback_receiver, args=(q, total, os.getpid()))
+        before = _cpu_self_and_children()
         p.start()
         measured = False
         try:
@@ -116,7 +126,14 @@ def loopback_ceiling(total: int = LOOPBACK_BYTES, reps: int = 3, deadline: Deadl
             if p.exitcode is None:
                 p.kill()
                 p.join()
-    return statistics.median(rates)
+        cpu.append((_cpu_self_and_children() - before) / (total / GiB))  # the receiver is reaped
+    return Ceiling(gbps=statistics.median(rates), cpu_s_per_gib=statistics.median(cpu))
+
+
+def _cpu_self_and_children() -> float:
+    """User and system seconds of this process and of its children that were waited for."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _loopback_once(data: memoryview, total: int, port: int) -> float:
@@ -265,11 +282,13 @@ def run_benchmarks(*, save_dir: str | None, quick: bool, deadline: Deadline = NO
     log = console.print
     t0 = time.time()
     log("[bold]loopback ceiling[/] (1 MiB sendall, two processes) ...")
-    ceilings = [loopback_ceiling(reps=2 if quick else 3, deadline=deadline)]
-    log(f"  {ceilings[0]:.2f} GB/s")
+    measured = [loopback_ceiling(reps=2 if quick else 3, deadline=deadline)]
+    log(f"  {measured[0].gbps:.2f} GB/s, {measured[0].cpu_s_per_gib:.2f} CPU s per GiB")
     rows, verdict = migration_rows(sizes, log, deadline)
-    ceilings.append(loopback_ceiling(reps=2 if quick else 3, deadline=deadline))
-    log(f"  loopback ceiling again: {ceilings[1]:.2f} GB/s")
+    measured.append(loopback_ceiling(reps=2 if quick else 3, deadline=deadline))
+    log(f"  loopback ceiling again: {measured[1].gbps:.2f} GB/s, "
+        f"{measured[1].cpu_s_per_gib:.2f} CPU s per GiB")
+    ceilings = [c.gbps for c in measured]
     ceiling = max(ceilings)  # the stricter bar on a machine whose speed varies
     log("[bold]two busy VMs on one host[/] ...")
     busy = busy_rates(log, deadline)
@@ -293,6 +312,7 @@ def run_benchmarks(*, save_dir: str | None, quick: bool, deadline: Deadline = NO
         "quick": quick,
         "loopback_ceiling_GBps": ceiling,
         "loopback_ceilings_GBps": ceilings,
+        "loopback_cpu_s_per_gib": [c.cpu_s_per_gib for c in measured],
         "migrations": [r.__dict__ for r in rows],
         "selfcheck_after_ping_pong": verdict,
         "busy_vms": busy,
@@ -332,7 +352,8 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
              f"Machine: {report['machine']}. Loopback ceiling (1 MiB sendall, 2 processes), "
              f"measured before and after the migrations: "
              f"{' and '.join(f'{c:.2f}' for c in report['loopback_ceilings_GBps'])} GB/s; "
-             f"the bar uses the higher, **{report['loopback_ceiling_GBps']:.2f} GB/s**.", "",
+             f"the bar uses the higher, **{report['loopback_ceiling_GBps']:.2f} GB/s**."
+             + _loopback_cpu(report), "",
              "| scenario | RAM | channels | status | total ms | downtime ms | setup ms | guest GB/s "
              "| wire GB/s | rounds | CPU s per GiB (source + target), cores |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -353,6 +374,14 @@ def _save(directory: Path, report: dict[str, Any]) -> None:
     lines += ["", wire.link, "", "Reproduce: `make bench` (or `confmig bench --save benchmarks/`)."]
     (directory / f"plain-{kind}-{stamp}.md").write_text("\n".join(lines) + "\n")
     (directory / f"plain-{kind}-latest.md").write_text("\n".join(lines) + "\n")
+
+
+def _loopback_cpu(report: dict[str, Any]) -> str:
+    cpu = report.get("loopback_cpu_s_per_gib")
+    if not cpu:
+        return ""
+    return (f" The loopback itself cost {' and '.join(f'{c:.2f}' for c in cpu)} CPU s per GiB (sender "
+            f"and receiver); the machine has {os.cpu_count()} cores.")
 
 
 def chart_of(name: str, report: dict[str, Any]) -> Chart:
