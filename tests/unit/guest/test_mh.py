@@ -269,8 +269,10 @@ def test_each_streams_key_stays_in_the_mhs_private_state_and_reset_erases_it(src
     mid = start(src, dst)
     key = transport_key_bytes(KEY, mid)
     for g in (src, dst):
-        assert mh.load_stream(g.view, 0, C_BIT).key == key
+        stream = mh.load_stream(g.view, 0, C_BIT)
+        assert stream.key == key
         assert key not in g.ram.load(0, RAM_SIZE)  # what the host reads of the guest's RAM
+        assert key.hex() not in repr(stream) and repr(key) not in repr(stream)  # nor a log line
     assert src.command(0, Cmd.RESET).ret == OK
     assert mh.load_stream(src.view, 0, C_BIT).key == mh.NO_KEY
     assert src.export(0, [HIGH])[0] == INVALID  # no stream, no key: INIT again

@@ -158,7 +158,7 @@ import itertools
 import secrets
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Final
 
@@ -243,7 +243,7 @@ class Session:
     ticket: bytes = NO_TICKET
     """The owner's ticket: a source's, from its VMM at INIT (the target's, which that target
     published); a target's own, from its launch secret."""
-    target_key: bytes = NO_KEY
+    target_key: bytes = field(default=NO_KEY, repr=False)
     """A target's key for its ticket, from its launch secret (copied here at boot: the import
     overwrites the secret area with the source's)."""
 
@@ -258,7 +258,7 @@ class Stream:
     pages: int = 0
     epoch: int = 0
     """The last record's epoch."""
-    key: bytes = NO_KEY
+    key: bytes = field(default=NO_KEY, repr=False)
     """A version-2 stream's transport key, derived at its INIT and kept here, in the MH's own
     private page (which no migration carries), not derived again for every batch."""
 
