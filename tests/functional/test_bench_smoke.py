@@ -18,7 +18,9 @@ from confmig.bench.perf import run_benchmarks
 def test_quick_benchmark_completes_and_saves(tmp_path: Path) -> None:
     report = run_benchmarks(save_dir=str(tmp_path), quick=True)
     assert report["loopback_ceiling_GBps"] > 0 and all(c > 0 for c in report["loopback_cpu_s_per_gib"])
-    assert all(m["cpu"]["source"] > 0 and m["cpu"]["cores"] > 0 for m in report["migrations"])
+    # An idle guest's migration may take less than one clock tick of CPU: only the random ones.
+    assert all(m["cpu"]["source"] > 0 and m["cpu"]["cores"] > 0
+               for m in report["migrations"] if m["scenario"].startswith("random"))
     assert all(m["status"] == "completed" for m in report["migrations"])
     assert "PASS" in report["selfcheck_after_ping_pong"]
     saved = list(tmp_path.glob("plain-quick-*.json"))

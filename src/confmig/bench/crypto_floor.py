@@ -5,7 +5,8 @@ reads it, the target's stores it) and AES-256-GCM twice (sealed, opened). This t
 four steps alone, in this process, as the MH does them: batches of
 :data:`~confmig.proto.mailbox.BATCH_PAGES` random pages at their own system-physical
 addresses, the engine's bulk path, the record's header and GPA list as associated data.
-Nothing else is counted: no mailbox, no copy, no socket, no Python around a command.
+Nothing else is counted: no mailbox, no copy, no socket, no Python around a command. Timed
+in this thread's CPU time (what another process running meanwhile takes is not counted).
 
 The MH path also does the plain path's work (the stream, the sockets, the landing), so a
 run's plain CPU seconds per GiB plus this floor is about the least the MH path can cost;
@@ -56,15 +57,15 @@ def measure(total: int = 128 * MiB, reps: int = 3) -> dict[str, float]:
             spent = dict.fromkeys(STEPS, 0.0)
             for b in range(batches):
                 nonce = mb.nonce(0, b)
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 engine.decrypt_pages(_ASID, spas[2 * b], pages[b], out=plain)
-                t1 = time.perf_counter()
+                t1 = time.thread_time()
                 aead.encrypt_into(nonce, plain.data, aad, sealed.data)
-                t2 = time.perf_counter()
+                t2 = time.thread_time()
                 aead.decrypt_into(nonce, sealed.data, aad, plain.data)
-                t3 = time.perf_counter()
+                t3 = time.thread_time()
                 engine.encrypt_pages(_ASID, spas[2 * b + 1], plain, out=landed)
-                t4 = time.perf_counter()
+                t4 = time.thread_time()
                 for step, seconds in zip(STEPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                     spent[step] += seconds
             for step in STEPS:

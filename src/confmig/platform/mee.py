@@ -146,6 +146,7 @@ class KeySlots:
         return bytes(self._map[off + 1 : off + _SLOT]) if self._map[off] & _VALID else None
 
     def close(self) -> None:
+        """Unmap the slots and close their fd, made here or handed over (the slots own it)."""
         self._map.close()
         os.close(self.fd)
 

@@ -6,7 +6,7 @@ import pytest
 from fakecpu import FakeCpu
 from machine import ROM, Machine
 
-from confmig.common.units import GiB, MiB
+from confmig.common.units import GiB, KiB, MiB
 from confmig.guest import kernel, layout
 from confmig.guest.firmware import bootinfo
 from confmig.guest.workloads import WORKLOADS
@@ -39,8 +39,16 @@ def test_boot_reads_fw_cfg_and_runs_the_workload_from_the_cmdline() -> None:
 def test_boot_info_carries_both_ram_regions() -> None:
     with Machine("workload=idle", ram_size=3 * GiB + 16 * MiB) as m:
         m.run_until_line("confmig kernel")
-        ram = [(r.start, r.size) for r in bootinfo.load(m.cpu).ram]
+        info = bootinfo.load(m.cpu)
+        ram = [(r.start, r.size) for r in info.ram]
         assert ram == [(0, 3 * GiB), (4 * GiB, 16 * MiB)]
+        assert bootinfo.load_ram(m.cpu) == info.ram  # the MH's reading: header and map only
+        entries = [bootinfo.E820Entry(address=0, length=640 * KiB, type=bootinfo.E820_RAM),
+                   bootinfo.E820Entry(address=640 * KiB, length=384 * KiB, type=bootinfo.E820_RAM + 1),
+                   bootinfo.E820Entry(address=1 * MiB, length=3 * GiB - MiB, type=bootinfo.E820_RAM)]
+        bootinfo.store_e820(m.cpu, entries)  # a map with a hole that is not RAM
+        assert bootinfo.load_ram(m.cpu) == bootinfo.load(m.cpu).ram
+        assert [(r.start, r.size) for r in bootinfo.load_ram(m.cpu)] == [(0, 640 * KiB), (MiB, 3 * GiB - MiB)]
         assert "RAM 3088 MiB" in m.lines[0]
 
 

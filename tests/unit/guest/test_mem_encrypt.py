@@ -200,12 +200,19 @@ def test_hypercall_results_and_the_failure_line() -> None:
 # --- private bitmaps (the MH's imported pages, the page-state list) --------------------------
 
 
-def test_bitmap_bits_set_and_read_only_the_bits_named() -> None:
+BITMAP_SETS = {
+    "across-pages": [7, 8, 9, 300, 32767, 32768, 65540, 2 * 32768 + 5],
+    "one-page": [300, 7, 8, 9, 15, 16, 4000, 9],  # a batch's usual span, unordered, one bit twice
+}
+
+
+@pytest.mark.parametrize("gfn_list", BITMAP_SETS.values(), ids=BITMAP_SETS.keys())
+def test_bitmap_bits_set_and_read_only_the_bits_named(gfn_list: list[int]) -> None:
     with bare_cpu(sev=True) as cpu:
         base = layout.mh_imported(0)
         before = np.frombuffer(np.random.default_rng(5).bytes(3 * PAGE_SIZE), np.uint8)
         cpu.write(base | C_BIT, before.tobytes())  # three bitmap pages of earlier bits
-        gfns = np.array([7, 8, 9, 300, 32767, 32768, 65540, 2 * 32768 + 5], np.int64)  # across pages
+        gfns = np.array(gfn_list, np.int64)
         mem_encrypt.set_bitmap_bits(cpu, base, gfns, C_BIT)
         after = np.unpackbits(np.frombuffer(cpu.read(base | C_BIT, 3 * PAGE_SIZE), np.uint8),
                               bitorder="little")

@@ -11,6 +11,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from mhhost import RAM_SIZE, TICKET, Guest, commit_grant, seal, transport_key, t
 from confmig.common.units import PAGE_SIZE, GiB
 from confmig.guest import gate, saved_state
 from confmig.guest.firmware import mh
+from confmig.guest.firmware.mh import NO_KEY
 from confmig.guest.layout import (
     FW_CFG_BOUNCE_GPA,
     KERNEL_DATA_GPA,
@@ -274,9 +276,34 @@ def test_each_streams_key_stays_in_the_mhs_private_state_and_reset_erases_it(src
         assert key not in g.ram.load(0, RAM_SIZE)  # what the host reads of the guest's RAM
         assert key.hex() not in repr(stream) and repr(key) not in repr(stream)  # nor a log line
     assert src.command(0, Cmd.RESET).ret == OK
-    assert mh.load_stream(src.view, 0, C_BIT).key == mh.NO_KEY
+    assert mh.load_stream(src.view, 0, C_BIT).key == NO_KEY
     assert src.export(0, [HIGH])[0] == INVALID  # no stream, no key: INIT again
     assert src.init(0, mb.Role.SOURCE)[0] == OK
+    keyless = replace(mh.load_stream(src.view, 0, C_BIT), key=NO_KEY)
+    mh._store_stream(src.view, 0, keyless, C_BIT)  # a stream that lost its key (no host can do this)
+    assert src.export(0, [HIGH])[0] == REFUSED and mh.load_stream(src.view, 0, C_BIT).records == 0
+
+
+def keys(g: Guest, nvcpus: int) -> list[bytes]:
+    return [mh.load_stream(g.view, i, C_BIT).key for i in range(nvcpus)]
+
+
+@pytest.mark.parametrize("end", ["complete", "abort"])
+def test_no_stream_keeps_its_key_once_the_session_is_over(src: Guest, dst: Guest, end: str) -> None:
+    start(src, dst, nvcpus=2)
+    send(src, dst, src.private_gpas(), nvcpus=2)
+    assert NO_KEY not in keys(src, 2) + keys(dst, 2)
+    ret, completion = src.token(Cmd.FINISH, dst.challenge())
+    assert ret == OK and keys(src, 2) == [NO_KEY] * 2  # FINISH: the source seals no batch again
+    assert NO_KEY not in keys(dst, 2)
+    if end == "complete":
+        assert dst.token(Cmd.COMPLETE, completion)[0] == OK
+    else:
+        ret, token = dst.token(Cmd.ABORT)
+        assert ret == OK and src.token(Cmd.RESUME, token)[0] == OK
+    assert keys(dst, 2) == [NO_KEY] * 2
+    assert keys(src, 2) == [NO_KEY] * 2 and src.export(0, [HIGH])[0] == INVALID
+    assert mh.load_stream(dst.view, 1, C_BIT).records > 0  # the counters stay: only the keys go
 
 
 def test_batch_sizes_and_epochs_the_mailbox_cannot_carry_are_invalid(src: Guest, dst: Guest) -> None:

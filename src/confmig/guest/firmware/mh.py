@@ -260,7 +260,8 @@ class Stream:
     """The last record's epoch."""
     key: bytes = field(default=NO_KEY, repr=False)
     """A version-2 stream's transport key, derived at its INIT and kept here, in the MH's own
-    private page (which no migration carries), not derived again for every batch."""
+    private page (never exported by an MH), not derived again for every batch; forgotten
+    when the session ends (FINISH, COMPLETE, ABORT) or the stream does (RESET)."""
 
 
 # --- the firmware's part: preparing the area ------------------------------------------------------
@@ -701,6 +702,15 @@ def _adopt(st: Stream, role: StreamRole, migration_id: bytes, key: bytes) -> Str
     return Stream(role=role, migration_id=migration_id, key=key)
 
 
+def _forget_stream_keys(call: _Call) -> None:
+    """The session is over (FINISH, COMPLETE, ABORT): no stream seals or opens a batch again,
+    so none keeps its key (the counters stay: FINISH's totals and a later INIT's read them)."""
+    for i in range(MH_VCPUS_MAX):
+        st = call.stream(i)
+        if st.key != NO_KEY:
+            _store_stream(call.cpu, i, replace(st, key=NO_KEY), call.mask)
+
+
 def _clear_imported(call: _Call) -> None:
     npages = MH_IMPORTED_SIZE // PAGE_SIZE
     call.cpu.write_pages(mh_imported(call.index) | call.mask, np.zeros((npages, PAGE_SIZE), np.uint8))
@@ -949,6 +959,7 @@ def _finish(call: _Call) -> _Reply:
     _store_session(call.cpu, replace(s, phase=SessionPhase.SENT, challenge=challenge), call.mask)
     gate.store(call.cpu, gate.MIGRATED_AWAY, call.mask)
     record = _seal(aead, header, np.zeros(0, np.uint64), body)
+    _forget_stream_keys(call)
     call.cpu.write(call.data, record)
     return _Reply(_OK, len(record))
 
@@ -988,6 +999,7 @@ def _complete(call: _Call) -> _Reply:
     if checked.vcpu_state:
         saved_state.put_carried(call.cpu, checked.vcpu_state, call.mask)  # the firmware loads it next
     _store_session(call.cpu, Session(phase=SessionPhase.RUNNING), call.mask)
+    _forget_stream_keys(call)
     gate.store(call.cpu, gate.OPEN, call.mask)  # whatever the imported copy of its page said
     return _Reply(_OK)
 
@@ -1066,6 +1078,7 @@ def _abort(call: _Call) -> _Reply:
     header = _header(mb.RecordKind.ABORT, stream=mb.ABORT_STREAM, seq=0,
                      migration_id=st.migration_id, body=len(body))
     token = _seal(aead, header, np.zeros(0, np.uint64), body)  # the same every time
+    _forget_stream_keys(call)
     call.cpu.write(call.data, token)
     return _Reply(_OK, len(token))
 
@@ -1083,7 +1096,7 @@ def _resume(call: _Call) -> _Reply:
         return _Reply(_REFUSED)
     _store_session(call.cpu, Session(phase=SessionPhase.RUNNING), call.mask)  # this session is over
     gate.store(call.cpu, gate.OPEN, call.mask)
-    call.set_stream(replace(call.stream(), role=StreamRole.NONE))
+    call.set_stream(replace(call.stream(), role=StreamRole.NONE, key=NO_KEY))  # FINISH forgot it
     return _Reply(_OK)
 
 
