@@ -12,6 +12,7 @@ import pytest
 
 from confmig.bench.chart import PNG_SIGNATURE
 from confmig.bench.perf import run_benchmarks
+from confmig.proto import mailbox as mb
 
 
 @pytest.mark.slow
@@ -40,7 +41,7 @@ def test_confidential_benchmark_completes_and_saves(tmp_path: Path, mh: bool) ->
     assert all(r["cpu"]["source"] > 0 and r["cpu"]["target"] > 0 and r["cpu"]["cores"] > 0
                for r in report["runs"])
     for r in mhs:
-        assert r["private_pages"] > 0 and r["commands"] >= r["private_pages"] // 128
+        assert r["private_pages"] > 0 and r["commands"] >= r["private_pages"] // mb.BATCH_PAGES
         assert set(report["ratios"][r["kind"]]) == {"over_plain", "over_psp"}
     suite = report["suite"]
     latest = (tmp_path / f"{suite}-latest.md").read_text()
