@@ -52,11 +52,8 @@ def _one(kind: str, ram: str, log: Any, deadline: Deadline) -> dict[str, Any]:
         log(f"{kind}: writing random contents into all {ram} of guest RAM ...")
         src.wait_console(WORKING_SET_WRITTEN, timeout=timeout)
         (dst,) = targets or start_targets(lab, kind, hosts[1], ram, GUEST, ["src"])
-        meter = cputime.CpuMeter()
-        meter.start()
-        result = migrate(src, dst, settings=settings_for(kind, lab))
-        cpu_s = meter.stop({"source": (hosts[0].proc.pid, src.proc.pid),
-                            "target": (hosts[1].proc.pid, dst.proc.pid)})
+        with cputime.migration_cpu(src, dst, parse_size(ram)) as cpu:
+            result = migrate(src, dst, settings=settings_for(kind, lab))
         verdict = dst.selfcheck(timeout=timeout) if result.status == "completed" else ""
     info = result.info
     total_ms = max(int(info.get("total-time", 0)), 1)
@@ -76,7 +73,7 @@ def _one(kind: str, ram: str, log: Any, deadline: Deadline) -> dict[str, Any]:
         "commands_per_s": commands / (total_ms / 1000),
         "mh": {k: conf[k] for k in ("mh-vcpus", "batches", "zero-pages-elided") if k in conf},
         "selfcheck": verdict,
-        "cpu": cputime.usage(meter, cpu_s, parse_size(ram)),
+        "cpu": cpu,
     }
     log(f"  {kind}: {result.status}, total {total_ms} ms, downtime {row['downtime_ms']} ms, "
         f"{row['guest_MBps']:.0f} MB/s of guest RAM, {row['commands_per_s']:.0f} firmware commands/s, "

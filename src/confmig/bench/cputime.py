@@ -13,12 +13,17 @@ before it (none does in a migration: every process outlives it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from confmig.common.units import GiB
+
+if TYPE_CHECKING:
+    from confmig.bench.lab import VmProc
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -83,6 +88,19 @@ def usage(meter: CpuMeter, seconds: Mapping[str, float], ram: int) -> dict[str, 
     each side, and the cores they kept busy on average (both sides' CPU time over wall time)."""
     per_gib = {side: round(s / (ram / GiB), 3) for side, s in seconds.items()}
     return {**per_gib, "cores": round(sum(seconds.values()) / meter.elapsed, 2) if meter.elapsed else 0.0}
+
+
+@contextlib.contextmanager
+def migration_cpu(src: VmProc, dst: VmProc, ram: int) -> Iterator[dict[str, float]]:
+    """Meter a migration of ``ram`` bytes from ``src`` to ``dst``: the yielded dict is filled
+    with :func:`usage` when the block ends (each side: its host's tree and its VMM's)."""
+    meter = CpuMeter()
+    meter.start()
+    cpu: dict[str, float] = {}
+    yield cpu
+    seconds = meter.stop({"source": (src.host.proc.pid, src.proc.pid),
+                          "target": (dst.host.proc.pid, dst.proc.pid)})
+    cpu.update(usage(meter, seconds, ram))
 
 
 def cell(run: Mapping[str, object]) -> str:

@@ -187,12 +187,8 @@ def _ping_pong(lab: Lab, first: VmProc, ram: str, guest: str, runs: list[tuple[s
     for n, (label, channels) in enumerate(runs):
         other = hosts["hostB"] if src.host.name == "hostA" else hosts["hostA"]
         dst = lab.vm(f"{src.name.split('-')[0]}-{n}", other, ram=ram, guest=guest, incoming="defer")
-        meter = cputime.CpuMeter()
-        meter.start()
-        result = migrate(src, dst, settings=MigrationSettings(channels=channels))
-        seconds = meter.stop({"source": (src.host.proc.pid, src.proc.pid),
-                              "target": (dst.host.proc.pid, dst.proc.pid)})
-        cpu = cputime.usage(meter, seconds, parse_size(ram))
+        with cputime.migration_cpu(src, dst, parse_size(ram)) as cpu:
+            result = migrate(src, dst, settings=MigrationSettings(channels=channels))
         log(f"  {label}: {result.status}, total {result.info.get('total-time')} ms, "
             f"downtime {result.info.get('downtime')} ms, CPU s per GiB {cputime.cell({'cpu': cpu})}")
         out.append((label, channels, result.info, cpu))

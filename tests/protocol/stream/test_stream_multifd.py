@@ -246,3 +246,17 @@ def test_decoder_checks_page_count_per_packet() -> None:
     assert decode(stream, pages_per_packet=4) == expected([([1, 2, 3], True)])
     with pytest.raises(StreamError, match="packet sized for 4 pages, channel uses 128"):
         decode(stream)
+
+
+@pytest.mark.parametrize("indices", [[NPAGES - 2, NPAGES - 1, NPAGES], [-1, 0, 1], [5, NPAGES], [-3, 7]],
+                         ids=["run-past-the-end", "run-from-below", "scattered-past-the-end", "scattered-below"])
+def test_the_encoder_refuses_pages_outside_the_block(indices: list[int]) -> None:
+    encoder = MultifdPacketEncoder(128)
+    with pytest.raises(IndexError):
+        encoder.encode("pc.ram", RAM, np.array(indices, dtype=np.int64), 0)
+
+
+def test_the_encoder_refuses_a_block_that_is_not_whole_pages_in_a_row() -> None:
+    encoder = MultifdPacketEncoder(128)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        encoder.encode("pc.ram", RAM[::2], np.arange(3, dtype=np.int64), 0)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
 
-from confmig.bench.cputime import CpuMeter, cell, usage
+from confmig.bench.cputime import CpuMeter, cell, migration_cpu, usage
 from confmig.common.units import MiB
+
+if TYPE_CHECKING:
+    from confmig.bench.lab import VmProc
 
 BURN = 0.3
 """CPU seconds the grandchild spends: it loops until its own CPU clock says so."""
@@ -46,3 +52,14 @@ def test_usage_is_per_gib_of_each_side_and_cores_over_the_window() -> None:
     assert cpu == {"source": 2.0, "target": 1.0, "cores": 0.75}
     assert cell({"cpu": cpu}) == "3.00 (2.00 + 1.00), 0.75 cores"
     assert cell({"kind": "plain"}) == "-"  # a report from before the column
+
+
+def test_migration_cpu_fills_in_both_sides_when_the_block_ends() -> None:
+    me = SimpleNamespace(pid=os.getpid())
+    vm = cast("VmProc", SimpleNamespace(proc=me, host=SimpleNamespace(proc=me)))
+    with migration_cpu(vm, vm, 256 * MiB) as cpu:
+        assert cpu == {}  # nothing known before the migration ends
+        end = time.process_time() + 0.1
+        while time.process_time() < end:
+            pass
+    assert cpu["source"] >= 0.08 * 4 and cpu["target"] == cpu["source"] and cpu["cores"] > 0

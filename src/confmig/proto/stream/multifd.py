@@ -19,7 +19,7 @@ import numpy as np
 from confmig.common.errors import StateError
 from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
 from confmig.proto.stream.decoder import DEFAULT_BUFFER_SIZE, End, NeedData, ReceiveBuffer
-from confmig.proto.stream.encoder import gather_pages, is_run
+from confmig.proto.stream.encoder import check_indices, gather_pages, is_run
 from confmig.proto.stream.format import (
     MAX_IDSTR,
     MULTIFD_INIT_SIZE,
@@ -82,10 +82,9 @@ class MultifdPacketEncoder:
         indices = np.asarray(indices, dtype=np.int64)
         flags = MultifdFlag.SYNC if sync else 0
         head = self._header(flags, n, packet_num, name, indices)
-        first = int(indices[0])
         if is_run(indices):
-            if first < 0 or first + n > len(pages):
-                raise IndexError(f"page index out of range for a RAM block of {len(pages)} pages")
+            check_indices(pages, indices)
+            first = int(indices[0])
             return head, pages[first : first + n].reshape(-1).data  # a run: straight from RAM
         gather_pages(pages, indices, self._pages[:n])
         return head, self._pages[:n].reshape(-1).data
