@@ -248,8 +248,11 @@ def test_decoder_checks_page_count_per_packet() -> None:
         decode(stream)
 
 
-@pytest.mark.parametrize("indices", [[NPAGES - 2, NPAGES - 1, NPAGES], [-1, 0, 1], [5, NPAGES], [-3, 7]],
-                         ids=["run-past-the-end", "run-from-below", "scattered-past-the-end", "scattered-below"])
+OUTSIDE = {"run-past-the-end": [NPAGES - 2, NPAGES - 1, NPAGES], "run-from-below": [-1, 0, 1],
+           "scattered-past-the-end": [5, NPAGES], "scattered-below": [-3, 7]}
+
+
+@pytest.mark.parametrize("indices", OUTSIDE.values(), ids=OUTSIDE.keys())
 def test_the_encoder_refuses_pages_outside_the_block(indices: list[int]) -> None:
     encoder = MultifdPacketEncoder(128)
     with pytest.raises(IndexError):
