@@ -45,6 +45,7 @@ from confmig.proto.stream import (
     shared_regions,
 )
 from confmig.proto.stream import return_path as rp
+from confmig.proto.stream.multifd import header_size
 
 pytestmark = pytest.mark.fuzz
 
@@ -180,16 +181,14 @@ def multifd_packets(draw: st.DrawFn) -> bytes:
     n = draw(st.integers(0, MULTIFD_PAGES))
     encoder = MultifdPacketEncoder(MULTIFD_PAGES)
     if n == 0:
-        head, data = encoder.sync(draw(u64)), b""
+        packet = bytearray(encoder.sync(draw(u64)))
     else:
         indices = np.array(draw(st.lists(st.integers(0, BLOCK_PAGES - 1), min_size=n, max_size=n,
                                          unique=True)), np.int64)
         pages = np.zeros((BLOCK_PAGES, PAGE_SIZE), np.uint8)
-        head, view = encoder.encode(BLOCK, pages, indices, draw(u64), sync=draw(st.booleans()))
-        data = bytes(view)
-    packet = bytearray(head + data)
+        packet = bytearray(encoder.encode(BLOCK, pages, indices, draw(u64), sync=draw(st.booleans())).wire)
     if draw(st.booleans()):
-        at = draw(st.integers(0, len(head) - 1))
+        at = draw(st.integers(0, header_size(MULTIFD_PAGES) - 1))
         width = draw(st.sampled_from([1, 4, 8]))
         packet[at : at + width] = draw(st.binary(min_size=width, max_size=width))[: len(packet) - at]
     return bytes(packet)

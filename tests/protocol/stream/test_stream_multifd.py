@@ -63,8 +63,7 @@ def channel(packets: list[tuple[list[int], bool]], pages_per_packet: int = 128) 
     parts = [multifd_init(UUID, 5)]
     for num, (indices, sync) in enumerate(packets):
         if indices:
-            head, data = encoder.encode("pc.ram", RAM, np.array(indices, np.int64), num, sync=sync)
-            parts += [head, bytes(data)]
+            parts.append(encoder.encode("pc.ram", RAM, np.array(indices, np.int64), num, sync=sync).wire)
         else:
             parts.append(encoder.sync(num))
     return b"".join(parts)
@@ -154,7 +153,8 @@ def test_a_direct_decoder_must_be_given_its_payload_before_the_next_header() -> 
 
 
 def test_packet_layout() -> None:
-    head, data = MultifdPacketEncoder().encode("pc.ram", RAM, np.array([7, 3]), 42, sync=True)
+    wire = MultifdPacketEncoder().encode("pc.ram", RAM, np.array([7, 3]), 42, sync=True).wire
+    head, data = wire[:HEADER], wire[HEADER:]
     assert len(head) == 320 + 8 * 128 == HEADER
     fields = struct.unpack_from(">IIIIIIQ", head)
     assert fields == (0x11223344, 1, 0x1, 128, 2, 2 * PAGE_SIZE, 42)
@@ -162,7 +162,7 @@ def test_packet_layout() -> None:
     assert head[64:320] == b"pc.ram" + bytes(250)
     assert head[320:336] == struct.pack(">QQ", 7 << 12, 3 << 12)
     assert head[336:] == bytes(8 * 126)
-    assert bytes(data) == RAM[7].tobytes() + RAM[3].tobytes()
+    assert data == RAM[7].tobytes() + RAM[3].tobytes()
     assert multifd_init(UUID, 5) == struct.pack(">II", 0x11223344, 1) + UUID + b"\x05" + bytes(39)
 
 
@@ -263,3 +263,37 @@ def test_the_encoder_refuses_a_block_that_is_not_whole_pages_in_a_row() -> None:
     encoder = MultifdPacketEncoder(128)
     with pytest.raises(ValueError, match="C-contiguous"):
         encoder.encode("pc.ram", RAM[::2], np.arange(3, dtype=np.int64), 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(indices=st.lists(st.integers(0, NPAGES - 1), min_size=1, max_size=40),
+       per=st.integers(1, 9), first=st.integers(0, 2**40), sync=st.booleans())
+def test_a_batch_is_full_packets_numbered_in_a_row_then_a_short_one(
+        indices: list[int], per: int, first: int, sync: bool) -> None:
+    """Any pages (runs, gaps, any order, repeats) in one batch decode as the packets one at a
+    time would: ``per`` pages each but the last, numbered from ``first``, SYNC on the last."""
+    batch = MultifdPacketEncoder(per).encode("pc.ram", RAM, np.array(indices, np.int64), first, sync=sync)
+    chunks = [indices[k : k + per] for k in range(0, len(indices), per)]
+    assert batch.packets == len(chunks)
+    want: list[Norm] = [("init", UUID, 5)]
+    for j, chunk in enumerate(chunks):
+        want += [("page", "pc.ram", first + j, i, RAM[i].tobytes()) for i in chunk]
+    if sync:
+        want.append(("sync", first + len(chunks) - 1))
+    assert decode(multifd_init(UUID, 5) + batch.wire, pages_per_packet=per) == want
+
+
+def test_a_batch_points_at_guest_ram_one_buffer_per_run() -> None:
+    """The gather write's buffers: a header, then each run of consecutive pages of its packet
+    as one buffer where it lies in RAM (a write after encoding is what goes out)."""
+    ram = RAM.copy()
+    batch = MultifdPacketEncoder(4).encode("pc.ram", ram, np.array([5, 6, 7, 8, 9, 2, 3, 40]), 0)
+    iov = batch.iovec()
+    base = ram.ctypes.data
+    assert [(int(a) - base, int(n)) for a, n in iov if n != header_size(4)] == [
+        (5 * PAGE_SIZE, 4 * PAGE_SIZE),  # packet 0: 5..8
+        (9 * PAGE_SIZE, PAGE_SIZE), (2 * PAGE_SIZE, 2 * PAGE_SIZE), (40 * PAGE_SIZE, PAGE_SIZE),
+    ]
+    assert [int(n) == header_size(4) for _, n in iov] == [True, False, True, False, False, False]
+    ram[40] = 0xAB
+    assert batch.wire.endswith(bytes([0xAB]) * PAGE_SIZE)

@@ -36,7 +36,6 @@ from confmig.proto.stream.encoder import (
     eof,
     eos_and_footer,
     find_zero_pages,
-    gather_pages,
     header,
     ram_end_begin,
     ram_part_begin,
@@ -51,6 +50,7 @@ from confmig.proto.stream.multifd import (
     MultifdPacketEncoder,
     MultifdPages,
     MultifdSync,
+    PacketBatch,
     multifd_init,
 )
 
@@ -71,6 +71,7 @@ __all__ = [
     "MultifdPages",
     "MultifdSync",
     "NeedData",
+    "PacketBatch",
     "PageArray",
     "PageBatch",
     "PageBatchEncoder",
@@ -95,7 +96,6 @@ __all__ = [
     "eos_and_footer",
     "find_zero_pages",
     "format_report",
-    "gather_pages",
     "header",
     "multifd_init",
     "ram_end_begin",

@@ -302,14 +302,7 @@ def is_run(indices: IndexArray) -> bool:
     n = len(indices)
     if n == 0 or int(indices[-1]) - int(indices[0]) != n - 1:
         return False
-    return n == 1 or bool(np.all(np.diff(indices) == 1))
-
-
-def gather_pages(pages: PageArray, indices: IndexArray, out: PageArray) -> None:
-    """``out[:] = pages[indices]`` in one copy; ``out`` must be C-contiguous."""
-    check_indices(pages, indices)
-    # mode="clip" never clips (bounds checked above); mode="raise" would copy ``out`` twice.
-    np.take(pages, indices, axis=0, out=out, mode="clip")
+    return n == 1 or not np.count_nonzero(indices[1:] - indices[:-1] != 1)
 
 
 def check_indices(pages: PageArray, indices: IndexArray) -> None:

@@ -15,11 +15,12 @@ from enum import Enum, auto
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from confmig.common.errors import StateError
 from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
 from confmig.proto.stream.decoder import DEFAULT_BUFFER_SIZE, End, NeedData, ReceiveBuffer
-from confmig.proto.stream.encoder import check_indices, gather_pages, is_run
+from confmig.proto.stream.encoder import check_indices, gathered
 from confmig.proto.stream.format import (
     MAX_IDSTR,
     MULTIFD_INIT_SIZE,
@@ -38,6 +39,8 @@ _INIT = struct.Struct(">II16sB39s")
 _PACKET = struct.Struct(f">IIIIIIQ32s{MULTIFD_RAMBLOCK_SIZE}s")
 assert _INIT.size == MULTIFD_INIT_SIZE and _PACKET.size == MULTIFD_PACKET_FIXED_SIZE
 _UUID_SIZE: Final = 16
+_NO_RESERVED: Final = bytes(32)
+_SYNC: Final = int(MultifdFlag.SYNC)  # an int: the flag tested per packet, not an enum operation
 
 
 def multifd_init(uuid: bytes, channel: int) -> bytes:
@@ -52,62 +55,134 @@ def header_size(pages_per_packet: int) -> int:
     return MULTIFD_PACKET_FIXED_SIZE + 8 * pages_per_packet
 
 
+_FIXED_FIELDS = [
+    ("magic", ">u4"), ("version", ">u4"), ("flags", ">u4"), ("pages_alloc", ">u4"),
+    ("normal_pages", ">u4"), ("next_packet_size", ">u4"), ("packet_num", ">u8"),
+    ("unused", "V32"), ("ramblock", f"S{MULTIFD_RAMBLOCK_SIZE}"),
+]
+
+
+def _header_dtype(pages_per_packet: int) -> np.dtype[np.void]:
+    """``MultiFDPacket_t`` as a numpy record: the fixed part, then ``offset[pages_alloc]``."""
+    dtype = np.dtype([*_FIXED_FIELDS, ("offset", ">u8", (pages_per_packet,))])
+    assert dtype.itemsize == header_size(pages_per_packet)
+    return dtype
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PacketBatch:
+    """Packets of one RAM block as the buffers of one gather write: each packet's header from
+    the encoder, then its pages where they lie in guest RAM (one buffer per run of
+    consecutive pages). Valid until the encoder's next ``encode``; a page written after
+    encoding goes out as it is then (it is dirty and goes again, as in QEMU)."""
+
+    heads: npt.NDArray[np.uint8]
+    """``(packets, header_size)``: every packet's header."""
+    pages: PageArray
+    """The RAM block."""
+    indices: IndexArray
+    """The pages, in the order they go: ``pages_per_packet`` per packet, the last one short."""
+    pages_per_packet: int
+
+    @property
+    def packets(self) -> int:
+        return len(self.heads)
+
+    def iovec(self) -> npt.NDArray[np.uint64]:
+        """``struct iovec`` rows ``(base, length)``: a header, the runs of its packet's pages,
+        the next header... Pointers into the arrays above, which must outlive the write."""
+        idx, per, k = self.indices, self.pages_per_packet, self.packets
+        n = len(idx)
+        if k != -(-n // per) or n == 0:
+            raise ValueError(f"{n} pages do not fill {k} packets of up to {per}")
+        # SECURITY: addresses for the kernel: the block is contiguous, every page inside it.
+        check_indices(self.pages, idx)
+        # A run starts at each packet's first page and wherever the pages stop being consecutive.
+        starts = np.ones(n, dtype=bool)
+        starts[1:] = np.diff(idx) != 1
+        starts[::per] = True
+        first = np.flatnonzero(starts)
+        length = np.diff(first, append=n)
+        packet = first // per
+        iov = np.empty((len(first) + k, 2), dtype=np.uint64)
+        # Packet j's header goes before its first run, behind the j headers and runs before it.
+        at_head = np.searchsorted(packet, np.arange(k)) + np.arange(k)
+        iov[at_head, 0] = self.heads.ctypes.data + self.heads.shape[1] * np.arange(k, dtype=np.uint64)
+        iov[at_head, 1] = self.heads.shape[1]
+        at_run = np.arange(len(first)) + packet + 1
+        iov[at_run, 0] = self.pages.ctypes.data + (idx[first].astype(np.uint64) << PAGE_SHIFT)
+        iov[at_run, 1] = length.astype(np.uint64) << PAGE_SHIFT
+        return iov
+
+    @property
+    def wire(self) -> bytes:
+        """The packets as one ``bytes`` (tests): what a channel writes."""
+        return gathered(self.iovec())
+
+
 class MultifdPacketEncoder:
-    """Builds ``MultiFDPacket_t`` packets: a header, then the pages gathered into one buffer."""
+    """Builds ``MultiFDPacket_t`` packets, any number at once, without copying a page."""
 
     def __init__(self, pages_per_packet: int = MULTIFD_PAGES_PER_PACKET) -> None:
         if pages_per_packet <= 0:
             raise ValueError("pages_per_packet must be positive")
         self.pages_per_packet = pages_per_packet
-        self._pages = np.empty((pages_per_packet, PAGE_SIZE), dtype=np.uint8)
+        self._dtype = _header_dtype(pages_per_packet)
+        self._heads = np.zeros(0, dtype=self._dtype)
 
-    def encode(
-        self,
-        block: str,
-        pages: PageArray,
-        indices: IndexArray,
-        packet_num: int,
-        *,
-        sync: bool = False,
-    ) -> tuple[bytes, memoryview]:
-        """``(header, page data)`` for ``pages[indices]``; the page data is valid until the
-        next ``encode``. A run of consecutive pages is not copied: the data is a view
-        of ``pages`` itself."""
+    def packets(self, npages: int) -> int:
+        """How many packets ``npages`` pages take."""
+        return -(-npages // self.pages_per_packet)
+
+    def encode(self, block: str, pages: PageArray, indices: IndexArray, first_packet: int,
+               *, sync: bool = False) -> PacketBatch:
+        """``pages[indices]`` as packets numbered from ``first_packet``, each full but the
+        last; with ``sync`` the last one carries the SYNC flag."""
         n = len(indices)
-        if not 0 < n <= self.pages_per_packet:
-            raise ValueError(f"packet of {n} pages (allowed 1..{self.pages_per_packet})")
+        if n == 0:
+            raise ValueError("a packet batch needs pages (a SYNC alone is sync())")
         name = block.encode()
         if not 0 < len(name) <= MAX_IDSTR:
             raise ValueError(f"RAM block name {block!r} must be 1..{MAX_IDSTR} bytes")
         indices = np.asarray(indices, dtype=np.int64)
-        flags = MultifdFlag.SYNC if sync else 0
-        head = self._header(flags, n, packet_num, name, indices)
-        if is_run(indices):
-            check_indices(pages, indices)
-            first = int(indices[0])
-            return head, pages[first : first + n].reshape(-1).data  # a run: straight from RAM
-        gather_pages(pages, indices, self._pages[:n])
-        return head, self._pages[:n].reshape(-1).data
+        check_indices(pages, indices)
+        per, k = self.pages_per_packet, self.packets(n)
+        heads = self._fixed(k, name)
+        normal = np.full(k, per, dtype=np.uint32)
+        normal[-1] = n - per * (k - 1)
+        heads["normal_pages"] = normal
+        heads["next_packet_size"] = normal * PAGE_SIZE
+        heads["packet_num"] = first_packet + np.arange(k, dtype=np.uint64)
+        if sync:
+            heads["flags"][-1] = MultifdFlag.SYNC
+        offsets = np.zeros(k * per, dtype=np.int64)  # slots past a short packet's pages: zero
+        offsets[:n] = indices << PAGE_SHIFT
+        heads["offset"] = offsets.reshape(k, per)
+        return PacketBatch(heads=heads.view(np.uint8).reshape(k, -1), pages=pages,
+                           indices=indices, pages_per_packet=per)
 
     def sync(self, packet_num: int) -> bytes:
         """A packet without pages that only carries the SYNC flag."""
-        return self._header(MultifdFlag.SYNC, 0, packet_num, b"", np.empty(0, dtype=np.int64))
+        head = np.zeros(1, dtype=self._dtype)
+        self._fill_fixed(head, b"")
+        head["flags"] = MultifdFlag.SYNC
+        head["packet_num"] = packet_num
+        return head.tobytes()
 
-    def _header(self, flags: int, n: int, packet_num: int, name: bytes, indices: IndexArray) -> bytes:
-        offsets = np.zeros(self.pages_per_packet, dtype=">u8")
-        offsets[:n] = indices << PAGE_SHIFT
-        fixed = _PACKET.pack(
-            MULTIFD_MAGIC,
-            MULTIFD_VERSION,
-            flags,
-            self.pages_per_packet,
-            n,
-            n * PAGE_SIZE,
-            packet_num,
-            b"",
-            name,
-        )
-        return fixed + offsets.tobytes()
+    def _fixed(self, k: int, name: bytes) -> npt.NDArray[np.void]:
+        """``k`` headers from the encoder's reusable array, their constant fields set."""
+        if len(self._heads) < k:
+            self._heads = np.zeros(k, dtype=self._dtype)
+        heads = self._heads[:k]
+        self._fill_fixed(heads, name)
+        return heads
+
+    def _fill_fixed(self, heads: npt.NDArray[np.void], name: bytes) -> None:
+        heads["magic"] = MULTIFD_MAGIC
+        heads["version"] = MULTIFD_VERSION
+        heads["flags"] = 0
+        heads["pages_alloc"] = self.pages_per_packet
+        heads["ramblock"] = name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,6 +253,7 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         self._sync: int | None = None  # SYNC of a packet whose pages were just returned
         self._direct = direct
         self._payload_left = 0
+        self._last_ramblock: tuple[bytes, tuple[str, int]] = (b"", ("", 0))
 
     def take_payload(self) -> memoryview:
         """(``direct``) The part of the current packet's pages already received, consumed."""
@@ -240,7 +316,7 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
             _PACKET.unpack_from(self._buf, p)
         )
         self._check_magic_version(p, magic, version)
-        if flags & ~int(MultifdFlag.SYNC):
+        if flags & ~_SYNC:
             self._fail(f"multifd flags 0x{flags:x} (only SYNC, without compression)", p + 8)
         if pages_alloc != self._pages_per_packet:
             self._fail(
@@ -249,10 +325,10 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
             )
         if normal > pages_alloc:
             self._fail(f"{normal} pages in a packet of {pages_alloc}", p + 16)
-        if any(reserved):
+        if reserved != _NO_RESERVED:
             self._fail("non-zero reserved bytes in MultiFDPacket_t", p + 32)
         if normal == 0:
-            if not flags & MultifdFlag.SYNC:
+            if not flags & _SYNC:
                 self._fail("packet with neither pages nor SYNC", p + 8)
             self._start = p + self._header_size
             return MultifdSync(packet_num=packet_num)
@@ -260,16 +336,13 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
             self._fail(f"next_packet_size {next_size} for {normal} uncompressed pages", p + 20)
         block, npages = self._ramblock(p + 64, ramblock)
         # SECURITY: peer-controlled offsets become indices into guest RAM: bounds-check all.
-        offsets = np.ndarray((normal,), ">u8", self._buf, p + MULTIFD_PACKET_FIXED_SIZE)
-        bad = ((offsets & RAM_FLAG_MASK) != 0) | ((offsets >> PAGE_SHIFT) >= npages)
-        if bad.any():
-            j = int(bad.argmax())
-            self._fail(
-                f"page offset 0x{int(offsets[j]):x} not a page of RAM block {block!r}",
-                p + MULTIFD_PACKET_FIXED_SIZE + 8 * j,
-            )
+        at = p + MULTIFD_PACKET_FIXED_SIZE
+        offsets = np.frombuffer(self._buf, ">u8", normal, at).astype(np.uint64)
+        if np.count_nonzero(offsets & RAM_FLAG_MASK) or np.count_nonzero(offsets >> PAGE_SHIFT >= npages):
+            j = int((((offsets & RAM_FLAG_MASK) != 0) | (offsets >> PAGE_SHIFT >= npages)).argmax())
+            self._fail(f"page offset 0x{int(offsets[j]):x} not a page of RAM block {block!r}", at + 8 * j)
         indices = (offsets >> PAGE_SHIFT).astype(np.int64)
-        sync = packet_num if flags & MultifdFlag.SYNC else None
+        sync = packet_num if flags & _SYNC else None
         if self._direct:
             self._start = p + self._header_size
             self._state = _State.PAYLOAD
@@ -286,15 +359,20 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         return MultifdPages(block=block, packet_num=packet_num, indices=indices, data=data)
 
     def _ramblock(self, at: int, field: bytes) -> tuple[str, int]:
+        """The block a packet names, and its size in pages; the last one found is remembered
+        (every packet of a channel names one block, as a rule)."""
+        if field == self._last_ramblock[0]:
+            return self._last_ramblock[1]
         length = field.find(b"\0")
         if length <= 0:
             self._fail("ramblock name empty or not NUL-terminated", at)
-        if any(field[length:]):
+        if field.count(0, length) != len(field) - length:
             self._fail("bytes after the NUL of the ramblock name", at + length)
         name = self._text(at, length, "ramblock name")
         size = self._blocks.get(name)
         if size is None:
             self._fail(f"unknown RAM block {name!r}", at)
+        self._last_ramblock = (field, (name, size >> PAGE_SHIFT))
         return name, size >> PAGE_SHIFT
 
     def _check_magic_version(self, p: int, magic: int, version: int) -> None:

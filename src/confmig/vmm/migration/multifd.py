@@ -11,7 +11,6 @@ its round-k copy travelling on another channel.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import queue
 import threading
 
@@ -49,7 +48,7 @@ class MultifdSender:
             self.channels.append(ch)
             ch.send_all(mf.multifd_init(VM_UUID, i))
         self._queues: list[queue.Queue[_Item]] = [queue.Queue(QUEUE_DEPTH) for _ in self.channels]
-        self._packet_num = itertools.count()
+        self._next_packet = 0
         self._next = 0
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -63,23 +62,16 @@ class MultifdSender:
     def _send_loop(self, i: int) -> None:
         ch, q = self.channels[i], self._queues[i]
         encoder = mf.MultifdPacketEncoder()
-        per_packet = encoder.pages_per_packet
         try:
             while (item := q.get()) is not None:
                 if isinstance(item, threading.Event):
-                    with self._lock:
-                        num = next(self._packet_num)
-                    ch.send_all(encoder.sync(num))
+                    ch.send_all(encoder.sync(self._packet_numbers(1)))
                     item.set()
                     continue
                 block, indices = item
-                n = 0
-                for start in range(0, len(indices), per_packet):
-                    with self._lock:
-                        num = next(self._packet_num)
-                    head, data = encoder.encode(block.idstr, block.pages,
-                                                indices[start : start + per_packet], num)
-                    n += ch.send_parts((head, data))  # one gather write
+                first = self._packet_numbers(encoder.packets(len(indices)))
+                batch = encoder.encode(block.idstr, block.pages, indices, first)
+                n = ch.send_iovec(batch.iovec(), owner=batch)  # every packet in one gather write
                 with self._lock:
                     self.stats.multifd_bytes += n
         except BaseException as exc:  # reported to the migration thread at its next call
@@ -91,6 +83,14 @@ class MultifdSender:
                     break
                 if isinstance(leftover, threading.Event):
                     leftover.set()
+
+    def _packet_numbers(self, count: int) -> int:
+        """The first of ``count`` packet numbers, unique over all channels (QEMU's
+        ``packet_num``)."""
+        with self._lock:
+            first = self._next_packet
+            self._next_packet += count
+        return first
 
     def _check(self) -> None:
         if self._error is not None:

@@ -249,6 +249,7 @@ def test_multifd_pages_go_on_their_channels_with_a_sync_after_every_part() -> No
     assert run.statuses[-1] == S.COMPLETED and len(run.multifd) == 2
     parts = 1 + len(run.rounds) + 1  # setup, the precopy rounds, the final part
     pages: list[int] = []
+    numbers: list[int] = []
     for i, ch in enumerate(run.multifd):
         d = mf.MultifdDecoder({"pc.ram": NPAGES * 4096})
         d.receive_data(ch.wire)
@@ -259,5 +260,9 @@ def test_multifd_pages_go_on_their_channels_with_a_sync_after_every_part() -> No
         assert events[0] == mf.MultifdInit(uuid=bytes(16), channel=i)
         assert sum(isinstance(e, mf.MultifdSync) for e in events) == parts
         pages += [int(p) for e in events if isinstance(e, mf.MultifdPages) for p in e.indices]
+        mine = [e.packet_num for e in events if isinstance(e, mf.MultifdPages | mf.MultifdSync)]
+        assert mine == sorted(mine)
+        numbers += mine
     assert sorted(set(pages)) == list(range(NPAGES))
+    assert len(set(numbers)) == len(numbers)  # QEMU's packet_num: unique over all channels
     assert not [e for e in run.events() if isinstance(e, dec.RamPages)]  # none on the main channel
