@@ -168,3 +168,12 @@ def test_vmdescription_is_found_like_qemu_does_for_every_length() -> None:
         ]
         assert desc["page_size"] == PAGE_SIZE
     assert padded, "no length needed padding: the test does not cover the '{' case"
+
+
+@pytest.mark.parametrize("at", [0, 7, 8, PAGE_SIZE // 2, PAGE_SIZE // 2 + 5, PAGE_SIZE - 1, 1000])
+def test_a_page_with_one_byte_set_is_never_zero(at: int) -> None:
+    """Wherever the one non-zero byte is (in a sampled word, the first, a later one, or none of
+    them), the page is not zero, and its zero neighbours still are."""
+    pages = np.zeros((5, PAGE_SIZE), dtype=np.uint8)
+    pages[2, at] = 0x40
+    assert find_zero_pages(pages).tolist() == [True, True, False, True, True]

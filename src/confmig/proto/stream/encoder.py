@@ -327,12 +327,15 @@ def _words(pages: PageArray) -> npt.NDArray[np.uint64]:
 
 
 def _zero_rows(words: npt.NDArray[np.uint64], rows: IndexArray) -> IndexArray:
-    """Positions ``j`` such that page ``rows[j]`` of ``words`` is all zero. A few sampled
-    words rule out nearly every non-zero page; only the remaining candidates are read whole."""
-    sample = words[rows, _SAMPLE_WORDS[0]]
+    """Positions ``j`` such that page ``rows[j]`` of ``words`` is all zero. The sampled words,
+    one after another, rule out nearly every non-zero page at its first (one cache line read
+    per page, as QEMU's ``buffer_is_zero`` stops at the first non-zero bytes); only pages
+    that sample zero throughout are read whole."""
+    candidates = np.flatnonzero(words[rows, _SAMPLE_WORDS[0]] == 0)
     for w in _SAMPLE_WORDS[1:]:
-        sample = sample | words[rows, w]
-    candidates = np.flatnonzero(sample == 0)
+        if not candidates.size:
+            return candidates
+        candidates = candidates[words[rows[candidates], w] == 0]
     if candidates.size:
         candidates = candidates[~words[rows[candidates]].any(axis=1)]
     return candidates

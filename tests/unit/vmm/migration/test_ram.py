@@ -18,7 +18,7 @@ from confmig.common.units import PAGE_SIZE
 from confmig.proto.stream import decoder as dec
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.proto.stream.writer import StreamWriter
-from confmig.vmm.memory import GuestMemory
+from confmig.vmm.memory import GuestMemory, RamBlock
 from confmig.vmm.migration.ram import (
     BATCH_PAGES,
     ZERO_BATCH_PAGES,
@@ -155,3 +155,13 @@ def test_landing_writes_runs_and_scattered_pages_and_zeroes_only_what_it_wrote()
     land.zeros("pc.ram", np.array([11, 500], dtype=np.int64))
     assert (block.pages[11] == 0).all() and (block.pages[10] == 3).all()
     assert block.holes()[500]  # never written, so left alone: no page allocated for it
+
+
+@pytest.mark.parametrize("written", [[], [0], [3, 4, 9], list(range(16))],
+                         ids=["none", "first", "some", "all"])
+def test_holes_are_the_pages_never_written(written: list[int]) -> None:
+    """Whether the memfd is full (no walk needed) or has holes, the answer is the same."""
+    block = RamBlock("pc.ram", 16 * PAGE_SIZE)
+    for i in written:
+        block.pages[i, 7] = 1
+    assert np.flatnonzero(~block.holes()).tolist() == written
