@@ -173,7 +173,12 @@ def test_vmdescription_is_found_like_qemu_does_for_every_length() -> None:
 @pytest.mark.parametrize("at", [0, 7, 8, PAGE_SIZE // 2, PAGE_SIZE // 2 + 5, PAGE_SIZE - 1, 1000])
 def test_a_page_with_one_byte_set_is_never_zero(at: int) -> None:
     """Wherever the one non-zero byte is (in a sampled word, the first, a later one, or none of
-    them), the page is not zero, and its zero neighbours still are."""
+    them), the page is not zero, and its zero neighbours still are: through the sampled check
+    of a page list and of a batch's encoder, and through the whole-block check."""
     pages = np.zeros((5, PAGE_SIZE), dtype=np.uint8)
     pages[2, at] = 0x40
+    everything = np.arange(5, dtype=np.int64)
+    assert find_zero_pages(pages, everything).tolist() == [True, True, False, True, True]
     assert find_zero_pages(pages).tolist() == [True, True, False, True, True]
+    batch = PageBatchEncoder(8).encode("pc.ram", pages, everything)
+    assert batch.sent.tolist() == [2] and batch.zero.tolist() == [0, 1, 3, 4]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -267,7 +268,7 @@ def test_the_encoder_refuses_a_block_that_is_not_whole_pages_in_a_row() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(indices=st.lists(st.integers(0, NPAGES - 1), min_size=1, max_size=40),
-       per=st.integers(1, 9), first=st.integers(0, 2**40), sync=st.booleans())
+       per=st.integers(1, 9), first=st.integers(0, 2**64 - 41), sync=st.booleans())
 def test_a_batch_is_full_packets_numbered_in_a_row_then_a_short_one(
         indices: list[int], per: int, first: int, sync: bool) -> None:
     """Any pages (runs, gaps, any order, repeats) in one batch decode as the packets one at a
@@ -297,3 +298,37 @@ def test_a_batch_points_at_guest_ram_one_buffer_per_run() -> None:
     assert [int(n) == header_size(4) for _, n in iov] == [True, False, True, False, False, False]
     ram[40] = 0xAB
     assert batch.wire.endswith(bytes([0xAB]) * PAGE_SIZE)
+
+
+def test_packet_numbers_must_fit_a_u64() -> None:
+    encoder = MultifdPacketEncoder(2)
+    last = encoder.encode("pc.ram", RAM, np.arange(4), 2**64 - 2)  # numbers 2**64-2 and -1
+    assert decode(multifd_init(UUID, 5) + last.wire, pages_per_packet=2)[-1][2] == 2**64 - 1
+    for first in (2**64 - 1, -1):
+        with pytest.raises(ValueError, match="u64 packet_num"):
+            encoder.encode("pc.ram", RAM, np.arange(4), first)
+
+
+def test_headers_must_be_whole_rows_of_bytes() -> None:
+    """The iovec points the kernel at each header: refused unless they are exactly a header
+    wide and contiguous (numpy would let a reversed view through)."""
+    batch = MultifdPacketEncoder(2).encode("pc.ram", RAM, np.arange(4), 0)
+    for heads in (batch.heads[::-1], batch.heads[:, :-1], batch.heads.view(np.int8)):
+        with pytest.raises(ValueError, match="headers must be"):
+            dataclasses.replace(batch, heads=heads).iovec()
+
+
+def test_packets_may_name_another_block_and_back() -> None:
+    """The decoder remembers the block the last packet named; another name is looked up, and
+    an unknown one after a known one is still refused."""
+    encoder = MultifdPacketEncoder(128)
+    vga = np.full((4, PAGE_SIZE), 0x5A, dtype=np.uint8)
+    wire = (multifd_init(UUID, 5) + encoder.encode("pc.ram", RAM, np.array([3]), 0).wire
+            + encoder.encode("vga", vga, np.array([1]), 1).wire
+            + encoder.encode("pc.ram", RAM, np.array([4]), 2).wire)
+    assert decode(wire) == [("init", UUID, 5), ("page", "pc.ram", 0, 3, RAM[3].tobytes()),
+                            ("page", "vga", 1, 1, vga[1].tobytes()),
+                            ("page", "pc.ram", 2, 4, RAM[4].tobytes())]
+    unknown = wire + encoder.encode("rom", vga, np.array([0]), 3).wire
+    with pytest.raises(StreamError, match="unknown RAM block 'rom'"):
+        decode(unknown)

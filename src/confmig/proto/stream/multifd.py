@@ -40,6 +40,7 @@ _PACKET = struct.Struct(f">IIIIIIQ32s{MULTIFD_RAMBLOCK_SIZE}s")
 assert _INIT.size == MULTIFD_INIT_SIZE and _PACKET.size == MULTIFD_PACKET_FIXED_SIZE
 _UUID_SIZE: Final = 16
 _NO_RESERVED: Final = bytes(32)
+_U64_MAX: Final = 2**64 - 1
 _SYNC: Final = int(MultifdFlag.SYNC)  # an int: the flag tested per packet, not an enum operation
 
 
@@ -58,15 +59,23 @@ def header_size(pages_per_packet: int) -> int:
 _FIXED_FIELDS = [
     ("magic", ">u4"), ("version", ">u4"), ("flags", ">u4"), ("pages_alloc", ">u4"),
     ("normal_pages", ">u4"), ("next_packet_size", ">u4"), ("packet_num", ">u8"),
-    ("unused", "V32"), ("ramblock", f"S{MULTIFD_RAMBLOCK_SIZE}"),
+    ("reserved", "V32"), ("ramblock", f"S{MULTIFD_RAMBLOCK_SIZE}"),
 ]
+"""The fields ``_PACKET`` unpacks, in its order (QEMU calls ``reserved`` ``unused``)."""
 
 
 def _header_dtype(pages_per_packet: int) -> np.dtype[np.void]:
     """``MultiFDPacket_t`` as a numpy record: the fixed part, then ``offset[pages_alloc]``."""
     dtype = np.dtype([*_FIXED_FIELDS, ("offset", ">u8", (pages_per_packet,))])
-    assert dtype.itemsize == header_size(pages_per_packet)
+    # The same layout as the decoder's struct: the name at 64, the offsets after the fixed part.
+    assert dtype.fields is not None and dtype.fields["ramblock"][1] == 64
+    assert dtype.fields["offset"][1] == _PACKET.size and dtype.itemsize == header_size(pages_per_packet)
     return dtype
+
+
+def _packets(npages: int, pages_per_packet: int) -> int:
+    """How many packets ``npages`` pages take, each full but the last."""
+    return -(-npages // pages_per_packet)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,11 +100,15 @@ class PacketBatch:
     def iovec(self) -> npt.NDArray[np.uint64]:
         """``struct iovec`` rows ``(base, length)``: a header, the runs of its packet's pages,
         the next header... Pointers into the arrays above, which must outlive the write."""
-        idx, per, k = self.indices, self.pages_per_packet, self.packets
+        idx, per, k, heads = self.indices, self.pages_per_packet, self.packets, self.heads
         n = len(idx)
-        if k != -(-n // per) or n == 0:
+        if k != _packets(n, per) or n == 0:
             raise ValueError(f"{n} pages do not fill {k} packets of up to {per}")
-        # SECURITY: addresses for the kernel: the block is contiguous, every page inside it.
+        # SECURITY: addresses for the kernel: the headers are rows of one C-contiguous byte
+        # array, exactly a header wide; the block is contiguous, every page inside it.
+        if (heads.dtype != np.uint8 or heads.ndim != 2 or heads.shape[1] != header_size(per)
+                or not heads.flags.c_contiguous):
+            raise ValueError(f"headers must be C-contiguous ({k}, {header_size(per)}) bytes")
         check_indices(self.pages, idx)
         # A run starts at each packet's first page and wherever the pages stop being consecutive.
         starts = np.ones(n, dtype=bool)
@@ -107,8 +120,8 @@ class PacketBatch:
         iov = np.empty((len(first) + k, 2), dtype=np.uint64)
         # Packet j's header goes before its first run, behind the j headers and runs before it.
         at_head = np.searchsorted(packet, np.arange(k)) + np.arange(k)
-        iov[at_head, 0] = self.heads.ctypes.data + self.heads.shape[1] * np.arange(k, dtype=np.uint64)
-        iov[at_head, 1] = self.heads.shape[1]
+        iov[at_head, 0] = heads.ctypes.data + heads.shape[1] * np.arange(k, dtype=np.uint64)
+        iov[at_head, 1] = heads.shape[1]
         at_run = np.arange(len(first)) + packet + 1
         iov[at_run, 0] = self.pages.ctypes.data + (idx[first].astype(np.uint64) << PAGE_SHIFT)
         iov[at_run, 1] = length.astype(np.uint64) << PAGE_SHIFT
@@ -132,15 +145,19 @@ class MultifdPacketEncoder:
 
     def packets(self, npages: int) -> int:
         """How many packets ``npages`` pages take."""
-        return -(-npages // self.pages_per_packet)
+        return _packets(npages, self.pages_per_packet)
 
     def encode(self, block: str, pages: PageArray, indices: IndexArray, first_packet: int,
                *, sync: bool = False) -> PacketBatch:
         """``pages[indices]`` as packets numbered from ``first_packet``, each full but the
-        last; with ``sync`` the last one carries the SYNC flag."""
+        last. With ``sync`` the last one carries the SYNC flag too: QEMU sends SYNC on a
+        packet of its own (:meth:`sync`), but the format allows pages in it, and the
+        decoder takes both."""
         n = len(indices)
         if n == 0:
             raise ValueError("a packet batch needs pages (a SYNC alone is sync())")
+        if not 0 <= first_packet <= _U64_MAX + 1 - self.packets(n):
+            raise ValueError(f"packet numbers from {first_packet} do not fit QEMU's u64 packet_num")
         name = block.encode()
         if not 0 < len(name) <= MAX_IDSTR:
             raise ValueError(f"RAM block name {block!r} must be 1..{MAX_IDSTR} bytes")
@@ -235,7 +252,8 @@ class _State(Enum):
 
 class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
     """Decodes one multifd channel. ``blocks`` maps RAM block idstr to its size in bytes (as
-    in ``RamMemSize``); it is consulted per packet, so it may be filled in after creation."""
+    in ``RamMemSize``); it is consulted whenever a packet names another block than the one
+    before, so blocks may be added after creation (a block's size must not change)."""
 
     def __init__(
         self,

@@ -71,7 +71,7 @@ class MultifdSender:
                 block, indices = item
                 first = self._packet_numbers(encoder.packets(len(indices)))
                 batch = encoder.encode(block.idstr, block.pages, indices, first)
-                n = ch.send_iovec(batch.iovec(), owner=batch)  # every packet in one gather write
+                n = ch.send_iovec(batch.iovec(), owner=batch)  # gather writes of 1024 buffers
                 with self._lock:
                     self.stats.multifd_bytes += n
         except BaseException as exc:  # reported to the migration thread at its next call
