@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from confmig.common.errors import RemoteMigrationError, StreamError
+from confmig.common.units import KiB
 from confmig.proto.stream import multifd as mf
 from confmig.proto.stream.decoder import NEED_DATA, End
 from confmig.vmm.memory import RamBlock
@@ -27,6 +28,10 @@ from confmig.vmm.migration.transport import Channel, Connect, MigrationUri, conn
 
 QUEUE_DEPTH = 4
 """Batches queued per channel: enough to keep its socket busy, bounded memory."""
+HEADER_BUFFER = 64 * KiB
+"""The receiving decoder's buffer: it only ever holds packet headers (the pages go straight
+into guest RAM), so a small one that stays in cache. In an ad hoc A/B (two sets of 10 and 12
+runs, not saved), the default 4 MiB made two channels 2-5% slower at 5% more CPU per GiB."""
 SYNC_TIMEOUT = 60.0
 """Seconds the target waits for all channels to reach a round's end."""
 VM_UUID = bytes(16)
@@ -160,7 +165,8 @@ class MultifdReceiver:
     def _recv_loop(self, ch: Channel, prefix: bytes) -> None:
         """One channel: headers through the decoder, each packet's pages received straight into
         guest RAM where the header (checked first) says they belong."""
-        d = mf.MultifdDecoder({name: b.size for name, b in self.blocks.items()}, direct=True)
+        d = mf.MultifdDecoder({name: b.size for name, b in self.blocks.items()}, direct=True,
+                              buffer_size=HEADER_BUFFER)
         d.receive_data(prefix)
         channel_id = -1
         try:
