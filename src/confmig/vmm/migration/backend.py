@@ -40,7 +40,6 @@ import numpy as np
 import numpy.typing as npt
 
 from confmig.common.errors import StreamError
-from confmig.common.units import KiB
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.vmm.memory import RamBlock
 from confmig.vmm.migration.ram import DirtyLog, RoundCounters
@@ -108,12 +107,6 @@ class IncomingBackend:
     counters: ConfidentialCounters | None = None
     receive_buffer: ClassVar[int] = 0
     """Bytes of socket receive buffer the main channel should have (0: the kernel's choice)."""
-    decode_buffer: ClassVar[int] = 512 * KiB
-    """Bytes of the main channel decoder's buffer. Records land there and are copied out at
-    once, so by default one that stays in the receiving core's L2 cache (1 MiB here): in an
-    ad hoc A/B of one 1 GiB plain channel (8 and 10 runs, not saved) it was 3-11% faster at
-    2-7% less CPU per GiB than 4 MiB. A backend whose records are larger asks for room for
-    several (a record larger than the buffer grows it, but then every record moves)."""
     ram_starts_zero: ClassVar[bool] = True
     """The target's guest RAM is blank until pages land (a VM started with ``-incoming``); False
     for a target that ran before (its zero pages must be written)."""

@@ -137,7 +137,7 @@ class IncomingMigration(threading.Thread):
         if self.backend.receive_buffer:
             main.set_buffer_size(receive=self.backend.receive_buffer)
         self.set_status(MigrationStatus.ACTIVE)
-        d = dec.StreamDecoder(self.backend.decode_buffer)
+        d = dec.StreamDecoder()
         if prefix:
             d.receive_data(prefix)
         landing, stats, backend, vm = self.landing, self.stats, self.backend, self.vm

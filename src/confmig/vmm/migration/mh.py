@@ -359,7 +359,6 @@ class MhIncoming(IncomingBackend):
     name = "mh"
     counters: ConfidentialCounters
     ram_starts_zero = False  # the target was launched and booted its firmware: its RAM is not blank
-    decode_buffer = 4 * mb.SLOT_DATA  # a record is a sealed batch of up to 1 MiB: room for four
 
     def __init__(self, sev: SevGuest, mh: MigrationHandler) -> None:
         self.sev = sev

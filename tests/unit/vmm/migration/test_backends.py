@@ -8,11 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from confmig.common.errors import ConfigError, MigrationError
-from confmig.proto import mailbox as mb
-from confmig.proto.stream.format import PAGE_RECORD_SIZE
 from confmig.vmm.migration import backends
-from confmig.vmm.migration.backend import IncomingBackend
-from confmig.vmm.migration.mh import MhIncoming
 from confmig.vmm.migration.params import CONFIDENTIAL_BACKENDS, MigrationParameters
 from confmig.vmm.migration.plain import PlainIncoming, PlainOutgoing
 
@@ -67,13 +63,3 @@ def test_a_confidential_guest_uses_its_default_or_the_chosen_backend() -> None:
         params = MigrationParameters(x_confidential_backend=chosen)
         with pytest.raises(MigrationError, match="sev-pdh"):  # the PSP backend wants certificates
             backends.outgoing_backend(m, params, None, None)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(("backend", "largest"),
-                         [(PlainIncoming, PAGE_RECORD_SIZE), (MhIncoming, mb.SLOT_DATA)],
-                         ids=["plain page record", "mh sealed batch"])
-def test_the_main_channel_decoder_holds_several_of_a_backends_largest_records(
-        backend: type[IncomingBackend], largest: int) -> None:
-    """A record larger than the decoder's buffer grows it to one record, and then every record
-    is moved to the front before the next: each backend's buffer holds a few of its own."""
-    assert backend.decode_buffer >= 4 * largest
