@@ -30,8 +30,9 @@ QUEUE_DEPTH = 4
 """Batches queued per channel: enough to keep its socket busy, bounded memory."""
 HEADER_BUFFER = 64 * KiB
 """The receiving decoder's buffer: it only ever holds packet headers (the pages go straight
-into guest RAM), so a small one that stays in cache. In an ad hoc A/B (two sets of 10 and 12
-runs, not saved), the default 4 MiB made two channels 2-5% slower at 5% more CPU per GiB."""
+into guest RAM), so a small one that stays in cache. Ad hoc, not saved: in-process (two sets
+of 10 and 12 runs) the default 4 MiB made two channels 2-5% slower at 5% more CPU per GiB;
+between lab VMs (9 migrations each) the medians were equal."""
 SYNC_TIMEOUT = 60.0
 """Seconds the target waits for all channels to reach a round's end."""
 VM_UUID = bytes(16)
