@@ -280,7 +280,7 @@ def test_mh_record_headers_are_checked_against_their_length(record: bytes) -> No
     except mb.MailboxError:
         return
     assert h.size == len(record) <= mb.SLOT_DATA and h.nzero <= h.npages <= mb.BATCH_PAGES
-    assert len(mb.gpa_list(record, h)) == h.npages
+    assert len(mb.gpa_entries(record, h)) == h.npages
 
 
 cpr_entries = st.lists(st.builds(lambda kind, size, name: struct.pack(">BQB", kind, size, len(name)) + name,

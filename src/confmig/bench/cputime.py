@@ -83,11 +83,12 @@ class CpuMeter:
                 for name, roots in groups.items()}
 
 
-def usage(meter: CpuMeter, seconds: Mapping[str, float], ram: int) -> dict[str, float]:
-    """What a report keeps of one measured migration of ``ram`` bytes: CPU seconds per GiB of
-    each side, and the cores they kept busy on average (both sides' CPU time over wall time)."""
+def usage(seconds: Mapping[str, float], elapsed: float, ram: int) -> dict[str, float]:
+    """What a report keeps of one measured migration of ``ram`` bytes that took ``elapsed``
+    wall seconds: CPU seconds per GiB of each side, and the cores they kept busy on average
+    (both sides' CPU time over wall time)."""
     per_gib = {side: round(s / (ram / GiB), 3) for side, s in seconds.items()}
-    return {**per_gib, "cores": round(sum(seconds.values()) / meter.elapsed, 2) if meter.elapsed else 0.0}
+    return {**per_gib, "cores": round(sum(seconds.values()) / elapsed, 2) if elapsed else 0.0}
 
 
 @contextlib.contextmanager
@@ -100,7 +101,7 @@ def migration_cpu(src: VmProc, dst: VmProc, ram: int) -> Iterator[dict[str, floa
     yield cpu
     seconds = meter.stop({"source": (src.host.proc.pid, src.proc.pid),
                           "target": (dst.host.proc.pid, dst.proc.pid)})
-    cpu.update(usage(meter, seconds, ram))
+    cpu.update(usage(seconds, meter.elapsed, ram))
 
 
 def cell(run: Mapping[str, object]) -> str:

@@ -307,13 +307,9 @@ def decode_record_header(data: bytes | memoryview, *, limit: int = SLOT_DATA) ->
     return h
 
 
-def gpa_list(record: bytes | memoryview, header: RecordHeader) -> list[int]:
-    """The record's GPA-list entries (each a page address, low bit :data:`ZERO_FLAG`)."""
-    return [int(e) for e in gpa_entries(record, header)]
-
-
 def gpa_entries(record: bytes | memoryview, header: RecordHeader) -> npt.NDArray[np.uint64]:
-    """:func:`gpa_list` as an array (a copy: the record may be the host's memory)."""
+    """The record's GPA-list entries, each a page address with low bit :data:`ZERO_FLAG` (a
+    copy: the record may be the host's memory)."""
     return np.frombuffer(record, "<u8", header.npages, RECORD_HEADER.size).astype(np.uint64)
 
 

@@ -254,16 +254,16 @@ OUTSIDE = {"run-past-the-end": [NPAGES - 2, NPAGES - 1, NPAGES], "run-from-below
 
 
 @pytest.mark.parametrize("indices", OUTSIDE.values(), ids=OUTSIDE.keys())
-def test_the_encoder_refuses_pages_outside_the_block(indices: list[int]) -> None:
-    encoder = MultifdPacketEncoder(128)
+def test_a_batch_refuses_pages_outside_the_block_before_any_address_is_made(indices: list[int]) -> None:
+    batch = MultifdPacketEncoder(128).encode("pc.ram", RAM, np.array(indices, dtype=np.int64), 0)
     with pytest.raises(IndexError):
-        encoder.encode("pc.ram", RAM, np.array(indices, dtype=np.int64), 0)
+        batch.iovec()
 
 
-def test_the_encoder_refuses_a_block_that_is_not_whole_pages_in_a_row() -> None:
-    encoder = MultifdPacketEncoder(128)
+def test_a_batch_refuses_a_block_that_is_not_whole_pages_in_a_row() -> None:
+    batch = MultifdPacketEncoder(128).encode("pc.ram", RAM[::2], np.arange(3, dtype=np.int64), 0)
     with pytest.raises(ValueError, match="C-contiguous"):
-        encoder.encode("pc.ram", RAM[::2], np.arange(3, dtype=np.int64), 0)
+        batch.iovec()
 
 
 @settings(max_examples=60, deadline=None)

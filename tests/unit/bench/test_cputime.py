@@ -46,9 +46,7 @@ def test_a_grandchilds_cpu_counts_for_its_side_and_not_for_the_other() -> None:
 
 
 def test_usage_is_per_gib_of_each_side_and_cores_over_the_window() -> None:
-    meter = CpuMeter()
-    meter.elapsed = 2.0
-    cpu = usage(meter, {"source": 1.0, "target": 0.5}, 512 * MiB)
+    cpu = usage({"source": 1.0, "target": 0.5}, 2.0, 512 * MiB)
     assert cpu == {"source": 2.0, "target": 1.0, "cores": 0.75}
     assert cell({"cpu": cpu}) == "3.00 (2.00 + 1.00), 0.75 cores"
     assert cell({"kind": "plain"}) == "-"  # a report from before the column

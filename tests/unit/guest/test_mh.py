@@ -136,7 +136,7 @@ def test_zero_pages_travel_as_a_flag_and_arrive_as_zeros(src: Guest, dst: Guest)
     header = mb.decode_record_header(record)
     assert ret == OK and header.npages == 8 and header.nzero == 3
     assert len(record) == mb.record_size(8, 3)  # five pages of ciphertext, not eight
-    assert [e & mb.ZERO_FLAG for e in mb.gpa_list(record, header)] == [0, 1, 1, 0, 0, 0, 1, 0]
+    assert [e & mb.ZERO_FLAG for e in mb.gpa_entries(record, header).tolist()] == [0, 1, 1, 0, 0, 0, 1, 0]
     assert dst.read_pages(gpas[1], 1).any()
     assert dst.import_(0, record) == OK
     assert (dst.read_pages(gpas[0], 8) == src.read_pages(gpas[0], 8)).all()
@@ -259,7 +259,8 @@ def test_a_batch_may_list_its_pages_in_any_order_but_each_once(src: Guest, dst: 
     falling = [HIGH + 2 * PAGE_SIZE, HIGH, HIGH + PAGE_SIZE]
     ret, record = src.export(0, falling)
     assert ret == OK
-    assert [e & ~(PAGE_SIZE - 1) for e in mb.gpa_list(record, mb.decode_record_header(record))] == falling
+    entries = mb.gpa_entries(record, mb.decode_record_header(record))
+    assert [e & ~(PAGE_SIZE - 1) for e in entries.tolist()] == falling
     assert dst.import_(0, record) == OK
     assert (dst.read_pages(HIGH, 3) == src.read_pages(HIGH, 3)).all()
     assert src.export(0, [HIGH + PAGE_SIZE, HIGH, HIGH + PAGE_SIZE])[0] == REFUSED

@@ -161,8 +161,7 @@ class MultifdPacketEncoder:
         name = block.encode()
         if not 0 < len(name) <= MAX_IDSTR:
             raise ValueError(f"RAM block name {block!r} must be 1..{MAX_IDSTR} bytes")
-        indices = np.asarray(indices, dtype=np.int64)
-        check_indices(pages, indices)
+        indices = np.asarray(indices, dtype=np.int64)  # bounds: PacketBatch.iovec checks them
         per, k = self.pages_per_packet, self.packets(n)
         heads = self._fixed(k, name)
         normal = np.full(k, per, dtype=np.uint32)

@@ -174,7 +174,7 @@ def test_private_pages_go_through_the_mh_shared_ones_in_the_clear_and_its_area_n
     assert ("pages", [0x1000]) in sink.records
     heads = records_of(sink)
     gpas = [g for _, p in sink.records if isinstance(p, bytes)
-            for g in mb.gpa_list(p, mb.decode_record_header(p))]
+            for g in mb.gpa_entries(p, mb.decode_record_header(p)).tolist()]
     assert len(gpas) == private == total.normal - 1
     assert not [g for g in gpas if AREA[0] <= g < AREA[0] + AREA[1]] and 0x1000 not in gpas
     assert [h.seq for h in heads] == list(range(len(heads)))  # in the order the MH sealed them
@@ -196,7 +196,7 @@ def test_several_mh_vcpus_seal_in_turn_each_page_on_its_own_stream_in_order() ->
     for _, p in sink.records:
         if isinstance(p, bytes):
             h = mb.decode_record_header(p)
-            assert (mb.stream_of(np.array(mb.gpa_list(p, h)) >> 12, 3) == h.stream).all()
+            assert (mb.stream_of(mb.gpa_entries(p, h).astype(np.int64) >> 12, 3) == h.stream).all()
     assert [h.stream for h in heads[:3]] == [0, 1, 2]  # round-robin: every MH vCPU works
 
 
