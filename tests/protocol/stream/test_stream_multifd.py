@@ -79,8 +79,10 @@ def expected(packets: list[tuple[list[int], bool]]) -> list[Norm]:
     return out
 
 
+runs = st.builds(lambda first, n: list(range(first, min(first + n, NPAGES))),
+                 st.integers(0, NPAGES - 1), st.integers(1, 128))
 packets_strategy = st.lists(
-    st.tuples(st.lists(st.integers(0, NPAGES - 1), max_size=128, unique=True), st.booleans()),
+    st.tuples(st.lists(st.integers(0, NPAGES - 1), max_size=128, unique=True) | runs, st.booleans()),
     max_size=5,
 )
 
@@ -122,6 +124,8 @@ def decode_direct(data: bytes, chunks: list[int]) -> list[Norm]:
                 payload += piece
                 direct += len(piece)
             decoder.payload_received(direct)
+            idx = event.indices.tolist()
+            assert event.run == (idx[0] if idx == list(range(idx[0], idx[0] + len(idx))) else None)
             pages = np.frombuffer(payload, np.uint8).reshape(-1, PAGE_SIZE)
             out += [("page", event.block, event.packet_num, int(i), d.tobytes())
                     for i, d in zip(event.indices, pages, strict=True)]
@@ -225,6 +229,23 @@ P = 64  # the first packet, after MultiFDInit_t
 def test_corrupt_headers_are_rejected(at: int, mask: int, message: str) -> None:
     with pytest.raises(StreamError, match=message):
         decode(_flip(channel([([0, 5], True)]), at, mask))
+
+
+def _with_offsets(stream: bytes, offsets: list[int]) -> bytes:
+    """The first packet's offsets replaced (its page count kept)."""
+    at = P + 320
+    return stream[:at] + struct.pack(f">{len(offsets)}Q", *offsets) + stream[at + 8 * len(offsets) :]
+
+
+@pytest.mark.parametrize("offsets", [[(NPAGES - 1) * PAGE_SIZE, NPAGES * PAGE_SIZE],  # a run past the end
+                                     [2**64 - PAGE_SIZE, 0]],  # one that wraps around
+                         ids=["past-the-end", "wrapping"])
+def test_a_run_of_pages_that_leaves_the_block_is_rejected(offsets: list[int]) -> None:
+    stream = _with_offsets(channel([([NPAGES - 2, NPAGES - 1], True)]), offsets)
+    with pytest.raises(StreamError, match=f"page offset 0x{max(offsets):x} not a page of RAM block"):
+        decode(stream)
+    with pytest.raises(StreamError, match=f"page offset 0x{max(offsets):x} not a page of RAM block"):
+        decode_direct(stream, [])
 
 
 def test_an_empty_packet_must_be_a_sync() -> None:

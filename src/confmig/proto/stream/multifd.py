@@ -237,6 +237,9 @@ class MultifdPayload:
     packet_num: int
     indices: IndexArray
     nbytes: int
+    run: int | None = None
+    """The first of ``indices`` when they are consecutive pages (one range of guest RAM, as
+    every packet of a first round is), else None."""
 
 
 MultifdEvent = MultifdInit | MultifdPages | MultifdPayload | MultifdSync | End
@@ -266,6 +269,8 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         self._blocks = blocks
         self._pages_per_packet = pages_per_packet
         self._header_size = header_size(pages_per_packet)
+        self._run_steps = np.arange(pages_per_packet, dtype=np.uint64) << np.uint64(PAGE_SHIFT)
+        """Offset ``k`` of a run of pages, less the run's first."""
         self._state = _State.INIT
         self._sync: int | None = None  # SYNC of a packet whose pages were just returned
         self._direct = direct
@@ -355,10 +360,11 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         # SECURITY: peer-controlled offsets become indices into guest RAM: bounds-check all.
         at = p + MULTIFD_PACKET_FIXED_SIZE
         offsets = np.frombuffer(self._buf, ">u8", normal, at).astype(np.uint64)
-        # Every offset page-aligned (no bit of the OR of all below a page) and inside the block
-        # (the largest one): two reductions instead of a mask per offset.
-        if (int(np.bitwise_or.reduce(offsets)) & RAM_FLAG_MASK
-                or int(np.maximum.reduce(offsets)) >> PAGE_SHIFT >= npages):
+        run = self._run(offsets, npages)
+        if run is None and (int(np.bitwise_or.reduce(offsets)) & RAM_FLAG_MASK
+                            or int(np.maximum.reduce(offsets)) >> PAGE_SHIFT >= npages):
+            # Every offset page-aligned (no bit of the OR of all below a page) and inside the
+            # block (the largest one): two reductions instead of a mask per offset.
             j = int((((offsets & RAM_FLAG_MASK) != 0) | (offsets >> PAGE_SHIFT >= npages)).argmax())
             self._fail(f"page offset 0x{int(offsets[j]):x} not a page of RAM block {block!r}", at + 8 * j)
         indices = (offsets >> PAGE_SHIFT).view(np.int64)  # < 2**52 after the check: same values
@@ -369,7 +375,7 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
             self._payload_left = normal * PAGE_SIZE
             self._sync = sync  # returned once the payload is in
             return MultifdPayload(block=block, packet_num=packet_num, indices=indices,
-                                  nbytes=self._payload_left)
+                                  nbytes=self._payload_left, run=run)
         total = self._header_size + normal * PAGE_SIZE
         if avail < total:
             return self._wait(total, "multifd pages")
@@ -377,6 +383,17 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         self._sync = sync
         data = np.ndarray((normal, PAGE_SIZE), np.uint8, self._buf, p + self._header_size)
         return MultifdPages(block=block, packet_num=packet_num, indices=indices, data=data)
+
+    def _run(self, offsets: npt.NDArray[np.uint64], npages: int) -> int | None:
+        """The first page if ``offsets`` are consecutive pages, all in a block of ``npages``
+        (then they need no other check); else None. Three array operations: offset ``k``
+        less ``k`` pages is the same for all exactly when they are one run."""
+        base = offsets - self._run_steps[: len(offsets)]  # wraps below the first for other orders
+        first = int(base[0])
+        if first & RAM_FLAG_MASK or int(np.minimum.reduce(base)) != int(np.maximum.reduce(base)):
+            return None
+        first >>= PAGE_SHIFT
+        return first if first + len(offsets) <= npages else None
 
     def _ramblock(self, at: int, field: bytes) -> tuple[str, int]:
         """The block a packet names, and its size in pages; the last one found is remembered

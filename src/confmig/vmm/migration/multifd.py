@@ -28,6 +28,11 @@ from confmig.vmm.migration.transport import Channel, Connect, MigrationUri, conn
 
 QUEUE_DEPTH = 4
 """Batches queued per channel: enough to keep its socket busy, bounded memory."""
+SEND_PAGES = 8192
+"""Pages a channel's thread takes at a time (32 MiB, 64 packets; one gather write when the
+pages are runs): the engine's batches of one block are joined up to this, so a hand-over's
+costs (queue, wake-up, encoding, setting up the write) come once per 8 of its batches. Ad hoc,
+not saved: in-process the source's user time per GiB fell from 0.05-0.08 s to 0.00-0.02 s."""
 HEADER_BUFFER = 64 * KiB
 """The receiving decoder's buffer: it only ever holds packet headers (the pages go straight
 into guest RAM), so a small one that stays in cache. Ad hoc, not saved: in-process (two sets
@@ -56,6 +61,9 @@ class MultifdSender:
         self._queues: list[queue.Queue[_Item]] = [queue.Queue(QUEUE_DEPTH) for _ in self.channels]
         self._next_packet = 0
         self._next = 0
+        self._held: list[npt.NDArray[np.int64]] = []
+        self._held_block: RamBlock | None = None
+        self._held_pages = 0
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._threads = [
@@ -108,13 +116,29 @@ class MultifdSender:
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
         self._check()
-        self._queues[self._next].put((block, indices))
-        self._next = (self._next + 1) % len(self._queues)
+        if block is not self._held_block:
+            self._hand_over()
+            self._held_block = block
+        self._held.append(indices)
+        self._held_pages += len(indices)
+        if self._held_pages >= SEND_PAGES:
+            self._hand_over()
         nbytes = len(indices) * (4096 + 8)
         return RoundCounters(normal=len(indices), zero=0, bytes=nbytes)
 
+    def _hand_over(self) -> None:
+        """The pages held so far to the next channel's thread, as one batch."""
+        if not self._held:
+            return
+        assert self._held_block is not None
+        indices = self._held[0] if len(self._held) == 1 else np.concatenate(self._held)
+        self._held, self._held_pages = [], 0
+        self._queues[self._next].put((self._held_block, indices))
+        self._next = (self._next + 1) % len(self._queues)
+
     def sync(self) -> None:
         """End of a round: a SYNC packet on every channel, all of them sent."""
+        self._hand_over()
         events = [threading.Event() for _ in self._queues]
         for q, ev in zip(self._queues, events, strict=True):
             q.put(ev)
@@ -188,7 +212,7 @@ class MultifdReceiver:
                         self._synced.setdefault(channel_id, 0)
                 elif isinstance(ev, mf.MultifdPayload):
                     # SECURITY: the decoder bounded every offset to its block before this.
-                    dest = self.landing.destinations(ev.block, ev.indices)
+                    dest = self.landing.destinations(ev.block, ev.indices, ev.run)
                     got = _fill(dest, d.take_payload())
                     ch.recv_exact_into(views_after(dest, got))
                     d.payload_received(ev.nbytes - got)

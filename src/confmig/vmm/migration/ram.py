@@ -225,15 +225,20 @@ class RamLanding:
             b.pages[indices] = data
         self._written[block][indices] = True
 
-    def destinations(self, block: str, indices: npt.NDArray[np.int64]) -> list[memoryview]:
+    def destinations(self, block: str, indices: npt.NDArray[np.int64], run: int | None = None
+                     ) -> list[memoryview]:
         """Where pages ``indices`` of ``block`` go, to receive them in place: one view for a
-        run, one per page otherwise. The caller checked the indices against the block."""
+        run (``run``, its first page, when the caller knows they are one), one per page
+        otherwise. The caller checked the indices against the block."""
         b = self.blocks[block]
-        self._written[block][indices] = True
-        if is_run(indices):
-            first = int(indices[0]) << PAGE_SHIFT
-            return [b.bytes[first : first + len(indices) * PAGE_SIZE].data]
-        return [b.pages[int(i)].data for i in indices]
+        if run is None and is_run(indices):
+            run = int(indices[0])
+        if run is None:
+            self._written[block][indices] = True
+            return [b.pages[int(i)].data for i in indices]
+        self._written[block][run : run + len(indices)] = True
+        first = run << PAGE_SHIFT
+        return [b.bytes[first : first + len(indices) * PAGE_SIZE].data]
 
     def zeros(self, block: str, indices: npt.NDArray[np.int64]) -> None:
         written = self._written[block]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from migration_fakes import SOCKET_URI, FakeChannel
 
 from confmig.common.units import PAGE_SIZE
 from confmig.proto.stream import decoder as dec
 from confmig.proto.stream import multifd as mf
 from confmig.vmm.memory import RamBlock
+from confmig.vmm.migration import multifd
 from confmig.vmm.migration.multifd import VM_UUID, MultifdSender
 from confmig.vmm.migration.stats import MigrationStats
 from confmig.vmm.migration.transport import MigrationUri
@@ -16,40 +18,90 @@ from confmig.vmm.migration.transport import MigrationUri
 NPAGES = 700
 
 
-def test_batches_of_several_packets_arrive_whole_and_numbered_once_over_all_channels() -> None:
-    block = RamBlock("pc.ram", NPAGES * PAGE_SIZE)
-    block.pages[:] = np.random.default_rng(5).integers(0, 256, block.pages.shape, dtype=np.uint8)
+def _sender(nchannels: int) -> tuple[MultifdSender, list[FakeChannel]]:
     channels: list[FakeChannel] = []
 
     def connect(uri: MigrationUri, *, name: str = "main") -> FakeChannel:
         channels.append(FakeChannel())
         return channels[-1]
 
-    sender = MultifdSender(SOCKET_URI, 2, MigrationStats(), main=None,  # type: ignore[arg-type]
+    sender = MultifdSender(SOCKET_URI, nchannels, MigrationStats(), main=None,  # type: ignore[arg-type]
                            connect=connect)
-    batches = [np.arange(0, 300), np.arange(699, 299, -1), np.array([5, 6, 7, 500, 2])]
-    for batch in batches:  # 3, 4 and 1 packets of up to 128 pages
+    return sender, channels
+
+
+def _packets(ch: FakeChannel, blocks: dict[str, RamBlock]) -> list[mf.MultifdEvent]:
+    d = mf.MultifdDecoder({name: b.size for name, b in blocks.items()})
+    d.receive_data(bytes(ch.wire))
+    d.feed_eof()
+    events = []
+    while not isinstance(ev := d.next_event(), dec.End):
+        events.append(ev)
+    return events
+
+
+def _random_block(name: str, seed: int) -> RamBlock:
+    block = RamBlock(name, NPAGES * PAGE_SIZE)
+    block.pages[:] = np.random.default_rng(seed).integers(0, 256, block.pages.shape, dtype=np.uint8)
+    return block
+
+
+def test_batches_of_several_packets_arrive_whole_and_numbered_once_over_all_channels() -> None:
+    blocks = {"pc.ram": _random_block("pc.ram", 5), "vga.vram": _random_block("vga.vram", 6)}
+    ram, vram = blocks["pc.ram"], blocks["vga.vram"]
+    sender, channels = _sender(2)
+    batches = [(ram, np.arange(0, 300)), (vram, np.arange(699, 299, -1)),
+               (ram, np.array([5, 6, 7, 500, 2]))]
+    for block, batch in batches:  # each block change hands over: 3, 4 and 1 packets
         sender.pages(block, batch.astype(np.int64))
     sender.sync()
     sender.close()
 
     numbers: list[int] = []
-    landed = np.zeros(NPAGES, dtype=int)
+    landed = {name: np.zeros(NPAGES, dtype=int) for name in blocks}
     for i, ch in enumerate(channels):
-        d = mf.MultifdDecoder({"pc.ram": block.size})
-        d.receive_data(bytes(ch.wire))
-        d.feed_eof()
-        events = []
-        while not isinstance(ev := d.next_event(), dec.End):
-            events.append(ev)
+        events = _packets(ch, blocks)
         assert events[0] == mf.MultifdInit(uuid=VM_UUID, channel=i)
         assert isinstance(events[-1], mf.MultifdSync)  # the round's end, after its pages
         for ev in events:
             if isinstance(ev, mf.MultifdPages):
-                assert np.array_equal(ev.data, block.pages[ev.indices])
-                landed[ev.indices] += 1
+                assert np.array_equal(ev.data, blocks[ev.block].pages[ev.indices])
+                landed[ev.block][ev.indices] += 1
         mine = [e.packet_num for e in events if isinstance(e, mf.MultifdPages | mf.MultifdSync)]
         assert mine == sorted(mine)
         numbers += mine
     assert sorted(numbers) == list(range(3 + 4 + 1 + 2))  # every packet and SYNC, once
-    assert landed.tolist() == [2 if i in (2, 5, 6, 7, 500) else 1 for i in range(NPAGES)]
+    assert landed["pc.ram"].tolist() == [2 if i in (2, 5, 6, 7) else 1 if i < 300 or i == 500
+                                         else 0 for i in range(NPAGES)]
+    assert landed["vga.vram"].tolist() == [1 if i >= 300 else 0 for i in range(NPAGES)]
+
+
+def test_small_batches_of_one_block_go_as_full_packets_until_the_rounds_end() -> None:
+    block = _random_block("pc.ram", 7)
+    sender, channels = _sender(2)
+    for start in range(0, 650, 50):  # 13 batches of 50 pages, then the round's end
+        sender.pages(block, np.arange(start, start + 50, dtype=np.int64))
+    sender.sync()
+    sender.close()
+
+    pages = [[ev for ev in _packets(ch, {"pc.ram": block}) if isinstance(ev, mf.MultifdPages)]
+             for ch in channels]
+    assert [len(p) for p in pages] == [6, 0]  # held, then handed over at the SYNC as one batch
+    assert [len(ev.indices) for ev in pages[0]] == [128] * 5 + [10]
+    assert np.array_equal(np.concatenate([ev.indices for ev in pages[0]]), np.arange(650))
+    assert np.array_equal(np.concatenate([ev.data for ev in pages[0]]), block.pages[:650])
+
+
+def test_a_channel_gets_the_held_pages_once_there_are_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(multifd, "SEND_PAGES", 256)
+    block = _random_block("pc.ram", 8)
+    sender, channels = _sender(2)
+    for start in range(0, 600, 100):  # 256 held after three batches, again after six
+        sender.pages(block, np.arange(start, start + 100, dtype=np.int64))
+    sender.sync()
+    sender.close()
+
+    pages = [np.concatenate([ev.indices for ev in _packets(ch, {"pc.ram": block})
+                             if isinstance(ev, mf.MultifdPages)]) for ch in channels]
+    assert np.array_equal(pages[0], np.arange(300))
+    assert np.array_equal(pages[1], np.arange(300, 600))
