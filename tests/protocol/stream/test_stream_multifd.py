@@ -117,6 +117,7 @@ def decode_direct(data: bytes, chunks: list[int]) -> list[Norm]:
                 decoder.feed_eof()
         elif isinstance(event, MultifdPayload):
             payload = bytes(decoder.take_payload())
+            follows = decoder.follows()  # taken along with the payload's end, if it is received
             direct = 0
             while len(payload) < event.nbytes:
                 piece = take(event.nbytes - len(payload))
@@ -124,6 +125,8 @@ def decode_direct(data: bytes, chunks: list[int]) -> list[Norm]:
                 payload += piece
                 direct += len(piece)
             decoder.payload_received(direct)
+            if direct and follows and (piece := take(follows)):
+                decoder.receive_data(piece)
             idx = event.indices.tolist()
             assert event.run == (idx[0] if idx == list(range(idx[0], idx[0] + len(idx))) else None)
             pages = np.frombuffer(payload, np.uint8).reshape(-1, PAGE_SIZE)

@@ -288,6 +288,14 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         self._payload_done()
         return out
 
+    def follows(self) -> int:
+        """(``direct``, inside a payload) How many bytes after the payload a receiver may wait
+        for along with it: the next packet's header, or nothing when this packet ends a round
+        (SYNC: the peer may send no more until the target has moved on)."""
+        if self._state is not _State.PAYLOAD:
+            raise StateError("follows", self._state.name, "inside a payload")
+        return 0 if self._sync is not None else self._header_size
+
     def payload_received(self, nbytes: int) -> None:
         """(``direct``) The caller received ``nbytes`` more of the current packet's pages."""
         if self._state is not _State.PAYLOAD or not 0 <= nbytes <= self._payload_left:
@@ -390,7 +398,7 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         less ``k`` pages is the same for all exactly when they are one run."""
         base = offsets - self._run_steps[: len(offsets)]  # wraps below the first for other orders
         first = int(base[0])
-        if first & RAM_FLAG_MASK or int(np.minimum.reduce(base)) != int(np.maximum.reduce(base)):
+        if first & RAM_FLAG_MASK or np.count_nonzero(base != base[0]):
             return None
         first >>= PAGE_SHIFT
         return first if first + len(offsets) <= npages else None

@@ -164,6 +164,22 @@ def _fill(dest: list[memoryview], data: memoryview) -> int:
     return done
 
 
+def _receive_payload(ch: Channel, d: mf.MultifdDecoder, dest: list[memoryview], left: int) -> None:
+    """The rest of a packet's pages (``left`` bytes) straight into ``dest``, and the next
+    packet's header, when one surely follows, into the decoder: one receive for both."""
+    follows = d.follows()
+    views = [*dest, d.get_buffer()[:follows]] if follows else dest
+    while left:
+        n = ch.recv_views(views)
+        mine = min(n, left)
+        d.payload_received(mine)
+        left -= mine
+        if n > mine:
+            d.buffer_updated(n - mine)
+        elif left:
+            views = views_after(views, n)
+
+
 class MultifdReceiver:
     """Target side: a thread per channel landing pages; the SYNC barrier."""
 
@@ -214,8 +230,7 @@ class MultifdReceiver:
                     # SECURITY: the decoder bounded every offset to its block before this.
                     dest = self.landing.destinations(ev.block, ev.indices, ev.run)
                     got = _fill(dest, d.take_payload())
-                    ch.recv_exact_into(views_after(dest, got))
-                    d.payload_received(ev.nbytes - got)
+                    _receive_payload(ch, d, views_after(dest, got), ev.nbytes - got)
                     with self._cond:
                         self.stats.normal += len(ev.indices)
                 elif isinstance(ev, mf.MultifdSync):

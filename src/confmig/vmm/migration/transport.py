@@ -180,16 +180,22 @@ class Channel:
             return self.sock.recv_into(buf)
         return os.readv(self.fd, [buf])
 
+    def recv_views(self, views: list[memoryview]) -> int:
+        """One receive into ``views``, in order (``recvmsg_into``/``readv``: no copy on the
+        way); a socket waits until all are full, unless the input ends. Returns the bytes
+        received; the connection closed is an error."""
+        if self.sock is not None:
+            n: int = self.sock.recvmsg_into(views[:_IOV_MAX], 0, socket.MSG_WAITALL)[0]
+        else:
+            n = os.readv(self.fd, views[:_IOV_MAX])
+        if n == 0:
+            raise RemoteMigrationError(f"{self.name}: connection closed")
+        return n
+
     def recv_exact_into(self, views: list[memoryview]) -> None:
-        """Fill every one of ``views``, in order (``recvmsg_into``/``readv``: no copy on the way)."""
+        """Fill every one of ``views``, in order."""
         while views:
-            if self.sock is not None:
-                n = self.sock.recvmsg_into(views[:_IOV_MAX], 0, socket.MSG_WAITALL)[0]
-            else:
-                n = os.readv(self.fd, views[:_IOV_MAX])
-            if n == 0:
-                raise RemoteMigrationError(f"{self.name}: connection closed")
-            views = views_after(views, n)
+            views = views_after(views, self.recv_views(views))
 
     def recv_exact(self, n: int) -> bytes:
         out = bytearray(n)
