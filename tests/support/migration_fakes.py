@@ -100,11 +100,13 @@ class ScriptedDirtyLog:
         self.syncs += 1
         return len(self.dirty)
 
-    def take_round(self) -> Iterator[Batch]:
+    def take_round(self, batch_pages: int) -> Iterator[Batch]:
+        """Batches of 16 pages, fewer if the backend asks for fewer."""
         idx = np.array(sorted(self.dirty), dtype=np.int64)
         self.dirty.clear()
-        for start in range(0, len(idx), 16):
-            yield self.block, idx[start : start + 16], False
+        size = min(16, batch_pages)
+        for start in range(0, len(idx), size):
+            yield self.block, idx[start : start + size], False
 
 
 @dataclass

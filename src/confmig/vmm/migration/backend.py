@@ -42,7 +42,7 @@ import numpy.typing as npt
 from confmig.common.errors import StreamError
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.vmm.memory import RamBlock
-from confmig.vmm.migration.ram import DirtyLog, RoundCounters
+from confmig.vmm.migration.ram import BATCH_PAGES, DirtyLog, RoundCounters
 from confmig.vmm.migration.stats import ConfidentialCounters
 
 
@@ -54,6 +54,9 @@ class OutgoingBackend:
     """What a confidential backend reports in ``query-migrate`` (None: nothing)."""
     send_buffer: ClassVar[int] = 0
     """Bytes of socket send buffer the main channel should have (0: the kernel's choice)."""
+    batch_pages: ClassVar[int] = BATCH_PAGES
+    """Most pages per call of ``pages`` (up to ``MAX_BATCH_PAGES``): between calls the engine
+    looks for a cancel and paces the bandwidth."""
 
     def dirty_log(self, start: Callable[[], DirtyLog]) -> DirtyLog:
         """Which pages this migration sends: every page, then what the guest and the VMM

@@ -64,7 +64,7 @@ class RamInPlace:
     def sync(self) -> int:
         return 0
 
-    def take_round(self) -> Iterator[Batch]:
+    def take_round(self, batch_pages: int) -> Iterator[Batch]:
         return iter(())
 
 

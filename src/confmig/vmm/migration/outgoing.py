@@ -36,7 +36,7 @@ from confmig.vmm.migration.convergence import (
 from confmig.vmm.migration.multifd import MultifdSender
 from confmig.vmm.migration.params import MigrationParameters
 from confmig.vmm.migration.ram import (
-    BATCH_PAGES,
+    MAX_BATCH_PAGES,
     Cancelled,
     DirtyLog,
     MainChannelSink,
@@ -207,7 +207,7 @@ class OutgoingMigration(threading.Thread):
         stats.total_bytes = sum(size for _, size in self.vm.blocks)
         main = self._connect(self.uri)
         self._channels.append(main)
-        out = MainChannelSink(main, StreamWriter(self.vm.machine_type, batch_pages=BATCH_PAGES))
+        out = MainChannelSink(main, StreamWriter(self.vm.machine_type, batch_pages=MAX_BATCH_PAGES))
         self._main = main
         pages: PageSink = out
         if "multifd" in params.capabilities and self.uri.is_socket:
@@ -309,7 +309,7 @@ class OutgoingMigration(threading.Thread):
         """Every dirty page through the backend; rate-limited except while the guest is stopped."""
         assert self.backend is not None and self._dirty is not None
         backend, stats, total = self.backend, self.stats, RoundCounters()
-        for block, indices, zero in self._dirty.take_round():
+        for block, indices, zero in self._dirty.take_round(backend.batch_pages):
             if self.cancel.is_set():
                 raise Cancelled
             sent = backend.zeros(block, indices) if zero else backend.pages(block, indices)

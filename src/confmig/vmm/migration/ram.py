@@ -29,7 +29,10 @@ from confmig.vmm.memory import GuestMemory, RamBlock
 from confmig.vmm.migration.transport import Channel
 
 BATCH_PAGES = 1024
-"""Pages per batch (4 MiB, two gather writes of 512 records): per-batch Python costs vanish."""
+"""Pages per batch unless a backend asks otherwise (4 MiB, two gather writes of 512 records):
+the engine looks for a cancel and paces the bandwidth between batches."""
+MAX_BATCH_PAGES = 4096
+"""The largest batch a backend may ask for (16 MiB): the main channel's writer is sized for it."""
 ZERO_BATCH_PAGES = 8192
 """Zero pages per record batch: 9 bytes each on the wire, so batches can be big."""
 BANDWIDTH_WINDOW = 0.1
@@ -98,8 +101,9 @@ class DirtyLog(Protocol):
         """Fold in what was written since the last sync; return how many pages are dirty."""
         ...
 
-    def take_round(self) -> Iterator[Batch]:
-        """Hand out every dirty page once, in batches, clearing them as they go."""
+    def take_round(self, batch_pages: int) -> Iterator[Batch]:
+        """Hand out every dirty page once, in batches of up to ``batch_pages``, clearing them
+        as they go."""
         ...
 
 
@@ -132,7 +136,7 @@ class RamSender:
             bm |= block.take_vmm_dirty()
         return self.dirty_pages()
 
-    def take_round(self) -> Iterator[Batch]:
+    def take_round(self, batch_pages: int = BATCH_PAGES) -> Iterator[Batch]:
         """Yield (block, batch of page indices, known zero) for every dirty page,
         clearing the bits as the pages are handed out (a page dirtied later is set
         again at the next sync). In the first round, never-written pages come as
@@ -146,7 +150,7 @@ class RamSender:
                 known_zero = holes[block.idstr][idx]
                 yield from _batches(block, idx[known_zero], True, ZERO_BATCH_PAGES)
                 idx = idx[~known_zero]
-            yield from _batches(block, idx, False, BATCH_PAGES)
+            yield from _batches(block, idx, False, batch_pages)
 
 
 def _batches(block: RamBlock, idx: npt.NDArray[np.int64], zero: bool, size: int) -> Iterator[Batch]:

@@ -203,12 +203,15 @@ class XorBackend(OutgoingBackend):
     record of its own (subtype MH_RECORD: u64 block offset, then the page)."""
 
     name = "xor"
+    batch_pages = 5
 
     def __init__(self, out: MainChannelSink, clock: ManualClock) -> None:
         self.out = out
         self.clock = clock
+        self.batches: list[int] = []
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
+        self.batches.append(len(indices))
         self.clock.advance(len(indices) * 0.001)
         payloads = [int(i * 4096).to_bytes(8, "big") + (block.pages[i] ^ 0x5A).tobytes() for i in indices]
         sent = self.out.confidential(ConfidentialSubtype.MH_RECORD, payloads)
@@ -219,11 +222,15 @@ class XorBackend(OutgoingBackend):
 
 
 def test_a_backend_the_engine_never_named_needs_no_change_to_it() -> None:
+    backends: list[XorBackend] = []
+
     def xor(out: MainChannelSink, _pages: PageSink, clock: ManualClock, hook: Hook) -> OutgoingBackend:
-        return XorBackend(out, clock)
+        backends.append(XorBackend(out, clock))
+        return backends[-1]
 
     run = run_engine(backend_for=xor)
     assert run.statuses[-1] == S.COMPLETED
+    assert max(backends[0].batches) == XorBackend.batch_pages  # its batches, not the engine's
     records = [e for e in run.events() if isinstance(e, dec.Confidential)]
     assert not [e for e in run.events() if isinstance(e, dec.RamPages)]
     got = {int.from_bytes(r.payload[:8], "big") // 4096: r.payload[8:] for r in records}

@@ -63,6 +63,14 @@ def test_the_first_round_sends_every_page_and_never_written_ones_as_known_zero()
     assert s.dirty_pages() == 0 and list(s.take_round()) == []
 
 
+def test_a_round_comes_in_batches_of_the_size_asked_for() -> None:
+    memory, vm, s = sender()
+    list(s.take_round())
+    vm.dirty[memory.blocks[0].regions[0].slot] = {5, 9, 20, 30, 31}
+    s.sync()
+    assert [i.tolist() for _b, i, _z in s.take_round(3)] == [[5, 9, 20], [30, 31]]
+
+
 def test_sync_folds_kvms_log_and_the_vmms_own_writes_and_later_rounds_have_no_known_zeros() -> None:
     memory, vm, s = sender()
     list(s.take_round())
