@@ -240,14 +240,16 @@ def _with_offsets(stream: bytes, offsets: list[int]) -> bytes:
     return stream[:at] + struct.pack(f">{len(offsets)}Q", *offsets) + stream[at + 8 * len(offsets) :]
 
 
-@pytest.mark.parametrize("offsets", [[(NPAGES - 1) * PAGE_SIZE, NPAGES * PAGE_SIZE],  # a run past the end
-                                     [2**64 - PAGE_SIZE, 0]],  # one that wraps around
-                         ids=["past-the-end", "wrapping"])
-def test_a_run_of_pages_that_leaves_the_block_is_rejected(offsets: list[int]) -> None:
+@pytest.mark.parametrize(("offsets", "bad"), [
+    ([(NPAGES - 1) * PAGE_SIZE, NPAGES * PAGE_SIZE], NPAGES * PAGE_SIZE),  # a run past the end
+    ([2**64 - PAGE_SIZE, 0], 2**64 - PAGE_SIZE),  # one that wraps around
+    ([PAGE_SIZE + 1, 2 * PAGE_SIZE + 1], PAGE_SIZE + 1),  # one page apart, but not pages
+], ids=["past-the-end", "wrapping", "misaligned"])
+def test_a_run_that_is_not_pages_of_the_block_is_rejected(offsets: list[int], bad: int) -> None:
     stream = _with_offsets(channel([([NPAGES - 2, NPAGES - 1], True)]), offsets)
-    with pytest.raises(StreamError, match=f"page offset 0x{max(offsets):x} not a page of RAM block"):
+    with pytest.raises(StreamError, match=f"page offset 0x{bad:x} not a page of RAM block"):
         decode(stream)
-    with pytest.raises(StreamError, match=f"page offset 0x{max(offsets):x} not a page of RAM block"):
+    with pytest.raises(StreamError, match=f"page offset 0x{bad:x} not a page of RAM block"):
         decode_direct(stream, [])
 
 

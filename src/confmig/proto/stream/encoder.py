@@ -298,7 +298,7 @@ class PageBatchEncoder:
 
 
 def is_run(indices: IndexArray) -> bool:
-    """Whether ``indices`` are consecutive pages (every page of a first round is)."""
+    """Whether ``indices`` are consecutive pages (as a first round's mostly are)."""
     n = len(indices)
     if n == 0 or int(indices[-1]) - int(indices[0]) != n - 1:
         return False

@@ -239,7 +239,7 @@ class MultifdPayload:
     nbytes: int
     run: int | None = None
     """The first of ``indices`` when they are consecutive pages (one range of guest RAM, as
-    every packet of a first round is), else None."""
+    a sender's packets mostly are), else None."""
 
 
 MultifdEvent = MultifdInit | MultifdPages | MultifdPayload | MultifdSync | End

@@ -42,7 +42,7 @@ import numpy.typing as npt
 from confmig.common.errors import StreamError
 from confmig.proto.stream.format import ConfidentialSubtype
 from confmig.vmm.memory import RamBlock
-from confmig.vmm.migration.ram import BATCH_PAGES, DirtyLog, RoundCounters
+from confmig.vmm.migration.ram import BATCH_PAGES, MAX_BATCH_PAGES, DirtyLog, RoundCounters
 from confmig.vmm.migration.stats import ConfidentialCounters
 
 
@@ -57,6 +57,11 @@ class OutgoingBackend:
     batch_pages: ClassVar[int] = BATCH_PAGES
     """Most pages per call of ``pages`` (up to ``MAX_BATCH_PAGES``): between calls the engine
     looks for a cancel and paces the bandwidth."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if not 0 < cls.batch_pages <= MAX_BATCH_PAGES:
+            raise TypeError(f"{cls.__name__}.batch_pages must be 1..{MAX_BATCH_PAGES}")
 
     def dirty_log(self, start: Callable[[], DirtyLog]) -> DirtyLog:
         """Which pages this migration sends: every page, then what the guest and the VMM

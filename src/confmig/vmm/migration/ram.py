@@ -136,7 +136,7 @@ class RamSender:
             bm |= block.take_vmm_dirty()
         return self.dirty_pages()
 
-    def take_round(self, batch_pages: int = BATCH_PAGES) -> Iterator[Batch]:
+    def take_round(self, batch_pages: int) -> Iterator[Batch]:
         """Yield (block, batch of page indices, known zero) for every dirty page,
         clearing the bits as the pages are handed out (a page dirtied later is set
         again at the next sync). In the first round, never-written pages come as
@@ -223,20 +223,18 @@ class RamLanding:
         """Scatter a batch of received pages into guest RAM (one numpy copy)."""
         b = self.blocks[block]
         n = len(indices)
-        if n and indices[-1] - indices[0] == n - 1:
+        if is_run(indices):
             b.pages[indices[0] : indices[0] + n] = data  # a run: plain slice copy
         else:
             b.pages[indices] = data
         self._written[block][indices] = True
 
-    def destinations(self, block: str, indices: npt.NDArray[np.int64], run: int | None = None
+    def destinations(self, block: str, indices: npt.NDArray[np.int64], run: int | None
                      ) -> list[memoryview]:
-        """Where pages ``indices`` of ``block`` go, to receive them in place: one view for a
-        run (``run``, its first page, when the caller knows they are one), one per page
-        otherwise. The caller checked the indices against the block."""
+        """Where pages ``indices`` of ``block`` go, to receive them in place: one view when they
+        are a run (``run``, its first page), one per page otherwise (None). The caller checked
+        the indices against the block."""
         b = self.blocks[block]
-        if run is None and is_run(indices):
-            run = int(indices[0])
         if run is None:
             self._written[block][indices] = True
             return [b.pages[int(i)].data for i in indices]

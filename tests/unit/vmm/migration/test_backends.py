@@ -9,8 +9,10 @@ import pytest
 
 from confmig.common.errors import ConfigError, MigrationError
 from confmig.vmm.migration import backends
+from confmig.vmm.migration.backend import OutgoingBackend
 from confmig.vmm.migration.params import CONFIDENTIAL_BACKENDS, MigrationParameters
 from confmig.vmm.migration.plain import PlainIncoming, PlainOutgoing
+from confmig.vmm.migration.ram import MAX_BATCH_PAGES
 
 
 def machine(*, sev: bool, plain_copy: bool = False, mh: bool = False) -> SimpleNamespace:
@@ -63,3 +65,9 @@ def test_a_confidential_guest_uses_its_default_or_the_chosen_backend() -> None:
         params = MigrationParameters(x_confidential_backend=chosen)
         with pytest.raises(MigrationError, match="sev-pdh"):  # the PSP backend wants certificates
             backends.outgoing_backend(m, params, None, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [0, MAX_BATCH_PAGES + 1])
+def test_a_backend_cannot_ask_for_batches_the_main_channel_cannot_carry(size: int) -> None:
+    with pytest.raises(TypeError, match="batch_pages must be"):
+        type("Greedy", (OutgoingBackend,), {"name": "greedy", "batch_pages": size})

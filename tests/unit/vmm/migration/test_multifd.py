@@ -3,12 +3,18 @@ receiver over a socket pair (pages where their packets say, rounds ending at the
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
+import time
+from collections.abc import Iterator
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from migration_fakes import SOCKET_URI, FakeChannel
 
+from confmig.common.errors import RemoteMigrationError, StreamError
 from confmig.common.units import PAGE_SIZE
 from confmig.proto.stream import decoder as dec
 from confmig.proto.stream import multifd as mf
@@ -116,33 +122,31 @@ class _Memory:
         self.blocks = list(blocks)
 
 
-def _receive(wire: bytes, block: RamBlock) -> MultifdReceiver:
-    """A one-channel receiver fed ``wire`` over a socket pair; the writer keeps its end open."""
+@contextlib.contextmanager
+def _receiving(wire: bytes, block: RamBlock) -> Iterator[MultifdReceiver]:
+    """A one-channel receiver fed ``wire`` over a socket pair whose other end stays open (no
+    end of input to lean on) until the receiver is closed."""
     rx = MultifdReceiver(RamLanding(_Memory(block)), MigrationStats(), 1)  # type: ignore[arg-type]
     ours, theirs = socket.socketpair()
-    rx.add_channel(Channel(ours.fileno(), sock=ours, name="multifd0"), b"")
-    theirs.sendall(wire)
-    rx._peer = theirs  # type: ignore[attr-defined]  # held open: no end of input to lean on
-    return rx
+    with theirs:
+        rx.add_channel(Channel(ours.fileno(), sock=ours, name="multifd0"), b"")
+        theirs.sendall(wire)
+        try:
+            yield rx
+        finally:
+            rx.close()
 
 
 def test_pages_land_where_their_packets_say_and_each_round_ends_at_its_sync() -> None:
     source = _random_block("pc.ram", 9)
-    enc = mf.MultifdPacketEncoder()
-    rounds = [np.arange(0, 300), np.array([650, 3, 4, 5, 699, 20])]  # runs, then scattered pages
-    wire = mf.multifd_init(VM_UUID, 0)
-    for r, indices in enumerate(rounds):
-        batch = enc.encode("pc.ram", source.pages, indices.astype(np.int64), 10 * r)
-        wire += batch.wire + enc.sync(10 * r + batch.packets)
+    wire, sent = _two_rounds(source)
     target = RamBlock("pc.ram", NPAGES * PAGE_SIZE)
-    rx = _receive(wire, target)
-    rx.wait_sync(1)
-    rx.wait_sync(2)
-    sent = np.concatenate(rounds)
-    assert np.array_equal(target.pages[sent], source.pages[sent])
-    assert not target.pages[np.setdiff1d(np.arange(NPAGES), sent)].any()
-    assert rx.stats.normal == len(sent)
-    rx.close()
+    with _receiving(wire, target) as rx:
+        rx.wait_sync(1)
+        rx.wait_sync(2)
+        assert np.array_equal(target.pages[sent], source.pages[sent])
+        assert not target.pages[np.setdiff1d(np.arange(NPAGES), sent)].any()
+        assert rx.stats.normal == len(sent)
 
 
 def test_a_round_whose_last_pages_carry_the_sync_ends_without_waiting_for_more(
@@ -154,7 +158,116 @@ def test_a_round_whose_last_pages_carry_the_sync_ends_without_waiting_for_more(
     batch = mf.MultifdPacketEncoder().encode("pc.ram", source.pages, np.arange(200, dtype=np.int64),
                                              0, sync=True)
     target = RamBlock("pc.ram", NPAGES * PAGE_SIZE)
-    rx = _receive(mf.multifd_init(VM_UUID, 0) + batch.wire, target)
-    rx.wait_sync(1)
+    with _receiving(mf.multifd_init(VM_UUID, 0) + batch.wire, target) as rx:
+        rx.wait_sync(1)
     assert np.array_equal(target.pages[:200], source.pages[:200])
+
+
+class _BrokenChannel(FakeChannel):
+    """A channel whose peer goes away while its first batch waits to be written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+
+    def send_iovec(self, iov: npt.NDArray[np.uint64], *, owner: object) -> int:
+        self.go.wait(10)
+        raise RemoteMigrationError("Unable to write to socket: Broken pipe")
+
+
+def test_a_channel_that_fails_after_its_last_batch_ends_the_round_with_its_error() -> None:
+    block = _random_block("pc.ram", 11)
+    made: list[FakeChannel] = []
+
+    def connect(uri: MigrationUri, *, name: str = "main") -> FakeChannel:
+        made.append(_BrokenChannel() if made else FakeChannel())
+        return made[-1]
+
+    sender = MultifdSender(SOCKET_URI, 2, MigrationStats(), main=None,  # type: ignore[arg-type]
+                           connect=connect)
+    broken = made[1]
+    assert isinstance(broken, _BrokenChannel)
+    sender.pages(block, np.arange(0, 350, dtype=np.int64))
+    sender.pages(_random_block("vga.vram", 12), np.arange(0, 350, dtype=np.int64))
+    sender.pages(block, np.arange(350, 700, dtype=np.int64))  # hands vga.vram to the broken one
+    broken.go.set()  # it fails now, with nothing left in its queue
+    end = time.monotonic() + 10
+    while sender._error is None and time.monotonic() < end:
+        time.sleep(0.01)
+    outcome: list[BaseException | None] = []
+
+    def end_round() -> None:
+        try:
+            sender.sync()
+            outcome.append(None)
+        except RemoteMigrationError as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=end_round, daemon=True)
+    t.start()
+    t.join(10)
+    sender.close()
+    assert not t.is_alive(), "the round never ended"
+    assert isinstance(outcome[0], RemoteMigrationError) and "Broken pipe" in str(outcome[0])
+
+
+class _TrickleChannel(Channel):
+    """Gives what it holds at most ``chunk`` bytes per receive, then reports the end."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        super().__init__(-1, name="trickle")
+        self.data = memoryview(data)
+        self.chunk = chunk
+
+    def recv_into(self, buf: memoryview) -> int:
+        n = min(len(buf), self.chunk, len(self.data))
+        buf[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+    def recv_views(self, views: list[memoryview]) -> int:
+        done = 0
+        for view in views:
+            n = self.recv_into(view[: self.chunk - done])
+            done += n
+            if n < len(view) or done == self.chunk:
+                break
+        if done == 0:
+            raise RemoteMigrationError("trickle: connection closed")
+        return done
+
+
+def _two_rounds(source: RamBlock) -> tuple[bytes, npt.NDArray[np.int64]]:
+    enc = mf.MultifdPacketEncoder()
+    rounds = [np.arange(0, 300), np.array([650, 3, 4, 5, 699, 20])]  # runs, then scattered pages
+    wire = mf.multifd_init(VM_UUID, 0)
+    for r, indices in enumerate(rounds):
+        batch = enc.encode("pc.ram", source.pages, indices.astype(np.int64), 10 * r)
+        wire += batch.wire + enc.sync(10 * r + batch.packets)
+    return wire, np.concatenate(rounds)
+
+
+@pytest.mark.parametrize("chunk", [1000, PAGE_SIZE + 7, 1 << 20])
+def test_pages_land_whole_however_the_bytes_come(chunk: int) -> None:
+    source = _random_block("pc.ram", 13)
+    wire, sent = _two_rounds(source)
+    target = RamBlock("pc.ram", NPAGES * PAGE_SIZE)
+    rx = MultifdReceiver(RamLanding(_Memory(target)), MigrationStats(), 1)  # type: ignore[arg-type]
+    rx.add_channel(_TrickleChannel(wire, chunk), b"")
+    rx.wait_sync(1)
+    rx.wait_sync(2)
+    assert np.array_equal(target.pages[sent], source.pages[sent])
+    rx.close()
+
+
+def test_input_that_ends_inside_a_payload_fails_the_round_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(multifd, "SYNC_TIMEOUT", 5.0)
+    source = _random_block("pc.ram", 14)
+    wire, _sent = _two_rounds(source)
+    cut = 64 + mf.header_size(128) + 10 * PAGE_SIZE + 5  # inside the first packet's pages
+    rx = MultifdReceiver(RamLanding(_Memory(RamBlock("pc.ram", NPAGES * PAGE_SIZE))),  # type: ignore[arg-type]
+                         MigrationStats(), 1)
+    rx.add_channel(_TrickleChannel(wire[:cut], 4096), b"")
+    with pytest.raises(StreamError, match="multifd channel failed: trickle: connection closed"):
+        rx.wait_sync(1)
     rx.close()

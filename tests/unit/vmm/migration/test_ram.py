@@ -55,17 +55,17 @@ def sender(written: tuple[int, ...] = ()) -> tuple[GuestMemory, FakeVmFd, RamSen
 def test_the_first_round_sends_every_page_and_never_written_ones_as_known_zero() -> None:
     memory, _vm, s = sender(written=(3, 700))
     block = memory.blocks[0]
-    batches = list(s.take_round())
+    batches = list(s.take_round(BATCH_PAGES))
     zero = np.concatenate([i for _b, i, z in batches if z])
     data = np.concatenate([i for _b, i, z in batches if not z])
     assert sorted(data.tolist()) == [3, 700] and len(zero) == block.npages - 2
     assert all(len(i) <= (ZERO_BATCH_PAGES if z else BATCH_PAGES) for _b, i, z in batches)
-    assert s.dirty_pages() == 0 and list(s.take_round()) == []
+    assert s.dirty_pages() == 0 and list(s.take_round(BATCH_PAGES)) == []
 
 
 def test_a_round_comes_in_batches_of_the_size_asked_for() -> None:
     memory, vm, s = sender()
-    list(s.take_round())
+    list(s.take_round(BATCH_PAGES))
     vm.dirty[memory.blocks[0].regions[0].slot] = {5, 9, 20, 30, 31}
     s.sync()
     assert [i.tolist() for _b, i, _z in s.take_round(3)] == [[5, 9, 20], [30, 31]]
@@ -73,11 +73,11 @@ def test_a_round_comes_in_batches_of_the_size_asked_for() -> None:
 
 def test_sync_folds_kvms_log_and_the_vmms_own_writes_and_later_rounds_have_no_known_zeros() -> None:
     memory, vm, s = sender()
-    list(s.take_round())
+    list(s.take_round(BATCH_PAGES))
     vm.dirty[memory.blocks[0].regions[0].slot] = {5, 9}
     memory.write(20 * PAGE_SIZE, b"x")  # a device wrote guest RAM: KVM does not see it
     assert s.sync() == 3
-    batches = list(s.take_round())
+    batches = list(s.take_round(BATCH_PAGES))
     assert [(i.tolist(), z) for _b, i, z in batches] == [([5, 9, 20], False)]
     assert s.sync() == 0
 
@@ -163,6 +163,28 @@ def test_landing_writes_runs_and_scattered_pages_and_zeroes_only_what_it_wrote()
     land.zeros("pc.ram", np.array([11, 500], dtype=np.int64))
     assert (block.pages[11] == 0).all() and (block.pages[10] == 3).all()
     assert block.holes()[500]  # never written, so left alone: no page allocated for it
+
+
+def test_landing_puts_a_page_sent_twice_in_one_batch_where_it_belongs() -> None:
+    # [3, 3, 5] spans three pages like a run, but is not one: page 4 is not in it.
+    memory = GuestMemory.pc(RAM)
+    block = memory.blocks[0]
+    data = np.stack([np.full(PAGE_SIZE, v, np.uint8) for v in (1, 2, 3)])
+    RamLanding(memory).pages("pc.ram", np.array([3, 3, 5], dtype=np.int64), data)
+    assert block.pages[3, 0] == 2 and block.pages[4, 0] == 0 and block.pages[5, 0] == 3
+
+
+@pytest.mark.parametrize("run", [True, False], ids=["run", "scattered"])
+def test_pages_received_in_place_are_zeroed_by_a_later_zero_page(run: bool) -> None:
+    memory = GuestMemory.pc(RAM)
+    block = memory.blocks[0]
+    land = RamLanding(memory)
+    indices = np.array([20, 21, 22] if run else [22, 20, 21], dtype=np.int64)
+    for view in land.destinations("pc.ram", indices, 20 if run else None):
+        view[:] = b"\x07" * len(view)
+    assert (block.pages[20:23] == 7).all()
+    land.zeros("pc.ram", np.array([21], dtype=np.int64))
+    assert (block.pages[21] == 0).all() and (block.pages[[20, 22]] == 7).all()
 
 
 @pytest.mark.parametrize("written", [[], [0], [3, 4, 9], list(range(16))],
