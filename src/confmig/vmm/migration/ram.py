@@ -31,8 +31,8 @@ from confmig.vmm.migration.transport import Channel
 BATCH_PAGES = 1024
 """Pages per batch unless a backend asks otherwise (4 MiB, two gather writes of 512 records):
 the engine looks for a cancel and paces the bandwidth between batches."""
-MAX_BATCH_PAGES = 4096
-"""The largest batch a backend may ask for (16 MiB): the main channel's writer is sized for it."""
+MAX_BATCH_PAGES = 8192
+"""The largest batch a backend may ask for (32 MiB): the main channel's writer is sized for it."""
 ZERO_BATCH_PAGES = 8192
 """Zero pages per record batch: 9 bytes each on the wire, so batches can be big."""
 BANDWIDTH_WINDOW = 0.1

@@ -62,7 +62,7 @@ def test_batches_of_several_packets_arrive_whole_and_numbered_once_over_all_chan
     sender, channels = _sender(2)
     batches = [(ram, np.arange(0, 300)), (vram, np.arange(699, 299, -1)),
                (ram, np.array([5, 6, 7, 500, 2]))]
-    for block, batch in batches:  # each block change hands over: 3, 4 and 1 packets
+    for block, batch in batches:  # round-robin: 3, 4 and 1 packets
         sender.pages(block, batch.astype(np.int64))
     sender.sync()
     sender.close()
@@ -84,37 +84,6 @@ def test_batches_of_several_packets_arrive_whole_and_numbered_once_over_all_chan
     assert landed["pc.ram"].tolist() == [2 if i in (2, 5, 6, 7) else 1 if i < 300 or i == 500
                                          else 0 for i in range(NPAGES)]
     assert landed["vga.vram"].tolist() == [1 if i >= 300 else 0 for i in range(NPAGES)]
-
-
-def test_small_batches_of_one_block_go_as_full_packets_until_the_rounds_end() -> None:
-    block = _random_block("pc.ram", 7)
-    sender, channels = _sender(2)
-    for start in range(0, 650, 50):  # 13 batches of 50 pages, then the round's end
-        sender.pages(block, np.arange(start, start + 50, dtype=np.int64))
-    sender.sync()
-    sender.close()
-
-    pages = [[ev for ev in _packets(ch, {"pc.ram": block}) if isinstance(ev, mf.MultifdPages)]
-             for ch in channels]
-    assert [len(p) for p in pages] == [6, 0]  # held, then handed over at the SYNC as one batch
-    assert [len(ev.indices) for ev in pages[0]] == [128] * 5 + [10]
-    assert np.array_equal(np.concatenate([ev.indices for ev in pages[0]]), np.arange(650))
-    assert np.array_equal(np.concatenate([ev.data for ev in pages[0]]), block.pages[:650])
-
-
-def test_a_channel_gets_the_held_pages_once_there_are_enough(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(multifd, "SEND_PAGES", 256)
-    block = _random_block("pc.ram", 8)
-    sender, channels = _sender(2)
-    for start in range(0, 600, 100):  # 256 held after three batches, again after six
-        sender.pages(block, np.arange(start, start + 100, dtype=np.int64))
-    sender.sync()
-    sender.close()
-
-    pages = [np.concatenate([ev.indices for ev in _packets(ch, {"pc.ram": block})
-                             if isinstance(ev, mf.MultifdPages)]) for ch in channels]
-    assert np.array_equal(pages[0], np.arange(300))
-    assert np.array_equal(pages[1], np.arange(300, 600))
 
 
 class _Memory:
@@ -188,8 +157,7 @@ def test_a_channel_that_fails_after_its_last_batch_ends_the_round_with_its_error
     broken = made[1]
     assert isinstance(broken, _BrokenChannel)
     sender.pages(block, np.arange(0, 350, dtype=np.int64))
-    sender.pages(_random_block("vga.vram", 12), np.arange(0, 350, dtype=np.int64))
-    sender.pages(block, np.arange(350, 700, dtype=np.int64))  # hands vga.vram to the broken one
+    sender.pages(block, np.arange(350, 700, dtype=np.int64))  # the broken channel's, its last
     broken.go.set()  # it fails now, with nothing left in its queue
     end = time.monotonic() + 10
     while sender._error is None and time.monotonic() < end:
