@@ -10,6 +10,7 @@ its round-k copy travelling on another channel.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 
@@ -25,8 +26,10 @@ from confmig.vmm.migration.ram import MainChannelSink, RamLanding, RoundCounters
 from confmig.vmm.migration.stats import MigrationStats
 from confmig.vmm.migration.transport import Channel, Connect, MigrationUri, connect, views_after
 
-QUEUE_DEPTH = 4
-"""Batches queued per channel: enough to keep its socket busy, bounded memory."""
+QUEUE_DEPTH = 2
+"""Batches waiting per channel, in the one queue all channels take from: each channel has the
+next one at hand the moment it is done with its own, and a round's last batches are never
+held behind a slower channel's."""
 HEADER_BUFFER = 64 * KiB
 """The receiving decoder's buffer: it only ever holds packet headers (the pages go straight
 into guest RAM), so a small one that stays in cache. Ad hoc, not saved: in-process (two sets
@@ -37,11 +40,24 @@ SYNC_TIMEOUT = 60.0
 VM_UUID = bytes(16)
 """QEMU sends the VM's UUID (all zero unless ``-uuid``); so do we."""
 
-_Item = tuple[RamBlock, npt.NDArray[np.int64]] | threading.Event | None
+
+class _RoundEnd:
+    """The end of a round in the channels' queue: one token per channel, taken by whichever
+    channel is free; a channel sends its SYNC (after its last batch of the round) and waits
+    at the barrier, so that no channel takes two tokens and ``sync()`` returns once all have
+    sent theirs."""
+
+    def __init__(self, nchannels: int) -> None:
+        self.barrier = threading.Barrier(nchannels + 1)  # the channels and sync()
+
+
+_Item = tuple[RamBlock, npt.NDArray[np.int64]] | _RoundEnd | None
 
 
 class MultifdSender:
-    """Source side: a thread per channel, batches handed out round-robin."""
+    """Source side: a thread per channel, each taking the next batch as soon as it is free
+    (QEMU hands pages to whichever channel is idle; a fixed turn would let a channel that
+    the scheduler slows keep a round going after the others are done)."""
 
     def __init__(self, uri: MigrationUri, nchannels: int, stats: MigrationStats,
                  main: MainChannelSink, *, connect: Connect = connect) -> None:
@@ -52,40 +68,40 @@ class MultifdSender:
             ch = connect(uri, name=f"multifd{i}")
             self.channels.append(ch)
             ch.send_all(mf.multifd_init(VM_UUID, i))
-        self._queues: list[queue.Queue[_Item]] = [queue.Queue(QUEUE_DEPTH) for _ in self.channels]
+        self._queue: queue.Queue[_Item] = queue.Queue(QUEUE_DEPTH * nchannels)
+        self._round_end = _RoundEnd(nchannels)
         self._next_packet = 0
-        self._next = 0
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._threads = [
-            threading.Thread(target=self._send_loop, args=(i,), name=f"multifd-send{i}", daemon=True)
-            for i in range(nchannels)
+            threading.Thread(target=self._send_loop, args=(ch,), name=f"multifd-send{i}", daemon=True)
+            for i, ch in enumerate(self.channels)
         ]
         for t in self._threads:
             t.start()
 
-    def _send_loop(self, i: int) -> None:
-        ch, q = self.channels[i], self._queues[i]
+    def _send_loop(self, ch: Channel) -> None:
+        q = self._queue
         encoder = mf.MultifdPacketEncoder()
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, threading.Event):
-                    ch.send_all(encoder.sync(self._packet_numbers(1)))
-                    item.set()
-                    continue
-                block, indices = item
-                first = self._packet_numbers(encoder.packets(len(indices)))
-                batch = encoder.encode(block.idstr, block.pages, indices, first)
-                n = ch.send_iovec(batch.iovec(), owner=batch)  # gather writes of 1024 buffers
-                with self._lock:
-                    self.stats.multifd_bytes += n
-        except BaseException as exc:  # reported to the migration thread at its next call
-            self._error = exc
-            # Until close: batches dropped, the round's end let through, so that neither a
-            # producer nor sync() waits for a channel that is gone.
-            while (leftover := q.get()) is not None:
-                if isinstance(leftover, threading.Event):
-                    leftover.set()
+        failed = False
+        while (item := q.get()) is not None:
+            try:
+                if isinstance(item, _RoundEnd):
+                    if not failed:
+                        ch.send_all(encoder.sync(self._packet_numbers(1)))
+                elif not failed:
+                    block, indices = item
+                    first = self._packet_numbers(encoder.packets(len(indices)))
+                    batch = encoder.encode(block.idstr, block.pages, indices, first)
+                    n = ch.send_iovec(batch.iovec(), owner=batch)  # one gather write for the whole batch
+                    with self._lock:
+                        self.stats.multifd_bytes += n
+            except BaseException as exc:  # reported to the migration thread at its next call
+                # From now on this channel drops what it takes but still ends each round, so
+                # that neither a producer nor sync() waits for a channel that is gone.
+                self._error, failed = exc, True
+            if isinstance(item, _RoundEnd):
+                item.barrier.wait()
 
     def _packet_numbers(self, count: int) -> int:
         """The first of ``count`` packet numbers, unique over all channels (QEMU's
@@ -104,35 +120,28 @@ class MultifdSender:
         return self.main.zeros(block, indices)
 
     def pages(self, block: RamBlock, indices: npt.NDArray[np.int64]) -> RoundCounters:
-        """The batch to the next channel's thread (its size is the backend's ``batch_pages``:
-        a hand-over's queue, wake-up and encoding come once per batch)."""
+        """The batch to whichever channel is free first (its size is the backend's
+        ``batch_pages``: a hand-over's queue, wake-up and encoding come once per batch)."""
         self._check()
-        self._queues[self._next].put((block, indices))
-        self._next = (self._next + 1) % len(self._queues)
+        self._queue.put((block, indices))
         nbytes = len(indices) * (4096 + 8)
         return RoundCounters(normal=len(indices), zero=0, bytes=nbytes)
 
     def sync(self) -> None:
         """End of a round: a SYNC packet on every channel, all of them sent."""
-        events = [threading.Event() for _ in self._queues]
-        for q, ev in zip(self._queues, events, strict=True):
-            q.put(ev)
-        for ev in events:
-            ev.wait()
+        for _ in self.channels:
+            self._queue.put(self._round_end)
+        self._round_end.barrier.wait()
         self._check()
 
     def close(self) -> None:
         """Stop every channel's thread once it is done with its batch (called by the thread that
-        hands out pages): what is still queued is dropped."""
-        for q in self._queues:
+        hands out pages, never inside ``sync()``): what is still queued is dropped."""
+        with contextlib.suppress(queue.Empty):
             while True:
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, threading.Event):
-                    item.set()
-            q.put_nowait(None)  # room: nobody else puts
+                self._queue.get_nowait()
+        for _ in self.channels:
+            self._queue.put_nowait(None)  # room: nobody else puts
 
 
 def _fill(dest: list[memoryview], data: memoryview) -> int:

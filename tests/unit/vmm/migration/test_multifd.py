@@ -62,7 +62,7 @@ def test_batches_of_several_packets_arrive_whole_and_numbered_once_over_all_chan
     sender, channels = _sender(2)
     batches = [(ram, np.arange(0, 300)), (vram, np.arange(699, 299, -1)),
                (ram, np.array([5, 6, 7, 500, 2]))]
-    for block, batch in batches:  # round-robin: 3, 4 and 1 packets
+    for block, batch in batches:  # 3, 4 and 1 packets, to whichever channel is free
         sender.pages(block, batch.astype(np.int64))
     sender.sync()
     sender.close()
@@ -84,6 +84,61 @@ def test_batches_of_several_packets_arrive_whole_and_numbered_once_over_all_chan
     assert landed["pc.ram"].tolist() == [2 if i in (2, 5, 6, 7) else 1 if i < 300 or i == 500
                                          else 0 for i in range(NPAGES)]
     assert landed["vga.vram"].tolist() == [1 if i >= 300 else 0 for i in range(NPAGES)]
+
+
+class _StalledChannel(FakeChannel):
+    """A channel whose first batch waits for ``go`` (a thread the scheduler left behind)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+        self.batches = 0
+
+    def send_iovec(self, iov: npt.NDArray[np.uint64], *, owner: object) -> int:
+        if not self.batches:
+            self.go.wait(10)
+        self.batches += 1
+        return super().send_iovec(iov, owner=owner)
+
+
+def test_a_stalled_channel_holds_back_no_batch_and_every_channel_ends_the_round_once() -> None:
+    # QEMU hands pages to whichever channel is idle. Handed out in turn, every other batch
+    # would queue behind the stalled one, and the round would last as long as its channel.
+    block = _random_block("pc.ram", 12)
+    made: list[_StalledChannel] = []
+
+    def connect(uri: MigrationUri, *, name: str = "main") -> _StalledChannel:
+        made.append(_StalledChannel())
+        return made[-1]
+
+    sender = MultifdSender(SOCKET_URI, 2, MigrationStats(), main=None,  # type: ignore[arg-type]
+                           connect=connect)
+    stalled, free = made
+    free.go.set()
+    for first in range(0, NPAGES, 140):  # five batches: the stalled channel can take one
+        sender.pages(block, np.arange(first, first + 140, dtype=np.int64))
+    ended = threading.Thread(target=sender.sync, daemon=True)
+    ended.start()
+    end = time.monotonic() + 5
+    while free.batches < 4 and time.monotonic() < end:
+        time.sleep(0.01)
+    held_back = 5 - free.batches
+    stalled.go.set()
+    ended.join(10)
+    sender.close()
+    assert not ended.is_alive(), "the round never ended"
+    assert held_back <= 1 and free.batches + stalled.batches == 5
+
+    landed = np.zeros(NPAGES, dtype=int)
+    for ch in made:
+        events = _packets(ch, {"pc.ram": block})
+        syncs = [e for e in events if isinstance(e, mf.MultifdSync)]
+        assert len(syncs) == 1 and events[-1] is syncs[0]  # one round end each, after its pages
+        for ev in events:
+            if isinstance(ev, mf.MultifdPages):
+                assert np.array_equal(ev.data, block.pages[ev.indices])
+                landed[ev.indices] += 1
+    assert landed.tolist() == [1] * NPAGES
 
 
 class _Memory:
@@ -133,18 +188,20 @@ def test_a_round_whose_last_pages_carry_the_sync_ends_without_waiting_for_more(
 
 
 class _BrokenChannel(FakeChannel):
-    """A channel whose peer goes away while its first batch waits to be written."""
+    """A channel whose peer went away once it had opened."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.go = threading.Event()
+    def send_all(self, data: bytes | bytearray | memoryview) -> int:
+        if self.wire:  # after MultiFDInit_t
+            raise RemoteMigrationError("Unable to write to socket: Broken pipe")
+        return super().send_all(data)
 
     def send_iovec(self, iov: npt.NDArray[np.uint64], *, owner: object) -> int:
-        self.go.wait(10)
         raise RemoteMigrationError("Unable to write to socket: Broken pipe")
 
 
-def test_a_channel_that_fails_after_its_last_batch_ends_the_round_with_its_error() -> None:
+def test_a_channel_that_failed_still_ends_the_round_with_its_error() -> None:
+    # Whether it failed on a batch or on its SYNC, its thread must still take its share of
+    # the round's end: sync() waiting for a channel that is gone would never return.
     block = _random_block("pc.ram", 11)
     made: list[FakeChannel] = []
 
@@ -154,29 +211,28 @@ def test_a_channel_that_fails_after_its_last_batch_ends_the_round_with_its_error
 
     sender = MultifdSender(SOCKET_URI, 2, MigrationStats(), main=None,  # type: ignore[arg-type]
                            connect=connect)
-    broken = made[1]
-    assert isinstance(broken, _BrokenChannel)
-    sender.pages(block, np.arange(0, 350, dtype=np.int64))
-    sender.pages(block, np.arange(350, 700, dtype=np.int64))  # the broken channel's, its last
-    broken.go.set()  # it fails now, with nothing left in its queue
-    end = time.monotonic() + 10
-    while sender._error is None and time.monotonic() < end:
-        time.sleep(0.01)
     outcome: list[BaseException | None] = []
 
-    def end_round() -> None:
+    def one_round() -> None:
         try:
+            for first in range(0, NPAGES, 350):
+                sender.pages(block, np.arange(first, first + 350, dtype=np.int64))
             sender.sync()
             outcome.append(None)
         except RemoteMigrationError as exc:
             outcome.append(exc)
 
-    t = threading.Thread(target=end_round, daemon=True)
-    t.start()
-    t.join(10)
+    for _ in range(2):  # the second round finds the channel failed from the start
+        t = threading.Thread(target=one_round, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "the round never ended"
     sender.close()
-    assert not t.is_alive(), "the round never ended"
-    assert isinstance(outcome[0], RemoteMigrationError) and "Broken pipe" in str(outcome[0])
+    assert len(outcome) == 2
+    assert all(isinstance(e, RemoteMigrationError) and "Broken pipe" in str(e) for e in outcome)
+    for thread in sender._threads:  # close() stops even the failed channel's thread
+        thread.join(5)
+        assert not thread.is_alive()
 
 
 class _TrickleChannel(Channel):
