@@ -8,6 +8,7 @@ What QEMU leaves stale we ignore: a SYNC packet without pages keeps the previous
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +43,18 @@ _UUID_SIZE: Final = 16
 _NO_RESERVED: Final = bytes(32)
 _U64_MAX: Final = 2**64 - 1
 _SYNC: Final = int(MultifdFlag.SYNC)  # an int: the flag tested per packet, not an enum operation
+_BE_U64: Final = np.dtype(">u8")
+
+
+@functools.cache
+def _run_form(n: int) -> tuple[int, int]:
+    """``(R, S)`` for ``n`` big-endian u64 digits: ``R`` has a 1 in each, ``S`` holds
+    ``k * PAGE_SIZE`` in digit ``k`` (the most significant is digit 0)."""
+    digits = steps = 0
+    for k in range(n):
+        digits = (digits << 64) | 1
+        steps = (steps << 64) | (k << PAGE_SHIFT)
+    return digits, steps
 
 
 def multifd_init(uuid: bytes, channel: int) -> bytes:
@@ -228,18 +241,30 @@ class MultifdSync:
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class MultifdPayload:
-    """(``direct`` decoders) A packet's header: its ``nbytes`` of pages, page ``indices[i]`` of
-    ``block`` at ``i * PAGE_SIZE``, come next. The caller takes what the decoder already
-    holds with :meth:`MultifdDecoder.take_payload`, receives the rest where the pages
-    belong, and reports it with :meth:`MultifdDecoder.payload_received`."""
+    """(``direct`` decoders) A packet's header: its pages, page ``indices[i]`` of ``block`` at
+    ``i * PAGE_SIZE``, come next. The caller takes what the decoder already holds with
+    :meth:`MultifdDecoder.take_payload`, receives the rest where the pages belong, and
+    reports it with :meth:`MultifdDecoder.payload_received`."""
 
     block: str
     packet_num: int
-    indices: IndexArray
-    nbytes: int
-    run: int | None = None
-    """The first of ``indices`` when they are consecutive pages (one range of guest RAM, as
-    a sender's packets mostly are), else None."""
+    npages: int
+    run: int | None
+    """The first page when the pages are consecutive (one range of guest RAM, as a sender's
+    packets mostly are), else None."""
+    scattered: IndexArray | None
+    """The pages when they are not a run, else None (a run's need no array)."""
+
+    @property
+    def indices(self) -> IndexArray:
+        if self.scattered is not None:
+            return self.scattered
+        assert self.run is not None
+        return np.arange(self.run, self.run + self.npages, dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.npages * PAGE_SIZE
 
 
 MultifdEvent = MultifdInit | MultifdPages | MultifdPayload | MultifdSync | End
@@ -269,8 +294,6 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         self._blocks = blocks
         self._pages_per_packet = pages_per_packet
         self._header_size = header_size(pages_per_packet)
-        self._run_steps = np.arange(pages_per_packet, dtype=np.uint64) << np.uint64(PAGE_SHIFT)
-        """Offset ``k`` of a run of pages, less the run's first."""
         self._state = _State.INIT
         self._sync: int | None = None  # SYNC of a packet whose pages were just returned
         self._direct = direct
@@ -367,8 +390,12 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         block, npages = self._ramblock(p + 64, ramblock)
         # SECURITY: peer-controlled offsets become indices into guest RAM: bounds-check all.
         at = p + MULTIFD_PACKET_FIXED_SIZE
-        offsets = np.frombuffer(self._buf, ">u8", normal, at).astype(np.uint64)
-        run = self._run(offsets, npages)
+        run = self._run(at, normal, npages)
+        sync = packet_num if flags & _SYNC else None
+        if run is not None and self._direct:  # the common case: no array at all
+            return self._payload(p, MultifdPayload(block=block, packet_num=packet_num, npages=normal,
+                                                   run=run, scattered=None), sync)
+        offsets = np.frombuffer(self._buf, _BE_U64, normal, at).astype(np.uint64)
         if run is None and (int(np.bitwise_or.reduce(offsets)) & RAM_FLAG_MASK
                             or int(np.maximum.reduce(offsets)) >> PAGE_SHIFT >= npages):
             # Every offset page-aligned (no bit of the OR of all below a page) and inside the
@@ -376,14 +403,9 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
             j = int((((offsets & RAM_FLAG_MASK) != 0) | (offsets >> PAGE_SHIFT >= npages)).argmax())
             self._fail(f"page offset 0x{int(offsets[j]):x} not a page of RAM block {block!r}", at + 8 * j)
         indices = (offsets >> PAGE_SHIFT).view(np.int64)  # < 2**52 after the check: same values
-        sync = packet_num if flags & _SYNC else None
         if self._direct:
-            self._start = p + self._header_size
-            self._state = _State.PAYLOAD
-            self._payload_left = normal * PAGE_SIZE
-            self._sync = sync  # returned once the payload is in
-            return MultifdPayload(block=block, packet_num=packet_num, indices=indices,
-                                  nbytes=self._payload_left, run=run)
+            return self._payload(p, MultifdPayload(block=block, packet_num=packet_num, npages=normal,
+                                                   run=None, scattered=indices), sync)
         total = self._header_size + normal * PAGE_SIZE
         if avail < total:
             return self._wait(total, "multifd pages")
@@ -392,16 +414,27 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         data = np.ndarray((normal, PAGE_SIZE), np.uint8, self._buf, p + self._header_size)
         return MultifdPages(block=block, packet_num=packet_num, indices=indices, data=data)
 
-    def _run(self, offsets: npt.NDArray[np.uint64], npages: int) -> int | None:
-        """The first page if ``offsets`` are consecutive pages, all in a block of ``npages``
-        (then they need no other check); else None. Three array operations: offset ``k``
-        less ``k`` pages is the same for all exactly when they are one run."""
-        base = offsets - self._run_steps[: len(offsets)]  # wraps below the first for other orders
-        first = int(base[0])
-        if first & RAM_FLAG_MASK or np.count_nonzero(base != base[0]):
+    def _payload(self, p: int, event: MultifdPayload, sync: int | None) -> MultifdPayload:
+        """(``direct``) Past the header at ``p``: its pages are the caller's to receive."""
+        self._start = p + self._header_size
+        self._state = _State.PAYLOAD
+        self._payload_left = event.npages * PAGE_SIZE
+        self._sync = sync  # returned once the payload is in
+        return event
+
+    def _run(self, at: int, n: int, npages: int) -> int | None:
+        """The first page if the ``n`` offsets at ``at`` are consecutive pages, all in a block
+        of ``npages`` (then they need no other check); else None. Read as one big-endian
+        integer, the offsets of the run from offset ``f`` are ``f * R + S`` (``R`` has a 1 in
+        each 64-bit digit, ``S`` the steps 0, 4096, 8192...), and no digit can carry inside
+        a block: one integer comparison instead of an array."""
+        digits, steps = _run_form(n)
+        value = int.from_bytes(self._view[at : at + 8 * n], "big")
+        first = value >> (64 * (n - 1))
+        if first & RAM_FLAG_MASK or value != first * digits + steps:
             return None
         first >>= PAGE_SHIFT
-        return first if first + len(offsets) <= npages else None
+        return first if first + n <= npages else None
 
     def _ramblock(self, at: int, field: bytes) -> tuple[str, int]:
         """The block a packet names, and its size in pages; the last one found is remembered

@@ -203,40 +203,46 @@ class MultifdReceiver:
         d = mf.MultifdDecoder({name: b.size for name, b in self.blocks.items()}, direct=True,
                               buffer_size=HEADER_BUFFER)
         d.receive_data(prefix)
+        landing = self.landing
         channel_id = -1
+        received = 0  # pages of this round, counted in the statistics at its end
         try:
             while True:
                 ev = d.next_event()
-                if ev is NEED_DATA:
+                if isinstance(ev, mf.MultifdPayload):
+                    # SECURITY: the decoder bounded every offset to its block before this.
+                    dest = ([landing.run_destination(ev.block, ev.run, ev.npages)] if ev.run is not None
+                            else landing.page_destinations(ev.block, ev.indices))
+                    got = _fill(dest, d.take_payload())
+                    _receive_payload(ch, d, views_after(dest, got), ev.nbytes - got)
+                    received += ev.npages
+                elif ev is NEED_DATA:
                     n = ch.recv_into(d.get_buffer()[: d.wanted()])  # no further than the header
                     if n == 0:
                         d.feed_eof()
                         return
                     d.buffer_updated(n)
-                    continue
-                if isinstance(ev, End):
-                    return
-                if isinstance(ev, mf.MultifdInit):
-                    channel_id = ev.channel
-                    with self._cond:
-                        self._synced.setdefault(channel_id, 0)
-                elif isinstance(ev, mf.MultifdPayload):
-                    # SECURITY: the decoder bounded every offset to its block before this.
-                    dest = self.landing.destinations(ev.block, ev.indices, ev.run)
-                    got = _fill(dest, d.take_payload())
-                    _receive_payload(ch, d, views_after(dest, got), ev.nbytes - got)
-                    with self._cond:
-                        self.stats.normal += len(ev.indices)
                 elif isinstance(ev, mf.MultifdSync):
                     with self._cond:
+                        self.stats.normal += received
+                        received = 0
                         self._synced[channel_id] += 1
                         mine = self._synced[channel_id]
                         self._cond.notify_all()
                         self._cond.wait_for(lambda m=mine: self._released >= m or self.closed)  # type: ignore[misc]
+                elif isinstance(ev, mf.MultifdInit):
+                    channel_id = ev.channel
+                    with self._cond:
+                        self._synced.setdefault(channel_id, 0)
+                elif isinstance(ev, End):
+                    return
         except (StreamError, OSError, RemoteMigrationError) as exc:
             with self._cond:
                 self._error = str(exc)
                 self._cond.notify_all()
+        finally:
+            with self._cond:
+                self.stats.normal += received
 
     def wait_sync(self, round_no: int) -> None:
         """Main channel reached EOS of ``round_no``: wait for every channel's SYNC, release them."""

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from confmig.common.clock import Clock
-from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
+from confmig.common.units import PAGE_SHIFT
 from confmig.kvm.client import VmFd
 from confmig.proto.stream.encoder import is_run
 from confmig.proto.stream.format import ConfidentialSubtype
@@ -229,18 +229,19 @@ class RamLanding:
             b.pages[indices] = data
         self._written[block][indices] = True
 
-    def destinations(self, block: str, indices: npt.NDArray[np.int64], run: int | None
-                     ) -> list[memoryview]:
-        """Where pages ``indices`` of ``block`` go, to receive them in place: one view when they
-        are a run (``run``, its first page), one per page otherwise (None). The caller checked
-        the indices against the block."""
-        b = self.blocks[block]
-        if run is None:
-            self._written[block][indices] = True
-            return [b.pages[int(i)].data for i in indices]
-        self._written[block][run : run + len(indices)] = True
-        first = run << PAGE_SHIFT
-        return [b.bytes[first : first + len(indices) * PAGE_SIZE].data]
+    def run_destination(self, block: str, first: int, npages: int) -> memoryview:
+        """Where pages ``first`` to ``first + npages`` of ``block`` go, to receive them in
+        place. The caller checked the run against the block."""
+        self._written[block][first : first + npages] = True
+        start = first << PAGE_SHIFT
+        return self.blocks[block].bytes.data[start : start + (npages << PAGE_SHIFT)]
+
+    def page_destinations(self, block: str, indices: npt.NDArray[np.int64]) -> list[memoryview]:
+        """Where pages ``indices`` of ``block`` go, one view per page. The caller checked the
+        indices against the block."""
+        self._written[block][indices] = True
+        pages = self.blocks[block].pages
+        return [pages[int(i)].data for i in indices]
 
     def zeros(self, block: str, indices: npt.NDArray[np.int64]) -> None:
         written = self._written[block]

@@ -180,7 +180,8 @@ def test_pages_received_in_place_are_zeroed_by_a_later_zero_page(run: bool) -> N
     block = memory.blocks[0]
     land = RamLanding(memory)
     indices = np.array([20, 21, 22] if run else [22, 20, 21], dtype=np.int64)
-    for view in land.destinations("pc.ram", indices, 20 if run else None):
+    views = [land.run_destination("pc.ram", 20, 3)] if run else land.page_destinations("pc.ram", indices)
+    for view in views:
         view[:] = b"\x07" * len(view)
     assert (block.pages[20:23] == 7).all()
     land.zeros("pc.ram", np.array([21], dtype=np.int64))
