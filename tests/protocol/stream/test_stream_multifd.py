@@ -95,7 +95,8 @@ def test_any_chunking_decodes_the_same(packets: list[tuple[list[int], bool]], ch
 
 def decode_direct(data: bytes, chunks: list[int]) -> list[Norm]:
     """As a receiver that takes each packet's pages itself: no more than ``wanted()`` into the
-    decoder, then the payload's rest straight from the input, in chunks as they come."""
+    decoder, then the payload's rest (and the next header along) into the views the decoder
+    gives, in chunks as they come."""
     decoder = MultifdDecoder(BLOCKS, buffer_size=8192, direct=True)
     sizes = list(chunks)
     out: list[Norm] = []
@@ -116,17 +117,17 @@ def decode_direct(data: bytes, chunks: list[int]) -> list[Norm]:
             else:
                 decoder.feed_eof()
         elif isinstance(event, MultifdPayload):
-            payload = bytes(decoder.take_payload())
-            follows = decoder.follows()  # taken along with the payload's end, if it is received
-            direct = 0
-            while len(payload) < event.nbytes:
-                piece = take(event.nbytes - len(payload))
+            payload = bytearray(event.nbytes)
+            views = decoder.payload_views([memoryview(payload)])
+            while views:
+                piece = take(sum(map(len, views)))
                 assert piece, "input ended inside a payload"
-                payload += piece
-                direct += len(piece)
-            decoder.payload_received(direct)
-            if direct and follows and (piece := take(follows)):
-                decoder.receive_data(piece)
+                done = 0
+                for view in views:
+                    n = min(len(view), len(piece) - done)
+                    view[:n] = piece[done : done + n]
+                    done += n
+                views = decoder.views_received(views, len(piece))
             idx = event.indices.tolist()
             assert event.run == (idx[0] if idx == list(range(idx[0], idx[0] + len(idx))) else None)
             pages = np.frombuffer(payload, np.uint8).reshape(-1, PAGE_SIZE)
@@ -148,16 +149,30 @@ def test_a_direct_receiver_gets_the_same_pages_in_any_chunking(packets: list[tup
 
 def test_a_direct_decoder_must_be_given_its_payload_before_the_next_header() -> None:
     decoder = MultifdDecoder(BLOCKS, direct=True)
-    decoder.receive_data(channel([([1, 2], False)])[: 64 + HEADER])
+    decoder.receive_data(channel([([1, 2], False)])[: 64 + HEADER + 5])  # and 5 bytes of pages
     assert isinstance(decoder.next_event(), MultifdInit)
     assert isinstance(decoder.next_event(), MultifdPayload)
     with pytest.raises(StateError):
         decoder.next_event()
+    pages = bytearray(2 * PAGE_SIZE)
+    with pytest.raises(StateError):  # views for more or less than the pages
+        decoder.payload_views([memoryview(pages)[:-1]])
+    views = decoder.payload_views([memoryview(pages)])
+    assert [len(v) for v in views] == [2 * PAGE_SIZE - 5, HEADER]  # the 5 held are in place
     with pytest.raises(StateError):
-        decoder.payload_received(2 * PAGE_SIZE + 1)
-    assert len(decoder.take_payload()) == 0
-    decoder.payload_received(2 * PAGE_SIZE)
+        decoder.views_received(views, 2 * PAGE_SIZE - 5 + HEADER + 1)
+    assert len(views := decoder.views_received(views, PAGE_SIZE)) == 2
+    assert decoder.views_received(views, PAGE_SIZE - 5) == []
     assert decoder.next_event() is NEED_DATA
+
+
+def test_after_a_sync_flagged_packet_no_header_is_awaited_along_with_its_pages() -> None:
+    decoder = MultifdDecoder(BLOCKS, direct=True)
+    decoder.receive_data(channel([([1, 2], True)])[: 64 + HEADER])
+    assert isinstance(decoder.next_event(), MultifdInit)
+    assert isinstance(decoder.next_event(), MultifdPayload)
+    pages = bytearray(2 * PAGE_SIZE)
+    assert [len(v) for v in decoder.payload_views([memoryview(pages)])] == [2 * PAGE_SIZE]
 
 
 def test_packet_layout() -> None:

@@ -62,6 +62,15 @@ _PAGE_CONTINUE: Final = int(RamFlag.PAGE | RamFlag.CONTINUE)
 _ZERO_CONTINUE: Final = int(RamFlag.ZERO | RamFlag.CONTINUE)
 
 
+def views_after(views: list[memoryview], done: int) -> list[memoryview]:
+    """What is left of ``views`` once their first ``done`` bytes are filled."""
+    for k, view in enumerate(views):
+        if done < len(view):
+            return [view[done:], *views[k + 1 :]] if done else views[k:]
+        done -= len(view)
+    return []
+
+
 class NeedData(Enum):
     """``next_event`` needs more input before it can return an event."""
 

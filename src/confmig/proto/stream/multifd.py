@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from confmig.common.errors import StateError
 from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
-from confmig.proto.stream.decoder import DEFAULT_BUFFER_SIZE, End, NeedData, ReceiveBuffer
+from confmig.proto.stream.decoder import DEFAULT_BUFFER_SIZE, End, NeedData, ReceiveBuffer, views_after
 from confmig.proto.stream.encoder import check_indices, gathered
 from confmig.proto.stream.format import (
     MAX_IDSTR,
@@ -300,38 +300,46 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         self._payload_left = 0
         self._last_ramblock: tuple[bytes, tuple[str, int]] = (b"", ("", 0))
 
-    def take_payload(self) -> memoryview:
-        """(``direct``) The part of the current packet's pages already received, consumed."""
-        if self._state is not _State.PAYLOAD:
-            raise StateError("take_payload", self._state.name, "a packet's payload")
-        n = min(self._payload_left, self._end - self._start)
-        out = self._view[self._start : self._start + n]
-        self._start += n
-        self._payload_left -= n
-        self._payload_done()
-        return out
-
-    def follows(self) -> int:
-        """(``direct``, inside a payload) How many bytes after the payload a receiver may wait
-        for along with it: the next packet's header, or nothing when this packet ends a round
-        (SYNC: the peer may send no more until the target has moved on)."""
-        if self._state is not _State.PAYLOAD:
-            raise StateError("follows", self._state.name, "inside a payload")
-        return 0 if self._sync is not None else self._header_size
-
-    def payload_received(self, nbytes: int) -> None:
-        """(``direct``) The caller received ``nbytes`` more of the current packet's pages."""
-        if self._state is not _State.PAYLOAD or not 0 <= nbytes <= self._payload_left:
-            raise StateError("payload_received", self._state.name, "at most the payload left")
-        if nbytes and self._end != self._start:
-            raise StateError("payload_received", "payload still buffered", "take_payload first")
-        self._base += nbytes  # they passed the stream by this buffer
-        self._payload_left -= nbytes
-        self._payload_done()
-
-    def _payload_done(self) -> None:
-        if self._payload_left == 0:
+    def payload_views(self, dest: list[memoryview]) -> list[memoryview]:
+        """(``direct``, after a :class:`MultifdPayload`) Where to receive the rest of its packet:
+        ``dest`` (where its pages belong, ``nbytes`` in all) less what the decoder already
+        held, copied there now; then the decoder's own space for the next header, which may
+        come in the same receive (not after a SYNC-flagged packet: the peer may send nothing
+        more until the target moves on). Empty when the decoder held all the pages. Report
+        each receive into them with :meth:`views_received`."""
+        if self._state is not _State.PAYLOAD or sum(map(len, dest)) != self._payload_left:
+            raise StateError("payload_views", self._state.name, "views for the payload left")
+        held = min(self._payload_left, self._end - self._start)
+        if held:
+            data, done = self._view[self._start : self._start + held], 0
+            for view in dest:
+                n = min(len(view), held - done)
+                view[:n] = data[done : done + n]
+                done += n
+            self._start += held
+            self._payload_left -= held
+            dest = views_after(dest, held)
+        if not self._payload_left:
             self._state = _State.PACKETS
+            return []
+        if self._sync is not None:
+            return dest
+        return [*dest, self.get_buffer()[: self._header_size]]
+
+    def views_received(self, views: list[memoryview], nbytes: int) -> list[memoryview]:
+        """``nbytes`` were received into ``views`` (from :meth:`payload_views` or from this):
+        what is left of them while the payload is not all in, else nothing."""
+        if self._state is not _State.PAYLOAD or not 0 < nbytes <= sum(map(len, views)):
+            raise StateError("views_received", self._state.name, "bytes into the views given")
+        mine = min(nbytes, self._payload_left)
+        self._base += mine  # they passed the stream by this buffer
+        self._payload_left -= mine
+        if nbytes > mine:
+            self.buffer_updated(nbytes - mine)
+        if not self._payload_left:
+            self._state = _State.PACKETS
+            return []
+        return views_after(views, nbytes)
 
     def _step(self) -> MultifdEvent | NeedData:
         if self._state is _State.PAYLOAD:

@@ -24,7 +24,7 @@ from confmig.proto.stream.decoder import NEED_DATA, End
 from confmig.vmm.memory import RamBlock
 from confmig.vmm.migration.ram import MainChannelSink, RamLanding, RoundCounters
 from confmig.vmm.migration.stats import MigrationStats
-from confmig.vmm.migration.transport import Channel, Connect, MigrationUri, connect, views_after
+from confmig.vmm.migration.transport import Channel, Connect, MigrationUri, connect
 
 QUEUE_DEPTH = 2
 """Batches waiting per channel, in the one queue all channels take from: each channel has the
@@ -144,36 +144,6 @@ class MultifdSender:
             self._queue.put_nowait(None)  # room: nobody else puts
 
 
-def _fill(dest: list[memoryview], data: memoryview) -> int:
-    """Copy ``data`` into the start of ``dest``; return how many bytes went in."""
-    done = 0
-    for view in dest:
-        if done == len(data):
-            break
-        n = min(len(view), len(data) - done)
-        view[:n] = data[done : done + n]
-        done += n
-    return done
-
-
-def _receive_payload(ch: Channel, d: mf.MultifdDecoder, dest: list[memoryview], left: int) -> None:
-    """The rest of a packet's pages (``left`` bytes) straight into ``dest``, and what may
-    follow them (the next header, or the end of input) into the decoder: one receive for both."""
-    if not left:
-        return  # the decoder held all of it
-    follows = d.follows()
-    views = [*dest, d.get_buffer()[:follows]] if follows else dest
-    while left:
-        n = ch.recv_views(views)
-        mine = min(n, left)
-        d.payload_received(mine)
-        left -= mine
-        if n > mine:
-            d.buffer_updated(n - mine)
-        elif left:
-            views = views_after(views, n)
-
-
 class MultifdReceiver:
     """Target side: a thread per channel landing pages; the SYNC barrier."""
 
@@ -213,8 +183,9 @@ class MultifdReceiver:
                     # SECURITY: the decoder bounded every offset to its block before this.
                     dest = ([landing.run_destination(ev.block, ev.run, ev.npages)] if ev.run is not None
                             else landing.page_destinations(ev.block, ev.indices))
-                    got = _fill(dest, d.take_payload())
-                    _receive_payload(ch, d, views_after(dest, got), ev.nbytes - got)
+                    views = d.payload_views(dest)  # and the next header: one receive for both
+                    while views:
+                        views = d.views_received(views, ch.recv_views(views))
                     received += ev.npages
                 elif ev is NEED_DATA:
                     n = ch.recv_into(d.get_buffer()[: d.wanted()])  # no further than the header

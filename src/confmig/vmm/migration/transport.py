@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from confmig.common.errors import ConfigError, RemoteMigrationError
+from confmig.proto.stream.decoder import views_after
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for the target to accept the connection."""
@@ -242,15 +243,6 @@ class Channel:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def views_after(views: list[memoryview], done: int) -> list[memoryview]:
-    """What is left of ``views`` once their first ``done`` bytes are filled."""
-    for k, view in enumerate(views):
-        if done < len(view):
-            return [view[done:], *views[k + 1 :]] if done else views[k:]
-        done -= len(view)
-    return []
 
 
 def _socket_for(uri: MigrationUri) -> tuple[socket.socket, object]:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from confmig.common.errors import RemoteMigrationError
-from confmig.vmm.migration.transport import Channel, views_after
+from confmig.proto.stream.decoder import views_after
+from confmig.vmm.migration.transport import Channel
 
 
 def test_views_after_a_partial_fill() -> None:
