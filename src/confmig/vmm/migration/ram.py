@@ -144,10 +144,10 @@ class RamSender:
         holes, self._holes = self._holes, None
         for block in self.memory.blocks:
             bm = self.bitmap[block.idstr]
-            idx = np.flatnonzero(bm).astype(np.int64)
-            bm[idx] = False
-            if holes is not None:
-                known_zero = holes[block.idstr][idx]
+            idx = np.flatnonzero(bm).astype(np.int64, copy=False)
+            bm.fill(False)  # every bit that was set is in idx (a fancy clear took ~3 ms per GiB)
+            if holes is not None and (hole := holes[block.idstr]).any():
+                known_zero = hole[idx]
                 yield from _batches(block, idx[known_zero], True, ZERO_BATCH_PAGES)
                 idx = idx[~known_zero]
             yield from _batches(block, idx, False, batch_pages)
