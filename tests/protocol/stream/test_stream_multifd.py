@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import struct
 
 import numpy as np
@@ -22,6 +23,7 @@ from confmig.proto.stream import (
     MultifdSync,
     multifd_init,
 )
+from confmig.proto.stream.decoder import fill_views
 from confmig.proto.stream.multifd import MultifdPayload, header_size
 
 UUID = bytes(range(16))
@@ -122,11 +124,7 @@ def decode_direct(data: bytes, chunks: list[int]) -> list[Norm]:
             while views:
                 piece = take(sum(map(len, views)))
                 assert piece, "input ended inside a payload"
-                done = 0
-                for view in views:
-                    n = min(len(view), len(piece) - done)
-                    view[:n] = piece[done : done + n]
-                    done += n
+                fill_views(views, piece)
                 views = decoder.views_received(views, len(piece))
             idx = event.indices.tolist()
             assert event.run == (idx[0] if idx == list(range(idx[0], idx[0] + len(idx))) else None)
@@ -267,6 +265,64 @@ def test_a_run_that_is_not_pages_of_the_block_is_rejected(offsets: list[int], ba
         decode(stream)
     with pytest.raises(StreamError, match=f"page offset 0x{bad:x} not a page of RAM block"):
         decode_direct(stream, [])
+
+
+TOP = 2**64 - PAGE_SIZE  # the highest page-aligned offset
+huge_offsets = st.one_of(
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 64).map(lambda k: TOP - k * PAGE_SIZE),  # pages near the top
+    st.integers(0, 64).map(lambda k: TOP - k * PAGE_SIZE + 1),  # just past one
+    st.integers(0, 64).map(lambda k: k * PAGE_SIZE),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=huge_offsets, n=st.integers(1, 128), bends=st.dictionaries(st.integers(0, 127), huge_offsets),
+       block_pages=st.sampled_from([NPAGES, 2**52 - 1, 2**52]))
+def test_a_packets_offsets_are_taken_exactly_when_each_is_a_page_of_its_block(
+        first: int, n: int, bends: dict[int, int], block_pages: int) -> None:
+    # Runs near the top of the u64 range, where the run check's integer would carry from one
+    # offset into the next, against the plain rule: every offset a page inside the block.
+    offsets = [(first + k * PAGE_SIZE) % 2**64 for k in range(n)]
+    for k, value in bends.items():
+        if k < n:
+            offsets[k] = value
+    stream = _with_offsets(channel([(list(range(n)), False)]), offsets)
+    decoder = MultifdDecoder({"pc.ram": block_pages * PAGE_SIZE}, direct=True)
+    decoder.receive_data(stream[: P + HEADER])
+    assert isinstance(decoder.next_event(), MultifdInit)
+    if all(o % PAGE_SIZE == 0 and o // PAGE_SIZE < block_pages for o in offsets):
+        event = decoder.next_event()
+        assert isinstance(event, MultifdPayload)
+        assert event.indices.tolist() == [o // PAGE_SIZE for o in offsets]
+        consecutive = all(b - a == PAGE_SIZE for a, b in itertools.pairwise(offsets))
+        assert event.run == (offsets[0] // PAGE_SIZE if consecutive else None)
+    else:
+        with pytest.raises(StreamError, match="not a page of RAM block"):
+            decoder.next_event()
+
+
+def test_a_run_whose_integer_carries_is_refused() -> None:
+    # Read as one integer these equal the run from their first offset (the last step carries
+    # into the one before); only the block's bound stops them.
+    offsets = [2**64 - 2 * PAGE_SIZE, 2**64 - PAGE_SIZE + 1, 0]
+    stream = _with_offsets(channel([([0, 1, 2], False)]), offsets)
+    for block_pages in (NPAGES, 2**52 - 1):  # a small block, and the largest the u64 allows
+        decoder = MultifdDecoder({"pc.ram": block_pages * PAGE_SIZE}, direct=True)
+        decoder.receive_data(stream[: P + HEADER])
+        assert isinstance(decoder.next_event(), MultifdInit)
+        with pytest.raises(StreamError, match="not a page of RAM block"):
+            decoder.next_event()
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["packet", "sync-flagged"])
+def test_a_direct_decoder_whose_input_ended_inside_the_pages_says_truncated(sync: bool) -> None:
+    decoder = MultifdDecoder(BLOCKS, direct=True)
+    decoder.receive_data(channel([([1, 2], sync)])[: P + HEADER + 5])
+    decoder.feed_eof()
+    assert isinstance(decoder.next_event(), MultifdInit)
+    with pytest.raises(StreamError, match="truncated: multifd pages"):
+        decoder.next_event()
 
 
 def test_an_empty_packet_must_be_a_sync() -> None:

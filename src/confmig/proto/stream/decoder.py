@@ -62,6 +62,17 @@ _PAGE_CONTINUE: Final = int(RamFlag.PAGE | RamFlag.CONTINUE)
 _ZERO_CONTINUE: Final = int(RamFlag.ZERO | RamFlag.CONTINUE)
 
 
+def fill_views(views: list[memoryview], data: memoryview | bytes) -> None:
+    """Copy ``data`` into the start of ``views``, in order (no more than they hold)."""
+    done = 0
+    for view in views:
+        if done == len(data):
+            break
+        n = min(len(view), len(data) - done)
+        view[:n] = data[done : done + n]
+        done += n
+
+
 def views_after(views: list[memoryview], done: int) -> list[memoryview]:
     """What is left of ``views`` once their first ``done`` bytes are filled."""
     for k, view in enumerate(views):

@@ -20,7 +20,14 @@ import numpy.typing as npt
 
 from confmig.common.errors import StateError
 from confmig.common.units import PAGE_SHIFT, PAGE_SIZE
-from confmig.proto.stream.decoder import DEFAULT_BUFFER_SIZE, End, NeedData, ReceiveBuffer, views_after
+from confmig.proto.stream.decoder import (
+    DEFAULT_BUFFER_SIZE,
+    End,
+    NeedData,
+    ReceiveBuffer,
+    fill_views,
+    views_after,
+)
 from confmig.proto.stream.encoder import check_indices, gathered
 from confmig.proto.stream.format import (
     MAX_IDSTR,
@@ -242,9 +249,9 @@ class MultifdSync:
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class MultifdPayload:
     """(``direct`` decoders) A packet's header: its pages, page ``indices[i]`` of ``block`` at
-    ``i * PAGE_SIZE``, come next. The caller takes what the decoder already holds with
-    :meth:`MultifdDecoder.take_payload`, receives the rest where the pages belong, and
-    reports it with :meth:`MultifdDecoder.payload_received`."""
+    ``i * PAGE_SIZE``, come next. The caller asks :meth:`MultifdDecoder.payload_views` where
+    to receive them (given where they belong) and reports each receive with
+    :meth:`MultifdDecoder.views_received`."""
 
     block: str
     packet_num: int
@@ -311,11 +318,7 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
             raise StateError("payload_views", self._state.name, "views for the payload left")
         held = min(self._payload_left, self._end - self._start)
         if held:
-            data, done = self._view[self._start : self._start + held], 0
-            for view in dest:
-                n = min(len(view), held - done)
-                view[:n] = data[done : done + n]
-                done += n
+            fill_views(dest, self._view[self._start : self._start + held])
             self._start += held
             self._payload_left -= held
             dest = views_after(dest, held)
@@ -343,7 +346,7 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
 
     def _step(self) -> MultifdEvent | NeedData:
         if self._state is _State.PAYLOAD:
-            raise StateError("next_event", "inside a payload", "take_payload/payload_received first")
+            raise StateError("next_event", "inside a payload", "payload_views/views_received first")
         if self._sync is not None:
             event = MultifdSync(packet_num=self._sync)
             self._sync = None
@@ -395,26 +398,28 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
             return MultifdSync(packet_num=packet_num)
         if next_size != normal * PAGE_SIZE:
             self._fail(f"next_packet_size {next_size} for {normal} uncompressed pages", p + 20)
-        block, npages = self._ramblock(p + 64, ramblock)
+        block, block_pages = self._ramblock(p + 64, ramblock)
         # SECURITY: peer-controlled offsets become indices into guest RAM: bounds-check all.
         at = p + MULTIFD_PACKET_FIXED_SIZE
-        run = self._run(at, normal, npages)
+        run = self._run(at, normal, block_pages)
         sync = packet_num if flags & _SYNC else None
+        total = self._header_size + normal * PAGE_SIZE
+        if self._eof and avail < total:  # the input ended: the pages will never come
+            return self._wait(total, "multifd pages")
         if run is not None and self._direct:  # the common case: no array at all
             return self._payload(p, MultifdPayload(block=block, packet_num=packet_num, npages=normal,
                                                    run=run, scattered=None), sync)
         offsets = np.frombuffer(self._buf, _BE_U64, normal, at).astype(np.uint64)
         if run is None and (int(np.bitwise_or.reduce(offsets)) & RAM_FLAG_MASK
-                            or int(np.maximum.reduce(offsets)) >> PAGE_SHIFT >= npages):
+                            or int(np.maximum.reduce(offsets)) >> PAGE_SHIFT >= block_pages):
             # Every offset page-aligned (no bit of the OR of all below a page) and inside the
             # block (the largest one): two reductions instead of a mask per offset.
-            j = int((((offsets & RAM_FLAG_MASK) != 0) | (offsets >> PAGE_SHIFT >= npages)).argmax())
+            j = int((((offsets & RAM_FLAG_MASK) != 0) | (offsets >> PAGE_SHIFT >= block_pages)).argmax())
             self._fail(f"page offset 0x{int(offsets[j]):x} not a page of RAM block {block!r}", at + 8 * j)
         indices = (offsets >> PAGE_SHIFT).view(np.int64)  # < 2**52 after the check: same values
         if self._direct:
             return self._payload(p, MultifdPayload(block=block, packet_num=packet_num, npages=normal,
                                                    run=None, scattered=indices), sync)
-        total = self._header_size + normal * PAGE_SIZE
         if avail < total:
             return self._wait(total, "multifd pages")
         self._start = p + total

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 import numpy.typing as npt
 
-from confmig.common.errors import RemoteMigrationError, StreamError
+from confmig.common.errors import ConfmigError, RemoteMigrationError, StreamError
 from confmig.common.units import KiB
 from confmig.proto.stream import multifd as mf
 from confmig.proto.stream.decoder import NEED_DATA, End
@@ -51,7 +51,8 @@ class _RoundEnd:
         self.barrier = threading.Barrier(nchannels + 1)  # the channels and sync()
 
 
-_Item = tuple[RamBlock, npt.NDArray[np.int64]] | _RoundEnd | None
+_Batch = tuple[RamBlock, npt.NDArray[np.int64]]
+_Item = _Batch | _RoundEnd | None
 
 
 class MultifdSender:
@@ -81,27 +82,33 @@ class MultifdSender:
             t.start()
 
     def _send_loop(self, ch: Channel) -> None:
-        q = self._queue
         encoder = mf.MultifdPacketEncoder()
         failed = False
-        while (item := q.get()) is not None:
-            try:
-                if isinstance(item, _RoundEnd):
-                    if not failed:
-                        ch.send_all(encoder.sync(self._packet_numbers(1)))
-                elif not failed:
-                    block, indices = item
-                    first = self._packet_numbers(encoder.packets(len(indices)))
-                    batch = encoder.encode(block.idstr, block.pages, indices, first)
-                    n = ch.send_iovec(batch.iovec(), owner=batch)  # one gather write for the whole batch
+        while (item := self._queue.get()) is not None:
+            if not failed:
+                try:
+                    n = self._write(ch, encoder, item)
+                except BaseException as exc:  # reported to the migration thread at its next call
+                    # From now on this channel drops what it takes but still ends each round,
+                    # so that neither a producer nor sync() waits for a channel that is gone.
+                    self._error, failed = exc, True
+                else:
                     with self._lock:
                         self.stats.multifd_bytes += n
-            except BaseException as exc:  # reported to the migration thread at its next call
-                # From now on this channel drops what it takes but still ends each round, so
-                # that neither a producer nor sync() waits for a channel that is gone.
-                self._error, failed = exc, True
             if isinstance(item, _RoundEnd):
-                item.barrier.wait()
+                with contextlib.suppress(threading.BrokenBarrierError):  # close() broke it
+                    item.barrier.wait()
+
+    def _write(self, ch: Channel, encoder: mf.MultifdPacketEncoder,
+               item: _Batch | _RoundEnd) -> int:
+        """One item on a channel: a round's SYNC packet, or a batch as packets in one gather
+        write (headers built at once, each run of pages where it lies in guest RAM)."""
+        if isinstance(item, _RoundEnd):
+            return ch.send_all(encoder.sync(self._packet_numbers(1)))
+        block, indices = item
+        first = self._packet_numbers(encoder.packets(len(indices)))
+        batch = encoder.encode(block.idstr, block.pages, indices, first)
+        return ch.send_iovec(batch.iovec(), owner=batch)
 
     def _packet_numbers(self, count: int) -> int:
         """The first of ``count`` packet numbers, unique over all channels (QEMU's
@@ -142,6 +149,7 @@ class MultifdSender:
                 self._queue.get_nowait()
         for _ in self.channels:
             self._queue.put_nowait(None)  # room: nobody else puts
+        self._round_end.barrier.abort()  # no channel's thread ever waits for a round again
 
 
 class MultifdReceiver:
@@ -207,7 +215,7 @@ class MultifdReceiver:
                         self._synced.setdefault(channel_id, 0)
                 elif isinstance(ev, End):
                     return
-        except (StreamError, OSError, RemoteMigrationError) as exc:
+        except (ConfmigError, OSError) as exc:  # StreamError, RemoteMigrationError, StateError
             with self._cond:
                 self._error = str(exc)
                 self._cond.notify_all()

@@ -235,6 +235,59 @@ def test_a_channel_that_failed_still_ends_the_round_with_its_error() -> None:
         assert not thread.is_alive()
 
 
+class _StuckChannel(FakeChannel):
+    """A channel whose peer stopped reading: a batch's write blocks until migrate_cancel
+    aborts the channel (a socket shut down), then fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = threading.Event()
+        self.shut = threading.Event()
+
+    def send_iovec(self, iov: npt.NDArray[np.uint64], *, owner: object) -> int:
+        self.writing.set()
+        self.shut.wait(10)
+        raise RemoteMigrationError("Unable to write to socket: Broken pipe")
+
+    def abort(self) -> None:
+        super().abort()
+        self.shut.set()
+
+
+def test_migrate_cancel_ends_a_round_that_waits_for_a_stuck_channel() -> None:
+    block = _random_block("pc.ram", 13)
+    made: list[_StuckChannel] = []
+
+    def connect(uri: MigrationUri, *, name: str = "main") -> _StuckChannel:
+        made.append(_StuckChannel())
+        return made[-1]
+
+    sender = MultifdSender(SOCKET_URI, 2, MigrationStats(), main=None,  # type: ignore[arg-type]
+                           connect=connect)
+    sender.pages(block, np.arange(0, 100, dtype=np.int64))
+    outcome: list[BaseException | None] = []
+
+    def end_round() -> None:
+        try:
+            sender.sync()
+            outcome.append(None)
+        except RemoteMigrationError as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=end_round, daemon=True)
+    t.start()
+    end = time.monotonic() + 5
+    while not any(ch.writing.is_set() for ch in made) and time.monotonic() < end:
+        time.sleep(0.01)
+    time.sleep(0.05)  # the other channel sent its SYNC and waits with sync() at the barrier
+    for ch in made:  # what the engine's request_cancel does
+        ch.abort()
+    t.join(10)
+    sender.close()
+    assert not t.is_alive(), "the round never ended"
+    assert isinstance(outcome[0], RemoteMigrationError) and "Broken pipe" in str(outcome[0])
+
+
 class _TrickleChannel(Channel):
     """Gives what it holds at most ``chunk`` bytes per receive, then reports the end."""
 
