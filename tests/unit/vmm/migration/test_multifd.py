@@ -7,7 +7,8 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,11 +29,15 @@ from confmig.vmm.migration.transport import Channel, MigrationUri
 NPAGES = 700
 
 
-def _sender(nchannels: int) -> tuple[MultifdSender, list[FakeChannel]]:
-    channels: list[FakeChannel] = []
+C = TypeVar("C", bound=FakeChannel)
 
-    def connect(uri: MigrationUri, *, name: str = "main") -> FakeChannel:
-        channels.append(FakeChannel())
+
+def _sender(nchannels: int, make: Callable[[int], C]) -> tuple[MultifdSender, list[C]]:
+    """A sender whose channel ``i`` is ``make(i)``."""
+    channels: list[C] = []
+
+    def connect(uri: MigrationUri, *, name: str = "main") -> C:
+        channels.append(make(len(channels)))
         return channels[-1]
 
     sender = MultifdSender(SOCKET_URI, nchannels, MigrationStats(), main=None,  # type: ignore[arg-type]
@@ -59,7 +64,7 @@ def _random_block(name: str, seed: int) -> RamBlock:
 def test_batches_of_several_packets_arrive_whole_and_numbered_once_over_all_channels() -> None:
     blocks = {"pc.ram": _random_block("pc.ram", 5), "vga.vram": _random_block("vga.vram", 6)}
     ram, vram = blocks["pc.ram"], blocks["vga.vram"]
-    sender, channels = _sender(2)
+    sender, channels = _sender(2, lambda _i: FakeChannel())
     batches = [(ram, np.arange(0, 300)), (vram, np.arange(699, 299, -1)),
                (ram, np.array([5, 6, 7, 500, 2]))]
     for block, batch in batches:  # 3, 4 and 1 packets, to whichever channel is free
@@ -105,14 +110,7 @@ def test_a_stalled_channel_holds_back_no_batch_and_every_channel_ends_the_round_
     # QEMU hands pages to whichever channel is idle. Handed out in turn, every other batch
     # would queue behind the stalled one, and the round would last as long as its channel.
     block = _random_block("pc.ram", 12)
-    made: list[_StalledChannel] = []
-
-    def connect(uri: MigrationUri, *, name: str = "main") -> _StalledChannel:
-        made.append(_StalledChannel())
-        return made[-1]
-
-    sender = MultifdSender(SOCKET_URI, 2, MigrationStats(), main=None,  # type: ignore[arg-type]
-                           connect=connect)
+    sender, made = _sender(2, lambda _i: _StalledChannel())
     stalled, free = made
     free.go.set()
     for first in range(0, NPAGES, 140):  # five batches: the stalled channel can take one
@@ -203,14 +201,7 @@ def test_a_channel_that_failed_still_ends_the_round_with_its_error() -> None:
     # Whether it failed on a batch or on its SYNC, its thread must still take its share of
     # the round's end: sync() waiting for a channel that is gone would never return.
     block = _random_block("pc.ram", 11)
-    made: list[FakeChannel] = []
-
-    def connect(uri: MigrationUri, *, name: str = "main") -> FakeChannel:
-        made.append(_BrokenChannel() if made else FakeChannel())
-        return made[-1]
-
-    sender = MultifdSender(SOCKET_URI, 2, MigrationStats(), main=None,  # type: ignore[arg-type]
-                           connect=connect)
+    sender, _made = _sender(2, lambda i: _BrokenChannel() if i else FakeChannel())
     outcome: list[BaseException | None] = []
 
     def one_round() -> None:
@@ -256,14 +247,7 @@ class _StuckChannel(FakeChannel):
 
 def test_migrate_cancel_ends_a_round_that_waits_for_a_stuck_channel() -> None:
     block = _random_block("pc.ram", 13)
-    made: list[_StuckChannel] = []
-
-    def connect(uri: MigrationUri, *, name: str = "main") -> _StuckChannel:
-        made.append(_StuckChannel())
-        return made[-1]
-
-    sender = MultifdSender(SOCKET_URI, 2, MigrationStats(), main=None,  # type: ignore[arg-type]
-                           connect=connect)
+    sender, made = _sender(2, lambda _i: _StuckChannel())
     sender.pages(block, np.arange(0, 100, dtype=np.int64))
     outcome: list[BaseException | None] = []
 
