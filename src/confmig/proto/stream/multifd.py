@@ -256,11 +256,12 @@ class MultifdPayload:
     block: str
     packet_num: int
     npages: int
+    """Pages in the packet (QEMU's ``normal_pages``)."""
     run: int | None
     """The first page when the pages are consecutive (one range of guest RAM, as a sender's
     packets mostly are), else None."""
     scattered: IndexArray | None
-    """The pages when they are not a run, else None (a run's need no array)."""
+    """The pages when they are not a run, else None (a run needs no array)."""
 
     @property
     def indices(self) -> IndexArray:
@@ -435,9 +436,9 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         self._sync = sync  # returned once the payload is in
         return event
 
-    def _run(self, at: int, n: int, npages: int) -> int | None:
+    def _run(self, at: int, n: int, block_pages: int) -> int | None:
         """The first page if the ``n`` offsets at ``at`` are consecutive pages, all in a block
-        of ``npages`` (then they need no other check); else None. Read as one big-endian
+        of ``block_pages`` (then they need no other check); else None. Read as one big-endian
         integer, the offsets of the run from offset ``f`` are ``f * R + S`` (``R`` has a 1 in
         each 64-bit digit, ``S`` the steps 0, 4096, 8192...), and no digit can carry inside
         a block: one integer comparison instead of an array."""
@@ -447,7 +448,7 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         if first & RAM_FLAG_MASK or value != first * digits + steps:
             return None
         first >>= PAGE_SHIFT
-        return first if first + n <= npages else None
+        return first if first + n <= block_pages else None
 
     def _ramblock(self, at: int, field: bytes) -> tuple[str, int]:
         """The block a packet names, and its size in pages; the last one found is remembered
