@@ -192,6 +192,8 @@ class _Run:
         self.kind = BACKENDS[backend]
         self.case = case
         self.vms: list[VmProc] = []
+        self.held = False
+        """Whether the targets started paused (``-S``)."""
         self.settings = MigrationSettings(downtime_limit_ms=300, sev_target_certs=self.kind is Kind.PSP,
                                           amd_root=lab.amd_root,
                                           confidential_backend="mh" if self.kind is Kind.MH else "")
@@ -203,9 +205,11 @@ class _Run:
         return f"{self.backend}-{self.case.name}-{role}{again}"
 
     def start(self, *, targets: Iterable[tuple[str, HostProc]],
-              rogue: tuple[str, HostProc] | None = None) -> list[VmProc]:
+              rogue: tuple[str, HostProc] | None = None, paused: bool = False) -> list[VmProc]:
         """The source on host A and its targets (``(role, host)``), all launched by one owner;
-        ``rogue``: one more target, launched for another guest (MH: another owner's launch)."""
+        ``rogue``: one more target, launched for another guest (MH: another owner's launch);
+        ``paused``: plain and PSP targets start with ``-S``, so that a guest that arrives is
+        checked before it runs (an MH target boots into its Migration Handler instead)."""
         mh_vcpus = self.case.mh_vcpus
         specs = []
         if self.kind is Kind.MH:
@@ -221,8 +225,10 @@ class _Run:
             extra = tuple(sev_args(self.case.policy)) if self.kind is Kind.PSP else ()
             specs.append(VmSpec(name=self._name("src"), host=self.a, ram=RAM, guest=GUEST, extra=extra))
             more = [*targets, *([rogue] if rogue is not None else [])]
+            held = ("-S",) if paused else ()
             specs += [VmSpec(name=self._name(role), host=h, ram=RAM, guest=GUEST, incoming="defer",
-                             extra=extra) for role, h in more]
+                             extra=(*extra, *held)) for role, h in more]
+            self.held = paused
         vms = self.lab.start_vms(*specs)
         self.vms += vms
         vms[0].wait_console(WORKING_SET_WRITTEN)
@@ -273,7 +279,7 @@ class _Run:
     def proxied(self) -> tuple[str, _Seen]:
         attack = self.case.attack
         assert attack is not None
-        src, dst = self.start(targets=[("dst", self.b)])
+        src, dst = self.start(targets=[("dst", self.b)], paused=True)
         pages = None if self.kind is Kind.MH else checked_pages(src)
         target = self.aim(src, dst)
         with ProxyServer(target, attack, kind=self.kind, pages=pages) as proxy:
@@ -372,7 +378,13 @@ class _Run:
         caught_by = str(info.get("error-desc", ""))
         if status == "failed" and not caught_by:
             caught_by = "(the target failed without saying why)"
-        if state == "running":
+        if status == "completed" and state == "paused" and self.held:
+            # What arrived, checked before the guest runs: once it runs, its workload rewrites
+            # pages (a whole pass of its working set takes about two seconds) and would mend
+            # what an attack changed before a later check saw it.
+            target_check = self.selfcheck(dst, then_cont=True)
+            state = str(dst.qmp.execute("query-status")["status"])
+        elif state == "running":
             target_check = self.selfcheck(dst)
         if migration == "failed" and not caught_by:
             caught_by = "source: " + str(src.qmp.execute("query-migrate").get("error-desc", ""))
@@ -393,7 +405,7 @@ class _Run:
             status = str(dst.qmp.execute("query-migrate").get("status", "")) + " (still, after a minute)"
         if status == "completed":
             with contextlib.suppress(ConfmigError):
-                wait_status(dst, "running")
+                wait_status(dst, "paused" if self.held else "running")
         return status, str(dst.qmp.execute("query-status")["status"])
 
     def source_outcome(self, src: VmProc, migration: str) -> tuple[str, str]:
@@ -403,9 +415,9 @@ class _Run:
         state = str(src.qmp.execute("query-status")["status"])
         return state, self.selfcheck(src) if state == "running" else ""
 
-    def selfcheck(self, vm: VmProc) -> str:
+    def selfcheck(self, vm: VmProc, *, then_cont: bool = False) -> str:
         try:
-            return vm.selfcheck(timeout=SELFCHECK_TIMEOUT)
+            return vm.selfcheck(timeout=SELFCHECK_TIMEOUT, then_cont=then_cont)
         except GuestFailed as exc:
             return f"the guest failed: {str(exc).splitlines()[0]}"
         except ConfmigError as exc:

@@ -81,7 +81,8 @@ def register(
 
     @r.command("inject-nmi")
     def inject_nmi(_a: dict[str, object]) -> None:
-        if machine.runstate != RunState.RUNNING:
+        # As QEMU: a paused VM's vCPUs hold the NMI pending and take it when they run again.
+        if machine.runstate not in (RunState.RUNNING, RunState.PAUSED):
             raise QmpError(f"cannot inject an NMI into a VM that is {machine.runstate}")
         machine.inject_nmi()
 
