@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from confmig.bench.lab import HostProc, Lab, VmProc, confmig_argv
+from confmig.bench.lab import SELFCHECK_RE, WORKING_SET_WRITTEN, HostProc, Lab, VmProc, confmig_argv
 from confmig.bench.scenario import MigrationSettings, configure, incoming_uri
 
 BIOS = 64 * 1024
@@ -370,3 +370,18 @@ def test_unix_transport(lab: Lab, hosts: tuple[HostProc, HostProc]) -> None:
     pages, _writes = selfcheck(dst)
     assert pages == WSS_PAGES_SMALL
     assert not os.path.exists(sock)  # the target removed its listening socket
+
+
+def test_an_nmi_injected_into_a_paused_vm_waits_for_cont(lab: Lab) -> None:
+    # As QEMU: inject-nmi on a paused VM is accepted and the vCPU takes the NMI when it runs
+    # (the attack harness checks a target that arrived paused this way, before it runs).
+    vm = lab.vm("nmi", lab.host("hostA"), ram="64M", guest="dirty,rate=300,wss=2M,prefill=on")
+    vm.wait_console(WORKING_SET_WRITTEN)
+    vm.qmp.execute("stop")
+    mark = len(vm.console_text())
+    vm.qmp.execute("inject-nmi")
+    time.sleep(0.5)
+    assert SELFCHECK_RE.search(vm.console_text()[mark:]) is None  # paused: nothing ran
+    vm.qmp.execute("cont")
+    verdict = vm.wait_console(SELFCHECK_RE, after=mark, timeout=30).group(0).decode()
+    assert verdict.startswith("confmig-selfcheck: PASS"), verdict

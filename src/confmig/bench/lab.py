@@ -161,15 +161,10 @@ class VmProc:
         shown = pattern.pattern.decode(errors="replace")
         return self.deadline.wait(f"{self.name}'s console to show {shown!r}", seen, timeout=timeout)
 
-    def selfcheck(self, timeout: float = 120.0, *, then_cont: bool = False) -> str:
-        """Ask the guest to verify all its pages (an NMI) and return its verdict line. With
-        ``then_cont`` the VM is paused and ``cont`` runs it after the NMI: the guest takes the
-        pending NMI on its first step, so it checks its memory as it found it, before its
-        workload writes a page."""
+    def selfcheck(self, timeout: float = 120.0) -> str:
+        """Ask the guest to verify all its pages (an NMI) and return its verdict line."""
         mark = len(self.console_text())
         self.qmp.execute("inject-nmi")
-        if then_cont:
-            self.qmp.execute("cont")
         return self.wait_console(SELFCHECK_RE, after=mark, timeout=timeout).group(0).decode()
 
 

@@ -345,7 +345,7 @@ class Machine:
                 return
             if self._runstate in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
                 raise StateError("cont", self._runstate, "a VM that can run")
-            if (away := self._migrated_away()) is not None:
+            if (away := self.migrated_away()) is not None:
                 raise StateError("cont", self._runstate, f"a guest that was not migrated away: {away}, "
                                  "so running it here too would fork it")
             if self.sev is not None:
@@ -356,7 +356,7 @@ class Machine:
         self.resume_devices()
         self._events("RESUME", None)
 
-    def _migrated_away(self) -> str | None:
+    def migrated_away(self) -> str | None:
         """Why this guest left this VMM for good, if it did: one copy of a guest runs."""
         if self.handed_over is not None:
             return self.handed_over

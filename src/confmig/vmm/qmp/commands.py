@@ -81,9 +81,12 @@ def register(
 
     @r.command("inject-nmi")
     def inject_nmi(_a: dict[str, object]) -> None:
-        # As QEMU: a paused VM's vCPUs hold the NMI pending and take it when they run again.
+        # As QEMU: a paused VM's vCPUs hold the NMI pending and take it when they run again
+        # (here not across a migration or a saved state: the vCPU state does not carry it).
         if machine.runstate not in (RunState.RUNNING, RunState.PAUSED):
             raise QmpError(f"cannot inject an NMI into a VM that is {machine.runstate}")
+        if (away := machine.migrated_away()) is not None:
+            raise QmpError(f"cannot inject an NMI: the guest left this VMM ({away})")
         machine.inject_nmi()
 
     @r.command(
