@@ -41,18 +41,9 @@ VM_UUID = bytes(16)
 """QEMU sends the VM's UUID (all zero unless ``-uuid``); so do we."""
 
 
-class _RoundEnd:
-    """The end of a round in the channels' queue: one token per channel, taken by whichever
-    channel is free; a channel sends its SYNC (after its last batch of the round) and waits
-    at the barrier, so that no channel takes two tokens and ``sync()`` returns once all have
-    sent theirs."""
-
-    def __init__(self, nchannels: int) -> None:
-        self.barrier = threading.Barrier(nchannels + 1)  # the channels and sync()
-
-
 _Batch = tuple[RamBlock, npt.NDArray[np.int64]]
-_Item = _Batch | _RoundEnd | None
+_Item = _Batch | threading.Barrier | None
+"""A batch; a round's end (the barrier, one in the queue per channel); or stop."""
 
 
 class MultifdSender:
@@ -70,7 +61,7 @@ class MultifdSender:
             self.channels.append(ch)
             ch.send_all(mf.multifd_init(VM_UUID, i))
         self._queue: queue.Queue[_Item] = queue.Queue(QUEUE_DEPTH * nchannels)
-        self._round_end = _RoundEnd(nchannels)
+        self._round_end = threading.Barrier(nchannels + 1)  # the channels and sync()
         self._next_packet = 0
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -95,15 +86,15 @@ class MultifdSender:
                 else:
                     with self._lock:
                         self.stats.multifd_bytes += n
-            if isinstance(item, _RoundEnd):
+            if isinstance(item, threading.Barrier):
                 with contextlib.suppress(threading.BrokenBarrierError):  # close() broke it
-                    item.barrier.wait()
+                    item.wait()
 
     def _write(self, ch: Channel, encoder: mf.MultifdPacketEncoder,
-               item: _Batch | _RoundEnd) -> int:
+               item: _Batch | threading.Barrier) -> int:
         """One item on a channel: a round's SYNC packet, or a batch as packets in one gather
         write (headers built at once, each run of pages where it lies in guest RAM)."""
-        if isinstance(item, _RoundEnd):
+        if isinstance(item, threading.Barrier):
             return ch.send_all(encoder.sync(self._packet_numbers(1)))
         block, indices = item
         first = self._packet_numbers(encoder.packets(len(indices)))
@@ -135,10 +126,13 @@ class MultifdSender:
         return RoundCounters(normal=len(indices), zero=0, bytes=nbytes)
 
     def sync(self) -> None:
-        """End of a round: a SYNC packet on every channel, all of them sent."""
+        """End of a round: a SYNC packet on every channel, all of them sent. The round's end
+        goes in the queue once per channel, taken by whichever channel is free; a channel
+        sends its SYNC after its last batch and waits at the barrier, so that none takes two
+        and this returns once all have sent theirs."""
         for _ in self.channels:
             self._queue.put(self._round_end)
-        self._round_end.barrier.wait()
+        self._round_end.wait()
         self._check()
 
     def close(self) -> None:
@@ -149,7 +143,7 @@ class MultifdSender:
                 self._queue.get_nowait()
         for _ in self.channels:
             self._queue.put_nowait(None)  # room: nobody else puts
-        self._round_end.barrier.abort()  # no channel's thread ever waits for a round again
+        self._round_end.abort()  # no channel's thread ever waits for a round again
 
 
 class MultifdReceiver:
