@@ -324,8 +324,7 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
             self._payload_left -= held
             dest = views_after(dest, held)
         if not self._payload_left:
-            self._state = _State.PACKETS
-            return []
+            return self._payload_in()
         if self._sync is not None:
             return dest
         return [*dest, self.get_buffer()[: self._header_size]]
@@ -341,9 +340,13 @@ class MultifdDecoder(ReceiveBuffer[MultifdEvent]):
         if nbytes > mine:
             self.buffer_updated(nbytes - mine)
         if not self._payload_left:
-            self._state = _State.PACKETS
-            return []
+            return self._payload_in()
         return views_after(views, nbytes)
+
+    def _payload_in(self) -> list[memoryview]:
+        """The packet's pages are all in: headers again, nothing more to receive for it."""
+        self._state = _State.PACKETS
+        return []
 
     def _step(self) -> MultifdEvent | NeedData:
         if self._state is _State.PAYLOAD:
