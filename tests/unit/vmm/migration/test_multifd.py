@@ -19,7 +19,7 @@ from confmig.common.errors import RemoteMigrationError, StreamError
 from confmig.common.units import PAGE_SIZE
 from confmig.proto.stream import decoder as dec
 from confmig.proto.stream import multifd as mf
-from confmig.vmm.memory import RamBlock
+from confmig.vmm.memory import GuestMemory, RamBlock
 from confmig.vmm.migration import multifd
 from confmig.vmm.migration.multifd import VM_UUID, MultifdReceiver, MultifdSender
 from confmig.vmm.migration.ram import RamLanding
@@ -139,16 +139,15 @@ def test_a_stalled_channel_holds_back_no_batch_and_every_channel_ends_the_round_
     assert landed.tolist() == [1] * NPAGES
 
 
-class _Memory:
-    def __init__(self, *blocks: RamBlock) -> None:
-        self.blocks = list(blocks)
+def _receiver(memory: GuestMemory) -> MultifdReceiver:
+    return MultifdReceiver(RamLanding(memory), MigrationStats(), 1)
 
 
 @contextlib.contextmanager
-def _receiving(wire: bytes, block: RamBlock) -> Iterator[MultifdReceiver]:
+def _receiving(wire: bytes, memory: GuestMemory) -> Iterator[MultifdReceiver]:
     """A one-channel receiver fed ``wire`` over a socket pair whose other end stays open (no
     end of input to lean on) until the receiver is closed."""
-    rx = MultifdReceiver(RamLanding(_Memory(block)), MigrationStats(), 1)  # type: ignore[arg-type]
+    rx = _receiver(memory)
     ours, theirs = socket.socketpair()
     with theirs:
         rx.add_channel(Channel(ours.fileno(), sock=ours, name="multifd0"), b"")
@@ -162,8 +161,9 @@ def _receiving(wire: bytes, block: RamBlock) -> Iterator[MultifdReceiver]:
 def test_pages_land_where_their_packets_say_and_each_round_ends_at_its_sync() -> None:
     source = _random_block("pc.ram", 9)
     wire, sent = _two_rounds(source)
-    target = RamBlock("pc.ram", NPAGES * PAGE_SIZE)
-    with _receiving(wire, target) as rx:
+    memory = GuestMemory.pc(NPAGES * PAGE_SIZE)
+    target = memory.blocks[0]
+    with _receiving(wire, memory) as rx:
         rx.wait_sync(1)
         rx.wait_sync(2)
         assert np.array_equal(target.pages[sent], source.pages[sent])
@@ -179,10 +179,10 @@ def test_a_round_whose_last_pages_carry_the_sync_ends_without_waiting_for_more(
     source = _random_block("pc.ram", 10)
     batch = mf.MultifdPacketEncoder().encode("pc.ram", source.pages, np.arange(200, dtype=np.int64),
                                              0, sync=True)
-    target = RamBlock("pc.ram", NPAGES * PAGE_SIZE)
-    with _receiving(mf.multifd_init(VM_UUID, 0) + batch.wire, target) as rx:
+    memory = GuestMemory.pc(NPAGES * PAGE_SIZE)
+    with _receiving(mf.multifd_init(VM_UUID, 0) + batch.wire, memory) as rx:
         rx.wait_sync(1)
-    assert np.array_equal(target.pages[:200], source.pages[:200])
+    assert np.array_equal(memory.blocks[0].pages[:200], source.pages[:200])
 
 
 class _BrokenChannel(FakeChannel):
@@ -312,8 +312,9 @@ def _two_rounds(source: RamBlock) -> tuple[bytes, npt.NDArray[np.int64]]:
 def test_pages_land_whole_however_the_bytes_come(chunk: int) -> None:
     source = _random_block("pc.ram", 13)
     wire, sent = _two_rounds(source)
-    target = RamBlock("pc.ram", NPAGES * PAGE_SIZE)
-    rx = MultifdReceiver(RamLanding(_Memory(target)), MigrationStats(), 1)  # type: ignore[arg-type]
+    memory = GuestMemory.pc(NPAGES * PAGE_SIZE)
+    target = memory.blocks[0]
+    rx = _receiver(memory)
     rx.add_channel(_TrickleChannel(wire, chunk), b"")
     rx.wait_sync(1)
     rx.wait_sync(2)
@@ -326,8 +327,7 @@ def test_input_that_ends_inside_a_payload_fails_the_round_at_once(monkeypatch: p
     source = _random_block("pc.ram", 14)
     wire, _sent = _two_rounds(source)
     cut = 64 + mf.header_size(128) + 10 * PAGE_SIZE + 5  # inside the first packet's pages
-    rx = MultifdReceiver(RamLanding(_Memory(RamBlock("pc.ram", NPAGES * PAGE_SIZE))),  # type: ignore[arg-type]
-                         MigrationStats(), 1)
+    rx = _receiver(GuestMemory.pc(NPAGES * PAGE_SIZE))
     rx.add_channel(_TrickleChannel(wire[:cut], 4096), b"")
     with pytest.raises(StreamError, match="multifd channel failed: trickle: connection closed"):
         rx.wait_sync(1)
